@@ -1,0 +1,210 @@
+"""The Backbone interface: a frozen HF causal LM driven one block at a time.
+
+Everything above this layer (heads, decoder, training, evaluation) talks to a `Backbone` and never
+branches on the architecture. The two adapters (`transformer.py`, `ssm.py`) mirror each other
+method for method.
+
+Positions and slots
+-------------------
+Decoding works on a batch of rows that advance together one *slot* per step (left padding aligns
+the prompts). `Step` names the slots a call covers: `start .. start+length`, the per-row
+rotary positions (slot minus the row's left padding) and a per-row/per-token `write` mask saying
+which (row, slot) pairs really belong to this call. A masked pair leaves the layer's state as it
+was: that is how padding, rows that already exited and (later) per-row backlogs are expressed
+without changing tensor shapes, which keeps a static-shape / CUDA-graph path open.
+
+State
+-----
+`new_state` returns per-layer state buffers of fixed shape (K/V slots for attention, conv + SSM
+tensors for Mamba). They are updated in place by `forward_layer`; `snapshot`/`restore` copy the
+layers and rows asked for, so speculative work can be undone exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Step:
+    """The slots one call covers, for every row of the batch."""
+
+    start: int  # first slot
+    positions: torch.Tensor  # [B, T] rotary position of each (row, slot)
+    write: torch.Tensor  # [B, T] bool: this (row, slot) is part of the call
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+    def rows(self, mask: torch.Tensor) -> "Step":
+        """The same slots, written only for rows where `mask` [B] is true."""
+        return Step(self.start, self.positions, self.write & mask[:, None])
+
+
+@dataclass
+class LayerCost:
+    """Static cost of one block for one token (context-dependent attention work excluded)."""
+
+    params: int  # weights read when the block runs
+    flops: float  # 2 * multiply-adds in the block's matmuls and scans
+    propagate_params: int  # weights read by the `propagate` policy's state-only step
+    propagate_flops: float
+
+
+class Backbone(ABC):
+    """A frozen causal LM, runnable block by block. Subclasses: TransformerBackbone, SSMBackbone."""
+
+    arch: str  # "mistral" | "llama" | "mamba" | "mamba2"
+    family: str  # "transformer" | "ssm"
+
+    def __init__(self, model, tokenizer, name: str):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = model.config
+        self._fingerprint: str | None = None
+
+    # ---- shapes ---------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head_module.weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head_module.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head_module.weight.dtype
+
+    # ---- the modules each adapter exposes --------------------------------------------------
+    @property
+    @abstractmethod
+    def blocks(self) -> list: ...
+
+    @property
+    @abstractmethod
+    def embedding(self) -> torch.nn.Embedding: ...
+
+    @property
+    @abstractmethod
+    def norm_module(self) -> torch.nn.Module: ...
+
+    @property
+    def lm_head_module(self) -> torch.nn.Linear:
+        return self.model.lm_head
+
+    # ---- compute ---------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm_module(h.to(self.dtype) if h.dtype != self.norm_module.weight.dtype else h)
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head_module(h.to(self.lm_head_module.weight.dtype))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on any layer's hidden state (the 'logit lens')."""
+        return self.lm_head(self.final_norm(h))
+
+    @abstractmethod
+    def new_state(self, batch_size: int, capacity: int):
+        """Empty per-layer state for `batch_size` rows and up to `capacity` slots."""
+
+    @abstractmethod
+    def forward_layer(self, i: int, h: torch.Tensor, state, step: Step):
+        """Run block i on h [B, T, d]; update its state for the written (row, slot) pairs.
+
+        Returns (h_out, aux): aux is an extra feature for exit heads (Mamba: the mixer output),
+        or None.
+        """
+
+    @abstractmethod
+    def fill_copy(self, i: int, state, step: Step) -> None:
+        """`copy` policy for a skipped layer i (one slot): Transformer copies the previous slot's
+        K/V into this slot; Mamba leaves the state untouched (the token is invisible to it)."""
+
+    @abstractmethod
+    def fill_propagate(self, i: int, h: torch.Tensor, state, step: Step) -> None:
+        """`propagate` policy: feed the exit hidden state h [B, T, d] to layer i only to produce
+        its state (Transformer: K/V projections; Mamba: one state step, no output)."""
+
+    @abstractmethod
+    def snapshot(self, state, layers=None):
+        """A copy of the given layers' state (all when None) that `restore` puts back exactly."""
+
+    @abstractmethod
+    def restore(self, state, snap, rows: torch.Tensor | None = None) -> None:
+        """Put a snapshot back; with `rows` [B] bool, only for those rows."""
+
+    @abstractmethod
+    def layer_cost(self, i: int) -> LayerCost: ...
+
+    @abstractmethod
+    def attention_flops(self, i: int, context: int) -> float:
+        """Context-dependent FLOPs of block i for one token that sees `context` positions."""
+
+    def aux_dim(self) -> int:
+        """Width of forward_layer's aux feature (0 when none)."""
+        return 0
+
+    # ---- identity --------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A short hash of a deterministic sample of the weights.
+
+        Values are rounded to bf16 first so the same checkpoint loaded in fp32 or bf16, on CPU
+        or GPU, gives the same fingerprint; a different checkpoint of the same shape does not.
+        """
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            samples = [self.embedding.weight[:64], self.norm_module.weight]
+            samples += [next(iter(self.blocks[i].parameters())) for i in (0, self.num_layers - 1)]
+            for t in samples:
+                t = t.detach().reshape(-1)[:65536].to("cpu", torch.bfloat16).view(torch.int16)
+                h.update(t.numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def identity(self) -> dict:
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "fingerprint": self.fingerprint(),
+        }
+
+    # ---- reference path --------------------------------------------------------------------
+    @torch.no_grad()
+    def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The HF model's own full forward (the exactness reference)."""
+        return self.model(input_ids=ids).logits
+
+    def make_step(self, start: int, length: int, pad: torch.Tensor, write: torch.Tensor | None = None) -> Step:
+        """Step over slots [start, start+length) for rows whose prompts were left-padded by `pad` [B]."""
+        slots = torch.arange(start, start + length, device=pad.device)
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)
+        if write is None:
+            write = slots[None, :] >= pad[:, None]
+        return Step(start, positions, write)

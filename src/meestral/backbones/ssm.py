@@ -1,0 +1,206 @@
+"""Adapter for state-space models: HF `Mamba2ForCausalLM` (Codestral Mamba) and `MambaForCausalLM`.
+
+The block's norm and every weight are HF's own modules; the mixer's recurrence is stepped here,
+token by token from an explicit state, because early exit needs what the HF mixer cannot give
+through a stable API: per-row state updates (padding, rows that exited), a multi-token
+continuation from an arbitrary state (HF's Mamba-1 torch path restarts from zero for more than one
+token), state-only steps for `propagate` and exact snapshots. HF's cache API also changed between
+the 5.x releases we support. Tests check every block against the HF full forward.
+
+State per layer: `conv[i]` holds the last `conv_kernel` inputs of the causal conv (as HF's cache
+does) and `ssm[i]` the recurrent state in float32 (HF's scan accumulates in float32 too).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from meestral.backbones.base import Backbone, LayerCost, Step
+
+
+class SSMState:
+    def __init__(self, conv, ssm):
+        self.conv = conv  # list of [B, conv_dim, K]
+        self.ssm = ssm  # list of [B, ...] float32
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.conv + self.ssm)
+
+
+class SSMBackbone(Backbone):
+    family = "ssm"
+
+    def __init__(self, model, tokenizer, name: str):
+        super().__init__(model, tokenizer, name)
+        self.arch = model.config.model_type  # "mamba" | "mamba2"
+        self.v2 = self.arch == "mamba2"
+        self.residual_in_fp32 = bool(getattr(model.config, "residual_in_fp32", False))
+
+    # ---- modules ---------------------------------------------------------------------------
+    @property
+    def blocks(self):
+        return self.model.backbone.layers
+
+    @property
+    def embedding(self):
+        return self.model.backbone.embeddings
+
+    @property
+    def norm_module(self):
+        return self.model.backbone.norm_f
+
+    def aux_dim(self):
+        return self.hidden_size
+
+    # ---- state -----------------------------------------------------------------------------
+    def new_state(self, batch_size, capacity=None):
+        conv, ssm = [], []
+        for block in self.blocks:
+            m = block.mixer
+            c = m.conv1d
+            conv.append(torch.zeros(batch_size, c.in_channels, c.kernel_size[0], dtype=c.weight.dtype, device=self.device))
+            if self.v2:
+                shape = (batch_size, m.num_heads, m.head_dim, m.ssm_state_size)
+            else:
+                shape = (batch_size, m.intermediate_size, m.ssm_state_size)
+            ssm.append(torch.zeros(shape, dtype=torch.float32, device=self.device))
+        return SSMState(conv, ssm)
+
+    # ---- the recurrence --------------------------------------------------------------------
+    def _conv_step(self, m, conv_state, u, w):
+        """One causal-conv step: u [B, C] enters the window; rows with w False keep their window."""
+        window = torch.cat([conv_state[:, :, 1:], u[:, :, None].to(conv_state.dtype)], dim=-1)
+        conv_state.copy_(torch.where(w[:, None, None], window, conv_state))
+        out = (window * m.conv1d.weight[:, 0, :]).sum(-1)
+        if m.conv1d.bias is not None:
+            out = out + m.conv1d.bias
+        return m.act(out)
+
+    def _ssm_step_v2(self, m, state, xbc, dt, w):
+        """Mamba-2 state update for one token; returns y [B, H, P] (before the gated norm)."""
+        B_ = xbc.shape[0]
+        n, g = m.ssm_state_size, m.n_groups
+        x, Bm, Cm = torch.split(xbc, [m.intermediate_size, g * n, g * n], dim=-1)
+        x = x.float().view(B_, m.num_heads, m.head_dim)
+        rep = m.num_heads // g
+        Bm = Bm.float().view(B_, g, n).repeat_interleave(rep, dim=1)  # [B, H, N]
+        Cm = Cm.float().view(B_, g, n).repeat_interleave(rep, dim=1)
+        dt = F.softplus(dt.float() + m.dt_bias.float())
+        dt = dt.clamp(min=m.time_step_limit[0], max=m.time_step_limit[1])  # as HF's scan does
+        A = -torch.exp(m.A_log.float())
+        dA = torch.exp(dt * A)  # [B, H]
+        new = state * dA[:, :, None, None] + (dt[:, :, None] * x)[..., None] * Bm[:, :, None, :]
+        state.copy_(torch.where(w[:, None, None, None], new, state))
+        y = (new * Cm[:, :, None, :]).sum(-1) + m.D.float()[None, :, None] * x
+        return y
+
+    def _ssm_step_v1(self, m, state, x, w):
+        """Mamba-1 state update for one token; returns y [B, I] (before the gate)."""
+        dt, Bm, Cm = torch.split(m.x_proj(x), [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
+        dt = dt @ m.dt_proj.weight.t()
+        if m.dt_proj.bias is not None:
+            dt = dt + m.dt_proj.bias
+        dt = F.softplus(dt.float())  # [B, I]
+        A = -torch.exp(m.A_log.float())  # [I, N]
+        new = torch.exp(A[None] * dt[..., None]) * state + (dt[..., None] * Bm.float()[:, None, :]) * x.float()[..., None]
+        state.copy_(torch.where(w[:, None, None], new, state))
+        y = (new * Cm.float()[:, None, :]).sum(-1) + m.D.float()[None] * x.float()
+        return y
+
+    def _mixer(self, i, u, state, step, output=True):
+        """Run block i's mixer on normed input u [B, T, d], token by token from the stored state.
+
+        The big projections run over all T tokens at once; only the conv window and the scan
+        loop over time. With output=False only the state is produced (the `propagate` policy),
+        and only the part of in_proj the state needs is computed.
+        """
+        m = self.blocks[i].mixer
+        conv_state, ssm_state = state.conv[i], state.ssm[i]
+        T = u.shape[1]
+        if self.v2:
+            I, cd = m.intermediate_size, m.conv_dim
+            if output:
+                proj = m.in_proj(u)
+                gate, xbc, dt = proj.split([I, cd, m.num_heads], dim=-1)
+            else:
+                wgt = m.in_proj.weight[I:]
+                bias = m.in_proj.bias[I:] if m.in_proj.bias is not None else None
+                xbc, dt = F.linear(u, wgt, bias).split([cd, m.num_heads], dim=-1)
+            ys = []
+            for t in range(T):
+                c = self._conv_step(m, conv_state, xbc[:, t], step.write[:, t])
+                ys.append(self._ssm_step_v2(m, ssm_state, c, dt[:, t], step.write[:, t]))
+            if not output:
+                return None
+            y = torch.stack(ys, 1).reshape(u.shape[0], T, I)
+            y = m.norm(y.to(u.dtype), gate)
+            return m.out_proj(y.to(u.dtype))
+        I = m.intermediate_size
+        if output:
+            x_in, gate = m.in_proj(u).chunk(2, dim=-1)
+        else:
+            wgt = m.in_proj.weight[:I]
+            bias = m.in_proj.bias[:I] if m.in_proj.bias is not None else None
+            x_in = F.linear(u, wgt, bias)
+        ys = []
+        for t in range(T):
+            c = self._conv_step(m, conv_state, x_in[:, t], step.write[:, t])
+            ys.append(self._ssm_step_v1(m, ssm_state, c, step.write[:, t]))
+        if not output:
+            return None
+        y = torch.stack(ys, 1) * F.silu(gate.float())
+        return m.out_proj(y.to(u.dtype))
+
+    def forward_layer(self, i, h, state, step):
+        block = self.blocks[i]
+        residual = h.float() if self.residual_in_fp32 else h
+        mixed = self._mixer(i, block.norm(h.to(block.norm.weight.dtype)), state, step)
+        return residual + mixed, mixed
+
+    def fill_copy(self, i, state, step):
+        # The skipped layer never sees the token: its conv window and SSM state stay as they were.
+        return None
+
+    def fill_propagate(self, i, h, state, step):
+        block = self.blocks[i]
+        self._mixer(i, block.norm(h.to(block.norm.weight.dtype)), state, step, output=False)
+
+    def snapshot(self, state, layers=None):
+        layers = range(self.num_layers) if layers is None else layers
+        return {i: (state.conv[i].clone(), state.ssm[i].clone()) for i in layers}
+
+    def restore(self, state, snap, rows=None):
+        for i, (conv, ssm) in snap.items():
+            if rows is None:
+                state.conv[i].copy_(conv)
+                state.ssm[i].copy_(ssm)
+            else:
+                state.conv[i][rows] = conv[rows]
+                state.ssm[i][rows] = ssm[rows]
+
+    # ---- costs -----------------------------------------------------------------------------
+    def layer_cost(self, i):
+        block = self.blocks[i]
+        m = block.mixer
+        params = sum(p.numel() for p in block.parameters())
+        n = m.ssm_state_size
+        if self.v2:
+            scan = 6.0 * m.num_heads * m.head_dim * n  # decay, input, readout per state element
+            in_rows = m.conv_dim + m.num_heads
+            prop = in_rows * self.hidden_size + m.conv1d.weight.numel() + 3 * m.num_heads
+        else:
+            scan = 6.0 * m.intermediate_size * n
+            prop = (
+                m.intermediate_size * self.hidden_size
+                + m.conv1d.weight.numel()
+                + m.x_proj.weight.numel()
+                + m.dt_proj.weight.numel()
+                + m.A_log.numel()
+                + m.D.numel()
+            )
+        prop += block.norm.weight.numel()
+        return LayerCost(params=params, flops=2.0 * params + scan, propagate_params=prop, propagate_flops=2.0 * prop + scan)
+
+    def attention_flops(self, i, context):
+        return 0.0  # a recurrent state costs the same at every position

@@ -1,0 +1,173 @@
+"""Adapter for the Mistral / Llama family (HF `MistralForCausalLM`, `LlamaForCausalLM`).
+
+Blocks are HF's own decoder layers, called one at a time. Their attention writes K/V through a
+small slot cache of ours (`_SlotCache.update`, the one method HF attention calls on a cache) into
+fixed-shape per-layer buffers; we build the 4-D attention mask ourselves from a per-layer
+`valid` map. That gives per-row control (padding, rows that exited, later per-row backlogs)
+without forking any HF code, and shapes that never change during a generation.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from meestral.backbones.base import Backbone, LayerCost, Step
+
+
+class KVState:
+    """Per-layer K/V slot buffers: k[i], v[i] are [B, Hkv, capacity, D]; valid[i] is [B, capacity]."""
+
+    def __init__(self, num_layers, batch_size, capacity, n_kv, head_dim, dtype, device):
+        shape = (batch_size, n_kv, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.valid = torch.zeros(num_layers, batch_size, capacity, dtype=torch.bool, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[-1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v) + self.valid.numel()
+
+
+class _SlotCache:
+    """Duck-typed HF cache: HF attention calls `update(k, v, layer_idx, ...)` and uses what it returns."""
+
+    def __init__(self, state: KVState):
+        self.state = state
+        self.step: Step | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        s = self.step
+        end = s.start + s.length
+        w = s.write[:, None, :, None]
+        for buf, new in ((self.state.k[layer_idx], key_states), (self.state.v[layer_idx], value_states)):
+            window = buf[:, :, s.start:end]
+            window.copy_(torch.where(w, new.to(buf.dtype), window))
+        self.state.valid[layer_idx, :, s.start:end] |= s.write
+        return self.state.k[layer_idx][:, :, :end], self.state.v[layer_idx][:, :, :end]
+
+
+class TransformerBackbone(Backbone):
+    family = "transformer"
+
+    def __init__(self, model, tokenizer, name: str):
+        super().__init__(model, tokenizer, name)
+        self.arch = model.config.model_type  # "mistral" | "llama"
+        cfg = model.config
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.n_heads = cfg.num_attention_heads
+        self.sliding_window = getattr(cfg, "sliding_window", None)
+        # HF renamed the block's cache keyword (past_key_values -> cache) during 5.x; use the
+        # name this version declares so no deprecation shim is involved.
+        params = inspect.signature(type(self.blocks[0]).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # ---- modules ---------------------------------------------------------------------------
+    @property
+    def blocks(self):
+        return self.model.model.layers
+
+    @property
+    def embedding(self):
+        return self.model.model.embed_tokens
+
+    @property
+    def norm_module(self):
+        return self.model.model.norm
+
+    # ---- state -----------------------------------------------------------------------------
+    def new_state(self, batch_size, capacity):
+        return KVState(self.num_layers, batch_size, capacity, self.n_kv, self.head_dim, self.dtype, self.device)
+
+    def _mask(self, i: int, state: KVState, step: Step) -> torch.Tensor:
+        """[B, 1, T, end] mask: keys that are valid in layer i (after this step's writes),
+        causal, inside the sliding window; every query may also see its own slot so that rows
+        not written in this call (padding, exited rows) never produce an all-masked softmax."""
+        end = step.start + step.length
+        keys = torch.arange(end, device=step.write.device)
+        queries = torch.arange(step.start, end, device=step.write.device)
+        valid = state.valid[i, :, :end].clone()
+        valid[:, step.start:end] |= step.write
+        allowed = valid[:, None, :] & (keys[None, None, :] <= queries[None, :, None])
+        if self.sliding_window:
+            allowed &= keys[None, None, :] > queries[None, :, None] - self.sliding_window
+        allowed |= keys[None, None, :] == queries[None, :, None]
+        allowed = allowed[:, None]
+        if self.config._attn_implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(self.dtype).min
+            )
+        return allowed
+
+    def forward_layer(self, i, h, state, step):
+        cache = _SlotCache(state)
+        cache.step = step
+        out = self.blocks[i](
+            h,
+            attention_mask=self._mask(i, state, step),
+            position_ids=step.positions,
+            position_embeddings=self.model.model.rotary_emb(h, step.positions),
+            use_cache=True,
+            **{self._cache_kw: cache},
+        )
+        return (out[0] if isinstance(out, tuple) else out), None
+
+    def fill_copy(self, i, state, step):
+        # The skipped layer gets the previous slot's K/V (CALM-style state copying).
+        assert step.start > 0, "copy needs a previous slot"
+        s, w = step.start, step.write[:, 0]
+        for buf in (state.k[i], state.v[i]):
+            buf[:, :, s] = torch.where(w[:, None, None], buf[:, :, s - 1], buf[:, :, s])
+        state.valid[i, :, s] |= w & state.valid[i, :, s - 1]
+
+    def _kv(self, i, h, positions):
+        """K (rotated) and V of block i for hidden states h, exactly as its attention makes them."""
+        block = self.blocks[i]
+        attn = block.self_attn
+        x = block.input_layernorm(h)
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = self.model.model.rotary_emb(h, positions)
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        return k, v
+
+    def fill_propagate(self, i, h, state, step):
+        k, v = self._kv(i, h, step.positions)
+        cache = _SlotCache(state)
+        cache.step = step
+        cache.update(k, v, i)
+
+    def snapshot(self, state, layers=None):
+        layers = range(self.num_layers) if layers is None else layers
+        return {i: (state.k[i].clone(), state.v[i].clone(), state.valid[i].clone()) for i in layers}
+
+    def restore(self, state, snap, rows=None):
+        for i, (k, v, valid) in snap.items():
+            if rows is None:
+                state.k[i].copy_(k)
+                state.v[i].copy_(v)
+                state.valid[i].copy_(valid)
+            else:
+                state.k[i][rows] = k[rows]
+                state.v[i][rows] = v[rows]
+                state.valid[i][rows] = valid[rows]
+
+    # ---- costs -----------------------------------------------------------------------------
+    def layer_cost(self, i):
+        block = self.blocks[i]
+        params = sum(p.numel() for p in block.parameters())
+        attn = block.self_attn
+        prop = block.input_layernorm.weight.numel() + attn.k_proj.weight.numel() + attn.v_proj.weight.numel()
+        return LayerCost(params=params, flops=2.0 * params, propagate_params=prop, propagate_flops=2.0 * prop)
+
+    def attention_flops(self, i, context):
+        # QK^T and attention-weighted V: 2 matmuls of n_heads x head_dim x context, 2 FLOPs each.
+        window = min(context, self.sliding_window) if self.sliding_window else context
+        return 4.0 * self.n_heads * self.head_dim * window

@@ -1,0 +1,96 @@
+"""A minimal tokenizer interface shared by every backbone source.
+
+The decoder needs four things from a tokenizer: encode, decode, the EOS ids and (for chat models)
+a chat template. HF tokenizers, Mistral's own `mistral_common` tokenizer and the byte tokenizer
+used by tiny random test backbones are wrapped behind the same small class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Tokenizer:
+    name: str
+    vocab_size: int
+    bos_id: int | None
+    eos_ids: set[int] = field(default_factory=set)
+    hf: object | None = None  # the wrapped HF tokenizer, when there is one (lm-eval wants it)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def apply_chat(self, user_text: str) -> list[int]:
+        """Token ids of a one-turn chat prompt; plain encoding when there is no template."""
+        return self.encode(user_text)
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, tok, name: str = "hf"):
+        eos = set()
+        if tok.eos_token_id is not None:
+            eos.add(int(tok.eos_token_id))
+        super().__init__(name=name, vocab_size=len(tok), bos_id=tok.bos_token_id, eos_ids=eos, hf=tok)
+
+    def encode(self, text, add_bos=True):
+        ids = self.hf.encode(text, add_special_tokens=False)
+        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            # Llama-family models expect BOS; SmolLM2's tokenizer has none and is left as is.
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids):
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def apply_chat(self, user_text):
+        if getattr(self.hf, "chat_template", None):
+            out = self.hf.apply_chat_template(
+                [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(out, dict) or hasattr(out, "keys"):
+                out = out["input_ids"]
+            return list(out)
+        return self.encode(user_text)
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes + BOS/EOS/PAD: lets tiny random backbones run with no downloaded vocabulary."""
+
+    OFFSET = 3  # 0 = pad, 1 = bos, 2 = eos
+
+    def __init__(self):
+        super().__init__(name="bytes", vocab_size=256 + self.OFFSET, bos_id=1, eos_ids={2})
+
+    def encode(self, text, add_bos=True):
+        ids = [b + self.OFFSET for b in text.encode("utf-8")]
+        return ([self.bos_id] if add_bos else []) + ids
+
+    def decode(self, ids):
+        data = bytes(i - self.OFFSET for i in ids if i >= self.OFFSET)
+        return data.decode("utf-8", errors="replace")
+
+
+class MistralCommonTokenizer(Tokenizer):
+    """Mistral's native tokenizer files (tokenizer.model.v3 / tekken.json) via `mistral_common`."""
+
+    def __init__(self, path: str):
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        mt = MistralTokenizer.from_file(str(path))
+        self._raw = mt.instruct_tokenizer.tokenizer
+        super().__init__(
+            name=f"mistral_common:{path}",
+            vocab_size=self._raw.n_words,
+            bos_id=self._raw.bos_id,
+            eos_ids={self._raw.eos_id},
+        )
+
+    def encode(self, text, add_bos=True):
+        return self._raw.encode(text, bos=add_bos, eos=False)
+
+    def decode(self, ids):
+        return self._raw.decode(ids)
