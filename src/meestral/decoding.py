@@ -1,0 +1,288 @@
+"""The early-exit decoder: one loop for every architecture and policy.
+
+Each step feeds one token per row through the blocks in order. After an exit point the row's exit
+head gives a confidence; above the threshold the row *exits*: its token will come from the exit
+hidden state (or, with `through_last_layer`, from also running the last block, as DYNAMAX does).
+The layers it skips still owe the token a state entry, and the *state policy* decides what:
+
+- `copy`: Transformer layers copy the previous slot's K/V; Mamba layers keep their state (the
+  token is invisible to them). No weights read.
+- `propagate`: the exit hidden state is fed to each skipped layer only to make its state.
+
+Rows advance together. While any row is still running a layer, the layer runs for the batch and
+exited rows are masked out of its state write (copy) or fed their exit state (propagate, which is
+exactly what propagate means); once every row has exited the loop switches to the state-only
+fills. At batch 1 that is plain early exit. Per-token accounting counts each row's own path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from meestral.accounting import CostModel, TokenStats, summarize
+from meestral.errors import MeestralError
+from meestral.heads import ExitHeads, check_thresholds
+
+POLICIES = ("copy", "propagate")
+EXIT_OUTPUTS = ("hidden", "through_last_layer")
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def check(self):
+        if self.max_new_tokens < 1:
+            raise MeestralError(f"max_new_tokens is {self.max_new_tokens}: ask for at least 1 token")
+        if not self.temperature >= 0:
+            raise MeestralError(f"temperature {self.temperature} is negative: use 0 for greedy or a positive value")
+        if self.top_k < 0:
+            raise MeestralError(f"top_k {self.top_k} is negative: use 0 (off) or a positive count")
+        if not 0.0 < self.top_p <= 1.0:
+            raise MeestralError(f"top_p {self.top_p} is outside (0, 1]: use 1 to turn it off")
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    stats: list[TokenStats] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"  # "eos" | "stop" | "length"
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return [s.exit_layer for s in self.stats]
+
+
+def sample(logits: torch.Tensor, opts: SamplingOptions, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from logits [B, V]: greedy, or temperature / top-k / top-p sampling."""
+    if opts.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / opts.temperature
+    if opts.top_k:
+        kth = logits.topk(min(opts.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if opts.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= opts.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+class EarlyExitDecoder:
+    """Generate with early exits. `heads=None` (or thresholds of 1) runs the full model."""
+
+    def __init__(self, backbone, heads: ExitHeads | None = None, thresholds=1.0, policy: str = "copy",
+                 exit_output: str = "hidden"):
+        if policy not in POLICIES:
+            raise MeestralError(f"unknown state policy {policy!r}: use one of {', '.join(POLICIES)}")
+        if exit_output not in EXIT_OUTPUTS:
+            raise MeestralError(f"unknown exit output {exit_output!r}: use one of {', '.join(EXIT_OUTPUTS)}")
+        if heads is not None and heads.identity["fingerprint"] != backbone.fingerprint():
+            raise MeestralError("these exit heads were made for another backbone: load the matching backbone")
+        self.bb = backbone
+        self.heads = heads
+        self.thresholds = check_thresholds(thresholds, len(heads.exit_points)) if heads is not None else []
+        self.policy = policy
+        self.exit_output = exit_output
+        self.cost = CostModel.for_backbone(backbone, heads)
+
+    # ---- prompts ---------------------------------------------------------------------------
+    def encode(self, prompts, chat: bool = False) -> list[list[int]]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise MeestralError("no prompt given: pass a prompt as an argument, --file or stdin")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                if not p.strip():
+                    raise MeestralError("empty prompt: give some text to continue")
+                ids = self.bb.tokenizer.apply_chat(p) if chat else self.bb.tokenizer.encode(p)
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise MeestralError("empty prompt: give some text to continue")
+            out.append(ids)
+        return out
+
+    # ---- generation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts, opts: SamplingOptions | None = None, chat: bool = False, progress=None):
+        opts = opts or SamplingOptions()
+        opts.check()
+        bb, dev = self.bb, self.bb.device
+        rows = self.encode(prompts, chat)
+        B, P = len(rows), max(len(r) for r in rows)
+        pad = torch.tensor([P - len(r) for r in rows], device=dev)
+        ids = torch.zeros(B, P, dtype=torch.long, device=dev)
+        for b, r in enumerate(rows):
+            ids[b, P - len(r):] = torch.tensor(r, device=dev)
+        gen = None
+        if opts.seed is not None:
+            gen = torch.Generator(device=dev).manual_seed(opts.seed)
+        results = [Generation(prompt_ids=r) for r in rows]
+        state = bb.new_state(B, P + opts.max_new_tokens)
+
+        # Prefill at full depth: the first new token is the full model's, at no extra cost.
+        t0 = self._clock()
+        step = bb.make_step(0, P, pad)
+        h = bb.embed(ids)
+        for i in range(bb.num_layers):
+            h, _ = bb.forward_layer(i, h, state, step)
+        tok = sample(bb.logits(h[:, -1]), opts, gen)
+        wall = (self._clock() - t0) * 1000
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        L = bb.num_layers
+        for b in range(B):
+            n = len(rows[b])
+            flops, nbytes = self.cost.token(range(L), [], 0, n, True)
+            results[b].stats.append(TokenStats(L - 1, L, 0, flops * n, nbytes, wall, prefill=True))
+        active = self._emit(results, tok, active, opts)
+
+        for t in range(1, opts.max_new_tokens):
+            if not active.any():
+                break
+            t0 = self._clock()
+            logits, info = self._step(tok, P + t - 1, pad, active, state)
+            tok = sample(logits, opts, gen)
+            wall = (self._clock() - t0) * 1000
+            self._record(results, info, active, P + t - pad, wall)
+            active = self._emit(results, tok, active, opts)
+            if progress is not None:
+                progress.update(1)
+        for r in results:
+            if r.finish_reason != "stop":
+                body = [t for t in r.token_ids if t not in bb.tokenizer.eos_ids]
+                r.text = bb.tokenizer.decode(body)
+        return results
+
+    def _clock(self):
+        if self.bb.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _emit(self, results, tok, active, opts) -> torch.Tensor:
+        """Append each active row's token; rows end on EOS, a stop string, or max_new_tokens."""
+        eos = self.bb.tokenizer.eos_ids
+        toks = tok.tolist()
+        new_active = active.clone()
+        for b, r in enumerate(results):
+            if not active[b]:
+                continue
+            r.token_ids.append(toks[b])
+            if toks[b] in eos:
+                r.finish_reason = "eos"
+                new_active[b] = False
+            elif opts.stop:
+                text = self.bb.tokenizer.decode(r.token_ids)
+                cut = min((text.find(s) for s in opts.stop if s and s in text), default=-1)
+                if cut >= 0:
+                    r.text, r.finish_reason = text[:cut], "stop"
+                    new_active[b] = False
+        return new_active
+
+    def _step(self, tok, slot, pad, active, state):
+        """One decoding step for every active row: returns next-token logits and what each row ran."""
+        bb, heads, L = self.bb, self.heads, self.bb.num_layers
+        B = tok.shape[0]
+        step = bb.make_step(slot, 1, pad, write=active[:, None])
+        h = bb.embed(tok[:, None])
+        prev = h
+        exit_h = h
+        exited = ~active
+        exit_at = torch.full((B,), L - 1, device=h.device)
+        ran = torch.zeros(B, L, dtype=torch.bool, device=h.device)
+        propagated = torch.zeros(B, L, dtype=torch.bool, device=h.device)
+        probes = torch.zeros(B, dtype=torch.long, device=h.device)
+        probe_logits = None
+        points = {l: j for j, l in enumerate(heads.exit_points)} if heads is not None else {}
+        through = self.exit_output == "through_last_layer"
+        skipped = active & exited  # active rows that have exited (none yet)
+        for i in range(L):
+            running = active & ~exited
+            skipped = active & exited
+            last_through = through and i == L - 1
+            if not running.any() and not last_through:
+                # Every row has left: only the skipped layer's state is owed.
+                if self.policy == "propagate":
+                    bb.fill_propagate(i, exit_h, state, step.rows(active))
+                    propagated[:, i] = active
+                else:
+                    bb.fill_copy(i, state, step.rows(active))
+                continue
+            feed_exit = self.policy == "propagate" or last_through
+            if feed_exit:
+                # Exited rows give the block their exit state: that *is* `propagate`'s state step,
+                # and `through_last_layer`'s last-block run.
+                x = torch.where(skipped[:, None, None], exit_h.to(h.dtype), h)
+                out, aux = bb.forward_layer(i, x, state, step.rows(active))
+            else:
+                out, aux = bb.forward_layer(i, h, state, step.rows(running))
+                if skipped.any():
+                    bb.fill_copy(i, state, step.rows(skipped))
+            if last_through:
+                h = out
+                ran[:, i] = active
+            else:
+                h = torch.where(running[:, None, None], out, h.to(out.dtype))
+                ran[:, i] = running
+                propagated[:, i] = skipped if self.policy == "propagate" else False
+            if i in points and running.any():
+                j = points[i]
+                lg = bb.logits(h[:, -1]) if heads.needs_logits else None
+                conf = heads.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1], lg)
+                probes += running.long()
+                newly = running & (conf > self.thresholds[j])
+                if newly.any():
+                    exit_h = torch.where(newly[:, None, None], h, exit_h.to(h.dtype))
+                    exit_at = torch.where(newly, torch.full_like(exit_at, i), exit_at)
+                    exited = exited | newly
+                    if lg is not None:
+                        probe_logits = lg if probe_logits is None else torch.where(newly[:, None], lg, probe_logits)
+            prev = h
+        left = active & (exit_at < L - 1)
+        if through:
+            logits = bb.logits(h[:, -1])
+            head_read = torch.ones_like(active)
+        else:
+            final = torch.where(left[:, None, None], exit_h.to(h.dtype), h)
+            logits = bb.logits(final[:, -1])
+            head_read = torch.ones_like(active)
+            if probe_logits is not None:
+                logits = torch.where(left[:, None], probe_logits, logits)
+                head_read = ~left  # the exit probe already read the LM head
+        return logits, dict(exit_at=exit_at, ran=ran, propagated=propagated, probes=probes, head_read=head_read)
+
+    def _record(self, results, info, active, context, wall):
+        cols = {k: v.tolist() for k, v in info.items()}
+        ctx = context.tolist()
+        for b, r in enumerate(results):
+            if not active[b]:
+                continue
+            layers = [i for i, x in enumerate(cols["ran"][b]) if x]
+            prop = [i for i, x in enumerate(cols["propagated"][b]) if x]
+            flops, nbytes = self.cost.token(layers, prop, cols["probes"][b], ctx[b], cols["head_read"][b])
+            r.stats.append(TokenStats(cols["exit_at"][b], len(layers), cols["probes"][b], flops, nbytes, wall))
+
+    def summary(self, result: Generation) -> dict:
+        return summarize(result.stats, self.cost, self.bb.num_layers)
+
+
+def generate(backbone, prompt, heads=None, thresholds=1.0, policy="copy", exit_output="hidden", chat=False,
+             **sampling) -> Generation:
+    """One prompt in, one Generation out: the Python API in the CLI's terms."""
+    dec = EarlyExitDecoder(backbone, heads, thresholds, policy, exit_output)
+    return dec.generate([prompt], SamplingOptions(**sampling), chat=chat)[0]
