@@ -57,8 +57,10 @@ class CostModel:
         elif heads.kind == "classifier":
             probe = sum(p.numel() for p in heads.classifiers[0].parameters())
             probe_flops = 2.0 * probe
-        else:  # saturation: a cosine of two hidden states, no weights
+        elif heads.kind == "saturation":  # a cosine of two hidden states, no weights
             probe, probe_flops = 0, 3.0 * backbone.hidden_size
+        else:  # static: no work at all
+            probe, probe_flops = 0, 0.0
         bpp = backbone.lm_head_module.weight.element_size()
         return cls(
             layer_params=[c.params for c in costs],

@@ -7,6 +7,8 @@ Kinds
 - `softmax`: max probability of the exit distribution (final norm + LM head on the exit state).
 - `margin`: top-1 minus top-2 probability of that distribution.
 - `saturation`: cosine similarity of the hidden state with the previous layer's (CALM).
+- `static`: confidence 1 everywhere: a baseline that always leaves at the first exit point (the
+  static exit-at-layer baseline, and how benchmarks force an exit without any probe cost).
 
 The last two kinds of the list above need no training. `softmax`/`margin` read the whole LM head
 at every probe: on small backbones that can cost more than the blocks they skip (see
@@ -30,7 +32,7 @@ from torch import nn
 
 from meestral.errors import MeestralError
 
-KINDS = ("classifier", "softmax", "margin", "saturation")
+KINDS = ("classifier", "softmax", "margin", "saturation", "static")
 FORMAT_VERSION = 1
 
 
@@ -128,6 +130,8 @@ class ExitHeads(nn.Module):
         distribution's logits (softmax/margin), `prev_h` the previous layer's output (saturation)."""
         if self.kind == "classifier":
             return torch.sigmoid(self.classifier_logit(j, h, aux))
+        if self.kind == "static":
+            return torch.ones(h.shape[:-1], device=h.device)
         if self.kind == "saturation":
             return torch.cosine_similarity(h.float(), prev_h.float(), dim=-1).clamp(0.0, 1.0)
         p = torch.softmax(logits.float(), dim=-1)

@@ -1,0 +1,70 @@
+"""Decode benchmark: full depth against exits forced at two layers, under each state policy.
+
+Exits are forced with `static` heads (confidence 1, no probe cost), so the numbers isolate the
+mechanism: what skipping layers and filling their state costs and saves. Each case is timed
+`repeats` times, round-robin across cases so drift hits all of them alike; the median is kept, and
+ratios are taken against the full-depth case of the same run. One JSON line per case.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from meestral.accounting import summarize
+from meestral.backbones.loading import load_backbone
+from meestral.decoding import EarlyExitDecoder, SamplingOptions
+from meestral.heads import ExitHeads, check_exit_points
+
+PROMPT = "The history of the printing press begins"
+
+
+def cases(bb, exits):
+    yield "full", None, "copy"
+    for e in exits:
+        for policy in ("copy", "propagate"):
+            yield f"exit@{e}", ExitHeads("static", [e], bb), policy
+
+
+def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=sys.stdout):
+    bb = load_backbone(backbone, dtype=dtype, device=device)
+    L = bb.num_layers
+    exits = check_exit_points(exits or [L // 3, 2 * L // 3], L)
+    opts = SamplingOptions(max_new_tokens=tokens)
+    decs = [(name, policy, EarlyExitDecoder(bb, heads, 0.0, policy)) for name, heads, policy in cases(bb, exits)]
+    decs[0][2].generate([PROMPT], SamplingOptions(max_new_tokens=4))  # warm-up: allocator, kernels
+    runs = {i: [] for i in range(len(decs))}
+    for _ in range(repeats):
+        for i, (_, _, dec) in enumerate(decs):
+            runs[i].append(summarize(dec.generate([PROMPT], opts)[0].stats, dec.cost, L))
+    rows = []
+    for i, (name, policy, dec) in enumerate(decs):
+        s = runs[i]
+        ms = statistics.median(r["ms_per_token"] for r in s)
+        rows.append({
+            "case": name, "policy": policy if name != "full" else "-", "backbone": bb.name, "device": str(bb.device),
+            "dtype": str(bb.dtype).removeprefix("torch."), "layers": L,
+            "decoded_tokens": s[0]["tokens"], "mean_layers_run": s[0]["mean_layers_run"],
+            "weight_bytes_per_token": s[0]["weight_bytes_per_token"],
+            "flops_per_token": s[0]["flops_per_token"], "ms_per_token": ms, "tokens_per_s": 1000.0 / ms,
+        })
+    base = rows[0]
+    for r in rows:
+        r["speedup_vs_full"] = base["ms_per_token"] / r["ms_per_token"]
+        r["weight_bytes_ratio"] = r["weight_bytes_per_token"] / base["weight_bytes_per_token"]
+        r["host"] = platform.node() or "unknown"
+        r["torch"] = torch.__version__
+        r["date"] = time.strftime("%Y-%m-%d")
+        print(json.dumps(r), file=out)
+    print(f"\n{'case':<10} {'policy':<10} {'layers':>7} {'tok/s':>8} {'speed-up':>9} {'MB/token':>9} {'bytes':>6}",
+          file=sys.stderr)
+    for r in rows:
+        print(f"{r['case']:<10} {r['policy']:<10} {r['mean_layers_run']:>7.1f} {r['tokens_per_s']:>8.1f} "
+              f"{r['speedup_vs_full']:>8.2f}x {r['weight_bytes_per_token'] / 1e6:>9.1f} {r['weight_bytes_ratio']:>5.2f}x",
+              file=sys.stderr)
+    return rows

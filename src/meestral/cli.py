@@ -1,0 +1,228 @@
+"""`meestral` command line. Commands stay thin: the library does the work.
+
+  meestral generate  [PROMPT] [--file F]   early-exit generation, tokens coloured by exit layer
+  meestral demo                            the embedded backbone at several thresholds and policies
+  meestral bench                           CPU/GPU decode benchmark (forced exits), JSON lines
+  meestral info      [--backbone B]        backbone shapes, identity and per-layer costs
+
+Every user error ends with one line `meestral: error: ...` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from meestral.errors import MeestralError
+
+PALETTE = [31, 33, 32, 36, 34, 35, 91, 93, 92, 96, 94, 95]  # ANSI foreground colours, one per exit point
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not a usage dump
+        raise MeestralError(f"{message} (see `{self.prog} --help`)")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MeestralError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MeestralError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_backbone_args(p):
+    p.add_argument("--backbone", default="smollm2", help="smollm2 | random:<shape> | folder | hub id")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 | float16")
+    p.add_argument("--device", default="cpu")
+
+
+def add_exit_args(p):
+    p.add_argument("--heads", help="folder of trained exit heads (heads.json + heads.safetensors)")
+    p.add_argument("--head", default="softmax", help="training-free kind when --heads is not given: "
+                   "softmax | margin | saturation | static")
+    p.add_argument("--exits", type=_ints, help="exit points, e.g. 8,16,24 (default: every quarter)")
+    p.add_argument("--threshold", type=_floats, default=[0.9],
+                   help="exit when confidence > threshold; one value or one per exit point")
+    p.add_argument("--policy", default="copy", help="state of skipped layers: copy | propagate")
+    p.add_argument("--exit-output", default="hidden", help="hidden | through_last_layer")
+
+
+def build_heads(args, bb):
+    from meestral.heads import ExitHeads
+
+    if args.heads:
+        return ExitHeads.load(args.heads, bb)
+    if args.head == "classifier":
+        raise MeestralError("a classifier head must be trained first: pass --heads DIR (from `meestral train`)")
+    L = bb.num_layers
+    exits = args.exits or sorted({L // 4, L // 2, 3 * L // 4} - {L - 1})
+    return ExitHeads(args.head, exits, bb)
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None and args.file:
+        raise MeestralError("give the prompt either as an argument or with --file, not both")
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise MeestralError(f"cannot read prompt file {args.file}: {e.strerror}") from None
+    if args.prompt is not None:
+        return args.prompt
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    raise MeestralError("no prompt: pass it as an argument, with --file, or on stdin")
+
+
+def colour_tokens(tokenizer, gen, num_layers, exit_points, colour=True) -> str:
+    """The generated text with each token coloured by the layer it left at (plain: full depth)."""
+    out, prev = [], ""
+    ids = []
+    for tok, layer in zip(gen.token_ids, gen.exit_layers):
+        if tok in tokenizer.eos_ids:
+            break
+        ids.append(tok)
+        text = tokenizer.decode(ids)
+        piece, prev = text[len(prev):], text
+        if colour and layer < num_layers - 1:
+            c = PALETTE[exit_points.index(layer) % len(PALETTE)] if layer in exit_points else 90
+            piece = f"\x1b[{c}m{piece}\x1b[0m"
+        out.append(piece)
+    return "".join(out)
+
+
+def cmd_generate(args):
+    from meestral.backbones.loading import load_backbone
+    from meestral.decoding import EarlyExitDecoder, SamplingOptions
+
+    prompt = read_prompt(args)
+    if not prompt.strip():
+        raise MeestralError("empty prompt: give some text to continue")
+    bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
+    heads = build_heads(args, bb)
+    dec = EarlyExitDecoder(bb, heads, args.threshold, args.policy, args.exit_output)
+    opts = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                           tuple(args.stop or ()))
+    gen = dec.generate([prompt], opts, chat=args.chat)[0]
+    summary = dec.summary(gen)
+    if args.json:
+        print(json.dumps({
+            "backbone": bb.identity(), "heads": heads.meta(), "thresholds": dec.thresholds,
+            "policy": args.policy, "exit_output": args.exit_output, "prompt": prompt,
+            "text": gen.text, "token_ids": gen.token_ids, "finish_reason": gen.finish_reason,
+            "tokens": [s.to_dict() for s in gen.stats], "summary": summary,
+        }))
+        return 0
+    colour = not args.no_color and sys.stdout.isatty() or args.color
+    print(colour_tokens(bb.tokenizer, gen, bb.num_layers, heads.exit_points, colour))
+    legend = " ".join(
+        (f"\x1b[{PALETTE[j % len(PALETTE)]}m" if colour else "") + f"L{p}" + ("\x1b[0m" if colour else "")
+        for j, p in enumerate(heads.exit_points)
+    )
+    print(f"\n-- exits at {legend}; plain = full depth ({bb.num_layers} layers)", file=sys.stderr)
+    print(format_summary(summary, bb.num_layers), file=sys.stderr)
+    return 0
+
+
+def format_summary(s: dict, L: int) -> str:
+    if not s.get("tokens"):
+        return "-- no decoded tokens after the first (it comes from the full-depth prompt pass)"
+    return (f"-- {s['tokens']} decoded tokens: exit rate {s['exit_rate']:.0%}, mean exit layer "
+            f"{s['mean_exit_layer']:.1f}/{L - 1}, layers run {s['mean_layers_run']:.1f}/{L} "
+            f"({s['layer_fraction']:.0%}), weight bytes {s['weight_bytes_ratio']:.2f}x full, "
+            f"{s['ms_per_token']:.1f} ms/token")
+
+
+def cmd_demo(args):
+    from meestral.demo import run_demo
+
+    return run_demo(backbone=args.backbone, max_new_tokens=args.max_new_tokens, device=args.device)
+
+
+def cmd_bench(args):
+    from meestral.bench import run_bench
+
+    run_bench(args.backbone, exits=args.exits, tokens=args.tokens, device=args.device, dtype=args.dtype,
+              repeats=args.repeats)
+    return 0
+
+
+def cmd_info(args):
+    from meestral.accounting import CostModel
+    from meestral.backbones.loading import load_backbone
+
+    bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
+    cost = CostModel.for_backbone(bb)
+    print(json.dumps({
+        "identity": bb.identity(),
+        "family": bb.family,
+        "layer_params": cost.layer_params,
+        "lm_head_params": cost.head_params,
+        "full_token_weight_bytes": cost.full_token_bytes,
+    }, indent=2))
+    return 0
+
+
+def make_parser():
+    p = _Parser(prog="meestral", description="Early exits for Transformer and state-space LLMs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate with early exits")
+    g.add_argument("prompt", nargs="?")
+    g.add_argument("--file", help="read the prompt from this file")
+    add_backbone_args(g)
+    add_exit_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="one JSON object with tokens and accounting")
+    g.add_argument("--no-color", action="store_true")
+    g.add_argument("--color", action="store_true", help="colour even when not writing to a terminal")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="the embedded backbone at several thresholds and policies")
+    d.add_argument("--backbone", default="smollm2")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--max-new-tokens", type=int, default=40)
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="decode benchmark: full depth vs forced exits, JSON lines")
+    add_backbone_args(b)
+    b.add_argument("--exits", type=_ints, help="two layers to force exits at (default: L/3, 2L/3)")
+    b.add_argument("--tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("info", help="backbone identity and costs")
+    add_backbone_args(i)
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = make_parser().parse_args(argv)
+        return args.func(args)
+    except MeestralError as e:
+        print(f"meestral: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("meestral: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
