@@ -70,7 +70,8 @@ class ByteTokenizer(Tokenizer):
         return ([self.bos_id] if add_bos else []) + ids
 
     def decode(self, ids):
-        data = bytes(i - self.OFFSET for i in ids if i >= self.OFFSET)
+        # Ids past the byte range (a random 7B-shaped model has 32,768) have no text: dropped.
+        data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < self.OFFSET + 256)
         return data.decode("utf-8", errors="replace")
 
 
