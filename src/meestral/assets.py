@@ -13,11 +13,13 @@ that keeps its logits bit-identical to the GGUF load (~540 MB on disk).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import os
 import shutil
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 
 from meestral.errors import MeestralError
@@ -77,9 +79,12 @@ def smollm2_dir() -> Path:
         _remove_stale_builds(target)
         print(f"meestral: building the SmolLM2 cache in {target} from {gguf.name} "
               "(first use only, ~30 s)", file=sys.stderr, flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        # Built beside the target (same file system) so the final rename is atomic.
+        tmp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir()
         try:
-            _convert(gguf, tmp)
+            with _quiet_stderr():
+                _convert(gguf, tmp)
             _publish(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -107,23 +112,29 @@ def _convert(gguf: Path, out: Path) -> None:
     """Dequantise the GGUF and save it as a plain float32 HF model + tokenizer in `out`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the one-line notice is all the user should see
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained (its config carries a quantization entry):
+    # rebuild the same architecture from a clean config and move the weights over.
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_model_name_or_path", None)
+    cfg = type(src.config).from_dict(cfg_dict)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(src.state_dict(), strict=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Hide the progress bars of the GGUF reader (a bare tqdm nothing can switch off), but show
+    them after all if the build fails, since they may explain why."""
+    buf = io.StringIO()
     try:
-        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # A GGUF-loaded model refuses save_pretrained (its config carries a quantization entry):
-        # rebuild the same architecture from a clean config and move the weights over.
-        cfg_dict = src.config.to_dict()
-        cfg_dict.pop("quantization_config", None)
-        cfg_dict.pop("_model_name_or_path", None)
-        cfg = type(src.config).from_dict(cfg_dict)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        model.load_state_dict(src.state_dict(), strict=True)
-        model.save_pretrained(str(out))
-        tok.save_pretrained(str(out))
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+        with contextlib.redirect_stderr(buf):
+            yield
+    except BaseException:
+        sys.stderr.write(buf.getvalue())
+        raise
