@@ -254,8 +254,6 @@ def test_user_error_end_to_end(argv, words, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="loading.py load_backbone: int(parts[2].removeprefix('seed')) raises a raw "
-                   "ValueError for a malformed seed such as random:mistral:seedX")
 def test_malformed_random_seed(capsys):
     rc, out, err = run_main(G + ["--backbone", "random:mistral:seedX"], capsys)
     assert_one_line_error(rc, out, err, ["seed"])
@@ -293,8 +291,6 @@ def test_bench(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="bench.py run_bench(..., out=sys.stdout): the default is bound when the "
-                   "module is imported, so `main(['bench', ...])` ignores a later-redirected sys.stdout")
 def test_bench_in_process_honours_redirected_stdout(capsys):
     rc, out, err = run_main(["bench", "--backbone", "random:llama", "--tokens", "4", "--repeats", "1"], capsys)
     assert rc == 0, err

@@ -223,11 +223,6 @@ def test_folder_that_does_not_exist(tiny, tmp_path):
         ExitHeads.load(tmp_path / "nothing here", tiny("mistral"))
 
 
-BUG_META = ("heads.py ExitHeads.load only catches JSONDecodeError/KeyError/TypeError around reading and "
-            "parsing heads.json and never validates field types")
-
-
-@pytest.mark.xfail(strict=True, reason=BUG_META + ": non-UTF-8 bytes raise a raw UnicodeDecodeError")
 def test_heads_json_random_bytes(saved):
     bb, folder = saved
     (folder / "heads.json").write_bytes(b"\x96\xff\x00\x81" + os.urandom(60))
@@ -235,7 +230,6 @@ def test_heads_json_random_bytes(saved):
         ExitHeads.load(folder, bb)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_META + ": a non-dict 'backbone' raises a raw AttributeError")
 def test_heads_json_backbone_not_a_dict(saved):
     bb, folder = saved
     meta = json.loads((folder / "heads.json").read_text())
@@ -244,7 +238,6 @@ def test_heads_json_backbone_not_a_dict(saved):
         ExitHeads.load(folder, bb)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_META + ": a non-integer 'mlp_hidden' raises a raw ValueError")
 def test_heads_json_mlp_hidden_not_a_number(saved):
     bb, folder = saved
     meta = json.loads((folder / "heads.json").read_text())
@@ -253,7 +246,6 @@ def test_heads_json_mlp_hidden_not_a_number(saved):
         ExitHeads.load(folder, bb)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_META + ": heads.json being a directory raises IsADirectoryError")
 def test_heads_json_is_a_directory(saved):
     bb, folder = saved
     (folder / "heads.json").unlink()
@@ -286,8 +278,6 @@ def test_exit_points_not_integers(points):
         check_exit_points(points, L)
 
 
-@pytest.mark.xfail(strict=True, reason="heads.py check_exit_points: int(1.5) silently truncates a "
-                   "fractional exit point to 1 instead of refusing it")
 def test_exit_points_fractional_refused():
     with pytest.raises(MeestralError):
         check_exit_points([1.5], L)

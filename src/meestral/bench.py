@@ -31,7 +31,8 @@ def cases(bb, exits):
             yield f"exit@{e}", ExitHeads("static", [e], bb), policy
 
 
-def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=sys.stdout):
+def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None):
+    out = out or sys.stdout  # resolved per call, so redirections made after import are honoured
     bb = load_backbone(backbone, dtype=dtype, device=device)
     L = bb.num_layers
     exits = check_exit_points(exits or [L // 3, 2 * L // 3], L)

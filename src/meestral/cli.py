@@ -219,6 +219,11 @@ def main(argv=None) -> int:
     except MeestralError as e:
         print(f"meestral: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `meestral generate --json | head`: the reader left, nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("meestral: interrupted", file=sys.stderr)
         return 130

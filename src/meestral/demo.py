@@ -38,7 +38,8 @@ def common_prefix(tokens, reference) -> int:
     return k
 
 
-def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=sys.stdout) -> int:
+def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None) -> int:
+    out = out or sys.stdout
     print(f"loading backbone {backbone!r} ...", file=sys.stderr)
     bb = load_backbone(backbone, device=device)
     L = bb.num_layers

@@ -38,10 +38,14 @@ FORMAT_VERSION = 1
 
 def check_exit_points(points, num_layers: int) -> list[int]:
     """Exit points sorted, unique, each in [0, L-2] (exiting after the last block is no exit)."""
+    import operator
+
     try:
-        pts = [int(p) for p in points]
-    except (TypeError, ValueError):
-        raise MeestralError(f"exit points must be integers, got {points!r}") from None
+        if isinstance(points, (str, bytes)):
+            raise TypeError
+        pts = [operator.index(p) for p in points]  # refuses 1.5 instead of truncating it
+    except TypeError:
+        raise MeestralError(f"exit points must be a list of integers, got {points!r}") from None
     if not pts:
         raise MeestralError("no exit points given: pass e.g. --exits 8,16,24")
     if len(set(pts)) != len(pts):
@@ -58,9 +62,14 @@ def check_exit_points(points, num_layers: int) -> list[int]:
 
 def check_thresholds(thresholds, n_points: int) -> list[float]:
     """One threshold for all exit points, or one per exit point; each in [0, 1], not NaN."""
-    if isinstance(thresholds, (int, float)):
-        thresholds = [float(thresholds)] * n_points
-    th = [float(t) for t in thresholds]
+    try:
+        if isinstance(thresholds, (str, bytes)):
+            raise TypeError
+        if not hasattr(thresholds, "__len__"):
+            thresholds = [thresholds]
+        th = [float(t) for t in thresholds]
+    except (TypeError, ValueError):
+        raise MeestralError(f"thresholds must be numbers in [0, 1], got {thresholds!r}") from None
     if len(th) == 1:
         th = th * n_points
     if len(th) != n_points:
@@ -181,7 +190,10 @@ class ExitHeads(nn.Module):
         try:
             meta = json.loads(meta_path.read_text())
             kind, points, ident = meta["kind"], meta["exit_points"], meta["backbone"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if not isinstance(ident, dict):
+                raise TypeError("backbone identity is not an object")
+            features, mlp_hidden = meta.get("features", "hidden"), int(meta.get("mlp_hidden", 0))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSON/Unicode errors are ValueErrors
             raise MeestralError(f"{meta_path} is corrupted ({type(e).__name__}): re-save or re-train the heads") from None
         mine = backbone.identity()
         for key in ("arch", "num_layers", "hidden_size", "vocab_size", "fingerprint"):
@@ -190,7 +202,7 @@ class ExitHeads(nn.Module):
                     f"heads in {folder} belong to backbone {ident.get('name')!r} ({key}={ident.get(key)}), not to "
                     f"{mine['name']!r} ({key}={mine[key]}): load the backbone they were trained on or train new heads"
                 )
-        heads = cls(kind, points, backbone, features=meta.get("features", "hidden"), mlp_hidden=meta.get("mlp_hidden", 0))
+        heads = cls(kind, points, backbone, features=features, mlp_hidden=mlp_hidden)
         if kind == "classifier":
             try:
                 state = load_file(str(weights))

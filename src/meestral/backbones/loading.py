@@ -111,7 +111,12 @@ def load_backbone(spec: str, dtype=None, device: str = "cpu"):
     spec = str(spec)
     if spec.startswith("random:"):
         parts = spec.split(":")
-        seed = int(parts[2].removeprefix("seed")) if len(parts) > 2 else 0
+        try:
+            seed = int(parts[2].removeprefix("seed")) if len(parts) > 2 else 0
+            if len(parts) > 3:
+                raise ValueError
+        except ValueError:
+            raise MeestralError(f"malformed random backbone spec {spec!r}: use random:<shape>[:seed<N>]") from None
         return random_backbone(parts[1], seed=seed, dtype=dtype, device=device)
     if spec == "smollm2":
         from meestral.assets import smollm2_dir
