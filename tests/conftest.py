@@ -30,3 +30,11 @@ def median_softmax(bb, layer, n=48, seed=0):
     hs = bb.model(ids, output_hidden_states=True).hidden_states
     h = hs[layer + 1] if bb.family == "transformer" else hs[layer]
     return float(bb.logits(h).softmax(-1).max(-1).values.median())
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real embedded backbone (SmolLM2-135M-Instruct), loaded once per session."""
+    from meestral.backbones.loading import load_backbone
+
+    return load_backbone("smollm2")

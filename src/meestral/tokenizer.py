@@ -8,6 +8,7 @@ used by tiny random test backbones are wrapped behind the same small class.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -37,11 +38,9 @@ class HFTokenizer(Tokenizer):
         super().__init__(name=name, vocab_size=len(tok), bos_id=tok.bos_token_id, eos_ids=eos, hf=tok)
 
     def encode(self, text, add_bos=True):
-        ids = self.hf.encode(text, add_special_tokens=False)
-        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            # Llama-family models expect BOS; SmolLM2's tokenizer has none and is left as is.
-            ids = [self.bos_id] + ids
-        return ids
+        # The tokenizer's own rule decides whether a BOS goes first (Llama/Mistral: yes;
+        # SmolLM2: no — its "bos" id is <|im_start|>, a chat marker, not a document start).
+        return list(self.hf.encode(text, add_special_tokens=add_bos))
 
     def decode(self, ids):
         return self.hf.decode(ids, skip_special_tokens=False)
@@ -82,6 +81,7 @@ class MistralCommonTokenizer(Tokenizer):
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         mt = MistralTokenizer.from_file(str(path))
+        self._mt = mt
         self._raw = mt.instruct_tokenizer.tokenizer
         super().__init__(
             name=f"mistral_common:{path}",
@@ -95,3 +95,22 @@ class MistralCommonTokenizer(Tokenizer):
 
     def decode(self, ids):
         return self._raw.decode(ids)
+
+    def apply_chat(self, user_text):
+        from mistral_common.protocol.instruct.messages import UserMessage
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        req = ChatCompletionRequest(messages=[UserMessage(content=user_text)])
+        return list(self._mt.encode_chat_completion(req).tokens)
+
+
+def bundled_mistral_v3_path() -> Path | None:
+    """Mistral's v3 tokenizer (32,768 tokens, as Mistral-7B-v0.3 and Codestral Mamba use) as
+    shipped inside the `mistral_common` wheel, or None when that package is absent. The wheel
+    names it e.g. `mistral_instruct_tokenizer_240323.model.v3`, hence the loose pattern."""
+    try:
+        import mistral_common
+    except ImportError:
+        return None
+    hits = sorted(Path(mistral_common.__file__).parent.rglob("*.model.v3"))
+    return hits[0] if hits else None

@@ -92,16 +92,12 @@ def random_backbone(shape: str, seed: int = 0, dtype=None, device="cpu"):
 
 
 def _mistral_v3_tokenizer():
-    """The Mistral v3 tokenizer shipped inside the `mistral_common` wheel (32,768 tokens)."""
-    from meestral.tokenizer import MistralCommonTokenizer
+    """The Mistral v3 tokenizer for 7B-shaped random backbones; bytes where mistral_common is absent
+    (the GPU box has no mistral_common: the benchmark needs no real text)."""
+    from meestral.tokenizer import MistralCommonTokenizer, bundled_mistral_v3_path
 
-    try:
-        import mistral_common
-    except ImportError:
-        return ByteTokenizer()
-    root = Path(mistral_common.__file__).parent
-    hits = sorted(root.rglob("tokenizer.model.v3*"))
-    return MistralCommonTokenizer(hits[0]) if hits else ByteTokenizer()
+    path = bundled_mistral_v3_path()
+    return MistralCommonTokenizer(path) if path else ByteTokenizer()
 
 
 def load_backbone(spec: str, dtype=None, device: str = "cpu"):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from meestral.errors import MeestralError
-from meestral.tokenizer import ByteTokenizer, MistralCommonTokenizer
+from meestral.tokenizer import ByteTokenizer, MistralCommonTokenizer, bundled_mistral_v3_path
 
 # Native transformer names -> HF MistralForCausalLM names.
 _MISTRAL_NAMES = [
@@ -152,15 +152,11 @@ def _bundled_v3_file(path: Path, vocab_size: int) -> Path:
     fix = "put the checkpoint's tokenizer.model.v3 or tekken.json in the folder"
     if vocab_size != 32768:
         raise MeestralError(f"{path} has no tokenizer file and a {vocab_size}-token vocabulary: {fix}")
-    try:
-        import mistral_common
-    except ImportError:
-        raise MeestralError(f"{path} has no tokenizer file and mistral_common is not installed: "
-                            f"pip install mistral_common, or {fix}") from None
-    hits = sorted(Path(mistral_common.__file__).parent.rglob("*.model.v3"))
-    if not hits:
-        raise MeestralError(f"{path} has no tokenizer file and mistral_common ships no v3 tokenizer: {fix}")
-    return hits[0]
+    found = bundled_mistral_v3_path()
+    if found is None:
+        raise MeestralError(f"{path} has no tokenizer file and mistral_common (which ships Mistral's v3 "
+                            f"tokenizer) is not installed: pip install mistral_common, or {fix}")
+    return found
 
 
 # ---- Mistral (transformer) -------------------------------------------------------------------

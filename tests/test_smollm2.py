@@ -1,0 +1,50 @@
+"""Integration on the real embedded backbone: exactness and the state policies, kept short."""
+
+import torch
+
+from meestral.decoding import EarlyExitDecoder, SamplingOptions
+from meestral.heads import ExitHeads
+from test_decoding import forced_exit_step, hf_greedy, layer_state
+
+
+def test_blocks_equal_hf_prefill_and_decode(smollm2):
+    bb = smollm2
+    ids = torch.tensor([bb.tokenizer.encode("The quick brown fox jumps over the lazy dog because")])
+    ref = bb.full_logits(ids)
+    T = ids.shape[1]
+    state = bb.new_state(1, T)
+    pad = torch.zeros(1, dtype=torch.long)
+    outs = []
+    for start, n in ((0, T - 3), (T - 3, 1), (T - 2, 1), (T - 1, 1)):  # prefill, then cached decode
+        h = bb.embed(ids[:, start:start + n])
+        step = bb.make_step(start, n, pad)
+        for i in range(bb.num_layers):
+            h, _ = bb.forward_layer(i, h, state, step)
+        outs.append(bb.logits(h))
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_never_exit_equals_hf_greedy(smollm2):
+    bb = smollm2
+    prompt = bb.tokenizer.apply_chat("Name three colours.")
+    heads = ExitHeads("softmax", [7, 15, 22], bb)
+    for policy in ("copy", "propagate"):
+        got = EarlyExitDecoder(bb, heads, 1.0, policy).generate([prompt], SamplingOptions(max_new_tokens=10))[0]
+        assert got.token_ids == hf_greedy(bb, prompt, 10)
+
+
+def test_policies_fill_skipped_layers(smollm2):
+    bb = smollm2
+    e = 20
+    before, after, ref, h_exit, step, _ = forced_exit_step(bb, "copy", e)
+    s = step.start
+    for i in range(e + 1, bb.num_layers):
+        torch.testing.assert_close(after.k[i][:, :, s], before.k[i][:, :, s - 1])
+    before, after, ref, h_exit, step, _ = forced_exit_step(bb, "propagate", e)
+    for i in (e + 1, bb.num_layers - 1):
+        import copy
+
+        r = copy.deepcopy(before)
+        bb.forward_layer(i, h_exit, r, step)
+        for a, b in zip(layer_state(bb, after, i), layer_state(bb, r, i)):
+            torch.testing.assert_close(a, b)
