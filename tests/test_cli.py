@@ -272,12 +272,14 @@ def test_info(tmp_path):
 
 def check_bench_lines(out):
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert len(rows) == 5, out
+    assert len(rows) == 6, out
     assert [(r["case"], r["policy"]) for r in rows] == [
-        ("full", "-"), ("exit@2", "copy"), ("exit@2", "propagate"), ("exit@4", "copy"), ("exit@4", "propagate")]
+        ("full", "-"), ("exit@2", "copy"), ("exit@2", "propagate"), ("exit@4", "copy"), ("exit@4", "propagate"),
+        ("hf_generate", "-")]
     assert rows[0]["speedup_vs_full"] == 1.0 and rows[0]["weight_bytes_ratio"] == 1.0
-    assert rows[0]["mean_layers_run"] == L
-    for r in rows[1:]:
+    assert rows[0]["mean_layers_run"] == L and rows[-1]["mean_layers_run"] == L
+    assert rows[-1]["weight_bytes_ratio"] == 1.0 and rows[-1]["ms_per_token"] > 0
+    for r in rows[1:-1]:
         assert 0 < r["weight_bytes_ratio"] < 1, r
         assert r["mean_layers_run"] == int(r["case"].removeprefix("exit@")) + 1
         assert r["decoded_tokens"] == 3
