@@ -132,8 +132,9 @@ def native_tokenizer(path: Path, vocab_size: int):
         found = _bundled_v3_file(path, vocab_size)
     try:
         tok = MistralCommonTokenizer(found)
-    except ImportError:
-        raise MeestralError(f"reading {found.name} needs mistral_common: pip install mistral_common") from None
+    except ImportError as e:  # mistral_common itself, or sentencepiece for .model files
+        missing = e.name or "mistral_common"
+        raise MeestralError(f"reading {found.name} needs {missing}: pip install {missing}") from None
     except Exception as e:
         raise MeestralError(f"cannot read tokenizer {found}: {str(e).splitlines()[0]}") from None
     if tok.vocab_size > vocab_size:
