@@ -52,3 +52,24 @@ def test_left_padding_matches_unpadded(tiny, shape):
     got, _ = run_blocks(bb, ids, pad=torch.tensor([3, 0]))
     torch.testing.assert_close(got[0, 3:9], bb.full_logits(short)[0], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got[1, :9], bb.full_logits(full)[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", ["mistral", "llama", "mamba2", "mamba"])
+def test_collect_matches_blockwise(tiny, shape):
+    """The whole-sequence feature path (HF forward + hooks) gives what forward_layer gives."""
+    bb = tiny(shape)
+    ids = torch.randint(3, bb.vocab_size, (2, 11), generator=torch.Generator().manual_seed(4))
+    layers = [0, 2, bb.num_layers - 2]
+    hid, aux, logits = bb.collect(ids, layers, aux=bb.aux_dim() > 0)
+    state = bb.new_state(2, 11)
+    step = bb.make_step(0, 11, torch.zeros(2, dtype=torch.long))
+    h = bb.embed(ids)
+    for i in range(bb.num_layers):
+        h, a = bb.forward_layer(i, h, state, step)
+        if i in layers:
+            torch.testing.assert_close(hid[i], h, atol=2e-5, rtol=1e-4)
+            if bb.aux_dim():
+                torch.testing.assert_close(aux[i], a, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, bb.logits(h), atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError):
+        bb.collect(ids, [bb.num_layers - 1])

@@ -195,11 +195,45 @@ class Backbone(ABC):
             "fingerprint": self.fingerprint(),
         }
 
-    # ---- reference path --------------------------------------------------------------------
+    # ---- reference path and whole-sequence features -----------------------------------------
     @torch.no_grad()
     def full_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The HF model's own full forward (the exactness reference)."""
         return self.model(input_ids=ids).logits
+
+    @abstractmethod
+    def _hidden_index(self, layer: int) -> int:
+        """Index of block `layer`'s raw output in HF's `output_hidden_states` tuple."""
+
+    def _aux_module(self, layer: int):
+        """Module whose forward output is block `layer`'s aux feature (None: no aux)."""
+        return None
+
+    @torch.no_grad()
+    def collect(self, ids: torch.Tensor, layers, attention_mask=None, aux: bool = False):
+        """One HF full forward over whole sequences (training, evaluation): returns
+        ({layer: hidden [B,T,d]}, {layer: aux [B,T,d]} or {}, final logits [B,T,V]).
+
+        Uses HF's own fast paths (SDPA with a causal mask, Mamba's chunked scan), so it is what
+        training and teacher-forced scoring should call; `forward_layer` is for decoding.
+        Layers must be < L-1: HF normalises the last entry of its hidden states.
+        """
+        layers = list(layers)
+        if any(not 0 <= l < self.num_layers - 1 for l in layers):
+            raise ValueError(f"collect: layers must lie in [0, {self.num_layers - 2}], got {layers}")
+        auxes, hooks = {}, []
+        if aux:
+            for l in layers:
+                def keep(_m, _inp, out, l=l):
+                    auxes[l] = out[0] if isinstance(out, tuple) else out
+                hooks.append(self._aux_module(l).register_forward_hook(keep))
+        try:
+            out = self.model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        hs = out.hidden_states
+        return {l: hs[self._hidden_index(l)] for l in layers}, auxes, out.logits
 
     def make_step(self, start: int, length: int, pad: torch.Tensor, write: torch.Tensor | None = None) -> Step:
         """Step over slots [start, start+length) for rows whose prompts were left-padded by `pad` [B]."""

@@ -53,6 +53,12 @@ class SSMBackbone(Backbone):
     def aux_dim(self):
         return self.hidden_size
 
+    def _hidden_index(self, layer):
+        return layer  # Mamba's tuple has no embeddings entry
+
+    def _aux_module(self, layer):
+        return self.blocks[layer].mixer
+
     # ---- state -----------------------------------------------------------------------------
     def new_state(self, batch_size, capacity=None):
         conv, ssm = [], []

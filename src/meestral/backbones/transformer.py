@@ -81,6 +81,9 @@ class TransformerBackbone(Backbone):
     def norm_module(self):
         return self.model.model.norm
 
+    def _hidden_index(self, layer):
+        return layer + 1  # entry 0 is the embeddings
+
     # ---- state -----------------------------------------------------------------------------
     def new_state(self, batch_size, capacity):
         return KVState(self.num_layers, batch_size, capacity, self.n_kv, self.head_dim, self.dtype, self.device)
