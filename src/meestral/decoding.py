@@ -63,22 +63,29 @@ class Generation:
         return [s.exit_layer for s in self.stats]
 
 
-def sample(logits: torch.Tensor, opts: SamplingOptions, gen: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from logits [B, V]: greedy, or temperature / top-k / top-p sampling."""
+def probabilities(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
+    """The distribution tokens are drawn from: temperature, then top-k, then top-p. Greedy
+    (temperature 0) is the one-hot of the argmax, so verification treats both alike."""
     if opts.temperature == 0:
-        return logits.argmax(-1)
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits.float() / opts.temperature
     if opts.top_k:
-        kth = logits.topk(min(opts.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(opts.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if opts.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= opts.top_p  # keep the smallest set reaching top_p
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= opts.top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return logits.softmax(-1)
+
+
+def sample(logits: torch.Tensor, opts: SamplingOptions, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from logits [B, V]."""
+    if opts.temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(probabilities(logits, opts), 1, generator=gen).squeeze(-1)
 
 
 class EarlyExitDecoder:

@@ -50,6 +50,13 @@ class Step:
         return Step(self.start, self.positions, self.write & mask[:, None])
 
 
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None) -> None:
+    if rows is None:
+        dst.copy_(src)
+    else:
+        dst[rows] = src[rows]
+
+
 @dataclass
 class LayerCost:
     """Static cost of one block for one token (context-dependent attention work excluded)."""
@@ -150,12 +157,37 @@ class Backbone(ABC):
         its state (Transformer: K/V projections; Mamba: one state step, no output)."""
 
     @abstractmethod
+    def layer_tensors(self, state, i: int) -> list[torch.Tensor]:
+        """The tensors holding layer i's state, batch first (views into `state`)."""
+
+    # Whether `truncate` can cut a layer's state back to a slot exactly (K/V slots can be
+    # dropped; a recurrent state cannot: it is restored from a snapshot and replayed instead).
+    can_truncate: bool = False
+
+    def truncate(self, state, keep: torch.Tensor, rows: torch.Tensor) -> None:
+        """Forget slots >= keep[b] in every layer, for rows b where `rows` is true."""
+        raise NotImplementedError(f"{self.arch} states cannot be truncated: restore a snapshot")
+
     def snapshot(self, state, layers=None):
         """A copy of the given layers' state (all when None) that `restore` puts back exactly."""
+        layers = range(self.num_layers) if layers is None else layers
+        return {i: [t.clone() for t in self.layer_tensors(state, i)] for i in layers}
 
-    @abstractmethod
     def restore(self, state, snap, rows: torch.Tensor | None = None) -> None:
-        """Put a snapshot back; with `rows` [B] bool, only for those rows."""
+        """Put a snapshot back into the state; with `rows` [B] bool, only for those rows."""
+        for i, saved in snap.items():
+            for live, old in zip(self.layer_tensors(state, i), saved):
+                _copy_rows(live, old, rows)
+
+    def update_snapshot(self, snap, state, rows: torch.Tensor | None = None) -> None:
+        """Overwrite a snapshot with the live state (only `rows` when given), without reallocating."""
+        for i, saved in snap.items():
+            for live, old in zip(self.layer_tensors(state, i), saved):
+                _copy_rows(old, live, rows)
+
+    @staticmethod
+    def snapshot_nbytes(snap) -> int:
+        return sum(t.numel() * t.element_size() for ts in snap.values() for t in ts)
 
     @abstractmethod
     def layer_cost(self, i: int) -> LayerCost: ...

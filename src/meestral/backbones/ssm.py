@@ -172,18 +172,8 @@ class SSMBackbone(Backbone):
         block = self.blocks[i]
         self._mixer(i, block.norm(h.to(block.norm.weight.dtype)), state, step, output=False)
 
-    def snapshot(self, state, layers=None):
-        layers = range(self.num_layers) if layers is None else layers
-        return {i: (state.conv[i].clone(), state.ssm[i].clone()) for i in layers}
-
-    def restore(self, state, snap, rows=None):
-        for i, (conv, ssm) in snap.items():
-            if rows is None:
-                state.conv[i].copy_(conv)
-                state.ssm[i].copy_(ssm)
-            else:
-                state.conv[i][rows] = conv[rows]
-                state.ssm[i][rows] = ssm[rows]
+    def layer_tensors(self, state, i):
+        return [state.conv[i], state.ssm[i]]
 
     # ---- costs -----------------------------------------------------------------------------
     def layer_cost(self, i):

@@ -147,20 +147,17 @@ class TransformerBackbone(Backbone):
         cache.step = step
         cache.update(k, v, i)
 
-    def snapshot(self, state, layers=None):
-        layers = range(self.num_layers) if layers is None else layers
-        return {i: (state.k[i].clone(), state.v[i].clone(), state.valid[i].clone()) for i in layers}
+    def layer_tensors(self, state, i):
+        return [state.k[i], state.v[i], state.valid[i]]
 
-    def restore(self, state, snap, rows=None):
-        for i, (k, v, valid) in snap.items():
-            if rows is None:
-                state.k[i].copy_(k)
-                state.v[i].copy_(v)
-                state.valid[i].copy_(valid)
-            else:
-                state.k[i][rows] = k[rows]
-                state.v[i][rows] = v[rows]
-                state.valid[i][rows] = valid[rows]
+    can_truncate = True
+
+    def truncate(self, state, keep, rows):
+        # K/V live in position-indexed slots: marking slots >= keep invalid removes them exactly;
+        # later writes overwrite them.
+        slots = torch.arange(state.capacity, device=keep.device)
+        drop = (slots[None, :] >= keep[:, None]) & rows[:, None]
+        state.valid &= ~drop[None]
 
     # ---- costs -----------------------------------------------------------------------------
     def layer_cost(self, i):
