@@ -26,6 +26,8 @@ class TokenStats:
     weight_bytes: float
     wall_ms: float
     prefill: bool = False  # the first token comes from the full-depth prompt pass
+    caught_up: int = 0  # catchup: backlog (token, layer) pairs run along with this token
+    deep: bool = True  # this step ran every block (a deep pass)
 
     def to_dict(self):
         return asdict(self)
@@ -92,13 +94,19 @@ class CostModel:
         return flops, self.embed_bytes + self.bytes_per_param * params
 
 
-def summarize(stats: list[TokenStats], cost: CostModel, num_layers: int) -> dict:
-    """Means over decoded tokens (the prefill token excluded) and ratios to full depth."""
+def summarize(stats: list[TokenStats], cost: CostModel, num_layers: int, discarded=()) -> dict:
+    """Means over decoded tokens (the prefill token excluded) and ratios to full depth.
+
+    Work spent on tokens that verification rolled back (`discarded`) is charged to the tokens
+    that were kept: FLOPs, bytes and time are totals over all steps divided by tokens emitted.
+    """
     dec = [s for s in stats if not s.prefill]
     if not dec:
         return {"tokens": 0}
     n = len(dec)
+    spent = dec + list(discarded)
     mean = lambda k: sum(getattr(s, k) for s in dec) / n  # noqa: E731
+    total = lambda k: sum(getattr(s, k) for s in spent) / n  # noqa: E731
     out = {
         "tokens": n,
         "mean_exit_layer": mean("exit_layer"),
@@ -106,10 +114,13 @@ def summarize(stats: list[TokenStats], cost: CostModel, num_layers: int) -> dict
         "layer_fraction": mean("layers_run") / num_layers,
         "exit_rate": sum(s.exit_layer < num_layers - 1 for s in dec) / n,
         "mean_probes": mean("probes"),
-        "flops_per_token": mean("flops"),
-        "weight_bytes_per_token": mean("weight_bytes"),
-        "weight_bytes_ratio": mean("weight_bytes") / cost.full_token_bytes,
-        "ms_per_token": mean("wall_ms"),
-        "tokens_per_s": 1000.0 / mean("wall_ms") if mean("wall_ms") > 0 else float("inf"),
+        "deep_passes_per_token": sum(s.deep for s in spent) / n,
+        "caught_up_per_token": total("caught_up"),
+        "rolled_back": len(discarded),
+        "flops_per_token": total("flops"),
+        "weight_bytes_per_token": total("weight_bytes"),
+        "weight_bytes_ratio": total("weight_bytes") / cost.full_token_bytes,
+        "ms_per_token": total("wall_ms"),
+        "tokens_per_s": 1000.0 / total("wall_ms") if total("wall_ms") > 0 else float("inf"),
     }
     return out

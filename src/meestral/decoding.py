@@ -26,7 +26,7 @@ from meestral.accounting import CostModel, TokenStats, summarize
 from meestral.errors import MeestralError
 from meestral.heads import ExitHeads, check_thresholds
 
-POLICIES = ("copy", "propagate")
+POLICIES = ("copy", "propagate", "catchup")
 EXIT_OUTPUTS = ("hidden", "through_last_layer")
 
 
@@ -57,6 +57,7 @@ class Generation:
     stats: list[TokenStats] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"  # "eos" | "stop" | "length"
+    discarded: list[TokenStats] = field(default_factory=list)  # work for tokens rolled back (verify)
 
     @property
     def exit_layers(self) -> list[int]:
@@ -92,11 +93,18 @@ class EarlyExitDecoder:
     """Generate with early exits. `heads=None` (or thresholds of 1) runs the full model."""
 
     def __init__(self, backbone, heads: ExitHeads | None = None, thresholds=1.0, policy: str = "copy",
-                 exit_output: str = "hidden"):
+                 exit_output: str = "hidden", verify: bool = False, max_backlog: int = 8):
         if policy not in POLICIES:
             raise MeestralError(f"unknown state policy {policy!r}: use one of {', '.join(POLICIES)}")
         if exit_output not in EXIT_OUTPUTS:
             raise MeestralError(f"unknown exit output {exit_output!r}: use one of {', '.join(EXIT_OUTPUTS)}")
+        if verify and policy != "catchup":
+            raise MeestralError("--verify needs exact deep states: use it with --policy catchup")
+        if policy == "catchup" and exit_output != "hidden":
+            raise MeestralError("catchup keeps every layer exact, so the last block cannot run on an exit state: "
+                                "use --exit-output hidden with --policy catchup")
+        if max_backlog < 1:
+            raise MeestralError(f"max_backlog {max_backlog} must be at least 1")
         if heads is not None and heads.identity["fingerprint"] != backbone.fingerprint():
             raise MeestralError("these exit heads were made for another backbone: load the matching backbone")
         self.bb = backbone
@@ -104,6 +112,8 @@ class EarlyExitDecoder:
         self.thresholds = check_thresholds(thresholds, len(heads.exit_points)) if heads is not None else []
         self.policy = policy
         self.exit_output = exit_output
+        self.verify = verify
+        self.max_backlog = int(max_backlog)
         self.cost = CostModel.for_backbone(backbone, heads)
 
     # ---- prompts ---------------------------------------------------------------------------
@@ -142,6 +152,7 @@ class EarlyExitDecoder:
             gen = torch.Generator(device=dev).manual_seed(opts.seed)
         results = [Generation(prompt_ids=r) for r in rows]
         state = bb.new_state(B, P + opts.max_new_tokens)
+        self.last_state = state  # kept for inspection (tests compare it with the full model's)
 
         # Prefill at full depth: the first new token is the full model's, at no extra cost.
         t0 = self._clock()
@@ -151,29 +162,30 @@ class EarlyExitDecoder:
             h, _ = bb.forward_layer(i, h, state, step)
         tok = sample(bb.logits(h[:, -1]), opts, gen)
         wall = (self._clock() - t0) * 1000
-        active = torch.ones(B, dtype=torch.bool, device=dev)
         L = bb.num_layers
         for b in range(B):
             n = len(rows[b])
             flops, nbytes = self.cost.token(range(L), [], 0, n, True)
             results[b].stats.append(TokenStats(L - 1, L, 0, flops * n, nbytes, wall, prefill=True))
-        active = self._emit(results, tok, active, opts)
+        active = self._emit(results, tok, torch.ones(B, dtype=torch.bool, device=dev), opts)
+        if self.policy == "catchup":
+            from meestral.catchup import generate_catchup
 
-        for t in range(1, opts.max_new_tokens):
-            if not active.any():
-                break
-            t0 = self._clock()
-            logits, info = self._step(tok, P + t - 1, pad, active, state)
-            tok = sample(logits, opts, gen)
-            wall = (self._clock() - t0) * 1000
-            self._record(results, info, active, P + t - pad, wall)
-            active = self._emit(results, tok, active, opts)
-            if progress is not None:
-                progress.update(1)
+            generate_catchup(self, results, state, ids, pad, h.dtype, tok, active, opts, gen, progress)
+        else:
+            for t in range(1, opts.max_new_tokens):
+                if not active.any():
+                    break
+                t0 = self._clock()
+                logits, info = self._step(tok, P + t - 1, pad, active, state)
+                tok = sample(logits, opts, gen)
+                wall = (self._clock() - t0) * 1000
+                self._record(results, info, active, P + t - pad, wall)
+                active = self._emit(results, tok, active, opts)
+                if progress is not None:
+                    progress.update(1)
         for r in results:
-            if r.finish_reason != "stop":
-                body = [t for t in r.token_ids if t not in bb.tokenizer.eos_ids]
-                r.text = bb.tokenizer.decode(body)
+            self._finish_text(r, opts)
         return results
 
     def _clock(self):
@@ -181,24 +193,38 @@ class EarlyExitDecoder:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def finish_reason(self, r: Generation, opts: SamplingOptions) -> str | None:
+        """Why row r must stop now ("eos", "stop", "length"), or None to go on."""
+        if r.token_ids and r.token_ids[-1] in self.bb.tokenizer.eos_ids:
+            return "eos"
+        if opts.stop:
+            text = self.bb.tokenizer.decode(r.token_ids)
+            if any(s and s in text for s in opts.stop):
+                return "stop"
+        if len(r.token_ids) >= opts.max_new_tokens:
+            return "length"
+        return None
+
+    def _finish_text(self, r: Generation, opts: SamplingOptions):
+        tok = self.bb.tokenizer
+        if r.finish_reason == "stop":
+            text = tok.decode(r.token_ids)
+            r.text = text[: min(text.find(s) for s in opts.stop if s and s in text)]
+        else:
+            r.text = tok.decode([t for t in r.token_ids if t not in tok.eos_ids])
+
     def _emit(self, results, tok, active, opts) -> torch.Tensor:
         """Append each active row's token; rows end on EOS, a stop string, or max_new_tokens."""
-        eos = self.bb.tokenizer.eos_ids
         toks = tok.tolist()
         new_active = active.clone()
         for b, r in enumerate(results):
             if not active[b]:
                 continue
             r.token_ids.append(toks[b])
-            if toks[b] in eos:
-                r.finish_reason = "eos"
+            reason = self.finish_reason(r, opts)
+            if reason is not None:
+                r.finish_reason = reason
                 new_active[b] = False
-            elif opts.stop:
-                text = self.bb.tokenizer.decode(r.token_ids)
-                cut = min((text.find(s) for s in opts.stop if s and s in text), default=-1)
-                if cut >= 0:
-                    r.text, r.finish_reason = text[:cut], "stop"
-                    new_active[b] = False
         return new_active
 
     def _step(self, tok, slot, pad, active, state):
@@ -282,14 +308,16 @@ class EarlyExitDecoder:
             layers = [i for i, x in enumerate(cols["ran"][b]) if x]
             prop = [i for i, x in enumerate(cols["propagated"][b]) if x]
             flops, nbytes = self.cost.token(layers, prop, cols["probes"][b], ctx[b], cols["head_read"][b])
-            r.stats.append(TokenStats(cols["exit_at"][b], len(layers), cols["probes"][b], flops, nbytes, wall))
+            exit_at = cols["exit_at"][b]
+            r.stats.append(TokenStats(exit_at, len(layers), cols["probes"][b], flops, nbytes, wall,
+                                      deep=exit_at == self.bb.num_layers - 1))
 
     def summary(self, result: Generation) -> dict:
-        return summarize(result.stats, self.cost, self.bb.num_layers)
+        return summarize(result.stats, self.cost, self.bb.num_layers, result.discarded)
 
 
 def generate(backbone, prompt, heads=None, thresholds=1.0, policy="copy", exit_output="hidden", chat=False,
-             **sampling) -> Generation:
+             verify=False, max_backlog=8, **sampling) -> Generation:
     """One prompt in, one Generation out: the Python API in the CLI's terms."""
-    dec = EarlyExitDecoder(backbone, heads, thresholds, policy, exit_output)
+    dec = EarlyExitDecoder(backbone, heads, thresholds, policy, exit_output, verify, max_backlog)
     return dec.generate([prompt], SamplingOptions(**sampling), chat=chat)[0]
