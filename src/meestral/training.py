@@ -1,0 +1,606 @@
+"""Exit-head training: a frozen backbone, one forward per batch for all exit points, one binary
+classifier per exit point.
+
+    from meestral.training import TrainConfig, train
+    train(TrainConfig(backbone="smollm2", exits=[7, 15, 22, 27], data="embedded", steps=300, out="runs/h"))
+
+One step
+  1. `Backbone.collect` runs the HF forward once under no_grad and returns the hidden states at
+     every exit point (+ Mamba mixer outputs) and the final logits.
+  2. Labels, one exit point at a time (a [B, T, V] logit tensor each, never all at once): 1 when the
+     final layer's argmax is within the top-k of the exit layer's distribution (final norm + LM
+     head on the exit state). k = 15 as in DYNAMAX; k = 1 is strict token identity.
+  3. Each head's BCE-with-logits (optional pos_weight balancing, per-head weights), summed; one
+     backward through the heads only; gradient clipping per head (the heads are independent
+     problems: one head's large gradient must not shrink another's step); optimiser step.
+
+Optimisers: schedule-free AdamW (`schedulefree`; switched to its averaged weights with `eval()`
+for validation, checkpoints and the final save) or AdamW with linear warm-up + cosine decay.
+
+Outputs in `out/`: `heads/` (ExitHeads.save: each head its own weights), `checkpoint.pt` (atomic;
+heads, optimiser, scheduler, RNG states, data-stream position, balancing weights), `log.jsonl`
+(one record per train window and per validation), `curves.png`, and `tb/` when TensorBoard is
+installed. `resume=True` continues from `checkpoint.pt` and gives the same final weights as an
+uninterrupted run.
+
+Several processes (`torchrun --nproc_per_node N -m meestral.cli train ...`): DDP over the heads
+only (the frozen backbone is replicated, not wrapped), gloo on CPU and nccl on GPU. Rank r owns
+rows r*B/N .. (r+1)*B/N - 1 of every global batch of B rows and reads only those rows' documents
+(see data.PackedStream), so N processes see exactly the batches one process would; losses are
+per-token means and DDP averages gradients, so the updates match too (to float tolerance).
+Rank 0 alone writes files.
+
+Backbones larger than one GPU
+  The backbone is frozen and only runs forward, so no optimiser or gradient state has to be
+  sharded; the question is only where its weights live. Two routes, neither wired into
+  `meestral train` yet:
+  - accelerate's big-model inference: load the HF model with `device_map="auto"` (layers spread
+    over the visible GPUs, one process) and wrap it with `backbones.loading.wrap`; `collect` works
+    unchanged because HF moves activations between devices; put the heads on the device of the
+    last exit layer. Simple, but the GPUs take turns (pipeline without micro-batching).
+  - FSDP2 under torchrun: `torch.distributed.fsdp.fully_shard(block)` for every decoder block and
+    then the whole model, after `load_backbone(..., device="meta")`-style sharded loading; every
+    rank still runs its own data rows (as above) and the heads stay under DDP. The forward
+    all-gathers one block's weights at a time, so each GPU holds 1/N of the backbone plus one block.
+  Neither path is tested here (the CPU test machine has no room for a second copy of the tests'
+  time budget); see the closing note of the training issue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meestral.data import tuplify
+from meestral.errors import MeestralError
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+# Fields that define the run: a resumed run must match them, or it would not be the same run.
+RUN_DEFINING = ("backbone", "exits", "features", "mlp_hidden", "data", "seq_len", "batch", "steps", "lr",
+                "optimizer", "warmup", "weight_decay", "topk", "balance", "head_weights", "clip",
+                "val_fraction", "shuffle_buffer", "seed", "dtype")
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "smollm2"
+    exits: list[int] | None = None  # None: every quarter of the depth
+    features: str = "hidden"  # or "hidden+aux" (Mamba)
+    mlp_hidden: int = 0
+    data: str = "auto"
+    seq_len: int = 256
+    batch: int = 4  # global rows per step, over all processes
+    steps: int | None = None
+    tokens: int | None = None  # alternative to steps: ceil(tokens / (batch * seq_len)) steps
+    lr: float = 3e-3
+    optimizer: str = "schedulefree"  # or "adamw" (warm-up + cosine)
+    warmup: int | None = None  # steps; None: 5% of the run
+    weight_decay: float = 0.0
+    topk: int = 15
+    balance: bool = False
+    head_weights: list[float] | None = None
+    clip: float = 1.0
+    val_every: int = 50
+    val_rows: int = 16
+    val_fraction: float = 0.05
+    ckpt_every: int = 50
+    shuffle_buffer: int = 64
+    out: str = "runs/heads"
+    resume: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str | None = None
+    progress: bool = True
+
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.tokens is not None:
+            return max(1, math.ceil(self.tokens / (self.batch * self.seq_len)))
+        raise MeestralError("give --steps or --tokens: how long to train")
+
+
+# ---- labels ------------------------------------------------------------------------------------
+@torch.no_grad()
+def consistency_labels(backbone, h: torch.Tensor, final_top1: torch.Tensor, k: int) -> torch.Tensor:
+    """1 where the final layer's argmax is among the top-k tokens of the exit distribution.
+
+    Counted as "fewer than k tokens score strictly higher than it", which needs no sort and settles
+    ties in the final token's favour (topk would break them by index, arbitrarily)."""
+    logits = backbone.logits(h)
+    ref = logits.gather(-1, final_top1.unsqueeze(-1))
+    return (logits > ref).sum(-1) < k
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN with one class."""
+    scores, labels = scores.double().flatten(), labels.bool().flatten()
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = scores.argsort()
+    sorted_scores = scores[order]
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # 1-based rank of each tie group's last member
+    avg_rank = ends - (counts.double() - 1) / 2
+    ranks = torch.empty_like(scores)
+    ranks[order] = avg_rank[inverse]
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy, precision, recall, F1 (prediction: logit > 0, i.e. confidence > 0.5), label base
+    rate, predicted-positive rate, AUROC, and the F1/accuracy of the trivial always-exit policy
+    (never-exit has F1 0 and accuracy 1 - label_rate). Undefined ratios are NaN."""
+    pred, y = logits.flatten() > 0, labels.flatten().bool()
+    n = y.numel()
+    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+    tn = n - tp - fp - fn
+    nan = float("nan")
+    precision = tp / (tp + fp) if tp + fp else nan
+    recall = tp / (tp + fn) if tp + fn else nan
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else nan
+    rate = (tp + fn) / n if n else nan
+    return {
+        "n": n, "accuracy": (tp + tn) / n if n else nan, "precision": precision, "recall": recall, "f1": f1,
+        "label_rate": rate, "pred_rate": (tp + fp) / n if n else nan, "auroc": auroc(logits, labels),
+        "f1_always_exit": 2 * rate / (1 + rate) if rate == rate and rate > 0 else nan,
+        "accuracy_always_exit": rate,
+    }
+
+
+# ---- processes ---------------------------------------------------------------------------------
+class _Dist:
+    """This process's place among torchrun's processes (one process: rank 0 of 1, no group)."""
+
+    def __init__(self, device: str):
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
+        self.on = self.world > 1
+        if self.on:
+            if device.startswith("cuda"):
+                self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.on:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        return any(self.gather(bool(flag)))
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def close(self):
+        if self.on:
+            import torch.distributed as dist
+
+            dist.barrier()  # no rank leaves while rank 0 still writes
+            dist.destroy_process_group()
+
+
+class _HeadsForward(nn.Module):
+    """ExitHeads behind a forward() so DDP can wrap them: logits of every head, in exit order."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, hs: list, auxes: list):
+        return [self.heads.classifier_logit(j, h, a) for j, (h, a) in enumerate(zip(hs, auxes))]
+
+
+# ---- optimiser ---------------------------------------------------------------------------------
+def make_optimizer(params, cfg: TrainConfig, total: int):
+    """(optimizer, scheduler or None). Schedule-free needs no schedule: it warms up itself."""
+    warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 20)
+    if cfg.optimizer == "schedulefree":
+        try:
+            import schedulefree
+        except ImportError:
+            raise MeestralError("--optimizer schedulefree needs the schedulefree package: pip install schedulefree "
+                                "(or use --optimizer adamw)") from None
+        return schedulefree.AdamWScheduleFree(params, lr=cfg.lr, warmup_steps=warmup,
+                                              weight_decay=cfg.weight_decay), None
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def factor(step):  # linear warm-up, then cosine to zero at the last step
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _averaged(opt, on: bool):
+    """Schedule-free keeps two weight sequences: eval() swaps in the averaged one (used for
+    validation and saving), train() swaps back. Plain AdamW has one: nothing to do."""
+    if hasattr(opt, "eval"):
+        opt.eval() if on else opt.train()
+
+
+# ---- files -------------------------------------------------------------------------------------
+def _atomic(path: Path, write):
+    """Write through a temporary file in the same folder, then rename: a kill leaves the old file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_writable(out: Path):
+    """The output folder (or its first existing ancestor) must be writable; nothing is created."""
+    p = out
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise MeestralError(f"output folder {out} is not writable (at {p}): choose another --out")
+
+
+class RunLog:
+    """JSONL records (+ TensorBoard when importable) and the training-curve PNG; rank 0 only."""
+
+    def __init__(self, out: Path, resume_step: int | None):
+        self.path = out / LOG
+        self.records: list[dict] = []
+        if resume_step is not None and self.path.exists():
+            # Records written after the checkpoint describe steps that will be redone.
+            self.records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
+            _atomic(self.path, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step)
+        except ImportError:  # TensorBoard is optional
+            pass
+
+    def write(self, record: dict):
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb:
+            for k in ("loss", "tok_per_s"):
+                if k in record:
+                    self.tb.add_scalar(f"{record['split']}/{k}", record[k], record["step"])
+            for layer, m in record["heads"].items():
+                for k, v in m.items():
+                    self.tb.add_scalar(f"{record['split']}/L{layer}/{k}", v, record["step"])
+
+    def plot(self, png: Path):
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on training machines
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        train = [r for r in self.records if r["split"] == "train"]
+        val = [r for r in self.records if r["split"] == "val"]
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+        axes[0].set(title="train loss (sum over heads)", xlabel="step")
+        for ax, key in ((axes[1], "f1"), (axes[2], "auroc")):
+            for layer in (val[0]["heads"] if val else {}):
+                line, = ax.plot([r["step"] for r in val], [r["heads"][layer][key] for r in val], label=f"L{layer}")
+                if key == "f1":
+                    ax.axhline(val[-1]["heads"][layer]["f1_always_exit"], ls="--", color=line.get_color(), lw=0.8)
+            ax.set(title=f"validation {key}" + (" (dashed: always exit)" if key == "f1" else ""), xlabel="step")
+            ax.legend()
+        fig.tight_layout()
+        _atomic(png, lambda t: fig.savefig(t, format="png"))
+        plt.close(fig)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+
+
+# ---- the run -----------------------------------------------------------------------------------
+def _check_config(cfg: TrainConfig, world: int):
+    if cfg.optimizer not in ("schedulefree", "adamw"):
+        raise MeestralError(f"unknown optimizer {cfg.optimizer!r}: use schedulefree or adamw")
+    for name in ("seq_len", "batch", "topk", "val_every", "ckpt_every"):
+        if getattr(cfg, name) < 1:
+            raise MeestralError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.total_steps() < 1:
+        raise MeestralError("--steps/--tokens must give at least one step")
+    if cfg.batch % world:
+        raise MeestralError(f"--batch {cfg.batch} does not split over {world} processes: use a multiple of {world}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise MeestralError(f"--val-fraction must lie in [0, 1), got {cfg.val_fraction}")
+    if cfg.lr <= 0:
+        raise MeestralError(f"--lr must be positive, got {cfg.lr}")
+
+
+def _identity(cfg: TrainConfig, backbone) -> dict:
+    d = {k: getattr(cfg, k) for k in RUN_DEFINING}
+    d["steps"] = cfg.total_steps()
+    d["backbone"] = backbone.fingerprint()
+    return d
+
+
+class _Window:
+    """Head logits and labels since the last train record (metrics need them all, for AUROC)."""
+
+    def __init__(self, n_heads):
+        self.n = n_heads
+        self.clear()
+
+    def clear(self):
+        self.logits = [[] for _ in range(self.n)]
+        self.labels = [[] for _ in range(self.n)]
+        self.loss, self.steps, self.t0 = 0.0, 0, time.perf_counter()
+
+    def add(self, logits, labels, loss):
+        for j in range(self.n):
+            self.logits[j].append(logits[j].detach().float().flatten().cpu())
+            self.labels[j].append(labels[j].flatten().cpu())
+        self.loss += loss
+        self.steps += 1
+
+
+def _metrics_over_ranks(dist, logits: list[torch.Tensor], labels: list[torch.Tensor], exits) -> dict:
+    everyone = dist.gather((logits, labels))
+    return {str(l): binary_metrics(torch.cat([e[0][j] for e in everyone]), torch.cat([e[1][j] for e in everyone]))
+            for j, l in enumerate(exits)}
+
+
+class Trainer:
+    """One training run; `run()` returns the final validation record (or the last train record)."""
+
+    def __init__(self, cfg: TrainConfig):
+        from meestral.backbones.loading import load_backbone
+        from meestral.data import PackedStream, open_source, validation_rows
+        from meestral.heads import ExitHeads
+
+        self.cfg = cfg
+        self.dist = _Dist(cfg.device)
+        _check_config(cfg, self.dist.world)
+        self.total = cfg.total_steps()
+        self.out = Path(cfg.out).expanduser()
+        check_writable(self.out)
+        ckpt = self.out / CHECKPOINT
+        if not cfg.resume and (ckpt.exists() or (self.out / "heads").exists()):
+            raise MeestralError(f"{self.out} holds a previous run: pass --resume to continue it or choose another --out")
+        state = None
+        if cfg.resume and ckpt.exists():
+            try:
+                state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise MeestralError(f"{ckpt} is corrupted ({type(e).__name__}): delete it to start over") from None
+
+        self.bb = bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device=self.dist.device)
+        L = bb.num_layers
+        exits = cfg.exits or sorted({L // 4, L // 2, 3 * L // 4} - {L - 1})
+        if cfg.topk > bb.vocab_size:
+            raise MeestralError(f"--topk {cfg.topk} exceeds the vocabulary ({bb.vocab_size} tokens)")
+        torch.manual_seed(cfg.seed)  # head initialisation (the classifiers start at zero, MLPs do not)
+        self.heads = ExitHeads("classifier", exits, bb, features=cfg.features, mlp_hidden=cfg.mlp_hidden)
+        self.exits = self.heads.exit_points
+        self.weights = cfg.head_weights or [1.0] * len(self.exits)
+        if len(self.weights) != len(self.exits):
+            raise MeestralError(f"{len(self.weights)} head weights for {len(self.exits)} exit points: give one per exit point")
+        self.identity = _identity(cfg, bb)
+
+        source = open_source(cfg.data)
+        source.check()
+        self.identity["data"] = source.name  # "auto" resolved: a resume must read the same data
+        if state is not None and state["config"] != self.identity:
+            diff = sorted(k for k in self.identity if state["config"].get(k) != self.identity[k])
+            raise MeestralError(f"{ckpt} belongs to a different run ({', '.join(diff)} differ): "
+                                "repeat the original arguments or choose another --out")
+        per_rank = cfg.batch // self.dist.world
+        lanes = range(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
+        self.stream = PackedStream(source, bb.tokenizer, cfg.seq_len, cfg.batch, lanes, cfg.val_fraction,
+                                   cfg.shuffle_buffer, cfg.seed)
+        if state is not None:
+            self.stream.load_state_dict(state["data"])
+        # The first batch is read now, so that "too little data" fails before anything is written.
+        self.first_batch = self.stream.next_batch()
+        if self.dist.any(self.first_batch is None) and state is None:
+            raise MeestralError(f"--batch {cfg.batch} x --seq-len {cfg.seq_len} is larger than the training data of "
+                                f"{source.name} (each row needs its own documents): lower them or add data")
+        val = validation_rows(source, bb.tokenizer, cfg.seq_len, cfg.val_rows, cfg.val_fraction)
+        if cfg.val_rows and cfg.val_fraction and len(val) == 0:
+            raise MeestralError(f"no validation text in {source.name} (--val-fraction {cfg.val_fraction} picked no "
+                                f"document long enough): add documents, or pass --val-rows 0 to train without validation")
+        self.has_val = len(val) > 0
+        self.val = val[self.dist.rank::self.dist.world]
+
+        self.model = _HeadsForward(self.heads)
+        if self.dist.on:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.model)
+        self.opt, self.sched = make_optimizer(self.heads.parameters(), cfg, self.total)
+        self.step, self.pos_weight = 0, None
+        if state is not None:
+            self._restore(state)
+        self.start_step = self.step
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(self.out, self.step) if self.dist.main else None
+
+    # ---- state -------------------------------------------------------------------------------
+    def _restore(self, s):
+        self.heads.load_state_dict(s["heads"])
+        self.opt.load_state_dict(s["optimizer"])
+        if self.sched is not None:
+            self.sched.load_state_dict(s["scheduler"])
+        self.step = s["step"]
+        self.pos_weight = s["pos_weight"]
+        torch.set_rng_state(s["rng"]["torch"])
+        random.setstate(tuplify(s["rng"]["python"]))
+
+    def _save_checkpoint(self):
+        data = {}
+        for part in self.dist.gather(self.stream.state_dict()):
+            data.update(part)
+        if not self.dist.main:
+            return
+        state = {
+            "config": self.identity, "step": self.step, "heads": self.heads.state_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict() if self.sched else None,
+            "pos_weight": self.pos_weight, "data": data,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        _atomic(self.out / CHECKPOINT, lambda t: torch.save(state, t))
+
+    # ---- one batch ---------------------------------------------------------------------------
+    def _features_and_labels(self, ids):
+        bb, aux = self.bb, self.cfg.features == "hidden+aux"
+        hs, auxes, logits = bb.collect(ids.to(bb.device), self.exits, aux=aux)
+        top1 = logits.argmax(-1)
+        del logits  # [B, T, V]: free it before the per-exit label logits
+        labels = [consistency_labels(bb, hs[l], top1, self.cfg.topk) for l in self.exits]
+        return [hs[l] for l in self.exits], [auxes.get(l) for l in self.exits], labels
+
+    def _balance(self, labels):
+        """pos_weight = negatives / positives per head, from the first global batch (then fixed and
+        checkpointed, so a resumed run weighs exactly as the original)."""
+        counts = torch.tensor([[float(y.sum()), float(y.numel())] for y in labels], dtype=torch.float64)
+        counts = self.dist.sum(counts.to(self.bb.device)).cpu()
+        p = (counts[:, 0] / counts[:, 1]).clamp(1e-3, 1 - 1e-3)
+        return ((1 - p) / p).float()
+
+    def _train_step(self, ids, window):
+        hs, auxes, labels = self._features_and_labels(ids)
+        if self.cfg.balance and self.pos_weight is None:
+            self.pos_weight = self._balance(labels)
+        logits = self.model(hs, auxes)
+        loss = 0.0
+        for j, (z, y) in enumerate(zip(logits, labels)):
+            pw = self.pos_weight[j].to(z.device) if self.cfg.balance else None
+            loss = loss + self.weights[j] * F.binary_cross_entropy_with_logits(z, y.float(), pos_weight=pw)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for c in self.heads.classifiers:
+            torch.nn.utils.clip_grad_norm_(c.parameters(), self.cfg.clip)
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        window.add(logits, labels, loss.item())
+
+    @torch.no_grad()
+    def _validate(self) -> dict:
+        n = len(self.exits)
+        logits, labels = [[] for _ in range(n)], [[] for _ in range(n)]
+        rows = self.cfg.batch // self.dist.world
+        for i in range(0, len(self.val), rows):
+            hs, auxes, ys = self._features_and_labels(self.val[i:i + rows])
+            for j in range(n):
+                logits[j].append(self.heads.classifier_logit(j, hs[j], auxes[j]).float().flatten().cpu())
+                labels[j].append(ys[j].flatten().cpu())
+        cat = lambda xs: torch.cat(xs) if xs else torch.empty(0)
+        return _metrics_over_ranks(self.dist, [cat(x) for x in logits], [cat(y) for y in labels], self.exits)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        _averaged(self.opt, False)
+        window = _Window(len(self.exits))
+        self.bar = tqdm(total=self.total, initial=self.step, disable=not (self.dist.main and self.cfg.progress),
+                        unit="step", dynamic_ncols=True, file=sys.stderr)
+        last, done_at = {}, self.step
+        try:
+            while self.step < self.total:
+                batch = self.first_batch if self.step == self.start_step else self.stream.next_batch()
+                if self.dist.any(batch is None):
+                    print(f"meestral: training data used up after step {self.step} of {self.total}; "
+                          "saving the heads as they are", file=sys.stderr)
+                    break
+                self._train_step(batch, window)
+                self.step += 1
+                self.bar.update(1)
+                if self.step % self.cfg.val_every == 0 or self.step == self.total:
+                    last = self._record(window)
+                if self.step % self.cfg.ckpt_every == 0 or self.step == self.total:
+                    self._checkpoint()
+                    done_at = self.step
+            if window.steps:  # stopped early on data: record and checkpoint the last steps too
+                last = self._record(window)
+            if done_at != self.step:
+                self._checkpoint()
+            _averaged(self.opt, True)
+            if self.dist.main:
+                self.heads.save(self.out / "heads")
+                self.log.plot(self.out / "curves.png")
+            return last
+        finally:
+            self.bar.close()
+            if self.log:
+                self.log.close()
+            self.dist.close()
+
+    def _checkpoint(self):
+        _averaged(self.opt, True)
+        self._save_checkpoint()
+        _averaged(self.opt, False)
+
+    def _record(self, window) -> dict:
+        """A train record for the window, then a validation record; returns the latter when there is one."""
+        tokens_per_step = self.cfg.batch * self.cfg.seq_len
+        rec = train = self._record_train(window, tokens_per_step)
+        if self.has_val:
+            _averaged(self.opt, True)
+            rec = self._record_val(tokens_per_step)
+            _averaged(self.opt, False)
+        f1 = " ".join(f"L{l}:{m['f1']:.2f}" for l, m in rec["heads"].items())
+        self.bar.set_postfix_str(f"{train['tok_per_s']:.0f} tok/s loss {train['loss']:.3f} {rec['split']} F1 {f1}")
+        window.clear()  # after validation: the next window's tokens/s counts training only
+        return rec
+
+    def _record_train(self, window, tokens_per_step) -> dict:
+        metrics = _metrics_over_ranks(self.dist, [torch.cat(x) for x in window.logits],
+                                      [torch.cat(y) for y in window.labels], self.exits)
+        elapsed = time.perf_counter() - window.t0
+        rec = {"split": "train", "step": self.step, "tokens": self.step * tokens_per_step,
+               "loss": window.loss / max(1, window.steps), "lr": self.opt.param_groups[0].get("scheduled_lr", self.opt.param_groups[0]["lr"]),
+               "tok_per_s": window.steps * tokens_per_step / elapsed, "heads": metrics}
+        if self.log:
+            self.log.write(rec)
+        return rec
+
+    def _record_val(self, tokens_per_step) -> dict:
+        rec = {"split": "val", "step": self.step, "tokens": self.step * tokens_per_step, "heads": self._validate()}
+        if self.log:
+            self.log.write(rec)
+            self.log.plot(self.out / "curves.png")
+        return rec
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train exit heads as `cfg` says; the heads land in `cfg.out/heads`. Returns the last record."""
+    return Trainer(cfg).run()

@@ -1,0 +1,92 @@
+"""`meestral train`: the command-line face of training.TrainConfig / training.train.
+
+    meestral train --backbone smollm2 --exits 7,15,22,27 --data embedded --steps 300 --out runs/h
+    torchrun --nproc_per_node 2 -m meestral.training_cli train ...   # DDP over the heads
+
+`python -m meestral.training_cli train ...` runs the same command with the same error handling as
+`meestral` (one line `meestral: error: ...`, exit status 2), for launchers such as torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from meestral.errors import MeestralError
+
+
+def add_train_parser(sub):
+    """Register `train` on the subparsers `sub` of the meestral parser."""
+    from meestral.cli import _floats, _ints, add_backbone_args
+
+    t = sub.add_parser("train", help="train exit heads on a frozen backbone")
+    add_backbone_args(t)
+    t.add_argument("--exits", type=_ints, help="exit points, e.g. 7,15,22,27 (default: every quarter)")
+    t.add_argument("--head-features", default="hidden", help="hidden | hidden+aux (Mamba mixer output joined)")
+    t.add_argument("--mlp-hidden", type=int, default=0, help="hidden width of an MLP head (0: linear head)")
+    t.add_argument("--data", default="auto",
+                   help="embedded | FILE or FOLDER (.txt/.jsonl/.parquet) | hf:<dataset>[:<config>] | auto "
+                        "(FineWeb-Edu sample-10BT when online, else embedded)")
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--batch", type=int, default=4, help="global rows per step (split over torchrun processes)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--tokens", type=int, help="train on this many tokens instead of --steps")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--optimizer", default="schedulefree", help="schedulefree | adamw (warm-up + cosine)")
+    t.add_argument("--warmup", type=int, help="warm-up steps (default: 5%% of the run)")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--topk", type=int, default=15, help="label 1 when the final token is in the exit's top-k (1: strict)")
+    t.add_argument("--balance", action="store_true", help="weigh positives by negatives/positives (per head)")
+    t.add_argument("--head-weights", type=_floats, help="loss weight per exit point (default: 1 each)")
+    t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip per head")
+    t.add_argument("--val-every", type=int, default=50)
+    t.add_argument("--val-rows", type=int, default=16, help="held-out sequences of --seq-len tokens")
+    t.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
+    t.add_argument("--ckpt-every", type=int, default=50)
+    t.add_argument("--shuffle-buffer", type=int, default=64, help="packed sequences per row in the shuffle buffer")
+    t.add_argument("--out", default="runs/heads", help="output folder (heads/, checkpoint.pt, log.jsonl, curves.png)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (fresh start if none)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+    return t
+
+
+def cmd_train(args):
+    from meestral.training import TrainConfig, train
+
+    if args.steps is None and args.tokens is None:
+        args.steps = 200
+    cfg = TrainConfig(
+        backbone=args.backbone, exits=args.exits, features=args.head_features, mlp_hidden=args.mlp_hidden,
+        data=args.data, seq_len=args.seq_len, batch=args.batch, steps=args.steps, tokens=args.tokens, lr=args.lr,
+        optimizer=args.optimizer, warmup=args.warmup, weight_decay=args.weight_decay, topk=args.topk,
+        balance=args.balance, head_weights=args.head_weights, clip=args.clip, val_every=args.val_every,
+        val_rows=args.val_rows, val_fraction=args.val_fraction, ckpt_every=args.ckpt_every,
+        shuffle_buffer=args.shuffle_buffer, out=args.out, resume=args.resume, seed=args.seed,
+        device=args.device, dtype=args.dtype, progress=not args.no_progress,
+    )
+    last = train(cfg)
+    if last:
+        print(json.dumps(last))
+    return 0
+
+
+def main(argv=None) -> int:
+    from meestral.cli import _Parser
+
+    p = _Parser(prog="meestral")
+    add_train_parser(p.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    try:
+        args = p.parse_args(argv)
+        return args.func(args)
+    except MeestralError as e:
+        print(f"meestral: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("meestral: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
