@@ -486,18 +486,25 @@ class Trainer:
         labels = [consistency_labels(bb, hs[l], top1, self.cfg.topk) for l in self.exits]
         return [hs[l] for l in self.exits], [auxes.get(l) for l in self.exits], labels
 
-    def _balance(self, labels):
-        """pos_weight = negatives / positives per head, from the first global batch (then fixed and
-        checkpointed, so a resumed run weighs exactly as the original)."""
-        counts = torch.tensor([[float(y.sum()), float(y.numel())] for y in labels], dtype=torch.float64)
-        counts = self.dist.sum(counts.to(self.bb.device)).cpu()
+    @torch.no_grad()
+    def _calibrate(self, labels):
+        """At the first step of a fresh run, from the first global batch's label rate p per head:
+        the classifier bias starts at the loss-optimal constant (logit p; 0 when balanced), so short
+        runs spend no steps walking it from heads.py's cautious -4; with `balance`, pos_weight =
+        (1 - p) / p, then fixed and checkpointed so a resumed run weighs exactly as the original."""
+        local = [[float(y.sum()), float(y.numel())] for y in labels]
+        counts = self.dist.sum(torch.tensor(local, dtype=torch.float64, device=self.bb.device)).cpu()
         p = (counts[:, 0] / counts[:, 1]).clamp(1e-3, 1 - 1e-3)
-        return ((1 - p) / p).float()
+        if self.cfg.balance:
+            self.pos_weight = ((1 - p) / p).float()
+        for c, pj in zip(self.heads.classifiers, p):
+            last = c[-1] if isinstance(c, nn.Sequential) else c
+            last.bias.fill_(0.0 if self.cfg.balance else math.log(pj / (1 - pj)))
 
     def _train_step(self, ids, window):
         hs, auxes, labels = self._features_and_labels(ids)
-        if self.cfg.balance and self.pos_weight is None:
-            self.pos_weight = self._balance(labels)
+        if self.step == 0:
+            self._calibrate(labels)
         logits = self.model(hs, auxes)
         loss = 0.0
         for j, (z, y) in enumerate(zip(logits, labels)):
@@ -586,8 +593,8 @@ class Trainer:
         metrics = _metrics_over_ranks(self.dist, [torch.cat(x) for x in window.logits],
                                       [torch.cat(y) for y in window.labels], self.exits)
         elapsed = time.perf_counter() - window.t0
-        rec = {"split": "train", "step": self.step, "tokens": self.step * tokens_per_step,
-               "loss": window.loss / max(1, window.steps), "lr": self.opt.param_groups[0].get("scheduled_lr", self.opt.param_groups[0]["lr"]),
+        loss = sum(self.dist.gather(window.loss / max(1, window.steps))) / self.dist.world
+        rec = {"split": "train", "step": self.step, "tokens": self.step * tokens_per_step, "loss": loss, "lr": self.opt.param_groups[0].get("scheduled_lr", self.opt.param_groups[0]["lr"]),
                "tok_per_s": window.steps * tokens_per_step / elapsed, "heads": metrics}
         if self.log:
             self.log.write(rec)
