@@ -1,4 +1,4 @@
-"""CPU/GPU decode benchmark: full depth vs exits forced at two layers, copy and propagate.
+"""CPU/GPU decode benchmark: full depth vs exits forced at two layers, under each state policy.
 
     python benchmarks/bench_decode.py                       # SmolLM2 on the CPU
     python benchmarks/bench_decode.py --backbone random:mistral-7b --device cuda --dtype bfloat16
@@ -19,5 +19,7 @@ if __name__ == "__main__":
     p.add_argument("--exits", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-backlog", type=int, default=4)
     a = p.parse_args()
-    run_bench(a.backbone, exits=a.exits, tokens=a.tokens, device=a.device, dtype=a.dtype, repeats=a.repeats)
+    run_bench(a.backbone, exits=a.exits, tokens=a.tokens, device=a.device, dtype=a.dtype, repeats=a.repeats,
+              max_backlog=a.max_backlog)

@@ -272,28 +272,34 @@ def test_info(tmp_path):
 
 def check_bench_lines(out):
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert len(rows) == 6, out
-    assert [(r["case"], r["policy"]) for r in rows] == [
-        ("full", "-"), ("exit@2", "copy"), ("exit@2", "propagate"), ("exit@4", "copy"), ("exit@4", "propagate"),
-        ("hf_generate", "-")]
+    assert len(rows) == 10, out
+    pols = ["copy", "propagate", "catchup", "verify"]
+    assert [(r["case"], r["policy"]) for r in rows] == [("full", "-")] + [
+        (f"exit@{e}", p) for e in (2, 4) for p in pols] + [("hf_generate", "-")]
     assert rows[0]["speedup_vs_full"] == 1.0 and rows[0]["weight_bytes_ratio"] == 1.0
     assert rows[0]["mean_layers_run"] == L and rows[-1]["mean_layers_run"] == L
     assert rows[-1]["weight_bytes_ratio"] == 1.0 and rows[-1]["ms_per_token"] > 0
     for r in rows[1:-1]:
+        if r["policy"] == "verify":  # random drafts are rejected: verification costs more than it saves
+            assert r["deep_passes_per_token"] > 0
+            continue
         assert 0 < r["weight_bytes_ratio"] < 1, r
+        if r["policy"] == "catchup":  # every max_backlog+1-th token is forced deep
+            assert 0 < r["deep_passes_per_token"] < 1
+            continue
         assert r["mean_layers_run"] == int(r["case"].removeprefix("exit@")) + 1
         assert r["decoded_tokens"] == 3
     return rows
 
 
 def test_bench(tmp_path):
-    rc, out, err = run_sub(["bench", "--backbone", "random:llama", "--tokens", "4", "--repeats", "1"], tmp_path)
+    rc, out, err = run_sub(["bench", "--backbone", "random:llama", "--tokens", "4", "--repeats", "1", "--max-backlog", "1"], tmp_path)
     assert rc == 0, err
     check_bench_lines(out)
     assert os.listdir(tmp_path) == []
 
 
 def test_bench_in_process_honours_redirected_stdout(capsys):
-    rc, out, err = run_main(["bench", "--backbone", "random:llama", "--tokens", "4", "--repeats", "1"], capsys)
+    rc, out, err = run_main(["bench", "--backbone", "random:llama", "--tokens", "4", "--repeats", "1", "--max-backlog", "1"], capsys)
     assert rc == 0, err
     check_bench_lines(out)

@@ -24,45 +24,60 @@ from meestral.heads import ExitHeads, check_exit_points
 PROMPT = "The history of the printing press begins"
 
 
-def cases(bb, exits):
-    yield "full", None, "copy"
+POLICIES = ("copy", "propagate", "catchup", "verify")
+
+
+def cases(bb, exits, max_backlog):
+    """(name, heads, policy, verify) per case. Under catchup a forced exit still goes deep every
+    `max_backlog + 1` tokens (the backlog bound); under verify the random drafts are mostly
+    rejected, so that row shows the cost of verification, not a quality-preserving speed-up."""
+    yield "full", None, "copy", False
     for e in exits:
-        for policy in ("copy", "propagate"):
-            yield f"exit@{e}", ExitHeads("static", [e], bb), policy
+        heads = ExitHeads("static", [e], bb)
+        for policy in POLICIES:
+            yield f"exit@{e}", heads, "catchup" if policy == "verify" else policy, policy == "verify"
 
 
 def _hf_generate_ms(bb, tokens, repeats):
     """Decode ms/token of HF's own `generate` (greedy, its default cache) on the same prompt: the
-    reference our block-by-block full-depth path is held to. Prefill is removed by timing a
-    1-token call and taking the difference."""
+    reference our block-by-block full-depth path is held to. A logits processor stamps the time
+    at every step, so the prefill is left out and each decode step is timed on its own."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            if scores.is_cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return scores
+
     ids = torch.tensor([bb.tokenizer.encode(PROMPT)], device=bb.device)
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-
-    def timed(n):
-        if bb.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        bb.model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-        if bb.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
+    steps = []
     try:
-        timed(2)
-        diffs = [(timed(tokens) - timed(1)) * 1000 / (tokens - 1) for _ in range(repeats)]
+        for _ in range(repeats + 1):  # the first run warms up
+            stamp = Stamp()
+            bb.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
+                              eos_token_id=None, logits_processor=LogitsProcessorList([stamp]))
+            steps.append([(b - a) * 1000 for a, b in zip(stamp.times, stamp.times[1:])])
     except Exception as e:  # a backbone HF cannot `generate` with is still benchmarked
         print(f"hf_generate skipped: {type(e).__name__}: {e}", file=sys.stderr)
         return None
-    return statistics.median(diffs)
+    return statistics.median(statistics.mean(s) for s in steps[1:])
 
 
-def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None):
+def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None,
+              max_backlog=4):
     out = out or sys.stdout  # resolved per call, so redirections made after import are honoured
     bb = load_backbone(backbone, dtype=dtype, device=device)
     L = bb.num_layers
     exits = check_exit_points(exits or [L // 3, 2 * L // 3], L)
     opts = SamplingOptions(max_new_tokens=tokens)
-    decs = [(name, policy, EarlyExitDecoder(bb, heads, 0.0, policy)) for name, heads, policy in cases(bb, exits)]
+    decs = [(name, "verify" if verify else policy,
+             EarlyExitDecoder(bb, heads, 0.0, policy, verify=verify, max_backlog=max_backlog))
+            for name, heads, policy, verify in cases(bb, exits, max_backlog)]
     decs[0][2].generate([PROMPT], SamplingOptions(max_new_tokens=4))  # warm-up: allocator, kernels
     runs = {i: [] for i in range(len(decs))}
     for _ in range(repeats):
@@ -77,6 +92,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             "case": name, "policy": policy if name != "full" else "-", "backbone": bb.name, "device": str(bb.device),
             "dtype": str(bb.dtype).removeprefix("torch."), "layers": L,
             "decoded_tokens": s[0]["tokens"], "mean_layers_run": s[0]["mean_layers_run"],
+            "deep_passes_per_token": s[0]["deep_passes_per_token"], "rolled_back": s[0]["rolled_back"],
+            "max_backlog": max_backlog if policy in ("catchup", "verify") else None,
             "weight_bytes_per_token": s[0]["weight_bytes_per_token"],
             "flops_per_token": s[0]["flops_per_token"], "ms_per_token": ms, "tokens_per_s": 1000.0 / ms,
         })
@@ -90,10 +107,10 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         r["torch"] = torch.__version__
         r["date"] = time.strftime("%Y-%m-%d")
         print(json.dumps(r), file=out)
-    print(f"\n{'case':<10} {'policy':<10} {'layers':>7} {'tok/s':>8} {'speed-up':>9} {'MB/token':>9} {'bytes':>6}",
-          file=sys.stderr)
+    print(f"\n{'case':<11} {'policy':<10} {'layers':>7} {'deep':>5} {'tok/s':>8} {'speed-up':>9} {'MB/token':>9} "
+          f"{'bytes':>6}", file=sys.stderr)
     for r in rows:
-        print(f"{r['case']:<10} {r['policy']:<10} {r['mean_layers_run']:>7.1f} {r['tokens_per_s']:>8.1f} "
-              f"{r['speedup_vs_full']:>8.2f}x {r['weight_bytes_per_token'] / 1e6:>9.1f} {r['weight_bytes_ratio']:>5.2f}x",
-              file=sys.stderr)
+        print(f"{r['case']:<11} {r['policy']:<10} {r['mean_layers_run']:>7.1f} {r['deep_passes_per_token']:>5.2f} "
+              f"{r['tokens_per_s']:>8.1f} {r['speedup_vs_full']:>8.2f}x {r['weight_bytes_per_token'] / 1e6:>9.1f} "
+              f"{r['weight_bytes_ratio']:>5.2f}x", file=sys.stderr)
     return rows

@@ -51,7 +51,11 @@ def add_exit_args(p):
     p.add_argument("--exits", type=_ints, help="exit points, e.g. 8,16,24 (default: every quarter)")
     p.add_argument("--threshold", type=_floats, default=[0.9],
                    help="exit when confidence > threshold; one value or one per exit point")
-    p.add_argument("--policy", default="copy", help="state of skipped layers: copy | propagate")
+    p.add_argument("--policy", default="copy", help="state of skipped layers: copy | propagate | catchup")
+    p.add_argument("--verify", action="store_true",
+                   help="lossless: check early tokens against the full model (needs --policy catchup)")
+    p.add_argument("--max-backlog", type=int, default=8,
+                   help="catchup: exited tokens that may wait before a deep pass is forced")
     p.add_argument("--exit-output", default="hidden", help="hidden | through_last_layer")
 
 
@@ -109,7 +113,7 @@ def cmd_generate(args):
         raise MeestralError("empty prompt: give some text to continue")
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     heads = build_heads(args, bb)
-    dec = EarlyExitDecoder(bb, heads, args.threshold, args.policy, args.exit_output)
+    dec = EarlyExitDecoder(bb, heads, args.threshold, args.policy, args.exit_output, args.verify, args.max_backlog)
     opts = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                            tuple(args.stop or ()))
     gen = dec.generate([prompt], opts, chat=args.chat)[0]
@@ -117,7 +121,8 @@ def cmd_generate(args):
     if args.json:
         print(json.dumps({
             "backbone": bb.identity(), "heads": heads.meta(), "thresholds": dec.thresholds,
-            "policy": args.policy, "exit_output": args.exit_output, "prompt": prompt,
+            "policy": args.policy, "verify": args.verify, "max_backlog": args.max_backlog,
+            "exit_output": args.exit_output, "prompt": prompt,
             "text": gen.text, "token_ids": gen.token_ids, "finish_reason": gen.finish_reason,
             "tokens": [s.to_dict() for s in gen.stats], "summary": summary,
         }))
@@ -138,7 +143,8 @@ def format_summary(s: dict, L: int) -> str:
         return "-- no decoded tokens after the first (it comes from the full-depth prompt pass)"
     return (f"-- {s['tokens']} decoded tokens: exit rate {s['exit_rate']:.0%}, mean exit layer "
             f"{s['mean_exit_layer']:.1f}/{L - 1}, layers run {s['mean_layers_run']:.1f}/{L} "
-            f"({s['layer_fraction']:.0%}), weight bytes {s['weight_bytes_ratio']:.2f}x full, "
+            f"({s['layer_fraction']:.0%}), deep passes {s['deep_passes_per_token']:.2f}/token, "
+            f"rolled back {s['rolled_back']}, weight bytes {s['weight_bytes_ratio']:.2f}x full, "
             f"{s['ms_per_token']:.1f} ms/token")
 
 
@@ -152,7 +158,7 @@ def cmd_bench(args):
     from meestral.bench import run_bench
 
     run_bench(args.backbone, exits=args.exits, tokens=args.tokens, device=args.device, dtype=args.dtype,
-              repeats=args.repeats)
+              repeats=args.repeats, max_backlog=args.max_backlog)
     return 0
 
 
@@ -204,6 +210,7 @@ def make_parser():
     b.add_argument("--exits", type=_ints, help="two layers to force exits at (default: L/3, 2L/3)")
     b.add_argument("--tokens", type=int, default=32)
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--max-backlog", type=int, default=4)
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="backbone identity and costs")

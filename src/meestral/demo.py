@@ -45,16 +45,16 @@ def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None) -> i
     L = bb.num_layers
     exits = sorted({L // 4, L // 2, 3 * L // 4, L - 3} - {L - 1})
     configs = [("full depth", None, 1.0, "copy")]
-    for kind, thresholds in (("softmax", (0.9, 0.6)), ("saturation", (0.95,))):
-        for th in thresholds:
-            for policy in ("copy", "propagate"):
-                configs.append((f"{kind} > {th}", ExitHeads(kind, exits, bb), th, policy))
+    for kind, th in (("softmax", 0.9), ("saturation", 0.95)):
+        heads = ExitHeads(kind, exits, bb)
+        for policy in ("copy", "propagate", "catchup", "verify"):
+            configs.append((f"{kind} > {th}", heads, th, policy))
     opts = SamplingOptions(max_new_tokens=max_new_tokens)
     results = []
     bar = tqdm(total=len(configs) * len(PROMPTS), desc="demo", unit="run", file=sys.stderr)
     reference = None
     for name, heads, th, policy in configs:
-        dec = EarlyExitDecoder(bb, heads, th, policy)
+        dec = EarlyExitDecoder(bb, heads, th, "catchup" if policy == "verify" else policy, verify=policy == "verify")
         gens = []
         for p in PROMPTS:
             gens.append(dec.generate([p], opts, chat=True)[0])
@@ -62,7 +62,7 @@ def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None) -> i
         if reference is None:
             reference = gens
         stats = [s for g in gens for s in g.stats]
-        s = summarize(stats, dec.cost, L)
+        s = summarize(stats, dec.cost, L, [d for g in gens for d in g.discarded])
         agree = sum(agreement(g.token_ids, r.token_ids) for g, r in zip(gens, reference)) / len(gens)
         prefix = sum(common_prefix(g.token_ids, r.token_ids) for g, r in zip(gens, reference)) / len(gens)
         results.append((name, policy if heads else "-", s, agree, prefix, gens[0].text))
@@ -70,16 +70,21 @@ def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None) -> i
 
     print(f"\nMEEstral demo: {bb.name} ({L} layers, exit points {exits}), greedy, {max_new_tokens} new tokens, "
           f"{len(PROMPTS)} chat prompts", file=out)
-    print("layers run = blocks executed per decoded token; weight bytes include probe reads (softmax probes read "
-          "the whole LM head at each exit point).", file=out)
-    hdr = f"{'confidence':<18} {'policy':<10} {'exit%':>6} {'layers':>7} {'wbytes':>7} {'ms/tok':>7} {'agree':>6} {'prefix':>7}"
+    print("layers run = blocks the token itself went through; deep = deep passes per token; weight bytes include "
+          "probe reads (a softmax probe reads the whole LM head) and, under verify, work on rolled-back tokens.",
+          file=out)
+    hdr = (f"{'confidence':<18} {'policy':<10} {'exit%':>6} {'layers':>7} {'deep':>5} {'wbytes':>7} {'ms/tok':>7} "
+           f"{'agree':>6} {'prefix':>7}")
     print(hdr, file=out)
     print("-" * len(hdr), file=out)
     for name, policy, s, agree, prefix, _ in results:
         print(f"{name:<18} {policy:<10} {s['exit_rate']:>6.0%} {s['mean_layers_run']:>7.1f} "
-              f"{s['weight_bytes_ratio']:>6.2f}x {s['ms_per_token']:>7.1f} {agree:>6.0%} {prefix:>7.1f}", file=out)
+              f"{s['deep_passes_per_token']:>5.2f} {s['weight_bytes_ratio']:>6.2f}x {s['ms_per_token']:>7.1f} "
+              f"{agree:>6.0%} {prefix:>7.1f}", file=out)
     print("\nagree = tokens equal to the full model's at the same position; prefix = mean tokens before the "
-          "first difference.\nFirst prompt's answer per configuration:", file=out)
+          "first difference.\ncopy/propagate approximate the skipped layers' state; catchup keeps it exact; verify "
+          "also checks every early token, so its output is the full model's.\nFirst prompt's answer per "
+          "configuration:", file=out)
     for name, policy, _, _, _, text in results:
         print(f"  [{name}, {policy}] {text.strip()[:110]!r}", file=out)
     return 0
