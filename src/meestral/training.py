@@ -11,8 +11,7 @@ One step
      final layer's argmax is within the top-k of the exit layer's distribution (final norm + LM
      head on the exit state). k = 15 as in DYNAMAX; k = 1 is strict token identity.
   3. Each head's BCE-with-logits (optional pos_weight balancing, per-head weights), summed; one
-     backward through the heads only; gradient clipping per head (the heads are independent
-     problems: one head's large gradient must not shrink another's step); optimiser step.
+     backward through the heads only; gradient clipping per head; optimiser step.
 
 Optimisers: schedule-free AdamW (`schedulefree`; switched to its averaged weights with `eval()`
 for validation, checkpoints and the final save) or AdamW with linear warm-up + cosine decay.
@@ -121,6 +120,33 @@ def consistency_labels(backbone, h: torch.Tensor, final_top1: torch.Tensor, k: i
     logits = backbone.logits(h)
     ref = logits.gather(-1, final_top1.unsqueeze(-1))
     return (logits > ref).sum(-1) < k
+
+
+@torch.no_grad()
+def features_and_labels(backbone, ids: torch.Tensor, exits, topk: int, aux: bool = False):
+    """One frozen forward for all exit points: (hidden states, aux features or Nones, labels), each
+    a list in exit order. The final logits [B, T, V] are dropped as soon as their argmax is known."""
+    hs, auxes, logits = backbone.collect(ids.to(backbone.device), exits, aux=aux)
+    top1 = logits.argmax(-1)
+    del logits
+    labels = [consistency_labels(backbone, hs[l], top1, topk) for l in exits]
+    return [hs[l] for l in exits], [auxes.get(l) for l in exits], labels
+
+
+def heads_loss(logits, labels, weights, pos_weight=None) -> torch.Tensor:
+    """Sum over heads of weight_j * mean BCE-with-logits_j (pos_weight_j scales positives when given)."""
+    loss = 0.0
+    for j, (z, y) in enumerate(zip(logits, labels)):
+        pw = pos_weight[j].to(z.device) if pos_weight is not None else None
+        loss = loss + weights[j] * F.binary_cross_entropy_with_logits(z, y.float(), pos_weight=pw)
+    return loss
+
+
+def clip_per_head(heads, max_norm: float):
+    """Clip each head's gradient norm on its own: the heads are independent problems, and one
+    head's large gradient must not shrink another's step (as a global clip would)."""
+    for c in heads.classifiers:
+        torch.nn.utils.clip_grad_norm_(c.parameters(), max_norm)
 
 
 # ---- metrics -----------------------------------------------------------------------------------
@@ -316,7 +342,8 @@ class RunLog:
                 if key == "f1":
                     ax.axhline(val[-1]["heads"][layer]["f1_always_exit"], ls="--", color=line.get_color(), lw=0.8)
             ax.set(title=f"validation {key}" + (" (dashed: always exit)" if key == "f1" else ""), xlabel="step")
-            ax.legend()
+            if val:
+                ax.legend()
         fig.tight_layout()
         _atomic(png, lambda t: fig.savefig(t, format="png"))
         plt.close(fig)
@@ -479,12 +506,7 @@ class Trainer:
 
     # ---- one batch ---------------------------------------------------------------------------
     def _features_and_labels(self, ids):
-        bb, aux = self.bb, self.cfg.features == "hidden+aux"
-        hs, auxes, logits = bb.collect(ids.to(bb.device), self.exits, aux=aux)
-        top1 = logits.argmax(-1)
-        del logits  # [B, T, V]: free it before the per-exit label logits
-        labels = [consistency_labels(bb, hs[l], top1, self.cfg.topk) for l in self.exits]
-        return [hs[l] for l in self.exits], [auxes.get(l) for l in self.exits], labels
+        return features_and_labels(self.bb, ids, self.exits, self.cfg.topk, aux=self.cfg.features == "hidden+aux")
 
     @torch.no_grad()
     def _calibrate(self, labels):
@@ -506,14 +528,10 @@ class Trainer:
         if self.step == 0:
             self._calibrate(labels)
         logits = self.model(hs, auxes)
-        loss = 0.0
-        for j, (z, y) in enumerate(zip(logits, labels)):
-            pw = self.pos_weight[j].to(z.device) if self.cfg.balance else None
-            loss = loss + self.weights[j] * F.binary_cross_entropy_with_logits(z, y.float(), pos_weight=pw)
+        loss = heads_loss(logits, labels, self.weights, self.pos_weight if self.cfg.balance else None)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        for c in self.heads.classifiers:
-            torch.nn.utils.clip_grad_norm_(c.parameters(), self.cfg.clip)
+        clip_per_head(self.heads, self.cfg.clip)
         self.opt.step()
         if self.sched is not None:
             self.sched.step()
