@@ -18,15 +18,21 @@ def exit_threshold(bb, shape):
     return median_softmax(bb, 1)
 
 
-def reference_layer_state(bb, tokens, layer, upto):
-    """Layer `layer`'s state after the full model has run tokens[:upto] (batch 1, no padding)."""
-    state = bb.new_state(1, max(upto, 1))
+def reference_states(bb, tokens, lengths):
+    """{n: layer tensors after the full model has run tokens[:n]} for each n in `lengths`
+    (batch 1, no padding), from one pass split at those lengths (continuation is exact)."""
+    state = bb.new_state(1, max(len(tokens), 1))
     pad = torch.zeros(1, dtype=torch.long)
-    h = bb.embed(torch.tensor([tokens[:upto]]))
-    step = bb.make_step(0, upto, pad)
-    for i in range(layer + 1):
-        h, _ = bb.forward_layer(i, h, state, step)
-    return state
+    out, start = {}, 0
+    for n in sorted(set(lengths)):
+        if n > start:
+            h = bb.embed(torch.tensor([tokens[start:n]]))
+            step = bb.make_step(start, n - start, pad)
+            for i in range(bb.num_layers):
+                h, _ = bb.forward_layer(i, h, state, step)
+            start = n
+        out[n] = [[t.clone() for t in bb.layer_tensors(state, i)] for i in range(bb.num_layers)]
+    return out
 
 
 def check_states_exact(bb, dec, prompts):
@@ -42,22 +48,28 @@ def check_states_exact(bb, dec, prompts):
         # pass feeds it.
         toks = bl.tokens[b, pad:c + 1].tolist()
         fed = c + 1 if int(bl.depth[b, c]) >= 0 else c
+        held = {}
         for layer in range(L):
-            held = [s for s in range(pad, c + 1) if int(bl.depth[b, s]) >= layer]
-            assert held == list(range(pad, pad + len(held))), "a layer must hold a prefix of slots"
-            lacking_somewhere += (fed - pad) - len(held)
-            n = len(held)
+            slots = [s for s in range(pad, c + 1) if int(bl.depth[b, s]) >= layer]
+            assert slots == list(range(pad, pad + len(slots))), "a layer must hold a prefix of slots"
+            lacking_somewhere += (fed - pad) - len(slots)
+            held[layer] = len(slots)
+        # Transformers: one full pass gives every layer's K/V at every position.
+        lengths = [fed - pad] if bb.family == "transformer" else [n for n in held.values() if n]
+        refs = reference_states(bb, toks, lengths)
+        for layer, n in held.items():
             if n == 0:
                 continue
-            ref = reference_layer_state(bb, toks, layer, n)
             if bb.family == "transformer":
+                k, v, _ = refs[fed - pad][layer]
                 assert state.valid[layer, b, pad:pad + n].all()
                 assert not state.valid[layer, b, pad + n:].any()
-                torch.testing.assert_close(state.k[layer][b, :, pad:pad + n], ref.k[layer][0, :, :n], atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(state.v[layer][b, :, pad:pad + n], ref.v[layer][0, :, :n], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(state.k[layer][b, :, pad:pad + n], k[0, :, :n], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(state.v[layer][b, :, pad:pad + n], v[0, :, :n], atol=1e-5, rtol=1e-4)
             else:
-                torch.testing.assert_close(state.conv[layer][b], ref.conv[layer][0], atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(state.ssm[layer][b], ref.ssm[layer][0], atol=1e-5, rtol=1e-4)
+                conv, ssm = refs[n][layer]
+                torch.testing.assert_close(state.conv[layer][b], conv[0], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(state.ssm[layer][b], ssm[0], atol=1e-5, rtol=1e-4)
     return lacking_somewhere
 
 

@@ -48,3 +48,22 @@ def test_policies_fill_skipped_layers(smollm2):
         bb.forward_layer(i, h_exit, r, step)
         for a, b in zip(layer_state(bb, after, i), layer_state(bb, r, i)):
             torch.testing.assert_close(a, b)
+
+
+def test_catchup_exact_and_verify_lossless(smollm2):
+    """SmolLM2, batch 3: catchup leaves every layer exact; verify reproduces full greedy output."""
+    from test_catchup import check_states_exact
+
+    bb = smollm2
+    prompts = [bb.tokenizer.apply_chat(p) for p in ("Name three colours.", "What is 2+2?", "Say hi.")]
+    P = max(len(p) for p in prompts)
+    heads = ExitHeads("softmax", [15, 22], bb)
+    full = EarlyExitDecoder(bb).generate(prompts, SamplingOptions(max_new_tokens=8))
+    for verify in (False, True):
+        dec = EarlyExitDecoder(bb, heads, 0.3, policy="catchup", verify=verify, max_backlog=3)
+        gens = dec.generate(prompts, SamplingOptions(max_new_tokens=8))
+        assert any(e < bb.num_layers - 1 for g in gens for e in g.exit_layers[1:])
+        check_states_exact(bb, dec, [p for p in prompts])
+        if verify:
+            assert [g.token_ids for g in gens] == [f.token_ids for f in full]
+    assert P > 0
