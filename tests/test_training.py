@@ -143,18 +143,28 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(corpus, tmp_path):
 
 
 # ---- torchrun ----------------------------------------------------------------------------------
-def test_two_processes_give_the_one_process_heads(corpus, tmp_path):
-    common = ["--steps", 8, "--val-every", 4, "--ckpt-every", 4, "--optimizer", "adamw"]
-    assert run_cli(args(corpus, tmp_path / "one", *common)).returncode == 0
+TORCHRUN_COMMON = ["--steps", 8, "--val-every", 4, "--ckpt-every", 4, "--optimizer", "adamw"]
+
+
+@pytest.fixture(scope="module")
+def one_process(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    assert run_cli(args(corpus, out, *TORCHRUN_COMMON)).returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])  # fsdp: the frozen backbone sharded over the two ranks
+def test_two_processes_give_the_one_process_heads(corpus, tmp_path, one_process, mode):
+    extra = ["--fsdp"] if mode == "fsdp" else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "meestral.training_cli", *args(corpus, tmp_path / "two", *common)],
+                          "-m", "meestral.training_cli", *args(corpus, tmp_path / "two", *TORCHRUN_COMMON, *extra)],
                          env=env, capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stderr[-2000:]
-    one, both = heads_tensors(tmp_path / "one"), heads_tensors(tmp_path / "two")
+    one, both = heads_tensors(one_process), heads_tensors(tmp_path / "two")
     assert all(torch.allclose(one[k], both[k], atol=1e-6, rtol=1e-5) for k in one)
     assert not torch.equal(one["classifiers.0.weight"], torch.zeros_like(one["classifiers.0.weight"]))
-    last = [json.loads((p / "log.jsonl").read_text().splitlines()[-1]) for p in (tmp_path / "one", tmp_path / "two")]
+    last = [json.loads((p / "log.jsonl").read_text().splitlines()[-1]) for p in (one_process, tmp_path / "two")]
     for layer in ("1", "3"):  # validation covers both ranks' rows
         assert last[0]["heads"][layer]["n"] == last[1]["heads"][layer]["n"]
         assert last[0]["heads"][layer]["auroc"] == pytest.approx(last[1]["heads"][layer]["auroc"], abs=1e-6)

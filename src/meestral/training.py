@@ -30,19 +30,18 @@ per-token means and DDP averages gradients, so the updates match too (to float t
 Rank 0 alone writes files.
 
 Backbones larger than one GPU
-  The backbone is frozen and only runs forward, so no optimiser or gradient state has to be
-  sharded; the question is only where its weights live. Two routes, neither wired into
-  `meestral train` yet:
-  - accelerate's big-model inference: load the HF model with `device_map="auto"` (layers spread
-    over the visible GPUs, one process) and wrap it with `backbones.loading.wrap`; `collect` works
-    unchanged because HF moves activations between devices; put the heads on the device of the
-    last exit layer. Simple, but the GPUs take turns (pipeline without micro-batching).
-  - FSDP2 under torchrun: `torch.distributed.fsdp.fully_shard(block)` for every decoder block and
-    then the whole model, after `load_backbone(..., device="meta")`-style sharded loading; every
-    rank still runs its own data rows (as above) and the heads stay under DDP. The forward
-    all-gathers one block's weights at a time, so each GPU holds 1/N of the backbone plus one block.
-  Neither path is tested here (the CPU test machine has no room for a second copy of the tests'
-  time budget); see the closing note of the training issue.
+  The backbone is frozen and only runs forward, so there is no optimiser or gradient state to
+  shard, only its weights. Two routes:
+  - FSDP2 (`fsdp=True`, `meestral train --fsdp` under torchrun; tested on CPU with gloo): each
+    rank loads the backbone into host memory, then `fully_shard` splits every decoder block and the
+    rest of the model over the ranks and moves each rank's shard to its GPU. A block's weights are
+    all-gathered just for its forward and freed after it, so each GPU holds 1/N of the blocks plus
+    one whole block (and the embedding/LM head, which stay gathered after the first forward). Data
+    rows, heads (DDP), labels and results are as without it.
+  - accelerate's big-model inference (not wired in): load the HF model with `device_map="auto"`
+    (layers spread over the visible GPUs, one process) and wrap it with `backbones.loading.wrap`;
+    `collect` works unchanged because HF moves activations between devices; put the heads on the
+    device of the LM head. Simpler, but the GPUs take turns (a pipeline without micro-batches).
 """
 
 from __future__ import annotations
@@ -90,6 +89,7 @@ class TrainConfig:
     balance: bool = False
     head_weights: list[float] | None = None
     clip: float = 1.0
+    log_every: int = 10  # train records (metrics over the steps since the last one)
     val_every: int = 50
     val_rows: int = 16
     val_fraction: float = 0.05
@@ -100,6 +100,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str | None = None
+    fsdp: bool = False  # shard the frozen backbone over the torchrun processes (FSDP2)
     progress: bool = True
 
     def total_steps(self) -> int:
@@ -236,6 +237,18 @@ class _Dist:
             dist.destroy_process_group()
 
 
+def shard_backbone(backbone, device: str):
+    """FSDP2 over the frozen backbone: every block its own shard group, then the rest of the model.
+    Parameters move to `device` (fully_shard puts each rank's shard on its mesh's device)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(torch.device(device).type, (int(os.environ["WORLD_SIZE"]),))
+    for block in backbone.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(backbone.model, mesh=mesh)
+
+
 class _HeadsForward(nn.Module):
     """ExitHeads behind a forward() so DDP can wrap them: logits of every head, in exit order."""
 
@@ -357,7 +370,7 @@ class RunLog:
 def _check_config(cfg: TrainConfig, world: int):
     if cfg.optimizer not in ("schedulefree", "adamw"):
         raise MeestralError(f"unknown optimizer {cfg.optimizer!r}: use schedulefree or adamw")
-    for name in ("seq_len", "batch", "topk", "val_every", "ckpt_every"):
+    for name in ("seq_len", "batch", "topk", "log_every", "val_every", "ckpt_every"):
         if getattr(cfg, name) < 1:
             raise MeestralError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.total_steps() < 1:
@@ -427,7 +440,11 @@ class Trainer:
             except Exception as e:
                 raise MeestralError(f"{ckpt} is corrupted ({type(e).__name__}): delete it to start over") from None
 
-        self.bb = bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device=self.dist.device)
+        shard = cfg.fsdp and self.dist.on
+        self.bb = bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device="cpu" if shard else self.dist.device)
+        bb.fingerprint()  # the heads' identity comes from the whole weights: take it before any sharding
+        if shard:
+            shard_backbone(bb, self.dist.device)
         L = bb.num_layers
         exits = cfg.exits or sorted({L // 4, L // 2, 3 * L // 4} - {L - 1})
         if cfg.topk > bb.vocab_size:
@@ -569,13 +586,14 @@ class Trainer:
                 self._train_step(batch, window)
                 self.step += 1
                 self.bar.update(1)
-                if self.step % self.cfg.val_every == 0 or self.step == self.total:
-                    last = self._record(window)
+                end = self.step == self.total
+                if self.step % self.cfg.log_every == 0 or self.step % self.cfg.val_every == 0 or end:
+                    last = self._record(window, validate=self.step % self.cfg.val_every == 0 or end)
                 if self.step % self.cfg.ckpt_every == 0 or self.step == self.total:
                     self._checkpoint()
                     done_at = self.step
             if window.steps:  # stopped early on data: record and checkpoint the last steps too
-                last = self._record(window)
+                last = self._record(window, validate=True)
             if done_at != self.step:
                 self._checkpoint()
             _averaged(self.opt, True)
@@ -594,11 +612,12 @@ class Trainer:
         self._save_checkpoint()
         _averaged(self.opt, False)
 
-    def _record(self, window) -> dict:
-        """A train record for the window, then a validation record; returns the latter when there is one."""
+    def _record(self, window, validate: bool) -> dict:
+        """A train record for the window, then (when asked and possible) a validation record;
+        returns the last one written."""
         tokens_per_step = self.cfg.batch * self.cfg.seq_len
         rec = train = self._record_train(window, tokens_per_step)
-        if self.has_val:
+        if validate and self.has_val:
             _averaged(self.opt, True)
             rec = self._record_val(tokens_per_step)
             _averaged(self.opt, False)

@@ -39,6 +39,7 @@ def add_train_parser(sub):
     t.add_argument("--balance", action="store_true", help="weigh positives by negatives/positives (per head)")
     t.add_argument("--head-weights", type=_floats, help="loss weight per exit point (default: 1 each)")
     t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip per head")
+    t.add_argument("--log-every", type=int, default=10, help="steps per train record (JSONL, TensorBoard)")
     t.add_argument("--val-every", type=int, default=50)
     t.add_argument("--val-rows", type=int, default=16, help="held-out sequences of --seq-len tokens")
     t.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
@@ -47,6 +48,8 @@ def add_train_parser(sub):
     t.add_argument("--out", default="runs/heads", help="output folder (heads/, checkpoint.pt, log.jsonl, curves.png)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (fresh start if none)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen backbone over the "
+                   "processes (FSDP2), for backbones larger than one GPU")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
     return t
@@ -61,10 +64,10 @@ def cmd_train(args):
         backbone=args.backbone, exits=args.exits, features=args.head_features, mlp_hidden=args.mlp_hidden,
         data=args.data, seq_len=args.seq_len, batch=args.batch, steps=args.steps, tokens=args.tokens, lr=args.lr,
         optimizer=args.optimizer, warmup=args.warmup, weight_decay=args.weight_decay, topk=args.topk,
-        balance=args.balance, head_weights=args.head_weights, clip=args.clip, val_every=args.val_every,
-        val_rows=args.val_rows, val_fraction=args.val_fraction, ckpt_every=args.ckpt_every,
+        balance=args.balance, head_weights=args.head_weights, clip=args.clip, log_every=args.log_every,
+        val_every=args.val_every, val_rows=args.val_rows, val_fraction=args.val_fraction, ckpt_every=args.ckpt_every,
         shuffle_buffer=args.shuffle_buffer, out=args.out, resume=args.resume, seed=args.seed,
-        device=args.device, dtype=args.dtype, progress=not args.no_progress,
+        device=args.device, dtype=args.dtype, fsdp=args.fsdp, progress=not args.no_progress,
     )
     last = train(cfg)
     if last:
