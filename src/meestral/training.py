@@ -52,7 +52,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -229,11 +229,15 @@ class _Dist:
             dist.all_reduce(t)
         return t
 
-    def close(self):
+    def close(self, wait: bool):
+        """Leave the group; with `wait`, not before every rank is done (rank 0 may still be writing).
+        After a failure there is no waiting: the other ranks may be stuck in a collective, and
+        torchrun stops them once this process exits."""
         if self.on:
             import torch.distributed as dist
 
-            dist.barrier()  # no rank leaves while rank 0 still writes
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -420,26 +424,52 @@ class Trainer:
     """One training run; `run()` returns the final validation record (or the last train record)."""
 
     def __init__(self, cfg: TrainConfig):
-        from meestral.backbones.loading import load_backbone
-        from meestral.data import PackedStream, open_source, validation_rows
-        from meestral.heads import ExitHeads
-
+        """Every check that can fail runs here, before anything is written to `cfg.out`."""
         self.cfg = cfg
         self.dist = _Dist(cfg.device)
         _check_config(cfg, self.dist.world)
         self.total = cfg.total_steps()
         self.out = Path(cfg.out).expanduser()
         check_writable(self.out)
-        ckpt = self.out / CHECKPOINT
-        if not cfg.resume and (ckpt.exists() or (self.out / "heads").exists()):
-            raise MeestralError(f"{self.out} holds a previous run: pass --resume to continue it or choose another --out")
-        state = None
-        if cfg.resume and ckpt.exists():
-            try:
-                state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise MeestralError(f"{ckpt} is corrupted ({type(e).__name__}): delete it to start over") from None
+        state = self._previous_state()
+        self._build_heads()
+        self._build_data(state)
 
+        self.model = _HeadsForward(self.heads)
+        if self.dist.on:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.model)
+        self.opt, self.sched = make_optimizer(self.heads.parameters(), cfg, self.total)
+        self.step, self.pos_weight = 0, None
+        if state is not None:
+            self._restore(state)
+        self.start_step = self.step
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(self.out, self.step) if self.dist.main else None
+
+    def _previous_state(self) -> dict | None:
+        """The checkpoint to resume from, or None; an earlier run is never overwritten unasked."""
+        ckpt, cfg = self.out / CHECKPOINT, self.cfg
+        if not cfg.resume:
+            if ckpt.exists() or (self.out / "heads").exists():
+                raise MeestralError(f"{self.out} holds a previous run: pass --resume to continue it or choose another --out")
+            return None
+        if not ckpt.exists():
+            if self.dist.main:
+                print(f"meestral: no checkpoint in {self.out}: starting from the beginning", file=sys.stderr)
+            return None
+        try:
+            return torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise MeestralError(f"{ckpt} is corrupted ({type(e).__name__}): delete it to start over") from None
+
+    def _build_heads(self):
+        from meestral.backbones.loading import load_backbone
+        from meestral.heads import ExitHeads
+
+        cfg = self.cfg
         shard = cfg.fsdp and self.dist.on
         self.bb = bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device="cpu" if shard else self.dist.device)
         bb.fingerprint()  # the heads' identity comes from the whole weights: take it before any sharding
@@ -455,14 +485,18 @@ class Trainer:
         self.weights = cfg.head_weights or [1.0] * len(self.exits)
         if len(self.weights) != len(self.exits):
             raise MeestralError(f"{len(self.weights)} head weights for {len(self.exits)} exit points: give one per exit point")
-        self.identity = _identity(cfg, bb)
 
+    def _build_data(self, state):
+        from meestral.data import PackedStream, open_source, validation_rows
+
+        cfg, bb = self.cfg, self.bb
         source = open_source(cfg.data)
         source.check()
+        self.identity = _identity(cfg, bb)
         self.identity["data"] = source.name  # "auto" resolved: a resume must read the same data
         if state is not None and state["config"] != self.identity:
             diff = sorted(k for k in self.identity if state["config"].get(k) != self.identity[k])
-            raise MeestralError(f"{ckpt} belongs to a different run ({', '.join(diff)} differ): "
+            raise MeestralError(f"{self.out / CHECKPOINT} belongs to a different run ({', '.join(diff)} differ): "
                                 "repeat the original arguments or choose another --out")
         per_rank = cfg.batch // self.dist.world
         lanes = range(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
@@ -481,20 +515,6 @@ class Trainer:
                                 f"document long enough): add documents, or pass --val-rows 0 to train without validation")
         self.has_val = len(val) > 0
         self.val = val[self.dist.rank::self.dist.world]
-
-        self.model = _HeadsForward(self.heads)
-        if self.dist.on:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.model = DistributedDataParallel(self.model)
-        self.opt, self.sched = make_optimizer(self.heads.parameters(), cfg, self.total)
-        self.step, self.pos_weight = 0, None
-        if state is not None:
-            self._restore(state)
-        self.start_step = self.step
-        if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self.log = RunLog(self.out, self.step) if self.dist.main else None
 
     # ---- state -------------------------------------------------------------------------------
     def _restore(self, s):
@@ -575,7 +595,7 @@ class Trainer:
         window = _Window(len(self.exits))
         self.bar = tqdm(total=self.total, initial=self.step, disable=not (self.dist.main and self.cfg.progress),
                         unit="step", dynamic_ncols=True, file=sys.stderr)
-        last, done_at = {}, self.step
+        last, done_at, ok = {}, self.step, False
         try:
             while self.step < self.total:
                 batch = self.first_batch if self.step == self.start_step else self.stream.next_batch()
@@ -600,12 +620,13 @@ class Trainer:
             if self.dist.main:
                 self.heads.save(self.out / "heads")
                 self.log.plot(self.out / "curves.png")
+            ok = True
             return last
         finally:
             self.bar.close()
             if self.log:
                 self.log.close()
-            self.dist.close()
+            self.dist.close(wait=ok)
 
     def _checkpoint(self):
         _averaged(self.opt, True)
