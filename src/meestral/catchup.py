@@ -76,6 +76,7 @@ def catchup_step(dec, bl: Backlog, state, cur, pad, active, force_deep):
     emb = bb.embed(bl.tokens[:, win]).to(bl.hidden.dtype)
     bl.hidden[:, win] = torch.where(fresh[..., None], emb, bl.hidden[:, win])
     positions = (slots[None, :] - pad[:, None]).clamp(min=0)
+    memo = {}  # shared by the step's layers (rotary tables)
     running = active.clone()
     rows = torch.arange(B, device=dev)
     exit_at = torch.full((B,), L - 1, device=dev)
@@ -91,7 +92,7 @@ def catchup_step(dec, bl: Backlog, state, cur, pad, active, force_deep):
         if not need.any():
             break  # every row's current token has left: the backlog waits for a deeper token
         x = bl.hidden[:, win]
-        out, aux = bb.forward_layer(i, x, state, Step(lo, positions, need))
+        out, aux = bb.forward_layer(i, x, state, Step(lo, positions, need, memo))
         bl.hidden[:, win] = torch.where(need[..., None], out.to(x.dtype), x)
         bl.depth[:, win] = torch.where(need, i, bl.depth[:, win])
         ran[:, i] = running

@@ -29,7 +29,7 @@ def add_train_parser(sub):
                         "(FineWeb-Edu sample-10BT when online, else embedded)")
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--batch", type=int, default=4, help="global rows per step (split over torchrun processes)")
-    t.add_argument("--steps", type=int)
+    t.add_argument("--steps", type=int, help="optimiser steps (default: 200 unless --tokens is given)")
     t.add_argument("--tokens", type=int, help="train on this many tokens instead of --steps")
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--optimizer", default="schedulefree", help="schedulefree | adamw (warm-up + cosine)")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,10 @@ class Step:
     start: int  # first slot
     positions: torch.Tensor  # [B, T] rotary position of each (row, slot)
     write: torch.Tensor  # [B, T] bool: this (row, slot) is part of the call
+    # Values every layer of one step shares (rotary cos/sin), computed once by the adapter and
+    # shared with the `rows()` variants of the same step: recomputing them per layer was a
+    # visible share of GPU decode time.
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def length(self) -> int:
@@ -47,7 +51,7 @@ class Step:
 
     def rows(self, mask: torch.Tensor) -> "Step":
         """The same slots, written only for rows where `mask` [B] is true."""
-        return Step(self.start, self.positions, self.write & mask[:, None])
+        return Step(self.start, self.positions, self.write & mask[:, None], self.memo)
 
 
 def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None) -> None:

@@ -108,6 +108,12 @@ class TransformerBackbone(Backbone):
             )
         return allowed
 
+    def _rope(self, h, step):
+        key = ("rope", h.dtype)
+        if key not in step.memo:
+            step.memo[key] = self.model.model.rotary_emb(h, step.positions)
+        return step.memo[key]
+
     def forward_layer(self, i, h, state, step):
         cache = _SlotCache(state)
         cache.step = step
@@ -115,7 +121,7 @@ class TransformerBackbone(Backbone):
             h,
             attention_mask=self._mask(i, state, step),
             position_ids=step.positions,
-            position_embeddings=self.model.model.rotary_emb(h, step.positions),
+            position_embeddings=self._rope(h, step),
             use_cache=True,
             **{self._cache_kw: cache},
         )
@@ -129,7 +135,7 @@ class TransformerBackbone(Backbone):
             buf[:, :, s] = torch.where(w[:, None, None], buf[:, :, s - 1], buf[:, :, s])
         state.valid[i, :, s] |= w & state.valid[i, :, s - 1]
 
-    def _kv(self, i, h, positions):
+    def _kv(self, i, h, step):
         """K (rotated) and V of block i for hidden states h, exactly as its attention makes them."""
         block = self.blocks[i]
         attn = block.self_attn
@@ -137,12 +143,12 @@ class TransformerBackbone(Backbone):
         shape = (*x.shape[:-1], -1, self.head_dim)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = self.model.model.rotary_emb(h, positions)
+        cos, sin = self._rope(h, step)
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         return k, v
 
     def fill_propagate(self, i, h, state, step):
-        k, v = self._kv(i, h, step.positions)
+        k, v = self._kv(i, h, step)
         cache = _SlotCache(state)
         cache.step = step
         cache.update(k, v, i)
