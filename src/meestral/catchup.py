@@ -227,6 +227,7 @@ def generate_catchup(dec, results, state, ids, pad, hidden_dtype, tok, active, o
                     rollback(dec, bl, state, b, t, token, L)
                     cur[b] = t
                     flush[b] = False
+                    r.finish_reason = "length"  # provisional: the ending the drafts reached is gone
                     _maybe_finish(dec, r, b, bl, cur, active, flush, opts)
                     continue
                 if bl.snapshot is not None:  # every token so far is verified: move the snapshot up
