@@ -117,12 +117,13 @@ def test_each_saved_head_round_trips_its_own_weights(corpus, tmp_path, shape, fe
 
 
 # ---- resume after SIGKILL ----------------------------------------------------------------------
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(corpus, tmp_path):
-    argv = args(corpus, tmp_path / "ref", "--steps", 60, "--ckpt-every", 5, "--val-every", 20)
-    assert run_cli(argv).returncode == 0
+@pytest.mark.parametrize("optimizer", ["schedulefree", "adamw"])  # adamw: the scheduler's state too
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(corpus, tmp_path, optimizer):
+    common = ["--steps", 60, "--ckpt-every", 5, "--val-every", 20, "--optimizer", optimizer]
+    assert run_cli(args(corpus, tmp_path / "ref", *common)).returncode == 0
 
     out = tmp_path / "killed"
-    argv = args(corpus, out, "--steps", 60, "--ckpt-every", 5, "--val-every", 20)
+    argv = args(corpus, out, *common)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "meestral.training_cli", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
