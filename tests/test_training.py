@@ -119,7 +119,7 @@ def test_each_saved_head_round_trips_its_own_weights(corpus, tmp_path, shape, fe
 # ---- resume after SIGKILL ----------------------------------------------------------------------
 @pytest.mark.parametrize("optimizer", ["schedulefree", "adamw"])  # adamw: the scheduler's state too
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(corpus, tmp_path, optimizer):
-    common = ["--steps", 60, "--ckpt-every", 5, "--val-every", 20, "--optimizer", optimizer]
+    common = ["--steps", 30, "--ckpt-every", 5, "--val-every", 10, "--optimizer", optimizer]
     assert run_cli(args(corpus, tmp_path / "ref", *common)).returncode == 0
 
     out = tmp_path / "killed"
@@ -134,13 +134,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(corpus, tmp_path, o
     assert proc.wait() == -signal.SIGKILL  # it was still running: the kill really interrupted it
     assert not (out / "heads").exists()
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
-    assert 5 <= step < 60
+    assert 5 <= step < 30
 
     assert run_cli(argv + ["--resume"]).returncode == 0
     ref, got = heads_tensors(tmp_path / "ref"), heads_tensors(out)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     steps = [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and steps[-1] == 60  # redone steps are logged once
+    assert steps == sorted(steps) and steps[-1] == 30  # redone steps are logged once
 
 
 # ---- torchrun ----------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_an_earlier_run_is_neither_overwritten_nor_mixed(corpus, tmp_path, capsy
 
 def test_used_up_data_stops_early_and_still_saves(tmp_path, capsys):
     small = tmp_path / "small.jsonl"
-    small.write_text("".join(json.dumps({"text": " ".join(WORDS[i:] + WORDS[:i])}) + "\n" for i in range(12)))
+    small.write_text("".join(json.dumps({"text": " ".join(WORDS[i:] + WORDS[:i])}) + "\n" for i in range(8)))
     out = tmp_path / "run"
     assert main(args(small, out, "--steps", 10_000, "--val-rows", 0, "--ckpt-every", 10_000)) == 0
     assert "used up" in capsys.readouterr().err
