@@ -87,10 +87,13 @@ def catchup_step(dec, bl: Backlog, state, cur, pad, active, force_deep):
     points = {l: j for j, l in enumerate(heads.exit_points)} if heads is not None else {}
     at = (cur - lo).clamp(0, hi - lo)  # each row's current slot inside the window (finished rows: any)
     prev = bl.hidden[rows, cur].clone()
+    # A running row always needs the layer for its current slot, so "some slot needs layer i" is
+    # "some row still runs": a host flag refreshed at exit decisions, not a GPU sync per layer.
+    any_running = True
     for i in range(L):
-        need = in_row[:, win] & (bl.depth[:, win] == i - 1) & running[:, None]
-        if not need.any():
+        if not any_running:
             break  # every row's current token has left: the backlog waits for a deeper token
+        need = in_row[:, win] & (bl.depth[:, win] == i - 1) & running[:, None]
         x = bl.hidden[:, win]
         out, aux = bb.forward_layer(i, x, state, Step(lo, positions, need, memo))
         bl.hidden[:, win] = torch.where(need[..., None], out.to(x.dtype), x)
@@ -109,6 +112,7 @@ def catchup_step(dec, bl: Backlog, state, cur, pad, active, force_deep):
             if newly.any():
                 exit_at = torch.where(newly, torch.full_like(exit_at, i), exit_at)
                 running = running & ~newly
+                any_running = bool(running.any())
                 if lg is not None:
                     probe_logits = lg if probe_logits is None else torch.where(newly[:, None], lg, probe_logits)
         prev = out[rows, at]

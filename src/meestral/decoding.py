@@ -243,12 +243,14 @@ class EarlyExitDecoder:
         probe_logits = None
         points = {l: j for j, l in enumerate(heads.exit_points)} if heads is not None else {}
         through = self.exit_output == "through_last_layer"
-        skipped = active & exited  # active rows that have exited (none yet)
+        # Host-side flags, refreshed only where rows can change (after an exit decision): asking
+        # the device `running.any()` in every layer would stall the GPU once per layer.
+        any_running, any_skipped = bool(active.any()), False
         for i in range(L):
             running = active & ~exited
             skipped = active & exited
             last_through = through and i == L - 1
-            if not running.any() and not last_through:
+            if not any_running and not last_through:
                 # Every row has left: only the skipped layer's state is owed.
                 if self.policy == "propagate":
                     bb.fill_propagate(i, exit_h, state, step.rows(active))
@@ -264,7 +266,7 @@ class EarlyExitDecoder:
                 out, aux = bb.forward_layer(i, x, state, step.rows(active))
             else:
                 out, aux = bb.forward_layer(i, h, state, step.rows(running))
-                if skipped.any():
+                if any_skipped:
                     bb.fill_copy(i, state, step.rows(skipped))
             if last_through:
                 h = out
@@ -273,7 +275,7 @@ class EarlyExitDecoder:
                 h = torch.where(running[:, None, None], out, h.to(out.dtype))
                 ran[:, i] = running
                 propagated[:, i] = skipped if self.policy == "propagate" else False
-            if i in points and running.any():
+            if i in points and any_running:
                 j = points[i]
                 lg = bb.logits(h[:, -1]) if heads.needs_logits else None
                 conf = heads.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1], lg)
@@ -285,6 +287,8 @@ class EarlyExitDecoder:
                     exited = exited | newly
                     if lg is not None:
                         probe_logits = lg if probe_logits is None else torch.where(newly[:, None], lg, probe_logits)
+                    any_running = bool((active & ~exited).any())
+                    any_skipped = True
             prev = h
         left = active & (exit_at < L - 1)
         if through:
