@@ -4,6 +4,7 @@
   meestral demo                            the embedded backbone at several thresholds and policies
   meestral bench                           CPU/GPU decode benchmark (forced exits), JSON lines
   meestral info      [--backbone B]        backbone shapes, identity and per-layer costs
+  meestral train     --exits ... --out DIR  train exit heads on a frozen backbone (training_cli.py)
 
 Every user error ends with one line `meestral: error: ...` on stderr and exit status 2.
 """
@@ -216,6 +217,10 @@ def make_parser():
     i = sub.add_parser("info", help="backbone identity and costs")
     add_backbone_args(i)
     i.set_defaults(func=cmd_info)
+
+    from meestral.training_cli import add_train_parser
+
+    add_train_parser(sub)
     return p
 
 
