@@ -38,15 +38,32 @@ def common_prefix(tokens, reference) -> int:
     return k
 
 
+def demo_heads(spec, bb, exits, steps=40):
+    """Classifier heads trained briefly (strict top-1 labels, balanced) on the embedded corpus,
+    cached per backbone fingerprint so a second `make demo` reuses them."""
+    from meestral.assets import cache_dir
+    from meestral.heads import ExitHeads
+    from meestral.training import TrainConfig, train
+
+    out = cache_dir() / f"demo-heads-{bb.fingerprint()}-{'-'.join(map(str, exits))}-{steps}"
+    if not (out / "heads" / "heads.json").exists():
+        print(f"training demo exit heads ({steps} steps of 4 x 128 tokens, cached in {out}) ...", file=sys.stderr)
+        train(TrainConfig(backbone=spec, exits=list(exits), data="embedded", seq_len=128, batch=4, steps=steps,
+                          topk=1, balance=True, val_every=steps, val_rows=8, ckpt_every=10 * steps,
+                          out=str(out), seed=0, device=str(bb.device)))
+    return ExitHeads.load(out / "heads", bb)
+
+
 def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None) -> int:
     out = out or sys.stdout
     print(f"loading backbone {backbone!r} ...", file=sys.stderr)
     bb = load_backbone(backbone, device=device)
     L = bb.num_layers
     exits = sorted({L // 4, L // 2, 3 * L // 4, L - 3} - {L - 1})
+    trained = demo_heads(backbone, bb, exits)
     configs = [("full depth", None, 1.0, "copy")]
-    for kind, th in (("softmax", 0.9), ("saturation", 0.95)):
-        heads = ExitHeads(kind, exits, bb)
+    for kind, th in (("classifier", 0.7), ("softmax", 0.9), ("saturation", 0.95)):
+        heads = trained if kind == "classifier" else ExitHeads(kind, exits, bb)
         for policy in ("copy", "propagate", "catchup", "verify"):
             configs.append((f"{kind} > {th}", heads, th, policy))
     opts = SamplingOptions(max_new_tokens=max_new_tokens)
