@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from meestral.errors import MeestralError
 from meestral.heads import ExitHeads
 from meestral.training import TrainConfig, Trainer, auroc, binary_metrics, consistency_labels
-from meestral.training_cli import main
+from meestral.cli import main
 
 WORDS = "the of and to in is was that for on with as by at from his her they which be this".split()
 

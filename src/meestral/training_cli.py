@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import sys
 
-from meestral.errors import MeestralError
 
 
 def add_train_parser(sub):
@@ -75,21 +74,9 @@ def cmd_train(args):
     return 0
 
 
-def main(argv=None) -> int:
-    from meestral.cli import _Parser
-
-    p = _Parser(prog="meestral")
-    add_train_parser(p.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    try:
-        args = p.parse_args(argv)
-        return args.func(args)
-    except MeestralError as e:
-        print(f"meestral: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("meestral: interrupted", file=sys.stderr)
-        return 130
-
-
 if __name__ == "__main__":
+    # `torchrun -m meestral.training_cli train ...` (torchrun needs a module to run): the same
+    # entry point, parser and error handling as `meestral train`.
+    from meestral.cli import main
+
     sys.exit(main())

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from meestral.backbones.base import Backbone, LayerCost, Step
+from meestral.backbones.base import Backbone, LayerCost
 
 
 class SSMState:
