@@ -251,3 +251,15 @@ def test_bad_combinations(tiny):
         EarlyExitDecoder(bb, None, 1.0, policy="catchup", exit_output="through_last_layer")
     with pytest.raises(MeestralError, match="max_backlog"):
         EarlyExitDecoder(bb, None, 1.0, policy="catchup", max_backlog=0)
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba"])
+def test_states_exact_after_many_rollbacks(tiny, shape):
+    """Sampled drafts are often rejected: after rollbacks (K/V truncation; Mamba snapshot restore
+    and replay) every layer still holds exactly the full model's states for the kept tokens."""
+    bb = tiny(shape)
+    heads = ExitHeads("static", [1], bb)
+    dec = EarlyExitDecoder(bb, heads, 0.0, policy="catchup", verify=True, max_backlog=3)
+    gens = dec.generate(PROMPTS, SamplingOptions(max_new_tokens=16, temperature=1.0, top_k=20, seed=3))
+    assert sum(len(g.discarded) for g in gens) >= 6  # rollbacks happened mid-stream, not only at the end
+    check_states_exact(bb, dec, PROMPTS)
