@@ -81,14 +81,17 @@ class CostModel:
     def full_token_bytes(self) -> float:
         return self.embed_bytes + self.bytes_per_param * (sum(self.layer_params) + self.head_params)
 
-    def token(self, layers_run, propagated, probes, context, head_read: bool) -> tuple[float, float]:
+    def token(self, layers_run, propagated, probes, context, head_read: bool, slots=None) -> tuple[float, float]:
         """(FLOPs, weight bytes) of one token that ran `layers_run` (list of layer indices) in full,
         `propagated` (layer indices) state-only, evaluated `probes` exit heads and saw `context`
-        positions; `head_read` False when the emitted logits came from an exit probe."""
+        positions; `head_read` False when the emitted logits came from an exit probe. `slots[i]`
+        (catch-up) is how many positions layer i ran in the same call: its weights are read once,
+        its FLOPs are paid per position."""
         params = sum(self.layer_params[i] for i in layers_run)
         params += sum(self.propagate_params[i] for i in propagated)
         params += probes * self.probe_params + (self.head_params if head_read else 0)
-        flops = sum(self.layer_flops[i] + self.attention_flops(i, context) for i in layers_run)
+        n = slots if slots is not None else [1] * len(self.layer_flops)
+        flops = sum(n[i] * (self.layer_flops[i] + self.attention_flops(i, context)) for i in layers_run)
         flops += sum(self.propagate_flops[i] for i in propagated)
         flops += probes * self.probe_flops + (2.0 * self.head_params if head_read else 0.0)
         return flops, self.embed_bytes + self.bytes_per_param * params

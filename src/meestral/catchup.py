@@ -176,16 +176,11 @@ def rollback(dec, bl: Backlog, state, b: int, t: int, token: int, L: int):
 def step_stats(dec, info, b, context, wall) -> TokenStats:
     """Accounting of one catch-up step for row b: weights of each layer it ran are read once;
     FLOPs count every slot written (catch-up moves FLOPs, it does not remove them)."""
-    cost = dec.cost
     ran = [i for i, x in enumerate(info["ran"][b].tolist()) if x]
     counts = info["written"][b].tolist()
-    flops = sum(counts[i] * (cost.layer_flops[i] + cost.attention_flops(i, context)) for i in ran)
-    head = bool(info["head_read"][b])
     probes = int(info["probes"][b])
-    flops += probes * cost.probe_flops + (2.0 * cost.head_params if head else 0.0)
-    params = sum(cost.layer_params[i] for i in ran) + probes * cost.probe_params + (cost.head_params if head else 0)
-    return TokenStats(int(info["exit_at"][b]), len(ran), probes, flops,
-                      cost.embed_bytes + cost.bytes_per_param * params, wall,
+    flops, nbytes = dec.cost.token(ran, [], probes, context, bool(info["head_read"][b]), slots=counts)
+    return TokenStats(int(info["exit_at"][b]), len(ran), probes, flops, nbytes, wall,
                       caught_up=sum(counts) - len(ran), deep=bool(info["deep"][b]))
 
 
