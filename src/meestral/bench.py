@@ -16,7 +16,6 @@ import time
 
 import torch
 
-from meestral.accounting import summarize
 from meestral.backbones.loading import load_backbone
 from meestral.decoding import EarlyExitDecoder, SamplingOptions
 from meestral.heads import ExitHeads, check_exit_points
@@ -82,7 +81,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     runs = {i: [] for i in range(len(decs))}
     for _ in range(repeats):
         for i, (_, _, dec) in enumerate(decs):
-            runs[i].append(summarize(dec.generate([PROMPT], opts)[0].stats, dec.cost, L))
+            # dec.summary charges the work on rolled-back (verify) tokens to the kept ones.
+            runs[i].append(dec.summary(dec.generate([PROMPT], opts)[0]))
     hf_ms = _hf_generate_ms(bb, tokens, repeats)
     rows = []
     for i, (name, policy, dec) in enumerate(decs):
