@@ -93,7 +93,7 @@ class EarlyExitDecoder:
     """Generate with early exits. `heads=None` (or thresholds of 1) runs the full model."""
 
     def __init__(self, backbone, heads: ExitHeads | None = None, thresholds=1.0, policy: str = "copy",
-                 exit_output: str = "hidden", verify: bool = False, max_backlog: int = 8):
+                 exit_output: str = "hidden", verify: bool = False, max_backlog: int = 8, skip_layers=()):
         if policy not in POLICIES:
             raise MeestralError(f"unknown state policy {policy!r}: use one of {', '.join(POLICIES)}")
         if exit_output not in EXIT_OUTPUTS:
@@ -107,8 +107,16 @@ class EarlyExitDecoder:
             raise MeestralError(f"max_backlog {max_backlog} must be at least 1")
         if heads is not None and heads.identity["fingerprint"] != backbone.fingerprint():
             raise MeestralError("these exit heads were made for another backbone: load the matching backbone")
+        skip = sorted({int(i) for i in skip_layers})
+        if skip and (heads is not None or policy == "catchup"):
+            raise MeestralError("skip_layers makes a pruned baseline model: use it without exit heads and catchup")
+        if any(not 0 <= i < backbone.num_layers - 1 for i in skip):
+            raise MeestralError(f"layers to skip {skip} must lie in [0, {backbone.num_layers - 2}] (the last block stays)")
         self.bb = backbone
         self.heads = heads
+        # A pruned model (the layer-drop baseline): these blocks never run, prompt included, so
+        # their states are never read and need no filling.
+        self.skip = frozenset(skip)
         self.thresholds = check_thresholds(thresholds, len(heads.exit_points)) if heads is not None else []
         self.policy = policy
         self.exit_output = exit_output
@@ -159,14 +167,16 @@ class EarlyExitDecoder:
         step = bb.make_step(0, P, pad)
         h = bb.embed(ids)
         for i in range(bb.num_layers):
-            h, _ = bb.forward_layer(i, h, state, step)
+            if i not in self.skip:
+                h, _ = bb.forward_layer(i, h, state, step)
         tok = sample(bb.logits(h[:, -1]), opts, gen)
         wall = (self._clock() - t0) * 1000
         L = bb.num_layers
         for b in range(B):
             n = len(rows[b])
-            flops, nbytes = self.cost.token(range(L), [], 0, n, True)
-            results[b].stats.append(TokenStats(L - 1, L, 0, flops * n, nbytes, wall, prefill=True))
+            kept = [i for i in range(L) if i not in self.skip]
+            flops, nbytes = self.cost.token(kept, [], 0, n, True)
+            results[b].stats.append(TokenStats(L - 1, len(kept), 0, flops * n, nbytes, wall, prefill=True))
         active = self._emit(results, tok, torch.ones(B, dtype=torch.bool, device=dev), opts)
         if self.policy == "catchup":
             from meestral.catchup import generate_catchup
@@ -247,6 +257,8 @@ class EarlyExitDecoder:
         # the device `running.any()` in every layer would stall the GPU once per layer.
         any_running, any_skipped = bool(active.any()), False
         for i in range(L):
+            if i in self.skip:
+                continue
             running = active & ~exited
             skipped = active & exited
             last_through = through and i == L - 1

@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval model class, offline task suite, sweeps, oracle, calibration."""
