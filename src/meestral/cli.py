@@ -5,6 +5,10 @@
   meestral bench                           CPU/GPU decode benchmark (forced exits), JSON lines
   meestral info      [--backbone B]        backbone shapes, identity and per-layer costs
   meestral train     --exits ... --out DIR  train exit heads on a frozen backbone (training_cli.py)
+  meestral eval      --tasks arc_easy,...   lm-eval tasks with early exits (evaluation_cli.py)
+  meestral lm-eval   ARGS...                lm-eval's own CLI, `--model meestral` registered
+  meestral sweep     --tasks ... --thresholds ...   thresholds x policies x tasks + baselines
+  meestral oracle | calibrate | report      the bound, Learn-then-Test thresholds, the report
 
 Every user error ends with one line `meestral: error: ...` on stderr and exit status 2.
 """
@@ -221,11 +225,21 @@ def make_parser():
     from meestral.training_cli import add_train_parser
 
     add_train_parser(sub)
+    from meestral.evaluation_cli import add_eval_parsers
+
+    add_eval_parsers(sub)
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] == "lm-eval":  # everything after it belongs to lm-eval's own parser
+            from types import SimpleNamespace
+
+            from meestral.evaluation_cli import cmd_lm_eval
+
+            return cmd_lm_eval(SimpleNamespace(rest=argv[1:]))
         args = make_parser().parse_args(argv)
         return args.func(args)
     except MeestralError as e:

@@ -246,13 +246,15 @@ class Backbone(ABC):
         return None
 
     @torch.no_grad()
-    def collect(self, ids: torch.Tensor, layers, attention_mask=None, aux: bool = False):
+    def collect(self, ids: torch.Tensor, layers, attention_mask=None, aux: bool = False, logits_at=None):
         """One HF full forward over whole sequences (training, evaluation): returns
         ({layer: hidden [B,T,d]}, {layer: aux [B,T,d]} or {}, final logits [B,T,V]).
 
         Uses HF's own fast paths (SDPA with a causal mask, Mamba's chunked scan), so it is what
         training and teacher-forced scoring should call; `forward_layer` is for decoding.
-        Layers must be < L-1: HF normalises the last entry of its hidden states.
+        Layers must be < L-1: HF normalises the last entry of its hidden states. `logits_at` (a 1-D
+        tensor of positions) limits the final logits to those positions: the LM head over every
+        position is most of the cost of scoring a few continuation tokens with a large vocabulary.
         """
         layers = list(layers)
         if any(not 0 <= l < self.num_layers - 1 for l in layers):
@@ -264,7 +266,8 @@ class Backbone(ABC):
                     auxes[l] = out[0] if isinstance(out, tuple) else out
                 hooks.append(self._aux_module(l).register_forward_hook(keep))
         try:
-            out = self.model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True)
+            extra = {} if logits_at is None else {"logits_to_keep": logits_at}
+            out = self.model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
         finally:
             for h in hooks:
                 h.remove()

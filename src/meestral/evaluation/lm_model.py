@@ -74,6 +74,7 @@ class MeestralLM(TemplateLM):
         self._max_gen_toks = self._int(max_gen_toks, "max_gen_toks")
         self.records: list[dict] = []
         self._tables: dict = {}
+        self.progress = True  # per-request bars (a sweep turns them off and shows its own)
         self.configure(heads=heads, head=head, exits=exits, threshold=threshold, policy=policy, verify=verify,
                        max_backlog=max_backlog, exit_output=exit_output, layer_drop=layer_drop)
 
@@ -215,7 +216,7 @@ class MeestralLM(TemplateLM):
             items.append((whole[:-n], whole[-n:]))
         order = sorted(range(len(items)), key=lambda i: -len(items[i][0]) - len(items[i][1]))
         results = [None] * len(items)
-        bar = tqdm(total=len(items), desc="meestral loglikelihood", disable=disable_tqdm)
+        bar = tqdm(total=len(items), desc="meestral loglikelihood", disable=disable_tqdm or not self.progress)
         for k in range(0, len(order), self.batch_size):
             idx = order[k:k + self.batch_size]
             for i, r in zip(idx, self._score([items[i] for i in idx])):
@@ -257,7 +258,7 @@ class MeestralLM(TemplateLM):
         from lm_eval import utils
 
         out = []
-        for (string,) in tqdm([r.args for r in requests], desc="meestral rolling", disable=disable_tqdm):
+        for (string,) in tqdm([r.args for r in requests], desc="meestral rolling", disable=disable_tqdm or not self.progress):
             windows = [(None,) + w for w in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
                 token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length, context_len=1))]
@@ -273,7 +274,7 @@ class MeestralLM(TemplateLM):
         order = sorted(range(len(args)), key=lambda i: -len(self.tok_encode(args[i][0])))
         out = [None] * len(args)
         eos = self.tok_decode(self.eot_token_id)
-        bar = tqdm(total=len(args), desc="meestral generate_until", disable=disable_tqdm)
+        bar = tqdm(total=len(args), desc="meestral generate_until", disable=disable_tqdm or not self.progress)
         # Batch requests that share generation settings (lm-eval groups them the same way).
         groups: dict[str, list[int]] = {}
         for i in order:

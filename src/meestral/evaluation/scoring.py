@@ -79,7 +79,10 @@ def build_tables(bb, heads, rows, chunk: int = 256) -> list[Table]:
     if heads is not None and heads.kind == "saturation":
         need |= {p - 1 for p in points if p > 0}
     t0 = time.perf_counter()
-    hidden, aux, final = bb.collect(ids, sorted(need), aux=heads is not None and heads.features == "hidden+aux")
+    lo = min(len(s) - len(t) for s, t in zip(seqs, targets))
+    keep = torch.arange(lo, T, device=dev)  # final logits only where some row is scored
+    hidden, aux, final = bb.collect(ids, sorted(need), aux=heads is not None and heads.features == "hidden+aux",
+                                    logits_at=keep)
     emb = bb.embed(ids) if heads is not None and heads.kind == "saturation" and 0 in points else None
     tables = []
     for b, (s, tgt) in enumerate(zip(seqs, targets)):
@@ -90,7 +93,7 @@ def build_tables(bb, heads, rows, chunk: int = 256) -> list[Table]:
         conf = torch.zeros(n, J)
         lp = torch.zeros(n, J + 1)
         top = torch.zeros(n, J + 1, dtype=torch.long)
-        full = final[b, pos].float().log_softmax(-1)
+        full = final[b, pos - lo].float().log_softmax(-1)
         lp[:, J] = full.gather(-1, target[:, None])[:, 0].cpu()
         top[:, J] = full.argmax(-1).cpu()
         for j, p in enumerate(points):
@@ -98,12 +101,16 @@ def build_tables(bb, heads, rows, chunk: int = 256) -> list[Table]:
             a = aux[p][b, pos] if aux else None
             for sl in _chunks(n, chunk):
                 lg = bb.logits(h[sl]).float()
-                prev = None
-                if heads.kind == "saturation":
-                    prev = (hidden[p - 1][b, pos] if p > 0 else emb[b, pos])[sl]
-                c = heads.confidence(j, h[sl], None if a is None else a[sl], prev, lg if heads.needs_logits else None)
-                conf[sl, j] = c.float().cpu()
                 ls = lg.log_softmax(-1)
+                if heads.kind in ("softmax", "margin"):  # the same numbers, without a second softmax
+                    p_top = ls.topk(2, dim=-1).values.exp()
+                    c = p_top[:, 0] if heads.kind == "softmax" else p_top[:, 0] - p_top[:, 1]
+                else:
+                    prev = None
+                    if heads.kind == "saturation":
+                        prev = (hidden[p - 1][b, pos] if p > 0 else emb[b, pos])[sl]
+                    c = heads.confidence(j, h[sl], None if a is None else a[sl], prev, None)
+                conf[sl, j] = c.float().cpu()
                 lp[sl, j] = ls.gather(-1, target[sl, None])[:, 0].cpu()
                 top[sl, j] = ls.argmax(-1).cpu()
         tables.append(Table(conf, lp, top, target.cpu(), len(s) - n))
@@ -123,8 +130,10 @@ def decide(table: Table, thresholds, exit_points, cost, num_layers: int, verify:
     n = table.lp.shape[0]
     th = torch.tensor(list(thresholds), dtype=torch.float32) if J else torch.zeros(0)
     above = table.conf > th[None, :] if J else torch.zeros(n, 0, dtype=torch.bool)
-    first = torch.where(above.any(1), above.float().argmax(1), torch.full((n,), J))
-    first = first.tolist()
+    if J:
+        first = torch.where(above.any(1), above.float().argmax(1), torch.full((n,), J)).tolist()
+    else:
+        first = [0] * n  # no exit points: J == 0 is full depth
     pending: list[int] = []  # depths of backlog tokens (exited, not yet through every layer)
     stats, agree, logprob, greedy = [], [], 0.0, True
     lp, top, target = table.lp.tolist(), table.top.tolist(), table.target.tolist()

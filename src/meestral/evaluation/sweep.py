@@ -1,0 +1,234 @@
+"""Threshold sweeps: thresholds x state policies x tasks, with baselines, in one resumable table.
+
+Points
+- `full`: the full model (no exit heads), once per task: the reference every point is set against.
+- early exit: every (policy, threshold) pair; `verify` is catchup + verify.
+- `static`: always exit at one layer (a head of kind `static`), under the `copy` policy.
+- `layer_drop`: DYNAMAX's baseline: the N blocks before the last are removed (a pruned model).
+
+Storage: one append-only JSONL file. Its first line is a header naming what makes rows comparable
+(backbone fingerprint, heads, example limit); every other line is one finished point, keyed by the
+hash of its configuration. A restarted sweep reads the keys present and runs only the missing
+points; a line cut short by a kill (no newline, bad JSON) is dropped on restart. A file written
+for another configuration is refused, not mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from meestral.errors import MeestralError
+
+FORMAT = 1
+
+
+@dataclass
+class SweepSpec:
+    tasks: list[str]
+    thresholds: list[float]
+    policies: list[str] = field(default_factory=lambda: ["copy", "catchup", "verify"])
+    static_layers: list[int] = field(default_factory=list)
+    layer_drops: list[int] = field(default_factory=list)
+    limit: int | None = None
+    max_backlog: int = 8
+    exit_output: str = "hidden"
+
+    def check(self, num_layers: int):
+        from meestral.heads import check_thresholds
+
+        if not self.tasks:
+            raise MeestralError("no tasks given: pass e.g. --tasks arc_easy,piqa")
+        if not self.thresholds:
+            raise MeestralError("the thresholds list is empty: pass e.g. --thresholds 0.5,0.7,0.9")
+        check_thresholds(self.thresholds, len(self.thresholds))
+        for p in self.policies:
+            if p not in ("copy", "propagate", "catchup", "verify"):
+                raise MeestralError(f"unknown policy {p!r} in --policies: use copy, propagate, catchup, verify")
+        for l in self.static_layers:
+            if not 0 <= l <= num_layers - 2:
+                raise MeestralError(f"static exit layer {l} out of range: use a layer in [0, {num_layers - 2}]")
+        for n in self.layer_drops:
+            if not 1 <= n <= num_layers - 2:
+                raise MeestralError(f"layer drop {n} out of range: drop between 1 and {num_layers - 2} blocks")
+        if self.limit is not None and self.limit < 1:
+            raise MeestralError(f"--limit {self.limit} must be at least 1")
+
+
+def points(spec: SweepSpec) -> list[dict]:
+    """Every point of the sweep, in the order they run (cheap exact-path ones first per task)."""
+    out = []
+    for task in spec.tasks:
+        out.append(dict(task=task, baseline="full", policy="full", threshold=None, layer=None))
+        for policy in sorted(spec.policies, key=lambda p: p not in ("catchup", "verify")):
+            for th in sorted(spec.thresholds, reverse=True):
+                out.append(dict(task=task, baseline=None, policy=policy, threshold=float(th), layer=None))
+        for l in spec.static_layers:
+            out.append(dict(task=task, baseline="static", policy="copy", threshold=0.0, layer=int(l)))
+        for n in spec.layer_drops:
+            out.append(dict(task=task, baseline="layer_drop", policy="full", threshold=None, layer=int(n)))
+    return out
+
+
+def point_key(header: dict, point: dict, spec: SweepSpec) -> str:
+    body = json.dumps({"h": header, "p": point, "backlog": spec.max_backlog, "out": spec.exit_output},
+                      sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:20]
+
+
+class ResultsTable:
+    """The append-only JSONL table of one sweep configuration."""
+
+    def __init__(self, path, header: dict):
+        self.path = Path(path)
+        self.header = header
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            self._read()
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(json.dumps({"meestral_sweep": FORMAT, **header}) + "\n")
+                os.replace(tmp, self.path)
+            except OSError as e:
+                raise MeestralError(f"cannot write results file {self.path}: {e.strerror}: choose a writable --out") from None
+
+    def _read(self):
+        try:
+            raw = self.path.read_bytes()
+        except OSError as e:
+            raise MeestralError(f"cannot read results file {self.path}: {e.strerror}") from None
+        lines = raw.split(b"\n")
+        try:
+            head = json.loads(lines[0])
+        except (ValueError, UnicodeDecodeError):
+            head = None
+        if not isinstance(head, dict) or head.get("meestral_sweep") != FORMAT:
+            raise MeestralError(f"{self.path} is not a MEEstral sweep table: choose another --out")
+        theirs = {k: v for k, v in head.items() if k != "meestral_sweep"}
+        if theirs != self.header:
+            diff = sorted(k for k in set(theirs) | set(self.header) if theirs.get(k) != self.header.get(k))
+            raise MeestralError(f"{self.path} holds a sweep of another configuration (differs in {', '.join(diff)}): "
+                                "choose another --out, or rerun with that configuration")
+        good = len(lines[0]) + 1
+        for line in lines[1:]:
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+                self.rows[row["key"]] = row
+                good += len(line) + 1
+            except (ValueError, KeyError, UnicodeDecodeError):
+                break  # a line cut short by a kill: drop it and everything after
+        if good < len(raw):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+
+    def append(self, row: dict):
+        # One write of one whole line, flushed to disk: a kill leaves at most a partial last line.
+        with open(self.path, "ab") as f:
+            f.write((json.dumps(row) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows[row["key"]] = row
+
+
+def run_sweep(lm, spec: SweepSpec, out, heads_spec: str, log=None) -> ResultsTable:
+    """Run the missing points of `spec` with the loaded `MeestralLM` into the table at `out`."""
+    from meestral.evaluation.runner import load_tasks, primary, run_tasks, subset, task_metrics
+
+    log = log or sys.stderr
+    bb = lm.bb
+    L = bb.num_layers
+    spec.check(L)
+    base_heads = lm.heads
+    if base_heads is None:
+        raise MeestralError("a sweep needs exit heads: pass --heads DIR or --head softmax|margin|saturation")
+    resolved, task_dict = load_tasks(spec.tasks)
+    spec.tasks = resolved
+    header = {"backbone": lm.spec, "fingerprint": bb.fingerprint(), "heads": heads_spec,
+              "exits": list(base_heads.exit_points), "limit": spec.limit}
+    table = ResultsTable(out, header)
+    todo = [(p, point_key(header, p, spec)) for p in points(spec)]
+    missing = [(p, k) for p, k in todo if k not in table.rows]
+    print(f"sweep: {len(todo)} points, {len(todo) - len(missing)} already in {out}, running {len(missing)}",
+          file=log, flush=True)
+    by_task = {}
+    for p, k in missing:
+        by_task.setdefault(p["task"], []).append((p, k))
+    bar = tqdm(total=len(missing), desc="sweep points", file=log)
+    lm.progress = False
+    for task, pts in by_task.items():
+        one = subset(task_dict, task)
+        for p, key in pts:
+            _configure(lm, base_heads, p, spec)
+            lm.records = []
+            t0 = time.perf_counter()
+            res = run_tasks(lm, one, limit=spec.limit)
+            wall = time.perf_counter() - t0
+            metrics = task_metrics(res, task)
+            name, value, stderr = primary(task, metrics)
+            acc = lm.accounting(reset=True)
+            row = {
+                "key": key,
+                "config": {**header, "task": task, "policy": p["policy"], "baseline": p["baseline"],
+                           "threshold": p["threshold"], "layer": p["layer"], "max_backlog": spec.max_backlog,
+                           "exit_output": spec.exit_output},
+                "task": task, "metric": name, "value": value, "stderr": stderr, "metrics": metrics,
+                "agreement": acc.get("agreement"), "num_layers": L,
+                **{k: acc.get(k) for k in ("mean_exit_layer", "mean_layers_run", "layer_fraction", "exit_rate",
+                                           "flops_per_token", "flops_ratio", "weight_bytes_per_token",
+                                           "weight_bytes_ratio", "ms_per_token", "deep_passes_per_token",
+                                           "caught_up_per_token", "rolled_back", "exit_histogram")},
+                "tokens": acc.get("tokens", 0), "scoring_wall_s": acc.get("wall_s"), "wall_s": wall,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            table.append(row)
+            bar.update(1)
+            bar.set_postfix_str(f"{task} {p['baseline'] or p['policy']} {p['threshold'] or p['layer'] or ''}: "
+                                f"{name} {value:.3f}")
+    bar.close()
+    lm.configure(heads=base_heads)
+    return table
+
+
+def _configure(lm, heads, p, spec):
+    from meestral.heads import ExitHeads
+
+    if p["baseline"] == "full":
+        lm.configure(head="full")
+    elif p["baseline"] == "layer_drop":
+        lm.configure(layer_drop=p["layer"])
+    elif p["baseline"] == "static":
+        lm.configure(heads=ExitHeads("static", [p["layer"]], lm.bb), threshold=0.0, policy="copy",
+                     exit_output=spec.exit_output)
+    else:
+        policy = "catchup" if p["policy"] == "verify" else p["policy"]
+        lm.configure(heads=heads, threshold=p["threshold"], policy=policy, verify=p["policy"] == "verify",
+                     max_backlog=spec.max_backlog, exit_output="hidden" if policy == "catchup" else spec.exit_output)
+
+
+def read_rows(path) -> list[dict]:
+    """The finished points of a sweep table (header skipped)."""
+    path = Path(path)
+    if not path.exists():
+        raise MeestralError(f"no sweep results at {path}: run `meestral sweep` first")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if i > 0 and "key" in obj:
+            rows.append(obj)
+    return rows

@@ -1,0 +1,316 @@
+"""`meestral eval | lm-eval | sweep | oracle | calibrate | report`: thin commands over
+`meestral.evaluation` and `meestral.report`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from meestral.errors import MeestralError
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _write_json(path, obj):
+    """Atomic: a reader never sees half a file, a failure leaves none."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise MeestralError(f"cannot write {path}: {e.strerror}: choose a writable location") from None
+    return path
+
+
+def _lm(args, **extra):
+    from meestral.cli import build_heads
+    from meestral.backbones.loading import load_backbone
+    from meestral.evaluation.lm_model import MeestralLM
+
+    bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
+    heads = build_heads(args, bb) if (args.heads or args.head not in ("full", "none")) else None
+    policy, verify = args.policy, args.verify
+    lm = MeestralLM(backbone=bb, batch_size=args.batch_size, max_length=args.max_length, **extra)
+    lm.spec = args.backbone
+    lm.configure(heads=heads, head="full" if heads is None else None, threshold=args.threshold, policy=policy,
+                 verify=verify, max_backlog=args.max_backlog, exit_output=args.exit_output)
+    return lm
+
+
+def _heads_spec(args) -> str:
+    return f"classifier:{Path(args.heads).resolve()}" if args.heads else args.head
+
+
+def cmd_eval(args):
+    from lm_eval.utils import make_table
+
+    from meestral.evaluation.runner import load_tasks, run_tasks
+
+    names = _names(args.tasks)
+    resolved, task_dict = load_tasks(names)
+    lm = _lm(args)
+    res = run_tasks(lm, task_dict, limit=args.limit)
+    acc = lm.accounting()
+    print(make_table(res))
+    print(f"-- {json.dumps({k: acc.get(k) for k in ('agreement', 'exit_rate', 'mean_layers_run', 'weight_bytes_ratio', 'flops_ratio')})}",
+          file=sys.stderr)
+    if args.out:
+        _write_json(args.out, {"config": lm.config(), "tasks": resolved, "limit": args.limit,
+                               "results": res.get("results"), "accounting": acc})
+    return 0
+
+
+def cmd_lm_eval(args):
+    """lm-eval's own CLI with our model registered and the offline tasks on its include path."""
+    import lm_eval.__main__ as lm_main
+
+    import meestral.evaluation.lm_model  # noqa: F401  registers --model meestral
+    from meestral.evaluation.tasks import ensure_tasks
+
+    argv = list(args.rest)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise MeestralError("nothing to pass to lm-eval: e.g. meestral lm-eval --model meestral "
+                            "--model_args backbone=smollm2 --tasks meestral_arc_easy --limit 20")
+    if "--include_path" not in argv and argv[0] not in ("validate",):
+        argv += ["--include_path", str(ensure_tasks())]
+    if "--tasks" in argv:
+        _check_task_names(argv[argv.index("--tasks") + 1] if argv.index("--tasks") + 1 < len(argv) else "",
+                          argv[argv.index("--include_path") + 1])
+    if "--model_args" in argv and "--model" in argv and argv[argv.index("--model") + 1] == "meestral":
+        _check_model_args(argv[argv.index("--model_args") + 1] if argv.index("--model_args") + 1 < len(argv) else "")
+    old = sys.argv
+    sys.argv = ["lm-eval"] + argv
+    try:
+        lm_main.cli_evaluate()
+    finally:
+        sys.argv = old
+    return 0
+
+
+def _check_task_names(spec, include_path):
+    from lm_eval.tasks import TaskManager
+
+    names = _names(spec)
+    if not names:
+        raise MeestralError("--tasks is empty: name at least one task, e.g. meestral_arc_easy")
+    known = set(TaskManager(include_path=include_path).all_tasks)
+    bad = [n for n in names if n not in known and not os.path.exists(n)]
+    if bad:
+        offline = sorted(k for k in known if k.startswith("meestral_"))
+        raise MeestralError(f"unknown task(s) {', '.join(bad)}: offline tasks are {', '.join(offline)}")
+
+
+def _check_model_args(spec):
+    from meestral.evaluation.lm_model import ARGS
+
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise MeestralError(f"malformed --model_args entry {part!r}: write key=value pairs separated by commas "
+                                "(lists with ':', e.g. exits=7:15:22)")
+        key = part.split("=", 1)[0].strip()
+        if key not in ARGS:
+            raise MeestralError(f"unknown --model_args key {key!r}: use {', '.join(ARGS)}")
+
+
+def cmd_sweep(args):
+    from meestral.evaluation.sweep import SweepSpec, run_sweep
+
+    if not args.thresholds:
+        raise MeestralError("the thresholds list is empty: pass e.g. --thresholds 0.5,0.7,0.9")
+    lm = _lm(args)
+    spec = SweepSpec(tasks=_names(args.tasks), thresholds=args.thresholds, policies=_names(args.policies),
+                     static_layers=args.static_layers or [], layer_drops=args.layer_drop or [], limit=args.limit,
+                     max_backlog=args.max_backlog, exit_output=args.exit_output)
+    table = run_sweep(lm, spec, args.out, _heads_spec(args))
+    print(f"{len(table.rows)} points in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _heldout_sequences(bb, args):
+    """Held-out token rows: the embedded corpus' validation split (or a file/folder of text)."""
+    from meestral.data import open_source, validation_rows
+
+    src = open_source(args.data)
+    src.check()
+    rows = validation_rows(src, bb.tokenizer, args.seq_len, max(1, args.tokens // args.seq_len), 0.05)
+    if rows.shape[0] == 0:
+        raise MeestralError(f"no held-out text in {args.data}: give more text or a smaller --seq-len")
+    return rows
+
+
+def _task_sequences(bb, tasks, limit):
+    """Token ids of task prompts with their first answer choice (what lm-eval would score)."""
+    from meestral.evaluation.runner import load_tasks
+
+    _, task_dict = load_tasks(tasks)
+    seqs = []
+    for name, task in task_dict["tasks"].items():
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        seen = set()
+        for inst in task.instances:
+            ctx = inst.args[0]
+            if ctx in seen:
+                continue
+            seen.add(ctx)
+            cont = inst.args[1] if len(inst.args) > 1 and isinstance(inst.args[1], str) else ""
+            seqs.append(bb.tokenizer.encode(ctx + cont))
+    return seqs
+
+
+def cmd_oracle(args):
+    from meestral.backbones.loading import load_backbone
+    from meestral.cli import build_heads
+    from meestral.evaluation.lens import logit_lens
+    from meestral.evaluation.oracle import oracle_report
+
+    bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
+    L = bb.num_layers
+    layers = args.exits or list(range(L - 1))
+    out = {"num_layers": L, "sources": {}}
+    rows = _heldout_sequences(bb, args)
+    name = "embedded" if args.data == "embedded" else Path(args.data).name
+    out["sources"][name] = oracle_report(bb, rows, layers, seq_len=args.seq_len, batch=args.batch_size)
+    for task in _names(args.tasks or ""):
+        seqs = _task_sequences(bb, [task], args.limit)
+        out["sources"][task] = oracle_report(bb, seqs, layers, seq_len=args.seq_len, batch=args.batch_size)
+    for src in out["sources"].values():
+        src.setdefault("num_layers", L)
+        if isinstance(src.get("agreement"), dict):  # the report reads a list aligned with `layers`
+            ag = {str(k): v for k, v in src["agreement"].items()}
+            src["agreement"] = [ag[str(l)] for l in src["layers"]]
+        src.setdefault("bound_speedup", src.get("bound_speedup_layers"))
+    _write_json(args.out, out)
+    heads = None
+    if args.heads or args.head not in ("full", "none"):
+        heads = build_heads(args, bb)
+    _write_json(Path(args.out).with_name("lens.json"), logit_lens(bb, heads, args.lens_text))
+    for k, s in out["sources"].items():
+        print(f"{k}: {s['tokens']} tokens, oracle mean layers run {s['mean_layers_run']:.1f}/{L} "
+              f"(bound {s['bound_speedup']:.2f}x in layers)", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args):
+    import numpy as np
+
+    from meestral.backbones.loading import load_backbone
+    from meestral.cli import build_heads
+    from meestral.evaluation.calibration import calibrate, evaluate_threshold, split
+    from meestral.evaluation.scoring import build_tables
+
+    bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
+    heads = build_heads(args, bb)
+    rows = _heldout_sequences(bb, args)
+    if rows.shape[0] < 2:
+        raise MeestralError("calibration needs at least 2 held-out sequences: raise --tokens")
+    confs, agrees, groups = [], [], []
+    from tqdm import tqdm
+
+    for s in tqdm(range(0, rows.shape[0], args.batch_size), desc="calibration data"):
+        batch = [(r[:-1].tolist(), r[1:].tolist()) for r in rows[s:s + args.batch_size]]
+        for k, tab in enumerate(build_tables(bb, heads, batch)):
+            J = tab.conf.shape[1]
+            confs.append(tab.conf.numpy())
+            agrees.append((tab.top[:, :J + 1] == tab.top[:, J:J + 1]).numpy())
+            groups.append(np.full(tab.conf.shape[0], s + k))
+    conf, agree, groups = np.concatenate(confs), np.concatenate(agrees), np.concatenate(groups)
+    cal_units, held_units = split(rows.shape[0], args.calib_fraction, seed=args.seed)
+    cal, held = np.isin(groups, cal_units), np.isin(groups, held_units)
+    result = calibrate(conf[cal], agree[cal], args.epsilon, args.delta, method=args.method,
+                       unit=args.unit, groups=groups[cal], layers=heads.exit_points, num_layers=bb.num_layers)
+    ev = evaluate_threshold(conf[held], agree[held], result.threshold, heads.exit_points, bb.num_layers)
+    out = result.to_dict()
+    out.update({"heldout_agreement": ev["agreement"], "heldout_exit_rate": ev["exit_rate"],
+                "heldout_mean_exit_layer": ev.get("mean_exit_layer"), "heldout_n": int(held.sum()),
+                "heads": _heads_spec(args), "exits": heads.exit_points, "backbone": args.backbone,
+                "note_policy": "calibrated on exact (catchup) hidden states; copy/propagate change later "
+                               "tokens' states, so the guarantee holds for catchup and verify"})
+    _write_json(args.out, out)
+    print(f"threshold {result.threshold:.3f}: calibration agreement {result.calib_agreement:.3f}, held-out "
+          f"agreement {ev['agreement']:.3f} (target >= {1 - args.epsilon:.3f} w.p. >= {1 - args.delta:.2f}), "
+          f"held-out exit rate {ev['exit_rate']:.1%}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args):
+    from meestral.report.render import main_tradeoff_png, write_report
+
+    html, md = write_report(args.results, args.out)
+    print(f"report: {html} and {md}", file=sys.stderr)
+    if args.docs_png:
+        main_tradeoff_png(args.results, args.docs_png)
+        print(f"main trade-off figure: {args.docs_png}", file=sys.stderr)
+    return 0
+
+
+def add_eval_parsers(sub):
+    from meestral.cli import _floats, _ints, add_backbone_args, add_exit_args
+
+    def common(p, threshold_default=True):
+        add_backbone_args(p)
+        add_exit_args(p)
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--max-length", type=int, default=None, help="token window (default: the model's)")
+
+    e = sub.add_parser("eval", help="lm-eval tasks with early exits (offline suite)")
+    common(e)
+    e.add_argument("--tasks", required=True, help="comma-separated, e.g. arc_easy,piqa")
+    e.add_argument("--limit", type=int, help="examples per task")
+    e.add_argument("--out", help="write results + accounting as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("lm-eval", help="lm-eval's own CLI with --model meestral and the offline tasks", add_help=False)
+    x.add_argument("rest", nargs="...")
+    x.set_defaults(func=cmd_lm_eval)
+
+    s = sub.add_parser("sweep", help="thresholds x policies x tasks with baselines; resumable")
+    common(s)
+    s.add_argument("--tasks", required=True)
+    s.add_argument("--thresholds", type=_floats, required=True, help="e.g. 0.5,0.7,0.9")
+    s.add_argument("--policies", default="copy,catchup,verify", help="copy,propagate,catchup,verify")
+    s.add_argument("--static-layers", type=_ints, help="static exit-at-layer baselines, e.g. 7,15,22")
+    s.add_argument("--layer-drop", type=_ints, help="DYNAMAX layer-drop baselines: blocks dropped, e.g. 2,4,8")
+    s.add_argument("--limit", type=int)
+    s.add_argument("--out", default="results/sweep.jsonl")
+    s.set_defaults(func=cmd_sweep)
+
+    o = sub.add_parser("oracle", help="per-layer agreement and the oracle exit bound; also the logit lens")
+    common(o)
+    o.add_argument("--data", default="embedded")
+    o.add_argument("--tokens", type=int, default=4096)
+    o.add_argument("--seq-len", type=int, default=256)
+    o.add_argument("--tasks", help="also on these tasks' prompts")
+    o.add_argument("--limit", type=int, default=50)
+    o.add_argument("--lens-text", default="To be, or not to be, that is the question: whether 'tis nobler in the mind")
+    o.add_argument("--out", default="results/oracle.json")
+    o.set_defaults(func=cmd_oracle)
+
+    c = sub.add_parser("calibrate", help="Learn-then-Test thresholds: agreement >= 1-eps w.p. >= 1-delta")
+    common(c)
+    c.add_argument("--epsilon", type=float, default=0.1)
+    c.add_argument("--delta", type=float, default=0.1)
+    c.add_argument("--method", choices=["binomial", "hb"], default=None)
+    c.add_argument("--unit", choices=["token", "sequence"], default="token")
+    c.add_argument("--data", default="embedded")
+    c.add_argument("--tokens", type=int, default=8192)
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--calib-fraction", type=float, default=0.5)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="results/calibration.json")
+    c.set_defaults(func=cmd_calibrate)
+
+    r = sub.add_parser("report", help="plots + one self-contained HTML (and Markdown) report")
+    r.add_argument("--results", default="results")
+    r.add_argument("--out", default=None, help="default: the results folder")
+    r.add_argument("--docs-png", help="also write the main trade-off figure here")
+    r.set_defaults(func=cmd_report)

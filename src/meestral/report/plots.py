@@ -1,0 +1,384 @@
+"""The report's figures: one function per figure; each writes one PNG (atomically) and returns its path.
+
+Inputs are parsed result files (see render.load_results); nothing here reads the results folder.
+Sweep rows are grouped two ways, shared with render.py:
+  panel  - one task (plus the backbone when the sweep holds several: their ratios are relative to
+           different full models, so they must not share axes);
+  series - one early-exit curve: the policy plus whatever else varies between the sweep's
+           early-exit rows (heads, exit points...), so a curve never joins points of different settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+# Headless. Switching backends closes the caller's open figures, so leave an already-imported
+# pyplot (a notebook's) alone: it saves PNGs just as well.
+if "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from meestral.errors import MeestralError  # noqa: E402
+
+X_AXES = {
+    "weight_bytes_ratio": "weight bytes read per token, relative to full depth",
+    "flops_ratio": "FLOPs per token, relative to full depth",
+    "layer_fraction": "layers run per token, as a fraction of full depth (not wall-clock)",
+}
+SERIES_FIELDS = ("backbone", "heads", "exits", "exit_output", "limit", "max_backlog", "policy")
+BASELINES = {"static": ("static exit", "s", ":"), "layer_drop": ("layer drop", "^", "-.")}
+ORACLE_LABEL = "oracle (strict) bound"
+DPI = 110
+
+
+# ---- files ---------------------------------------------------------------------------------------
+def atomic_write(path: Path, write) -> Path:
+    """`write(tmp)` into a temporary file in `path`'s folder, then rename it over `path`: readers
+    never see a half-written file, and a failure leaves the previous one in place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _save(fig, path) -> Path:
+    try:
+        fig.tight_layout()
+        return atomic_write(Path(path), lambda t: fig.savefig(t, format="png", dpi=DPI))
+    finally:
+        plt.close(fig)
+
+
+def _grid(n: int, ncols: int, size=(5.5, 4.0), **kw):
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False, **kw)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+# ---- grouping ------------------------------------------------------------------------------------
+def num(v) -> float | None:
+    """A finite float, or None (missing, null, NaN, "N/A" as lm-eval writes some stderrs)."""
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def text(s) -> str:
+    """Plain text for matplotlib: a `$` in a token or path must not start mathtext."""
+    return str(s).replace("$", r"\$")
+
+
+def baseline(row) -> str | None:
+    return row["config"].get("baseline")
+
+
+def panels(rows) -> dict[str, list[dict]]:
+    several = len({r["config"].get("backbone") for r in rows}) > 1
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(f"{r['task']} ({r['config'].get('backbone')})" if several else r["task"], []).append(r)
+    return out
+
+
+def _field(name, v) -> str:
+    if name == "heads" and isinstance(v, str) and ":" in v:  # classifier:<dir>: the dir's last part
+        kind, where = v.split(":", 1)
+        return f"{kind}:{Path(where).name or where}"
+    if name == "exits" and isinstance(v, list):
+        return "exits " + ",".join(map(str, v))
+    return {"limit": f"limit {v}", "max_backlog": f"backlog {v}"}.get(name, str(v))
+
+
+def series_labeler(rows):
+    """row -> curve label, from the fields that vary among all early-exit rows of the sweep (so a
+    label, and its colour, mean the same in every panel and figure)."""
+    ee = [r for r in rows if baseline(r) is None]
+    varying = [f for f in SERIES_FIELDS
+               if f == "policy" or len({json.dumps(r["config"].get(f), sort_keys=True) for r in ee}) > 1]
+    return lambda r: " · ".join(_field(f, r["config"].get(f)) for f in varying)
+
+
+def _threshold(r) -> float:
+    t = num(r["config"].get("threshold"))
+    return -math.inf if t is None else t
+
+
+def series(rows, label) -> dict[str, list[dict]]:
+    """Early-exit rows by curve label, each curve in threshold order."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if baseline(r) is None:
+            out.setdefault(label(r), []).append(r)
+    for pts in out.values():
+        pts.sort(key=_threshold)
+    return dict(sorted(out.items()))
+
+
+def _colors(rows, label) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10")
+    return {s: cmap(i % 10) for i, s in enumerate(series(rows, label))}
+
+
+def full_row(rows) -> dict | None:
+    full = [r for r in rows if baseline(r) == "full"]
+    return full[-1] if full else None
+
+
+def oracle_source(oracle, task) -> dict | None:
+    return ((oracle or {}).get("sources") or {}).get(task)
+
+
+def oracle_bound(src) -> float | None:
+    """L / mean layers run of the oracle (evaluation.oracle writes `bound_speedup_layers`)."""
+    src = src or {}
+    return num(src.get("bound_speedup_layers", src.get("bound_speedup")))
+
+
+def _curve(src) -> tuple[list, list]:
+    """(exit layers, agreement): the agreement is a {layer: value} map or a list over `layers`."""
+    a = src.get("agreement") or {}
+    if isinstance(a, dict):
+        pts = sorted((int(k), num(v)) for k, v in a.items())
+        return [l for l, _ in pts], [v for _, v in pts]
+    return list(src.get("layers", range(len(a)))), [num(v) for v in a]
+
+
+# ---- figures -------------------------------------------------------------------------------------
+def _errorbars(ax, pts, x, **kw):
+    pts = [r for r in pts if num(r.get(x)) is not None and num(r.get("value")) is not None]
+    if not pts:
+        return
+    err = [num(r.get("stderr")) or 0.0 for r in pts]
+    ax.errorbar([num(r[x]) for r in pts], [num(r["value"]) for r in pts], yerr=err if any(err) else None,
+                capsize=2, ms=5, lw=1.3, **kw)
+    return pts
+
+
+def tradeoff(rows, oracle_data, path, x: str = "weight_bytes_ratio") -> Path:
+    """Task metric against compute, one panel per task: a line per early-exit policy (points in
+    threshold order), static-exit and layer-drop baselines, the full model (dashed line + star at
+    its own x, which is 1), and the oracle's strict bound as a vertical line at its layer fraction."""
+    if x not in X_AXES:
+        raise MeestralError(f"unknown compute axis {x!r}: use one of {', '.join(X_AXES)}")
+    label = series_labeler(rows)
+    colors = _colors(rows, label)
+    groups = panels(rows)
+    fig, axes = _grid(len(groups), 2, size=(6.5, 4.6))
+    for ax, (name, prs) in zip(axes, groups.items()):
+        for s, pts in series(prs, label).items():
+            _errorbars(ax, pts, x, color=colors[s], marker="o", label=text(s))
+        for kind, (what, marker, ls) in BASELINES.items():
+            pts = sorted((r for r in prs if baseline(r) == kind), key=lambda r: r["config"].get("layer") or 0)
+            drawn = _errorbars(ax, pts, x, color="0.35", marker=marker, ls=ls, mfc="white", label=what)
+            for r in drawn or []:  # which layer each baseline point is: the legend cannot say
+                ax.annotate(f"{r['config'].get('layer')}", (num(r[x]), num(r["value"])), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points", color="0.35")
+        full = full_row(prs)
+        if full is not None and num(full.get("value")) is not None:
+            v = num(full["value"])
+            ax.axhline(v, ls="--", color="k", lw=1)
+            ax.errorbar([num(full.get(x)) or 1.0], [v], yerr=num(full.get("stderr")), color="k", marker="*", ms=11,
+                        capsize=2, label=f"full model ({v:.4g})")
+        src = oracle_source(oracle_data, prs[0]["task"])
+        if src and num(src.get("layer_fraction")) is not None:
+            lf = num(src["layer_fraction"])
+            ax.axvline(lf, color="tab:red", ls=(0, (5, 3)), lw=1.2, label=f"{ORACLE_LABEL}: {lf:.2f} of layers")
+        err = " ± stderr" if any(num(r.get("stderr")) for r in prs) else ""
+        ax.set(title=text(name), xlabel=X_AXES[x], ylabel=text(f"{prs[0].get('metric', 'score')}{err}"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def agreement(rows, path) -> Path:
+    """Agreement with the full model (solid) and exit rate (dashed) against the threshold."""
+    label = series_labeler(rows)
+    colors = _colors(rows, label)
+    groups = {k: v for k, v in panels(rows).items() if series(v, label)}
+    fig, axes = _grid(len(groups), 3, size=(5.2, 3.8))
+    for ax, (name, prs) in zip(axes, groups.items()):
+        for s, pts in series(prs, label).items():
+            pts = [r for r in pts if num(r["config"].get("threshold")) is not None]
+            t = [num(r["config"]["threshold"]) for r in pts]
+            ax.plot(t, [num(r.get("agreement")) for r in pts], marker="o", ms=4, color=colors[s], label=text(s))
+            ax.plot(t, [num(r.get("exit_rate")) for r in pts], ls="--", marker=".", color=colors[s])
+        ax.set(title=text(name), xlabel="threshold (exit when confidence > threshold)",
+               ylabel="agreement (solid) / exit rate (dashed)", ylim=(-0.03, 1.03))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _bars(ax, hists, labels, colors=None):
+    """Grouped bars of exit-layer histograms (as fractions of tokens), x = layer."""
+    hists = [{int(k): v for k, v in (h or {}).items()} for h in hists]
+    layers = sorted(set().union(*hists)) if hists else []
+    width = 0.8 / max(1, len(hists))
+    for i, (h, lab) in enumerate(zip(hists, labels)):
+        total = sum(h.values()) or 1
+        off = (i - (len(hists) - 1) / 2) * width
+        ax.bar([j + off for j in range(len(layers))], [h.get(l, 0) / total for l in layers], width,
+               label=text(lab), color=None if colors is None else colors[i])
+    ax.set_xticks(range(len(layers)), [str(l) for l in layers])  # evenly spaced: exits are sparse
+    ax.set(ylabel="fraction of tokens", ylim=(0, 1.02))
+
+
+def exit_histograms(rows, path) -> Path:
+    """Exit layers per task (rows) and policy (columns), at the lowest, middle and highest
+    threshold of each curve; the last layer means no early exit."""
+    label = series_labeler(rows)
+    groups = {k: series(v, label) for k, v in panels(rows).items()}
+    groups = {k: v for k, v in groups.items() if v}
+    ncols = max(len(v) for v in groups.values())
+    fig, axes = plt.subplots(len(groups), ncols, figsize=(4.6 * ncols, 3.4 * len(groups)), squeeze=False)
+    for axrow, (name, curves) in zip(axes, groups.items()):
+        for ax in axrow[len(curves):]:
+            ax.set_visible(False)
+        for ax, (s, pts) in zip(axrow, curves.items()):
+            picks = [pts[i] for i in sorted({0, len(pts) // 2, len(pts) - 1})]
+            _bars(ax, [r.get("exit_histogram") for r in picks],
+                  [f"threshold {r['config'].get('threshold')}" for r in picks],
+                  colors=[plt.get_cmap("viridis")(i / max(1, len(picks) - 1)) for i in range(len(picks))])
+            L = picks[0].get("num_layers")
+            ax.set(title=text(f"{name}: {s}"), xlabel=f"exit layer ({L - 1} = full depth)" if L else "exit layer")
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def oracle(oracle_data, path) -> Path:
+    """Per source: top-1 agreement of each exit point with the final layer, and where the oracle
+    exits (the first exit point from which the top-1 token equals the final one and stays so)."""
+    sources = oracle_data["sources"]
+    fig, axes = plt.subplots(len(sources), 2, figsize=(11, 3.6 * len(sources)), squeeze=False)
+    for (a, b), (name, s) in zip(axes, sources.items()):
+        a.plot(*_curve(s), marker="o", label="top-1 (strict)")
+        hists, labels = [s.get("exit_histogram")], ["strict oracle"]
+        if s.get("topk"):  # the relaxed rule: the final token within the exit layer's top k
+            k = s["topk"].get("k")
+            a.plot(*_curve(s["topk"]), marker=".", ls="--", label=f"final token in top-{k}")
+            hists.append(s["topk"].get("exit_histogram"))
+            labels.append(f"top-{k} oracle")
+        a.legend(fontsize=7)
+        a.set(title=text(f"{name}: agreement with the final layer"), xlabel="exit layer",
+              ylabel="agreement", ylim=(0, 1.02))
+        a.grid(alpha=0.3)
+        _bars(b, hists, labels)
+        b.legend(fontsize=7)
+        L, bound = s.get("num_layers") or oracle_data.get("num_layers"), oracle_bound(s)
+        b.set(title=text(f"{name}: oracle exits" + (f" (strict bound {bound:.2f}x in layers)" if bound else "")),
+              xlabel=f"exit layer ({L - 1} = full depth)" if L else "exit layer")
+    return _save(fig, path)
+
+
+def calibration(cal, path) -> Path:
+    """Estimated risk (disagreement among exited tokens) and p-value per candidate threshold;
+    filled markers are thresholds the test certified."""
+    grid = sorted(cal.get("grid") or [], key=lambda g: g["threshold"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    t = [g["threshold"] for g in grid]
+    ax.plot(t, [g.get("risk") for g in grid], color="tab:blue", lw=1, label="risk")
+    ok = [g for g in grid if g.get("rejected")]
+    ax.scatter([g["threshold"] for g in ok], [g.get("risk") for g in ok], color="tab:blue", s=18,
+               label="certified (null rejected)")
+    ax.axhline(cal["epsilon"], color="tab:red", ls="--", label=f"ε = {cal['epsilon']}")
+    if num(cal.get("threshold")) is not None:
+        ax.axvline(cal["threshold"], color="k", ls=":", label=f"chosen threshold {cal['threshold']:.4g}")
+    ax.set(xlabel="threshold", ylabel="risk: disagreement with the full model")
+    ax.set_ylim(bottom=0)
+    p = ax.twinx()
+    p.plot(t, [g.get("p_value") for g in grid], color="tab:gray", lw=0.8, ls="-.", label="p-value")
+    p.axhline(cal.get("delta", 0.1), color="tab:gray", lw=0.6, ls=":", label=f"δ = {cal.get('delta')}")
+    p.set(ylabel="p-value", ylim=(0, 1.02))
+    lines = ax.get_legend_handles_labels()[0] + p.get_legend_handles_labels()[0]
+    ax.legend(lines, [h.get_label() for h in lines], fontsize=7, loc="best")
+    ax.set_title(f"{cal.get('method', '')} calibration, n = {cal.get('n')}")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def training(records, path) -> Path:
+    """Train loss, and F1 and AUROC per head from validation records (train records when the run
+    had no validation); dashed: F1 of always exiting at that head."""
+    train = [r for r in records if r.get("split") == "train"]
+    val = [r for r in records if r.get("split") == "val"] or train
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r["step"] for r in train], [r.get("loss") for r in train])
+    axes[0].set(title="train loss (sum over heads)", xlabel="step", ylabel="BCE")
+    split = val[0]["split"] if val else "val"
+    for ax, key in ((axes[1], "f1"), (axes[2], "auroc")):
+        for layer in (val[-1]["heads"] if val else {}):
+            pts = [r for r in val if layer in r["heads"]]
+            line, = ax.plot([r["step"] for r in pts], [num(r["heads"][layer].get(key)) for r in pts],
+                            marker=".", label=f"exit {layer}")
+            base = num(val[-1]["heads"][layer].get("f1_always_exit"))
+            if key == "f1" and base is not None:
+                ax.axhline(base, ls="--", lw=0.8, color=line.get_color())
+        ax.set(title=f"{split} {key.upper()} per head" + (" (dashed: always exit)" if key == "f1" else ""),
+               xlabel="step", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def lens(lens_data, path, max_tokens: int = 40) -> Path:
+    """Logit lens: layers x tokens, each cell the layer's top-1 token, green where it equals the
+    final layer's; below it, the exit confidence per token at each exit point."""
+    toks = lens_data["tokens"][:max_tokens]
+    layers, T = lens_data["layers"], len(toks)
+    agree = [[bool(a) for a in row[:T]] for row in lens_data["agree_final"]]
+    conf = lens_data.get("confidence") or {}
+    fig, axes = plt.subplots(2 if conf else 1, 1, figsize=(1.2 + 0.62 * T, 1.5 + 0.24 * len(layers) + 2.2 * bool(conf)),
+                             squeeze=False, sharex=True, gridspec_kw={"height_ratios": [4, 1] if conf else [1]})
+    ax = axes[0][0]
+    ax.imshow(agree, cmap=ListedColormap(["#f4d6d2", "#bfe3b4"]), vmin=0, vmax=1, aspect="auto",
+              interpolation="nearest", origin="lower")
+    for i, row in enumerate(lens_data["top_tokens"]):
+        for j, tok in enumerate(row[:T]):
+            ax.text(j, i, text(repr(tok)[1:-1][:7]), ha="center", va="center", fontsize=5.5)
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=6)
+    ax.set(ylabel="layer", title="logit lens: top-1 token per layer (green: equals the final layer's)")
+    if conf:
+        c = axes[1][0]
+        for layer, vals in conf.items():
+            c.plot(range(len(vals[:T])), vals[:T], marker=".", label=f"exit {layer}")
+        c.set(ylabel="confidence", ylim=(0, 1.02))
+        c.legend(fontsize=6, ncol=min(6, len(conf)))
+        c.grid(alpha=0.3)
+    bottom = axes[-1][0]
+    bottom.set_xticks(range(T), [text(repr(t)[1:-1]) for t in toks], rotation=70, fontsize=6)
+    cut = len(lens_data["tokens"]) > T
+    bottom.set_xlabel("input token" + (f" (first {T} of {len(lens_data['tokens'])})" if cut else ""))
+    return _save(fig, path)
+
+
+def drift(drift_data, path) -> Path:
+    """How much each layer changes the hidden state: mean cosine with the previous layer's state,
+    and the mean hidden-state norm."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    a.plot(drift_data["layers"], drift_data["cosine"], marker="o", ms=3)
+    a.set(title="cosine(h[l-1], h[l]), mean over tokens", xlabel="layer l", ylabel="cosine similarity")
+    norm = drift_data["norm"]
+    # The norm may cover every layer while the cosine (a pair of layers) starts at layer 1.
+    xs = drift_data["layers"] if len(norm) == len(drift_data["layers"]) else range(len(norm))
+    b.plot(xs, norm, marker="o", ms=3, color="tab:orange")
+    b.set(title="hidden-state norm, mean over tokens", xlabel="layer", ylabel="L2 norm")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)

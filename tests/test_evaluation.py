@@ -1,0 +1,161 @@
+"""The evaluation commands as a user drives them: lm-eval's CLI with our model, sweeps that
+survive SIGKILL, and one-line errors for bad input."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from meestral.cli import main
+
+TINY = ["--backbone", "random:mistral", "--exits", "1,3", "--head", "softmax"]
+
+
+def _meestral(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "meestral.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def _table_values(text, task):
+    """{metric: value} from lm-eval's printed table rows of one task."""
+    out, current = {}, None
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 7:
+            continue
+        if cells[0]:
+            current = cells[0]
+        if current == task and cells[4] in ("acc", "acc_norm"):
+            out[cells[4]] = float(cells[6])
+    return out
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_never_exit_equals_hf_model(tmp_path):
+    """`meestral lm-eval` runs lm-eval's own CLI; with thresholds that never exit, its scores equal
+    lm-eval's `hf` model on the same backbone and task (per request, so per metric)."""
+    from lm_eval import simple_evaluate
+
+    from meestral.assets import smollm2_dir
+    from meestral.evaluation.tasks import task_manager
+
+    limit = 12
+    r = _meestral("lm-eval", "--model", "meestral", "--model_args",
+                  "backbone=smollm2,head=softmax,exits=7:15:22,threshold=1.0,policy=catchup,batch_size=4",
+                  "--tasks", "meestral_arc_easy", "--limit", str(limit), "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = _table_values(r.stdout, "meestral_arc_easy")
+    assert set(ours) == {"acc", "acc_norm"}, r.stdout
+    ref = simple_evaluate(model="hf", model_args=f"pretrained={smollm2_dir()},dtype=float32", device="cpu",
+                          tasks=["meestral_arc_easy"], limit=limit, batch_size=4,
+                          task_manager=task_manager(["meestral_arc_easy"]))
+    theirs = ref["results"]["meestral_arc_easy"]
+    assert ours["acc"] == pytest.approx(theirs["acc,none"], abs=1e-4)
+    assert ours["acc_norm"] == pytest.approx(theirs["acc_norm,none"], abs=1e-4)
+
+
+def test_sweep_killed_and_restarted_runs_only_missing_points(tmp_path):
+    out = tmp_path / "sweep.jsonl"
+    args = ["sweep", *TINY, "--tasks", "arc_easy", "--limit", "25", "--thresholds", "0.1,0.2,0.3,0.5",
+            "--policies", "copy,propagate,catchup", "--static-layers", "2", "--layer-drop", "1,2", "--out", str(out)]
+    total = 1 + 3 * 4 + 1 + 2
+    proc = subprocess.Popen([sys.executable, "-m", "meestral.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if out.exists() and out.read_text().count("\n") >= 3:  # header + 2 finished points
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len({json.loads(l)["key"] for l in out.read_text().splitlines()[1:] if l.endswith("}")})
+    assert 2 <= done < total, "the first run must be killed mid-sweep"
+    r = _meestral(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"sweep: (\d+) points, (\d+) already in .*, running (\d+)", r.stderr)
+    assert m and int(m.group(1)) == total and int(m.group(3)) == total - int(m.group(2))
+    assert int(m.group(2)) >= done
+    rows = [json.loads(l) for l in out.read_text().splitlines()[1:]]
+    keys = [row["key"] for row in rows]
+    assert len(keys) == len(set(keys)) == total
+    r = _meestral(*args)  # complete: nothing left to run
+    assert "running 0" in r.stderr
+    for row in rows:
+        assert 0 <= row["value"] <= 1 and row["tokens"] > 0
+        if row["config"]["baseline"] == "full":
+            assert row["agreement"] == 1.0 and row["weight_bytes_ratio"] == pytest.approx(1.0)
+        if row["config"]["baseline"] == "layer_drop":
+            assert row["mean_layers_run"] == 6 - row["config"]["layer"]
+
+
+def test_sweep_refuses_a_results_file_of_another_configuration(tmp_path, capsys):
+    out = tmp_path / "sweep.jsonl"
+    assert main(["sweep", *TINY, "--tasks", "arc_easy", "--limit", "2", "--thresholds", "0.5",
+                 "--policies", "catchup", "--out", str(out)]) == 0
+    before = out.read_text()
+    capsys.readouterr()
+    assert main(["sweep", "--backbone", "random:mamba2", "--exits", "1,3", "--head", "softmax", "--tasks", "arc_easy",
+                 "--limit", "2", "--thresholds", "0.5", "--policies", "catchup", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another configuration" in err[0]
+    assert out.read_text() == before
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", *TINY, "--tasks", "no_such_task"], "unknown task"),
+    (["sweep", *TINY, "--tasks", "arc_easy", "--thresholds", ""], "thresholds list is empty"),
+    (["sweep", *TINY, "--tasks", "arc_easy", "--thresholds", "0.5,1.5"], "outside [0, 1]"),
+    (["lm-eval", "--model", "meestral", "--model_args", "backbone=random:mistral,bogus=1", "--tasks",
+      "meestral_arc_easy"], "unknown --model_args key 'bogus'"),
+    (["lm-eval", "--model", "meestral", "--model_args", "backbone", "--tasks", "meestral_arc_easy"],
+     "malformed --model_args"),
+    (["lm-eval", "--model", "meestral", "--model_args", "backbone=random:mistral", "--tasks", "nope_task"],
+     "unknown task(s) nope_task"),
+])
+def test_bad_input_is_one_line(argv, needle, capsys, tmp_path):
+    os.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("meestral: error:") and needle in err[0], err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_model_args_lists_and_errors():
+    from meestral.errors import MeestralError
+    from meestral.evaluation.lm_model import MeestralLM
+
+    lm = MeestralLM.create_from_arg_string("backbone=random:mistral,head=margin,exits=1:3,threshold=0.4:0.6,policy=catchup,verify=true")
+    assert lm.heads.exit_points == [1, 3] and lm.dec.thresholds == [0.4, 0.6] and lm.dec.verify
+    with pytest.raises(MeestralError, match="threshold"):
+        MeestralLM.create_from_arg_string("backbone=random:mistral,threshold=2")
+    with pytest.raises(MeestralError, match="not a ':'-separated list"):
+        MeestralLM.create_from_arg_string("backbone=random:mistral,exits=a:b")
+    with pytest.raises(MeestralError, match="out of range"):
+        MeestralLM.create_from_arg_string("backbone=random:mistral,exits=1:9")
+
+
+def test_oracle_calibrate_report_end_to_end(tmp_path):
+    res = tmp_path / "results"
+    assert main(["sweep", *TINY, "--tasks", "arc_easy", "--limit", "4", "--thresholds", "0.2,0.5",
+                 "--policies", "copy,catchup", "--static-layers", "2", "--layer-drop", "1",
+                 "--out", str(res / "sweep.jsonl")]) == 0
+    assert main(["oracle", *TINY, "--tokens", "512", "--seq-len", "64", "--out", str(res / "oracle.json")]) == 0
+    oracle = json.loads((res / "oracle.json").read_text())
+    src = oracle["sources"]["embedded"]
+    assert src["tokens"] == 512 and len(src["agreement"]) == len(src["layers"])
+    lens = json.loads((res / "lens.json").read_text())
+    assert len(lens["top_tokens"]) == 6 and set(lens["confidence"]) == {"1", "3"}
+    assert main(["calibrate", *TINY, "--tokens", "1024", "--seq-len", "64", "--epsilon", "0.3",
+                 "--out", str(res / "calibration.json")]) == 0
+    cal = json.loads((res / "calibration.json").read_text())
+    assert 0 <= cal["threshold"] <= 1 and 0 <= cal["heldout_agreement"] <= 1 and cal["heldout_n"] > 0
+    png = tmp_path / "docs" / "tradeoff.png"
+    assert main(["report", "--results", str(res), "--docs-png", str(png)]) == 0
+    html = (res / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4 and (res / "report.md").exists()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
