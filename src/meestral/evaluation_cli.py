@@ -86,6 +86,11 @@ def cmd_lm_eval(args):
                           argv[argv.index("--include_path") + 1])
     if "--model_args" in argv and "--model" in argv and argv[argv.index("--model") + 1] == "meestral":
         _check_model_args(argv[argv.index("--model_args") + 1] if argv.index("--model_args") + 1 < len(argv) else "")
+    from meestral.data import hub_reachable
+
+    if not hub_reachable():  # offline: don't let HF libraries wait on retries to the hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     old = sys.argv
     sys.argv = ["lm-eval"] + argv
     try:

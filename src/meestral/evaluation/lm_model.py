@@ -78,6 +78,19 @@ class MeestralLM(TemplateLM):
         self.configure(heads=heads, head=head, exits=exits, threshold=threshold, policy=policy, verify=verify,
                        max_backlog=max_backlog, exit_output=exit_output, layer_drop=layer_drop)
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        """As lm-eval's, except that model_args win over the CLI's defaults (batch_size, device)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        args = dict(arg_dict)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
+
     @staticmethod
     def _int(v, what):
         try:
