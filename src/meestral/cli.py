@@ -156,7 +156,8 @@ def format_summary(s: dict, L: int) -> str:
 def cmd_demo(args):
     from meestral.demo import run_demo
 
-    return run_demo(backbone=args.backbone, max_new_tokens=args.max_new_tokens, device=args.device)
+    return run_demo(backbone=args.backbone, max_new_tokens=args.max_new_tokens, device=args.device,
+                    report_dir=None if args.no_report else args.report_dir)
 
 
 def cmd_bench(args):
@@ -208,6 +209,8 @@ def make_parser():
     d.add_argument("--backbone", default="smollm2")
     d.add_argument("--device", default="cpu")
     d.add_argument("--max-new-tokens", type=int, default=40)
+    d.add_argument("--report-dir", default="out/demo-report", help="where the evaluation report goes")
+    d.add_argument("--no-report", action="store_true", help="generation table only")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="decode benchmark: full depth vs forced exits, JSON lines")

@@ -238,6 +238,17 @@ def validation_rows(source: Source, tokenizer, seq_len: int, rows: int, val_frac
     return torch.tensor(buf[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def heldout_rows(spec: str, tokenizer, tokens: int, seq_len: int, val_fraction: float = 0.05) -> torch.Tensor:
+    """About `tokens` held-out tokens of a source (`embedded`, a file or folder) as packed rows of
+    `seq_len`: the same validation documents head training never sees."""
+    src = open_source(spec)
+    src.check()
+    rows = validation_rows(src, tokenizer, seq_len, max(1, tokens // seq_len), val_fraction)
+    if rows.shape[0] == 0:
+        raise MeestralError(f"no held-out text in {spec}: give more text or a smaller --seq-len")
+    return rows
+
+
 # ---- packing -----------------------------------------------------------------------------------
 class _Lane:
     def __init__(self, lane: int, seed: int):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from pathlib import Path
+
 from tqdm import tqdm
 
 from meestral.accounting import summarize
@@ -54,7 +56,72 @@ def demo_heads(spec, bb, exits, steps=40):
     return ExitHeads.load(out / "heads", bb)
 
 
-def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None) -> int:
+def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limit=20, thresholds=(0.4, 0.8),
+                      oracle_tokens=1024, log=None) -> Path:
+    """The evaluation pipeline on a small slice, ending in the report: a sweep (full model, three
+    policies x thresholds, a static exit and a layer-drop baseline) on lm-eval tasks of the offline
+    suite, the oracle bound and logit lens, a Learn-then-Test calibration, the heads' training
+    curves. Everything lands in `out_dir`; a second run reuses finished sweep points."""
+    import shutil
+
+    import numpy as np
+
+    from meestral.data import heldout_rows
+    from meestral.evaluation.calibration import calibrate, evaluate_threshold, split
+    from meestral.evaluation.lens import logit_lens
+    from meestral.evaluation.lm_model import MeestralLM
+    from meestral.evaluation.oracle import oracle_report
+    from meestral.evaluation.runner import task_token_sequences
+    from meestral.evaluation.tasks import resolve_tasks
+    from meestral.evaluation.scoring import calibration_data
+    from meestral.evaluation.sweep import SweepSpec, run_sweep
+    from meestral.report.render import write_report
+
+    log = log or sys.stderr
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L = bb.num_layers
+    lm = MeestralLM(backbone=bb, batch_size=16)
+    lm.spec = spec
+    lm.configure(heads=heads)
+    run_sweep(lm, SweepSpec(list(tasks), list(thresholds), ["copy", "catchup", "verify"],
+                            static_layers=[heads.exit_points[-1]], layer_drops=[max(1, L // 8)], limit=limit),
+              out_dir / "sweep.jsonl", f"classifier:{heads.source or 'demo'}", log=log)
+    print("oracle bound and logit lens ...", file=log)
+    rows = heldout_rows("embedded", bb.tokenizer, oracle_tokens, 128)
+    oracle = {"num_layers": L, "sources": {"embedded": oracle_report(bb, rows, list(range(L - 1)), seq_len=128)}}
+    for task in resolve_tasks(list(tasks)):  # the bound on the very prompts the sweep scored
+        seqs = task_token_sequences(bb, [task], limit)
+        oracle["sources"][task] = oracle_report(bb, seqs, list(range(L - 1)), seq_len=256)
+    _write(out_dir / "oracle.json", oracle)
+    _write(out_dir / "lens.json", logit_lens(bb, heads, "To be, or not to be, that is the question: whether 'tis "
+                                                        "nobler in the mind to suffer"))
+    print("calibration (Learn-then-Test, epsilon 0.2, delta 0.1) ...", file=log)
+    conf, agree, groups = calibration_data(bb, heads, heldout_rows("embedded", bb.tokenizer, 2 * oracle_tokens, 128))
+    cal_ids, held_ids = split(int(groups.max()) + 1, 0.5, seed=0)
+    cal, held = np.isin(groups, cal_ids), np.isin(groups, held_ids)
+    res = calibrate(conf[cal], agree[cal], 0.2, 0.1, layers=heads.exit_points, num_layers=L)
+    ev = evaluate_threshold(conf[held], agree[held], res.threshold, heads.exit_points, L)
+    _write(out_dir / "calibration.json", {**res.to_dict(), "heldout_agreement": ev["agreement"],
+                                          "heldout_exit_rate": ev["exit_rate"], "heldout_n": int(held.sum())})
+    train_log = Path(heads.source).parent / "log.jsonl" if getattr(heads, "source", None) else None
+    if train_log is not None and train_log.exists():
+        (out_dir / "train").mkdir(exist_ok=True)
+        shutil.copyfile(train_log, out_dir / "train" / "log.jsonl")
+    html, _ = write_report(out_dir, title=f"MEEstral demo report: {bb.name}")
+    return html
+
+
+def _write(path, obj):
+    import json
+    import os
+
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, report_dir=None) -> int:
     out = out or sys.stdout
     print(f"loading backbone {backbone!r} ...", file=sys.stderr)
     bb = load_backbone(backbone, device=device)
@@ -104,4 +171,8 @@ def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None) -> i
           "configuration:", file=out)
     for name, policy, _, _, _, text in results:
         print(f"  [{name}, {policy}] {text.strip()[:110]!r}", file=out)
+    if report_dir:
+        print("\nevaluation on a small slice of lm-eval tasks (offline suite) ...", file=sys.stderr)
+        html = evaluation_report(backbone, bb, trained, report_dir)
+        print(f"\nreport: {html} (and report.md, figures/ next to it)", file=out)
     return 0

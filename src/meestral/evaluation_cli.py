@@ -142,34 +142,9 @@ def cmd_sweep(args):
 
 
 def _heldout_sequences(bb, args):
-    """Held-out token rows: the embedded corpus' validation split (or a file/folder of text)."""
-    from meestral.data import open_source, validation_rows
+    from meestral.data import heldout_rows
 
-    src = open_source(args.data)
-    src.check()
-    rows = validation_rows(src, bb.tokenizer, args.seq_len, max(1, args.tokens // args.seq_len), 0.05)
-    if rows.shape[0] == 0:
-        raise MeestralError(f"no held-out text in {args.data}: give more text or a smaller --seq-len")
-    return rows
-
-
-def _task_sequences(bb, tasks, limit):
-    """Token ids of task prompts with their first answer choice (what lm-eval would score)."""
-    from meestral.evaluation.runner import load_tasks
-
-    _, task_dict = load_tasks(tasks)
-    seqs = []
-    for name, task in task_dict["tasks"].items():
-        task.build_all_requests(limit=limit, rank=0, world_size=1)
-        seen = set()
-        for inst in task.instances:
-            ctx = inst.args[0]
-            if ctx in seen:
-                continue
-            seen.add(ctx)
-            cont = inst.args[1] if len(inst.args) > 1 and isinstance(inst.args[1], str) else ""
-            seqs.append(bb.tokenizer.encode(ctx + cont))
-    return seqs
+    return heldout_rows(args.data, bb.tokenizer, args.tokens, args.seq_len)
 
 
 def cmd_oracle(args):
@@ -177,6 +152,8 @@ def cmd_oracle(args):
     from meestral.cli import build_heads
     from meestral.evaluation.lens import logit_lens
     from meestral.evaluation.oracle import oracle_report
+    from meestral.evaluation.runner import task_token_sequences
+    from meestral.evaluation.tasks import resolve_tasks
 
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     L = bb.num_layers
@@ -185,8 +162,8 @@ def cmd_oracle(args):
     rows = _heldout_sequences(bb, args)
     name = "embedded" if args.data == "embedded" else Path(args.data).name
     out["sources"][name] = oracle_report(bb, rows, layers, seq_len=args.seq_len, batch=args.batch_size)
-    for task in _names(args.tasks or ""):
-        seqs = _task_sequences(bb, [task], args.limit)
+    for task in resolve_tasks(_names(args.tasks or "")) if args.tasks else []:
+        seqs = task_token_sequences(bb, [task], args.limit)
         out["sources"][task] = oracle_report(bb, seqs, layers, seq_len=args.seq_len, batch=args.batch_size)
     for src in out["sources"].values():
         src.setdefault("num_layers", L)
@@ -211,24 +188,14 @@ def cmd_calibrate(args):
     from meestral.backbones.loading import load_backbone
     from meestral.cli import build_heads
     from meestral.evaluation.calibration import calibrate, evaluate_threshold, split
-    from meestral.evaluation.scoring import build_tables
+    from meestral.evaluation.scoring import calibration_data
 
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     heads = build_heads(args, bb)
     rows = _heldout_sequences(bb, args)
     if rows.shape[0] < 2:
         raise MeestralError("calibration needs at least 2 held-out sequences: raise --tokens")
-    confs, agrees, groups = [], [], []
-    from tqdm import tqdm
-
-    for s in tqdm(range(0, rows.shape[0], args.batch_size), desc="calibration data"):
-        batch = [(r[:-1].tolist(), r[1:].tolist()) for r in rows[s:s + args.batch_size]]
-        for k, tab in enumerate(build_tables(bb, heads, batch)):
-            J = tab.conf.shape[1]
-            confs.append(tab.conf.numpy())
-            agrees.append((tab.top[:, :J + 1] == tab.top[:, J:J + 1]).numpy())
-            groups.append(np.full(tab.conf.shape[0], s + k))
-    conf, agree, groups = np.concatenate(confs), np.concatenate(agrees), np.concatenate(groups)
+    conf, agree, groups = calibration_data(bb, heads, rows, args.batch_size)
     cal_units, held_units = split(rows.shape[0], args.calib_fraction, seed=args.seed)
     cal, held = np.isin(groups, cal_units), np.isin(groups, held_units)
     result = calibrate(conf[cal], agree[cal], args.epsilon, args.delta, method=args.method,

@@ -102,6 +102,7 @@ class ExitHeads(nn.Module):
         self.features = features
         self.mlp_hidden = int(mlp_hidden)
         self.identity = backbone.identity()
+        self.source = None  # the folder the heads were loaded from, if any
         d = backbone.hidden_size + (backbone.aux_dim() if features == "hidden+aux" else 0)
         self.feature_dim = d
         self.norm = _RMS()
@@ -211,6 +212,7 @@ class ExitHeads(nn.Module):
                 raise MeestralError(
                     f"{weights} is missing or corrupted ({type(e).__name__}): re-save or re-train the heads"
                 ) from None
+        heads.source = str(folder)  # where they came from (the report looks for the training log next to it)
         return heads
 
 

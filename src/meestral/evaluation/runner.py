@@ -78,3 +78,21 @@ def primary(task: str, metrics: dict) -> tuple[str, float, float | None]:
             return name, float(metrics[name]), metrics.get(f"{name}_stderr")
     name = sorted(k for k in metrics if not k.endswith("_stderr"))[0]
     return name, float(metrics[name]), metrics.get(f"{name}_stderr")
+
+
+def task_token_sequences(bb, tasks, limit=None) -> list[list[int]]:
+    """Token ids of the first `limit` documents' prompts, each with its first answer option (what
+    lm-eval scores), once per distinct prompt: the oracle's "task prompts" source."""
+    _, loaded = load_tasks(tasks)
+    seqs = []
+    for task in loaded["tasks"].values():
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        seen = set()
+        for inst in task.instances:
+            ctx = inst.args[0]
+            if ctx in seen:
+                continue
+            seen.add(ctx)
+            cont = inst.args[1] if len(inst.args) > 1 and isinstance(inst.args[1], str) else ""
+            seqs.append(bb.tokenizer.encode(ctx + cont))
+    return seqs

@@ -121,6 +121,24 @@ def build_tables(bb, heads, rows, chunk: int = 256) -> list[Table]:
     return tables
 
 
+def calibration_data(bb, heads, rows: torch.Tensor, batch: int = 8, progress: bool = True):
+    """Per-token (conf [N, J], agree [N, J+1], sequence id [N]) on packed text rows, from exact
+    tables: what Learn-then-Test calibrates on (agree[:, j]: exit point j gives the full model's
+    top-1; the last column, full depth, always does)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    confs, agrees, groups = [], [], []
+    for s in tqdm(range(0, rows.shape[0], batch), desc="calibration data", disable=not progress):
+        chunk = [(r[:-1].tolist(), r[1:].tolist()) for r in rows[s:s + batch]]
+        for k, tab in enumerate(build_tables(bb, heads, chunk)):
+            J = tab.conf.shape[1]
+            confs.append(tab.conf.numpy())
+            agrees.append((tab.top == tab.top[:, J:J + 1]).numpy())
+            groups.append(np.full(tab.conf.shape[0], s + k))
+    return np.concatenate(confs), np.concatenate(agrees), np.concatenate(groups)
+
+
 def decide(table: Table, thresholds, exit_points, cost, num_layers: int, verify: bool, max_backlog: int,
            needs_logits: bool) -> Scored:
     """Score one table at given thresholds under catch-up (or verify): exits, emitted log-probs

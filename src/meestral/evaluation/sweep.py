@@ -176,7 +176,13 @@ def run_sweep(lm, spec: SweepSpec, out, heads_spec: str, log=None) -> ResultsTab
             wall = time.perf_counter() - t0
             metrics = task_metrics(res, task)
             name, value, stderr = primary(task, metrics)
+            decoded = any(r["kind"] == "generate_until" for r in lm.records)
             acc = lm.accounting(reset=True)
+            if not decoded:
+                # Log-likelihood requests are scored by a teacher-forced pass (one parallel pass on
+                # the exact path, token by token otherwise): its time says how fast we *score*,
+                # not how fast the configuration decodes, so it is not reported as ms/token.
+                acc["ms_per_token"] = None
             row = {
                 "key": key,
                 "config": {**header, "task": task, "policy": p["policy"], "baseline": p["baseline"],
@@ -189,6 +195,7 @@ def run_sweep(lm, spec: SweepSpec, out, heads_spec: str, log=None) -> ResultsTab
                                            "weight_bytes_ratio", "ms_per_token", "deep_passes_per_token",
                                            "caught_up_per_token", "rolled_back", "exit_histogram")},
                 "tokens": acc.get("tokens", 0), "scoring_wall_s": acc.get("wall_s"), "wall_s": wall,
+                "requests": acc.get("requests"),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             table.append(row)

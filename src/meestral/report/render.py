@@ -161,7 +161,12 @@ def _intro(doc, res, x):
     doc.append(("p", "How to read the numbers: compute is given per emitted token relative to the same backbone "
                      "at full depth — weight bytes read (what bounds batch-1 decoding), FLOPs, and layers run. "
                      "A layer ratio is not a wall-clock speed-up; wall-clock comes from the ms/token measured "
-                     "in the sweep. The oracle (strict) bound is the fewest layers a token-identical exit could run "
+                     "in the sweep, which exists only for generation tasks (log-likelihood tasks are scored by a "
+                     "teacher-forced pass whose time is not a decoding speed). On log-likelihood tasks the tokens "
+                     "are given, so `verify` scores exactly the full model's log-likelihoods at catch-up's cost "
+                     "(deep passes shared by the backlog; no draft is ever fed back, so none is rolled back); its "
+                     "cost in free generation, rollbacks included, is measured on generation tasks and by "
+                     "`meestral bench`. The oracle (strict) bound is the fewest layers a token-identical exit could run "
                      "(each token leaves at the first exit point from which its top-1 equals the final one and stays "
                      "so); savings beyond it cost agreement. Agreement: fraction of scored tokens whose emitted "
                      f"top-1 equals the full model's. The main figure's x axis: {plots.X_AXES[x]}."))
