@@ -159,3 +159,29 @@ def test_oracle_calibrate_report_end_to_end(tmp_path):
     html = (res / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and (res / "report.md").exists()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rolling_and_generation_requests_on_the_full_model(tiny):
+    """loglikelihood_rolling = the full model's log-likelihood of every token after the prefix
+    token; generate_until = greedy decoding cut at the first stop sequence."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from meestral.evaluation.lm_model import MeestralLM
+
+    bb = tiny("mistral")
+    lm = MeestralLM(backbone=bb, head="full")
+    text = "To be, or not to be"
+    ids = [lm.prefix_token_id] + lm.tok_encode(text)
+    ref = bb.full_logits(torch.tensor([ids])).float().log_softmax(-1)[0]
+    want = sum(float(ref[t, ids[t + 1]]) for t in range(len(ids) - 1))
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    assert got[0] == pytest.approx(want, abs=1e-3)
+
+    full = lm.dec.generate([lm.tok_encode("Once")], __import__("meestral.decoding", fromlist=["x"]).SamplingOptions(
+        max_new_tokens=12))[0].text
+    stop = full[3:5]
+    out = lm.generate_until([Instance("generate_until", {}, ("Once", {"until": [stop], "max_gen_toks": 12}), 0)],
+                            disable_tqdm=True)
+    assert out[0] == full.split(stop)[0]
+    assert lm.records[-1]["kind"] == "generate_until" and lm.accounting()["requests"] == 2
