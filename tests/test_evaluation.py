@@ -185,3 +185,15 @@ def test_rolling_and_generation_requests_on_the_full_model(tiny):
                             disable_tqdm=True)
     assert out[0] == full.split(stop)[0]
     assert lm.records[-1]["kind"] == "generate_until" and lm.accounting()["requests"] == 2
+
+
+def test_eval_command_writes_results_and_accounting(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", *TINY, "--tasks", "arc_easy", "--limit", "3", "--threshold", "0.2", "--policy", "catchup",
+                 "--verify", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "meestral_arc_easy" in table and "acc_norm" in table
+    res = json.loads(out.read_text())
+    assert res["config"]["verify"] and res["config"]["exits"] == [1, 3]
+    assert "meestral_arc_easy" in res["results"] and res["accounting"]["requests"] > 0
+    assert res["accounting"]["agreement"] == 1.0  # verify: the emitted distribution is the full model's

@@ -247,7 +247,8 @@ class MeestralLM(TemplateLM):
         if not self.exact:
             return score_sequential(self.dec, batch)
         heads = self.heads
-        key_h = None if heads is None else (id(heads), heads.kind, tuple(heads.exit_points))
+        key_h = heads  # the heads object itself: tables hold its confidences, and keeping it in the
+        # key keeps it alive, so a new heads object can never reuse an old one's id
         keys = [(key_h, tuple(c), tuple(x)) for c, x in batch]
         todo = [i for i, k in enumerate(keys) if k not in self._tables]
         if todo:
