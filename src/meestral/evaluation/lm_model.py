@@ -220,6 +220,10 @@ class MeestralLM(TemplateLM):
         return self.bb.tokenizer.decode(list(ids))
 
     # ---- log-likelihoods ----------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        # lm-eval's tokenisation (its own bar too, silenced with ours during sweeps)
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """requests: [((context, continuation), context_enc, continuation_enc)] (lm-eval's form)."""
         items = []
