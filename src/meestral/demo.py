@@ -56,8 +56,8 @@ def demo_heads(spec, bb, exits, steps=40):
     return ExitHeads.load(out / "heads", bb)
 
 
-def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limit=20, thresholds=(0.4, 0.8),
-                      oracle_tokens=1024, log=None) -> Path:
+def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limit=16, thresholds=(0.4, 0.8),
+                      oracle_tokens=512, log=None) -> Path:
     """The evaluation pipeline on a small slice, ending in the report: a sweep (full model, three
     policies x thresholds, a static exit and a layer-drop baseline) on lm-eval tasks of the offline
     suite, the oracle bound and logit lens, a Learn-then-Test calibration, the heads' training
@@ -97,7 +97,7 @@ def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limi
     _write(out_dir / "lens.json", logit_lens(bb, heads, "To be, or not to be, that is the question: whether 'tis "
                                                         "nobler in the mind to suffer"))
     print("calibration (Learn-then-Test, epsilon 0.2, delta 0.1) ...", file=log)
-    conf, agree, groups = calibration_data(bb, heads, heldout_rows("embedded", bb.tokenizer, 2 * oracle_tokens, 128))
+    conf, agree, groups = calibration_data(bb, heads, heldout_rows("embedded", bb.tokenizer, 4 * oracle_tokens, 128))
     cal_ids, held_ids = split(int(groups.max()) + 1, 0.5, seed=0)
     cal, held = np.isin(groups, cal_ids), np.isin(groups, held_ids)
     res = calibrate(conf[cal], agree[cal], 0.2, 0.1, layers=heads.exit_points, num_layers=L)
