@@ -83,7 +83,14 @@ def test_verify_scores_the_full_model_at_catchup_cost(tiny):
     c = _exact_scores(bb, heads, dec.thresholds, dec, ctx, cont, verify=False)
     assert v.logprob == pytest.approx(want, abs=1e-4)
     assert c.logprob != pytest.approx(want, abs=1e-4)  # these thresholds exit, so catch-up differs
-    assert [s.weight_bytes for s in v.stats] == [s.weight_bytes for s in c.stats]
+    assert [s.weight_bytes for s in v.stats[:-1]] == [s.weight_bytes for s in c.stats[:-1]]
+    # Drafts still waiting after the last token are verified by one more deep pass, charged to it.
+    assert (v.stats[-1].weight_bytes > c.stats[-1].weight_bytes) == (not c.stats[-1].deep)
+    cont2 = cont + [11]  # make the last scored token exit, so the flush must be charged
+    roomy = EarlyExitDecoder(bb, heads, 0.0, "catchup", max_backlog=64)  # no forced deep pass
+    v2 = _exact_scores(bb, heads, [0.0, 0.0], roomy, ctx, cont2, verify=True)
+    c2 = _exact_scores(bb, heads, [0.0, 0.0], roomy, ctx, cont2, verify=False)
+    assert not c2.stats[-1].deep and v2.stats[-1].weight_bytes > c2.stats[-1].weight_bytes
 
 
 def test_pruned_model_skips_its_blocks_everywhere(tiny):

@@ -176,6 +176,16 @@ def decide(table: Table, thresholds, exit_points, cost, num_layers: int, verify:
         greedy &= top[t][out] == target[t]
         agree.append(top[t][out] == top[t][J])
         stats.append(st)
+    if verify and pending and stats:
+        # Every scored token needs the full model's distribution: drafts still waiting at the end
+        # are verified by one more deep pass (generation flushes them the same way).
+        slots = [sum(d < i for d in pending) for i in range(L)]
+        ran = [i for i in range(L) if slots[i]]
+        flops, nbytes = cost.token(ran, [], 0, table.start + n, True, slots=slots)
+        last = stats[-1]
+        last.flops += flops
+        last.weight_bytes += nbytes - cost.embed_bytes  # no new token is embedded
+        last.caught_up += sum(slots)
     per = table.wall_s / max(n, 1) * 1000
     for s in stats:
         s.wall_ms = per

@@ -198,6 +198,11 @@ def run_sweep(lm, spec: SweepSpec, out, heads_spec: str, log=None) -> ResultsTab
                 "requests": acc.get("requests"),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
+            if p["policy"] == "verify":
+                # The emitted token is the full model's, decided by a deep pass: the decision uses
+                # every layer. How deep the drafts went is kept apart (their saving shows in bytes).
+                row["draft_mean_layers_run"], row["draft_layer_fraction"] = row["mean_layers_run"], row["layer_fraction"]
+                row["mean_layers_run"], row["layer_fraction"] = float(L), 1.0
             table.append(row)
             bar.update(1)
             bar.set_postfix_str(f"{task} {p['baseline'] or p['policy']} {p['threshold'] or p['layer'] or ''}: "
