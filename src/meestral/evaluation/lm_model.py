@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from meestral.decoding import EarlyExitDecoder, SamplingOptions
 from meestral.errors import MeestralError
-from meestral.evaluation.scoring import Table, build_tables, decide, score_sequential, summarize_scored
+from meestral.evaluation.scoring import build_tables, decide, score_sequential
 
 ARGS = ("backbone", "heads", "head", "exits", "threshold", "policy", "verify", "max_backlog", "exit_output",
         "layer_drop", "dtype", "device", "batch_size", "max_batch_size", "max_length", "max_gen_toks")

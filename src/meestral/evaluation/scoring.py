@@ -251,21 +251,3 @@ def score_sequential(dec, rows) -> list[Scored]:
         for r in out:
             r.wall_s += w
     return out
-
-
-def summarize_scored(results: list[Scored], cost, num_layers: int) -> dict:
-    """Per-token means over every scored token but the prompt-pass ones, and agreement over all."""
-    from meestral.accounting import summarize
-
-    stats = [s for r in results for s in r.stats]
-    agree = [a for r in results for a in r.agree]
-    out = summarize(stats, cost, num_layers)
-    out["agreement"] = sum(agree) / len(agree) if agree else float("nan")
-    out["scored_tokens"] = len(agree)
-    hist: dict[int, int] = {}
-    for s in stats:
-        if not s.prefill:
-            hist[s.exit_layer] = hist.get(s.exit_layer, 0) + 1
-    out["exit_histogram"] = {str(k): v for k, v in sorted(hist.items())}
-    out["wall_s"] = sum(r.wall_s for r in results)
-    return out
