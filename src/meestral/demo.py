@@ -64,16 +64,13 @@ def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limi
     curves. Everything lands in `out_dir`; a second run reuses finished sweep points."""
     import shutil
 
-    import numpy as np
-
     from meestral.data import heldout_rows
-    from meestral.evaluation.calibration import calibrate, evaluate_threshold, split
+    from meestral.evaluation.calibration import calibrate_on_text
     from meestral.evaluation.lens import logit_lens
     from meestral.evaluation.lm_model import MeestralLM
     from meestral.evaluation.oracle import oracle_report
     from meestral.evaluation.runner import task_token_sequences
     from meestral.evaluation.tasks import resolve_tasks
-    from meestral.evaluation.scoring import calibration_data
     from meestral.evaluation.sweep import SweepSpec, run_sweep
     from meestral.report.render import write_report
 
@@ -97,13 +94,8 @@ def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limi
     _write(out_dir / "lens.json", logit_lens(bb, heads, "To be, or not to be, that is the question: whether 'tis "
                                                         "nobler in the mind to suffer"))
     print("calibration (Learn-then-Test, epsilon 0.2, delta 0.1) ...", file=log)
-    conf, agree, groups = calibration_data(bb, heads, heldout_rows("embedded", bb.tokenizer, 4 * oracle_tokens, 128))
-    cal_ids, held_ids = split(int(groups.max()) + 1, 0.5, seed=0)
-    cal, held = np.isin(groups, cal_ids), np.isin(groups, held_ids)
-    res = calibrate(conf[cal], agree[cal], 0.2, 0.1, layers=heads.exit_points, num_layers=L)
-    ev = evaluate_threshold(conf[held], agree[held], res.threshold, heads.exit_points, L)
-    _write(out_dir / "calibration.json", {**res.to_dict(), "heldout_agreement": ev["agreement"],
-                                          "heldout_exit_rate": ev["exit_rate"], "heldout_n": int(held.sum())})
+    rows = heldout_rows("embedded", bb.tokenizer, 4 * oracle_tokens, 128)
+    _write(out_dir / "calibration.json", calibrate_on_text(bb, heads, rows, 0.2, 0.1))
     train_log = Path(heads.source).parent / "log.jsonl" if getattr(heads, "source", None) else None
     if train_log is not None and train_log.exists():
         (out_dir / "train").mkdir(exist_ok=True)

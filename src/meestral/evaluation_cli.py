@@ -183,34 +183,19 @@ def cmd_oracle(args):
 
 
 def cmd_calibrate(args):
-    import numpy as np
-
     from meestral.backbones.loading import load_backbone
     from meestral.cli import build_heads
-    from meestral.evaluation.calibration import calibrate, evaluate_threshold, split
-    from meestral.evaluation.scoring import calibration_data
+    from meestral.evaluation.calibration import calibrate_on_text
 
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     heads = build_heads(args, bb)
-    rows = _heldout_sequences(bb, args)
-    if rows.shape[0] < 2:
-        raise MeestralError("calibration needs at least 2 held-out sequences: raise --tokens")
-    conf, agree, groups = calibration_data(bb, heads, rows, args.batch_size)
-    cal_units, held_units = split(rows.shape[0], args.calib_fraction, seed=args.seed)
-    cal, held = np.isin(groups, cal_units), np.isin(groups, held_units)
-    result = calibrate(conf[cal], agree[cal], args.epsilon, args.delta, method=args.method,
-                       unit=args.unit, groups=groups[cal], layers=heads.exit_points, num_layers=bb.num_layers)
-    ev = evaluate_threshold(conf[held], agree[held], result.threshold, heads.exit_points, bb.num_layers)
-    out = result.to_dict()
-    out.update({"heldout_agreement": ev["agreement"], "heldout_exit_rate": ev["exit_rate"],
-                "heldout_mean_exit_layer": ev.get("mean_exit_layer"), "heldout_n": int(held.sum()),
-                "heads": _heads_spec(args), "exits": heads.exit_points, "backbone": args.backbone,
-                "note_policy": "calibrated on exact (catchup) hidden states; copy/propagate change later "
-                               "tokens' states, so the guarantee holds for catchup and verify"})
+    out = calibrate_on_text(bb, heads, _heldout_sequences(bb, args), args.epsilon, args.delta, args.calib_fraction,
+                            args.seed, args.method, args.unit, args.batch_size)
+    out.update({"heads": _heads_spec(args), "backbone": args.backbone})
     _write_json(args.out, out)
-    print(f"threshold {result.threshold:.3f}: calibration agreement {result.calib_agreement:.3f}, held-out "
-          f"agreement {ev['agreement']:.3f} (target >= {1 - args.epsilon:.3f} w.p. >= {1 - args.delta:.2f}), "
-          f"held-out exit rate {ev['exit_rate']:.1%}", file=sys.stderr)
+    print(f"threshold {out['threshold']:.3f}: calibration agreement {out['calib_agreement']:.3f}, held-out "
+          f"agreement {out['heldout_agreement']:.3f} (target >= {1 - args.epsilon:.3f} w.p. >= "
+          f"{1 - args.delta:.2f}), held-out exit rate {out['heldout_exit_rate']:.1%}", file=sys.stderr)
     return 0
 
 

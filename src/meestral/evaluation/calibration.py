@@ -311,3 +311,26 @@ def split(n_units: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.
     k = min(n_units - 1, max(1, round(fraction * n_units)))
     perm = np.random.default_rng(seed).permutation(n_units)
     return np.sort(perm[:k]), np.sort(perm[k:])
+
+
+def calibrate_on_text(bb, heads, rows, epsilon: float, delta: float, calib_fraction: float = 0.5, seed: int = 0,
+                      method: str | None = None, unit: str = "token", batch: int = 8) -> dict:
+    """Calibrate `heads` on packed held-out text rows split by sequence, then measure the chosen
+    threshold on the other part: the result `meestral calibrate` writes and the report reads."""
+    from meestral.evaluation.scoring import calibration_data
+
+    if rows.shape[0] < 2:
+        raise MeestralError("calibration needs at least 2 held-out sequences: give more held-out tokens")
+    conf, agree, groups = calibration_data(bb, heads, rows, batch)
+    cal_ids, held_ids = split(rows.shape[0], calib_fraction, seed=seed)
+    cal, held = np.isin(groups, cal_ids), np.isin(groups, held_ids)
+    result = calibrate(conf[cal], agree[cal], epsilon, delta, method=method, unit=unit, groups=groups[cal],
+                       layers=heads.exit_points, num_layers=bb.num_layers)
+    ev = evaluate_threshold(conf[held], agree[held], result.threshold, heads.exit_points, bb.num_layers)
+    out = result.to_dict()
+    out.update({"heldout_agreement": ev["agreement"], "heldout_exit_rate": ev["exit_rate"],
+                "heldout_mean_exit_layer": ev.get("mean_exit_layer"), "heldout_n": int(held.sum()),
+                "exits": list(heads.exit_points),
+                "note_policy": "calibrated on exact (catchup) hidden states; copy/propagate change later "
+                               "tokens' states, so the guarantee holds for catchup and verify"})
+    return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
