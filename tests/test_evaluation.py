@@ -58,6 +58,21 @@ def test_lm_eval_cli_never_exit_equals_hf_model(tmp_path):
     assert ours["acc"] == pytest.approx(theirs["acc,none"], abs=1e-4)
     assert ours["acc_norm"] == pytest.approx(theirs["acc_norm,none"], abs=1e-4)
 
+    # Request by request, not only the accuracy: the same log-likelihoods and greedy flags.
+    from lm_eval.models.huggingface import HFLM
+
+    from meestral.evaluation.lm_model import MeestralLM
+    from meestral.evaluation.runner import load_tasks
+
+    task = load_tasks(["arc_easy"])[1]["tasks"]["meestral_arc_easy"]
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    hf = HFLM(pretrained=str(smollm2_dir()), device="cpu", batch_size=4, dtype="float32")
+    mine = MeestralLM(backbone="smollm2", head="softmax", exits="7:15:22", threshold=1.0, policy="catchup")
+    a, b = hf.loglikelihood(task.instances), mine.loglikelihood(task.instances)
+    assert len(a) == len(b) == 4 * limit
+    assert [g for _, g in a] == [g for _, g in b]
+    assert [x for x, _ in b] == pytest.approx([x for x, _ in a], abs=1e-4)
+
 
 def test_sweep_killed_and_restarted_runs_only_missing_points(tmp_path):
     out = tmp_path / "sweep.jsonl"
