@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from meestral.errors import MeestralError
+from meestral.files import atomic_write
 from meestral.evaluation.calibration import calibrate
 from meestral.evaluation.oracle import oracle_summary
 from meestral.report import main_tradeoff_png, plots, render, write_report
@@ -265,7 +266,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        plots.atomic_write(target, half)
+        atomic_write(target, half)
     assert list(tmp_path.iterdir()) == []
 
 

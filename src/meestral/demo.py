@@ -72,13 +72,14 @@ def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limi
     from meestral.evaluation.runner import task_token_sequences
     from meestral.evaluation.tasks import resolve_tasks
     from meestral.evaluation.sweep import SweepSpec, run_sweep
+    from meestral.files import write_json
     from meestral.report.render import write_report
 
     log = log or sys.stderr
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L = bb.num_layers
-    lm = MeestralLM(backbone=bb, batch_size=16)
+    lm = MeestralLM(backbone=bb, head="full", batch_size=16)
     lm.spec = spec
     lm.configure(heads=heads)
     run_sweep(lm, SweepSpec(list(tasks), list(thresholds), ["copy", "catchup", "verify"],
@@ -90,27 +91,18 @@ def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limi
     for task in resolve_tasks(list(tasks)):  # the bound on the very prompts the sweep scored
         seqs = task_token_sequences(bb, [task], limit)
         oracle["sources"][task] = oracle_report(bb, seqs, list(range(L - 1)), seq_len=256)
-    _write(out_dir / "oracle.json", oracle)
-    _write(out_dir / "lens.json", logit_lens(bb, heads, "To be, or not to be, that is the question: whether 'tis "
+    write_json(out_dir / "oracle.json", oracle)
+    write_json(out_dir / "lens.json", logit_lens(bb, heads, "To be, or not to be, that is the question: whether 'tis "
                                                         "nobler in the mind to suffer"))
     print("calibration (Learn-then-Test, epsilon 0.2, delta 0.1) ...", file=log)
     rows = heldout_rows("embedded", bb.tokenizer, 4 * oracle_tokens, 128)
-    _write(out_dir / "calibration.json", calibrate_on_text(bb, heads, rows, 0.2, 0.1))
+    write_json(out_dir / "calibration.json", calibrate_on_text(bb, heads, rows, 0.2, 0.1))
     train_log = Path(heads.source).parent / "log.jsonl" if getattr(heads, "source", None) else None
     if train_log is not None and train_log.exists():
         (out_dir / "train").mkdir(exist_ok=True)
         shutil.copyfile(train_log, out_dir / "train" / "log.jsonl")
     html, _ = write_report(out_dir, title=f"MEEstral demo report: {bb.name}")
     return html
-
-
-def _write(path, obj):
-    import json
-    import os
-
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, report_dir=None) -> int:

@@ -16,16 +16,14 @@ def _names(text: str) -> list[str]:
 
 
 def _write_json(path, obj):
-    """Atomic: a reader never sees half a file, a failure leaves none."""
+    from meestral.files import write_json
+
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(obj, indent=1, default=str))
-        os.replace(tmp, path)
+        return write_json(path, obj, indent=1, default=str)
     except OSError as e:
         raise MeestralError(f"cannot write {path}: {e.strerror}: choose a writable location") from None
-    return path
 
 
 def _lm(args, **extra):
@@ -36,7 +34,7 @@ def _lm(args, **extra):
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     heads = build_heads(args, bb) if (args.heads or args.head not in ("full", "none")) else None
     policy, verify = args.policy, args.verify
-    lm = MeestralLM(backbone=bb, batch_size=args.batch_size, max_length=args.max_length, **extra)
+    lm = MeestralLM(backbone=bb, head="full", batch_size=args.batch_size, max_length=args.max_length, **extra)
     lm.spec = args.backbone
     lm.configure(heads=heads, head="full" if heads is None else None, threshold=args.threshold, policy=policy,
                  verify=verify, max_backlog=args.max_backlog, exit_output=args.exit_output)

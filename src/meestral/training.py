@@ -61,6 +61,7 @@ from torch import nn
 
 from meestral.data import tuplify
 from meestral.errors import MeestralError
+from meestral.files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -294,15 +295,6 @@ def _averaged(opt, on: bool):
 
 
 # ---- files -------------------------------------------------------------------------------------
-def _atomic(path: Path, write):
-    """Write through a temporary file in the same folder, then rename: a kill leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def check_writable(out: Path):
     """The output folder (or its first existing ancestor) must be writable; nothing is created."""
     p = out
@@ -321,7 +313,7 @@ class RunLog:
         if resume_step is not None and self.path.exists():
             # Records written after the checkpoint describe steps that will be redone.
             self.records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
-            _atomic(self.path, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
+            atomic_write(self.path, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -362,7 +354,7 @@ class RunLog:
             if val:
                 ax.legend()
         fig.tight_layout()
-        _atomic(png, lambda t: fig.savefig(t, format="png"))
+        atomic_write(png, lambda t: fig.savefig(t, format="png"))
         plt.close(fig)
 
     def close(self):
@@ -539,7 +531,7 @@ class Trainer:
             "pos_weight": self.pos_weight, "data": data,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
-        _atomic(self.out / CHECKPOINT, lambda t: torch.save(state, t))
+        atomic_write(self.out / CHECKPOINT, lambda t: torch.save(state, t))
 
     # ---- one batch ---------------------------------------------------------------------------
     def _features_and_labels(self, ids):

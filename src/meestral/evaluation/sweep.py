@@ -26,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from meestral.errors import MeestralError
+from meestral.files import atomic_write
 
 FORMAT = 1
 
@@ -95,9 +96,7 @@ class ResultsTable:
         else:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                tmp.write_text(json.dumps({"meestral_sweep": FORMAT, **header}) + "\n")
-                os.replace(tmp, self.path)
+                atomic_write(self.path, lambda t: t.write_text(json.dumps({"meestral_sweep": FORMAT, **header}) + "\n"))
             except OSError as e:
                 raise MeestralError(f"cannot write results file {self.path}: {e.strerror}: choose a writable --out") from None
 

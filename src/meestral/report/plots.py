@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from meestral.errors import MeestralError  # noqa: E402
+from meestral.files import atomic_write  # noqa: E402
 
 X_AXES = {
     "weight_bytes_ratio": "weight bytes read per token, relative to full depth",
@@ -39,19 +39,6 @@ DPI = 110
 
 
 # ---- files ---------------------------------------------------------------------------------------
-def atomic_write(path: Path, write) -> Path:
-    """`write(tmp)` into a temporary file in `path`'s folder, then rename it over `path`: readers
-    never see a half-written file, and a failure leaves the previous one in place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _save(fig, path) -> Path:
     try:
         fig.tight_layout()

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from meestral.errors import MeestralError
 from meestral.report import plots
-from meestral.report.plots import atomic_write, baseline, num
+from meestral.files import atomic_write
+from meestral.report.plots import baseline, num
 
 FIGURES = ("tradeoff", "agreement", "exit_histograms", "oracle", "calibration", "training", "lens", "drift")
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
