@@ -9,6 +9,7 @@
   meestral lm-eval   ARGS...                lm-eval's own CLI, `--model meestral` registered
   meestral sweep     --tasks ... --thresholds ...   thresholds x policies x tasks + baselines
   meestral oracle | calibrate | report      the bound, Learn-then-Test thresholds, the report
+  meestral distill   sample|train           distil a Mamba-2 student from a teacher (distill_cli.py)
 
 Every user error ends with one line `meestral: error: ...` on stderr and exit status 2.
 """
@@ -231,6 +232,9 @@ def make_parser():
     from meestral.evaluation_cli import add_eval_parsers
 
     add_eval_parsers(sub)
+    from meestral.distill_cli import add_distill_parser
+
+    add_distill_parser(sub)
     return p
 
 

@@ -1,0 +1,423 @@
+"""Distil a student causal LM from a teacher: how the embedded Mamba-2 (`mamba2-smol`) is made.
+
+Two processes share one GPU (the recipe, recipes/mamba2-smol/, starts both):
+
+* `sample_teacher` makes text: the teacher answers prompts drawn from `distill_prompts` (topics x
+  templates) by sampling (temperature 1, top-p 0.95, so the text follows the teacher's own
+  distribution), and writes shards of token ids atomically into a folder.
+* `distill` trains the student on rows packed from those shards plus the training split of the
+  embedded Shakespeare corpus (its held-out documents are where perplexity is measured). The
+  teacher runs on the same rows and the loss is the full-vocabulary KL(teacher || student) plus a
+  small cross-entropy on the tokens themselves. Shards are picked up as they appear; the run logs
+  how often, on average, each token has been seen (`epochs`).
+
+The student is an HF `Mamba2ForCausalLM` with the teacher's tokenizer, vocabulary and special
+tokens; it trains through HF's own modules (the torch path where mamba-ssm is absent). Training
+checkpoints atomically every `ckpt_every` steps and `resume` continues from the last one; the
+end product is an HF folder and a Q8_0 GGUF file (`meestral.quantized`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from meestral.errors import MeestralError
+from meestral.files import atomic_write, write_json
+
+# The shipped student: 24 Mamba-2 blocks, as wide as fits under 48 MiB in Q8_0 with headroom
+# (43 MiB). State size and head size follow Codestral Mamba (128, 64); one group.
+STUDENT_SHAPE = dict(hidden_size=384, num_hidden_layers=24, state_size=128, expand=2, head_dim=64,
+                     n_groups=1, conv_kernel=4, chunk_size=128)
+
+
+# ---- models ------------------------------------------------------------------------------------
+def load_teacher(spec: str, device: str, dtype=torch.bfloat16):
+    """(HF model, HF tokenizer) of the teacher: 'smollm2' (embedded) or an HF folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec == "smollm2":
+        from meestral.assets import smollm2_dir
+
+        spec = str(smollm2_dir())
+    if not Path(spec).is_dir():
+        raise MeestralError(f"teacher {spec!r} is not a folder: give 'smollm2' or an HF model folder")
+    tok = AutoTokenizer.from_pretrained(spec)
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, attn_implementation="sdpa").to(device)
+    model.eval().requires_grad_(False)
+    return model, tok
+
+
+def student_config(teacher_config, **shape):
+    """A Mamba-2 config speaking the teacher's vocabulary and special tokens."""
+    from transformers import Mamba2Config
+
+    s = {**STUDENT_SHAPE, **shape}
+    s["num_heads"] = s["expand"] * s["hidden_size"] // s["head_dim"]
+    return Mamba2Config(vocab_size=teacher_config.vocab_size, tie_word_embeddings=True, residual_in_fp32=True,
+                        bos_token_id=teacher_config.bos_token_id, eos_token_id=teacher_config.eos_token_id,
+                        pad_token_id=teacher_config.pad_token_id, **s)
+
+
+# ---- teacher text --------------------------------------------------------------------------------
+def _prompt_ids(tok, text: str, chat: bool) -> list[int]:
+    if chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.inference_mode()
+def sample_teacher(teacher: str, out_dir: str, *, batch: int = 512, max_new_tokens: int = 384,
+                   temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, shards: int | None = None,
+                   seconds: float | None = None, device: str = "cuda", log=print) -> int:
+    """Write shards `out_dir/shard-<seed>-<k>.pt` of teacher samples until `shards` are written,
+    `seconds` have passed or a file `out_dir/STOP` appears. Each shard is a dict with `docs` (list
+    of int32 tensors: prompt + sampled continuation, cut after the first EOS) and the prompts.
+    Returns the number of shards written; restarting with the same seed continues the numbering."""
+    from meestral.distill_prompts import sample_prompt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_teacher(teacher, device)
+    eos = model.config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+    # A plain continuation may end with the document separator instead of the chat end token.
+    eos_ids |= {tok.get_vocab()[s] for s in ("<|endoftext|>", "</s>") if s in tok.get_vocab()}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else sorted(eos_ids)[0]
+    k = len(list(out.glob(f"shard-{seed:03d}-*.pt")))
+    t0, written = time.time(), 0
+    while (shards is None or written < shards) and (seconds is None or time.time() - t0 < seconds):
+        if (out / "STOP").exists():
+            break
+        rng = random.Random(f"{seed}:{k}")
+        torch.manual_seed(hash((seed, k)) % 2**31)
+        prompts = [sample_prompt(rng) for _ in range(batch)]
+        ids = [_prompt_ids(tok, p, chat) for p, chat in prompts]
+        width = max(map(len, ids))
+        inp = torch.full((batch, width), pad, dtype=torch.long)
+        att = torch.zeros((batch, width), dtype=torch.long)
+        for r, x in enumerate(ids):  # left padding: every row's continuation starts at `width`
+            inp[r, width - len(x):] = torch.tensor(x)
+            att[r, width - len(x):] = 1
+        ts = time.time()
+        gen = model.generate(input_ids=inp.to(device), attention_mask=att.to(device), do_sample=True,
+                             temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=sorted(eos_ids))
+        gen = gen[:, width:].cpu()
+        docs, n_tok = [], 0
+        for r, x in enumerate(ids):
+            cont = gen[r].tolist()
+            cut = next((j + 1 for j, t in enumerate(cont) if t in eos_ids), len(cont))
+            doc = torch.tensor(x + cont[:cut], dtype=torch.int32)
+            docs.append(doc)
+            n_tok += len(doc)
+        path = out / f"shard-{seed:03d}-{k:05d}.pt"
+        atomic_write(path, lambda t: torch.save({"docs": docs, "prompts": prompts}, t))
+        dt = time.time() - ts
+        log(json.dumps({"shard": path.name, "docs": len(docs), "tokens": n_tok, "seconds": round(dt, 1),
+                        "tok_per_s": round(n_tok / dt)}))
+        k += 1
+        written += 1
+    return written
+
+
+# ---- data ----------------------------------------------------------------------------------------
+class RowPool:
+    """Training rows of `seq_len` tokens packed from the teacher's shards (read as they appear) and
+    from a fixed corpus tensor; `batch(n)` mixes them in the ratio `corpus_share`."""
+
+    def __init__(self, data_dir: str | None, corpus: torch.Tensor | None, seq_len: int, eos: int,
+                 corpus_share: float, seed: int):
+        self.dir = Path(data_dir) if data_dir else None
+        self.seq_len, self.eos, self.share = seq_len, eos, corpus_share
+        self.corpus = corpus
+        self.rows = torch.zeros((0, seq_len), dtype=torch.int32)
+        self.seen: set[str] = set()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.leftover: list[int] = []
+
+    def refresh(self) -> int:
+        """Pack shards not read yet; returns how many rows were added."""
+        if self.dir is None or not self.dir.is_dir():
+            return 0
+        new = []
+        for p in sorted(self.dir.glob("shard-*.pt")):
+            if p.name in self.seen:
+                continue
+            try:
+                docs = torch.load(p, weights_only=False)["docs"]
+            except Exception:  # a shard being renamed into place right now: next refresh
+                continue
+            self.seen.add(p.name)
+            buf = self.leftover
+            for d in docs:
+                buf.extend(d.tolist())
+                if buf[-1] != self.eos:
+                    buf.append(self.eos)
+            n = len(buf) // self.seq_len
+            if n:
+                new.append(torch.tensor(buf[: n * self.seq_len], dtype=torch.int32).view(n, self.seq_len))
+            self.leftover = buf[n * self.seq_len:]
+        if new:
+            self.rows = torch.cat([self.rows] + new)
+        return sum(x.shape[0] for x in new)
+
+    def batch(self, n: int) -> torch.Tensor:
+        n_corpus = 0
+        if self.corpus is not None and len(self.corpus):
+            n_corpus = n if not len(self.rows) else int(round(n * self.share))
+        parts = []
+        if n_corpus:
+            parts.append(self.corpus[torch.randint(len(self.corpus), (n_corpus,), generator=self.gen)])
+        if n - n_corpus:
+            parts.append(self.rows[torch.randint(len(self.rows), (n - n_corpus,), generator=self.gen)])
+        return torch.cat(parts).long()
+
+
+def corpus_rows(tok, seq_len: int, spec: str = "embedded", val_fraction: float = 0.05) -> torch.Tensor:
+    """Every training-split document of a text source, tokenised as head training does (BOS +
+    text + EOS) and packed into rows: the held-out documents (`data.is_validation`) stay out."""
+    from meestral.data import is_validation, open_source
+
+    src = open_source(spec)
+    src.check()
+    buf: list[int] = []
+    for _, text in src.documents():
+        if not is_validation(text, val_fraction):
+            buf += _encode(tok, text)
+    n = len(buf) // seq_len
+    return torch.tensor(buf[: n * seq_len], dtype=torch.int32).view(n, seq_len)
+
+
+def _encode(tok, text):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    return bos + ids + [tok.eos_token_id]
+
+
+def heldout_ppl(model, rows: torch.Tensor, batch: int = 8) -> float:
+    """Perplexity of `model` on packed held-out rows (every next-token prediction counted)."""
+    nll, n = 0.0, 0
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch):
+            x = rows[i:i + batch].long().to(dev)
+            logits = model(x).logits[:, :-1].float()
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
+            n += x[:, 1:].numel()
+    return math.exp(nll / n)
+
+
+# ---- the loss ------------------------------------------------------------------------------------
+def kd_loss(student_logits, teacher_logits, targets, ce_weight: float):
+    """(loss, kl, ce): mean over tokens of KL(teacher || student) on the full vocabulary, plus
+    `ce_weight` x cross-entropy of the student on the actual next tokens. Computed in float32."""
+    s = F.log_softmax(student_logits.float(), -1)
+    t = F.log_softmax(teacher_logits.float(), -1)
+    kl = (t.exp() * (t - s)).sum(-1).mean()
+    ce = F.nll_loss(s.reshape(-1, s.shape[-1]), targets.reshape(-1))
+    return kl + ce_weight * ce, kl, ce
+
+
+# ---- training --------------------------------------------------------------------------------------
+@dataclass
+class DistillConfig:
+    teacher: str = "smollm2"
+    data: str | None = None  # folder of teacher shards (sample_teacher's out_dir)
+    corpus: str | None = "embedded"  # a text source mixed in (its held-out split is never trained on)
+    corpus_share: float = 0.1
+    out: str = "runs/distill"
+    shape: dict = field(default_factory=dict)  # overrides of STUDENT_SHAPE
+    steps: int | None = None
+    seconds: float | None = None  # instead of steps: the step count is fixed after 20 timed steps
+    batch: int = 64
+    seq_len: int = 512
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 100
+    decay_share: float = 0.2  # warm-up, constant, then linear decay over the last share of steps
+    weight_decay: float = 0.1
+    ce_weight: float = 0.2
+    clip: float = 1.0
+    min_rows: int = 256  # wait for this many sampled rows before training on them,
+    wait_seconds: float = 120  # but no longer than this
+    log_every: int = 10
+    eval_every: int = 250
+    ckpt_every: int = 200
+    heldout_tokens: int = 65536
+    compile: bool = False
+    resume: bool = True
+    seed: int = 0
+    device: str = "cuda"
+
+
+def _lr(cfg: DistillConfig, step: int, total: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    decay_from = int(total * (1 - cfg.decay_share))
+    if step < decay_from:
+        return cfg.lr
+    frac = (step - decay_from) / max(1, total - decay_from)
+    return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, frac)
+
+
+def distill(cfg: DistillConfig, log=print) -> dict:
+    """Train the student; returns the last log record. Writes into cfg.out: checkpoint.pt,
+    log.jsonl, config.json, student/ (HF folder) and mamba2-smol.gguf (Q8_0) at the end."""
+    from transformers import Mamba2ForCausalLM
+
+    from meestral.data import heldout_rows
+    from meestral.tokenizer import HFTokenizer
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(cfg.device)
+    teacher, tok = load_teacher(cfg.teacher, cfg.device)
+    scfg = student_config(teacher.config, **cfg.shape)
+    torch.manual_seed(cfg.seed)
+    student = Mamba2ForCausalLM(scfg).to(dev)
+    n_params = sum(p.numel() for p in student.parameters())
+    decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                            fused=dev.type == "cuda")
+    corpus = corpus_rows(tok, cfg.seq_len, cfg.corpus) if cfg.corpus else None
+    held = heldout_rows(cfg.corpus or "embedded", HFTokenizer(tok), cfg.heldout_tokens, cfg.seq_len)
+    pool = RowPool(cfg.data, corpus, cfg.seq_len, tok.eos_token_id, cfg.corpus_share, cfg.seed)
+    step, total, tokens_seen, elapsed = 0, cfg.steps, 0, 0.0
+    ckpt = out / "checkpoint.pt"
+    if cfg.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["opt"])
+        step, total, tokens_seen, elapsed = state["step"], state["total"], state["tokens"], state["elapsed"]
+        pool.gen.set_state(state["pool_rng"])
+        log(json.dumps({"resumed_at": step, "total": total}))
+    write_json(out / "config.json", {"distill": asdict(cfg), "student": scfg.to_dict(), "params": n_params},
+               indent=1)
+    log(json.dumps({"student_params": n_params, "corpus_rows": 0 if corpus is None else len(corpus),
+                    "heldout_rows": len(held)}))
+    teacher_ppl = heldout_ppl(teacher, held)
+    fwd = torch.compile(student) if cfg.compile else student
+    logf = open(out / "log.jsonl", "a")
+
+    def record(obj):
+        line = json.dumps(obj)
+        logf.write(line + "\n")
+        logf.flush()
+        log(line)
+
+    def save_ckpt():
+        atomic_write(ckpt, lambda t: torch.save({
+            "student": student.state_dict(), "opt": opt.state_dict(), "step": step, "total": total,
+            "tokens": tokens_seen, "elapsed": elapsed, "pool_rng": pool.gen.get_state()}, t))
+
+    pool.refresh()
+    waited = 0
+    while len(pool.rows) < cfg.min_rows and cfg.data and waited < cfg.wait_seconds:
+        time.sleep(5)  # the sampler's first shards; the corpus alone feeds training if none come
+        waited += 5
+        if pool.refresh() == 0 and (Path(cfg.data) / "STOP").exists():
+            break
+    t_run = time.time()
+    t_win, tok_win = time.time(), 0
+    while total is None or step < total:
+        if step % 20 == 0:
+            pool.refresh()
+        x = pool.batch(cfg.batch).to(dev, non_blocking=True)
+        lr = _lr(cfg, step, total or 10**9)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            with torch.no_grad():
+                t_logits = teacher(x).logits[:, :-1]
+            s_logits = fwd(x).logits[:, :-1]
+            loss, kl, ce = kd_loss(s_logits, t_logits, x[:, 1:], cfg.ce_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
+        opt.step()
+        step += 1
+        tokens_seen += x.numel()
+        tok_win += x.numel()
+        if total is None and step == 20 and cfg.seconds:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            per_step = (time.time() - t_run) / 20
+            total = max(cfg.warmup + 1, int(cfg.seconds / per_step))
+            record({"step": step, "fixed_total_steps": total, "s_per_step": round(per_step, 4)})
+        if step % cfg.log_every == 0 or step == total:
+            dt = time.time() - t_win
+            elapsed += dt
+            pool_tokens = pool.rows.numel() + (0 if corpus is None else corpus.numel())
+            record({"step": step, "loss": round(loss.item(), 4), "kl": round(kl.item(), 4), "ce": round(ce.item(), 4),
+                    "lr": lr, "grad_norm": round(float(gnorm), 3), "tokens": tokens_seen,
+                    "tok_per_s": round(tok_win / dt), "pool_rows": len(pool.rows),
+                    "epochs": round(tokens_seen / max(1, pool_tokens), 2), "elapsed_s": round(elapsed)})
+            t_win, tok_win = time.time(), 0
+        if step % cfg.eval_every == 0 or step == total:
+            student.eval()
+            record({"step": step, "heldout_ppl": round(heldout_ppl(student, held), 3),
+                    "teacher_heldout_ppl": round(teacher_ppl, 3)})
+            student.train()
+        if step % cfg.ckpt_every == 0:
+            save_ckpt()
+    save_ckpt()
+    return finish(student, tok, out, held, teacher_ppl, record)
+
+
+def finish(student, tok, out: Path, held, teacher_ppl: float, record) -> dict:
+    """Save the HF folder and the Q8_0 file; measure what quantisation costs on held-out text."""
+    from meestral.quantized import model_from_gguf, save_gguf
+
+    student.eval()
+    folder = out / "student"
+    student.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    q = save_gguf(student.float(), out / "mamba2-smol.gguf")
+    qmodel = model_from_gguf(out / "mamba2-smol.gguf").to(next(student.parameters()).device)
+    res = {"final": True, "heldout_ppl_float": round(heldout_ppl(student.float(), held), 3),
+           "heldout_ppl_q8_0": round(heldout_ppl(qmodel, held), 3), "teacher_heldout_ppl": round(teacher_ppl, 3),
+           "gguf_bytes": q["bytes"]}
+    record(res)
+    return res
+
+
+# ---- contamination ---------------------------------------------------------------------------------
+def ngrams(text: str, n: int = 13) -> set[tuple[str, ...]]:
+    w = "".join(c.lower() if c.isalnum() else " " for c in text).split()
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+def contamination(train_texts, eval_texts, n: int = 13) -> dict:
+    """Share of training documents that share an n-gram (13 words, as in GPT-3's decontamination)
+    with any evaluation document, and how many n-grams are shared."""
+    ev: set = set()
+    for t in eval_texts:
+        ev |= ngrams(t, n)
+    hit_docs, shared = 0, 0
+    docs = 0
+    for t in train_texts:
+        docs += 1
+        g = ngrams(t, n) & ev
+        hit_docs += bool(g)
+        shared += len(g)
+    return {"train_docs": docs, "eval_ngrams": len(ev), "docs_with_overlap": hit_docs,
+            "shared_ngrams": shared, "share": hit_docs / max(1, docs)}
+
+
+if __name__ == "__main__":  # python -m meestral.distill sample|train ...: see distill_cli
+    from meestral.cli import main
+
+    sys.exit(main(["distill", *sys.argv[1:]]))

@@ -1,0 +1,86 @@
+"""`meestral distill sample|train`: the command-line face of meestral.distill.
+
+    meestral distill sample --teacher smollm2 --out /tmp/d/data --seconds 900 --device cuda
+    meestral distill train  --teacher smollm2 --data /tmp/d/data --out /tmp/d/run --seconds 840
+
+recipes/mamba2-smol/ runs both at once on one GPU to build the embedded `mamba2-smol`.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def _shape(text: str) -> dict:
+    """'hidden_size=384,num_hidden_layers=24' -> dict of ints."""
+    from meestral.errors import MeestralError
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, _, v = part.partition("=")
+        try:
+            out[k.strip()] = int(v)
+        except ValueError:
+            raise MeestralError(f"--shape wants key=integer pairs like hidden_size=384, got {part!r}") from None
+    return out
+
+
+def add_distill_parser(sub):
+    d = sub.add_parser("distill", help="distil a Mamba-2 student from a teacher (how mamba2-smol is made)")
+    dsub = d.add_subparsers(dest="distill_command", required=True, parser_class=type(d))
+
+    s = dsub.add_parser("sample", help="write shards of text the teacher samples from varied prompts")
+    s.add_argument("--teacher", default="smollm2", help="smollm2 | HF folder")
+    s.add_argument("--out", required=True, help="folder for shard-*.pt")
+    s.add_argument("--batch", type=int, default=512, help="prompts per generate call (one shard)")
+    s.add_argument("--max-new-tokens", type=int, default=384)
+    s.add_argument("--shards", type=int, help="stop after this many shards")
+    s.add_argument("--seconds", type=float, help="stop after this long (also: a file OUT/STOP)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cuda")
+    s.set_defaults(func=cmd_sample)
+
+    t = dsub.add_parser("train", help="train the student on teacher shards + the embedded corpus")
+    t.add_argument("--teacher", default="smollm2")
+    t.add_argument("--data", help="folder of teacher shards (read as they appear)")
+    t.add_argument("--corpus", default="embedded", help="text source mixed in ('' for none)")
+    t.add_argument("--corpus-share", type=float, default=0.1)
+    t.add_argument("--out", default="runs/distill")
+    t.add_argument("--shape", type=_shape, default={}, help="student shape overrides, e.g. hidden_size=384")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--seconds", type=float, help="train this long: the step count is fixed after 20 steps")
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--seq-len", type=int, default=512)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--ce-weight", type=float, default=0.2)
+    t.add_argument("--eval-every", type=int, default=250)
+    t.add_argument("--ckpt-every", type=int, default=200)
+    t.add_argument("--compile", action="store_true", help="torch.compile the student")
+    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cuda")
+    t.set_defaults(func=cmd_train)
+    return d
+
+
+def cmd_sample(args):
+    from meestral.distill import sample_teacher
+
+    n = sample_teacher(args.teacher, args.out, batch=args.batch, max_new_tokens=args.max_new_tokens,
+                       shards=args.shards, seconds=args.seconds, seed=args.seed, device=args.device)
+    print(json.dumps({"shards": n}))
+    return 0
+
+
+def cmd_train(args):
+    from meestral.distill import DistillConfig, distill
+
+    if args.steps is None and args.seconds is None:
+        args.steps = 1000
+    cfg = DistillConfig(teacher=args.teacher, data=args.data, corpus=args.corpus or None,
+                        corpus_share=args.corpus_share, out=args.out, shape=args.shape, steps=args.steps,
+                        seconds=args.seconds, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
+                        ce_weight=args.ce_weight, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                        compile=args.compile, resume=not args.no_resume, seed=args.seed, device=args.device)
+    print(json.dumps(distill(cfg)))
+    return 0
