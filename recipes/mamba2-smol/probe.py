@@ -12,7 +12,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Mamba2ForCausalLM
 
-from meestral.distill import kd_loss, student_config
+from meestral.backbones.ssd import forward_logits
+from meestral.distill import kd_loss, sample_batch, student_config
 
 # SmolLM2-135M's shape (config.json of the embedded backbone).
 TEACHER = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -28,7 +29,7 @@ def train_case(teacher, batch, seq, compile_):
     torch.manual_seed(0)
     student = Mamba2ForCausalLM(student_config(TEACHER)).cuda()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
-    fwd = torch.compile(student) if compile_ else student
+    fwd = torch.compile(forward_logits) if compile_ else forward_logits
     x = torch.randint(0, 49152, (batch, seq), device="cuda")
     times = []
     t_first = time.time()
@@ -37,7 +38,7 @@ def train_case(teacher, batch, seq, compile_):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             with torch.no_grad():
                 tl = teacher(x).logits[:, :-1]
-            sl = fwd(x).logits[:, :-1]
+            sl = fwd(student, x)[:, :-1]
             loss, _, _ = kd_loss(sl, tl, x[:, 1:], 0.2)
         opt.zero_grad()
         loss.backward()
@@ -58,23 +59,22 @@ def train_case(teacher, batch, seq, compile_):
 @torch.inference_mode()
 def gen_case(teacher, batch, new):
     x = torch.randint(3, 49152, (batch, 48), device="cuda")
-    teacher.generate(input_ids=x[:, :8], do_sample=True, top_p=0.95, top_k=0, max_new_tokens=4, min_new_tokens=4,
-                     pad_token_id=2)
+    att = torch.ones_like(x)
+    sample_batch(teacher, x[:, :8], att[:, :8], 4, 1.0, 200, [-1], 2)
     sync()
     t = time.time()
-    teacher.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, top_p=0.95, top_k=0,
-                     max_new_tokens=new, min_new_tokens=new, pad_token_id=2)
+    out = sample_batch(teacher, x, att, new, 1.0, 200, [-1], 2)  # no EOS: every row runs `new` steps
     sync()
     dt = time.time() - t
-    print(json.dumps({"case": "sample", "batch": batch, "new_tokens": new, "s": round(dt, 2),
-                      "tok_per_s": round(batch * new / dt)}), flush=True)
+    print(json.dumps({"case": "sample", "batch": batch, "new_tokens": out.shape[1], "s": round(dt, 2),
+                      "tok_per_s": round(batch * out.shape[1] / dt)}), flush=True)
 
 
 def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     teacher = LlamaForCausalLM(TEACHER).to("cuda", torch.bfloat16).eval().requires_grad_(False)
     teacher.config._attn_implementation = "sdpa"
-    for args in sys.argv[1:] or ["train:64:512:0", "train:32:512:0", "gen:1024:64", "gen:2048:64", "train:64:512:1"]:
+    for args in sys.argv[1:] or ["train:64:512:0", "train:32:512:0", "gen:1024:64", "gen:2048:64", "gen:4096:64"]:
         kind, *rest = args.split(":")
         try:
             if kind == "train":

@@ -34,6 +34,8 @@ def add_distill_parser(sub):
     s.add_argument("--out", required=True, help="folder for shard-*.pt")
     s.add_argument("--batch", type=int, default=512, help="prompts per generate call (one shard)")
     s.add_argument("--max-new-tokens", type=int, default=384)
+    s.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens")
+    s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--shards", type=int, help="stop after this many shards")
     s.add_argument("--seconds", type=float, help="stop after this long (also: a file OUT/STOP)")
     s.add_argument("--seed", type=int, default=0)
@@ -44,7 +46,7 @@ def add_distill_parser(sub):
     t.add_argument("--teacher", default="smollm2")
     t.add_argument("--data", help="folder of teacher shards (read as they appear)")
     t.add_argument("--corpus", default="embedded", help="text source mixed in ('' for none)")
-    t.add_argument("--corpus-share", type=float, default=0.1)
+    t.add_argument("--corpus-share", type=float, default=0.05)
     t.add_argument("--out", default="runs/distill")
     t.add_argument("--shape", type=_shape, default={}, help="student shape overrides, e.g. hidden_size=384")
     t.add_argument("--steps", type=int)
@@ -60,6 +62,13 @@ def add_distill_parser(sub):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cuda")
     t.set_defaults(func=cmd_train)
+
+    e = dsub.add_parser("export", help="HF folder + Q8_0 GGUF from a train run's last checkpoint")
+    e.add_argument("--teacher", default="smollm2")
+    e.add_argument("--out", required=True, help="the train run's --out folder")
+    e.add_argument("--shape", type=_shape, default={})
+    e.add_argument("--device", default="cuda")
+    e.set_defaults(func=cmd_export)
     return d
 
 
@@ -67,6 +76,7 @@ def cmd_sample(args):
     from meestral.distill import sample_teacher
 
     n = sample_teacher(args.teacher, args.out, batch=args.batch, max_new_tokens=args.max_new_tokens,
+                       top_k=args.top_k, temperature=args.temperature,
                        shards=args.shards, seconds=args.seconds, seed=args.seed, device=args.device)
     print(json.dumps({"shards": n}))
     return 0
@@ -83,4 +93,11 @@ def cmd_train(args):
                         ce_weight=args.ce_weight, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                         compile=args.compile, resume=not args.no_resume, seed=args.seed, device=args.device)
     print(json.dumps(distill(cfg)))
+    return 0
+
+
+def cmd_export(args):
+    from meestral.distill import DistillConfig, export
+
+    print(json.dumps(export(DistillConfig(teacher=args.teacher, out=args.out, shape=args.shape, device=args.device))))
     return 0

@@ -1,0 +1,100 @@
+"""Mamba-2's chunked scan (the state-space dual form) in plain torch, over HF's own modules.
+
+HF's torch path for Mamba-2 (used when mamba-ssm is absent, as on the GPU box) materialises a
+[batch, chunks, L, L, heads, state] product for the intra-chunk term: on a 40M-parameter model at
+batch 32 x 512 tokens that is ~13 GB per layer, 117 GiB of peak memory and 5.5k tokens/s on an
+H200 (measured 2026-12-01, recipes/mamba2-smol/probe.py). The same arithmetic written as batched
+matrix products (C·Bᵀ per chunk, masked by the decay matrix, times X; chunk states as (X·decay)ᵀ·B;
+one short recurrence over chunks) needs only [batch, chunks, heads, L, L] intermediates.
+
+`mixer_forward` is one block's mixer on a whole sequence (from a zero state, or from an initial
+SSM state with no conv history), `forward_logits` the whole model; both equal HF's forward (tests)
+and are what distillation trains through. The weights stay HF's modules: nothing is re-declared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ssd_scan(x, a, B, C, chunk: int, initial_state=None):
+    """y_t = C_t · S_t with S_t = exp(a_t) S_{t-1} + x_t ⊗ B_t, for every head.
+
+    x [b, l, h, p] (input already scaled by dt), a [b, l, h] (A·dt, <= 0), B and C [b, l, g, n]
+    (g groups shared by h/g heads each), initial_state [b, h, p, n] or None (zeros).
+    Returns (y [b, l, h, p], final state [b, h, p, n]), all float32.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    pad = (-l) % chunk
+    if pad:  # a = 0 and x = 0 past the end: no decay, no input, so the final state is unchanged
+        x, a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, a, B, C))
+    c = x.shape[1] // chunk
+    x = x.reshape(b, c, chunk, h, p)
+    B = B.reshape(b, c, chunk, g, n).repeat_interleave(h // g, dim=3)  # [b, c, L, h, n]
+    C = C.reshape(b, c, chunk, g, n).repeat_interleave(h // g, dim=3)
+    acs = a.reshape(b, c, chunk, h).permute(0, 1, 3, 2).cumsum(-1)  # [b, c, h, L]
+
+    # Intra-chunk: y_t += sum_{s<=t} (C_t·B_s) exp(acs_t - acs_s) x_s.
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    seg = (acs[..., :, None] - acs[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [b,c,h,L,L]
+    cb = C.permute(0, 1, 3, 2, 4) @ B.permute(0, 1, 3, 4, 2)  # [b, c, h, L(t), L(s)]
+    xh = x.permute(0, 1, 3, 2, 4)  # [b, c, h, L, p]
+    y = (cb * seg) @ xh  # [b, c, h, L, p]
+
+    # Each chunk's own contribution to the state at its end: sum_s exp(acs_end - acs_s) x_s ⊗ B_s.
+    decay_to_end = (acs[..., -1:] - acs).exp()  # [b, c, h, L]
+    own = (xh * decay_to_end[..., None]).transpose(-1, -2) @ B.permute(0, 1, 3, 2, 4)  # [b, c, h, p, n]
+
+    # The state entering each chunk: a short recurrence over chunks.
+    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.float()
+    chunk_decay = acs[..., -1].exp()  # [b, c, h]
+    entering = []
+    for k in range(c):
+        entering.append(state)
+        state = state * chunk_decay[:, k, :, None, None] + own[:, k]
+    entering = torch.stack(entering, 1)  # [b, c, h, p, n]
+
+    # Inter-chunk: y_t += exp(acs_t) C_t · S_entering.
+    y = y + (C.permute(0, 1, 3, 2, 4) @ entering.transpose(-1, -2)) * acs.exp()[..., None]
+    y = y.permute(0, 1, 3, 2, 4).reshape(b, c * chunk, h, p)[:, :l]
+    return y, state
+
+
+def mixer_forward(m, u, initial_state=None):
+    """HF `Mamba2Mixer` m on normed input u [b, l, d], as its torch path computes it (no cache)."""
+    b, l, _ = u.shape
+    I, cd, H, n, g = m.intermediate_size, m.conv_dim, m.num_heads, m.ssm_state_size, m.n_groups
+    proj = m.in_proj(u)
+    d_mlp = (proj.shape[-1] - 2 * I - 2 * g * n - H) // 2
+    _, _, gate, xbc, dt = proj.split([d_mlp, d_mlp, I, cd, H], dim=-1)
+    xbc = m.act(m.conv1d(xbc.transpose(1, 2))[..., :l].transpose(1, 2))
+    x, Bm, Cm = xbc.split([I, g * n, g * n], dim=-1)
+    dt = F.softplus(dt.float() + m.dt_bias.float())
+    dt = dt.clamp(min=m.time_step_limit[0], max=m.time_step_limit[1])
+    A = -torch.exp(m.A_log.float())
+    x = x.float().reshape(b, l, H, m.head_dim)
+    y, state = ssd_scan(x * dt[..., None], A * dt, Bm.float().reshape(b, l, g, n), Cm.float().reshape(b, l, g, n),
+                        m.chunk_size, initial_state)
+    y = y + m.D.float()[None, None, :, None] * x
+    y = m.norm(y.reshape(b, l, I).to(u.dtype), gate)
+    return m.out_proj(y.to(u.dtype))
+
+
+def forward_hidden(model, input_ids):
+    """Final-normed hidden states [b, l, d] of an HF Mamba2ForCausalLM (no cache, no padding)."""
+    bb = model.backbone
+    h = bb.embeddings(input_ids)
+    fp32 = bool(getattr(model.config, "residual_in_fp32", False))
+    for block in bb.layers:
+        residual = h.float() if fp32 else h
+        mixed = mixer_forward(block.mixer, block.norm(h.to(block.norm.weight.dtype)))
+        h = residual + mixed
+    return bb.norm_f(h.to(bb.norm_f.weight.dtype))
+
+
+def forward_logits(model, input_ids):
+    """Logits [b, l, V] of an HF Mamba2ForCausalLM, equal to `model(input_ids).logits`."""
+    h = forward_hidden(model, input_ids)
+    return model.lm_head(h.to(model.lm_head.weight.dtype))
