@@ -350,6 +350,7 @@ def distill(cfg: DistillConfig, log=print) -> dict:
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["opt"])
         step, total, tokens_seen, elapsed = state["step"], state["total"], state["tokens"], state["elapsed"]
+        total = cfg.steps if cfg.steps is not None else total  # a longer run may continue a shorter one
         pool.gen.set_state(state["pool_rng"])
         log(json.dumps({"resumed_at": step, "total": total}))
     write_json(out / "config.json", {"distill": asdict(cfg), "student": scfg.to_dict(), "params": n_params},

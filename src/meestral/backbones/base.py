@@ -259,6 +259,10 @@ class Backbone(ABC):
         layers = list(layers)
         if any(not 0 <= l < self.num_layers - 1 for l in layers):
             raise ValueError(f"collect: layers must lie in [0, {self.num_layers - 2}], got {layers}")
+        return self._collect(ids, layers, attention_mask, aux, logits_at)
+
+    def _collect(self, ids, layers, attention_mask, aux, logits_at):
+        """`collect` through HF's own forward (an adapter may substitute an equal, faster pass)."""
         auxes, hooks = {}, []
         if aux:
             for l in layers:

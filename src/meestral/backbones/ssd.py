@@ -62,14 +62,19 @@ def ssd_scan(x, a, B, C, chunk: int, initial_state=None):
     return y, state
 
 
-def mixer_forward(m, u, initial_state=None):
-    """HF `Mamba2Mixer` m on normed input u [b, l, d], as its torch path computes it (no cache)."""
+def mixer_forward(m, u, initial_state=None, mask=None):
+    """HF `Mamba2Mixer` m on normed input u [b, l, d], as its torch path computes it (no cache).
+    `mask` [b, l] (1 = token, 0 = padding) zeroes padded positions where HF does."""
     b, l, _ = u.shape
+    if mask is not None:
+        u = (u * mask[:, :, None]).to(u.dtype)
     I, cd, H, n, g = m.intermediate_size, m.conv_dim, m.num_heads, m.ssm_state_size, m.n_groups
     proj = m.in_proj(u)
     d_mlp = (proj.shape[-1] - 2 * I - 2 * g * n - H) // 2
     _, _, gate, xbc, dt = proj.split([d_mlp, d_mlp, I, cd, H], dim=-1)
     xbc = m.act(m.conv1d(xbc.transpose(1, 2))[..., :l].transpose(1, 2))
+    if mask is not None:
+        xbc = (xbc * mask[:, :, None]).to(xbc.dtype)
     x, Bm, Cm = xbc.split([I, g * n, g * n], dim=-1)
     dt = F.softplus(dt.float() + m.dt_bias.float())
     dt = dt.clamp(min=m.time_step_limit[0], max=m.time_step_limit[1])
@@ -82,19 +87,26 @@ def mixer_forward(m, u, initial_state=None):
     return m.out_proj(y.to(u.dtype))
 
 
-def forward_hidden(model, input_ids):
-    """Final-normed hidden states [b, l, d] of an HF Mamba2ForCausalLM (no cache, no padding)."""
+def forward_collect(model, input_ids, layers=(), mask=None, aux=False):
+    """One pass of an HF Mamba2ForCausalLM: ({layer: residual stream after block layer},
+    {layer: that block's mixer output} if aux, final-normed hidden states [b, l, d])."""
     bb = model.backbone
+    want = set(layers)
     h = bb.embeddings(input_ids)
     fp32 = bool(getattr(model.config, "residual_in_fp32", False))
-    for block in bb.layers:
+    hidden, auxes = {}, {}
+    for i, block in enumerate(bb.layers):
         residual = h.float() if fp32 else h
-        mixed = mixer_forward(block.mixer, block.norm(h.to(block.norm.weight.dtype)))
+        mixed = mixer_forward(block.mixer, block.norm(h.to(block.norm.weight.dtype)), mask=mask)
         h = residual + mixed
-    return bb.norm_f(h.to(bb.norm_f.weight.dtype))
+        if i in want:
+            hidden[i] = h
+            if aux:
+                auxes[i] = mixed
+    return hidden, auxes, bb.norm_f(h.to(bb.norm_f.weight.dtype))
 
 
 def forward_logits(model, input_ids):
     """Logits [b, l, V] of an HF Mamba2ForCausalLM, equal to `model(input_ids).logits`."""
-    h = forward_hidden(model, input_ids)
+    h = forward_collect(model, input_ids)[2]
     return model.lm_head(h.to(model.lm_head.weight.dtype))

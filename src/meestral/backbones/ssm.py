@@ -172,6 +172,18 @@ class SSMBackbone(Backbone):
         block = self.blocks[i]
         self._mixer(i, block.norm(h.to(block.norm.weight.dtype)), state, step, output=False)
 
+    def _collect(self, ids, layers, attention_mask, aux, logits_at):
+        # HF's Mamba-2 torch path (no mamba-ssm) materialises [B, chunks, L, L, heads, state] per
+        # layer; the chunked scan in ssd.py computes the same as batched matmuls (tests: equal).
+        if not self.v2:
+            return super()._collect(ids, layers, attention_mask, aux, logits_at)
+        from meestral.backbones.ssd import forward_collect
+
+        hidden, auxes, h = forward_collect(self.model, ids, layers, attention_mask, aux)
+        if logits_at is not None:
+            h = h[:, logits_at]
+        return hidden, auxes, self.model.lm_head(h.to(self.model.lm_head.weight.dtype))
+
     def layer_tensors(self, state, i):
         return [state.conv[i], state.ssm[i]]
 

@@ -1,0 +1,72 @@
+"""The chunked Mamba-2 scan (backbones/ssd.py) equals HF's forward, its gradients and the
+adapter's stepped recurrence; `collect` through it equals `collect` through HF's forward."""
+
+import pytest
+import torch
+from transformers import Mamba2Config, Mamba2ForCausalLM
+
+from meestral.backbones.base import Backbone
+from meestral.backbones.ssd import forward_logits, ssd_scan
+
+
+def mamba2(groups=1, chunk=16, layers=2, seed=0):
+    cfg = Mamba2Config(hidden_size=64, num_hidden_layers=layers, vocab_size=300, state_size=16, expand=2,
+                       head_dim=16, num_heads=8, n_groups=groups, conv_kernel=4, chunk_size=chunk,
+                       tie_word_embeddings=True, residual_in_fp32=True)
+    torch.manual_seed(seed)
+    m = Mamba2ForCausalLM(cfg).eval()
+    for block in m.backbone.layers:  # strong, varied decays: the chunk boundaries must matter
+        block.mixer.A_log.data.uniform_(-1.0, 2.0)
+    return m
+
+
+@pytest.mark.parametrize("groups,length", [(1, 37), (2, 64), (1, 16), (2, 5), (1, 1)])
+def test_logits_equal_hf(groups, length):
+    m = mamba2(groups)
+    ids = torch.randint(0, 300, (3, length))
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logits(m, ids), m(ids).logits, atol=2e-5, rtol=2e-5)
+
+
+def test_gradients_equal_hf():
+    m = mamba2()
+    ids = torch.randint(0, 300, (2, 40))
+    m(ids).logits.pow(2).mean().backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    forward_logits(m, ids).pow(2).mean().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_scan_matches_the_recurrence_from_an_initial_state():
+    """y_t = C_t.S_t, S_t = exp(a_t) S_{t-1} + x_t (x) B_t, token by token, from a random state."""
+    torch.manual_seed(1)
+    b, l, h, p, g, n = 2, 23, 4, 3, 2, 5
+    x, B, C = torch.randn(b, l, h, p), torch.randn(b, l, g, n), torch.randn(b, l, g, n)
+    a = -torch.rand(b, l, h) * 2
+    s0 = torch.randn(b, h, p, n)
+    y, final = ssd_scan(x, a, B, C, chunk=8, initial_state=s0)
+    s, ys = s0.clone(), []
+    Bh, Ch = B.repeat_interleave(h // g, 2), C.repeat_interleave(h // g, 2)
+    for t in range(l):
+        s = s * a[:, t, :, None, None].exp() + x[:, t, :, :, None] * Bh[:, t, :, None, :]
+        ys.append((s * Ch[:, t, :, None, :]).sum(-1))
+    torch.testing.assert_close(y, torch.stack(ys, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final, s, atol=1e-5, rtol=1e-5)
+
+
+def test_collect_equals_hf_path_with_padding(tiny):
+    bb = tiny("mamba2")
+    ids = torch.randint(3, 259, (3, 40))
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, :7] = 0
+    mask[2, :3] = 0
+    at = torch.tensor([5, 39])
+    for am in (None, mask):
+        got = bb.collect(ids, [0, 2, 4], attention_mask=am, aux=True, logits_at=at)
+        ref = Backbone._collect(bb, ids, [0, 2, 4], am, True, at)
+        for l in (0, 2, 4):
+            torch.testing.assert_close(got[0][l], ref[0][l], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[1][l], ref[1][l], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[2], ref[2], atol=1e-5, rtol=1e-5)
