@@ -94,3 +94,23 @@ def test_short_run_checkpoints_resumes_and_exports(tmp_path):
     assert abs(last["heldout_ppl_q8_0"] - last["heldout_ppl_float"]) < 0.05 * last["heldout_ppl_float"]
     again = export(cfg, log=lambda *_: None)
     assert again["heldout_ppl_float"] == pytest.approx(last["heldout_ppl_float"], rel=1e-5)
+
+
+def test_chunked_loss_equals_the_whole_batch_loss():
+    from meestral.distill import chunked_kd_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=False)
+    h = torch.randn(5, 4, 8, requires_grad=True)
+    t = torch.randn(5, 4, 13)
+    y = torch.randint(0, 13, (5, 4))
+    whole = kd_loss(head(h), t, y, 0.2)
+    whole[0].backward()
+    gh, gw = h.grad.clone(), head.weight.grad.clone()
+    h.grad, head.weight.grad = None, None
+    parts = chunked_kd_loss(head, h, t, y, 0.2, rows=2)  # chunks of 2, 2 and 1 rows
+    for a, b in zip(parts, whole):
+        torch.testing.assert_close(a, b)
+    parts[0].backward()
+    torch.testing.assert_close(h.grad, gh)
+    torch.testing.assert_close(head.weight.grad, gw)

@@ -41,19 +41,25 @@ watch)
         tail -n 2 "$W/sample.log" | cut -c1-200 || true
         grep -v '^\[transformers\]' "$W/train.log" | tail -n 3 | cut -c1-300 || true
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+        # A dead trainer must not be watched for minutes (2026-12-01: it died of OOM in its first
+        # step and the call watched the sampler alone for 8 minutes).
+        if ! pgrep -f "[m]eestral.cli distill train" > /dev/null; then
+            echo "the trainer is not running:"; grep -v '^\[transformers\]' "$W/train.log" | tail -n 5
+            break
+        fi
     done
     ;;
 finish)
     deadline=$((SECONDS + ${2:?deadline seconds}))
     touch "$W/data/STOP"
-    while pgrep -f "distill train" > /dev/null && [ $SECONDS -lt $deadline ]; do sleep 10; done
-    if pgrep -f "distill train" > /dev/null; then
+    while pgrep -f "[m]eestral.cli distill train" > /dev/null && [ $SECONDS -lt $deadline ]; do sleep 10; done
+    if pgrep -f "[m]eestral.cli distill train" > /dev/null; then
         echo "training past the deadline: stopped; exporting from the last checkpoint"
-        pkill -f "distill train" || true
+        pkill -f "[m]eestral.cli distill train" || true
         sleep 5
         $M export --out "$W/run"
     fi
-    pkill -f "distill sample" || true
+    pkill -f "[m]eestral.cli distill sample" || true
     grep -v '^\[transformers\]' "$W/train.log" | tail -n 5
     mkdir -p "$OUT"
     split -b 15M -d "$W/run/mamba2-smol.gguf" "$OUT/mamba2-smol.gguf.part"

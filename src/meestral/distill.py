@@ -277,6 +277,27 @@ def kd_loss(student_logits, teacher_logits, targets, ce_weight: float):
     return kl + ce_weight * ce, kl, ce
 
 
+def chunked_kd_loss(lm_head, hidden, teacher_logits, targets, ce_weight: float, rows: int = 8):
+    """`kd_loss(lm_head(hidden), ...)` with the same value and gradients, a few rows at a time.
+
+    Full-vocabulary float32 log-softmaxes of a 64 x 512 batch are ~6 GB each and the loss keeps
+    several for backward: at batch 64 they were 85 GiB of peak memory on an H200, and the trainer
+    ran out of memory beside the sampler (2026-12-01). Each chunk's loss is recomputed in backward
+    (activation checkpointing), so only one chunk's logits are alive at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(h, t, y):
+        return torch.stack(kd_loss(lm_head(h), t, y, ce_weight))
+
+    n = hidden.shape[0]
+    total = hidden.new_zeros(3, dtype=torch.float32)
+    for i in range(0, n, rows):
+        sl = slice(i, min(n, i + rows))
+        w = (sl.stop - sl.start) / n  # kd_loss averages over tokens: weigh chunks by their size
+        total = total + w * checkpoint(part, hidden[sl], teacher_logits[sl], targets[sl], use_reentrant=False)
+    return total[0], total[1], total[2]
+
+
 # ---- training --------------------------------------------------------------------------------------
 @dataclass
 class DistillConfig:
@@ -358,9 +379,12 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     log(json.dumps({"student_params": n_params, "corpus_rows": 0 if corpus is None else len(corpus),
                     "heldout_rows": len(held)}))
     teacher_ppl = heldout_ppl(teacher, held)
-    from meestral.backbones.ssd import forward_logits
+    from meestral.backbones.ssd import forward_collect
 
-    fwd = torch.compile(forward_logits) if cfg.compile else forward_logits
+    def final_hidden(model, ids):
+        return forward_collect(model, ids)[2]
+
+    fwd = torch.compile(final_hidden) if cfg.compile else final_hidden
     logf = open(out / "log.jsonl", "a")
 
     def record(obj):
@@ -393,8 +417,8 @@ def distill(cfg: DistillConfig, log=print) -> dict:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             with torch.no_grad():
                 t_logits = teacher(x).logits[:, :-1]
-            s_logits = fwd(student, x)[:, :-1]
-            loss, kl, ce = kd_loss(s_logits, t_logits, x[:, 1:], cfg.ce_weight)
+            hidden = fwd(student, x)[:, :-1]
+            loss, kl, ce = chunked_kd_loss(student.lm_head, hidden, t_logits, x[:, 1:], cfg.ce_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
