@@ -274,6 +274,26 @@ def oracle(oracle_data, path) -> Path:
     return _save(fig, path)
 
 
+def oracle_compare(sources: dict, path, title: str = "held-out text") -> Path:
+    """Several backbones on one plot: top-1 agreement of each exit layer with the final layer,
+    against depth as a fraction of the backbone's layers ((l+1)/L), with each strict oracle bound.
+    `sources` maps a label (the backbone) to one oracle source of that backbone."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, src in sources.items():
+        L = src.get("num_layers")
+        if not L:
+            raise MeestralError(f"oracle source for {label} has no num_layers: give an oracle.json made by meestral oracle")
+        layers, agree = _curve(src)
+        bound = oracle_bound(src)
+        ax.plot([(l + 1) / L for l in layers], agree, marker=".",
+                label=text(f"{label} ({L} layers; strict bound {bound:.2f}x in layers)" if bound else f"{label} ({L} layers)"))
+    ax.set(title=text(f"Agreement with the final layer by depth, {title}"), xlabel="depth (layers run / all layers)",
+           ylabel="top-1 agreement with the final layer", xlim=(0, 1.0), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
 def calibration(cal, path) -> Path:
     """Estimated risk (disagreement among exited tokens) and p-value per candidate threshold;
     filled markers are thresholds the test certified."""
