@@ -29,10 +29,9 @@ def eval_texts(names):
         docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
         for doc in docs:
             parts = [str(task.doc_to_text(doc))]
-            try:
-                choices = task.doc_to_choice(doc)
-                parts += [str(c) for c in (choices or [])]
-            except Exception:  # generation tasks have no choices
+            if getattr(task.config, "doc_to_choice", None) is not None:
+                parts += [str(c) for c in (task.doc_to_choice(doc) or [])]
+            else:  # generation tasks: the reference answer
                 parts.append(str(task.doc_to_target(doc)))
             yield " ".join(parts)
 
