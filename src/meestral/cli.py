@@ -276,6 +276,7 @@ def main(argv=None) -> int:
         check_args(args)
         return args.func(args)
     except MeestralError as e:
+        _end_progress_bars()
         print(f"meestral: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `meestral generate --json | head`: the reader left, nothing to report
@@ -284,13 +285,23 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt as e:  # Ctrl-C: every file is whole (atomic writes), say where things stand
-        print(f"meestral: {e or 'interrupted'}", file=sys.stderr)
+        _end_progress_bars()
+        print(f"meestral: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
     except OSError as e:  # a full disk, a read-only folder... met while working: one line, not a traceback
         from meestral.files import describe_os_error
 
+        _end_progress_bars()
         print(f"meestral: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
+
+
+def _end_progress_bars():
+    """Close the progress bars a failure left open now, so that they do not redraw themselves
+    after the error line (when they are garbage-collected) and the error stays the last line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -93,12 +93,9 @@ class ResultsTable:
         self.path = Path(path)
         self.header = header
         self.rows: dict[str, dict] = {}
-        if not self.path.exists():
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                create_new(self.path, lambda t: t.write_text(json.dumps({"meestral_sweep": FORMAT, **header}) + "\n"))
-            except OSError as e:
-                raise MeestralError(f"cannot write results file {self.path}: {e.strerror}: choose a writable --out") from None
+        if not self.path.exists():  # (an OSError, e.g. a full disk, names the file)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            create_new(self.path, lambda t: t.write_text(json.dumps({"meestral_sweep": FORMAT, **header}) + "\n"))
         self._lock = self._take_lock()
         self._read()
 
