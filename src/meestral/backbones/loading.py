@@ -166,6 +166,11 @@ def _load_hf_dir(path, dtype, device, name):
     if cfg.model_type in ("mistral", "llama"):
         kw["attn_implementation"] = "sdpa"
     tok = HFTokenizer(_tokenizer(AutoTokenizer, path, name), name=name)  # first: it is cheap and fails alone
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    if local:
+        hf_logging.disable_progress_bar()  # a local load takes seconds: no bar before the command's own output
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype), **kw)
     except MeestralError:
@@ -173,6 +178,9 @@ def _load_hf_dir(path, dtype, device, name):
     except Exception as e:  # a truncated or foreign weight file; a hub id whose download failed
         raise MeestralError(f"cannot load the weights of backbone {name!r} ({_first_line(e)}): "
                             "copy the weight files again" + ("" if local else " or check the hub id")) from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return wrap(model.to(device), tok, name)
 
 
