@@ -107,6 +107,27 @@ def test_plain_output_is_text_with_summary_on_stderr(capsys):
     assert "exits at L2" in err and "3 decoded tokens" in err and "exit rate 100%" in err
 
 
+def test_plain_output_prints_characters_spread_over_several_tokens_whole():
+    """With the byte tokenizer every UTF-8 byte is a token: CJK takes 3, an emoji 4. The printed
+    text (plain, and coloured once the colour codes are removed) equals the decoded text."""
+    import re
+    from types import SimpleNamespace
+
+    from meestral.cli import colour_tokens
+    from meestral.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    text = "中文 ok 😀!"
+    ids = tok.encode(text, add_bos=False) + [2]  # ... then EOS
+    layers = [1 if i % 2 else 5 for i in range(len(ids))]  # some tokens exit at L1, the rest go deep
+    gen = SimpleNamespace(token_ids=ids, exit_layers=layers)
+    assert colour_tokens(tok, gen, 6, [1, 3], colour=False) == text
+    coloured = colour_tokens(tok, gen, 6, [1, 3], colour=True)
+    assert "\x1b[" in coloured and re.sub(r"\x1b\[\d+m", "", coloured) == text
+    cut = SimpleNamespace(token_ids=ids[:2], exit_layers=layers[:2])  # two bytes of three: shown as is
+    assert colour_tokens(tok, cut, 6, [1, 3], colour=False) == tok.decode(ids[:2])
+
+
 def test_prompt_from_argument_file_and_stdin_agree(tmp_path, capsys):
     path = tmp_path / "prompt.txt"
     path.write_text(PROMPT, encoding="utf-8")

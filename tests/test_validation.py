@@ -68,6 +68,11 @@ def fx(tmp_path_factory):
     (root / "binary.txt").write_bytes(bytes(range(256)))
     (root / "afile").write_text("a file, not a folder")
     ExitHeads("classifier", [1, 3], bb).save(root / "heads")
+    ExitHeads("classifier", [1, 3], bb).save(root / "heads_flipped")
+    weights = root / "heads_flipped" / "heads.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + 3] ^= 0x40  # a byte of the tensor data
+    weights.write_bytes(bytes(data))
     from test_report import write_results
 
     for name, oracle, cal in (("bad_oracle", [1, 2], None), ("bad_oracle_source", {"sources": {"embedded": 5}}, None),
@@ -124,6 +129,7 @@ CASES = {
                                        "4096"], ["max_length 4096", "context of 2,048"]),
     "lm_eval_device_default_without_cuda": (LM_EVAL, ["'cuda:0'", "--device cpu"]),  # lm-eval's default device
     "lm_eval_output_path_unwritable": (LM_EVAL + CPU + ["--output_path", "{fx}/" + UNWRITABLE], ["--output_path", "not writable"]),
+    "heads_bytes_flipped": (G + ["--heads", "{fx}/heads_flipped"], ["heads.safetensors", "checksum", "re-train"]),
     "thresholds_repeated": (["sweep", *M, "--tasks", "arc_easy", "--thresholds", "0.5,0.5"],
                             ["--thresholds", "0.5", "twice"]),
     # -- more tracebacks before
