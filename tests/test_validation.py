@@ -65,6 +65,15 @@ def fx(tmp_path_factory):
     if spm:
         (root / "spm" / "tokenizer.model").write_bytes(spm.read_bytes())
         (root / "spm" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    (root / "truncated").mkdir()  # a loadable tokenizer, half of the weights
+    bb.model.save_pretrained(root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    word_level = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    PreTrainedTokenizerFast(tokenizer_object=word_level).save_pretrained(root / "truncated")
     (root / "binary.txt").write_bytes(bytes(range(256)))
     (root / "afile").write_text("a file, not a folder")
     ExitHeads("classifier", [1, 3], bb).save(root / "heads")
@@ -97,6 +106,7 @@ CASES = {
     "folder_without_tokenizer": (["info", "--backbone", "{fx}/notokenizer"], ["no tokenizer files", "tokenizer.json"]),
     "folder_weight_shard_missing": (["info", "--backbone", "{fx}/shard_missing"],
                                     ["model-00002-of-00002.safetensors", "index"]),
+    "folder_weights_truncated": (["info", "--backbone", "{fx}/truncated"], ["cannot load the weights", "copy the weight"]),
     "prompt_file_binary": (["generate", "--file", "{fx}/binary.txt", *M], ["binary.txt", "not UTF-8", "0x80"]),
     "device_cuda_generate": (G + ["--device", "cuda"], ["'cuda'", "not available", "--device cpu"]),
     "device_cuda_train": (TRAIN + ["--device", "cuda"], ["'cuda'", "--device cpu"]),

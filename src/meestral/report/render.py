@@ -433,8 +433,10 @@ def write_report(results_dir, out_dir=None, title: str = "MEEstral early-exit re
             try:
                 build()
             except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-                raise MeestralError(f"{inputs} in {res['dir']} do(es) not hold what MEEstral writes ({type(e).__name__}: "
-                                    f"{str(e)[:120]}): rerun the command that wrote it, or remove the file") from None
+                one = " and " not in inputs
+                raise MeestralError(f"{inputs} in {res['dir']} {'does' if one else 'do'} not hold what MEEstral writes "
+                                    f"({type(e).__name__}: {str(e)[:120]}): rerun the command that wrote "
+                                    f"{'it, or remove the file' if one else 'them'}") from None
         page_text = _html(doc, title, {k: Path(v) for k, v in figs.items()})
         try:
             figdir.mkdir(parents=True, exist_ok=True)
