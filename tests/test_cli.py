@@ -213,7 +213,7 @@ ERRORS = {
 def assert_one_line_error(rc, out, err, words):
     assert rc == 2, (rc, err)
     assert out == ""
-    assert err.startswith("meestral: error:"), err
+    assert err.startswith("meestral: error:") and "Traceback" not in err, err
     assert err.endswith("\n") and err.count("\n") == 1, f"expected exactly one line on stderr, got {err!r}"
     for w in words:
         assert w in err, f"{w!r} not named in {err!r}"

@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import load_file
 
 from meestral.cli import main
+from test_training import corpus  # noqa: F401  (the fixture: seeded word-salad documents)
 
 pytestmark = pytest.mark.slow  # each test runs the real entry point in child processes
 
-WORDS = "the of and to in is was that for on with as by at from his her they which be this".split()
 STALE = re.compile(r"^\..+\.tmp\d+")
 
 # The child: `python -c CHILD FAULT_JSON ARGV...`; FAULT_JSON is {} (no fault) or
@@ -85,15 +85,6 @@ def stale(folder):
 
 
 # ---- head training ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(80)]
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path
-
-
 def train_args(corpus, out, steps=24):
     return ["train", "--backbone", "random:mistral", "--data", corpus, "--exits", "1,3", "--seq-len", "16",
             "--batch", "4", "--val-rows", "4", "--val-fraction", "0.1", "--shuffle-buffer", "4", "--no-progress",

@@ -12,6 +12,7 @@ import pytest
 from meestral.cli import main, make_parser
 from meestral.heads import ExitHeads
 from meestral.validation import RULES, Items, Number
+from test_cli import assert_one_line_error, tree
 
 M = ["--backbone", "random:mistral"]
 G = ["generate", "hi", *M, "--max-new-tokens", "2"]
@@ -19,26 +20,6 @@ TRAIN = ["train", *M, "--data", "embedded", "--steps", "1", "--no-progress"]
 EVAL = ["eval", *M, "--tasks", "arc_easy", "--exits", "1,3"]
 LM_EVAL = ["lm-eval", "--model", "meestral", "--model_args", "backbone=random:mistral", "--tasks", "meestral_arc_easy"]
 CPU = ["--device", "cpu"]
-
-
-def tree(root):
-    """Every path under root with its size and mtime: to show that nothing was written."""
-    out = {}
-    for d, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = os.path.join(d, name)
-            st = os.stat(p)
-            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
-def assert_one_line_error(rc, out, err, words):
-    assert rc == 2, (rc, err)
-    assert out == ""
-    assert err.startswith("meestral: error:") and "Traceback" not in err, err
-    assert err.endswith("\n") and err.count("\n") == 1, f"expected exactly one line on stderr, got {err!r}"
-    for w in words:
-        assert w in err, f"{w!r} not named in {err!r}"
 
 
 @pytest.fixture(scope="module")
