@@ -38,3 +38,19 @@ def smollm2():
     from meestral.backbones.loading import load_backbone
 
     return load_backbone("smollm2")
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handlers_on_closed_streams():
+    """lm-eval's CLI, run in-process by one test, leaves a logging handler on that test's captured
+    stderr; once the capture is closed, any later log record prints a '--- Logging error ---'
+    traceback into whatever test runs then. Drop such handlers before each test."""
+    import logging
+
+    loggers = [logging.getLogger()] + [x for x in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(x, logging.Logger)]
+    for lg in loggers:
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
+                lg.removeHandler(h)
+    yield

@@ -107,6 +107,27 @@ def test_plain_output_is_text_with_summary_on_stderr(capsys):
     assert "exits at L2" in err and "3 decoded tokens" in err and "exit rate 100%" in err
 
 
+def test_plain_output_prints_characters_spread_over_several_tokens_whole():
+    """With the byte tokenizer every UTF-8 byte is a token: CJK takes 3, an emoji 4. The printed
+    text (plain, and coloured once the colour codes are removed) equals the decoded text."""
+    import re
+    from types import SimpleNamespace
+
+    from meestral.cli import colour_tokens
+    from meestral.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    text = "中文 ok 😀!"
+    ids = tok.encode(text, add_bos=False) + [2]  # ... then EOS
+    layers = [1 if i % 2 else 5 for i in range(len(ids))]  # some tokens exit at L1, the rest go deep
+    gen = SimpleNamespace(token_ids=ids, exit_layers=layers)
+    assert colour_tokens(tok, gen, 6, [1, 3], colour=False) == text
+    coloured = colour_tokens(tok, gen, 6, [1, 3], colour=True)
+    assert "\x1b[" in coloured and re.sub(r"\x1b\[\d+m", "", coloured) == text
+    cut = SimpleNamespace(token_ids=ids[:2], exit_layers=layers[:2])  # two bytes of three: shown as is
+    assert colour_tokens(tok, cut, 6, [1, 3], colour=False) == tok.decode(ids[:2])
+
+
 def test_prompt_from_argument_file_and_stdin_agree(tmp_path, capsys):
     path = tmp_path / "prompt.txt"
     path.write_text(PROMPT, encoding="utf-8")
@@ -163,8 +184,8 @@ ERRORS = {
     "exit_out_of_range": (G + MISTRAL + ["--exits", "99"], ["99", "out of range"]),
     "exits_duplicated": (G + MISTRAL + ["--exits", "1,1"], ["[1]", "twice"]),
     "exits_not_numbers": (G + MISTRAL + ["--exits", "a,b"], ["'a,b'", "layer numbers"]),
-    "threshold_above_one": (G + MISTRAL + ["--threshold", "1.5"], ["1.5", "outside [0, 1]"]),
-    "threshold_nan": (G + MISTRAL + ["--threshold", "nan"], ["nan", "outside [0, 1]"]),
+    "threshold_above_one": (G + MISTRAL + ["--threshold", "1.5"], ["--threshold", "1.5", "[0, 1]"]),
+    "threshold_nan": (G + MISTRAL + ["--threshold", "nan"], ["--threshold", "nan", "[0, 1]"]),
     "threshold_count": (G + MISTRAL + ["--exits", "1,2", "--threshold", "0.5,0.5,0.5"],
                         ["3 thresholds for 2 exit points"]),
     "prompt_empty": (["generate", ""] + MISTRAL, ["empty prompt"]),
@@ -178,9 +199,9 @@ ERRORS = {
     "unknown_subcommand": (["frobnicate"], ["frobnicate", "invalid choice"]),
     "no_subcommand": ([], ["command"]),
     "unknown_option": (G + MISTRAL + ["--bogus"], ["--bogus"]),
-    "max_new_tokens_zero": (G[:2] + MISTRAL + ["--max-new-tokens", "0"], ["max_new_tokens", "0"]),
+    "max_new_tokens_zero": (G[:2] + MISTRAL + ["--max-new-tokens", "0"], ["--max-new-tokens", "0", ">= 1"]),
     "max_new_tokens_not_int": (G[:2] + MISTRAL + ["--max-new-tokens", "x"], ["--max-new-tokens", "'x'"]),
-    "top_p_zero": (G + MISTRAL + ["--top-p", "0"], ["top_p", "(0, 1]"]),
+    "top_p_zero": (G + MISTRAL + ["--top-p", "0"], ["--top-p", "(0, 1]"]),
     "temperature_negative": (G + MISTRAL + ["--temperature", "-1"], ["temperature", "-1"]),
     "dtype_unknown": (G + MISTRAL + ["--dtype", "int3"], ["int3", "dtype"]),
     "bench_exit_out_of_range": (["bench", "--backbone", "random:llama", "--exits", "1,7", "--tokens", "2",
@@ -192,7 +213,7 @@ ERRORS = {
 def assert_one_line_error(rc, out, err, words):
     assert rc == 2, (rc, err)
     assert out == ""
-    assert err.startswith("meestral: error:"), err
+    assert err.startswith("meestral: error:") and "Traceback" not in err, err
     assert err.endswith("\n") and err.count("\n") == 1, f"expected exactly one line on stderr, got {err!r}"
     for w in words:
         assert w in err, f"{w!r} not named in {err!r}"

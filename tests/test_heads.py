@@ -218,6 +218,35 @@ def test_corrupted_heads_folder_raises_meestral_error(saved, name):
     assert str(folder) in str(e.value)
 
 
+def _flip_a_weight_byte(folder):
+    """Flip one byte inside the tensor data (past the safetensors header): still a valid file."""
+    p = folder / "heads.safetensors"
+    data = bytearray(p.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header + 3] ^= 0x40
+    p.write_bytes(bytes(data))
+
+
+def test_flipped_weight_bytes_are_caught_by_the_checksum(saved):
+    bb, folder = saved
+    from safetensors.torch import load_file
+
+    before = {k: v.clone() for k, v in load_file(str(folder / "heads.safetensors")).items()}  # not a view of the file
+    _flip_a_weight_byte(folder)
+    after = load_file(str(folder / "heads.safetensors"))  # it parses: only the checksum can tell
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(MeestralError, match="does not match the checksum"):
+        ExitHeads.load(folder, bb)
+
+
+def test_heads_saved_without_a_checksum_still_load(saved):
+    """Folders written before checksums existed (no sha256 in heads.json) load as before."""
+    bb, folder = saved
+    meta = json.loads((folder / "heads.json").read_text())
+    (folder / "heads.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
+    assert ExitHeads.load(folder, bb).exit_points == [1, 3]
+
+
 def test_folder_that_does_not_exist(tiny, tmp_path):
     with pytest.raises(MeestralError, match="heads.json"):
         ExitHeads.load(tmp_path / "nothing here", tiny("mistral"))

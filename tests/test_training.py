@@ -189,7 +189,7 @@ def _broken(d):
     (lambda d, c: ["--exits", "1,6"], "out of range"),
     (lambda d, c: ["--batch", "64", "--seq-len", "512"], "larger than the training data"),
     (lambda d, c: ["--out", c / "sub"], "not writable"),  # a folder inside a file: even root cannot write it
-    (lambda d, c: ["--batch", "0"], "at least 1"),
+    (lambda d, c: ["--batch", "0"], "--batch is 0"),
     (lambda d, c: ["--topk", "1000"], "exceeds the vocabulary"),
 ])
 def test_bad_inputs_say_one_line_and_write_nothing(corpus, tmp_path, capsys, change, needle):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from meestral.errors import MeestralError
@@ -26,6 +27,11 @@ PALETTE = [31, 33, 32, 36, 34, 35, 91, 93, 92, 96, 94, 95]  # ANSI foreground co
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        # "-1,3" and "-0.5:0.5" are values (lists with a negative number), not options
+        self._negative_number_matcher = re.compile(r"^-\.?\d[\d.,:eE+-]*$")
+
     def error(self, message):  # one line, not a usage dump
         raise MeestralError(f"{message} (see `{self.prog} --help`)")
 
@@ -52,8 +58,8 @@ def add_backbone_args(p):
 
 def add_exit_args(p):
     p.add_argument("--heads", help="folder of trained exit heads (heads.json + heads.safetensors)")
-    p.add_argument("--head", default="softmax", help="training-free kind when --heads is not given: "
-                   "softmax | margin | saturation | static")
+    p.add_argument("--head", help="training-free kind when --heads is not given: "
+                   "softmax (default) | margin | saturation | static")
     p.add_argument("--exits", type=_ints, help="exit points, e.g. 8,16,24 (default: every quarter)")
     p.add_argument("--threshold", type=_floats, default=[0.9],
                    help="exit when confidence > threshold; one value or one per exit point")
@@ -82,26 +88,41 @@ def read_prompt(args) -> str:
         raise MeestralError("give the prompt either as an argument or with --file, not both")
     if args.file:
         try:
-            with open(args.file, encoding="utf-8") as f:
-                return f.read()
+            with open(args.file, "rb") as f:
+                return _utf8(f.read(), f"prompt file {args.file}")
         except OSError as e:
             raise MeestralError(f"cannot read prompt file {args.file}: {e.strerror}") from None
     if args.prompt is not None:
         return args.prompt
-    if not sys.stdin.isatty():
-        return sys.stdin.read()
+    stdin = sys.stdin  # None when the shell closed it (`<&-`)
+    if stdin is not None and not stdin.closed and not stdin.isatty():
+        return _utf8(stdin.buffer.read(), "the prompt on stdin")
     raise MeestralError("no prompt: pass it as an argument, with --file, or on stdin")
 
 
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MeestralError(f"{what} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): "
+                            "give a text file") from None
+
+
 def colour_tokens(tokenizer, gen, num_layers, exit_points, colour=True) -> str:
-    """The generated text with each token coloured by the layer it left at (plain: full depth)."""
+    """The generated text with each token coloured by the layer it left at (plain: full depth).
+    The whole text is decoded at every token and its new part printed; a character spread over
+    several tokens (CJK, emoji) is printed, whole, with the token that completes it."""
     out, prev = [], ""
     ids = []
-    for tok, layer in zip(gen.token_ids, gen.exit_layers):
+    steps = list(zip(gen.token_ids, gen.exit_layers))
+    for n, (tok, layer) in enumerate(steps):
         if tok in tokenizer.eos_ids:
             break
         ids.append(tok)
         text = tokenizer.decode(ids)
+        last = n + 1 == len(steps) or steps[n + 1][0] in tokenizer.eos_ids
+        if text.endswith("\ufffd") and not last:
+            continue  # an unfinished character: its remaining bytes come with the next tokens
         piece, prev = text[len(prev):], text
         if colour and layer < num_layers - 1:
             c = PALETTE[exit_points.index(layer) % len(PALETTE)] if layer in exit_points else 90
@@ -156,7 +177,10 @@ def format_summary(s: dict, L: int) -> str:
 
 def cmd_demo(args):
     from meestral.demo import run_demo
+    from meestral.validation import check_output
 
+    if not args.no_report:  # before the generations, not after them
+        check_output(args.report_dir, "--report-dir", folder=True)
     return run_demo(backbone=args.backbone, max_new_tokens=args.max_new_tokens, device=args.device,
                     report_dir=None if args.no_report else args.report_dir)
 
@@ -186,7 +210,10 @@ def cmd_info(args):
 
 
 def make_parser():
+    from meestral import __version__
+
     p = _Parser(prog="meestral", description="Early exits for Transformer and state-space LLMs.")
+    p.add_argument("--version", action="version", version=f"meestral {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate with early exits")
@@ -248,8 +275,12 @@ def main(argv=None) -> int:
 
             return cmd_lm_eval(SimpleNamespace(rest=argv[1:]))
         args = make_parser().parse_args(argv)
+        from meestral.validation import check_args
+
+        check_args(args)
         return args.func(args)
     except MeestralError as e:
+        _end_progress_bars()
         print(f"meestral: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `meestral generate --json | head`: the reader left, nothing to report
@@ -257,9 +288,24 @@ def main(argv=None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("meestral: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C: every file is whole (atomic writes), say where things stand
+        _end_progress_bars()
+        print(f"meestral: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only folder... met while working: one line, not a traceback
+        from meestral.files import describe_os_error
+
+        _end_progress_bars()
+        print(f"meestral: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+
+
+def _end_progress_bars():
+    """Close the progress bars a failure left open now, so that they do not redraw themselves
+    after the error line (when they are garbage-collected) and the error stays the last line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

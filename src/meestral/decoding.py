@@ -25,6 +25,7 @@ import torch
 from meestral.accounting import CostModel, TokenStats, summarize
 from meestral.errors import MeestralError
 from meestral.heads import ExitHeads, check_thresholds
+from meestral.validation import RULES, check_context
 
 POLICIES = ("copy", "propagate", "catchup")
 EXIT_OUTPUTS = ("hidden", "through_last_layer")
@@ -40,14 +41,8 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
 
     def check(self):
-        if self.max_new_tokens < 1:
-            raise MeestralError(f"max_new_tokens is {self.max_new_tokens}: ask for at least 1 token")
-        if not self.temperature >= 0:
-            raise MeestralError(f"temperature {self.temperature} is negative: use 0 for greedy or a positive value")
-        if self.top_k < 0:
-            raise MeestralError(f"top_k {self.top_k} is negative: use 0 (off) or a positive count")
-        if not 0.0 < self.top_p <= 1.0:
-            raise MeestralError(f"top_p {self.top_p} is outside (0, 1]: use 1 to turn it off")
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p"):  # the CLI's rules (validation.py)
+            RULES[name].check(getattr(self, name), name)
 
 
 @dataclass
@@ -151,6 +146,8 @@ class EarlyExitDecoder:
         bb, dev = self.bb, self.bb.device
         rows = self.encode(prompts, chat)
         B, P = len(rows), max(len(r) for r in rows)
+        check_context(bb, P + opts.max_new_tokens, f"a prompt of {P:,} tokens + {opts.max_new_tokens:,} new tokens",
+                      "shorten the prompt or ask for fewer new tokens (--max-new-tokens)")
         pad = torch.tensor([P - len(r) for r in rows], device=dev)
         ids = torch.zeros(B, P, dtype=torch.long, device=dev)
         for b, r in enumerate(rows):

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 from meestral.errors import MeestralError
+from meestral.validation import check_context, check_output
 
 
 def _names(text: str) -> list[str]:
@@ -50,6 +52,8 @@ def cmd_eval(args):
 
     from meestral.evaluation.runner import load_tasks, run_tasks
 
+    if args.out:
+        check_output(args.out, "--out")
     names = _names(args.tasks)
     resolved, task_dict = load_tasks(names)
     lm = _lm(args)
@@ -82,8 +86,13 @@ def cmd_lm_eval(args):
     if "--tasks" in argv:
         _check_task_names(argv[argv.index("--tasks") + 1] if argv.index("--tasks") + 1 < len(argv) else "",
                           argv[argv.index("--include_path") + 1])
+    model_args = {}
     if "--model_args" in argv and "--model" in argv and argv[argv.index("--model") + 1] == "meestral":
-        _check_model_args(argv[argv.index("--model_args") + 1] if argv.index("--model_args") + 1 < len(argv) else "")
+        model_args = _check_model_args(argv[argv.index("--model_args") + 1] if argv.index("--model_args") + 1 < len(argv) else "")
+    _check_lm_eval_limit_and_output(argv)
+    from meestral.validation import check_device
+
+    check_device(model_args.get("device") or _option(argv, "--device") or "cuda:0")  # lm-eval's default device
     from meestral.data import hub_reachable
 
     if not hub_reachable():  # offline: don't let HF libraries wait on retries to the hub
@@ -111,18 +120,48 @@ def _check_task_names(spec, include_path):
         raise MeestralError(f"unknown task(s) {', '.join(bad)}: offline tasks are {', '.join(offline)}")
 
 
-def _check_model_args(spec):
+def _option(argv, *names):
+    """The value of the last of lm-eval's options `names` in argv ('--x v' or '--x=v'), or None."""
+    value = None
+    for i, a in enumerate(argv):
+        for n in names:
+            if a == n:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+            elif a.startswith(n + "="):
+                value = a[len(n) + 1:]
+    return value
+
+
+def _check_lm_eval_limit_and_output(argv):
+    limit = _option(argv, "--limit", "-L")
+    if limit is not None:
+        try:
+            ok = float(limit) > 0 and math.isfinite(float(limit))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise MeestralError(f"--limit {limit!r} selects no examples: give a count >= 1 or a fraction in (0, 1)")
+    out = _option(argv, "--output_path", "-o")
+    if out is not None:
+        check_output(out, "--output_path", folder=not out.endswith((".json", ".jsonl")))
+
+
+def _check_model_args(spec) -> dict:
+    """{key: value} of a meestral --model_args string, every key known."""
     from meestral.evaluation.lm_model import ARGS
 
+    out = {}
     for part in spec.split(","):
         if not part.strip():
             continue
         if "=" not in part:
             raise MeestralError(f"malformed --model_args entry {part!r}: write key=value pairs separated by commas "
                                 "(lists with ':', e.g. exits=7:15:22)")
-        key = part.split("=", 1)[0].strip()
+        key, value = (x.strip() for x in part.split("=", 1))
         if key not in ARGS:
             raise MeestralError(f"unknown --model_args key {key!r}: use {', '.join(ARGS)}")
+        out[key] = value
+    return out
 
 
 def cmd_sweep(args):
@@ -130,6 +169,7 @@ def cmd_sweep(args):
 
     if not args.thresholds:
         raise MeestralError("the thresholds list is empty: pass e.g. --thresholds 0.5,0.7,0.9")
+    check_output(args.out, "--out")
     lm = _lm(args)
     spec = SweepSpec(tasks=_names(args.tasks), thresholds=args.thresholds, policies=_names(args.policies),
                      static_layers=args.static_layers or [], layer_drops=args.layer_drop or [], limit=args.limit,
@@ -142,6 +182,7 @@ def cmd_sweep(args):
 def _heldout_sequences(bb, args):
     from meestral.data import heldout_rows
 
+    check_context(bb, args.seq_len, f"--seq-len {args.seq_len}", "lower --seq-len")
     return heldout_rows(args.data, bb.tokenizer, args.tokens, args.seq_len)
 
 
@@ -153,7 +194,12 @@ def cmd_oracle(args):
     from meestral.evaluation.runner import task_token_sequences
     from meestral.evaluation.tasks import resolve_tasks
 
+    check_output(args.out, "--out")
+    check_output(Path(args.out).with_name("lens.json"), "the logit lens beside --out")
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
+    heads = None
+    if args.heads or args.head not in ("full", "none"):  # before the work: a bad folder fails now
+        heads = build_heads(args, bb)
     L = bb.num_layers
     layers = args.exits or list(range(L - 1))
     out = {"num_layers": L, "sources": {}}
@@ -169,11 +215,9 @@ def cmd_oracle(args):
             ag = {str(k): v for k, v in src["agreement"].items()}
             src["agreement"] = [ag[str(l)] for l in src["layers"]]
         src.setdefault("bound_speedup", src.get("bound_speedup_layers"))
-    _write_json(args.out, out)
-    heads = None
-    if args.heads or args.head not in ("full", "none"):
-        heads = build_heads(args, bb)
-    _write_json(Path(args.out).with_name("lens.json"), logit_lens(bb, heads, args.lens_text))
+    lens = logit_lens(bb, heads, args.lens_text)
+    _write_json(args.out, out)  # both files, once everything they hold is computed
+    _write_json(Path(args.out).with_name("lens.json"), lens)
     for k, s in out["sources"].items():
         print(f"{k}: {s['tokens']} tokens, oracle mean layers run {s['mean_layers_run']:.1f}/{L} "
               f"(bound {s['bound_speedup']:.2f}x in layers)", file=sys.stderr)
@@ -185,6 +229,7 @@ def cmd_calibrate(args):
     from meestral.cli import build_heads
     from meestral.evaluation.calibration import calibrate_on_text
 
+    check_output(args.out, "--out")
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     heads = build_heads(args, bb)
     out = calibrate_on_text(bb, heads, _heldout_sequences(bb, args), args.epsilon, args.delta, args.calib_fraction,
@@ -200,6 +245,8 @@ def cmd_calibrate(args):
 def cmd_report(args):
     from meestral.report.render import main_tradeoff_png, write_report
 
+    if args.docs_png:
+        check_output(args.docs_png, "--docs-png")
     html, md = write_report(args.results, args.out)
     print(f"report: {html} and {md}", file=sys.stderr)
     if args.docs_png:

@@ -1,26 +1,137 @@
-"""Writing files so that a reader never sees half of one: every output goes through here."""
+"""Writing files so that a reader never sees half of one: every output goes through here.
+
+- `atomic_write`: a whole file, written beside its target and renamed over it.
+- `create_new`: the same, but never replacing a file that exists (two creators: one wins).
+- `append_line`: one whole line at the end of a log-like file, or nothing.
+
+A writer killed by SIGKILL leaves its temp file `.NAME.tmpPID` behind; the next write to the same
+path (and `remove_stale_temps` on a whole folder) removes temp files whose process is gone.
+Errors are raised as OSError naming the target (not the temp file); `describe_os_error` turns one
+into the one line the CLI prints.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 from pathlib import Path
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)(-old)?$")
+
+
+def temp_name(path: Path, suffix: str = "") -> Path:
+    """This process's temp path beside `path` (`.NAME.tmpPID`, + suffix)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder, name: str | None = None) -> None:
+    """Remove temp files and folders (of `name`, or of every name) in `folder` whose writer died."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        m = _TEMP.match(p.name)
+        if not m or (name is not None and m["name"] != name):
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """The same error (same subclass, same errno) naming the target instead of a temp file."""
+    return OSError(e.errno, e.strerror or str(e), str(path)) if e.errno else e
+
+
+def _write_temp(path: Path, write) -> Path:
+    remove_stale_temps(path.parent, path.name)
+    tmp = temp_name(path)
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    return tmp
 
 
 def atomic_write(path, write) -> Path:
     """`write(tmp)` into a temporary file in `path`'s folder, flushed to disk, then renamed over
     `path`: a kill or a failure leaves the previous file (or none), never a partial one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_name(path)
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_write_temp(path, write), path)
+    except OSError as e:
+        raise _named(e, path) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
+def create_new(path, write) -> bool:
+    """Like `atomic_write`, but an existing `path` is kept (link(2) refuses to replace it): with
+    several creators at once exactly one file wins. True if this call created it."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        os.link(_write_temp(path, write), path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise _named(e, path) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def append_line(path, line: str) -> None:
+    """Append `line` and a newline in one write, flushed to disk. On failure (a full disk) the file
+    is cut back to its previous end, so it never ends in half a line this call wrote; a SIGKILL
+    mid-write can still leave one, which readers drop (see sweep.ResultsTable, training.RunLog)."""
+    path = Path(path)
+    data = memoryview((line.rstrip("\n") + "\n").encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError as e:
+            os.ftruncate(fd, end)
+            raise _named(e, path) from None
+    finally:
+        os.close(fd)
+
+
 def write_json(path, obj, **dumps) -> Path:
     return atomic_write(path, lambda t: t.write_text(json.dumps(obj, **dumps)))
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OS error: what failed, on which path, and what to do."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "the disk is full: free some space, or write to another disk"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable location"
+    elif e.errno == errno.ENOENT:
+        fix = "check the path"
+    else:
+        fix = "check the path and the disk"
+    return f"{e.strerror or type(e).__name__}:{where}: {fix}"

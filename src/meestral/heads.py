@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -101,6 +100,8 @@ class ExitHeads(nn.Module):
         self.exit_points = check_exit_points(exit_points, backbone.num_layers)
         self.features = features
         self.mlp_hidden = int(mlp_hidden)
+        if self.mlp_hidden < 0:
+            raise MeestralError(f"MLP head width {self.mlp_hidden} is negative: use 0 (a linear head) or a width >= 1")
         self.identity = backbone.identity()
         self.source = None  # the folder the heads were loaded from, if any
         d = backbone.hidden_size + (backbone.aux_dim() if features == "hidden+aux" else 0)
@@ -165,19 +166,27 @@ class ExitHeads(nn.Module):
         """Write heads.json + heads.safetensors atomically (a temp folder renamed into place)."""
         from safetensors.torch import save_file
 
+        from meestral.files import remove_stale_temps, temp_name
+
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(tmp / "heads.safetensors"), metadata={"meestral": json.dumps(self.meta())})
-        (tmp / "heads.json").write_text(json.dumps(self.meta(), indent=2))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            _rmtree(old)
-        else:
-            os.replace(tmp, folder)
+        remove_stale_temps(folder.parent, folder.name)  # of a save that was killed
+        tmp, old = temp_name(folder), temp_name(folder, "-old")
+        _rmtree(tmp)
+        tmp.mkdir()
+        try:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(tensors, str(tmp / "heads.safetensors"), metadata={"meestral": json.dumps(self.meta())})
+            meta = dict(self.meta(), sha256=_sha256(tmp / "heads.safetensors"))
+            (tmp / "heads.json").write_text(json.dumps(meta, indent=2))
+            if folder.exists():
+                os.replace(folder, old)
+                os.replace(tmp, folder)
+                _rmtree(old)
+            else:
+                os.replace(tmp, folder)
+        finally:
+            _rmtree(tmp)
         return folder
 
     @classmethod
@@ -205,6 +214,9 @@ class ExitHeads(nn.Module):
                 )
         heads = cls(kind, points, backbone, features=features, mlp_hidden=mlp_hidden)
         if kind == "classifier":
+            if "sha256" in meta and weights.is_file() and _sha256(weights) != meta["sha256"]:
+                raise MeestralError(f"{weights} does not match the checksum in {meta_path} (changed or damaged since "
+                                    "it was saved): re-save or re-train the heads")
             try:
                 state = load_file(str(weights))
                 heads.load_state_dict(state, strict=True)
@@ -214,6 +226,16 @@ class ExitHeads(nn.Module):
                 ) from None
         heads.source = str(folder)  # where they came from (the report looks for the training log next to it)
         return heads
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _rmtree(path: Path):

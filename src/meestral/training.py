@@ -46,6 +46,7 @@ Backbones larger than one GPU
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -61,7 +62,8 @@ from torch import nn
 
 from meestral.data import tuplify
 from meestral.errors import MeestralError
-from meestral.files import atomic_write
+from meestral.files import append_line, atomic_write, remove_stale_temps
+from meestral.validation import check_context, check_output
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -295,15 +297,6 @@ def _averaged(opt, on: bool):
 
 
 # ---- files -------------------------------------------------------------------------------------
-def check_writable(out: Path):
-    """The output folder (or its first existing ancestor) must be writable; nothing is created."""
-    p = out
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        raise MeestralError(f"output folder {out} is not writable (at {p}): choose another --out")
-
-
 class RunLog:
     """JSONL records (+ TensorBoard when importable) and the training-curve PNG; rank 0 only."""
 
@@ -311,8 +304,17 @@ class RunLog:
         self.path = out / LOG
         self.records: list[dict] = []
         if resume_step is not None and self.path.exists():
-            # Records written after the checkpoint describe steps that will be redone.
-            self.records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
+            # Records written after the checkpoint describe steps that will be redone; a line cut
+            # short by a kill ends the readable part.
+            for line in self.path.read_text(errors="replace").splitlines(keepends=True):
+                try:
+                    r = json.loads(line) if line.endswith("\n") else None
+                except ValueError:
+                    r = None
+                if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+                    break
+                if r["step"] <= resume_step:
+                    self.records.append(r)
             atomic_write(self.path, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
         self.tb = None
         try:
@@ -323,9 +325,8 @@ class RunLog:
             pass
 
     def write(self, record: dict):
+        append_line(self.path, json.dumps(record))
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
         if self.tb:
             for k in ("loss", "tok_per_s"):
                 if k in record:
@@ -364,19 +365,20 @@ class RunLog:
 
 # ---- the run -----------------------------------------------------------------------------------
 def _check_config(cfg: TrainConfig, world: int):
+    from dataclasses import fields
+
+    from meestral.validation import RULES
+
     if cfg.optimizer not in ("schedulefree", "adamw"):
         raise MeestralError(f"unknown optimizer {cfg.optimizer!r}: use schedulefree or adamw")
-    for name in ("seq_len", "batch", "topk", "log_every", "val_every", "ckpt_every"):
-        if getattr(cfg, name) < 1:
-            raise MeestralError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for f in fields(cfg):  # the CLI's rules, for Python callers too (a NaN lr must not train)
+        value = getattr(cfg, f.name)
+        if f.name in RULES and value is not None:
+            RULES[f.name].check(value, "--" + f.name.replace("_", "-"))
     if cfg.total_steps() < 1:
         raise MeestralError("--steps/--tokens must give at least one step")
     if cfg.batch % world:
         raise MeestralError(f"--batch {cfg.batch} does not split over {world} processes: use a multiple of {world}")
-    if not 0 <= cfg.val_fraction < 1:
-        raise MeestralError(f"--val-fraction must lie in [0, 1), got {cfg.val_fraction}")
-    if cfg.lr <= 0:
-        raise MeestralError(f"--lr must be positive, got {cfg.lr}")
 
 
 def _identity(cfg: TrainConfig, backbone) -> dict:
@@ -422,7 +424,7 @@ class Trainer:
         _check_config(cfg, self.dist.world)
         self.total = cfg.total_steps()
         self.out = Path(cfg.out).expanduser()
-        check_writable(self.out)
+        check_output(self.out, "--out", folder=True)
         state = self._previous_state()
         self._build_heads()
         self._build_data(state)
@@ -439,6 +441,7 @@ class Trainer:
         self.start_step = self.step
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.out)  # of a run killed while writing a file
         self.log = RunLog(self.out, self.step) if self.dist.main else None
 
     def _previous_state(self) -> dict | None:
@@ -469,6 +472,7 @@ class Trainer:
             shard_backbone(bb, self.dist.device)
         L = bb.num_layers
         exits = cfg.exits or sorted({L // 4, L // 2, 3 * L // 4} - {L - 1})
+        check_context(bb, cfg.seq_len, f"--seq-len {cfg.seq_len}", "lower --seq-len")
         if cfg.topk > bb.vocab_size:
             raise MeestralError(f"--topk {cfg.topk} exceeds the vocabulary ({bb.vocab_size} tokens)")
         torch.manual_seed(cfg.seed)  # head initialisation (the classifiers start at zero, MLPs do not)
@@ -531,7 +535,9 @@ class Trainer:
             "pos_weight": self.pos_weight, "data": data,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
-        atomic_write(self.out / CHECKPOINT, lambda t: torch.save(state, t))
+        buf = io.BytesIO()  # serialised first: a full disk then fails as an OSError of a plain write
+        torch.save(state, buf)
+        atomic_write(self.out / CHECKPOINT, lambda t: t.write_bytes(buf.getbuffer()))
 
     # ---- one batch ---------------------------------------------------------------------------
     def _features_and_labels(self, ids):
@@ -614,6 +620,12 @@ class Trainer:
                 self.log.plot(self.out / "curves.png")
             ok = True
             return last
+        except KeyboardInterrupt:
+            ckpt = self.out / CHECKPOINT
+            done = torch.load(ckpt, weights_only=True)["step"] if self.dist.main and ckpt.exists() else None
+            raise KeyboardInterrupt(f"training interrupted at step {self.step} of {self.total}: " + (
+                f"rerun with --resume to continue from its checkpoint of step {done}" if done is not None else
+                "no checkpoint yet, rerun the command to start over")) from None
         finally:
             self.bar.close()
             if self.log:

@@ -103,6 +103,9 @@ def _mistral_v3_tokenizer():
 
 def load_backbone(spec: str, dtype=None, device: str = "cpu"):
     """Load a backbone from a spec (see the module docstring)."""
+    from meestral.validation import check_device
+
+    check_device(device)
     if not spec or not str(spec).strip():
         raise MeestralError("empty backbone spec: give 'smollm2', 'mamba2-smol', 'random:<shape>', a folder or a hub id")
     spec = str(spec)
@@ -159,9 +162,65 @@ def _load_hf_dir(path, dtype, device, name):
         raise MeestralError(
             f"backbone {name!r} is a {cfg.model_type!r} model; MEEstral supports {', '.join(sorted(SUPPORTED))}"
         )
+    local = Path(path).is_dir()
+    if local:
+        from meestral.validation import check_model_folder
+
+        check_model_folder(Path(path))
     kw = {}
     if cfg.model_type in ("mistral", "llama"):
         kw["attn_implementation"] = "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype), **kw).to(device)
-    tok = HFTokenizer(AutoTokenizer.from_pretrained(str(path)), name=name)
-    return wrap(model, tok, name)
+    tok = HFTokenizer(_tokenizer(AutoTokenizer, path, name), name=name)  # first: it is cheap and fails alone
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    if local:
+        hf_logging.disable_progress_bar()  # a local load takes seconds: no bar before the command's own output
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype), **kw)
+    except MeestralError:
+        raise
+    except Exception as e:  # a truncated or foreign weight file; a hub id whose download failed
+        raise MeestralError(f"cannot load the weights of backbone {name!r} ({_first_line(e)}): "
+                            "copy the weight files again" + ("" if local else " or check the hub id")) from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return wrap(model.to(device), tok, name)
+
+
+# Packages a Hugging Face tokenizer may need on top of `tokenizers` (import names).
+TOKENIZER_PACKAGES = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf", "tiktoken": "tiktoken"}
+
+
+def _tokenizer(auto, path, name):
+    """AutoTokenizer.from_pretrained, with a failure turned into one line naming what is missing."""
+    import importlib.util
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its fallback warnings span lines; a failure gets our one line
+    try:
+        return auto.from_pretrained(str(path))
+    except Exception as e:
+        absent = []
+        for mod, pip_name in TOKENIZER_PACKAGES.items():
+            try:
+                if importlib.util.find_spec(mod) is None:
+                    absent.append(pip_name)
+            except (ImportError, ValueError):  # a parent package is absent, or blocked
+                absent.append(pip_name)
+        if isinstance(e, ImportError) and e.name:  # the import that failed, if it is none of those
+            missing = TOKENIZER_PACKAGES.get(e.name, e.name.split(".")[0])
+            absent += [] if missing in absent else [missing]
+        fix = (f"pip install {' '.join(absent)} (packages its tokenizer files may need), or add the model's tokenizer.json"
+               if absent else "copy the model's tokenizer files again")
+        raise MeestralError(f"cannot load the tokenizer of backbone {name!r} ({_first_line(e)}): {fix}") from None
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from meestral.decoding import EarlyExitDecoder, SamplingOptions
 from meestral.errors import MeestralError
 from meestral.evaluation.scoring import build_tables, decide, score_sequential
+from meestral.validation import check_context, context_length
 
 ARGS = ("backbone", "heads", "head", "exits", "threshold", "policy", "verify", "max_backlog", "exit_output",
         "layer_drop", "dtype", "device", "batch_size", "max_batch_size", "max_length", "max_gen_toks")
@@ -70,6 +71,9 @@ class MeestralLM(TemplateLM):
         self.spec = backbone if isinstance(backbone, str) else self.bb.name
         self._batch = self._int(batch_size if batch_size not in (None, "auto") else 8, "batch_size")
         self._max_length = self._int(max_length, "max_length") if max_length is not None else None
+        if self._max_length is not None:
+            check_context(self.bb, self._max_length, f"max_length {self._max_length}",
+                          "lower --max-length (max_length=), or leave it out for the model's context")
         self._max_gen_toks = self._int(max_gen_toks, "max_gen_toks")
         self.records: list[dict] = []
         self._tables: dict = {}
@@ -186,14 +190,11 @@ class MeestralLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
+        """The token window (the context-length rule: meestral.validation)."""
         if self._max_length:
             return self._max_length
-        cfg = self.bb.model.config
-        for attr in ("max_position_embeddings", "n_positions", "seq_length"):
-            v = getattr(cfg, attr, None)
-            if v:
-                return int(min(v, 1 << 20))
-        return 2048  # Mamba has no positional limit; lm-eval's `hf` default
+        n = context_length(self.bb)
+        return min(n, 1 << 20) if n else 2048  # Mamba has no positional limit; lm-eval's `hf` default
 
     @property
     def max_gen_toks(self) -> int:
@@ -305,6 +306,9 @@ class MeestralLM(TemplateLM):
                                    stop=tuple(s for s in until if s))
             if not kw.get("do_sample", False):
                 opts.temperature = 0.0
+            if max_new >= self.max_length:
+                raise MeestralError(f"the task asks for {max_new} new tokens, which leaves no room for a prompt in "
+                                    f"the {self.max_length}-token window: raise max_length or lower max_gen_toks")
             ctx_len = self.max_length - max_new
             for k in range(0, len(idx), self.batch_size):
                 chunk = idx[k:k + self.batch_size]

@@ -10,14 +10,15 @@ Storage: one append-only JSONL file. Its first line is a header naming what make
 (backbone fingerprint, heads, example limit); every other line is one finished point, keyed by the
 hash of its configuration. A restarted sweep reads the keys present and runs only the missing
 points; a line cut short by a kill (no newline, bad JSON) is dropped on restart. A file written
-for another configuration is refused, not mixed in.
+for another configuration is refused, not mixed in. A sweep holds a lock on its file (flock(2),
+released when the process ends, even by SIGKILL): a second sweep on the same file while the
+first runs is refused, so no point is run or stored twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from meestral.errors import MeestralError
-from meestral.files import atomic_write
+from meestral.files import append_line, create_new
 
 FORMAT = 1
 
@@ -91,14 +92,30 @@ class ResultsTable:
         self.path = Path(path)
         self.header = header
         self.rows: dict[str, dict] = {}
-        if self.path.exists():
-            self._read()
-        else:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(self.path, lambda t: t.write_text(json.dumps({"meestral_sweep": FORMAT, **header}) + "\n"))
-            except OSError as e:
-                raise MeestralError(f"cannot write results file {self.path}: {e.strerror}: choose a writable --out") from None
+        if not self.path.exists():  # (an OSError, e.g. a full disk, names the file)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            create_new(self.path, lambda t: t.write_text(json.dumps({"meestral_sweep": FORMAT, **header}) + "\n"))
+        self._lock = self._take_lock()
+        self._read()
+
+    def _take_lock(self):
+        import fcntl
+
+        try:
+            f = open(self.path, "rb")
+        except OSError as e:
+            raise MeestralError(f"cannot read results file {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise MeestralError(f"another sweep is writing {self.path} right now: let it finish (a rerun then runs only "
+                                "the points still missing) or choose another --out") from None
+        return f
+
+    def close(self):
+        """Release the file for the next sweep (closing the file, or the process ending, does)."""
+        self._lock.close()
 
     def _read(self):
         try:
@@ -133,10 +150,7 @@ class ResultsTable:
 
     def append(self, row: dict):
         # One write of one whole line, flushed to disk: a kill leaves at most a partial last line.
-        with open(self.path, "ab") as f:
-            f.write((json.dumps(row) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, json.dumps(row))
         self.rows[row["key"]] = row
 
 
@@ -155,8 +169,8 @@ def run_sweep(lm, spec: SweepSpec, out, heads_spec: str, log=None) -> ResultsTab
     spec.tasks = resolved
     header = {"backbone": lm.spec, "fingerprint": bb.fingerprint(), "heads": heads_spec,
               "exits": list(base_heads.exit_points), "limit": spec.limit}
-    table = ResultsTable(out, header)
-    todo = [(p, point_key(header, p, spec)) for p in points(spec)]
+    table = ResultsTable(out, header)  # locked until closed (or collected, after a failure)
+    todo = list({k: (p, k) for p in points(spec) for k in [point_key(header, p, spec)]}.values())  # each once
     missing = [(p, k) for p, k in todo if k not in table.rows]
     print(f"sweep: {len(todo)} points, {len(todo) - len(missing)} already in {out}, running {len(missing)}",
           file=log, flush=True)
@@ -207,6 +221,7 @@ def run_sweep(lm, spec: SweepSpec, out, heads_spec: str, log=None) -> ResultsTab
             bar.set_postfix_str(f"{task} {p['baseline'] or p['policy']} {p['threshold'] or p['layer'] or ''}: "
                                 f"{name} {value:.3f}")
     bar.close()
+    table.close()
     lm.configure(heads=base_heads)
     return table
 

@@ -20,7 +20,9 @@ import html
 import json
 import math
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,6 +72,9 @@ def load_results(results_dir) -> dict:
     names the configuration) is skipped; rows with the same key are one point evaluated again: the
     last one counts."""
     d = Path(results_dir).expanduser()
+    if d.is_file():
+        raise MeestralError(f"results folder {d} is a file: pass the folder that holds sweep.jsonl (`meestral sweep "
+                            "--out <folder>/sweep.jsonl`)")
     if not d.is_dir():
         raise MeestralError(f"results folder {d} does not exist: pass the folder `meestral sweep` wrote")
     sweep = d / "sweep.jsonl"
@@ -413,22 +418,36 @@ def write_report(results_dir, out_dir=None, title: str = "MEEstral early-exit re
     res = load_results(results_dir)
     out = Path(out_dir).expanduser() if out_dir else res["dir"]
     figdir = out / "figures"
+    drafts = Path(tempfile.mkdtemp(prefix="meestral-figures-"))  # into figures/ only with the whole report
     try:
-        figdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MeestralError(f"cannot write the report to {out} ({e.strerror}): choose another output folder") from None
-    doc, figs = [], {}
-    _intro(doc, res, x)
-    _tradeoff(doc, res, figs, figdir, x)
-    _thresholds(doc, res, figs, figdir)
-    _oracle(doc, res, figs, figdir)
-    _calibration(doc, res, figs, figdir)
-    _training(doc, res, figs, figdir)
-    _lens(doc, res, figs, figdir)
-    _all_points(doc, res)
-    figs = {k: Path(v) for k, v in figs.items()}
-    md = atomic_write(out / "report.md", lambda t: t.write_text(_markdown(doc, title, figs, out), encoding="utf-8"))
-    page = atomic_write(out / "report.html", lambda t: t.write_text(_html(doc, title, figs), encoding="utf-8"))
+        doc, figs = [], {}
+        sections = [("sweep.jsonl", lambda: _intro(doc, res, x)),
+                    ("sweep.jsonl and oracle.json", lambda: _tradeoff(doc, res, figs, drafts, x)),
+                    ("sweep.jsonl", lambda: _thresholds(doc, res, figs, drafts)),
+                    ("oracle.json", lambda: _oracle(doc, res, figs, drafts)),
+                    ("calibration.json", lambda: _calibration(doc, res, figs, drafts)),
+                    ("train/log.jsonl", lambda: _training(doc, res, figs, drafts)),
+                    ("lens.json", lambda: _lens(doc, res, figs, drafts)),
+                    ("sweep.jsonl", lambda: _all_points(doc, res))]
+        for inputs, build in sections:
+            try:
+                build()
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+                one = " and " not in inputs
+                raise MeestralError(f"{inputs} in {res['dir']} {'does' if one else 'do'} not hold what MEEstral writes "
+                                    f"({type(e).__name__}: {str(e)[:120]}): rerun the command that wrote "
+                                    f"{'it, or remove the file' if one else 'them'}") from None
+        page_text = _html(doc, title, {k: Path(v) for k, v in figs.items()})
+        try:
+            figdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MeestralError(f"cannot write the report to {out} ({e.strerror}): choose another output folder") from None
+        for k, v in figs.items():
+            figs[k] = atomic_write(figdir / Path(v).name, lambda t, v=v: shutil.copyfile(v, t))
+        md = atomic_write(out / "report.md", lambda t: t.write_text(_markdown(doc, title, figs, out), encoding="utf-8"))
+        page = atomic_write(out / "report.html", lambda t: t.write_text(page_text, encoding="utf-8"))
+    finally:
+        shutil.rmtree(drafts, ignore_errors=True)
     for name in FIGURES:  # a figure of an earlier report whose input is gone would mislead
         if name not in figs:
             (figdir / f"{name}.png").unlink(missing_ok=True)
