@@ -255,9 +255,12 @@ def test_context_rule_on_smollm2(capsys):
 
 # ---- the rule table ---------------------------------------------------------------------------------
 def _actions():
-    parser = make_parser()
-    for sub in parser._subparsers._group_actions[0].choices.values():
+    stack = list(make_parser()._subparsers._group_actions[0].choices.values())
+    while stack:  # nested commands too (`distill sample|train|export`)
+        sub = stack.pop()
         for action in sub._actions:
+            if action.choices and isinstance(action.choices, dict):
+                stack += list(action.choices.values())
             yield sub.prog, action
 
 

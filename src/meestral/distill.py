@@ -121,6 +121,8 @@ def sample_teacher(teacher: str, out_dir: str, *, batch: int = 512, max_new_toke
     Returns the number of shards written; restarting with the same seed continues the numbering."""
     from meestral.distill_prompts import sample_prompt
 
+    if top_k < 1:
+        raise MeestralError(f"--top-k is {top_k}: sampling needs at least the most likely token (1 or more)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_teacher(teacher, device)

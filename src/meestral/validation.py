@@ -123,6 +123,9 @@ RULES = {
     "shuffle_buffer": Number(int, 1),
     # bench
     "repeats": Number(int, 1),
+    # distill
+    "shards": Number(int, 1), "seconds": Number(float, 0, low_open=True), "corpus_share": Number(float, 0, 1),
+    "ce_weight": Number(float, 0), "eval_every": Number(int, 1),
 }
 FREE_TEXT = {"prompt", "rest"}  # checked where they are read (an empty prompt has its own message)
 
