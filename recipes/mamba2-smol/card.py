@@ -2,7 +2,7 @@
 same way: perplexity on held-out Shakespeare (the embedded corpus's validation documents, never
 trained on) and 0-shot task scores through the offline lm-eval suite at full depth.
 
-    python recipes/mamba2-smol/card.py --out docs/mamba2-smol-card.json [--limit N]
+    OMP_NUM_THREADS=1 python recipes/mamba2-smol/card.py --out docs/mamba2-smol-card.json [--limit N]
 
 Results are written per (backbone, task) as they finish, so a stopped run resumes.
 """
