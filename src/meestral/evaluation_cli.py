@@ -8,11 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from meestral.cli_common import add_backbone_args, add_exit_args, build_heads, exit_config, floats, ints, wants_heads
+from meestral.cli_common import names as _names
 from meestral.errors import MeestralError
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _write_json(path, obj):
@@ -27,17 +25,13 @@ def _write_json(path, obj):
 
 
 def _lm(args, **extra):
-    from meestral.cli import build_heads
     from meestral.backbones.loading import load_backbone
     from meestral.evaluation.lm_model import MeestralLM
 
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
-    heads = build_heads(args, bb) if (args.heads or args.head not in ("full", "none")) else None
-    policy, verify = args.policy, args.verify
     lm = MeestralLM(backbone=bb, head="full", batch_size=args.batch_size, max_length=args.max_length, **extra)
     lm.spec = args.backbone
-    lm.configure(heads=heads, head="full" if heads is None else None, threshold=args.threshold, policy=policy,
-                 verify=verify, max_backlog=args.max_backlog, exit_output=args.exit_output)
+    lm.configure(exit_config(args, bb))
     return lm
 
 
@@ -147,7 +141,6 @@ def _heldout_sequences(bb, args):
 
 def cmd_oracle(args):
     from meestral.backbones.loading import load_backbone
-    from meestral.cli import build_heads
     from meestral.evaluation.lens import logit_lens
     from meestral.evaluation.oracle import oracle_report
     from meestral.evaluation.runner import task_token_sequences
@@ -170,9 +163,7 @@ def cmd_oracle(args):
             src["agreement"] = [ag[str(l)] for l in src["layers"]]
         src.setdefault("bound_speedup", src.get("bound_speedup_layers"))
     _write_json(args.out, out)
-    heads = None
-    if args.heads or args.head not in ("full", "none"):
-        heads = build_heads(args, bb)
+    heads = build_heads(args, bb) if wants_heads(args) else None
     _write_json(Path(args.out).with_name("lens.json"), logit_lens(bb, heads, args.lens_text))
     for k, s in out["sources"].items():
         print(f"{k}: {s['tokens']} tokens, oracle mean layers run {s['mean_layers_run']:.1f}/{L} "
@@ -182,7 +173,6 @@ def cmd_oracle(args):
 
 def cmd_calibrate(args):
     from meestral.backbones.loading import load_backbone
-    from meestral.cli import build_heads
     from meestral.evaluation.calibration import calibrate_on_text
 
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
@@ -209,8 +199,6 @@ def cmd_report(args):
 
 
 def add_eval_parsers(sub):
-    from meestral.cli import _floats, _ints, add_backbone_args, add_exit_args
-
     def common(p, threshold_default=True):
         add_backbone_args(p)
         add_exit_args(p)
@@ -231,10 +219,10 @@ def add_eval_parsers(sub):
     s = sub.add_parser("sweep", help="thresholds x policies x tasks with baselines; resumable")
     common(s)
     s.add_argument("--tasks", required=True)
-    s.add_argument("--thresholds", type=_floats, required=True, help="e.g. 0.5,0.7,0.9")
+    s.add_argument("--thresholds", type=floats, required=True, help="e.g. 0.5,0.7,0.9")
     s.add_argument("--policies", default="copy,catchup,verify", help="copy,propagate,catchup,verify")
-    s.add_argument("--static-layers", type=_ints, help="static exit-at-layer baselines, e.g. 7,15,22")
-    s.add_argument("--layer-drop", type=_ints, help="DYNAMAX layer-drop baselines: blocks dropped, e.g. 2,4,8")
+    s.add_argument("--static-layers", type=ints, help="static exit-at-layer baselines, e.g. 7,15,22")
+    s.add_argument("--layer-drop", type=ints, help="DYNAMAX layer-drop baselines: blocks dropped, e.g. 2,4,8")
     s.add_argument("--limit", type=int)
     s.add_argument("--out", default="results/sweep.jsonl")
     s.set_defaults(func=cmd_sweep)
