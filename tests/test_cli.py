@@ -68,9 +68,11 @@ GEN_CASES = [
     ("random:mistral", "static", False),
     ("random:mamba2", "static", True),
 ]
+slow = pytest.mark.slow  # spawns the real entry point
 
 
-@pytest.mark.parametrize("backbone,mode,sub", GEN_CASES, ids=[f"{b}-{m}" for b, m, _ in GEN_CASES])
+@pytest.mark.parametrize("backbone,mode,sub", [pytest.param(*c, marks=[slow] if c[2] else []) for c in GEN_CASES],
+                         ids=[f"{b}-{m}" for b, m, _ in GEN_CASES])
 def test_generate_json(backbone, mode, sub, tmp_path, capsys, monkeypatch):
     extra = ["--threshold", "1"] if mode == "full" else ["--head", "static", "--exits", "1", "--threshold", "0"]
     args = gen_args(backbone, *extra)
@@ -107,6 +109,7 @@ def test_plain_output_is_text_with_summary_on_stderr(capsys):
     assert "exits at L2" in err and "3 decoded tokens" in err and "exit rate 100%" in err
 
 
+@slow
 def test_prompt_from_argument_file_and_stdin_agree(tmp_path, capsys):
     path = tmp_path / "prompt.txt"
     path.write_text(PROMPT, encoding="utf-8")
@@ -243,6 +246,7 @@ def test_heads_of_the_right_backbone_are_used(heads_dirs, capsys):
     assert all(t["exit_layer"] == L - 1 for t in d["tokens"])
 
 
+@slow
 @pytest.mark.parametrize("argv,words", [
     (G + MISTRAL + ["--exits", "99"], ["99", "out of range"]),  # after loading a backbone
     (G + ["--backbone", "/nonexistent/dir"], ["/nonexistent/dir"]),
@@ -260,6 +264,7 @@ def test_malformed_random_seed(capsys):
 
 
 # ---- info and bench ---------------------------------------------------------------------------
+@slow
 def test_info(tmp_path):
     rc, out, err = run_sub(["info", "--backbone", "random:mamba"], tmp_path)
     assert rc == 0, err
@@ -292,6 +297,7 @@ def check_bench_lines(out):
     return rows
 
 
+@slow
 def test_bench(tmp_path):
     rc, out, err = run_sub(["bench", "--backbone", "random:llama", "--tokens", "4", "--repeats", "1", "--max-backlog", "1"], tmp_path)
     assert rc == 0, err

@@ -74,6 +74,7 @@ def test_lm_eval_cli_never_exit_equals_hf_model(tmp_path):
     assert [x for x, _ in b] == pytest.approx([x for x, _ in a], abs=1e-4)
 
 
+@pytest.mark.slow  # spawns sweeps and kills one
 def test_sweep_killed_and_restarted_runs_only_missing_points(tmp_path):
     out = tmp_path / "sweep.jsonl"
     args = ["sweep", *TINY, "--tasks", "arc_easy", "--limit", "25", "--thresholds", "0.1,0.2,0.3,0.5",

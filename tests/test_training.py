@@ -117,6 +117,7 @@ def test_each_saved_head_round_trips_its_own_weights(corpus, tmp_path, shape, fe
 
 
 # ---- resume after SIGKILL ----------------------------------------------------------------------
+@pytest.mark.slow  # spawns training processes
 @pytest.mark.parametrize("optimizer", ["schedulefree", "adamw"])  # adamw: the scheduler's state too
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(corpus, tmp_path, optimizer):
     common = ["--steps", 30, "--ckpt-every", 5, "--val-every", 10, "--optimizer", optimizer]
@@ -154,6 +155,7 @@ def one_process(corpus, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # spawns torchrun
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])  # fsdp: the frozen backbone sharded over the two ranks
 def test_two_processes_give_the_one_process_heads(corpus, tmp_path, one_process, mode):
     extra = ["--fsdp"] if mode == "fsdp" else []

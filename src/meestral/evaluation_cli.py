@@ -71,13 +71,14 @@ def cmd_lm_eval(args):
     if not argv:
         raise MeestralError("nothing to pass to lm-eval: e.g. meestral lm-eval --model meestral "
                             "--model_args backbone=smollm2 --tasks meestral_arc_easy --limit 20")
+    # The cheap check first: naming tasks means indexing every lm-eval task (seconds).
+    if "--model_args" in argv and "--model" in argv and argv[argv.index("--model") + 1] == "meestral":
+        _check_model_args(argv[argv.index("--model_args") + 1] if argv.index("--model_args") + 1 < len(argv) else "")
     if "--include_path" not in argv and argv[0] not in ("validate",):
         argv += ["--include_path", str(ensure_tasks())]
     if "--tasks" in argv:
         _check_task_names(argv[argv.index("--tasks") + 1] if argv.index("--tasks") + 1 < len(argv) else "",
                           argv[argv.index("--include_path") + 1])
-    if "--model_args" in argv and "--model" in argv and argv[argv.index("--model") + 1] == "meestral":
-        _check_model_args(argv[argv.index("--model_args") + 1] if argv.index("--model_args") + 1 < len(argv) else "")
     from meestral.data import hub_reachable
 
     if not hub_reachable():  # offline: don't let HF libraries wait on retries to the hub
