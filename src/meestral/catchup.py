@@ -123,15 +123,16 @@ class CatchupPolicy(Policy):
         bl, L = batch.backlog, self.L
         rows = [b for b in range(batch.B) if batch.active[b]]
         forced = {b for b in rows if bl.flush[b] or bl.schedule[b].full}
-        exit_layer, probes, probe_logits, logits, full, lo = self._run(batch, rows, forced)
+        exit_layer, probes, logits, full, lo = self._run(batch, rows, forced)
         picks = self._choose(batch, rows, exit_layer, logits, full, lo, opts, gen)
         vals = picks.tolist()  # the step's one read: tokens to emit (verify: and the first rejection)
         return self._apply(batch, rows, exit_layer, probes, vals, lo), logits
 
     def _run(self, batch, rows, forced):
         """The window step on the device: every active row's newest token, with the backlog
-        slots each block lacks. Returns (exit layer per row, probes per row, logits [B, V],
-        full-model logits over the window or None, window start)."""
+        slots each block lacks. Returns ({row: exit layer} for rows that left, {row: probes},
+        next-token logits [B, V], full-model logits over the window (verify, when some row went
+        deep) or None, window start)."""
         bb, eng, bl, L = self.bb, self.engine, batch.backlog, self.L
         dev = batch.pad.device
         lo = min(bl.cur[b] - len(bl.schedule[b]) for b in rows)
@@ -185,7 +186,7 @@ class CatchupPolicy(Policy):
                 left = torch.tensor([b in exit_layer for b in range(batch.B)], device=dev)
                 logits = torch.where(left[:, None], probe_logits, logits)
         full = eng.logits(x) if self.verify and running_rows else None
-        return exit_layer, probes, probe_logits, logits, full, lo
+        return exit_layer, probes, logits, full, lo
 
     def _choose(self, batch, rows, exit_layer, logits, full, lo, opts, gen):
         """[B, k] on the device: per row the token to emit (and under verify, the rejection)."""

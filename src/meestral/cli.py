@@ -96,9 +96,15 @@ def format_summary(s: dict, L: int) -> str:
         return "-- no decoded tokens after the first (it comes from the full-depth prompt pass)"
     return (f"-- {s['tokens']} decoded tokens: exit rate {s['exit_rate']:.0%}, mean exit layer "
             f"{s['mean_exit_layer']:.1f}/{L - 1}, layers run {s['mean_layers_run']:.1f}/{L} "
-            f"({s['layer_fraction']:.0%}), deep passes {s['deep_passes_per_token']:.2f}/token, "
+            f"({s['layer_fraction']:.0%}{_drafts(s)}), deep passes {s['deep_passes_per_token']:.2f}/token, "
             f"rolled back {s['rolled_back']}, weight bytes {s['weight_bytes_ratio']:.2f}x full, "
             f"{s['ms_per_token']:.1f} ms/token")
+
+
+def _drafts(s: dict) -> str:
+    """verify: tokens are decided at full depth; say how deep the drafts went."""
+    d = s.get("draft_mean_layers_run")
+    return "" if d is None else f"; drafts {d:.1f}"
 
 
 def cmd_demo(args):
