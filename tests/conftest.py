@@ -1,5 +1,13 @@
-import pytest
-import torch
+import os
+
+# One CPU thread per test process (and per process a test spawns): the backbones here are tiny,
+# and on a shared 2-core machine two threads per process spin against each other, making the
+# suite several times slower. MEESTRAL_TEST_THREADS overrides it.
+THREADS = os.environ.get("MEESTRAL_TEST_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = THREADS
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from meestral.backbones.loading import random_backbone
 
@@ -20,7 +28,7 @@ def tiny():
 
 
 def pytest_configure(config):
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(THREADS))
 
 
 def median_softmax(bb, layer, n=48, seed=0):

@@ -178,6 +178,7 @@ assets.smollm2_dir()
 """
 
 
+@slow  # spawns a builder and kills it
 def test_killed_build_leaves_no_cache(fake_build, monkeypatch):
     """SIGKILL halfway (no finally runs): no half-written cache is ever visible; the next build works."""
     import os

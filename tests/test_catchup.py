@@ -35,9 +35,17 @@ def reference_states(bb, tokens, lengths):
     return out
 
 
-def check_states_exact(bb, dec, prompts):
+def generate_seen(dec, prompts, opts):
+    """Generations and the decoder's last StepView (its public inspection hook)."""
+    views = []
+    gens = dec.generate(prompts, opts, inspect=views.append)
+    return gens, views[-1]
+
+
+def check_states_exact(bb, view, prompts):
     """Every layer holds a prefix of slots per row, and what it holds equals the full model's."""
-    state, bl, cur = dec.last_state, dec.last_backlog, dec.last_cur
+    state, bl = view.state, view.backlog
+    cur = bl.cur
     B, P = len(prompts), max(len(p) for p in prompts)
     L = bb.num_layers
     lacking_somewhere = 0
@@ -80,11 +88,11 @@ def test_catchup_states_equal_full_model(tiny, shape, batch):
     heads = ExitHeads("softmax", [1, 2], bb)
     prompts = PROMPTS[:batch]
     dec = EarlyExitDecoder(bb, heads, exit_threshold(bb, shape), policy="catchup", max_backlog=4)
-    gens = dec.generate(prompts, SamplingOptions(max_new_tokens=14))
+    gens, view = generate_seen(dec, prompts, SamplingOptions(max_new_tokens=14))
     exits = [e for g in gens for e in g.exit_layers[1:]]
     if shape != "mamba":  # make sure the test exercises backlogs, not only deep tokens
         assert any(e < bb.num_layers - 1 for e in exits)
-    check_states_exact(bb, dec, prompts)
+    check_states_exact(bb, view, prompts)
 
 
 @pytest.mark.parametrize("shape", ["mistral", "mamba2"])
@@ -94,13 +102,13 @@ def test_backlog_bounded_by_max_backlog(tiny, shape):
     heads = ExitHeads("static", [1], bb)
     for m in (1, 3):
         dec = EarlyExitDecoder(bb, heads, 0.0, policy="catchup", max_backlog=m)
-        g = dec.generate([PROMPTS[0]], SamplingOptions(max_new_tokens=16))[0]
+        (g,), view = generate_seen(dec, [PROMPTS[0]], SamplingOptions(max_new_tokens=16))
         run = 0
         for s in g.stats[1:]:
             run = 0 if s.deep else run + 1
             assert run <= m
         assert any(s.deep for s in g.stats[1:]) and any(not s.deep for s in g.stats[1:])
-        assert check_states_exact(bb, dec, [PROMPTS[0]]) > 0  # a backlog really was pending
+        assert check_states_exact(bb, view, [PROMPTS[0]]) > 0  # a backlog really was pending
 
 
 def full_greedy(bb, prompts, n):
@@ -118,10 +126,10 @@ def test_verify_equals_full_greedy(tiny, shape, batch):
         heads = ExitHeads(kind, [1, 2], bb)
         for t in thresholds:  # 0.0: exits (almost) always
             dec = EarlyExitDecoder(bb, heads, t, policy="catchup", verify=True, max_backlog=3)
-            gens = dec.generate(prompts, SamplingOptions(max_new_tokens=14))
+            gens, view = generate_seen(dec, prompts, SamplingOptions(max_new_tokens=14))
             assert [g.token_ids for g in gens] == ref
             assert all(len(g.token_ids) == 14 for g in gens)
-            check_states_exact(bb, dec, prompts)
+            check_states_exact(bb, view, prompts)
 
 
 def test_verify_rolls_back_and_accounts_for_it(tiny):
@@ -158,10 +166,10 @@ def test_snapshot_memory_is_one_state_per_row(tiny):
     bb = tiny("mamba2")
     heads = ExitHeads("static", [1], bb)
     dec = EarlyExitDecoder(bb, heads, 0.0, policy="catchup", verify=True, max_backlog=3)
-    dec.generate(PROMPTS, SamplingOptions(max_new_tokens=20))
-    bl, state = dec.last_backlog, dec.last_state
+    _, view = generate_seen(dec, PROMPTS, SamplingOptions(max_new_tokens=20))
+    bl, state = view.backlog, view.state
     assert bb.snapshot_nbytes(bl.snapshot) == state.nbytes()  # one copy of the states, whatever the length
-    assert len(bl.q) == 0  # every draft distribution was consumed
+    assert not any(bl.drafts)  # every draft was verified (or rolled back)
 
 
 @pytest.mark.parametrize("shape", ["mistral", "mamba2"])
@@ -178,7 +186,7 @@ def test_snapshot_restore_round_trip(tiny, shape):
     step2 = bb.make_step(5, 2, torch.zeros(2, dtype=torch.long))
     for i in range(bb.num_layers):
         h2, _ = bb.forward_layer(i, h2, state, step2)
-    rows = torch.tensor([True, False])
+    rows = torch.tensor([0])  # row indices
     after_row1 = [t[1].clone() for i in range(bb.num_layers) for t in bb.layer_tensors(state, i)]
     bb.restore(state, snap, rows)
     now = [t for i in range(bb.num_layers) for t in bb.layer_tensors(state, i)]
@@ -205,7 +213,7 @@ def test_verify_sampling_matches_full_distribution(tiny, shape):
     bb = tiny(shape)
     prompt = PROMPTS[1]
     opts = dict(temperature=1.0, top_k=3)
-    from meestral.decoding import probabilities
+    from meestral.sampling import probabilities
 
     o = SamplingOptions(max_new_tokens=3, **opts)
     # Exact joint law of (token 2, token 3) given the prompt: the prefill token is exact, then
@@ -260,6 +268,6 @@ def test_states_exact_after_many_rollbacks(tiny, shape):
     bb = tiny(shape)
     heads = ExitHeads("static", [1], bb)
     dec = EarlyExitDecoder(bb, heads, 0.0, policy="catchup", verify=True, max_backlog=3)
-    gens = dec.generate(PROMPTS, SamplingOptions(max_new_tokens=16, temperature=1.0, top_k=20, seed=3))
+    gens, view = generate_seen(dec, PROMPTS, SamplingOptions(max_new_tokens=16, temperature=1.0, top_k=20, seed=3))
     assert sum(len(g.discarded) for g in gens) >= 6  # rollbacks happened mid-stream, not only at the end
-    check_states_exact(bb, dec, PROMPTS)
+    check_states_exact(bb, view, PROMPTS)

@@ -68,9 +68,11 @@ GEN_CASES = [
     ("random:mistral", "static", False),
     ("random:mamba2", "static", True),
 ]
+slow = pytest.mark.slow  # spawns the real entry point
 
 
-@pytest.mark.parametrize("backbone,mode,sub", GEN_CASES, ids=[f"{b}-{m}" for b, m, _ in GEN_CASES])
+@pytest.mark.parametrize("backbone,mode,sub", [pytest.param(*c, marks=[slow] if c[2] else []) for c in GEN_CASES],
+                         ids=[f"{b}-{m}" for b, m, _ in GEN_CASES])
 def test_generate_json(backbone, mode, sub, tmp_path, capsys, monkeypatch):
     extra = ["--threshold", "1"] if mode == "full" else ["--head", "static", "--exits", "1", "--threshold", "0"]
     args = gen_args(backbone, *extra)
@@ -128,6 +130,7 @@ def test_plain_output_prints_characters_spread_over_several_tokens_whole():
     assert colour_tokens(tok, cut, 6, [1, 3], colour=False) == tok.decode(ids[:2])
 
 
+@slow
 def test_prompt_from_argument_file_and_stdin_agree(tmp_path, capsys):
     path = tmp_path / "prompt.txt"
     path.write_text(PROMPT, encoding="utf-8")
@@ -264,6 +267,7 @@ def test_heads_of_the_right_backbone_are_used(heads_dirs, capsys):
     assert all(t["exit_layer"] == L - 1 for t in d["tokens"])
 
 
+@slow
 @pytest.mark.parametrize("argv,words", [
     (G + MISTRAL + ["--exits", "99"], ["99", "out of range"]),  # after loading a backbone
     (G + ["--backbone", "/nonexistent/dir"], ["/nonexistent/dir"]),
@@ -281,6 +285,7 @@ def test_malformed_random_seed(capsys):
 
 
 # ---- info and bench ---------------------------------------------------------------------------
+@slow
 def test_info(tmp_path):
     rc, out, err = run_sub(["info", "--backbone", "random:mamba"], tmp_path)
     assert rc == 0, err
@@ -313,6 +318,7 @@ def check_bench_lines(out):
     return rows
 
 
+@slow
 def test_bench(tmp_path):
     rc, out, err = run_sub(["bench", "--backbone", "random:llama", "--tokens", "4", "--repeats", "1", "--max-backlog", "1"], tmp_path)
     assert rc == 0, err

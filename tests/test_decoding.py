@@ -31,37 +31,30 @@ def test_never_exit_equals_hf_greedy(tiny, shape, kind):
         assert all(layer == bb.num_layers - 1 for layer in got.exit_layers)
 
 
-def prefilled(bb, prompt):
-    """State after a full-depth prefill of `prompt` (batch 1) and the slot the next token takes."""
-    state = bb.new_state(1, len(prompt) + 4)
-    pad = torch.zeros(1, dtype=torch.long)
-    step = bb.make_step(0, len(prompt), pad)
-    h = bb.embed(torch.tensor([prompt]))
-    for i in range(bb.num_layers):
-        h, _ = bb.forward_layer(i, h, state, step)
-    return state, pad, len(prompt)
-
-
 def forced_exit_step(bb, policy, exit_at, through=False):
-    """Run one decoder step where every token exits at `exit_at`; return states before/after and
-    the exit hidden state computed independently."""
+    """One decoder step where every token exits at `exit_at`, seen through the decoder's
+    inspection hook: states before/after, the exit hidden state computed independently."""
     prompt = [1, 33, 44, 55, 66, 77, 88]
-    state, pad, slot = prefilled(bb, prompt)
-    before = copy.deepcopy(state)
     heads = ExitHeads("softmax", [exit_at], bb)
     dec = EarlyExitDecoder(bb, heads, thresholds=0.0, policy=policy,
                            exit_output="through_last_layer" if through else "hidden")
-    tok = torch.tensor([99])
-    active = torch.ones(1, dtype=torch.bool)
-    logits, info = dec._step(tok, slot, pad, active, state)
-    assert info["exit_at"].tolist() == [exit_at]
-    # Independent reference: run layers 0..exit_at on a copy of the state.
+    seen = {}
+
+    def inspect(view):
+        if view.step <= 1:
+            seen[view.step] = (copy.deepcopy(view.state), view.logits.clone(), view.logs)
+
+    g = dec.generate([prompt], SamplingOptions(max_new_tokens=2), inspect=inspect)[0]
+    (before, _, _), (after, logits, logs) = seen[0], seen[1]
+    assert logs[0].exit_layer == exit_at == g.exit_layers[1]
+    # Independent reference: run layers 0..exit_at on a copy of the state after the prompt.
+    tok = torch.tensor([g.token_ids[0]])  # the token the step fed
     ref = copy.deepcopy(before)
-    step = bb.make_step(slot, 1, pad)
+    step = bb.make_step(len(prompt), 1, torch.zeros(1, dtype=torch.long))
     h = bb.embed(tok[:, None])
     for i in range(exit_at + 1):
         h, _ = bb.forward_layer(i, h, ref, step)
-    return before, state, ref, h, step, logits
+    return before, after, ref, h, step, logits
 
 
 def layer_state(bb, state, i):

@@ -11,6 +11,7 @@ from conftest import median_softmax
 
 from meestral.decoding import EarlyExitDecoder, SamplingOptions
 from meestral.evaluation.scoring import build_tables, decide, score_sequential
+from meestral.exit_config import ExitConfig
 from meestral.heads import ExitHeads
 
 PROMPTS = [[5, 17, 33, 90, 4, 61], [7, 8, 9]]
@@ -24,7 +25,8 @@ def _heads(bb):
 def _exact_scores(bb, heads, th, dec, prompt, gen_ids, verify=False):
     tab = build_tables(bb, heads, [(prompt + gen_ids[:-1], gen_ids)])[0]
     tab.start = len(prompt) - 1
-    return decide(tab, th, heads.exit_points, dec.cost, bb.num_layers, verify, dec.max_backlog, heads.needs_logits)
+    cfg = ExitConfig(heads, th, "verify" if verify else "catchup", dec.max_backlog).checked(bb)
+    return decide(tab, cfg, dec.cost, bb.num_layers)
 
 
 @pytest.mark.parametrize("shape", ["mistral", "mistral-sw", "llama", "mamba2", "mamba"])

@@ -266,7 +266,7 @@ def _actions():
 
 def test_every_numeric_option_has_a_rule():
     """A new int/float/list option cannot skip validation: the table must name it."""
-    from meestral.cli import _floats, _ints
+    from meestral.cli_common import floats as _floats, ints as _ints
 
     missing = sorted({f"{prog} --{a.dest}" for prog, a in _actions()
                       if a.type in (int, float, _ints, _floats) and a.dest not in RULES})

@@ -10,6 +10,11 @@ any size. Conventions:
   per token (an exit reuses its probe's logits instead of reading the head again).
 - `copy` moves K/V bytes inside the cache but reads no weights; `propagate` reads the part of a
   skipped layer its state needs (K/V projections; Mamba's in_proj slice, conv and scan).
+
+One cost path: every path that runs (or replays) the model — the decoder under each policy, the
+prefill, teacher-forced scoring, sweeps through it — writes one `StepLog` per row and step: what
+that step ran for the row. `token_stats` is the only function that prices a log, `account` turns a
+row's logs into its per-token stats, and `summarize` is the only one that aggregates them.
 """
 
 from __future__ import annotations
@@ -24,13 +29,70 @@ class TokenStats:
     probes: int  # exit-head evaluations
     flops: float
     weight_bytes: float
-    wall_ms: float
+    wall_ms: float | None  # None: no decode time (teacher-forced scoring)
     prefill: bool = False  # the first token comes from the full-depth prompt pass
     caught_up: int = 0  # catchup: backlog (token, layer) pairs run along with this token
     deep: bool = True  # this step ran every block (a deep pass)
+    verified: bool = False  # verify: the emitted token is the full model's (decided by a deep pass)
 
     def to_dict(self):
         return asdict(self)
+
+
+@dataclass
+class StepLog:
+    """What one step ran for one row: the record every path writes and `token_stats` prices."""
+
+    exit_layer: int  # block whose output produced the token (L-1: full depth)
+    ran: tuple  # blocks run in full for this row
+    context: int  # positions the row's token sees (prefill: the prompt length)
+    propagated: tuple = ()  # blocks run state-only (`propagate`)
+    slots: tuple | None = None  # catch-up: positions block i ran for this row in the same call
+    probes: int = 0  # exit heads evaluated
+    head_read: bool = True  # False when the emitted logits are an exit probe's
+    deep: bool = True
+    prefill: bool = False
+    wall_ms: float | None = None  # None: no decode time (teacher-forced scoring)
+    verified: bool = False
+    feeds_token: bool = True  # False: a pass over the backlog alone (the final verification), charged
+    #                           to the row's previous token by `account`
+
+    @classmethod
+    def prefill_pass(cls, ran, prompt_len: int, num_layers: int, wall_ms=None) -> "StepLog":
+        """The full-depth prompt pass that yields the first token."""
+        return cls(num_layers - 1, tuple(ran), prompt_len, prefill=True, wall_ms=wall_ms)
+
+
+def token_stats(log: StepLog, cost: "CostModel") -> TokenStats:
+    """Price one step log: layers, FLOPs and weight bytes (the accounting conventions above)."""
+    if log.prefill:
+        # FLOPs for every prompt position; weights read once.
+        flops, nbytes = cost.token(log.ran, [], 0, log.context, True)
+        return TokenStats(log.exit_layer, len(log.ran), 0, flops * log.context, nbytes, log.wall_ms, prefill=True,
+                          verified=log.verified)
+    flops, nbytes = cost.token(log.ran, log.propagated, log.probes, log.context, log.head_read, slots=log.slots)
+    own = len(log.ran) if log.feeds_token else 0
+    if not log.feeds_token:
+        nbytes -= cost.embed_bytes  # no new token is embedded
+    caught_up = sum(log.slots) - own if log.slots is not None else 0
+    return TokenStats(log.exit_layer, len(log.ran), log.probes, flops, nbytes, log.wall_ms, caught_up=caught_up,
+                      deep=log.deep, verified=log.verified)
+
+
+def account(logs, cost: "CostModel") -> list[TokenStats]:
+    """One row's logs, in order, as per-token stats. A log that feeds no token is work done for
+    the tokens before it (the final verification pass): its cost is added to the previous token."""
+    out: list[TokenStats] = []
+    for log in logs:
+        st = token_stats(log, cost)
+        if log.feeds_token or not out:
+            out.append(st)
+            continue
+        last = out[-1]
+        last.flops += st.flops
+        last.weight_bytes += st.weight_bytes
+        last.caught_up += st.caught_up
+    return out
 
 
 @dataclass
@@ -102,6 +164,9 @@ def summarize(stats: list[TokenStats], cost: CostModel, num_layers: int, discard
 
     Work spent on tokens that verification rolled back (`discarded`) is charged to the tokens
     that were kept: FLOPs, bytes and time are totals over all steps divided by tokens emitted.
+    Verified tokens (`verify`) were decided by a deep pass: their decision depth is every layer
+    (`mean_layers_run` = L); how deep their drafts went is `draft_mean_layers_run`. Time per token
+    is over the steps that have a decode time (None when none has: teacher-forced scoring).
     """
     dec = [s for s in stats if not s.prefill]
     if not dec:
@@ -110,11 +175,14 @@ def summarize(stats: list[TokenStats], cost: CostModel, num_layers: int, discard
     spent = dec + list(discarded)
     mean = lambda k: sum(getattr(s, k) for s in dec) / n  # noqa: E731
     total = lambda k: sum(getattr(s, k) for s in spent) / n  # noqa: E731
+    timed = [s for s in dec if s.wall_ms is not None]
+    wall = sum(s.wall_ms for s in spent if s.wall_ms is not None) / len(timed) if timed else None
+    layers = mean("layers_run")
     out = {
         "tokens": n,
         "mean_exit_layer": mean("exit_layer"),
-        "mean_layers_run": mean("layers_run"),
-        "layer_fraction": mean("layers_run") / num_layers,
+        "mean_layers_run": layers,
+        "layer_fraction": layers / num_layers,
         "exit_rate": sum(s.exit_layer < num_layers - 1 for s in dec) / n,
         "mean_probes": mean("probes"),
         "deep_passes_per_token": sum(s.deep for s in spent) / n,
@@ -123,7 +191,10 @@ def summarize(stats: list[TokenStats], cost: CostModel, num_layers: int, discard
         "flops_per_token": total("flops"),
         "weight_bytes_per_token": total("weight_bytes"),
         "weight_bytes_ratio": total("weight_bytes") / cost.full_token_bytes,
-        "ms_per_token": total("wall_ms"),
-        "tokens_per_s": 1000.0 / total("wall_ms") if total("wall_ms") > 0 else float("inf"),
+        "ms_per_token": wall,
+        "tokens_per_s": None if wall is None else (1000.0 / wall if wall > 0 else float("inf")),
     }
+    if all(s.verified for s in dec):
+        out["draft_mean_layers_run"], out["draft_layer_fraction"] = layers, layers / num_layers
+        out["mean_layers_run"], out["layer_fraction"] = float(num_layers), 1.0
     return out

@@ -17,8 +17,10 @@ import time
 import torch
 
 from meestral.backbones.loading import load_backbone
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
+from meestral.decoding import EarlyExitDecoder
+from meestral.exit_config import ExitConfig
 from meestral.heads import ExitHeads, check_exit_points
+from meestral.sampling import SamplingOptions
 
 PROMPT = "The history of the printing press begins"
 
@@ -27,14 +29,14 @@ POLICIES = ("copy", "propagate", "catchup", "verify")
 
 
 def cases(bb, exits, max_backlog):
-    """(name, heads, policy, verify) per case. Under catchup a forced exit still goes deep every
+    """(name, ExitConfig) per case. Under catchup a forced exit still goes deep every
     `max_backlog + 1` tokens (the backlog bound); under verify the random drafts are mostly
     rejected, so that row shows the cost of verification, not a quality-preserving speed-up."""
-    yield "full", None, "copy", False
+    yield "full", ExitConfig()
     for e in exits:
         heads = ExitHeads("static", [e], bb)
         for policy in POLICIES:
-            yield f"exit@{e}", heads, "catchup" if policy == "verify" else policy, policy == "verify"
+            yield f"exit@{e}", ExitConfig(heads, 0.0, policy, max_backlog)
 
 
 def _hf_generate_ms(bb, tokens, repeats):
@@ -74,9 +76,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     L = bb.num_layers
     exits = check_exit_points(exits or [L // 3, 2 * L // 3], L)
     opts = SamplingOptions(max_new_tokens=tokens)
-    decs = [(name, "verify" if verify else policy,
-             EarlyExitDecoder(bb, heads, 0.0, policy, verify=verify, max_backlog=max_backlog))
-            for name, heads, policy, verify in cases(bb, exits, max_backlog)]
+    decs = [(name, cfg.policy, EarlyExitDecoder(bb, config=cfg)) for name, cfg in cases(bb, exits, max_backlog)]
     decs[0][2].generate([PROMPT], SamplingOptions(max_new_tokens=4))  # warm-up: allocator, kernels
     runs = {i: [] for i in range(len(decs))}
     for _ in range(repeats):
@@ -92,6 +92,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             "case": name, "policy": policy if name != "full" else "-", "backbone": bb.name, "device": str(bb.device),
             "dtype": str(bb.dtype).removeprefix("torch."), "layers": L,
             "decoded_tokens": s[0]["tokens"], "mean_layers_run": s[0]["mean_layers_run"],
+            "draft_mean_layers_run": s[0].get("draft_mean_layers_run"),
             "deep_passes_per_token": s[0]["deep_passes_per_token"], "rolled_back": s[0]["rolled_back"],
             "max_backlog": max_backlog if policy in ("catchup", "verify") else None,
             "weight_bytes_per_token": s[0]["weight_bytes_per_token"],

@@ -11,22 +11,26 @@ the layer holds form a prefix of the sequence, and each is exactly what the full
 for the same tokens. A token that goes deep empties the backlog. A full backlog (`max_backlog`)
 forces the next token deep. FLOPs are not saved by catch-up; weight reads are.
 
-Per slot we keep: the token, its `depth` (deepest block it has been through, -1: none) and its
-hidden state at that depth (`hidden`). At layer l the call writes exactly the slots with
-depth == l-1 of rows whose current token is still running.
+Per slot the device keeps the token, its `depth` (deepest block it has been through, -1: none)
+and its hidden state at that depth. The host keeps, per row, the slot of its newest token and a
+`BacklogSchedule` (the depths of the tokens waiting): enough to place the step's window, to
+force deep passes and to price every step without reading the device. The same schedule prices
+teacher-forced scoring (evaluation/scoring.py), so both charge the same work.
 
 Verify
 ------
 A deep pass also yields the full model's distribution at every backlog slot. Each token emitted
 from an exit is a *draft*; after a deep pass the drafts are checked in order against the full
-model with speculative-sampling acceptance (greedy: equality of the argmax). At the first
-rejection the output is cut back to that slot, the full model's token (or a draw from the residual
-distribution) is emitted instead, and the states forget every slot from there on:
+model with speculative-sampling acceptance (greedy: equality of the argmax), all at once on the
+device. At the first rejection the output is cut back to that slot, the full model's token (or a
+draw from the residual distribution) is emitted instead, and the states forget every slot from
+there on:
 - Transformer K/V slots are truncated exactly (`Backbone.truncate`).
 - A recurrent (Mamba) state cannot be cut, so each row keeps ONE snapshot of all layers, taken
   after its last fully-verified deep pass; on rejection the row is restored from it and the
-  accepted tokens since are replayed lazily by the next steps' catch-up. Memory is bounded: one
-  snapshot per row (its size is `Backbone.snapshot_nbytes`) plus `max_backlog` hidden states.
+  accepted tokens since are replayed by the next steps' catch-up. Memory is bounded: one
+  snapshot per row (its size is `Backbone.snapshot_nbytes`) plus `max_backlog` hidden states
+  (and, when sampling, `max_backlog + 1` draft distributions).
 Greedy output then equals the full model's token for token; with sampling, its distribution.
 """
 
@@ -34,235 +38,287 @@ from __future__ import annotations
 
 import torch
 
-from meestral.accounting import TokenStats
+from meestral.accounting import StepLog
 from meestral.backbones.base import Step
+from meestral.exit_rule import exits_here
+from meestral.policies import Outcome, Policy
+from meestral.sampling import draw, probabilities
+
+
+class BacklogSchedule:
+    """One row's backlog as the host sees it: the depth (deepest block run, -1: none) of each
+    token that still lacks some block, in slot order. They always sit right before the row's
+    newest slot. It says when a step must go deep and how many positions each block runs."""
+
+    def __init__(self, max_backlog: int):
+        self.max_backlog = max_backlog
+        self.depths: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.depths)
+
+    @property
+    def full(self) -> bool:
+        return len(self.depths) >= self.max_backlog
+
+    def slots(self, exit_layer: int, num_layers: int) -> tuple:
+        """Positions block i runs in a step whose token leaves after block `exit_layer`: the
+        token itself and every backlog token lacking block i; none after the exit."""
+        return tuple(1 + sum(d < i for d in self.depths) if i <= exit_layer else 0 for i in range(num_layers))
+
+    def advance(self, exit_layer: int, num_layers: int) -> None:
+        """After that step: a deep token empties the backlog; an exited one joins it, and the
+        tokens it carried are now as deep as it went."""
+        if exit_layer >= num_layers - 1:
+            self.depths = []
+        else:
+            self.depths = [max(d, exit_layer) for d in self.depths] + [exit_layer]
+
+    def replay(self, n: int) -> None:
+        """After a snapshot restore: the last n tokens are back to no block at all."""
+        self.depths = [-1] * n
 
 
 class Backlog:
-    """Per-row, per-slot bookkeeping of a catch-up generation."""
+    """The device side of a catch-up generation: per row and slot, token, depth, hidden state."""
 
-    def __init__(self, batch: int, capacity: int, num_layers: int, device):
-        self.tokens = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.depth = torch.full((batch, capacity), num_layers - 1, dtype=torch.long, device=device)
-        self.draft = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.hidden = None  # [B, capacity, d], allocated at the prefill's output dtype
-        self.q = {}  # (row, slot) -> draft distribution, for sampling acceptance
-        self.snapshot = None  # SSM only: states after each row's last verified deep pass
-        self.snap_upto = None  # [B]: first slot the snapshot does not hold
+    def __init__(self, batch, first: torch.Tensor, num_layers: int, max_backlog: int):
+        B, P, cap, dev = batch.B, batch.P, batch.capacity, batch.pad.device
+        self.tokens = torch.zeros(B, cap, dtype=torch.long, device=dev)
+        self.tokens[:, :P] = batch.ids
+        self.tokens[:, P] = first
+        self.depth = torch.full((B, cap), num_layers - 1, dtype=torch.long, device=dev)
+        self.depth[:, P] = -1
+        self.hidden = torch.zeros(B, cap, batch.bb.hidden_size, dtype=batch.hidden_dtype, device=dev)
+        self.cur = [P] * B  # host: each row's newest slot (what the next step feeds)
+        self.schedule = [BacklogSchedule(max_backlog) for _ in range(B)]
+        # verify
+        self.drafts: list[list[int]] = [[] for _ in range(B)]  # host: unverified slots per row
+        self.flush = [False] * B  # the row has ended but its drafts still wait for a deep pass
+        self.q = None  # sampling: draft distributions [B, max_backlog + 1, V], by slot modulo
+        self.snapshot = None  # SSM: states after each row's last verified deep pass
+        self.snap_upto = [P] * B  # host: first slot the snapshot does not hold
 
 
-def pending(bl: Backlog, cur: torch.Tensor, L: int) -> torch.Tensor:
-    """[B] backlog size: slots before the current one that some layer still lacks."""
-    slots = torch.arange(bl.depth.shape[1], device=cur.device)
-    return ((bl.depth < L - 1) & (slots[None, :] < cur[:, None])).sum(1)
+class CatchupPolicy(Policy):
+    name = "catchup"
+    verify = False
 
+    def start(self, batch, first, opts):
+        super().start(batch, first, opts)
+        bl = Backlog(batch, first, self.L, self.cfg.max_backlog)
+        if self.verify and not self.bb.can_truncate:
+            bl.snapshot = self.bb.snapshot(batch.state)
+        batch.backlog = bl
 
-def catchup_step(dec, bl: Backlog, state, cur, pad, active, force_deep):
-    """One step for every active row: run its current token (slot cur[b]) and, along with it,
-    every backlog slot missing from each layer the token runs. Returns (logits for the current
-    token [B, V], full-model logits at every window slot for rows that went deep [B, W, V] or
-    None, window start, per-row info for accounting)."""
-    bb, heads, L = dec.bb, dec.heads, dec.bb.num_layers
-    B, dev = cur.shape[0], cur.device
-    slots_all = torch.arange(bl.depth.shape[1], device=dev)
-    in_row = (slots_all[None, :] <= cur[:, None]) & active[:, None]
-    lacking = in_row & (bl.depth < L - 1)
-    lo = int(torch.where(lacking, slots_all[None, :], bl.depth.shape[1]).min())
-    hi = int(cur[active].max())
-    win = slice(lo, hi + 1)
-    slots = slots_all[win]
-    # Unprocessed slots (the new token; replayed ones after an SSM rollback) start from embeddings.
-    fresh = in_row[:, win] & (bl.depth[:, win] == -1)
-    emb = bb.embed(bl.tokens[:, win]).to(bl.hidden.dtype)
-    bl.hidden[:, win] = torch.where(fresh[..., None], emb, bl.hidden[:, win])
-    positions = (slots[None, :] - pad[:, None]).clamp(min=0)
-    memo = {}  # shared by the step's layers (rotary tables)
-    running = active.clone()
-    rows = torch.arange(B, device=dev)
-    exit_at = torch.full((B,), L - 1, device=dev)
-    ran = torch.zeros(B, L, dtype=torch.bool, device=dev)
-    written = torch.zeros(B, L, dtype=torch.long, device=dev)
-    probes = torch.zeros(B, dtype=torch.long, device=dev)
-    probe_logits = None
-    points = {l: j for j, l in enumerate(heads.exit_points)} if heads is not None else {}
-    at = (cur - lo).clamp(0, hi - lo)  # each row's current slot inside the window (finished rows: any)
-    prev = bl.hidden[rows, cur].clone()
-    # A running row always needs the layer for its current slot, so "some slot needs layer i" is
-    # "some row still runs": a host flag refreshed at exit decisions, not a GPU sync per layer.
-    any_running = True
-    for i in range(L):
-        if not any_running:
-            break  # every row's current token has left: the backlog waits for a deeper token
-        need = in_row[:, win] & (bl.depth[:, win] == i - 1) & running[:, None]
-        x = bl.hidden[:, win]
-        out, aux = bb.forward_layer(i, x, state, Step(lo, positions, need, memo))
-        bl.hidden[:, win] = torch.where(need[..., None], out.to(x.dtype), x)
-        bl.depth[:, win] = torch.where(need, i, bl.depth[:, win])
-        ran[:, i] = running
-        written[:, i] = need.sum(1)
-        may_exit = running & ~force_deep
-        if i in points and may_exit.any():
-            j = points[i]
-            h = out[rows, at]
-            a = None if aux is None else aux[rows, at]
-            lg = bb.logits(h) if heads.needs_logits else None
-            conf = heads.confidence(j, h, a, prev, lg)
-            probes += may_exit.long()
-            newly = may_exit & (conf > dec.thresholds[j])
-            if newly.any():
-                exit_at = torch.where(newly, torch.full_like(exit_at, i), exit_at)
+    def finish(self, batch, b):
+        bl = batch.backlog
+        if self.verify and bl.drafts[b]:
+            bl.flush[b] = True  # verify them first: the row ends only if they all survive
+            return False
+        return True
+
+    @torch.no_grad()
+    def step(self, batch, opts, gen):
+        bl, L = batch.backlog, self.L
+        rows = [b for b in range(batch.B) if batch.active[b]]
+        forced = {b for b in rows if bl.flush[b] or bl.schedule[b].full}
+        exit_layer, probes, logits, full, lo = self._run(batch, rows, forced)
+        picks = self._choose(batch, rows, exit_layer, logits, full, lo, opts, gen)
+        vals = picks.tolist()  # the step's one read: tokens to emit (verify: and the first rejection)
+        return self._apply(batch, rows, exit_layer, probes, vals, lo), logits
+
+    def _run(self, batch, rows, forced):
+        """The window step on the device: every active row's newest token, with the backlog
+        slots each block lacks. Returns ({row: exit layer} for rows that left, {row: probes},
+        next-token logits [B, V], full-model logits over the window (verify, when some row went
+        deep) or None, window start)."""
+        bb, eng, bl, L = self.bb, self.engine, batch.backlog, self.L
+        dev = batch.pad.device
+        lo = min(bl.cur[b] - len(bl.schedule[b]) for b in rows)
+        hi = max(bl.cur[b] for b in rows)
+        win = slice(lo, hi + 1)
+        cur = torch.tensor(bl.cur, device=dev)
+        slots = torch.arange(lo, hi + 1, device=dev)
+        in_row = (slots[None, :] <= cur[:, None]) & batch.active_dev[:, None]
+        depth = bl.depth[:, win]
+        # Unprocessed slots (the new token; replayed ones after an SSM rollback) start from embeddings.
+        x = torch.where((in_row & (depth == -1))[..., None], bb.embed(bl.tokens[:, win]).to(bl.hidden.dtype),
+                        bl.hidden[:, win])
+        step = Step(lo, (slots[None, :] - batch.pad[:, None]).clamp(min=0), in_row)
+        at = (cur - lo).clamp(0, hi - lo)  # each row's newest slot inside the window
+        every = torch.arange(batch.B, device=dev)
+        running = batch.active_dev.clone()
+        running_rows = list(rows)
+        may_exit = torch.tensor([b in rows and b not in forced for b in range(batch.B)], device=dev)
+        exit_layer, probes = {}, {}
+        probe_logits = None
+        last = len(self.segments) - 1
+        for j, layers in enumerate(self.segments):
+            if not running_rows:
+                break  # every row's newest token has left: the backlog waits for a deeper token
+            x, aux, prev = eng.window(layers, x, batch.state, step, depth, in_row & running[:, None])
+            if j == last or not any(b not in forced for b in running_rows):
+                continue
+            h = x[every, at]
+            conf, lg = self.confidence(j, h, None if aux is None else aux[every, at], prev[every, at])
+            newly = exits_here(conf, self.thresholds[j], running & may_exit)
+            leaves = newly.tolist()  # the exit decision: this exit point's one host read
+            for b in running_rows:
+                if b not in forced:
+                    probes[b] = j + 1
+                if leaves[b]:
+                    exit_layer[b] = self.points[j]
+            if any(leaves[b] for b in running_rows):
                 running = running & ~newly
-                any_running = bool(running.any())
+                running_rows = [b for b in running_rows if not leaves[b]]
                 if lg is not None:
                     probe_logits = lg if probe_logits is None else torch.where(newly[:, None], lg, probe_logits)
-        prev = out[rows, at]
-    h_cur = bl.hidden[rows, cur]
-    logits = bb.logits(h_cur)
-    left = active & (exit_at < L - 1)
-    head_read = torch.ones_like(active)
-    if probe_logits is not None:
-        logits = torch.where(left[:, None], probe_logits, logits)
-        head_read = ~left
-    deep = active & ~left
-    full = bb.logits(bl.hidden[:, win]) if dec.verify and deep.any() else None
-    info = dict(exit_at=exit_at, ran=ran, written=written, probes=probes, head_read=head_read, deep=deep)
-    return logits, full, lo, info
-
-
-def accept_drafts(dec, bl: Backlog, b: int, cur_b: int, lo: int, full, opts, gen):
-    """Check row b's drafts (slots <= cur_b) against the full model, in order. Returns None when
-    all are accepted, else (slot t, corrected token) of the first rejection."""
-    from meestral.decoding import probabilities
-
-    for t in torch.nonzero(bl.draft[b, : cur_b + 1]).flatten().tolist():
-        p = probabilities(full[b, t - 1 - lo], opts)  # the full model's distribution for slot t
-        x = int(bl.tokens[b, t])
-        q = bl.q.pop((b, t))
-        # Speculative sampling: keep x with probability min(1, p(x)/q(x)); otherwise draw from
-        # the normalised residual max(0, p - q). Greedy: p and q are one-hot, so x is kept iff
-        # it is the full model's argmax, and the residual is that argmax.
-        u = torch.rand((), generator=gen, device=p.device) if opts.temperature > 0 else 0.0
-        if q[x] > 0 and u < p[x] / q[x]:
-            bl.draft[b, t] = False
-            continue
-        residual = (p - q).clamp(min=0)
-        if opts.temperature == 0 or residual.sum() <= 0:
-            token = int(p.argmax())
+        bl.hidden[:, win] = x
+        e = torch.tensor([exit_layer.get(b, L - 1) for b in range(batch.B)], device=dev)
+        bl.depth[:, win] = torch.where(in_row, torch.maximum(depth, e[:, None]), depth)
+        h_cur = x[every, at]
+        if probe_logits is not None and not running_rows:
+            logits = probe_logits  # every row left through a probe that already read the LM head
         else:
-            token = int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
-        return t, token
-    return None
+            logits = eng.logits(h_cur)
+            if probe_logits is not None:
+                left = torch.tensor([b in exit_layer for b in range(batch.B)], device=dev)
+                logits = torch.where(left[:, None], probe_logits, logits)
+        full = eng.logits(x) if self.verify and running_rows else None
+        return exit_layer, probes, logits, full, lo
+
+    def _choose(self, batch, rows, exit_layer, logits, full, lo, opts, gen):
+        """[B, k] on the device: per row the token to emit (and under verify, the rejection)."""
+        return draw(probabilities(logits, opts), opts, gen)[:, None]
+
+    def _apply(self, batch, rows, exit_layer, probes, vals, lo):
+        """Host side of the step: per row the outcome, its log, and the backlog's new shape."""
+        bl, L = batch.backlog, self.L
+        needs_logits = self.heads is not None and self.heads.needs_logits
+        out = [None] * batch.B
+        adv_rows, adv_slots, adv_tokens = [], [], []
+        for b in rows:
+            c, sched = bl.cur[b], bl.schedule[b]
+            e = exit_layer.get(b, L - 1)
+            deep = e == L - 1
+            log = StepLog(e, tuple(range(e + 1)), c + 1 - batch.pad_host[b], slots=sched.slots(e, L),
+                          probes=probes.get(b, 0), head_read=not (not deep and needs_logits), deep=deep,
+                          verified=self.verify)
+            sched.advance(e, L)
+            o = self._verdict(batch, b, c, deep, vals[b], lo, log)
+            if o is not None:
+                out[b] = o
+                continue
+            token = vals[b][0]
+            out[b] = Outcome("emit", log, token=token)
+            bl.cur[b] = c + 1
+            adv_rows.append(b)
+            adv_slots.append(c + 1)
+            adv_tokens.append(token)
+        if adv_rows:
+            r, s = batch.index(adv_rows), batch.index(adv_slots)
+            bl.tokens[r, s] = torch.tensor(adv_tokens, device=r.device)
+            bl.depth[r, s] = -1
+        batch.fed = bl.tokens[torch.arange(batch.B, device=bl.tokens.device), batch.index(bl.cur)]
+        return out
+
+    def _verdict(self, batch, b, c, deep, vals, lo, log):
+        """Verify's say on row b (None: emit as usual)."""
+        return None
 
 
-def rollback(dec, bl: Backlog, state, b: int, t: int, token: int, L: int):
-    """Row b keeps slots < t; slot t now holds `token`, not yet processed by any layer."""
-    bb = dec.bb
-    rows = torch.zeros(bl.depth.shape[0], dtype=torch.bool, device=bl.depth.device)
-    rows[b] = True
-    if bb.can_truncate:
-        bb.truncate(state, torch.full_like(bl.depth[:, 0], t), rows)
-    else:
-        bb.restore(state, bl.snapshot, rows)
-        start = int(bl.snap_upto[b])
-        bl.depth[b, start:t] = -1  # accepted tokens since the snapshot: replayed by catch-up
-    bl.depth[b, t:] = L - 1
-    bl.draft[b, t:] = False
-    for key in [k for k in bl.q if k[0] == b and k[1] >= t]:
-        del bl.q[key]
-    bl.tokens[b, t] = token
-    bl.depth[b, t] = -1
+class VerifyPolicy(CatchupPolicy):
+    name = "verify"
+    verify = True
 
-
-def step_stats(dec, info, b, context, wall) -> TokenStats:
-    """Accounting of one catch-up step for row b: weights of each layer it ran are read once;
-    FLOPs count every slot written (catch-up moves FLOPs, it does not remove them)."""
-    ran = [i for i, x in enumerate(info["ran"][b].tolist()) if x]
-    counts = info["written"][b].tolist()
-    probes = int(info["probes"][b])
-    flops, nbytes = dec.cost.token(ran, [], probes, context, bool(info["head_read"][b]), slots=counts)
-    return TokenStats(int(info["exit_at"][b]), len(ran), probes, flops, nbytes, wall,
-                      caught_up=sum(counts) - len(ran), deep=bool(info["deep"][b]))
-
-
-def generate_catchup(dec, results, state, ids, pad, hidden_dtype, tok, active, opts, gen, progress=None):
-    """The decoding loop of the `catchup` policy (with or without `verify`), after the prefill.
-
-    Rows advance independently: after a rollback a row goes back to an earlier slot while the
-    others go on, so each row has its own current slot `cur[b]` (the slot of its newest token,
-    which the next step feeds).
-    """
-    from meestral.decoding import probabilities, sample
-
-    bb, L = dec.bb, dec.bb.num_layers
-    B, P = ids.shape
-    dev = ids.device
-    bl = Backlog(B, P + opts.max_new_tokens, L, dev)
-    bl.tokens[:, :P] = ids
-    bl.hidden = torch.zeros(B, P + opts.max_new_tokens, bb.hidden_size, dtype=hidden_dtype, device=dev)
-    cur = torch.full((B,), P, dtype=torch.long, device=dev)
-    bl.tokens[:, P] = tok
-    bl.depth[:, P] = -1
-    if dec.verify and not bb.can_truncate:
-        bl.snapshot = bb.snapshot(state)
-        bl.snap_upto = cur.clone()
-    flush = torch.zeros(B, dtype=torch.bool, device=dev)
-    dec.last_backlog, dec.last_cur = bl, cur  # kept for inspection (tests check the final states)
-    while active.any():
-        force = active & (flush | (pending(bl, cur, L) >= dec.max_backlog))
-        t0 = dec._clock()
-        logits, full, lo, info = catchup_step(dec, bl, state, cur, pad, active, force)
-        wall = (dec._clock() - t0) * 1000
-        for b in torch.nonzero(active).flatten().tolist():
-            r, c = results[b], int(cur[b])
-            st = step_stats(dec, info, b, c + 1 - int(pad[b]), wall)
-            if dec.verify and st.deep:
-                rejected = accept_drafts(dec, bl, b, c, lo, full, opts, gen)
-                if rejected is not None:
-                    t, token = rejected
-                    keep = t - P  # tokens before slot t stay; index k of token_ids is slot P + k
-                    r.discarded.extend(r.stats[keep:])  # stats[k] belongs to token_ids[k]
-                    r.stats[keep:] = [st]
-                    r.token_ids[keep:] = [token]
-                    rollback(dec, bl, state, b, t, token, L)
-                    cur[b] = t
-                    flush[b] = False
-                    r.finish_reason = "length"  # provisional: the ending the drafts reached is gone
-                    _maybe_finish(dec, r, b, bl, cur, active, flush, opts)
-                    continue
-                if bl.snapshot is not None:  # every token so far is verified: move the snapshot up
-                    rows = torch.zeros(B, dtype=torch.bool, device=dev)
-                    rows[b] = True
-                    bb.update_snapshot(bl.snapshot, state, rows)
-                    bl.snap_upto[b] = c + 1
-                if flush[b]:  # the drafts that were holding this row open are all accepted
-                    r.discarded.append(st)
-                    active[b] = False
-                    continue
-            if dec.verify and not st.deep:
-                q = probabilities(logits[b], opts)
-                token = int(torch.multinomial(q, 1, generator=gen)) if opts.temperature > 0 else int(q.argmax())
-                bl.draft[b, c + 1] = True
-                bl.q[(b, c + 1)] = q
+    def _choose(self, batch, rows, exit_layer, logits, full, lo, opts, gen):
+        """Per row [next token, first rejected slot (-1: none), corrected token]. The next token
+        is a draft for rows that exited, the full model's for rows that went deep; deep rows' drafts
+        are checked against the full model's distributions over the window."""
+        bl, B = batch.backlog, batch.B
+        dev = logits.device
+        q_next = probabilities(logits, opts)
+        nxt = draw(q_next, opts, gen)
+        greedy = opts.greedy
+        if not greedy:
+            R = self.cfg.max_backlog + 1
+            if bl.q is None:
+                bl.q = torch.zeros(B, R, q_next.shape[-1], device=dev)
+            drafting = [b for b in rows if b in exit_layer]
+            if drafting:
+                r = batch.index(drafting)
+                bl.q[r, batch.index([(bl.cur[b] + 1) % R for b in drafting])] = q_next[r]
+        reject = torch.full((B,), -1, dtype=torch.long, device=dev)
+        fix = torch.zeros(B, dtype=torch.long, device=dev)
+        checking = [b for b in rows if b not in exit_layer and bl.drafts[b]]
+        if checking:
+            W = full.shape[1]
+            # Slot t's distribution is the full model's at t-1: window positions 0..W-2 give t = lo+1..lo+W-1.
+            p = probabilities(full[:, : W - 1], opts)  # [B, W-1, V]
+            x = bl.tokens[:, lo + 1: lo + W]  # [B, W-1] the drafted tokens
+            mask = torch.zeros(B, W - 1, dtype=torch.bool)
+            for b in checking:
+                for t in bl.drafts[b]:
+                    mask[b, t - lo - 1] = True
+            mask = mask.to(dev)
+            if greedy:
+                q = torch.nn.functional.one_hot(x, p.shape[-1]).float()
+                u = torch.zeros(B, W - 1, device=dev)
             else:
-                token = int(sample(logits[b:b + 1], opts, gen))
-            cur[b] = c + 1
-            bl.tokens[b, c + 1] = token
-            bl.depth[b, c + 1] = -1
-            r.token_ids.append(token)
-            r.stats.append(st)
-            _maybe_finish(dec, r, b, bl, cur, active, flush, opts)
-        if progress is not None:
-            progress.update(1)
+                R = self.cfg.max_backlog + 1
+                q = bl.q[:, torch.arange(lo + 1, lo + W, device=dev) % R]
+                u = torch.rand(B, W - 1, generator=gen, device=dev)
+            # Speculative sampling: keep x with probability min(1, p(x)/q(x)); otherwise draw from
+            # the normalised residual max(0, p - q). Greedy: p and q are one-hot, so x is kept iff
+            # it is the full model's argmax, and the residual is that argmax.
+            px, qx = p.gather(-1, x[..., None])[..., 0], q.gather(-1, x[..., None])[..., 0]
+            bad = mask & ~((qx > 0) & (u < px / qx.clamp(min=1e-30)))
+            first = bad.float().argmax(1)  # first rejected position (where any)
+            rows_ = torch.arange(B, device=dev)
+            pf, qf = p[rows_, first], q[rows_, first]
+            residual = (pf - qf).clamp(min=0)
+            mass = residual.sum(-1, keepdim=True)
+            if greedy:
+                fix = pf.argmax(-1)
+            else:
+                safe = torch.where(mass > 0, residual / mass.clamp(min=1e-30), pf)
+                fix = torch.where(mass[:, 0] > 0, torch.multinomial(safe, 1, generator=gen)[:, 0], pf.argmax(-1))
+            reject = torch.where(bad.any(1), first + lo + 1, reject)
+        return torch.stack([nxt, reject, fix], 1)
 
+    def _verdict(self, batch, b, c, deep, vals, lo, log):
+        bb, bl = self.bb, batch.backlog
+        if not deep:
+            bl.drafts[b].append(c + 1)
+            return None
+        t = vals[1]
+        bl.drafts[b] = []
+        if t >= 0:
+            self._rollback(batch, b, t, vals[2])
+            return Outcome("rollback", log, token=vals[2], keep=t - batch.P)
+        if bl.snapshot is not None:  # every token so far is verified: move the snapshot up
+            bb.update_snapshot(bl.snapshot, batch.state, batch.index([b]))
+            bl.snap_upto[b] = c + 1
+        if bl.flush[b]:  # the drafts that were holding this row open are all accepted
+            bl.flush[b] = False
+            return Outcome("done", log)
+        return None
 
-def _maybe_finish(dec, r, b, bl, cur, active, flush, opts):
-    """End row b if its newest token ends it; under verify, first flush unverified drafts with a
-    forced deep pass (the row then ends only if they all survive)."""
-    reason = dec.finish_reason(r, opts)
-    if reason is None:
-        return
-    r.finish_reason = reason
-    if dec.verify and bl.draft[b, : int(cur[b]) + 1].any():
-        flush[b] = True
-    else:
-        active[b] = False
+    def _rollback(self, batch, b, t, token):
+        """Row b keeps slots < t; slot t now holds `token`, not yet processed by any layer."""
+        bb, bl, L = self.bb, batch.backlog, self.L
+        if bb.can_truncate:
+            rows = torch.zeros(batch.B, dtype=torch.bool, device=bl.depth.device)
+            rows[b] = True
+            bb.truncate(batch.state, torch.full_like(bl.depth[:, 0], t), rows)
+        else:
+            bb.restore(batch.state, bl.snapshot, batch.index([b]))
+            start = bl.snap_upto[b]
+            bl.depth[b, start:t] = -1  # accepted tokens since the snapshot: replayed by catch-up
+            bl.schedule[b].replay(t - start)
+        bl.depth[b, t:] = L - 1
+        bl.tokens[b, t] = token
+        bl.depth[b, t] = -1
+        bl.cur[b] = t
+        bl.flush[b] = False

@@ -16,71 +16,13 @@ Every user error ends with one line `meestral: error: ...` on stderr and exit st
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import sys
 
+from meestral.cli_common import Parser, add_backbone_args, add_exit_args, dispatch, exit_config, ints, run
 from meestral.errors import MeestralError
 
 PALETTE = [31, 33, 32, 36, 34, 35, 91, 93, 92, 96, 94, 95]  # ANSI foreground colours, one per exit point
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        # "-1,3" and "-0.5:0.5" are values (lists with a negative number), not options
-        self._negative_number_matcher = re.compile(r"^-\.?\d[\d.,:eE+-]*$")
-
-    def error(self, message):  # one line, not a usage dump
-        raise MeestralError(f"{message} (see `{self.prog} --help`)")
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise MeestralError(f"expected comma-separated layer numbers, got {text!r}") from None
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise MeestralError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def add_backbone_args(p):
-    p.add_argument("--backbone", default="smollm2", help="smollm2 | mamba2-smol | random:<shape> | folder | hub id")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 | float16")
-    p.add_argument("--device", default="cpu")
-
-
-def add_exit_args(p):
-    p.add_argument("--heads", help="folder of trained exit heads (heads.json + heads.safetensors)")
-    p.add_argument("--head", help="training-free kind when --heads is not given: "
-                   "softmax (default) | margin | saturation | static")
-    p.add_argument("--exits", type=_ints, help="exit points, e.g. 8,16,24 (default: every quarter)")
-    p.add_argument("--threshold", type=_floats, default=[0.9],
-                   help="exit when confidence > threshold; one value or one per exit point")
-    p.add_argument("--policy", default="copy", help="state of skipped layers: copy | propagate | catchup")
-    p.add_argument("--verify", action="store_true",
-                   help="lossless: check early tokens against the full model (needs --policy catchup)")
-    p.add_argument("--max-backlog", type=int, default=8,
-                   help="catchup: exited tokens that may wait before a deep pass is forced")
-    p.add_argument("--exit-output", default="hidden", help="hidden | through_last_layer")
-
-
-def build_heads(args, bb):
-    from meestral.heads import ExitHeads
-
-    if args.heads:
-        return ExitHeads.load(args.heads, bb)
-    if args.head == "classifier":
-        raise MeestralError("a classifier head must be trained first: pass --heads DIR (from `meestral train`)")
-    L = bb.num_layers
-    exits = args.exits or sorted({L // 4, L // 2, 3 * L // 4} - {L - 1})
-    return ExitHeads(args.head, exits, bb)
 
 
 def read_prompt(args) -> str:
@@ -139,27 +81,27 @@ def cmd_generate(args):
     if not prompt.strip():
         raise MeestralError("empty prompt: give some text to continue")
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
-    heads = build_heads(args, bb)
-    dec = EarlyExitDecoder(bb, heads, args.threshold, args.policy, args.exit_output, args.verify, args.max_backlog)
+    cfg = exit_config(args, bb)
+    heads = cfg.heads
+    dec = EarlyExitDecoder(bb, config=cfg)
     opts = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                            tuple(args.stop or ()))
     gen = dec.generate([prompt], opts, chat=args.chat)[0]
     summary = dec.summary(gen)
     if args.json:
         print(json.dumps({
-            "backbone": bb.identity(), "heads": heads.meta(), "thresholds": dec.thresholds,
-            "policy": args.policy, "verify": args.verify, "max_backlog": args.max_backlog,
-            "exit_output": args.exit_output, "prompt": prompt,
+            "backbone": bb.identity(), "heads": None if heads is None else heads.meta(),
+            **{k: v for k, v in cfg.to_dict().items() if k not in ("heads", "exits")}, "prompt": prompt,
             "text": gen.text, "token_ids": gen.token_ids, "finish_reason": gen.finish_reason,
             "tokens": [s.to_dict() for s in gen.stats], "summary": summary,
         }))
         return 0
     colour = not args.no_color and sys.stdout.isatty() or args.color
-    print(colour_tokens(bb.tokenizer, gen, bb.num_layers, heads.exit_points, colour))
+    print(colour_tokens(bb.tokenizer, gen, bb.num_layers, cfg.exit_points, colour))
     legend = " ".join(
         (f"\x1b[{PALETTE[j % len(PALETTE)]}m" if colour else "") + f"L{p}" + ("\x1b[0m" if colour else "")
-        for j, p in enumerate(heads.exit_points)
-    )
+        for j, p in enumerate(cfg.exit_points)
+    ) or "none"
     print(f"\n-- exits at {legend}; plain = full depth ({bb.num_layers} layers)", file=sys.stderr)
     print(format_summary(summary, bb.num_layers), file=sys.stderr)
     return 0
@@ -170,9 +112,15 @@ def format_summary(s: dict, L: int) -> str:
         return "-- no decoded tokens after the first (it comes from the full-depth prompt pass)"
     return (f"-- {s['tokens']} decoded tokens: exit rate {s['exit_rate']:.0%}, mean exit layer "
             f"{s['mean_exit_layer']:.1f}/{L - 1}, layers run {s['mean_layers_run']:.1f}/{L} "
-            f"({s['layer_fraction']:.0%}), deep passes {s['deep_passes_per_token']:.2f}/token, "
+            f"({s['layer_fraction']:.0%}{_drafts(s)}), deep passes {s['deep_passes_per_token']:.2f}/token, "
             f"rolled back {s['rolled_back']}, weight bytes {s['weight_bytes_ratio']:.2f}x full, "
             f"{s['ms_per_token']:.1f} ms/token")
+
+
+def _drafts(s: dict) -> str:
+    """verify: tokens are decided at full depth; say how deep the drafts went."""
+    d = s.get("draft_mean_layers_run")
+    return "" if d is None else f"; drafts {d:.1f}"
 
 
 def cmd_demo(args):
@@ -212,9 +160,9 @@ def cmd_info(args):
 def make_parser():
     from meestral import __version__
 
-    p = _Parser(prog="meestral", description="Early exits for Transformer and state-space LLMs.")
+    p = Parser(prog="meestral", description="Early exits for Transformer and state-space LLMs.")
     p.add_argument("--version", action="version", version=f"meestral {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     g = sub.add_parser("generate", help="generate with early exits")
     g.add_argument("prompt", nargs="?")
@@ -243,7 +191,7 @@ def make_parser():
 
     b = sub.add_parser("bench", help="decode benchmark: full depth vs forced exits, JSON lines")
     add_backbone_args(b)
-    b.add_argument("--exits", type=_ints, help="two layers to force exits at (default: L/3, 2L/3)")
+    b.add_argument("--exits", type=ints, help="two layers to force exits at (default: L/3, 2L/3)")
     b.add_argument("--tokens", type=int, default=32)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--max-backlog", type=int, default=4)
@@ -267,45 +215,13 @@ def make_parser():
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "lm-eval":  # everything after it belongs to lm-eval's own parser
-            from types import SimpleNamespace
+    if argv and argv[0] == "lm-eval":  # everything after it belongs to lm-eval's own parser
+        from types import SimpleNamespace
 
-            from meestral.evaluation_cli import cmd_lm_eval
+        from meestral.evaluation_cli import cmd_lm_eval
 
-            return cmd_lm_eval(SimpleNamespace(rest=argv[1:]))
-        args = make_parser().parse_args(argv)
-        from meestral.validation import check_args
-
-        check_args(args)
-        return args.func(args)
-    except MeestralError as e:
-        _end_progress_bars()
-        print(f"meestral: error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `meestral generate --json | head`: the reader left, nothing to report
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except KeyboardInterrupt as e:  # Ctrl-C: every file is whole (atomic writes), say where things stand
-        _end_progress_bars()
-        print(f"meestral: {str(e) or 'interrupted'}", file=sys.stderr)
-        return 130
-    except OSError as e:  # a full disk, a read-only folder... met while working: one line, not a traceback
-        from meestral.files import describe_os_error
-
-        _end_progress_bars()
-        print(f"meestral: error: {describe_os_error(e)}", file=sys.stderr)
-        return 2
-
-
-def _end_progress_bars():
-    """Close the progress bars a failure left open now, so that they do not redraw themselves
-    after the error line (when they are garbage-collected) and the error stays the last line."""
-    tqdm = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
-        bar.close()
+        return run(lambda: cmd_lm_eval(SimpleNamespace(rest=argv[1:])))
+    return run(lambda: dispatch(make_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ from tqdm import tqdm
 
 from meestral.accounting import summarize
 from meestral.backbones.loading import load_backbone
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
+from meestral.decoding import EarlyExitDecoder
+from meestral.exit_config import POLICIES, ExitConfig
 from meestral.heads import ExitHeads
+from meestral.sampling import SamplingOptions
 
 PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -81,7 +83,7 @@ def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limi
     L = bb.num_layers
     lm = MeestralLM(backbone=bb, head="full", batch_size=16)
     lm.spec = spec
-    lm.configure(heads=heads)
+    lm.configure(ExitConfig(heads))
     run_sweep(lm, SweepSpec(list(tasks), list(thresholds), ["copy", "catchup", "verify"],
                             static_layers=[heads.exit_points[-1]], layer_drops=[max(1, L // 8)], limit=limit),
               out_dir / "sweep.jsonl", f"classifier:{heads.source or 'demo'}", log=log)
@@ -112,17 +114,17 @@ def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, repo
     L = bb.num_layers
     exits = sorted({L // 4, L // 2, 3 * L // 4, L - 3} - {L - 1})
     trained = demo_heads(backbone, bb, exits)
-    configs = [("full depth", None, 1.0, "copy")]
+    configs = [("full depth", ExitConfig())]
     for kind, th in (("classifier", 0.7), ("softmax", 0.9), ("saturation", 0.95)):
         heads = trained if kind == "classifier" else ExitHeads(kind, exits, bb)
-        for policy in ("copy", "propagate", "catchup", "verify"):
-            configs.append((f"{kind} > {th}", heads, th, policy))
+        for policy in POLICIES:
+            configs.append((f"{kind} > {th}", ExitConfig(heads, th, policy)))
     opts = SamplingOptions(max_new_tokens=max_new_tokens)
     results = []
     bar = tqdm(total=len(configs) * len(PROMPTS), desc="demo", unit="run", file=sys.stderr)
     reference = None
-    for name, heads, th, policy in configs:
-        dec = EarlyExitDecoder(bb, heads, th, "catchup" if policy == "verify" else policy, verify=policy == "verify")
+    for name, cfg in configs:
+        dec = EarlyExitDecoder(bb, config=cfg)
         gens = []
         for p in PROMPTS:
             gens.append(dec.generate([p], opts, chat=True)[0])
@@ -133,7 +135,7 @@ def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, repo
         s = summarize(stats, dec.cost, L, [d for g in gens for d in g.discarded])
         agree = sum(agreement(g.token_ids, r.token_ids) for g, r in zip(gens, reference)) / len(gens)
         prefix = sum(common_prefix(g.token_ids, r.token_ids) for g, r in zip(gens, reference)) / len(gens)
-        results.append((name, policy if heads else "-", s, agree, prefix, gens[0].text))
+        results.append((name, cfg.policy if cfg.heads is not None else "-", s, agree, prefix, gens[0].text))
     bar.close()
 
     print(f"\nMEEstral demo: {bb.name} ({L} layers, exit points {exits}), greedy, {max_new_tokens} new tokens, "

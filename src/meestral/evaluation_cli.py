@@ -9,12 +9,10 @@ import os
 import sys
 from pathlib import Path
 
+from meestral.cli_common import add_backbone_args, add_exit_args, build_heads, exit_config, floats, ints, wants_heads
+from meestral.cli_common import names as _names
 from meestral.errors import MeestralError
 from meestral.validation import check_context, check_output
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _write_json(path, obj):
@@ -29,17 +27,13 @@ def _write_json(path, obj):
 
 
 def _lm(args, **extra):
-    from meestral.cli import build_heads
     from meestral.backbones.loading import load_backbone
     from meestral.evaluation.lm_model import MeestralLM
 
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
-    heads = build_heads(args, bb) if (args.heads or args.head not in ("full", "none")) else None
-    policy, verify = args.policy, args.verify
     lm = MeestralLM(backbone=bb, head="full", batch_size=args.batch_size, max_length=args.max_length, **extra)
     lm.spec = args.backbone
-    lm.configure(heads=heads, head="full" if heads is None else None, threshold=args.threshold, policy=policy,
-                 verify=verify, max_backlog=args.max_backlog, exit_output=args.exit_output)
+    lm.configure(exit_config(args, bb))
     return lm
 
 
@@ -81,6 +75,9 @@ def cmd_lm_eval(args):
     if not argv:
         raise MeestralError("nothing to pass to lm-eval: e.g. meestral lm-eval --model meestral "
                             "--model_args backbone=smollm2 --tasks meestral_arc_easy --limit 20")
+    # The cheap check first: naming tasks means indexing every lm-eval task (seconds).
+    if "--model_args" in argv and "--model" in argv and argv[argv.index("--model") + 1] == "meestral":
+        _check_model_args(argv[argv.index("--model_args") + 1] if argv.index("--model_args") + 1 < len(argv) else "")
     if "--include_path" not in argv and argv[0] not in ("validate",):
         argv += ["--include_path", str(ensure_tasks())]
     if "--tasks" in argv:
@@ -188,7 +185,6 @@ def _heldout_sequences(bb, args):
 
 def cmd_oracle(args):
     from meestral.backbones.loading import load_backbone
-    from meestral.cli import build_heads
     from meestral.evaluation.lens import logit_lens
     from meestral.evaluation.oracle import oracle_report
     from meestral.evaluation.runner import task_token_sequences
@@ -198,7 +194,7 @@ def cmd_oracle(args):
     check_output(Path(args.out).with_name("lens.json"), "the logit lens beside --out")
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     heads = None
-    if args.heads or args.head not in ("full", "none"):  # before the work: a bad folder fails now
+    if wants_heads(args):  # before the work: a bad folder fails now
         heads = build_heads(args, bb)
     L = bb.num_layers
     layers = args.exits or list(range(L - 1))
@@ -226,7 +222,6 @@ def cmd_oracle(args):
 
 def cmd_calibrate(args):
     from meestral.backbones.loading import load_backbone
-    from meestral.cli import build_heads
     from meestral.evaluation.calibration import calibrate_on_text
 
     check_output(args.out, "--out")
@@ -256,8 +251,6 @@ def cmd_report(args):
 
 
 def add_eval_parsers(sub):
-    from meestral.cli import _floats, _ints, add_backbone_args, add_exit_args
-
     def common(p, threshold_default=True):
         add_backbone_args(p)
         add_exit_args(p)
@@ -278,10 +271,10 @@ def add_eval_parsers(sub):
     s = sub.add_parser("sweep", help="thresholds x policies x tasks with baselines; resumable")
     common(s)
     s.add_argument("--tasks", required=True)
-    s.add_argument("--thresholds", type=_floats, required=True, help="e.g. 0.5,0.7,0.9")
+    s.add_argument("--thresholds", type=floats, required=True, help="e.g. 0.5,0.7,0.9")
     s.add_argument("--policies", default="copy,catchup,verify", help="copy,propagate,catchup,verify")
-    s.add_argument("--static-layers", type=_ints, help="static exit-at-layer baselines, e.g. 7,15,22")
-    s.add_argument("--layer-drop", type=_ints, help="DYNAMAX layer-drop baselines: blocks dropped, e.g. 2,4,8")
+    s.add_argument("--static-layers", type=ints, help="static exit-at-layer baselines, e.g. 7,15,22")
+    s.add_argument("--layer-drop", type=ints, help="DYNAMAX layer-drop baselines: blocks dropped, e.g. 2,4,8")
     s.add_argument("--limit", type=int)
     s.add_argument("--out", default="results/sweep.jsonl")
     s.set_defaults(func=cmd_sweep)

@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import sys
 
+from meestral.cli_common import add_backbone_args, floats, ints
 
 
 def add_train_parser(sub):
     """Register `train` on the subparsers `sub` of the meestral parser."""
-    from meestral.cli import _floats, _ints, add_backbone_args
-
     t = sub.add_parser("train", help="train exit heads on a frozen backbone")
     add_backbone_args(t)
-    t.add_argument("--exits", type=_ints, help="exit points, e.g. 7,15,22,27 (default: every quarter)")
+    t.add_argument("--exits", type=ints, help="exit points, e.g. 7,15,22,27 (default: every quarter)")
     t.add_argument("--head-features", default="hidden", help="hidden | hidden+aux (Mamba mixer output joined)")
     t.add_argument("--mlp-hidden", type=int, default=0, help="hidden width of an MLP head (0: linear head)")
     t.add_argument("--data", default="auto",
@@ -36,7 +35,7 @@ def add_train_parser(sub):
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--topk", type=int, default=15, help="label 1 when the final token is in the exit's top-k (1: strict)")
     t.add_argument("--balance", action="store_true", help="weigh positives by negatives/positives (per head)")
-    t.add_argument("--head-weights", type=_floats, help="loss weight per exit point (default: 1 each)")
+    t.add_argument("--head-weights", type=floats, help="loss weight per exit point (default: 1 each)")
     t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip per head")
     t.add_argument("--log-every", type=int, default=10, help="steps per train record (JSONL, TensorBoard)")
     t.add_argument("--val-every", type=int, default=50)
@@ -74,9 +73,18 @@ def cmd_train(args):
     return 0
 
 
+def make_parser():
+    """The `meestral` parser with `train` alone (what `python -m meestral.training_cli` runs)."""
+    from meestral.cli_common import Parser
+
+    p = Parser(prog="meestral", description="Train exit heads on a frozen backbone.")
+    add_train_parser(p.add_subparsers(dest="command", required=True, parser_class=Parser))
+    return p
+
+
 if __name__ == "__main__":
     # `torchrun -m meestral.training_cli train ...` (torchrun needs a module to run): the same
-    # entry point, parser and error handling as `meestral train`.
-    from meestral.cli import main
+    # parser and error handling as `meestral train`.
+    from meestral.cli_common import dispatch, run
 
-    sys.exit(main())
+    sys.exit(run(lambda: dispatch(make_parser(), sys.argv[1:])))

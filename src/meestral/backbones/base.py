@@ -36,10 +36,19 @@ class Step:
     start: int  # first slot
     positions: torch.Tensor  # [B, T] rotary position of each (row, slot)
     write: torch.Tensor  # [B, T] bool: this (row, slot) is part of the call
-    # Values every layer of one step shares (rotary cos/sin), computed once by the adapter and
-    # shared with the `rows()` variants of the same step: recomputing them per layer was a
-    # visible share of GPU decode time.
+    # Values every layer of one step shares (rotary cos/sin, attention masks), computed once by
+    # the adapter and shared with the `rows()` / `written()` variants of the same step:
+    # recomputing them per layer was a visible share of GPU decode time.
     memo: dict = field(default_factory=dict, repr=False, compare=False)
+    # [B, T] bool: the (row, slot) pairs of this step that attention may see in *every* layer
+    # (default: `write`). Variants that write fewer pairs in some layers keep the step's own, so
+    # one mask serves all layers: a pair a layer does not write there either already holds that
+    # layer's state (catch-up) or belongs to a row whose output the caller discards.
+    visible: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.visible is None:
+            self.visible = self.write
 
     @property
     def length(self) -> int:
@@ -51,14 +60,20 @@ class Step:
 
     def rows(self, mask: torch.Tensor) -> "Step":
         """The same slots, written only for rows where `mask` [B] is true."""
-        return Step(self.start, self.positions, self.write & mask[:, None], self.memo)
+        return self.written(self.write & mask[:, None])
+
+    def written(self, write: torch.Tensor) -> "Step":
+        """The same slots, writing the (row, slot) pairs of `write` [B, T]."""
+        return Step(self.start, self.positions, write, self.memo, self.visible)
 
 
 def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None) -> None:
+    """dst[rows] = src[rows] for a 1-D tensor of row indices (None: every row). By index, not by a
+    boolean mask: a mask would need its true count on the host (a device sync) to index."""
     if rows is None:
         dst.copy_(src)
     else:
-        dst[rows] = src[rows]
+        dst.index_copy_(0, rows, src.index_select(0, rows))
 
 
 @dataclass
@@ -169,7 +184,7 @@ class Backbone(ABC):
     can_truncate: bool = False
 
     def truncate(self, state, keep: torch.Tensor, rows: torch.Tensor) -> None:
-        """Forget slots >= keep[b] in every layer, for rows b where `rows` is true."""
+        """Forget slots >= keep[b] in every layer, for rows b where `rows` [B] bool is true."""
         raise NotImplementedError(f"{self.arch} states cannot be truncated: restore a snapshot")
 
     def snapshot(self, state, layers=None):
@@ -178,13 +193,14 @@ class Backbone(ABC):
         return {i: [t.clone() for t in self.layer_tensors(state, i)] for i in layers}
 
     def restore(self, state, snap, rows: torch.Tensor | None = None) -> None:
-        """Put a snapshot back into the state; with `rows` [B] bool, only for those rows."""
+        """Put a snapshot back into the state; with `rows` (row indices), only for those rows."""
         for i, saved in snap.items():
             for live, old in zip(self.layer_tensors(state, i), saved):
                 _copy_rows(live, old, rows)
 
     def update_snapshot(self, snap, state, rows: torch.Tensor | None = None) -> None:
-        """Overwrite a snapshot with the live state (only `rows` when given), without reallocating."""
+        """Overwrite a snapshot with the live state (only `rows`, row indices, when given), without
+        reallocating."""
         for i, saved in snap.items():
             for live, old in zip(self.layer_tensors(state, i), saved):
                 _copy_rows(old, live, rows)

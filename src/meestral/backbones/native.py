@@ -49,8 +49,6 @@ _UNSUPPORTED = {
 
 def load_native(path, dtype: torch.dtype | None = None, device="cpu"):
     """(HF causal LM, Tokenizer) for a Mistral native checkpoint folder."""
-    from meestral.backbones.loading import _dtype
-
     path = Path(path).expanduser()
     params = _read_params(path)
     tensors = _read_tensors(path, device)
@@ -71,7 +69,7 @@ def load_native(path, dtype: torch.dtype | None = None, device="cpu"):
     cfg.bos_token_id = tok.bos_id
     cfg.eos_token_id = min(tok.eos_ids) if tok.eos_ids else None
     cfg.pad_token_id = None
-    model = _build(cfg, state, _dtype(dtype), device, path)
+    model = _build(cfg, state, dtype or torch.float32, device, path)
     return model, tok
 
 

@@ -88,20 +88,41 @@ class TransformerBackbone(Backbone):
     def new_state(self, batch_size, capacity):
         return KVState(self.num_layers, batch_size, capacity, self.n_kv, self.head_dim, self.dtype, self.device)
 
+    # Above this many mask elements (layers x rows x queries x keys) a step's masks are made per
+    # layer from shared parts instead of all at once: long prompts would need gigabytes.
+    MASK_ALL_LAYERS_MAX = 1 << 24
+
     def _mask(self, i: int, state: KVState, step: Step) -> torch.Tensor:
-        """[B, 1, T, end] mask: keys that are valid in layer i (after this step's writes),
-        causal, inside the sliding window; every query may also see its own slot so that rows
-        not written in this call (padding, exited rows) never produce an all-masked softmax."""
-        end = step.start + step.length
-        keys = torch.arange(end, device=step.write.device)
-        queries = torch.arange(step.start, end, device=step.write.device)
-        valid = state.valid[i, :, :end].clone()
-        valid[:, step.start:end] |= step.write
-        allowed = valid[:, None, :] & (keys[None, None, :] <= queries[None, :, None])
-        if self.sliding_window:
-            allowed &= keys[None, None, :] > queries[None, :, None] - self.sliding_window
-        allowed |= keys[None, None, :] == queries[None, :, None]
-        allowed = allowed[:, None]
+        """[B, 1, T, end] mask of layer i: keys valid in layer i or visible in this step, causal,
+        inside the sliding window; every query may also see its own slot so that rows not written
+        in this call (padding, exited rows) never produce an all-masked softmax.
+
+        Built once per step for every layer from `valid [L, B, capacity]` (before the step's
+        writes: a layer's own validity cannot change before it runs) and kept in the step's memo."""
+        memo = step.memo
+        if "mask" not in memo:
+            end = step.start + step.length
+            dev = step.write.device
+            keys = torch.arange(end, device=dev)
+            queries = torch.arange(step.start, end, device=dev)
+            causal = keys[None, :] <= queries[:, None]  # [T, end]
+            if self.sliding_window:
+                causal &= keys[None, :] > queries[:, None] - self.sliding_window
+            own = keys[None, :] == queries[:, None]
+            valid = state.valid[:, :, :end].clone()  # [L, B, end]
+            valid[:, :, step.start:end] |= step.visible[None]
+            every = valid.shape[0] * valid.shape[1] * causal.numel() <= self.MASK_ALL_LAYERS_MAX
+            memo["mask"] = self._allowed(valid, causal, own) if every else None
+            memo["mask_parts"] = (valid, causal, own)
+        if memo["mask"] is not None:
+            return memo["mask"][i]
+        valid, causal, own = memo["mask_parts"]
+        return self._allowed(valid[i], causal, own)
+
+    def _allowed(self, valid, causal, own):
+        """valid [..., B, end] keys x causal/own [T, end] -> the attention mask [..., B, 1, T, end]."""
+        allowed = (valid[..., None, :] & causal) | own
+        allowed = allowed.unsqueeze(-3)
         if self.config._attn_implementation == "eager":
             return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(self.dtype).min

@@ -165,9 +165,11 @@ def _check_grid(grid) -> np.ndarray:
 
 # ---- evaluation of one threshold -----------------------------------------------------------------
 def exit_indices(conf, lam: float) -> np.ndarray:
-    """Per token, the first exit point j with conf[j] > lam; J (full depth) when there is none."""
-    passed = conf > lam
-    return np.where(passed.any(axis=1), passed.argmax(axis=1), conf.shape[1])
+    """Per token, the first exit point j with conf[j] > lam; J (full depth) when there is none
+    (the exit rule, with one threshold shared by every exit point)."""
+    from meestral.exit_rule import first_exit
+
+    return first_exit(conf, [lam] * conf.shape[1])
 
 
 def _layer_stats(idx: np.ndarray, layers, num_layers) -> dict:

@@ -12,7 +12,8 @@ other thresholds (`configure(...)`, what sweeps do) costs no model time for log-
 
 model_args (comma-separated, as lm-eval passes them; lists use ':'):
   backbone=smollm2  heads=DIR | head=softmax|margin|saturation|static  exits=7:15:22
-  threshold=0.9 or 0.9:0.8:0.7  policy=copy|propagate|catchup  verify=true  max_backlog=8
+  threshold=0.9 or 0.9:0.8:0.7  policy=copy|propagate|catchup|verify  max_backlog=8  (verify=true:
+  the same as policy=verify)
   exit_output=hidden|through_last_layer  layer_drop=N (baseline: drop the N blocks before the last)
   dtype=float32|bfloat16  device=cpu|cuda  batch_size=8  max_length=2048  max_gen_toks=256
 """
@@ -25,10 +26,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
+from meestral.decoding import EarlyExitDecoder
 from meestral.errors import MeestralError
 from meestral.evaluation.scoring import build_tables, decide, score_sequential
 from meestral.validation import check_context, context_length
+from meestral.exit_config import ExitConfig, default_exit_points, layer_drop_skip
+from meestral.sampling import SamplingOptions
 
 ARGS = ("backbone", "heads", "head", "exits", "threshold", "policy", "verify", "max_backlog", "exit_output",
         "layer_drop", "dtype", "device", "batch_size", "max_batch_size", "max_length", "max_gen_toks")
@@ -105,47 +108,53 @@ class MeestralLM(TemplateLM):
         return out
 
     # ---- configuration (sweeps change it between runs; the backbone stays loaded) ------------
-    def configure(self, heads=None, head="softmax", exits=None, threshold=1.0, policy="copy", verify=False,
-                  max_backlog=8, exit_output="hidden", layer_drop=0):
+    def configure(self, config: ExitConfig | None = None, *, heads=None, head="softmax", exits=None, threshold=1.0,
+                  policy="copy", verify=False, max_backlog=8, exit_output="hidden", layer_drop=0):
+        """Score with `config` from now on; or build one from model_args-style values (strings
+        allowed: lists with ':'; `verify=true` an alias of policy=verify; `layer_drop=N` the
+        pruned baseline)."""
+        if config is None:
+            config = self._config_from_args(heads, head, exits, threshold, policy, verify, max_backlog, exit_output,
+                                            layer_drop)
+        self.dec = EarlyExitDecoder(self.bb, config=config)
+        self.heads = self.dec.config.heads
+        return self
+
+    def _config_from_args(self, heads, head, exits, threshold, policy, verify, max_backlog, exit_output, layer_drop):
         from meestral.heads import ExitHeads
 
         bb, L = self.bb, self.bb.num_layers
         layer_drop = int(layer_drop or 0)
-        if not 0 <= layer_drop <= L - 2:
-            raise MeestralError(f"layer_drop={layer_drop} out of range: drop between 0 and {L - 2} of the {L} blocks")
-        if isinstance(verify, str):
-            verify = verify.lower() in ("1", "true", "yes")
         if layer_drop:
-            self.heads = None
-            skip = range(L - 1 - layer_drop, L - 1)  # DYNAMAX's baseline: the blocks before the last
+            return ExitConfig(skip_layers=layer_drop_skip(L, layer_drop))
+        layer_drop_skip(L, layer_drop)  # the range check
+        if isinstance(heads, ExitHeads):
+            pass
+        elif heads:
+            heads = ExitHeads.load(heads, bb)
+        elif head in (None, "none", "full"):
+            heads = None
         else:
-            skip = ()
-            if isinstance(heads, ExitHeads):
-                self.heads = heads
-            elif heads:
-                self.heads = ExitHeads.load(heads, bb)
-            elif head in (None, "none", "full"):
-                self.heads = None
-            else:
-                if head == "classifier":
-                    raise MeestralError("a classifier head must be trained first: pass heads=DIR")
-                points = _list(exits, int, "exits") or sorted({L // 4, L // 2, 3 * L // 4} - {L - 1})
-                self.heads = ExitHeads(head, points, bb)
+            if head == "classifier":
+                raise MeestralError("a classifier head must be trained first: pass heads=DIR")
+            heads = ExitHeads(head, _list(exits, int, "exits") or default_exit_points(L), bb)
         th = _list(threshold, float, "threshold")
         if not th:
             raise MeestralError("model_args threshold is empty: give one value in [0, 1] or one per exit point")
-        self.dec = EarlyExitDecoder(bb, self.heads, th if self.heads is not None else 1.0, policy, exit_output,
-                                    bool(verify), int(max_backlog), skip_layers=skip)
-        self.layer_drop = layer_drop
-        self.exact = self.dec.policy == "catchup" or (self.heads is None and not layer_drop)
-        return self
+        return ExitConfig.make(heads, th if heads is not None else 1.0, policy, exit_output, verify,
+                               self._int(max_backlog, "max_backlog"))
+
+    @property
+    def exact(self) -> bool:
+        """Scored from one parallel pass (every layer's state is the full model's)."""
+        return self.dec.config.exact
+
+    @property
+    def layer_drop(self) -> int:
+        return len(self.dec.config.skip_layers)
 
     def config(self) -> dict:
-        h = self.heads
-        return {"backbone": self.spec, "fingerprint": self.bb.fingerprint(),
-                "heads": None if h is None else h.kind, "exits": [] if h is None else list(h.exit_points),
-                "thresholds": list(self.dec.thresholds), "policy": self.dec.policy, "verify": self.dec.verify,
-                "max_backlog": self.dec.max_backlog, "exit_output": self.dec.exit_output,
+        return {"backbone": self.spec, "fingerprint": self.bb.fingerprint(), **self.dec.config.to_dict(),
                 "layer_drop": self.layer_drop}
 
     def accounting(self, reset: bool = False) -> dict:
@@ -264,10 +273,7 @@ class MeestralLM(TemplateLM):
             for i, tab in zip(todo, build_tables(self.bb, heads, rows)):
                 tab.start = len(batch[i][0]) - 1
                 self._tables[keys[i]] = tab
-        pts = [] if heads is None else heads.exit_points
-        return [decide(self._tables[k], self.dec.thresholds, pts, self.dec.cost, self.bb.num_layers,
-                       self.dec.verify, self.dec.max_backlog, heads is not None and heads.needs_logits)
-                for k in keys]
+        return [decide(self._tables[k], self.dec.config, self.dec.cost, self.bb.num_layers) for k in keys]
 
     def clear_cache(self):
         self._tables.clear()

@@ -14,8 +14,7 @@ is predicted by a decode step that may exit early. Three paths, one result type 
   decoder would spend. Under `verify` the emitted distribution is the full model's (lossless);
   the cost is catch-up's (teacher forcing has no rejected drafts to roll back).
 - **sequential** (`copy`, `propagate`): skipped layers hold approximate states that change what
-  later tokens see, so the decoder itself runs token by token (`EarlyExitDecoder._step`) with the
-  targets forced.
+  later tokens see, so the decoder's own policy step runs token by token with the targets forced.
 - **pruned** (the layer-drop baseline): a model without some blocks is deterministic, so one
   parallel pass through the kept blocks scores the whole sequence.
 """
@@ -27,7 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from meestral.accounting import TokenStats
+from meestral.accounting import StepLog, TokenStats, account, token_stats
+from meestral.catchup import BacklogSchedule
+from meestral.exit_rule import first_exit
 
 
 @dataclass
@@ -139,115 +140,99 @@ def calibration_data(bb, heads, rows: torch.Tensor, batch: int = 8, progress: bo
     return np.concatenate(confs), np.concatenate(agrees), np.concatenate(groups)
 
 
-def decide(table: Table, thresholds, exit_points, cost, num_layers: int, verify: bool, max_backlog: int,
-           needs_logits: bool) -> Scored:
-    """Score one table at given thresholds under catch-up (or verify): exits, emitted log-probs
-    and the catch-up schedule's cost per token (weights of a layer read once per step for all the
-    backlog tokens it carries; FLOPs paid per token)."""
-    L, J = num_layers, len(exit_points)
+def decide(table: Table, config, cost, num_layers: int) -> Scored:
+    """Score one table under an exact configuration (`catchup`, `verify`, or no exits): exits by
+    the exit rule, emitted log-probs, and what the catch-up decoder would run for each token, as
+    the decoder's own step logs (the backlog schedule of catchup.py; weights of a layer read once
+    per step for every backlog token it carries, FLOPs paid per token)."""
+    L, points, verify = num_layers, config.exit_points, config.verify
+    J = len(points)
     n = table.lp.shape[0]
-    th = torch.tensor(list(thresholds), dtype=torch.float32) if J else torch.zeros(0)
-    above = table.conf > th[None, :] if J else torch.zeros(n, 0, dtype=torch.bool)
-    if J:
-        first = torch.where(above.any(1), above.float().argmax(1), torch.full((n,), J)).tolist()
-    else:
-        first = [0] * n  # no exit points: J == 0 is full depth
-    pending: list[int] = []  # depths of backlog tokens (exited, not yet through every layer)
-    stats, agree, logprob, greedy = [], [], 0.0, True
+    first = first_exit(table.conf, config.thresholds).tolist() if J else [0] * n  # J == 0: full depth
+    needs_logits = config.heads is not None and config.heads.needs_logits
+    sched = BacklogSchedule(config.max_backlog)
+    logs, agree, logprob, greedy = [], [], 0.0, True
     lp, top, target = table.lp.tolist(), table.top.tolist(), table.target.tolist()
     for t in range(n):
         context = table.start + t + 1
         if t == 0:  # predicted by the prompt pass, at full depth
             j = J
-            flops, nbytes = cost.token(range(L), [], 0, context, True)
-            st = TokenStats(L - 1, L, 0, flops * context, nbytes, 0.0, prefill=True)
+            log = StepLog.prefill_pass(range(L), context, L)
         else:
-            forced = len(pending) >= max_backlog
+            forced = sched.full
             j = J if forced else first[t]
-            e = L - 1 if j == J else exit_points[j]
-            probes = 0 if forced else (J if j == J else j + 1)
-            slots = [1 + sum(d < i for d in pending) if i <= e else 0 for i in range(L)]
-            head_read = not (j < J and needs_logits)
-            flops, nbytes = cost.token(range(e + 1), [], probes, context, head_read, slots=slots)
-            st = TokenStats(e, e + 1, probes, flops, nbytes, 0.0, caught_up=sum(slots) - (e + 1), deep=j == J)
-            pending = [] if j == J else [max(d, e) for d in pending] + [e]
+            e = L - 1 if j == J else points[j]
+            log = StepLog(e, tuple(range(e + 1)), context, slots=sched.slots(e, L),
+                          probes=0 if forced else (J if j == J else j + 1),
+                          head_read=not (j < J and needs_logits), deep=j == J)
+            sched.advance(e, L)
+        log.verified = verify
+        logs.append(log)
         out = J if verify else j
         logprob += lp[t][out]
         greedy &= top[t][out] == target[t]
         agree.append(top[t][out] == top[t][J])
-        stats.append(st)
-    if verify and pending and stats:
+    if verify and len(sched) and logs:
         # Every scored token needs the full model's distribution: drafts still waiting at the end
-        # are verified by one more deep pass (generation flushes them the same way).
-        slots = [sum(d < i for d in pending) for i in range(L)]
-        ran = [i for i in range(L) if slots[i]]
-        flops, nbytes = cost.token(ran, [], 0, table.start + n, True, slots=slots)
-        last = stats[-1]
-        last.flops += flops
-        last.weight_bytes += nbytes - cost.embed_bytes  # no new token is embedded
-        last.caught_up += sum(slots)
-    per = table.wall_s / max(n, 1) * 1000
-    for s in stats:
-        s.wall_ms = per
-    return Scored(logprob, bool(greedy), stats, agree, table.wall_s)
+        # are verified by one more deep pass over the backlog alone (generation flushes them the
+        # same way), charged to the last token.
+        slots = tuple(sum(d < i for d in sched.depths) for i in range(L))
+        logs.append(StepLog(L - 1, tuple(i for i in range(L) if slots[i]), table.start + n, slots=slots,
+                            feeds_token=False))
+    return Scored(logprob, bool(greedy), account(logs, cost), agree, table.wall_s)
 
 
 @torch.no_grad()
 def score_sequential(dec, rows) -> list[Scored]:
     """Teacher-forced decoding for `copy` / `propagate` (and pruned models through the decoder):
     rows = [(context tokens, continuation tokens)], decoded as a batch with left padding. The
-    prompt runs at full depth (like generation); each continuation token but the last is then fed
-    through `EarlyExitDecoder._step`, whose logits predict the next one."""
-    bb, L = dec.bb, dec.bb.num_layers
+    prompt runs at full depth (`dec.prefill`, as in generation); each continuation token but the
+    last is then fed through the policy's own step (`forward`), whose logits predict the next one.
+    The step logs are the decoder's; their time is scoring time, so it is left out of them."""
+    bb, cost = dec.bb, dec.cost
     dev = bb.device
     B = len(rows)
-    P = max(len(c) for c, _ in rows)
     N = max(len(x) for _, x in rows)
-    pad = torch.tensor([P - len(c) for c, _ in rows], device=dev)
-    ids = torch.zeros(B, P, dtype=torch.long, device=dev)
-    cont = torch.zeros(B, N, dtype=torch.long, device=dev)
-    for b, (c, x) in enumerate(rows):
-        ids[b, P - len(c):] = torch.tensor(c, device=dev)
-        cont[b, : len(x)] = torch.tensor(x, device=dev)
-    lengths = torch.tensor([len(x) for _, x in rows], device=dev)
-    # The full model's top-1 at every scored position, for agreement (one parallel pass).
-    whole = torch.cat([ids, cont], 1)
-    mask = torch.cat([torch.arange(P, device=dev)[None, :] >= pad[:, None], torch.ones_like(cont, dtype=torch.bool)], 1)
-    full_top = bb.model(input_ids=whole, attention_mask=mask.long()).logits[:, P - 1: P - 1 + N].argmax(-1)
-
     t0 = time.perf_counter()
-    state = bb.new_state(B, P + N)
-    step = bb.make_step(0, P, pad)
-    h = bb.embed(ids)
-    for i in range(L):
-        if i not in dec.skip:
-            h, _ = bb.forward_layer(i, h, state, step)
-    logits = bb.logits(h[:, -1]).float()
+    batch, logits, logs = dec.prefill([list(c) for c, _ in rows], N)
+    P = batch.P
+    cont = torch.zeros(B, N, dtype=torch.long, device=dev)
+    for b, (_, x) in enumerate(rows):
+        cont[b, : len(x)] = torch.tensor(x, device=dev)
+    logits = logits.float()
     wall = time.perf_counter() - t0
-    kept = [i for i in range(L) if i not in dec.skip]
-    out = []
-    for b, (c, x) in enumerate(rows):
-        flops, nbytes = dec.cost.token(kept, [], 0, len(c), True)
-        out.append(Scored(0.0, True, [TokenStats(L - 1, len(kept), 0, flops * len(c), nbytes, wall * 1000, prefill=True)],
-                          [], wall))
+    out = [Scored(0.0, True, [token_stats(logs[b], cost)], [], wall) for b in range(B)]
+    # The full model's top-1 at every scored position, for agreement (one parallel pass).
+    whole = torch.cat([batch.ids, cont], 1)
+    mask = torch.cat([torch.arange(P, device=dev)[None, :] >= batch.pad[:, None],
+                      torch.ones_like(cont, dtype=torch.bool)], 1)
+    full_top = bb.model(input_ids=whole, attention_mask=mask.long()).logits[:, P - 1: P - 1 + N].argmax(-1)
+    lengths = [len(x) for _, x in rows]
     for t in range(N):
         ls = logits.log_softmax(-1)
         emitted = ls.argmax(-1)
-        active = t < lengths
         lp = ls.gather(-1, cont[:, t:t + 1])[:, 0]
-        for b in torch.nonzero(active).flatten().tolist():
+        scored = [b for b in range(B) if t < lengths[b]]
+        # One read for the step: log-prob, greedy and agreement of every row.
+        vals = torch.stack([lp, (emitted == cont[:, t]).float(), (emitted == full_top[:, t]).float()], 1).tolist()
+        for b in scored:
             r = out[b]
-            r.logprob += float(lp[b])
-            r.greedy &= bool(emitted[b] == cont[b, t])
-            r.agree.append(bool(emitted[b] == full_top[b, t]))
-        nxt = active & (t + 1 < lengths)
-        if t + 1 >= N or not nxt.any():
+            r.logprob += vals[b][0]
+            r.greedy &= bool(vals[b][1])
+            r.agree.append(bool(vals[b][2]))
+        nxt = [t + 1 < lengths[b] for b in range(B)]
+        if t + 1 >= N or not any(nxt):
             break
+        for b in range(B):
+            if batch.active[b] and not nxt[b]:
+                batch.retire(b)
         t1 = time.perf_counter()
-        logits, info = dec._step(cont[:, t], P + t, pad, nxt, state)
+        logits, logs = dec.policy.forward(batch, cont[:, t], P + t)
         logits = logits.float()
         w = time.perf_counter() - t1
-        dec._record(out, info, nxt, P + t + 1 - pad, w * 1000)  # appends to each row's .stats
+        for b, log in enumerate(logs):
+            if log is not None:
+                out[b].stats.append(token_stats(log, cost))
         for r in out:
             r.wall_s += w
     return out

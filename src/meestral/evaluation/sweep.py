@@ -2,7 +2,7 @@
 
 Points
 - `full`: the full model (no exit heads), once per task: the reference every point is set against.
-- early exit: every (policy, threshold) pair; `verify` is catchup + verify.
+- early exit: every (policy, threshold) pair; `verify` is catch-up that checks its drafts.
 - `static`: always exit at one layer (a head of kind `static`), under the `copy` policy.
 - `layer_drop`: DYNAMAX's baseline: the N blocks before the last are removed (a pruned model).
 
@@ -162,7 +162,7 @@ def run_sweep(lm, spec: SweepSpec, out, heads_spec: str, log=None) -> ResultsTab
     bb = lm.bb
     L = bb.num_layers
     spec.check(L)
-    base_heads = lm.heads
+    base_config, base_heads = lm.dec.config, lm.heads
     if base_heads is None:
         raise MeestralError("a sweep needs exit heads: pass --heads DIR or --head softmax|margin|saturation")
     resolved, task_dict = load_tasks(spec.tasks)
@@ -182,20 +182,17 @@ def run_sweep(lm, spec: SweepSpec, out, heads_spec: str, log=None) -> ResultsTab
     for task, pts in by_task.items():
         one = subset(task_dict, task)
         for p, key in pts:
-            _configure(lm, base_heads, p, spec)
+            lm.configure(point_config(p, base_heads, spec, bb))
             lm.records = []
             t0 = time.perf_counter()
             res = run_tasks(lm, one, limit=spec.limit)
             wall = time.perf_counter() - t0
             metrics = task_metrics(res, task)
             name, value, stderr = primary(task, metrics)
-            decoded = any(r["kind"] == "generate_until" for r in lm.records)
+            # Teacher-forced scoring carries no decode time (its time says how fast we *score*),
+            # so ms/token is None unless the task decodes; under verify the decision depth is
+            # every layer and the drafts' depth is kept apart: both come from `summarize`.
             acc = lm.accounting(reset=True)
-            if not decoded:
-                # Log-likelihood requests are scored by a teacher-forced pass (one parallel pass on
-                # the exact path, token by token otherwise): its time says how fast we *score*,
-                # not how fast the configuration decodes, so it is not reported as ms/token.
-                acc["ms_per_token"] = None
             row = {
                 "key": key,
                 "config": {**header, "task": task, "policy": p["policy"], "baseline": p["baseline"],
@@ -206,40 +203,36 @@ def run_sweep(lm, spec: SweepSpec, out, heads_spec: str, log=None) -> ResultsTab
                 **{k: acc.get(k) for k in ("mean_exit_layer", "mean_layers_run", "layer_fraction", "exit_rate",
                                            "flops_per_token", "flops_ratio", "weight_bytes_per_token",
                                            "weight_bytes_ratio", "ms_per_token", "deep_passes_per_token",
-                                           "caught_up_per_token", "rolled_back", "exit_histogram")},
+                                           "caught_up_per_token", "rolled_back", "exit_histogram",
+                                           "draft_mean_layers_run", "draft_layer_fraction") if k in acc},
                 "tokens": acc.get("tokens", 0), "scoring_wall_s": acc.get("wall_s"), "wall_s": wall,
                 "requests": acc.get("requests"),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-            if p["policy"] == "verify":
-                # The emitted token is the full model's, decided by a deep pass: the decision uses
-                # every layer. How deep the drafts went is kept apart (their saving shows in bytes).
-                row["draft_mean_layers_run"], row["draft_layer_fraction"] = row["mean_layers_run"], row["layer_fraction"]
-                row["mean_layers_run"], row["layer_fraction"] = float(L), 1.0
             table.append(row)
             bar.update(1)
             bar.set_postfix_str(f"{task} {p['baseline'] or p['policy']} {p['threshold'] or p['layer'] or ''}: "
                                 f"{name} {value:.3f}")
     bar.close()
     table.close()
-    lm.configure(heads=base_heads)
+    lm.configure(base_config)
     return table
 
 
-def _configure(lm, heads, p, spec):
+def point_config(p: dict, heads, spec: SweepSpec, bb):
+    """The `ExitConfig` of one sweep point."""
+    from meestral.exit_config import EXACT_POLICIES, ExitConfig, layer_drop_skip
     from meestral.heads import ExitHeads
 
     if p["baseline"] == "full":
-        lm.configure(head="full")
-    elif p["baseline"] == "layer_drop":
-        lm.configure(layer_drop=p["layer"])
-    elif p["baseline"] == "static":
-        lm.configure(heads=ExitHeads("static", [p["layer"]], lm.bb), threshold=0.0, policy="copy",
-                     exit_output=spec.exit_output)
-    else:
-        policy = "catchup" if p["policy"] == "verify" else p["policy"]
-        lm.configure(heads=heads, threshold=p["threshold"], policy=policy, verify=p["policy"] == "verify",
-                     max_backlog=spec.max_backlog, exit_output="hidden" if policy == "catchup" else spec.exit_output)
+        return ExitConfig()
+    if p["baseline"] == "layer_drop":
+        return ExitConfig(skip_layers=layer_drop_skip(bb.num_layers, p["layer"]))
+    if p["baseline"] == "static":
+        return ExitConfig(ExitHeads("static", [p["layer"]], bb), 0.0, "copy", exit_output=spec.exit_output)
+    policy = p["policy"]
+    return ExitConfig(heads, p["threshold"], policy, spec.max_backlog,
+                      "hidden" if policy in EXACT_POLICIES else spec.exit_output)
 
 
 def read_rows(path) -> list[dict]:

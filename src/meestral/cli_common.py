@@ -1,0 +1,137 @@
+"""What every `meestral` command shares: the parser class, list arguments, the backbone and exit
+options, and the error handling of an entry point.
+
+`cli.py` (generate, demo, bench, info), `training_cli.py` (train) and `evaluation_cli.py` (eval,
+sweep, oracle, calibrate, report) all build on this module and never on each other, so the
+command modules import in one direction only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from meestral.errors import MeestralError
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        # "-1,3" and "-0.5:0.5" are values (lists with a negative number), not options
+        self._negative_number_matcher = re.compile(r"^-\.?\d[\d.,:eE+-]*$")
+
+    def error(self, message):  # one line, not a usage dump
+        raise MeestralError(f"{message} (see `{self.prog} --help`)")
+
+
+def ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MeestralError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MeestralError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_backbone_args(p):
+    p.add_argument("--backbone", default="smollm2", help="smollm2 | mamba2-smol | random:<shape> | folder | hub id")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 | float16")
+    p.add_argument("--device", default="cpu")
+
+
+def add_exit_args(p):
+    """The options that make an `ExitConfig` (see `exit_config(args, bb)`)."""
+    p.add_argument("--heads", help="folder of trained exit heads (heads.json + heads.safetensors)")
+    # No default here: validation.check_args fills in softmax, after it has seen whether --head
+    # was given beside --heads (which it refuses).
+    p.add_argument("--head", help="training-free kind when --heads is not given: "
+                   "softmax (default) | margin | saturation | static")
+    p.add_argument("--exits", type=ints, help="exit points, e.g. 8,16,24 (default: every quarter)")
+    p.add_argument("--threshold", type=floats, default=[0.9],
+                   help="exit when confidence > threshold; one value or one per exit point")
+    p.add_argument("--policy", default="copy",
+                   help="state of skipped layers: copy | propagate | catchup | verify (catchup, lossless)")
+    p.add_argument("--verify", action="store_true", help="same as --policy verify (with --policy catchup)")
+    p.add_argument("--max-backlog", type=int, default=8,
+                   help="catchup/verify: exited tokens that may wait before a deep pass is forced")
+    p.add_argument("--exit-output", default="hidden", help="hidden | through_last_layer")
+
+
+def wants_heads(args) -> bool:
+    """Whether the options ask for exit heads at all (`--head full|none`: the full model)."""
+    return bool(args.heads) or args.head not in ("full", "none")
+
+
+def build_heads(args, bb):
+    from meestral.exit_config import default_exit_points
+    from meestral.heads import ExitHeads
+
+    if args.heads:
+        return ExitHeads.load(args.heads, bb)
+    if args.head == "classifier":
+        raise MeestralError("a classifier head must be trained first: pass --heads DIR (from `meestral train`)")
+    return ExitHeads(args.head, args.exits or default_exit_points(bb.num_layers), bb)
+
+
+def exit_config(args, bb, heads="build"):
+    """The `ExitConfig` the exit options describe, checked against the backbone. `heads` may be
+    given already built (or None for the full model); by default they are built from the options."""
+    from meestral.exit_config import ExitConfig
+
+    if heads == "build":
+        heads = build_heads(args, bb) if wants_heads(args) else None
+    cfg = ExitConfig.make(heads=heads, thresholds=args.threshold if heads is not None else 1.0, policy=args.policy,
+                          verify=args.verify, max_backlog=args.max_backlog, exit_output=args.exit_output)
+    return cfg.checked(bb)
+
+
+def run(command) -> int:
+    """Run `command()` (a whole command line's work) as an entry point: every user error ends with
+    one line `meestral: error: ...` on stderr and exit status 2."""
+    try:
+        return command()
+    except MeestralError as e:
+        _end_progress_bars()
+        print(f"meestral: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `meestral generate --json | head`: the reader left, nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt as e:  # Ctrl-C: every file is whole (atomic writes), say where things stand
+        _end_progress_bars()
+        print(f"meestral: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a read-only folder... met while working: one line, not a traceback
+        from meestral.files import describe_os_error
+
+        _end_progress_bars()
+        print(f"meestral: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+
+
+def _end_progress_bars():
+    """Close the progress bars a failure left open now, so that they do not redraw themselves
+    after the error line (when they are garbage-collected) and the error stays the last line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def dispatch(parser, argv) -> int:
+    from meestral.validation import check_args
+
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args.func(args)

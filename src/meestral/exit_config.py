@@ -1,0 +1,105 @@
+"""One exit configuration, as plain data: which heads, which thresholds, what the skipped layers
+get, how long a backlog may grow, where the emitted token comes from, which blocks are pruned.
+
+The decoder, the lm-eval model, sweeps, the benchmark, the demo and the CLI all take an
+`ExitConfig`; `checked(backbone)` is the one place its combinations are validated.
+
+Policies (see DESIGN.md, "state policy"): `copy`, `propagate`, `catchup`, and `verify`, which is
+catch-up plus checking every early token against the full model (lossless). The old
+`verify=True` flag is accepted by `make` as an alias of `policy="verify"`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from meestral.errors import MeestralError
+
+POLICIES = ("copy", "propagate", "catchup", "verify")
+EXACT_POLICIES = ("catchup", "verify")  # every layer's state stays the full model's
+EXIT_OUTPUTS = ("hidden", "through_last_layer")
+
+
+def default_exit_points(num_layers: int) -> list[int]:
+    """Every quarter of the depth (the last block is never an exit point)."""
+    L = num_layers
+    return sorted({L // 4, L // 2, 3 * L // 4} - {L - 1})
+
+
+def layer_drop_skip(num_layers: int, n: int) -> tuple[int, ...]:
+    """DYNAMAX's layer-drop baseline: the `n` blocks before the last are removed."""
+    if not 0 <= n <= num_layers - 2:
+        raise MeestralError(f"layer_drop={n} out of range: drop between 0 and {num_layers - 2} of the {num_layers} blocks")
+    return tuple(range(num_layers - 1 - n, num_layers - 1))
+
+
+@dataclass(frozen=True)
+class ExitConfig:
+    heads: object = None  # ExitHeads, or None: the full (or pruned) model
+    thresholds: object = 1.0  # one for all exit points or one per exit point; `checked` makes a tuple
+    policy: str = "copy"
+    max_backlog: int = 8  # catchup/verify: exited tokens that may wait before a deep pass is forced
+    exit_output: str = "hidden"
+    skip_layers: tuple = ()  # a pruned model (the layer-drop baseline): these blocks never run
+
+    @classmethod
+    def make(cls, heads=None, thresholds=1.0, policy="copy", exit_output="hidden", verify=False, max_backlog=8,
+             skip_layers=()) -> "ExitConfig":
+        """The configuration from loose arguments, `verify=True` meaning `policy="verify"`."""
+        if isinstance(verify, str):
+            verify = verify.strip().lower() in ("1", "true", "yes")
+        if verify:
+            if policy not in EXACT_POLICIES:
+                raise MeestralError("--verify needs exact deep states: use it with --policy catchup (or --policy verify)")
+            policy = "verify"
+        return cls(heads, thresholds, policy, max_backlog, exit_output, tuple(skip_layers))
+
+    @property
+    def verify(self) -> bool:
+        return self.policy == "verify"
+
+    @property
+    def exact(self) -> bool:
+        """Every layer's state equals the full model's (catchup, verify, or no exits at all)."""
+        return self.policy in EXACT_POLICIES or (self.heads is None and not self.skip_layers)
+
+    @property
+    def exit_points(self) -> list[int]:
+        return [] if self.heads is None else list(self.heads.exit_points)
+
+    def checked(self, backbone) -> "ExitConfig":
+        """This configuration validated against `backbone`, thresholds as a tuple (one per exit point)."""
+        from meestral.heads import check_thresholds
+
+        if self.policy not in POLICIES:
+            raise MeestralError(f"unknown state policy {self.policy!r}: use one of {', '.join(POLICIES)}")
+        if self.exit_output not in EXIT_OUTPUTS:
+            raise MeestralError(f"unknown exit output {self.exit_output!r}: use one of {', '.join(EXIT_OUTPUTS)}")
+        if self.policy in EXACT_POLICIES and self.exit_output != "hidden":
+            raise MeestralError("catchup keeps every layer exact, so the last block cannot run on an exit state: "
+                                "use --exit-output hidden with --policy catchup")
+        try:
+            backlog = int(self.max_backlog)
+        except (TypeError, ValueError):
+            raise MeestralError(f"max_backlog {self.max_backlog!r} must be a whole number") from None
+        if backlog < 1:
+            raise MeestralError(f"max_backlog {self.max_backlog} must be at least 1")
+        heads = self.heads
+        if heads is not None and heads.identity["fingerprint"] != backbone.fingerprint():
+            raise MeestralError("these exit heads were made for another backbone: load the matching backbone")
+        skip = tuple(sorted({int(i) for i in self.skip_layers}))
+        if skip and (heads is not None or self.policy in EXACT_POLICIES):
+            raise MeestralError("skip_layers makes a pruned baseline model: use it without exit heads and catchup")
+        if any(not 0 <= i < backbone.num_layers - 1 for i in skip):
+            raise MeestralError(f"layers to skip {list(skip)} must lie in [0, {backbone.num_layers - 2}] "
+                                "(the last block stays)")
+        th = tuple(check_thresholds(self.thresholds, len(heads.exit_points))) if heads is not None else ()
+        return replace(self, thresholds=th, max_backlog=backlog, skip_layers=skip)
+
+    def to_dict(self) -> dict:
+        """The configuration as JSON-able data (results files, `meestral generate --json`)."""
+        h = self.heads
+        return {"heads": None if h is None else h.kind, "exits": self.exit_points,
+                "thresholds": list(self.thresholds) if h is not None else [], "policy": self.policy,
+                "verify": self.verify, "max_backlog": self.max_backlog, "exit_output": self.exit_output,
+                "skip_layers": list(self.skip_layers)}
