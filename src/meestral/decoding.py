@@ -31,7 +31,7 @@ import torch
 
 from meestral.accounting import CostModel, StepLog, TokenStats, summarize, token_stats
 from meestral.catchup import CatchupPolicy, VerifyPolicy
-from meestral.engine import EagerEngine
+from meestral.graph_engine import make_engine
 from meestral.errors import MeestralError
 from meestral.exit_config import ExitConfig
 from meestral.validation import check_context
@@ -74,12 +74,14 @@ class EarlyExitDecoder:
     `policy="verify"` (it needs `policy="catchup"`)."""
 
     def __init__(self, backbone, heads=None, thresholds=1.0, policy: str = "copy", exit_output: str = "hidden",
-                 verify: bool = False, max_backlog: int = 8, skip_layers=(), *, config: ExitConfig | None = None):
+                 verify: bool = False, max_backlog: int = 8, skip_layers=(), *, config: ExitConfig | None = None,
+                 engine: str = "auto"):
         if config is None:
             config = ExitConfig.make(heads, thresholds, policy, exit_output, verify, max_backlog, skip_layers)
         self.bb = backbone
         self.config = config.checked(backbone)
-        self.engine = EagerEngine(backbone, self.config.skip_layers)
+        # "auto": CUDA graphs on a GPU (graph_engine.py), the eager engine elsewhere; same results.
+        self.engine = make_engine(engine, backbone, self.config.skip_layers)
         self.policy = POLICY_CLASSES[self.config.policy](self.config, self.engine)
         self.cost = CostModel.for_backbone(backbone, self.config.heads)
 
@@ -114,7 +116,7 @@ class EarlyExitDecoder:
     def prefill(self, rows: list[list[int]], extra: int):
         """The prompt pass at full depth over left-padded rows, with room for `extra` more slots:
         (Batch, next-token logits [B, V], per-row StepLog of the pass without its time)."""
-        batch = Batch(self.bb, rows, extra)
+        batch = Batch(self.bb, rows, extra, self.engine.new_state)
         h = self.engine.prefill(batch.ids, batch.state, self.bb.make_step(0, batch.P, batch.pad))
         batch.hidden_dtype = h.dtype  # what catch-up keeps backlog hidden states in
         L = self.bb.num_layers

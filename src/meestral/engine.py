@@ -19,6 +19,10 @@ class EagerEngine:
         self.skip = frozenset(skip)  # a pruned model: these blocks never run
         self.kept = [i for i in range(backbone.num_layers) if i not in self.skip]
 
+    def new_state(self, batch_size: int, capacity: int):
+        """The per-layer state of one generation (a fixed-shape engine reuses one per shape)."""
+        return self.bb.new_state(batch_size, capacity)
+
     def segments(self, exit_points) -> list[list[int]]:
         """The blocks of each segment: up to and including each exit point, then to the last block."""
         bounds = list(exit_points) + [self.bb.num_layers - 1]

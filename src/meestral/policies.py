@@ -30,7 +30,7 @@ class Batch:
     """One generation's rows in flight: prompts left-padded into slots, the per-layer state, and
     which rows are still active (on the host, and as a device mask for the kernels)."""
 
-    def __init__(self, bb, rows: list[list[int]], extra: int):
+    def __init__(self, bb, rows: list[list[int]], extra: int, new_state=None):
         dev = bb.device
         self.bb = bb
         self.rows = rows
@@ -42,7 +42,7 @@ class Batch:
             ids[b, self.P - len(r):] = torch.tensor(r, device=dev)
         self.ids = ids
         self.capacity = self.P + extra
-        self.state = bb.new_state(self.B, self.capacity)
+        self.state = (new_state or bb.new_state)(self.B, self.capacity)
         self.active = [True] * self.B
         self.active_dev = torch.ones(self.B, dtype=torch.bool, device=dev)
         self.fed = None  # [B] the newest token of every row: what the next step feeds

@@ -66,6 +66,15 @@ class Step:
         """The same slots, writing the (row, slot) pairs of `write` [B, T]."""
         return Step(self.start, self.positions, write, self.memo, self.visible)
 
+    @property
+    def slots(self) -> torch.Tensor:
+        """[T] long on the device: the slot indices this step covers. The fixed-shape layer path
+        (`forward_layer_fixed`) indexes with it instead of the host's `start`, so that a captured
+        CUDA graph stays valid at every slot."""
+        if "slots" not in self.memo:
+            self.memo["slots"] = torch.arange(self.length, device=self.positions.device) + self.start
+        return self.memo["slots"]
+
 
 def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None) -> None:
     """dst[rows] = src[rows] for a 1-D tensor of row indices (None: every row). By index, not by a
@@ -165,6 +174,35 @@ class Backbone(ABC):
         or None.
         """
 
+    # ---- the fixed-shape path (graph_engine.py) ---------------------------------------------
+    # The same computations as forward_layer / fill_copy / fill_propagate, written so that every
+    # shape and every index is fixed for a given (batch, window length, `keys`): slots come from
+    # `step.slots` (a device tensor), never from `step.start`, and attention reads the first
+    # `keys` slots of the cache. A CUDA graph captured once then serves every step. The recurrent
+    # adapters' ordinary methods already are fixed-shape: these defaults call them.
+    def fixed_context(self, layers, h: torch.Tensor, state, step: Step, keys: int | None):
+        """What the layers of one fixed-shape call share, computed once at its start (None: nothing)."""
+        return None
+
+    def forward_layer_fixed(self, i: int, h: torch.Tensor, state, step: Step, keys: int | None, ctx=None):
+        return self.forward_layer(i, h, state, step)
+
+    def fill_copy_fixed(self, i: int, state, step: Step) -> None:
+        self.fill_copy(i, state, step)
+
+    def fill_propagate_fixed(self, i: int, h: torch.Tensor, state, step: Step, keys: int | None, ctx=None) -> None:
+        self.fill_propagate(i, h, state, step)
+
+    def state_keys(self, state) -> int | None:
+        """Slots a fixed-shape attention call could read (None: the state has no slots)."""
+        return None
+
+    def reset_state(self, state) -> None:
+        """Make a state from new_state empty again, in place (a graph holds its addresses)."""
+        for i in range(self.num_layers):
+            for t in self.layer_tensors(state, i):
+                t.zero_()
+
     @abstractmethod
     def fill_copy(self, i: int, state, step: Step) -> None:
         """`copy` policy for a skipped layer i (one slot): Transformer copies the previous slot's
@@ -178,6 +216,9 @@ class Backbone(ABC):
     @abstractmethod
     def layer_tensors(self, state, i: int) -> list[torch.Tensor]:
         """The tensors holding layer i's state, batch first (views into `state`)."""
+
+    # Whether `fill_copy` changes the state (K/V slots are copied; a recurrent state is left as it is).
+    fills_on_copy: bool = True
 
     # Whether `truncate` can cut a layer's state back to a slot exactly (K/V slots can be
     # dropped; a recurrent state cannot: it is restored from a snapshot and replayed instead).

@@ -164,6 +164,8 @@ class SSMBackbone(Backbone):
         mixed = self._mixer(i, block.norm(h.to(block.norm.weight.dtype)), state, step)
         return residual + mixed, mixed
 
+    fills_on_copy = False
+
     def fill_copy(self, i, state, step):
         # The skipped layer never sees the token: its conv window and SSM state stay as they were.
         return None

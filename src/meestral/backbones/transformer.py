@@ -156,7 +156,7 @@ class TransformerBackbone(Backbone):
             buf[:, :, s] = torch.where(w[:, None, None], buf[:, :, s - 1], buf[:, :, s])
         state.valid[i, :, s] |= w & state.valid[i, :, s - 1]
 
-    def _kv(self, i, h, step):
+    def _kv(self, i, h, step, rope=None):
         """K (rotated) and V of block i for hidden states h, exactly as its attention makes them."""
         block = self.blocks[i]
         attn = block.self_attn
@@ -164,7 +164,7 @@ class TransformerBackbone(Backbone):
         shape = (*x.shape[:-1], -1, self.head_dim)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = self._rope(h, step)
+        cos, sin = self._rope(h, step) if rope is None else rope
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         return k, v
 
@@ -173,6 +173,76 @@ class TransformerBackbone(Backbone):
         cache = _SlotCache(state)
         cache.step = step
         cache.update(k, v, i)
+
+    # ---- the fixed-shape path (graph_engine.py; see Backbone.forward_layer_fixed) ------------
+    def state_keys(self, state):
+        return state.capacity
+
+    def fixed_context(self, layers, h, state, step, keys):
+        """What every layer of one fixed-shape call shares, computed on the device at its start:
+        rotary cos/sin of the step's positions and, per layer, the attention mask over the first
+        `keys` slots, grouped for GQA ([B, 1, G*T, keys] bool: query head group g, token t at
+        row g*T + t). Made from each layer's validity before its write, as `_mask` is."""
+        slots = step.slots
+        ar = torch.arange(keys, device=slots.device)
+        causal = ar[None, :] <= slots[:, None]  # [T, keys]
+        if self.sliding_window:
+            causal &= ar[None, :] > slots[:, None] - self.sliding_window
+        own = ar[None, :] == slots[:, None]
+        shown = (own[None] & step.visible[:, :, None]).any(1)  # [B, keys]: this step's visible slots
+        G = self.n_heads // self.n_kv
+        masks = {}
+        for i in layers:
+            valid = state.valid[i, :, :keys] | shown
+            allowed = (valid[:, None, :] & causal) | own  # [B, T, keys]
+            masks[i] = allowed.repeat(1, G, 1)[:, None]
+        return {"rope": self.model.model.rotary_emb(h, step.positions), "masks": masks}
+
+    def _write_fixed(self, state, i, k, v, step):
+        """Write K/V [B, Hkv, T, D] at the step's slots for the written (row, slot) pairs."""
+        slots, w = step.slots, step.write[:, None, :, None]
+        for buf, new in ((state.k[i], k), (state.v[i], v)):
+            buf.index_copy_(2, slots, torch.where(w, new.to(buf.dtype), buf.index_select(2, slots)))
+        valid = state.valid[i]
+        valid.index_copy_(1, slots, valid.index_select(1, slots) | step.write)
+
+    def forward_layer_fixed(self, i, h, state, step, keys, ctx=None):
+        """HF's decoder layer, step for step (its own norms, projections, rotary and MLP modules),
+        with attention over the first `keys` cache slots by grouped matmuls: each K/V head is read
+        once for its G query heads (no repeat_kv), softmax in float32 as HF's eager attention."""
+        if ctx is None:
+            ctx = self.fixed_context([i], h, state, step, keys)
+        block = self.blocks[i]
+        attn = block.self_attn
+        B, T, _ = h.shape
+        D, G = self.head_dim, self.n_heads // self.n_kv
+        x = block.input_layernorm(h)
+        q = attn.q_proj(x).view(B, T, -1, D).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, -1, D).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)
+        cos, sin = ctx["rope"]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        self._write_fixed(state, i, k, v, step)
+        kk, vv = state.k[i][:, :, :keys], state.v[i][:, :, :keys]
+        scores = torch.matmul(q.reshape(B, self.n_kv, G * T, D), kk.transpose(-1, -2)) * attn.scaling
+        scores = scores.masked_fill(~ctx["masks"][i], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(probs, vv).view(B, self.n_heads, T, D).transpose(1, 2).reshape(B, T, -1)
+        h = h + attn.o_proj(o)
+        return h + block.mlp(block.post_attention_layernorm(h)), None
+
+    def fill_copy_fixed(self, i, state, step):
+        s, w = step.slots, step.write[:, 0]
+        prev = s - 1
+        for buf in (state.k[i], state.v[i]):
+            buf.index_copy_(2, s, torch.where(w[:, None, None, None], buf.index_select(2, prev), buf.index_select(2, s)))
+        valid = state.valid[i]
+        valid.index_copy_(1, s, valid.index_select(1, s) | (w[:, None] & valid.index_select(1, prev)))
+
+    def fill_propagate_fixed(self, i, h, state, step, keys, ctx=None):
+        rope = self.model.model.rotary_emb(h, step.positions) if ctx is None else ctx["rope"]
+        k, v = self._kv(i, h, step, rope)
+        self._write_fixed(state, i, k, v, step)
 
     def layer_tensors(self, state, i):
         return [state.k[i], state.v[i], state.valid[i]]

@@ -1,0 +1,180 @@
+"""The fixed-shape engine (graph_engine.py) against the eager engine.
+
+On a CPU its calls "replay" by running the captured body again on the static buffers: the data
+flow a CUDA graph has. So these tests catch what a graph would get wrong: an input not copied into
+its buffer, a slot baked in at capture, a state not reset between generations, masks or rotary
+tables left over from the first call. The same checks run on CUDA, with real capture, under the
+`cuda` marker (skipped here).
+"""
+
+import pytest
+import torch
+
+from conftest import TINY, median_softmax
+from meestral.backbones.base import Step
+from meestral.decoding import EarlyExitDecoder, SamplingOptions
+from meestral.graph_engine import GraphEngine
+from meestral.heads import ExitHeads
+
+PROMPTS = [[1, 40, 50, 60, 70, 80], [1, 90, 33], [1, 7, 8, 9, 10, 11, 12, 13, 14]]
+
+
+def _decoders(bb, policy, threshold, exit_output="hidden", device_engine="graph"):
+    L = bb.num_layers
+    heads = ExitHeads("softmax", [L // 3, 2 * L // 3], bb)
+    kw = dict(policy=policy, exit_output=exit_output, max_backlog=3)
+    return (EarlyExitDecoder(bb, heads, threshold, engine="eager", **kw),
+            EarlyExitDecoder(bb, heads, threshold, engine=device_engine, **kw))
+
+
+@pytest.mark.parametrize("shape", TINY)
+@pytest.mark.parametrize("policy", ["copy", "propagate", "catchup", "verify"])
+def test_graph_engine_equals_eager(tiny, shape, policy):
+    """Same tokens, same exits, same work, batch 3 with three prompt lengths, at a threshold where
+    about half the tokens leave early; two generations in a row reuse one state and its calls."""
+    bb = tiny(shape)
+    t = median_softmax(bb, bb.num_layers // 3)
+    eager, graph = _decoders(bb, policy, t)
+    opts = SamplingOptions(max_new_tokens=10)
+    for prompts in (PROMPTS, [p[::-1] for p in PROMPTS]):
+        want, got = eager.generate(prompts, opts), graph.generate(prompts, opts)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.exit_layers for g in got] == [w.exit_layers for w in want]
+        assert [len(g.discarded) for g in got] == [len(w.discarded) for w in want]
+    assert any(e < bb.num_layers - 1 for w in want for e in w.exit_layers)  # exits happened
+    assert len(graph.engine.states) == 1 and graph.engine.calls  # one state, reused; calls were made
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_graph_engine_through_last_layer_and_final_state(tiny, shape):
+    bb = tiny(shape)
+    t = median_softmax(bb, bb.num_layers // 3)
+    for policy, out in (("copy", "through_last_layer"), ("catchup", "hidden")):
+        eager, graph = _decoders(bb, policy, t, out)
+        seen = {}
+        for name, dec in (("eager", eager), ("graph", graph)):
+            def keep(view, name=name):
+                seen[name] = [[x.clone() for x in bb.layer_tensors(view.state, i)] for i in range(bb.num_layers)]
+            gens = dec.generate(PROMPTS, SamplingOptions(max_new_tokens=8), inspect=keep)
+            seen[name + "_tokens"] = [g.token_ids for g in gens]
+        assert seen["eager_tokens"] == seen["graph_tokens"]
+        for i in range(bb.num_layers):  # the graph engine's state is larger (capacity rounded up)
+            for x, y in zip(seen["eager"][i], seen["graph"][i]):
+                if bb.family == "transformer":
+                    y = y[..., : x.shape[-2], :] if x.dim() == 4 else y[..., : x.shape[-1]]
+                if x.dtype == torch.bool:
+                    assert torch.equal(x, y)
+                else:
+                    torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mistral-sw", "llama"])
+def test_fixed_layer_equals_hf_layer(tiny, shape):
+    """forward_layer_fixed (grouped attention over a key range, slots from a device tensor) equals
+    HF's own decoder layer through forward_layer: outputs and K/V, prefill then two decode steps."""
+    bb = tiny(shape)
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80, 90, 100, 110, 120, 5]])
+    T = ids.shape[1]
+    pad = torch.zeros(1, dtype=torch.long)
+    a, b = bb.new_state(1, 32), bb.new_state(1, 32)
+    for start, n in ((0, T - 2), (T - 2, 1), (T - 1, 1)):
+        h = bb.embed(ids[:, start:start + n])
+        step = bb.make_step(start, n, pad)
+        ha, hb = h, h
+        for i in range(bb.num_layers):
+            ha, _ = bb.forward_layer(i, ha, a, step)
+            hb, _ = bb.forward_layer_fixed(i, hb, b, step, keys=32)
+        torch.testing.assert_close(hb, ha, atol=1e-5, rtol=1e-5)
+    for i in range(bb.num_layers):
+        torch.testing.assert_close(b.k[i], a.k[i])
+        assert torch.equal(b.valid[i], a.valid[i])
+
+
+def test_captured_call_uses_its_buffers_not_its_first_inputs(tiny):
+    """A call built at one slot and replayed at another must write the new slot: catches a slot
+    (or any input) baked in at capture instead of read from the call's buffers."""
+    bb = tiny("mistral")
+    eng = GraphEngine(bb, capture=False)
+    state = eng.new_state(1, 16)
+    pad = torch.zeros(1, dtype=torch.long)
+    h0 = bb.embed(torch.tensor([[5]]))
+    eng.run([0], h0, state, bb.make_step(3, 1, pad))
+    eng.run([0], bb.embed(torch.tensor([[6]])), state, bb.make_step(4, 1, pad))
+    assert len(eng.calls) == 1  # one shape, one call
+    assert state.valid[0, 0, 3] and state.valid[0, 0, 4] and not state.valid[0, 0, 5]
+    ref = bb.new_state(1, 16)
+    bb.forward_layer(0, bb.embed(torch.tensor([[5]])), ref, Step(3, torch.tensor([[3]]), torch.tensor([[True]])))
+    torch.testing.assert_close(state.k[0][:, :, 3], ref.k[0][:, :, 3])
+    assert not torch.equal(state.k[0][:, :, 4], state.k[0][:, :, 3])
+
+
+def test_new_generation_starts_from_an_empty_state(tiny):
+    bb = tiny("mamba2")
+    eng = GraphEngine(bb, capture=False)
+    s = eng.new_state(2, 10)
+    s.ssm[0].fill_(3.0)
+    assert eng.new_state(2, 12) is s  # same rounded shape: reused...
+    assert float(s.ssm[0].abs().sum()) == 0.0  # ...and emptied
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba"])
+@pytest.mark.parametrize("threshold", [0.05, 0.5])
+def test_cuda_graphs_verify_equals_full_and_hf_greedy(shape, threshold):
+    """On CUDA, with real graph capture: verify (random heads) is token-identical to our full
+    depth and to HF greedy generate, batch 1 and 3; catch-up and copy match the eager engine."""
+    from meestral.backbones.loading import random_backbone
+
+    bb = random_backbone(shape, device="cuda")
+    L = bb.num_layers
+    heads = ExitHeads("softmax", [L // 3, 2 * L // 3], bb).to("cuda")
+    opts = SamplingOptions(max_new_tokens=12)
+    full = EarlyExitDecoder(bb, engine="graph")
+    for prompts in (PROMPTS[:1], PROMPTS):
+        ref = [g.token_ids for g in full.generate(prompts, opts)]
+        got = EarlyExitDecoder(bb, heads, threshold, policy="verify", max_backlog=4, engine="graph").generate(prompts, opts)
+        assert [g.token_ids for g in got] == ref
+        for p, r in zip(prompts, ref):
+            assert hf_greedy_cuda(bb, p, 12) == r
+        for policy in ("copy", "catchup"):
+            eager, graph = (EarlyExitDecoder(bb, heads, threshold, policy=policy, max_backlog=4, engine=e)
+                            for e in ("eager", "graph"))
+            assert [g.token_ids for g in graph.generate(prompts, opts)] == [g.token_ids for g in eager.generate(prompts, opts)]
+        assert full.engine.capture and all(c.graph is not None for c in full.engine.calls.values())
+
+
+def hf_greedy_cuda(bb, ids, n):
+    out = bb.model.generate(torch.tensor([ids], device=bb.device), max_new_tokens=n, do_sample=False,
+                            min_new_tokens=n, pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_cuda_catchup_states_equal_full_model(shape):
+    """Every layer's state after catch-up under CUDA graphs equals the eager engine's (which the
+    CPU suite proves equal to the full model's)."""
+    from meestral.backbones.loading import random_backbone
+
+    bb = random_backbone(shape, device="cuda")
+    L = bb.num_layers
+    heads = ExitHeads("softmax", [L // 3, 2 * L // 3], bb).to("cuda")
+    states = {}
+    for e in ("eager", "graph"):
+        def keep(view, e=e):
+            states[e] = [[x.clone() for x in bb.layer_tensors(view.state, i)] for i in range(L)]
+        EarlyExitDecoder(bb, heads, 0.05, policy="catchup", max_backlog=4, engine=e).generate(
+            PROMPTS, SamplingOptions(max_new_tokens=10), inspect=keep)
+    for i in range(L):
+        for x, y in zip(states["eager"][i], states["graph"][i]):
+            if bb.family == "transformer":
+                y = y[..., : x.shape[-2], :] if x.dim() == 4 else y[..., : x.shape[-1]]
+            if x.dtype == torch.bool:
+                assert torch.equal(x, y)
+            else:
+                torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
