@@ -1,9 +1,19 @@
-"""Decode benchmark: full depth against exits forced at two layers, under each state policy.
+"""Decode benchmark: our full depth and exits forced at two layers under each state policy,
+against the full-depth decoders a user could take instead (the peers), in one run.
 
 Exits are forced with `static` heads (confidence 1, no probe cost), so the numbers isolate the
 mechanism: what skipping layers and filling their state costs and saves. Each case is timed
-`repeats` times, round-robin across cases so drift hits all of them alike; the median is kept, and
-ratios are taken against the full-depth case of the same run. One JSON line per case.
+`repeats` times, round-robin across cases so drift hits all of them alike; the median is kept.
+Every ratio is taken within the run: to our full depth (`speedup_vs_full`, on the engine the
+exits run on) and to the fastest peer (`speedup_vs_best_peer`). On CUDA the run also measures a
+device-to-device copy, the bandwidth a batch-1 decode that reads every weight once is bound by:
+each row gives the weight bytes it read per second and their share of it.
+
+Peers (`peers`): `hf` = HF `generate` with its default (dynamic) cache; `hf-static` = HF
+`generate(cache_implementation="static")`, which compiles its forward itself; `hf-compiled` = a
+`StaticCache` and one-token steps over HF's modules through `torch.compile(mode="reduce-overhead")`
+(the gpt-fast recipe, the strongest full-depth peer we can build from HF). The compiling peers
+take minutes to compile: ask for them where the time is there.
 """
 
 from __future__ import annotations
@@ -23,26 +33,54 @@ from meestral.heads import ExitHeads, check_exit_points
 from meestral.sampling import SamplingOptions
 
 PROMPT = "The history of the printing press begins"
-
-
 POLICIES = ("copy", "propagate", "catchup", "verify")
+PEERS = ("hf", "hf-static", "hf-compiled")
+PEER_CASES = {"hf": "hf_generate", "hf-static": "hf_generate_static", "hf-compiled": "hf_compiled_step"}
 
 
-def cases(bb, exits, max_backlog):
+def prompt_ids(bb, n: int | None) -> list[int]:
+    """The benchmark prompt as token ids; with n, repeated or cut to exactly n tokens."""
+    ids = bb.tokenizer.encode(PROMPT)
+    if n is None:
+        return ids
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def cases(bb, exits, max_backlog, policies=POLICIES):
     """(name, ExitConfig) per case. Under catchup a forced exit still goes deep every
     `max_backlog + 1` tokens (the backlog bound); under verify the random drafts are mostly
     rejected, so that row shows the cost of verification, not a quality-preserving speed-up."""
     yield "full", ExitConfig()
     for e in exits:
         heads = ExitHeads("static", [e], bb)
-        for policy in POLICIES:
+        for policy in policies:
             yield f"exit@{e}", ExitConfig(heads, 0.0, policy, max_backlog)
 
 
-def _hf_generate_ms(bb, tokens, repeats):
-    """Decode ms/token of HF's own `generate` (greedy, its default cache) on the same prompt: the
-    reference our block-by-block full-depth path is held to. A logits processor stamps the time
-    at every step, so the prefill is left out and each decode step is timed on its own."""
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def copy_gbps(device, nbytes: int = 1 << 30, repeats: int = 10) -> float | None:
+    """Device-to-device copy bandwidth (bytes read + written per second, GB/s); None off CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    x = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        y.copy_(x)
+    _sync(dev)
+    return 2 * nbytes * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def _hf_generate_ms(bb, ids, tokens, repeats, **generate_kw):
+    """Decode ms/token of HF's own `generate` (greedy) on the same prompt. A logits processor
+    stamps the time at every step, so the prefill is left out and each decode step is timed."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class Stamp(LogitsProcessor):
@@ -50,68 +88,133 @@ def _hf_generate_ms(bb, tokens, repeats):
             self.times = []
 
         def __call__(self, input_ids, scores):
-            if scores.is_cuda:
-                torch.cuda.synchronize()
+            _sync(scores.device)
             self.times.append(time.perf_counter())
             return scores
 
-    ids = torch.tensor([bb.tokenizer.encode(PROMPT)], device=bb.device)
+    x = torch.tensor([ids], device=bb.device)
     steps = []
-    try:
-        for _ in range(repeats + 1):  # the first run warms up
-            stamp = Stamp()
-            bb.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
-                              eos_token_id=None, logits_processor=LogitsProcessorList([stamp]))
-            steps.append([(b - a) * 1000 for a, b in zip(stamp.times, stamp.times[1:])])
-    except Exception as e:  # a backbone HF cannot `generate` with is still benchmarked
-        print(f"hf_generate skipped: {type(e).__name__}: {e}", file=sys.stderr)
-        return None
+    for _ in range(repeats + 1):  # the first run warms up (and compiles, for the static cache)
+        stamp = Stamp()
+        bb.model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, logits_processor=LogitsProcessorList([stamp]), **generate_kw)
+        steps.append([(b - a) * 1000 for a, b in zip(stamp.times, stamp.times[1:])])
     return statistics.median(statistics.mean(s) for s in steps[1:])
 
 
+@torch.no_grad()
+def hf_static_step_tokens(bb, ids, tokens, compile_step=True, times=None):
+    """Greedy decode through HF's modules with a `StaticCache`, one token per step, the step
+    compiled with mode="reduce-overhead" (CUDA graphs + fused kernels). Returns the new tokens;
+    `times` (a list) receives a stamp per step."""
+    from transformers import StaticCache
+
+    import inspect
+
+    model, dev = bb.model, bb.device
+    P = len(ids)
+    cache = StaticCache(config=model.config, max_cache_len=P + tokens)
+    # The cache keyword's name changed during 5.x (past_key_values -> cache): use the declared one.
+    kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    x = torch.tensor([ids], device=dev)
+    logits = model(input_ids=x, cache_position=torch.arange(P, device=dev), use_cache=True, **{kw: cache}).logits[:, -1]
+
+    def step(tok, pos):
+        return model(input_ids=tok, cache_position=pos, position_ids=pos[None], use_cache=True, **{kw: cache}).logits[:, -1]
+
+    fn = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile_step else step
+    tok = logits.argmax(-1, keepdim=True)
+    out = [tok]
+    for t in range(P, P + tokens - 1):
+        tok = fn(tok, torch.tensor([t], device=dev)).argmax(-1, keepdim=True).clone()
+        out.append(tok)
+        if times is not None:
+            _sync(dev)
+            times.append(time.perf_counter())
+    return torch.cat(out, 1)[0].tolist()
+
+
+def _hf_compiled_ms(bb, ids, tokens, repeats):
+    runs = []
+    for _ in range(repeats + 1):  # the first run compiles and captures
+        times = []
+        hf_static_step_tokens(bb, ids, tokens, times=times)
+        runs.append([(b - a) * 1000 for a, b in zip(times, times[1:])])
+    return statistics.median(statistics.mean(s) for s in runs[1:])
+
+
+def _peer_ms(name, bb, ids, tokens, repeats):
+    try:
+        if name == "hf":
+            return _hf_generate_ms(bb, ids, tokens, repeats)
+        if name == "hf-static":
+            return _hf_generate_ms(bb, ids, tokens, repeats, cache_implementation="static")
+        if name == "hf-compiled":
+            return _hf_compiled_ms(bb, ids, tokens, repeats)
+    except Exception as e:  # a peer that cannot run this backbone is reported, not fatal
+        print(f"peer {name} skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return None
+    raise ValueError(f"unknown peer {name!r}: use {', '.join(PEERS)}")
+
+
 def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None,
-              max_backlog=4):
+              max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",)):
     out = out or sys.stdout  # resolved per call, so redirections made after import are honoured
     bb = load_backbone(backbone, dtype=dtype, device=device)
     L = bb.num_layers
     exits = check_exit_points(exits or [L // 3, 2 * L // 3], L)
+    ids = prompt_ids(bb, prompt_tokens)
     opts = SamplingOptions(max_new_tokens=tokens)
-    decs = [(name, cfg.policy, EarlyExitDecoder(bb, config=cfg)) for name, cfg in cases(bb, exits, max_backlog)]
-    decs[0][2].generate([PROMPT], SamplingOptions(max_new_tokens=4))  # warm-up: allocator, kernels
+    decs = [(name, cfg.policy, EarlyExitDecoder(bb, config=cfg, engine=engine))
+            for name, cfg in cases(bb, exits, max_backlog, policies)]
+    kind = type(decs[0][2].engine).__name__
+    if kind != "EagerEngine":  # the eager engine's full depth beside it: what the fixed path gains
+        decs.insert(1, ("full", "-", EarlyExitDecoder(bb, engine="eager")))
+    for _, _, dec in decs:
+        dec.generate([ids], SamplingOptions(max_new_tokens=min(tokens, 8)))  # warm-up: allocator, capture
     runs = {i: [] for i in range(len(decs))}
     for _ in range(repeats):
         for i, (_, _, dec) in enumerate(decs):
             # dec.summary charges the work on rolled-back (verify) tokens to the kept ones.
-            runs[i].append(dec.summary(dec.generate([PROMPT], opts)[0]))
-    hf_ms = _hf_generate_ms(bb, tokens, repeats)
+            runs[i].append(dec.summary(dec.generate([ids], opts)[0]))
+    peer_ms = {p: _peer_ms(p, bb, ids, tokens, repeats) for p in peers}
+    gbps = copy_gbps(bb.device)
     rows = []
     for i, (name, policy, dec) in enumerate(decs):
         s = runs[i]
         ms = statistics.median(r["ms_per_token"] for r in s)
         rows.append({
-            "case": name, "policy": policy if name != "full" else "-", "backbone": bb.name, "device": str(bb.device),
-            "dtype": str(bb.dtype).removeprefix("torch."), "layers": L,
-            "decoded_tokens": s[0]["tokens"], "mean_layers_run": s[0]["mean_layers_run"],
+            "case": name, "policy": policy if name != "full" else "-", "engine": type(dec.engine).__name__,
+            "backbone": bb.name, "device": str(bb.device), "dtype": str(bb.dtype).removeprefix("torch."), "layers": L,
+            "prompt_tokens": len(ids), "decoded_tokens": s[0]["tokens"], "mean_layers_run": s[0]["mean_layers_run"],
             "draft_mean_layers_run": s[0].get("draft_mean_layers_run"),
             "deep_passes_per_token": s[0]["deep_passes_per_token"], "rolled_back": s[0]["rolled_back"],
             "max_backlog": max_backlog if policy in ("catchup", "verify") else None,
             "weight_bytes_per_token": s[0]["weight_bytes_per_token"],
             "flops_per_token": s[0]["flops_per_token"], "ms_per_token": ms, "tokens_per_s": 1000.0 / ms,
         })
-    if hf_ms is not None:
-        rows.append(dict(rows[0], case="hf_generate", policy="-", ms_per_token=hf_ms, tokens_per_s=1000.0 / hf_ms))
-    base = rows[0]
+    full = rows[0]
+    for p, ms in peer_ms.items():
+        if ms is not None:
+            rows.append(dict(full, case=PEER_CASES[p], policy="-", engine="hf", ms_per_token=ms, tokens_per_s=1000.0 / ms))
+    peer_rows = [r for r in rows if r["engine"] == "hf"]
+    best_peer = min((r["ms_per_token"] for r in peer_rows), default=None)
     for r in rows:
-        r["speedup_vs_full"] = base["ms_per_token"] / r["ms_per_token"]
-        r["weight_bytes_ratio"] = r["weight_bytes_per_token"] / base["weight_bytes_per_token"]
+        r["speedup_vs_full"] = full["ms_per_token"] / r["ms_per_token"]
+        r["speedup_vs_best_peer"] = None if best_peer is None else best_peer / r["ms_per_token"]
+        r["weight_bytes_ratio"] = r["weight_bytes_per_token"] / full["weight_bytes_per_token"]
+        r["weight_gbps"] = r["weight_bytes_per_token"] * r["tokens_per_s"] / 1e9
+        r["copy_gbps"] = gbps
+        r["pct_of_copy_bandwidth"] = None if gbps is None else 100.0 * r["weight_gbps"] / gbps
         r["host"] = platform.node() or "unknown"
         r["torch"] = torch.__version__
         r["date"] = time.strftime("%Y-%m-%d")
-        print(json.dumps(r), file=out)
-    print(f"\n{'case':<11} {'policy':<10} {'layers':>7} {'deep':>5} {'tok/s':>8} {'speed-up':>9} {'MB/token':>9} "
-          f"{'bytes':>6}", file=sys.stderr)
+        print(json.dumps(r), file=out, flush=True)
+    print(f"\n{'case':<12} {'policy':<10} {'engine':<12} {'layers':>7} {'deep':>5} {'tok/s':>8} {'vs full':>8} "
+          f"{'vs peer':>8} {'GB/s':>7} {'bytes':>6}", file=sys.stderr)
     for r in rows:
-        print(f"{r['case']:<11} {r['policy']:<10} {r['mean_layers_run']:>7.1f} {r['deep_passes_per_token']:>5.2f} "
-              f"{r['tokens_per_s']:>8.1f} {r['speedup_vs_full']:>8.2f}x {r['weight_bytes_per_token'] / 1e6:>9.1f} "
-              f"{r['weight_bytes_ratio']:>5.2f}x", file=sys.stderr)
+        vp = "" if r["speedup_vs_best_peer"] is None else f"{r['speedup_vs_best_peer']:.2f}x"
+        print(f"{r['case']:<12} {r['policy']:<10} {r['engine']:<12} {r['mean_layers_run']:>7.1f} "
+              f"{r['deep_passes_per_token']:>5.2f} {r['tokens_per_s']:>8.1f} {r['speedup_vs_full']:>7.2f}x {vp:>8} "
+              f"{r['weight_gbps']:>7.1f} {r['weight_bytes_ratio']:>5.2f}x", file=sys.stderr)
     return rows

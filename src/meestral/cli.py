@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import sys
 
-from meestral.cli_common import Parser, add_backbone_args, add_exit_args, dispatch, exit_config, ints, run
+from meestral.cli_common import (Parser, add_backbone_args, add_engine_arg, add_exit_args, dispatch, exit_config, ints,
+                                 names, run)
 from meestral.errors import MeestralError
 
 PALETTE = [31, 33, 32, 36, 34, 35, 91, 93, 92, 96, 94, 95]  # ANSI foreground colours, one per exit point
@@ -83,7 +84,7 @@ def cmd_generate(args):
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     cfg = exit_config(args, bb)
     heads = cfg.heads
-    dec = EarlyExitDecoder(bb, config=cfg)
+    dec = EarlyExitDecoder(bb, config=cfg, engine=args.engine)
     opts = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                            tuple(args.stop or ()))
     gen = dec.generate([prompt], opts, chat=args.chat)[0]
@@ -136,8 +137,15 @@ def cmd_demo(args):
 def cmd_bench(args):
     from meestral.bench import run_bench
 
+    from meestral.bench import PEERS, POLICIES
+
+    for option, given, known in (("--policies", args.policies, POLICIES), ("--peers", args.peers, PEERS)):
+        bad = [x for x in given or () if x not in known]
+        if bad:
+            raise MeestralError(f"{option}: unknown {', '.join(bad)}; use some of {', '.join(known)}")
     run_bench(args.backbone, exits=args.exits, tokens=args.tokens, device=args.device, dtype=args.dtype,
-              repeats=args.repeats, max_backlog=args.max_backlog)
+              repeats=args.repeats, max_backlog=args.max_backlog, prompt_tokens=args.prompt_tokens,
+              engine=args.engine, policies=tuple(args.policies or POLICIES), peers=tuple(args.peers or ("hf",)))
     return 0
 
 
@@ -179,6 +187,7 @@ def make_parser():
     g.add_argument("--json", action="store_true", help="one JSON object with tokens and accounting")
     g.add_argument("--no-color", action="store_true")
     g.add_argument("--color", action="store_true", help="colour even when not writing to a terminal")
+    add_engine_arg(g)
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="the embedded backbone at several thresholds and policies")
@@ -195,6 +204,10 @@ def make_parser():
     b.add_argument("--tokens", type=int, default=32)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--max-backlog", type=int, default=4)
+    b.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (default: one sentence)")
+    b.add_argument("--policies", type=names, help="policies of the forced-exit rows (default: all four)")
+    b.add_argument("--peers", type=names, help="full-depth peers: hf (default), hf-static, hf-compiled")
+    add_engine_arg(b)
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="backbone identity and costs")

@@ -49,6 +49,11 @@ def add_backbone_args(p):
     p.add_argument("--device", default="cpu")
 
 
+def add_engine_arg(p):
+    p.add_argument("--engine", choices=("auto", "eager", "graph"), default="auto",
+                   help="auto (default): CUDA graphs on a GPU, eager elsewhere; the results are the same")
+
+
 def add_exit_args(p):
     """The options that make an `ExitConfig` (see `exit_config(args, bb)`)."""
     p.add_argument("--heads", help="folder of trained exit heads (heads.json + heads.safetensors)")

@@ -122,7 +122,8 @@ RULES = {
     "val_rows": Number(int, 0, hint="0: no validation"), "val_fraction": Number(float, 0, 1, high_open=True),
     "shuffle_buffer": Number(int, 1),
     # bench
-    "repeats": Number(int, 1),
+    "repeats": Number(int, 1), "prompt_tokens": Number(int, 1),
+    "peers": Items(unique=True, example="hf,hf-static,hf-compiled"),
     # distill
     "shards": Number(int, 1), "seconds": Number(float, 0, low_open=True), "corpus_share": Number(float, 0, 1),
     "ce_weight": Number(float, 0), "eval_every": Number(int, 1),
