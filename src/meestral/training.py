@@ -495,6 +495,8 @@ class Trainer:
         bb.fingerprint()  # the heads' identity comes from the whole weights: take it before any sharding
         if shard:
             shard_backbone(bb, self.dist.device)
+        if bb.device.type == "cuda":  # the records' peak is training's, not a random backbone's staging before sharding
+            torch.cuda.reset_peak_memory_stats(bb.device)
         L = bb.num_layers
         exits = cfg.exits or sorted({L // 4, L // 2, 3 * L // 4} - {L - 1})
         check_context(bb, cfg.seq_len, f"--seq-len {cfg.seq_len}", "lower --seq-len")
