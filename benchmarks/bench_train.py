@@ -35,11 +35,17 @@ H200_BF16_DENSE = 989e12
 
 
 def model_flops_per_token(bb, heads) -> tuple[float, str]:
+    e = len(heads.exit_points)
+    return flops_per_token(bb, e, sum(p.numel() for p in heads.parameters()) / e)
+
+
+def flops_per_token(bb, e: int, head_params: float) -> tuple[float, str]:
+    """The formula above for E = `e` exit points with `head_params` parameters each; needs only the
+    backbone's shapes (a backbone built on the meta device will do)."""
     n = sum(p.numel() for p in bb.model.parameters()) - bb.embedding.weight.numel()
     if bb.lm_head_module.weight is bb.embedding.weight:  # tied: the LM head matmul still runs
         n += bb.embedding.weight.numel()
-    e, d, v = len(heads.exit_points), bb.hidden_size, bb.vocab_size
-    head_params = sum(p.numel() for p in heads.parameters()) / e
+    d, v = bb.hidden_size, bb.vocab_size
     flops = 2 * n + e * 2 * d * v + e * 6 * head_params
     formula = f"2*N + E*2*d*V + E*6*P_head = 2*{n} + {e}*2*{d}*{v} + {e}*6*{head_params:.0f}"
     return flops, formula

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from meestral.errors import MeestralError
 from meestral.heads import ExitHeads
-from meestral.training import TrainConfig, Trainer, auroc, binary_metrics, consistency_labels
+from meestral.training import TrainConfig, Trainer, auroc, binary_metrics, consistency_labels, load_device
 from meestral.cli import main
 
 WORDS = "the of and to in is was that for on with as by at from his her they which be this".split()
@@ -113,6 +113,9 @@ def test_each_saved_head_round_trips_its_own_weights(corpus, tmp_path, shape, fe
     assert [(r["split"], r["step"]) for r in records] == [("train", 3), ("val", 3), ("train", 6), ("val", 6)]
     keys = {"accuracy", "precision", "recall", "f1", "label_rate", "pred_rate", "auroc"}
     assert all(keys <= set(m) for r in records for m in r["heads"].values())
+    train = [r for r in records if r["split"] == "train"]
+    assert all(len(r["peak_memory_gib"]) == 1 and r["peak_memory_gib"][0] > 0 for r in train)
+    assert {r["peak_memory_kind"] for r in train} == {"host_max_rss"}
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
 
 
@@ -168,9 +171,29 @@ def test_two_processes_give_the_one_process_heads(corpus, tmp_path, one_process,
     assert all(torch.allclose(one[k], both[k], atol=1e-6, rtol=1e-5) for k in one)
     assert not torch.equal(one["classifiers.0.weight"], torch.zeros_like(one["classifiers.0.weight"]))
     last = [json.loads((p / "log.jsonl").read_text().splitlines()[-1]) for p in (one_process, tmp_path / "two")]
+    train = [json.loads(l) for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert all(len(r["peak_memory_gib"]) == 2 for r in train if r["split"] == "train")  # one per rank
     for layer in ("1", "3"):  # validation covers both ranks' rows
         assert last[0]["heads"][layer]["n"] == last[1]["heads"][layer]["n"]
         assert last[0]["heads"][layer]["auroc"] == pytest.approx(last[1]["heads"][layer]["auroc"], abs=1e-6)
+
+
+def test_sharded_runs_build_random_backbones_where_one_process_would():
+    # A checkpoint gives the same weights anywhere, so sharded runs stage it in host memory; a
+    # random backbone's weights follow the generator of the device it is built on, so a sharded
+    # run that built it on the CPU would train heads for another backbone than a GPU run's.
+    assert load_device("/models/mistral", shard=True, device="cuda:1") == "cpu"
+    assert load_device("random:mistral-7b", shard=True, device="cuda:1") == "cuda:1"
+    assert load_device("/models/mistral", shard=False, device="cuda:1") == "cuda:1"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CPU and CUDA generators differ only there")
+def test_a_random_backbone_differs_between_cpu_and_gpu():
+    # Why load_device exists; if the generators ever agree, load_device's exception can go.
+    from meestral.backbones.loading import load_backbone
+
+    assert load_backbone("random:mistral", device="cpu").fingerprint() != load_backbone(
+        "random:mistral", device="cuda").fingerprint()
 
 
 # ---- bad inputs --------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ Backbones larger than one GPU
   The backbone is frozen and only runs forward, so there is no optimiser or gradient state to
   shard, only its weights. Two routes:
   - FSDP2 (`fsdp=True`, `meestral train --fsdp` under torchrun; tested on CPU with gloo): each
-    rank loads the backbone into host memory, then `fully_shard` splits every decoder block and the
+    rank loads the backbone into host memory (a `random:` backbone on its GPU instead, see
+    load_device), then `fully_shard` splits every decoder block and the
     rest of the model over the ranks and moves each rank's shard to its GPU. A block's weights are
     all-gathered just for its forward and freed after it, so each GPU holds 1/N of the blocks plus
     one whole block (and the embedding/LM head, which stay gathered after the first forward). Data
@@ -242,6 +243,30 @@ class _Dist:
             if wait:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def load_device(spec: str, shard: bool, device: str) -> str:
+    """Where this rank builds the backbone before any sharding.
+
+    Sharded runs load into host memory (the point of FSDP is a backbone larger than one GPU),
+    except `random:` backbones: their weights come from the generator of the device they are built
+    on (CPU and CUDA draw different numbers from one seed), so they are built where a one-process
+    run would build them, or the sharded run would train heads on a different backbone."""
+    if not shard or str(spec).startswith("random:"):
+        return device
+    return "cpu"
+
+
+def peak_memory_gib(device) -> tuple[float, str]:
+    """(peak memory of this process so far in GiB, what was measured): on a GPU the caching
+    allocator's peak of allocated tensors; on the CPU the peak resident set of the process (which
+    includes the libraries, so only differences between runs mean much)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**30, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host_max_rss"  # KiB on Linux
 
 
 def shard_backbone(backbone, device: str):
@@ -466,10 +491,12 @@ class Trainer:
 
         cfg = self.cfg
         shard = cfg.fsdp and self.dist.on
-        self.bb = bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device="cpu" if shard else self.dist.device)
+        self.bb = bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device=load_device(cfg.backbone, shard, self.dist.device))
         bb.fingerprint()  # the heads' identity comes from the whole weights: take it before any sharding
         if shard:
             shard_backbone(bb, self.dist.device)
+        if bb.device.type == "cuda":  # the records' peak is training's, not a random backbone's staging before sharding
+            torch.cuda.reset_peak_memory_stats(bb.device)
         L = bb.num_layers
         exits = cfg.exits or sorted({L // 4, L // 2, 3 * L // 4} - {L - 1})
         check_context(bb, cfg.seq_len, f"--seq-len {cfg.seq_len}", "lower --seq-len")
@@ -656,8 +683,10 @@ class Trainer:
                                       [torch.cat(y) for y in window.labels], self.exits)
         elapsed = time.perf_counter() - window.t0
         loss = sum(self.dist.gather(window.loss / max(1, window.steps))) / self.dist.world
+        peaks = self.dist.gather(peak_memory_gib(self.bb.device))  # one per rank: FSDP's point is the difference
         rec = {"split": "train", "step": self.step, "tokens": self.step * tokens_per_step, "loss": loss, "lr": self.opt.param_groups[0].get("scheduled_lr", self.opt.param_groups[0]["lr"]),
-               "tok_per_s": window.steps * tokens_per_step / elapsed, "heads": metrics}
+               "tok_per_s": window.steps * tokens_per_step / elapsed, "heads": metrics,
+               "peak_memory_gib": [p for p, _ in peaks], "peak_memory_kind": peaks[0][1]}
         if self.log:
             self.log.write(rec)
         return rec
