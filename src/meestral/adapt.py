@@ -26,7 +26,8 @@ functions of the step and seed, so a resumed run draws exactly what an uninterru
 Data: the distillation's sources (`distill.RowPool`): teacher-sampled shards (`meestral distill
 sample`), mixed with the training split of a text corpus (the embedded Shakespeare); the corpus's
 held-out split (`data.is_validation`) is where agreement, the oracle bound and perplexity are
-measured, never trained on. Evaluation sets are never read.
+measured, never trained on (at the run's exit points: every layer but the last by default).
+Evaluation sets are never read.
 
 Everything else is head training's: the optimiser (`training.make_optimizer`), the JSONL log with
 truncation on resume (`training.RunLog`), atomic checkpoints (`files.atomic_write`). One process;
@@ -322,7 +323,7 @@ class Adapter:
         try:
             dev = torch.device(self.bb.device)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                m = measure(self.bb, self.held, batch=self.cfg.batch)
+                m = measure(self.bb, self.held, self.exits, batch=self.cfg.batch)
         finally:
             self._averaged(False)
         rec = {"split": "val", "step": self.step, **m}
@@ -365,6 +366,8 @@ class Adapter:
                 if self.step % cfg.ckpt_every == 0 or end:
                     self._save_checkpoint()
                 if cfg.seconds is not None and time.perf_counter() - t_call > cfg.seconds and not end:
+                    if self.step % cfg.val_every:  # a point on the bound-vs-steps curve at each stop
+                        self.validate()
                     self._save_checkpoint()
                     print(f"meestral: stopped after {cfg.seconds:g} s at step {self.step} of {cfg.steps}: "
                           "rerun with --resume to continue", file=sys.stderr)
