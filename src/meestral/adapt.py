@@ -92,6 +92,7 @@ class AdaptConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str | None = None
+    export_dtype: str = "float32"  # of the adapter file (bfloat16 halves it: rank 16 on SmolLM2 fits then)
     progress: bool = True
 
     def check(self) -> None:
@@ -106,6 +107,8 @@ class AdaptConfig:
                 RULES[f.name].check(value, "--" + f.name.replace("_", "-"))
         if self.curriculum not in CURRICULA:
             raise MeestralError(f"unknown curriculum {self.curriculum!r}: use one of {', '.join(CURRICULA)}")
+        if self.export_dtype not in ("float32", "bfloat16"):
+            raise MeestralError(f"unknown export dtype {self.export_dtype!r}: use float32 or bfloat16")
         if self.optimizer not in ("adamw", "schedulefree"):
             raise MeestralError(f"unknown optimizer {self.optimizer!r}: use adamw or schedulefree")
 
@@ -382,9 +385,12 @@ class Adapter:
             bar.close()
             self.log.close()
 
-    def export(self, path=None, dtype=torch.float32) -> dict:
+    def export(self, path=None) -> dict:
+        from meestral.backbones.loading import _dtype
+
         self._averaged(True)
-        return self.lora.save(path or self.out / ADAPTER, dtype=dtype, step=self.step, steps=self.cfg.steps,
+        return self.lora.save(path or self.out / ADAPTER, dtype=_dtype(self.cfg.export_dtype), step=self.step,
+                              steps=self.cfg.steps,
                               exits=self.exits, config={k: v for k, v in asdict(self.cfg).items() if k != "progress"})
 
 
@@ -393,7 +399,7 @@ def adapt(cfg: AdaptConfig) -> dict:
     return Adapter(cfg).run()
 
 
-def export(out, path=None, dtype: str = "float32", device: str = "cpu") -> dict:
+def export(out, path=None, dtype: str | None = None, device: str = "cpu") -> dict:
     """The adapter file from the last checkpoint in `out` (a run stopped before its last step)."""
     from meestral.backbones.loading import _dtype
 
@@ -414,6 +420,6 @@ def export(out, path=None, dtype: str = "float32", device: str = "cpu") -> dict:
         raise MeestralError(f"{ckpt} was trained on another {cfg.backbone!r} (fingerprint differs): load that one")
     lora = LoRA(bb, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
     lora.load_state_dict(state["lora"])
-    return lora.save(path or Path(out) / ADAPTER, dtype=_dtype(dtype), step=state["step"], steps=cfg.steps,
+    return lora.save(path or Path(out) / ADAPTER, dtype=_dtype(dtype or cfg.export_dtype), step=state["step"], steps=cfg.steps,
                      exits=state["config"]["exits"], config={k: v for k, v in fields.items() if k != "progress"})
 

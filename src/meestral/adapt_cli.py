@@ -52,13 +52,15 @@ def add_adapt_parser(sub):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
     t.add_argument("--dtype", default=None)
+    t.add_argument("--export-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="of the adapter file (bfloat16: half the size)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
     e = asub.add_parser("export", help="the adapter file from a run's last checkpoint")
     e.add_argument("--out", required=True, help="the train run's --out folder")
     e.add_argument("--file", help="where to write it (default: OUT/adapter.safetensors)")
-    e.add_argument("--export-dtype", choices=["float32", "bfloat16"], default="float32")
+    e.add_argument("--export-dtype", choices=["float32", "bfloat16"], help="default: the run's")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_export)
 
@@ -87,7 +89,7 @@ def cmd_train(args):
         curriculum=args.curriculum, rotation=args.rotation, curriculum_share=args.curriculum_share,
         layer_dropout=args.layer_dropout, val_every=args.val_every, val_tokens=args.val_tokens,
         ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume, seed=args.seed, device=args.device,
-        dtype=args.dtype, progress=not args.no_progress)
+        dtype=args.dtype, export_dtype=args.export_dtype, progress=not args.no_progress)
     print(json.dumps(adapt(cfg)))
     return 0
 
