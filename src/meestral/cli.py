@@ -10,6 +10,7 @@
   meestral sweep     --tasks ... --thresholds ...   thresholds x policies x tasks + baselines
   meestral oracle | calibrate | report      the bound, Learn-then-Test thresholds, the report
   meestral distill   sample|train           distil a Mamba-2 student from a teacher (distill_cli.py)
+  meestral adapt     train|export|compare   adapt a backbone for early exit (adapt_cli.py)
 
 Every user error ends with one line `meestral: error: ...` on stderr and exit status 2.
 """
@@ -223,6 +224,9 @@ def make_parser():
     from meestral.distill_cli import add_distill_parser
 
     add_distill_parser(sub)
+    from meestral.adapt_cli import add_adapt_parser
+
+    add_adapt_parser(sub)
     return p
 
 

@@ -238,6 +238,21 @@ def validation_rows(source: Source, tokenizer, seq_len: int, rows: int, val_frac
     return torch.tensor(buf[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def training_rows(source: Source, tokenizer, seq_len: int, val_fraction: float = 0.05,
+                  max_tokens: int | None = None) -> torch.Tensor:
+    """The complement of `validation_rows`: every training-split document, in source order,
+    packed into rows of `seq_len` (up to `max_tokens`). For corpora small enough to hold as one
+    tensor (the embedded Shakespeare), where rows are then drawn at random."""
+    buf: list[int] = []
+    for _, text in source.documents():
+        if not is_validation(text, val_fraction):
+            buf += _encode(tokenizer, text)
+            if max_tokens is not None and len(buf) >= max_tokens:
+                break
+    n = len(buf) // seq_len if max_tokens is None else min(len(buf), max_tokens) // seq_len
+    return torch.tensor(buf[: n * seq_len], dtype=torch.int32).view(n, seq_len)
+
+
 def heldout_rows(spec: str, tokenizer, tokens: int, seq_len: int, val_fraction: float = 0.05) -> torch.Tensor:
     """About `tokens` held-out tokens of a source (`embedded`, a file or folder) as packed rows of
     `seq_len`: the same validation documents head training never sees."""

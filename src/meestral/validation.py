@@ -127,6 +127,11 @@ RULES = {
     # distill
     "shards": Number(int, 1), "seconds": Number(float, 0, low_open=True), "corpus_share": Number(float, 0, 1),
     "ce_weight": Number(float, 0), "eval_every": Number(int, 1),
+    # adapt
+    "rank": Number(int, 1), "alpha": Number(float, 0, low_open=True), "final_weight": Number(float, 0),
+    "exit_weights": Items(Number(float, 0), example="1,1,2"), "rotation": Number(int, 1),
+    "curriculum_share": Number(float, 0, 1), "layer_dropout": Number(float, 0, 1, high_open=True),
+    "val_tokens": Number(int, 1),
 }
 FREE_TEXT = {"prompt", "rest"}  # checked where they are read (an empty prompt has its own message)
 

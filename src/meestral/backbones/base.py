@@ -148,6 +148,15 @@ class Backbone(ABC):
     def lm_head_module(self) -> torch.nn.Linear:
         return self.model.lm_head
 
+    @property
+    @abstractmethod
+    def trunk(self) -> torch.nn.Module:
+        """The HF model under the LM head (blocks + final norm): what a training pass runs."""
+
+    # The linear layers inside one block that adaptation (meestral.lora) puts adapters on, as
+    # paths relative to the block. Each adapter file names its own; nothing else differs.
+    lora_targets: tuple[str, ...] = ()
+
     # ---- compute ---------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)
@@ -334,6 +343,36 @@ class Backbone(ABC):
                 h.remove()
         hs = out.hidden_states
         return {l: hs[self._hidden_index(l)] for l in layers}, auxes, out.logits
+
+    def train_forward(self, ids: torch.Tensor, layers=(), skip: torch.Tensor | None = None):
+        """A whole-sequence pass with autograd on (adaptation trains through it): ({layer: block
+        output [B,T,d]} for `layers`, final-normed hidden [B,T,d]).
+
+        `skip` [L, B] bool drops block i for the rows where it is true (its output is its input):
+        layer dropout. Unlike `collect`, layers may include L-1 and no logits are made: the caller
+        applies the LM head a few rows at a time (the vocabulary dominates memory).
+        """
+        want, outs, hooks = set(layers), {}, []
+        for i, block in enumerate(self.blocks):
+            if i not in want and skip is None:
+                continue
+
+            def after(_m, args, kwargs, out, i=i):
+                h = out[0] if isinstance(out, tuple) else out
+                if skip is not None:
+                    x = args[0] if args else kwargs["hidden_states"]
+                    h = torch.where(skip[i].to(h.device)[:, None, None], x.to(h.dtype), h)
+                if i in want:
+                    outs[i] = h
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+
+            hooks.append(block.register_forward_hook(after, with_kwargs=True))
+        try:
+            final = self.trunk(input_ids=ids, use_cache=False).last_hidden_state
+        finally:
+            for h in hooks:
+                h.remove()
+        return {l: outs[l] for l in layers}, final
 
     def make_step(self, start: int, length: int, pad: torch.Tensor, write: torch.Tensor | None = None) -> Step:
         """Step over slots [start, start+length) for rows whose prompts were left-padded by `pad` [B]."""

