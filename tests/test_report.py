@@ -295,3 +295,42 @@ def test_reads_the_briefs_oracle_and_calibration_shapes(tmp_path):
     md = md_path.read_text()
     assert "Oracle strict bound: 1.14× in layers (layer fraction 0.880)" in md
     assert "Chosen threshold: none certified" in md
+
+
+def test_comparison_sets_backbones_side_by_side(tmp_path):
+    """Two backbones' results (the second a 24-layer Mamba-2 with its own scores and oracle): one
+    page with both oracle curves on one plot, every backbone's panels, and per task a row per
+    backbone carrying that backbone's own numbers."""
+    from meestral.report.compare import write_comparison
+
+    a = write_results(tmp_path / "smollm2")
+    rows = []
+    for r in sweep_rows():
+        r = json.loads(json.dumps(r))
+        r["config"]["backbone"] = "mamba2-smol"
+        r["key"] = json.dumps(r["config"], sort_keys=True)
+        r["value"] = round(r["value"] - 0.1, 4)
+        rows.append(r)
+    b = write_results(tmp_path / "mamba2-smol", rows=rows)
+    oracle = json.loads((b / "oracle.json").read_text())
+    oracle["num_layers"] = 24
+    oracle["sources"]["embedded"]["bound_speedup_layers"] = 1.55
+    (b / "oracle.json").write_text(json.dumps(oracle))
+    page, md = write_comparison({"smollm2": a, "mamba2-smol": b}, tmp_path)
+    check_self_contained(page, 2)
+    text = md.read_text()
+    assert "figures/compare-oracle.png" in text and "figures/compare-tradeoff.png" in text
+    arc = text[text.index("### meestral_arc_easy"):text.index("### meestral_piqa")]
+    lines = [l for l in arc.splitlines() if l.startswith("| smollm2") or l.startswith("| mamba2-smol")]
+    assert len(lines) == 2
+    assert "0.55 ±" in lines[0] and "0.45 ±" in lines[1]  # each backbone's own full score
+    assert "1.55× in layers" not in lines[0] and "1.55×" not in arc.split("| mamba2-smol")[0]
+    with pytest.raises(MeestralError, match="at least two"):
+        write_comparison({"smollm2": a}, tmp_path / "one")
+
+
+def test_tradeoff_reads_each_backbones_own_oracle():
+    src_a, src_b = {"layer_fraction": 0.8}, {"layer_fraction": 0.6}
+    oracle = {"by_backbone": {"a": {"sources": {"t": src_a}}, "b": {"sources": {"t": src_b}}}}
+    assert plots.oracle_source(oracle, "t", "a") is src_a and plots.oracle_source(oracle, "t", "b") is src_b
+    assert plots.oracle_source({"sources": {"t": src_a}}, "t", "b") is src_a  # one backbone: as before

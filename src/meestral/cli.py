@@ -192,7 +192,8 @@ def make_parser():
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="the embedded backbone at several thresholds and policies")
-    d.add_argument("--backbone", default="smollm2")
+    d.add_argument("--backbone", default="smollm2,mamba2-smol",
+                   help="one backbone or several joined by commas (default: both embedded ones, side by side)")
     d.add_argument("--device", default="cpu")
     d.add_argument("--max-new-tokens", type=int, default=40)
     d.add_argument("--report-dir", default="out/demo-report", help="where the evaluation report goes")

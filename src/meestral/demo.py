@@ -1,8 +1,10 @@
-"""`make demo` / `meestral demo`: the embedded backbone generating with early exits.
+"""`make demo` / `meestral demo`: the embedded backbones generating with early exits.
 
-Runs the same chat prompts at full depth and under several confidence measures, thresholds and
-state policies, then prints the accounting side by side, with each configuration's agreement with
-the full model's tokens. Everything is offline.
+For each backbone (by default both embedded ones: SmolLM2-135M and the Mamba-2 `mamba2-smol`),
+runs the same chat prompts at full depth and under several confidence measures, thresholds and
+state policies, prints the accounting side by side with each configuration's agreement with the
+full model's tokens, and writes its evaluation report; with two backbones or more, a comparison
+page sets them side by side (report/compare.py). Everything is offline.
 """
 
 from __future__ import annotations
@@ -107,7 +109,29 @@ def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limi
     return html
 
 
-def run_demo(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, report_dir=None) -> int:
+DEFAULT_BACKBONES = ("smollm2", "mamba2-smol")
+
+
+def run_demo(backbone=DEFAULT_BACKBONES, max_new_tokens=40, device="cpu", out=None, report_dir=None) -> int:
+    """One backbone spec or several (a list, or names joined by commas); with several and a
+    report folder, each report goes to `<report_dir>/<name>/` and the comparison to `report_dir`."""
+    specs = [s.strip() for s in backbone.split(",") if s.strip()] if isinstance(backbone, str) else list(backbone)
+    if len(specs) == 1:
+        return demo_one(specs[0], max_new_tokens, device, out, report_dir)
+    reports = {}
+    for spec in specs:
+        sub = None if report_dir is None else Path(report_dir) / spec.replace(":", "-").replace("/", "-")
+        demo_one(spec, max_new_tokens, device, out, sub)
+        reports[spec] = sub
+    if report_dir:
+        from meestral.report.compare import write_comparison
+
+        page, _ = write_comparison(reports, report_dir)
+        print(f"\ncomparison of {', '.join(specs)}: {page} (and comparison.md next to it)", file=out or sys.stdout)
+    return 0
+
+
+def demo_one(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, report_dir=None) -> int:
     out = out or sys.stdout
     print(f"loading backbone {backbone!r} ...", file=sys.stderr)
     bb = load_backbone(backbone, device=device)

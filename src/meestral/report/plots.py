@@ -128,7 +128,11 @@ def full_row(rows) -> dict | None:
     return full[-1] if full else None
 
 
-def oracle_source(oracle, task) -> dict | None:
+def oracle_source(oracle, task, backbone=None) -> dict | None:
+    """The oracle of one task. Several backbones' oracles side by side come as
+    {"by_backbone": {backbone: oracle}} (report/compare.py); then the row's backbone picks one."""
+    if oracle and "by_backbone" in oracle:
+        oracle = oracle["by_backbone"].get(backbone)
     return ((oracle or {}).get("sources") or {}).get(task)
 
 
@@ -183,7 +187,7 @@ def tradeoff(rows, oracle_data, path, x: str = "weight_bytes_ratio") -> Path:
             ax.axhline(v, ls="--", color="k", lw=1)
             ax.errorbar([num(full.get(x)) or 1.0], [v], yerr=num(full.get("stderr")), color="k", marker="*", ms=11,
                         capsize=2, label=f"full model ({v:.4g})")
-        src = oracle_source(oracle_data, prs[0]["task"])
+        src = oracle_source(oracle_data, prs[0]["task"], prs[0]["config"].get("backbone"))
         if src and num(src.get("layer_fraction")) is not None:
             lf = num(src["layer_fraction"])
             ax.axvline(lf, color="tab:red", ls=(0, (5, 3)), lw=1.2, label=f"{ORACLE_LABEL}: {lf:.2f} of layers")
