@@ -209,6 +209,7 @@ def test_curricula_and_dropout_are_functions_of_the_step():
 
 
 # ---- runs ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # tens of seconds of training: the full tier
 def test_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     kw = dict(steps=6, layer_dropout=0.3, curriculum="rotate", rotation=2, lr=3e-3)
     whole = Adapter(small(corpus, tmp_path / "a", **kw))
@@ -241,6 +242,7 @@ def _agreement(run_dir, layers):
     return [sum(v["agreement"][str(l)] for l in layers) / len(layers) for v in (vals[0], vals[-1])]
 
 
+@pytest.mark.slow  # tens of seconds of training: the full tier
 def test_a_short_adaptation_raises_early_layer_agreement(corpus, tmp_path):
     """The real thing on a tiny Transformer: 40 steps move the shallow exits' top-1 toward the
     final layer's on held-out text; the same run with the exit terms weighted 0 (only the
@@ -258,6 +260,7 @@ def test_a_short_adaptation_raises_early_layer_agreement(corpus, tmp_path):
     assert vals[-1]["heldout_ppl"] < vals[0]["heldout_ppl"] * 1.05  # the full depth stays as good
 
 
+@pytest.mark.slow  # tens of seconds of training: the full tier
 def test_cli_train_export_compare(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["adapt", "train", "--backbone", "random:mamba2", "--out", str(out), "--corpus", corpus, "--seq-len", "32",

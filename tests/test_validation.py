@@ -157,7 +157,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# lm-eval's cases load its task registry (seconds each): the full tier runs them.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("lm_eval") else n for n in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, fx, tmp_path, monkeypatch, capsys):
     argv, words = CASES[name]
     argv = [a.replace("{fx}", str(fx)) for a in argv]
@@ -170,6 +171,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, fx, tmp_path, mon
     assert tree(fx) == before
 
 
+@pytest.mark.slow
 def test_lm_eval_model_refuses_a_window_past_the_context(tmp_path, monkeypatch, capsys):
     """Inside lm-eval's own CLI the same rule holds; lm-eval's INFO lines come first, ours ends it."""
     monkeypatch.chdir(tmp_path)
@@ -227,6 +229,7 @@ def test_context_rule_at_the_limit_is_accepted(capsys):
     assert "2,049 positions" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_context_rule_has_no_limit_on_state_space_models(capsys):
     """Mamba-2 has no positional limit: a 5,000-token prompt is valid input (the rule documents it)."""
     assert main(["generate", "x" * 5000, "--backbone", "random:mamba2", "--max-new-tokens", "2", "--json"]) == 0
