@@ -206,7 +206,10 @@ def score_sequential(dec, rows) -> list[Scored]:
     whole = torch.cat([batch.ids, cont], 1)
     mask = torch.cat([torch.arange(P, device=dev)[None, :] >= batch.pad[:, None],
                       torch.ones_like(cont, dtype=torch.bool)], 1)
-    full_top = bb.model(input_ids=whole, attention_mask=mask.long()).logits[:, P - 1: P - 1 + N].argmax(-1)
+    # Through `collect` (Mamba-2: the chunked scan; HF's own torch scan is many times slower), with
+    # the LM head only at the scored positions.
+    at = torch.arange(P - 1, P - 1 + N, device=dev)
+    full_top = bb.collect(whole, [], attention_mask=mask.long(), logits_at=at)[2].argmax(-1)
     lengths = [len(x) for _, x in rows]
     for t in range(N):
         ls = logits.log_softmax(-1)
