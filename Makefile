@@ -30,8 +30,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# Two workers: the fast tier is many small independent tests (one per core here).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" -n 2
 
 bench: setup
 	$(BIN)/python benchmarks/bench_decode.py

@@ -70,3 +70,31 @@ def test_collect_equals_hf_path_with_padding(tiny):
             torch.testing.assert_close(got[0][l], ref[0][l], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got[1][l], ref[1][l], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[2], ref[2], atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_pass_through_the_chunked_scan_equals_stepping(tiny, monkeypatch):
+    """The prompt pass into an empty state (engine.prefill) goes through the chunked scan: its
+    conv windows, SSM states and last hidden states equal stepping token by token, on a
+    left-padded batch whose shortest prompt is shorter than the conv kernel."""
+    from meestral.engine import EagerEngine
+    from meestral.policies import Batch
+
+    import meestral.backbones.ssd as ssd
+
+    calls = []
+    scan = ssd.mixer_forward
+    monkeypatch.setattr(ssd, "mixer_forward", lambda *a, **k: calls.append(1) or scan(*a, **k))
+    bb = tiny("mamba2")
+    rows = [[1, 40, 50, 60, 70, 80, 90, 100, 33, 34, 35, 36, 37, 38, 39, 41, 42, 43, 44, 45], [1, 90], [1, 7, 8, 9, 10]]
+    eng = EagerEngine(bb)
+    fast, slow = Batch(bb, rows, 2), Batch(bb, rows, 2)
+    step = bb.make_step(0, fast.P, fast.pad)
+    h_fast = eng.prefill(fast.ids, fast.state, step)
+    assert len(calls) == bb.num_layers  # the prompt pass took the scan, once per block
+    h_slow, _, _ = eng.run(eng.kept, bb.embed(slow.ids), slow.state, bb.make_step(0, slow.P, slow.pad))
+    assert len(calls) == bb.num_layers  # an ordinary call steps
+    torch.testing.assert_close(h_fast[:, -1], h_slow[:, -1], atol=1e-5, rtol=1e-5)
+    for i in range(bb.num_layers):
+        torch.testing.assert_close(fast.state.conv[i], slow.state.conv[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.state.ssm[i], slow.state.ssm[i], atol=1e-5, rtol=1e-5)
+    assert float(fast.state.ssm[0].abs().sum()) > 0  # the scan really filled it

@@ -34,6 +34,9 @@ class EagerEngine:
 
     def prefill(self, ids, state, step) -> torch.Tensor:
         """Every kept block over the prompt slots: the hidden states after the last block."""
+        # The state is empty before this call: an adapter may fill it in one pass over the prompt
+        # (Mamba-2: the chunked scan) instead of stepping token by token.
+        step.memo["from_empty"] = True
         h, _, _ = self.run(self.kept, self.bb.embed(ids), state, step)
         return h
 

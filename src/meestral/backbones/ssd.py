@@ -62,9 +62,11 @@ def ssd_scan(x, a, B, C, chunk: int, initial_state=None):
     return y, state
 
 
-def mixer_forward(m, u, initial_state=None, mask=None):
+def mixer_forward(m, u, initial_state=None, mask=None, states=False):
     """HF `Mamba2Mixer` m on normed input u [b, l, d], as its torch path computes it (no cache).
-    `mask` [b, l] (1 = token, 0 = padding) zeroes padded positions where HF does."""
+    `mask` [b, l] (1 = token, 0 = padding) zeroes padded positions where HF does. With `states`,
+    also returns what a decoder keeps after the sequence: (output, conv window [b, conv_dim, K] of
+    the last K conv inputs, padding as zeros, final SSM state [b, h, p, n] float32)."""
     b, l, _ = u.shape
     if mask is not None:
         u = (u * mask[:, :, None]).to(u.dtype)
@@ -72,6 +74,10 @@ def mixer_forward(m, u, initial_state=None, mask=None):
     proj = m.in_proj(u)
     d_mlp = (proj.shape[-1] - 2 * I - 2 * g * n - H) // 2
     _, _, gate, xbc, dt = proj.split([d_mlp, d_mlp, I, cd, H], dim=-1)
+    if states:
+        K = m.conv1d.kernel_size[0]
+        raw = xbc if mask is None else xbc * mask[:, :, None].to(xbc.dtype)
+        window = F.pad(raw.transpose(1, 2), (max(0, K - l), 0))[..., -K:]
     xbc = m.act(m.conv1d(xbc.transpose(1, 2))[..., :l].transpose(1, 2))
     if mask is not None:
         xbc = (xbc * mask[:, :, None]).to(xbc.dtype)
@@ -84,7 +90,8 @@ def mixer_forward(m, u, initial_state=None, mask=None):
                         m.chunk_size, initial_state)
     y = y + m.D.float()[None, None, :, None] * x
     y = m.norm(y.reshape(b, l, I).to(u.dtype), gate)
-    return m.out_proj(y.to(u.dtype))
+    out = m.out_proj(y.to(u.dtype))
+    return (out, window, state) if states else out
 
 
 def forward_collect(model, input_ids, layers=(), mask=None, aux=False, skip=None):

@@ -132,6 +132,16 @@ class SSMBackbone(Backbone):
         m = self.blocks[i].mixer
         conv_state, ssm_state = state.conv[i], state.ssm[i]
         T = u.shape[1]
+        if self.v2 and output and T > 1 and step.memo.get("from_empty"):
+            # A prompt pass into an empty state: the chunked scan gives the outputs and the final
+            # conv window and SSM state at once (equal to stepping; tests). Stepping a long
+            # left-padded batch moves the whole SSM state through memory once per token.
+            from meestral.backbones.ssd import mixer_forward
+
+            out, window, final = mixer_forward(m, u, mask=step.write, states=True)
+            conv_state.copy_(window.to(conv_state.dtype))
+            ssm_state.copy_(final)
+            return out
         if self.v2:
             I, cd = m.intermediate_size, m.conv_dim
             if output:
