@@ -121,7 +121,8 @@ def run_demo(backbone=DEFAULT_BACKBONES, max_new_tokens=40, device="cpu", out=No
     reports = {}
     for spec in specs:
         sub = None if report_dir is None else Path(report_dir) / spec.replace(":", "-").replace("/", "-")
-        demo_one(spec, max_new_tokens, device, out, sub)
+        # Several backbones share `make demo`'s ten minutes: smaller task slices, shorter head training.
+        demo_one(spec, max_new_tokens, device, out, sub, limit=8, head_steps=24)
         reports[spec] = sub
     if report_dir:
         from meestral.report.compare import write_comparison
@@ -131,13 +132,14 @@ def run_demo(backbone=DEFAULT_BACKBONES, max_new_tokens=40, device="cpu", out=No
     return 0
 
 
-def demo_one(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, report_dir=None) -> int:
+def demo_one(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, report_dir=None, limit=16,
+             head_steps=40) -> int:
     out = out or sys.stdout
     print(f"loading backbone {backbone!r} ...", file=sys.stderr)
     bb = load_backbone(backbone, device=device)
     L = bb.num_layers
     exits = sorted({L // 4, L // 2, 3 * L // 4, L - 3} - {L - 1})
-    trained = demo_heads(backbone, bb, exits)
+    trained = demo_heads(backbone, bb, exits, steps=head_steps)
     configs = [("full depth", ExitConfig())]
     for kind, th in (("classifier", 0.7), ("softmax", 0.9), ("saturation", 0.95)):
         heads = trained if kind == "classifier" else ExitHeads(kind, exits, bb)
@@ -183,6 +185,6 @@ def demo_one(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, repo
         print(f"  [{name}, {policy}] {text.strip()[:110]!r}", file=out)
     if report_dir:
         print("\nevaluation on a small slice of lm-eval tasks (offline suite) ...", file=sys.stderr)
-        html = evaluation_report(backbone, bb, trained, report_dir)
+        html = evaluation_report(backbone, bb, trained, report_dir, limit=limit)
         print(f"\nreport: {html} (and report.md, figures/ next to it)", file=out)
     return 0
