@@ -41,7 +41,7 @@ class OffSequence:
 
     `row(upto, path)`: the state holds the request's first `upto` fed tokens, then `path` is fed
     one token at a time; returns, for the last token of `path`, (confidence at each exit point,
-    top-1 at each exit point then at full depth), as a `Table` row has them. Rows are kept, so a
+    top-1 at each exit point), as a `Table` row has them. Rows are kept, so a
     sweep over thresholds asks the model only for branches it has not seen. The backbone runs
     through the decoder's engine and adapters, so the numbers are the decoder's own.
     """
@@ -104,20 +104,39 @@ class OffSequence:
         pad = torch.zeros(1, dtype=torch.long, device=bb.device)
         step = bb.make_step(upto + len(before), 1, pad)
         h = bb.embed(torch.tensor([[token]], device=bb.device))
-        conf, top = [], []
+        conf, top = [], _Tops(bb)
         last = len(self.segments) - 1
         for j, layers in enumerate(self.segments):
             h, aux, prev = self.engine.run(layers, h, self._state, step)
-            lg = bb.logits(h[:, -1])
-            top.append(int(lg.argmax(-1)))
-            if j < last:  # the decoder's confidence call (policies.Policy.confidence)
-                c = heads.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1],
-                                     lg if heads.needs_logits else None)
-                conf.append(float(c.float()[0]))
+            if j == last:
+                break  # a branch ends at its deep pass: the full model's top-1 there is never read
+            lg = bb.logits(h[:, -1]) if heads.needs_logits else None
+            top.add(h[:, -1], lg)
+            # the decoder's confidence call (policies.Policy.confidence)
+            c = heads.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1], lg)
+            conf.append(float(c.float()[0]))
         self.model_tokens += 1
         path = before + (int(token),)
         self.rows[(upto, path)] = (conf, top)
         self._cursor = (upto, path)
+
+
+class _Tops:
+    """Top-1 token at each exit point of one branch row, through the LM head only when asked: a
+    branch reads it at the one exit point it leaves at, and the LM head can outweigh many blocks."""
+
+    def __init__(self, bb):
+        self.bb, self.hidden, self.known = bb, [], {}
+
+    def add(self, h, logits):
+        if logits is not None:  # the probe already read the LM head
+            self.known[len(self.hidden)] = int(logits.argmax(-1))
+        self.hidden.append(h.clone())
+
+    def __getitem__(self, j):
+        if j not in self.known:
+            self.known[j] = int(self.bb.logits(self.hidden[j]).argmax(-1))
+        return self.known[j]
 
 
 def replay_verify(table, config, num_layers: int, off: OffSequence | None, can_truncate: bool, eos_ids=()):
