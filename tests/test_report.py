@@ -41,8 +41,9 @@ def sweep_rows():
             row("meestral_arc_easy", 0.545, policy="copy", threshold=0.8, wb=0.6789, agreement=0.9, exit_rate=0.4,
                 ms=9.0),
             row("meestral_arc_easy", 0.552, policy="copy", threshold=0.95, wb=0.90, agreement=0.97, exit_rate=0.1),
-            row("meestral_arc_easy", 0.55, policy="verify", threshold=0.5, wb=0.95, exit_rate=0.5),
-            row("meestral_arc_easy", 0.55, policy="verify", threshold=0.9, wb=0.97, exit_rate=0.2)]
+            {**row("meestral_arc_easy", 0.55, policy="verify", threshold=0.5, wb=1.37, exit_rate=0.5),
+             "draft_acceptance": 0.4217, "rolled_back": 17},
+            row("meestral_arc_easy", 0.55, policy="verify", threshold=0.9, wb=0.97, exit_rate=0.2)]  # an old row
     for task, full in (("meestral_arc_easy", 0.55), ("meestral_piqa", 0.62)):
         if task != "meestral_arc_easy":
             rows.append(row(task, full, baseline="full"))
@@ -160,6 +161,16 @@ def test_tables_carry_the_input_values(full_report):
     # The trainer's last validation F1 of head 7.
     last = [json.loads(x) for x in (d / "train" / "log.jsonl").read_text().splitlines()][-1]
     assert f"{last['heads']['7']['f1']:.3f}" in md
+
+
+def test_verify_points_state_their_draft_acceptance(full_report):
+    _, (html_path, md_path) = full_report
+    for doc in (md_path.read_text(), html_path.read_text()):
+        arc = doc.split("meestral_arc_easy: ")[1]  # the all-points table of the task
+        assert "0.422 (17 rolled back)" in arc
+        # a row written before rejected drafts were priced is marked, not shown as a saving
+        assert "not counted (a sweep row from before rejected drafts were priced: rerun it)" in arc
+        assert "rolled back at the next deep pass" in doc  # the intro says how verify is priced
 
 
 def test_speed_ups_always_say_what_they_count(full_report):

@@ -54,8 +54,6 @@ class StepLog:
     prefill: bool = False
     wall_ms: float | None = None  # None: no decode time (teacher-forced scoring)
     verified: bool = False
-    feeds_token: bool = True  # False: a pass over the backlog alone (the final verification), charged
-    #                           to the row's previous token by `account`
 
     @classmethod
     def prefill_pass(cls, ran, prompt_len: int, num_layers: int, wall_ms=None) -> "StepLog":
@@ -71,28 +69,14 @@ def token_stats(log: StepLog, cost: "CostModel") -> TokenStats:
         return TokenStats(log.exit_layer, len(log.ran), 0, flops * log.context, nbytes, log.wall_ms, prefill=True,
                           verified=log.verified)
     flops, nbytes = cost.token(log.ran, log.propagated, log.probes, log.context, log.head_read, slots=log.slots)
-    own = len(log.ran) if log.feeds_token else 0
-    if not log.feeds_token:
-        nbytes -= cost.embed_bytes  # no new token is embedded
-    caught_up = sum(log.slots) - own if log.slots is not None else 0
+    caught_up = sum(log.slots) - len(log.ran) if log.slots is not None else 0
     return TokenStats(log.exit_layer, len(log.ran), log.probes, flops, nbytes, log.wall_ms, caught_up=caught_up,
                       deep=log.deep, verified=log.verified)
 
 
 def account(logs, cost: "CostModel") -> list[TokenStats]:
-    """One row's logs, in order, as per-token stats. A log that feeds no token is work done for
-    the tokens before it (the final verification pass): its cost is added to the previous token."""
-    out: list[TokenStats] = []
-    for log in logs:
-        st = token_stats(log, cost)
-        if log.feeds_token or not out:
-            out.append(st)
-            continue
-        last = out[-1]
-        last.flops += st.flops
-        last.weight_bytes += st.weight_bytes
-        last.caught_up += st.caught_up
-    return out
+    """One row's logs, in order, as per-token stats."""
+    return [token_stats(log, cost) for log in logs]
 
 
 @dataclass
@@ -162,8 +146,11 @@ class CostModel:
 def summarize(stats: list[TokenStats], cost: CostModel, num_layers: int, discarded=()) -> dict:
     """Means over decoded tokens (the prefill token excluded) and ratios to full depth.
 
-    Work spent on tokens that verification rolled back (`discarded`) is charged to the tokens
-    that were kept: FLOPs, bytes and time are totals over all steps divided by tokens emitted.
+    Work spent on tokens that verification rolled back (`discarded`: the rejected drafts and the
+    drafts made after them, and the deep passes that only verified a finished output's last drafts)
+    is charged to the tokens that were kept: FLOPs, bytes and time are totals over all steps divided
+    by tokens emitted. `rolled_back` counts the discarded drafts; under verify, `draft_acceptance` is
+    the share of drafts (tokens that left early) that the full model confirmed.
     Verified tokens (`verify`) were decided by a deep pass: their decision depth is every layer
     (`mean_layers_run` = L); how deep their drafts went is `draft_mean_layers_run`. Time per token
     is over the steps that have a decode time (None when none has: teacher-forced scoring).
@@ -187,7 +174,7 @@ def summarize(stats: list[TokenStats], cost: CostModel, num_layers: int, discard
         "mean_probes": mean("probes"),
         "deep_passes_per_token": sum(s.deep for s in spent) / n,
         "caught_up_per_token": total("caught_up"),
-        "rolled_back": len(discarded),
+        "rolled_back": sum(not s.deep for s in discarded),  # a verify-only deep pass emits no token
         "flops_per_token": total("flops"),
         "weight_bytes_per_token": total("weight_bytes"),
         "weight_bytes_ratio": total("weight_bytes") / cost.full_token_bytes,
@@ -196,5 +183,9 @@ def summarize(stats: list[TokenStats], cost: CostModel, num_layers: int, discard
     }
     if all(s.verified for s in dec):
         out["draft_mean_layers_run"], out["draft_layer_fraction"] = layers, layers / num_layers
+        accepted = sum(not s.deep for s in dec)  # a kept token that left early is an accepted draft
+        drafts = accepted + out["rolled_back"]
+        out["drafts_per_token"] = drafts / n
+        out["draft_acceptance"] = accepted / drafts if drafts else None
         out["mean_layers_run"], out["layer_fraction"] = float(num_layers), 1.0
     return out

@@ -8,7 +8,9 @@ Log-likelihoods are teacher-forced with per-token exits (see `scoring.py`): one 
 under `catchup` / `verify` (exact deep states) or the full model, a token-by-token pass under
 `copy` / `propagate`. Every request's accounting is kept in `self.records`; `accounting()`
 summarises it. Tables of the exact path are cached per request, so re-running the same tasks at
-other thresholds (`configure(...)`, what sweeps do) costs no model time for log-likelihoods.
+other thresholds (`configure(...)`, what sweeps do) costs no model time for log-likelihoods, except
+under `verify`: the drafts generation would make after a rejected one are run through the model
+(once per branch: the table keeps them).
 
 model_args (comma-separated, as lm-eval passes them; lists use ':'):
   backbone=smollm2  heads=DIR | head=softmax|margin|saturation|static  exits=7:15:22
@@ -249,8 +251,8 @@ class MeestralLM(TemplateLM):
                 results[i] = r
                 ctx = len(items[i][0])
                 base = full_flops(self.dec.cost, self.bb.num_layers, range(ctx + 1, ctx + len(r.stats)))
-                self.records.append({"kind": "loglikelihood", "stats": r.stats, "agree": r.agree,
-                                     "wall_s": r.wall_s, "full_flops": base})
+                self.records.append({"kind": "loglikelihood", "stats": r.stats, "discarded": r.discarded,
+                                     "agree": r.agree, "wall_s": r.wall_s, "full_flops": base})
             bar.update(len(idx))
         bar.close()
         return [(r.logprob, r.greedy) for r in results]
@@ -273,7 +275,7 @@ class MeestralLM(TemplateLM):
             for i, tab in zip(todo, build_tables(self.bb, heads, rows)):
                 tab.start = len(batch[i][0]) - 1
                 self._tables[keys[i]] = tab
-        return [decide(self._tables[k], self.dec.config, self.dec.cost, self.bb.num_layers) for k in keys]
+        return [decide(self._tables[k], self.dec.config, self.dec.cost, self.bb.num_layers, self.bb) for k in keys]
 
     def clear_cache(self):
         self._tables.clear()

@@ -12,7 +12,9 @@ is predicted by a decode step that may exit early. Three paths, one result type 
   is what makes threshold sweeps cheap. `decide` replays the catch-up schedule (backlog, forced
   deep passes at `max_backlog`) to charge each token the layers, FLOPs and weight bytes the
   decoder would spend. Under `verify` the emitted distribution is the full model's (lossless);
-  the cost is catch-up's (teacher forcing has no rejected drafts to roll back).
+  the cost is what greedy generation would pay on the sequence, rejected drafts included
+  (verify_replay.py: a draft whose top-1 is not the full model's is rolled back at the next deep
+  pass, and the drafts generation would make after it are run through the model to price them).
 - **sequential** (`copy`, `propagate`): skipped layers hold approximate states that change what
   later tokens see, so the decoder's own policy step runs token by token with the targets forced.
 - **pruned** (the layer-drop baseline): a model without some blocks is deterministic, so one
@@ -40,6 +42,8 @@ class Scored:
     stats: list[TokenStats]  # per scored token; the first comes from the full-depth prompt pass
     agree: list[bool]  # per scored token: emitted top-1 == the full model's top-1
     wall_s: float = 0.0
+    discarded: list[TokenStats] = field(default_factory=list)  # verify: work on rolled-back drafts
+    #                                  and the final flush, as the decoder's Generation.discarded
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Table:
     start: int  # tokens seen before the first scored prediction's input (its context - 1)
     wall_s: float = 0.0  # time of the pass that built it (shared across the batch by tokens)
     extra: dict = field(default_factory=dict)
+    fed: list = field(default_factory=list)  # the tokens fed (what verify's branches start from)
 
 
 def _chunks(n, size):
@@ -114,7 +119,7 @@ def build_tables(bb, heads, rows, chunk: int = 256) -> list[Table]:
                 conf[sl, j] = c.float().cpu()
                 lp[sl, j] = ls.gather(-1, target[sl, None])[:, 0].cpu()
                 top[sl, j] = ls.argmax(-1).cpu()
-        tables.append(Table(conf, lp, top, target.cpu(), len(s) - n))
+        tables.append(Table(conf, lp, top, target.cpu(), len(s) - n, fed=s))
     wall = time.perf_counter() - t0
     total = sum(len(t) for t in targets)
     for tab, tgt in zip(tables, targets):
@@ -140,19 +145,24 @@ def calibration_data(bb, heads, rows: torch.Tensor, batch: int = 8, progress: bo
     return np.concatenate(confs), np.concatenate(agrees), np.concatenate(groups)
 
 
-def decide(table: Table, config, cost, num_layers: int) -> Scored:
+def decide(table: Table, config, cost, num_layers: int, bb=None) -> Scored:
     """Score one table under an exact configuration (`catchup`, `verify`, or no exits): exits by
-    the exit rule, emitted log-probs, and what the catch-up decoder would run for each token, as
-    the decoder's own step logs (the backlog schedule of catchup.py; weights of a layer read once
-    per step for every backlog token it carries, FLOPs paid per token)."""
+    the exit rule, emitted log-probs, and what the decoder would run for each token, as the
+    decoder's own step logs (the backlog schedule of catchup.py; weights of a layer read once per
+    step for every backlog token it carries, FLOPs paid per token). `verify` with exits needs the
+    backbone `bb`: the drafts generation would make after a rejected one are not in the table."""
     L, points, verify = num_layers, config.exit_points, config.verify
     J = len(points)
     n = table.lp.shape[0]
+    lp, top, target = table.lp.tolist(), table.top.tolist(), table.target.tolist()
+    if verify and J:
+        logs, dropped = _verify_logs(table, config, L, bb)
+        return Scored(sum(r[J] for r in lp), all(top[t][J] == target[t] for t in range(n)), account(logs, cost),
+                      [True] * n, table.wall_s, [token_stats(d, cost) for d in dropped])
     first = first_exit(table.conf, config.thresholds).tolist() if J else [0] * n  # J == 0: full depth
     needs_logits = config.heads is not None and config.heads.needs_logits
     sched = BacklogSchedule(config.max_backlog)
     logs, agree, logprob, greedy = [], [], 0.0, True
-    lp, top, target = table.lp.tolist(), table.top.tolist(), table.target.tolist()
     for t in range(n):
         context = table.start + t + 1
         if t == 0:  # predicted by the prompt pass, at full depth
@@ -168,18 +178,26 @@ def decide(table: Table, config, cost, num_layers: int) -> Scored:
             sched.advance(e, L)
         log.verified = verify
         logs.append(log)
-        out = J if verify else j
-        logprob += lp[t][out]
-        greedy &= top[t][out] == target[t]
-        agree.append(top[t][out] == top[t][J])
-    if verify and len(sched) and logs:
-        # Every scored token needs the full model's distribution: drafts still waiting at the end
-        # are verified by one more deep pass over the backlog alone (generation flushes them the
-        # same way), charged to the last token.
-        slots = tuple(sum(d < i for d in sched.depths) for i in range(L))
-        logs.append(StepLog(L - 1, tuple(i for i in range(L) if slots[i]), table.start + n, slots=slots,
-                            feeds_token=False))
+        logprob += lp[t][j]
+        greedy &= top[t][j] == target[t]
+        agree.append(top[t][j] == top[t][J])
     return Scored(logprob, bool(greedy), account(logs, cost), agree, table.wall_s)
+
+
+def _verify_logs(table, config, num_layers, bb):
+    """verify_replay on the table, with the table's own store of off-sequence rows (kept across
+    thresholds, so a sweep runs each branch through the model once)."""
+    from meestral.evaluation.verify_replay import OffSequence, replay_verify
+
+    if bb is None:
+        raise ValueError("decide: verify needs the backbone (bb=...) to price the drafts it would reject")
+    off = table.extra.get("off")
+    if off is None or off.heads is not config.heads:
+        off = table.extra["off"] = OffSequence(bb, config.heads, table.fed)
+    try:
+        return replay_verify(table, config, num_layers, off, bb.can_truncate, bb.tokenizer.eos_ids)
+    finally:
+        off.release()
 
 
 @torch.no_grad()

@@ -165,7 +165,8 @@ def _errorbars(ax, pts, x, **kw):
 def tradeoff(rows, oracle_data, path, x: str = "weight_bytes_ratio") -> Path:
     """Task metric against compute, one panel per task: a line per early-exit policy (points in
     threshold order), static-exit and layer-drop baselines, the full model (dashed line + star at
-    its own x, which is 1), and the oracle's strict bound as a vertical line at its layer fraction."""
+    its own x, which is 1), and the oracle's strict bound as a vertical line at its layer fraction.
+    `verify` points are labelled with their draft acceptance rate."""
     if x not in X_AXES:
         raise MeestralError(f"unknown compute axis {x!r}: use one of {', '.join(X_AXES)}")
     label = series_labeler(rows)
@@ -174,7 +175,12 @@ def tradeoff(rows, oracle_data, path, x: str = "weight_bytes_ratio") -> Path:
     fig, axes = _grid(len(groups), 2, size=(6.5, 4.6))
     for ax, (name, prs) in zip(axes, groups.items()):
         for s, pts in series(prs, label).items():
-            _errorbars(ax, pts, x, color=colors[s], marker="o", label=text(s))
+            drawn = _errorbars(ax, pts, x, color=colors[s], marker="o", label=text(s))
+            for r in drawn or []:  # verify's price is set by how many drafts survive: say it at the point
+                acc = num(r.get("draft_acceptance"))
+                if r["config"].get("policy") == "verify" and acc is not None:
+                    ax.annotate(f"{acc:.0%} acc.", (num(r[x]), num(r["value"])), fontsize=6, xytext=(3, -8),
+                                textcoords="offset points", color=colors[s])
         for kind, (what, marker, ls) in BASELINES.items():
             pts = sorted((r for r in prs if baseline(r) == kind), key=lambda r: r["config"].get("layer") or 0)
             drawn = _errorbars(ax, pts, x, color="0.35", marker=marker, ls=ls, mfc="white", label=what)

@@ -148,13 +148,25 @@ def _cells(r, full, src, label) -> list[str]:
     return [_setting(r, label), _score(r), DASH if v is None or fv is None or r is full else f"{v - fv:+.4g}",
             _f(r.get("weight_bytes_ratio")), _f(r.get("flops_ratio")), _f(lf),
             f"{1 / lf:.2f}× in layers" if lf else DASH, _bound(src) if src else DASH,
-            _f(r.get("agreement")), _f(r.get("exit_rate")), wall]
+            _f(r.get("agreement")), _f(r.get("exit_rate")), _acceptance(r), wall]
+
+
+def _acceptance(r) -> str:
+    """verify: drafts the full model confirmed (what sets verify's cost), and how many were rolled back."""
+    if r["config"].get("policy") != "verify":
+        return DASH
+    acc = num(r.get("draft_acceptance"))
+    if acc is None:
+        if "draft_acceptance" not in r and num(r.get("exit_rate")):
+            return "not counted (a sweep row from before rejected drafts were priced: rerun it)"
+        return "no drafts"
+    return f"{acc:.3f} ({_f(r.get('rolled_back'), '.0f')} rolled back)"
 
 
 def _header(metric) -> list[str]:
     return ["", "setting", f"{metric} ± stderr", "Δ vs full", "weight bytes / full", "FLOPs / full",
             "layers run / full depth", "speed-up in layers", "oracle strict bound", "agreement with full",
-            "exit rate", "ms/token (speed-up, wall-clock)"]
+            "exit rate", "draft acceptance (verify)", "ms/token (speed-up, wall-clock)"]
 
 
 # ---- sections (each appends blocks to `doc`, figures to `figs`) ----------------------------------
@@ -168,11 +180,13 @@ def _intro(doc, res, x):
                      "at full depth — weight bytes read (what bounds batch-1 decoding), FLOPs, and layers run. "
                      "A layer ratio is not a wall-clock speed-up; wall-clock comes from the ms/token measured "
                      "in the sweep, which exists only for generation tasks (log-likelihood tasks are scored by a "
-                     "teacher-forced pass whose time is not a decoding speed). On log-likelihood tasks the tokens "
-                     "are given, so `verify` scores exactly the full model's log-likelihoods at catch-up's cost "
-                     "(deep passes shared by the backlog; no draft is ever fed back, so none is rolled back); its "
-                     "cost in free generation, rollbacks included, is measured on generation tasks and by "
-                     "`meestral bench`. The oracle (strict) bound is the fewest layers a token-identical exit could run "
+                     "teacher-forced pass whose time is not a decoding speed). `verify` scores exactly the full "
+                     "model's log-likelihoods; its cost is what greedy generation would pay on the same tokens: "
+                     "each early token is a draft, a draft whose top-1 differs from the full model's is rolled back "
+                     "at the next deep pass, and the work on it and on the drafts made after it is charged (those "
+                     "are run through the model; the count equals the decoder's, tested). Draft acceptance: the "
+                     "share of drafts the full model confirmed; each rejection costs a deep pass plus the drafts after "
+                     "it, so at a low acceptance verify reads more weight bytes than the full model. The oracle (strict) bound is the fewest layers a token-identical exit could run "
                      "(each token leaves at the first exit point from which its top-1 equals the final one and stays "
                      "so); savings beyond it cost agreement. Agreement: fraction of scored tokens whose emitted "
                      f"top-1 equals the full model's. The main figure's x axis: {plots.X_AXES[x]}."))
@@ -207,7 +221,7 @@ def _tradeoff(doc, res, figs, figdir, x):
                 continue
             b = best_within(cands, full, x)
             table.append([f"{what} within 1 point"] + (_cells(b, full, src, label) if b else
-                                                        ["none within 1 point"] + [DASH] * 10))
+                                                        ["none within 1 point"] + [DASH] * 11))
             if kind is None and b:
                 doc.append(("p", _best_sentence(b, full, src, label, metric)))
         doc.append(("table", _header(metric), table))
@@ -228,6 +242,8 @@ def _best_sentence(b, full, src, label, metric) -> str:
     if ms and fms:
         parts.append(f"measured {ms:.3g} ms/token against {fms:.3g} (a {fms / ms:.2f}× wall-clock speed-up; "
                      f"oracle strict bound {_bound(src)})")
+    if b["config"].get("policy") == "verify":
+        parts.append(f"with draft acceptance {_acceptance(b)}")
     return (f"Best early exit within 1 point: {_setting(b, label)} scores {metric} {_score(b)} with agreement "
             f"{_f(b.get('agreement'))}; it " + ", ".join(parts or ["has no compute figures"]) + ".")
 

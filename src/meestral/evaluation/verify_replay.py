@@ -1,0 +1,207 @@
+"""`verify` on a scored sequence, charged as greedy generation would pay for it.
+
+Teacher forcing feeds the targets whatever the drafts were, so a scoring pass by itself never
+rolls anything back. Generation does: under `verify` every token that leaves early is a *draft*;
+the next deep pass compares it with the full model's top-1 at its position, and at the first
+disagreement the output is cut there, the full model's token is emitted instead (charged with that
+deep pass) and everything spent on the rejected draft and on the drafts made after it is lost.
+
+`replay_verify` runs that schedule over a `Table` (scoring.py), step for step as the decoder's
+`VerifyPolicy` (catchup.py) runs it at batch 1 with greedy acceptance:
+
+- along the sequence, row i's step leaves at the exit rule's exit point (or deep: unsure, or a
+  full backlog); a draft is accepted iff its top-1 equals the full model's (the table has both);
+- a rejected draft starts a *branch*: generation feeds the wrong token and keeps drafting until a
+  deep pass (a step that does not exit, a full backlog, or the end of the output: the length
+  limit or an end-of-sequence draft). Those tokens are not in the sequence, so their exit
+  decisions come from `OffSequence`, which runs them through the backbone (full depth, exact
+  states: what catch-up gives the decoder) and remembers every row it made;
+- the branch's deep pass rejects the draft: its log goes to the corrected token; the draft's
+  log and the branch drafts' logs are `discarded`, as the decoder's are. Then the backlog is what
+  the decoder leaves: empty where states can be cut (K/V), or the accepted tokens since the
+  last verified deep pass, to be replayed from a snapshot (recurrent states);
+- when the output is complete with drafts still waiting, one forced deep pass verifies them
+  (the decoder's flush); its work is discarded too (it emits nothing).
+
+The logs are the decoder's `StepLog`s, priced by accounting.token_stats: one cost path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from meestral.accounting import StepLog
+from meestral.catchup import BacklogSchedule
+from meestral.engine import EagerEngine
+from meestral.exit_rule import first_exit
+
+
+class OffSequence:
+    """Exit-point rows for tokens a request's sequence does not hold.
+
+    `row(upto, path)`: the state holds the request's first `upto` fed tokens, then `path` is fed
+    one token at a time; returns, for the last token of `path`, (confidence at each exit point,
+    top-1 at each exit point), as a `Table` row has them. Rows are kept, so a
+    sweep over thresholds asks the model only for branches it has not seen. The backbone runs
+    through the decoder's engine and adapters, so the numbers are the decoder's own.
+    """
+
+    def __init__(self, bb, heads, fed):
+        self.bb, self.heads, self.fed = bb, heads, list(fed)
+        self.engine = EagerEngine(bb)
+        self.segments = self.engine.segments(heads.exit_points)
+        self.rows: dict = {}
+        self.model_tokens = 0  # tokens fed to the backbone (what the memo saves is visible here)
+        self._state = None
+        self._pos = 0  # fed tokens the main line of the state holds
+        self._snap = None  # snapshot of the main line at _pos (taken before a branch)
+        self._cursor = None  # (upto, path) the live state holds when it is on a branch
+
+    def row(self, upto: int, path) -> tuple[list, list]:
+        path = tuple(int(t) for t in path)
+        key = (upto, path)
+        if key not in self.rows:
+            self._compute(upto, path)
+        return self.rows[key]
+
+    def release(self) -> None:
+        """Free the state (the remembered rows stay)."""
+        self._state = self._snap = self._cursor = None
+        self._pos = 0
+
+    @torch.no_grad()
+    def _compute(self, upto, path):
+        if self._cursor is not None and self._cursor == (upto, path[:-1]):
+            self._feed(upto, path[:-1], path[-1])  # one more token on the branch it already holds
+            return
+        self._main(upto)
+        for k in range(len(path)):
+            self._feed(upto, path[:k], path[k])
+
+    def _main(self, upto):
+        """The live state holds exactly the first `upto` fed tokens, and a snapshot of them."""
+        bb = self.bb
+        pad = torch.zeros(1, dtype=torch.long, device=bb.device)
+        if self._state is None or self._pos > upto:  # a recurrent state cannot go back: start over
+            self._state = bb.new_state(1, 2 * len(self.fed) + 2)
+            self._pos, self._snap, self._cursor = 0, None, None
+        if self._cursor is not None:
+            bb.restore(self._state, self._snap)
+            self._cursor = None
+        if self._pos < upto:
+            ids = torch.tensor([self.fed[self._pos:upto]], device=bb.device)
+            self.engine.prefill(ids, self._state, bb.make_step(self._pos, upto - self._pos, pad))
+            self.model_tokens += upto - self._pos
+            self._pos = upto
+        if self._snap is None:
+            self._snap = bb.snapshot(self._state)
+        else:
+            bb.update_snapshot(self._snap, self._state)
+
+    def _feed(self, upto, before, token):
+        """Feed `token` after main[:upto] + before (the live state holds those) and keep its row."""
+        bb, heads = self.bb, self.heads
+        pad = torch.zeros(1, dtype=torch.long, device=bb.device)
+        step = bb.make_step(upto + len(before), 1, pad)
+        h = bb.embed(torch.tensor([[token]], device=bb.device))
+        conf, top = [], _Tops(bb)
+        last = len(self.segments) - 1
+        for j, layers in enumerate(self.segments):
+            h, aux, prev = self.engine.run(layers, h, self._state, step)
+            if j == last:
+                break  # a branch ends at its deep pass: the full model's top-1 there is never read
+            lg = bb.logits(h[:, -1]) if heads.needs_logits else None
+            top.add(h[:, -1], lg)
+            # the decoder's confidence call (policies.Policy.confidence)
+            c = heads.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1], lg)
+            conf.append(float(c.float()[0]))
+        self.model_tokens += 1
+        path = before + (int(token),)
+        self.rows[(upto, path)] = (conf, top)
+        self._cursor = (upto, path)
+
+
+class _Tops:
+    """Top-1 token at each exit point of one branch row, through the LM head only when asked: a
+    branch reads it at the one exit point it leaves at, and the LM head can outweigh many blocks."""
+
+    def __init__(self, bb):
+        self.bb, self.hidden, self.known = bb, [], {}
+
+    def add(self, h, logits):
+        if logits is not None:  # the probe already read the LM head
+            self.known[len(self.hidden)] = int(logits.argmax(-1))
+        self.hidden.append(h.clone())
+
+    def __getitem__(self, j):
+        if j not in self.known:
+            self.known[j] = int(self.bb.logits(self.hidden[j]).argmax(-1))
+        return self.known[j]
+
+
+def replay_verify(table, config, num_layers: int, off: OffSequence | None, can_truncate: bool, eos_ids=()):
+    """The step logs greedy `verify` generation spends on the table's sequence: (logs of the kept
+    tokens, one per scored token; discarded logs: rolled-back drafts and the final flush)."""
+    L, points = num_layers, config.exit_points
+    J = len(points)
+    n = table.lp.shape[0]
+    thresholds = list(config.thresholds)
+    first = first_exit(table.conf, thresholds).tolist() if J else [J] * n
+    top = table.top.tolist()
+    needs_logits = config.heads is not None and config.heads.needs_logits
+    sched = BacklogSchedule(config.max_backlog)
+    start = table.start  # row i's step feeds the token at position start + i and predicts the next
+
+    def step_log(e, j, forced, pos):
+        return StepLog(e, tuple(range(e + 1)), pos + 1, slots=sched.slots(e, L),
+                       probes=0 if forced else (J if j == J else j + 1),
+                       head_read=not (j < J and needs_logits), deep=j == J, verified=True)
+
+    def run_step(j, forced, pos):
+        e = L - 1 if j == J else points[j]
+        log = step_log(e, j, forced, pos)
+        sched.advance(e, L)
+        return log
+
+    kept = [StepLog.prefill_pass(range(L), start + 1, L)]
+    kept[0].verified = True
+    discarded = []
+    pending = False  # drafts wait for a deep pass
+    snap_upto = start + 1  # recurrent states: first position the last verified snapshot lacks
+    for i in range(1, n):
+        pos = start + i
+        forced = sched.full
+        j = J if forced else first[i]
+        log = run_step(j, forced, pos)
+        if j == J:  # a deep pass: the drafts along the sequence all agree (else we branched)
+            kept.append(log)
+            pending = False
+            snap_upto = pos + 1
+            continue
+        if top[i][j] == top[i][J]:
+            kept.append(log)
+            pending = True
+            continue
+        # Row i's draft is wrong: generation drafts on from it until a deep pass rejects it.
+        discarded.append(log)
+        path = [top[i][j]]
+        while True:
+            bpos = pos + len(path)
+            ends = i + len(path) >= n or path[-1] in eos_ids  # the output is complete: flush
+            bforced = sched.full or ends
+            bj = J
+            if not bforced:
+                conf, btop = off.row(pos + 1, path)
+                bj = int(first_exit(torch.tensor([conf]), thresholds)[0])
+            blog = run_step(bj, bforced, bpos)
+            if bj == J:
+                kept.append(blog)  # the deep pass emits the full model's token in the draft's place
+                break
+            discarded.append(blog)
+            path.append(btop[bj])
+        pending = False
+        if not can_truncate:  # restored from the snapshot: accepted tokens since are replayed
+            sched.replay(pos + 1 - snap_upto)
+    if pending:  # the decoder's flush: one forced deep pass over the last drafts, all accepted
+        discarded.append(run_step(J, True, start + n))
+    return kept, discarded
