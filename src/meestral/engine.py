@@ -34,9 +34,10 @@ class EagerEngine:
 
     def prefill(self, ids, state, step) -> torch.Tensor:
         """Every kept block over the prompt slots: the hidden states after the last block."""
-        # The state is empty before this call: an adapter may fill it in one pass over the prompt
-        # (Mamba-2: the chunked scan) instead of stepping token by token.
-        step.memo["from_empty"] = True
+        # From slot 0 the state is empty before this call: an adapter may fill it in one pass over
+        # the prompt (Mamba-2: the chunked scan) instead of stepping token by token. (A prefill
+        # may also continue a state from a later slot: verify's replay does.)
+        step.memo["from_empty"] = step.start == 0
         h, _, _ = self.run(self.kept, self.bb.embed(ids), state, step)
         return h
 
