@@ -39,7 +39,7 @@ def write_comparison(reports: dict, out, title: str = "MEEstral demo: the embedd
     try:
         doc, figs = [], {}
         doc.append(("p", "Each backbone has its own full report next to this page (" +
-                    ", ".join(f"`{Path(d).name}/report.html`" for d in reports.values()) +
+                    ", ".join(f"`{Path(d).name}/report.html` / `.md`" for d in reports.values()) +
                     "). Compute is per emitted token relative to the same backbone at full depth; a layer ratio "
                     "is not a wall-clock speed-up. Scores carry their standard error: on small task slices most "
                     "differences between settings are within it."))
