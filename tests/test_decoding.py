@@ -13,7 +13,7 @@ ARCHS = ["mistral", "llama", "mamba2", "mamba"]
 
 
 def hf_greedy(bb, ids, n):
-    out = bb.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+    out = bb.model.generate(torch.tensor([ids], device=bb.device), max_new_tokens=n, do_sample=False, min_new_tokens=n,
                             pad_token_id=0, eos_token_id=None)
     return out[0, len(ids):].tolist()
 

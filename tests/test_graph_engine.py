@@ -19,6 +19,23 @@ from meestral.heads import ExitHeads
 PROMPTS = [[1, 40, 50, 60, 70, 80], [1, 90, 33], [1, 7, 8, 9, 10, 11, 12, 13, 14]]
 
 
+def layer_states(bb, state):
+    """Copies of every layer's state tensors (an `inspect` callback's view is live)."""
+    return [[x.clone() for x in bb.layer_tensors(state, i)] for i in range(bb.num_layers)]
+
+
+def assert_states_equal(bb, eager, graph, tol):
+    """Layer by layer; the graph engine's K/V buffers are longer (capacity rounded up)."""
+    for i in range(bb.num_layers):
+        for x, y in zip(eager[i], graph[i]):
+            if bb.family == "transformer":
+                y = y[..., : x.shape[-2], :] if x.dim() == 4 else y[..., : x.shape[-1]]
+            if x.dtype == torch.bool:
+                assert torch.equal(x, y), f"layer {i}"
+            else:
+                torch.testing.assert_close(x, y, atol=tol, rtol=tol)
+
+
 def _decoders(bb, policy, threshold, exit_output="hidden", device_engine="graph"):
     L = bb.num_layers
     heads = ExitHeads("softmax", [L // 3, 2 * L // 3], bb)
@@ -54,18 +71,11 @@ def test_graph_engine_through_last_layer_and_final_state(tiny, shape):
         seen = {}
         for name, dec in (("eager", eager), ("graph", graph)):
             def keep(view, name=name):
-                seen[name] = [[x.clone() for x in bb.layer_tensors(view.state, i)] for i in range(bb.num_layers)]
+                seen[name] = layer_states(bb, view.state)
             gens = dec.generate(PROMPTS, SamplingOptions(max_new_tokens=8), inspect=keep)
             seen[name + "_tokens"] = [g.token_ids for g in gens]
         assert seen["eager_tokens"] == seen["graph_tokens"]
-        for i in range(bb.num_layers):  # the graph engine's state is larger (capacity rounded up)
-            for x, y in zip(seen["eager"][i], seen["graph"][i]):
-                if bb.family == "transformer":
-                    y = y[..., : x.shape[-2], :] if x.dim() == 4 else y[..., : x.shape[-1]]
-                if x.dtype == torch.bool:
-                    assert torch.equal(x, y)
-                else:
-                    torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        assert_states_equal(bb, seen["eager"], seen["graph"], 1e-5)
 
 
 @pytest.mark.parametrize("shape", ["mistral", "mistral-sw", "llama"])
@@ -141,6 +151,7 @@ def test_cuda_graphs_verify_equals_full_and_hf_greedy(shape, threshold):
     """On CUDA, with real graph capture: verify (random heads) is token-identical to our full
     depth and to HF greedy generate, batch 1 and 3; catch-up and copy match the eager engine."""
     from meestral.backbones.loading import random_backbone
+    from test_decoding import hf_greedy
 
     bb = random_backbone(shape, device="cuda")
     L = bb.num_layers
@@ -152,18 +163,12 @@ def test_cuda_graphs_verify_equals_full_and_hf_greedy(shape, threshold):
         got = EarlyExitDecoder(bb, heads, threshold, policy="verify", max_backlog=4, engine="graph").generate(prompts, opts)
         assert [g.token_ids for g in got] == ref
         for p, r in zip(prompts, ref):
-            assert hf_greedy_cuda(bb, p, 12) == r
+            assert hf_greedy(bb, p, 12) == r
         for policy in ("copy", "catchup"):
             eager, graph = (EarlyExitDecoder(bb, heads, threshold, policy=policy, max_backlog=4, engine=e)
                             for e in ("eager", "graph"))
             assert [g.token_ids for g in graph.generate(prompts, opts)] == [g.token_ids for g in eager.generate(prompts, opts)]
         assert full.engine.capture and all(c.graph is not None for c in full.engine.calls.values())
-
-
-def hf_greedy_cuda(bb, ids, n):
-    out = bb.model.generate(torch.tensor([ids], device=bb.device), max_new_tokens=n, do_sample=False,
-                            min_new_tokens=n, pad_token_id=0, eos_token_id=None)
-    return out[0, len(ids):].tolist()
 
 
 @pytest.mark.cuda
@@ -180,17 +185,10 @@ def test_cuda_catchup_states_equal_full_model(shape):
     states = {}
     for e in ("eager", "graph"):
         def keep(view, e=e):
-            states[e] = [[x.clone() for x in bb.layer_tensors(view.state, i)] for i in range(L)]
+            states[e] = layer_states(bb, view.state)
         EarlyExitDecoder(bb, heads, 0.05, policy="catchup", max_backlog=4, engine=e).generate(
             PROMPTS, SamplingOptions(max_new_tokens=10), inspect=keep)
-    for i in range(L):
-        for x, y in zip(states["eager"][i], states["graph"][i]):
-            if bb.family == "transformer":
-                y = y[..., : x.shape[-2], :] if x.dim() == 4 else y[..., : x.shape[-1]]
-            if x.dtype == torch.bool:
-                assert torch.equal(x, y)
-            else:
-                torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    assert_states_equal(bb, states["eager"], states["graph"], 1e-4)
 
 
 @pytest.mark.parametrize("shape", ["mistral", "llama"])
