@@ -18,10 +18,9 @@ import tempfile
 from pathlib import Path
 
 from meestral.errors import MeestralError
-from meestral.files import atomic_write
 from meestral.report import plots
 from meestral.report.plots import baseline, num
-from meestral.report.render import _bound, _f, _html, _markdown, _score, _setting, best_within, load_results
+from meestral.report.render import _bound, _f, _score, _setting, best_within, load_results, write_pages
 
 
 def _backbone(res) -> str:
@@ -34,7 +33,6 @@ def write_comparison(reports: dict, out, title: str = "MEEstral demo: the embedd
         raise MeestralError("a comparison needs the reports of at least two backbones")
     res = {name: load_results(d) for name, d in reports.items()}
     out = Path(out).expanduser()
-    figdir = out / "figures"
     drafts = Path(tempfile.mkdtemp(prefix="meestral-compare-"))
     try:
         doc, figs = [], {}
@@ -84,12 +82,7 @@ def write_comparison(reports: dict, out, title: str = "MEEstral demo: the embedd
             doc.append(("table", ["backbone", "layers", f"full model {metric}", "oracle strict bound",
                                   "best early exit within 1 point", metric, "weight bytes / full",
                                   "layers run / full", "agreement with full"], table))
-        page_text = _html(doc, title, figs)
-        figdir.mkdir(parents=True, exist_ok=True)
-        for k, v in figs.items():
-            figs[k] = atomic_write(figdir / Path(v).name, lambda t, v=v: shutil.copyfile(v, t))
-        md = atomic_write(out / "comparison.md", lambda t: t.write_text(_markdown(doc, title, figs, out), encoding="utf-8"))
-        page = atomic_write(out / "comparison.html", lambda t: t.write_text(page_text, encoding="utf-8"))
+        page, md = write_pages(out, "comparison", doc, title, figs)
     finally:
         shutil.rmtree(drafts, ignore_errors=True)
     return page, md

@@ -424,6 +424,22 @@ def _html(doc, title, figs) -> str:
     return "".join(parts)
 
 
+def write_pages(out: Path, stem: str, doc, title: str, figs: dict) -> tuple[Path, Path]:
+    """The drafted figures into `<out>/figures/`, then `<out>/<stem>.md` and `<out>/<stem>.html`,
+    each written whole or not at all. `figs` (name -> draft path) is updated to the final paths."""
+    page_text = _html(doc, title, {k: Path(v) for k, v in figs.items()})
+    figdir = out / "figures"
+    try:
+        figdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MeestralError(f"cannot write the report to {out} ({e.strerror}): choose another output folder") from None
+    for k, v in figs.items():
+        figs[k] = atomic_write(figdir / Path(v).name, lambda t, v=v: shutil.copyfile(v, t))
+    md = atomic_write(out / f"{stem}.md", lambda t: t.write_text(_markdown(doc, title, figs, out), encoding="utf-8"))
+    page = atomic_write(out / f"{stem}.html", lambda t: t.write_text(page_text, encoding="utf-8"))
+    return page, md
+
+
 def write_report(results_dir, out_dir=None, title: str = "MEEstral early-exit report",
                  x: str = "weight_bytes_ratio") -> tuple[Path, Path]:
     """Figures into `<out>/figures/*.png`, then `<out>/report.html` and `<out>/report.md`
@@ -453,15 +469,7 @@ def write_report(results_dir, out_dir=None, title: str = "MEEstral early-exit re
                 raise MeestralError(f"{inputs} in {res['dir']} {'does' if one else 'do'} not hold what MEEstral writes "
                                     f"({type(e).__name__}: {str(e)[:120]}): rerun the command that wrote "
                                     f"{'it, or remove the file' if one else 'them'}") from None
-        page_text = _html(doc, title, {k: Path(v) for k, v in figs.items()})
-        try:
-            figdir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise MeestralError(f"cannot write the report to {out} ({e.strerror}): choose another output folder") from None
-        for k, v in figs.items():
-            figs[k] = atomic_write(figdir / Path(v).name, lambda t, v=v: shutil.copyfile(v, t))
-        md = atomic_write(out / "report.md", lambda t: t.write_text(_markdown(doc, title, figs, out), encoding="utf-8"))
-        page = atomic_write(out / "report.html", lambda t: t.write_text(page_text, encoding="utf-8"))
+        page, md = write_pages(out, "report", doc, title, figs)
     finally:
         shutil.rmtree(drafts, ignore_errors=True)
     for name in FIGURES:  # a figure of an earlier report whose input is gone would mislead
