@@ -275,18 +275,10 @@ class Adapter:
         self.log = AdaptLog(self.out, self.step if state is not None else None)
 
     def _previous_state(self):
-        ckpt, cfg = self.out / CHECKPOINT, self.cfg
-        if not cfg.resume:
-            if ckpt.exists():
-                raise MeestralError(f"{self.out} holds a previous run: pass --resume to continue it or choose another --out")
-            return None
-        if not ckpt.exists():
-            print(f"meestral: no checkpoint in {self.out}: starting from the beginning", file=sys.stderr)
-            return None
-        try:
-            return torch.load(ckpt, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise MeestralError(f"{ckpt} is corrupted ({type(e).__name__}): delete it to start over") from None
+        from meestral.training import previous_checkpoint
+
+        # weights_only=False: as saved by _save_checkpoint (optimizer and scheduler state, config).
+        return previous_checkpoint(self.out, self.out / CHECKPOINT, self.cfg.resume, weights_only=False)
 
     def _averaged(self, on: bool):
         from meestral.training import _averaged

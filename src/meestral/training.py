@@ -322,6 +322,24 @@ def _averaged(opt, on: bool):
 
 
 # ---- files -------------------------------------------------------------------------------------
+def previous_checkpoint(out: Path, ckpt: Path, resume: bool, *also: Path, announce: bool = True,
+                        weights_only: bool = True) -> dict | None:
+    """The checkpoint a run resumes from, or None to start afresh. An earlier run in `out` (its
+    checkpoint, or any of `also`) is never overwritten unless resumed; a corrupt one says so."""
+    if not resume:
+        if ckpt.exists() or any(p.exists() for p in also):
+            raise MeestralError(f"{out} holds a previous run: pass --resume to continue it or choose another --out")
+        return None
+    if not ckpt.exists():
+        if announce:
+            print(f"meestral: no checkpoint in {out}: starting from the beginning", file=sys.stderr)
+        return None
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=weights_only)
+    except Exception as e:
+        raise MeestralError(f"{ckpt} is corrupted ({type(e).__name__}): delete it to start over") from None
+
+
 class RunLog:
     """JSONL records (+ TensorBoard when importable) and the training-curve PNG; rank 0 only."""
 
@@ -470,20 +488,8 @@ class Trainer:
         self.log = RunLog(self.out, self.step) if self.dist.main else None
 
     def _previous_state(self) -> dict | None:
-        """The checkpoint to resume from, or None; an earlier run is never overwritten unasked."""
-        ckpt, cfg = self.out / CHECKPOINT, self.cfg
-        if not cfg.resume:
-            if ckpt.exists() or (self.out / "heads").exists():
-                raise MeestralError(f"{self.out} holds a previous run: pass --resume to continue it or choose another --out")
-            return None
-        if not ckpt.exists():
-            if self.dist.main:
-                print(f"meestral: no checkpoint in {self.out}: starting from the beginning", file=sys.stderr)
-            return None
-        try:
-            return torch.load(ckpt, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise MeestralError(f"{ckpt} is corrupted ({type(e).__name__}): delete it to start over") from None
+        return previous_checkpoint(self.out, self.out / CHECKPOINT, self.cfg.resume, self.out / "heads",
+                                   announce=self.dist.main)
 
     def _build_heads(self):
         from meestral.backbones.loading import load_backbone
