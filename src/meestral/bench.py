@@ -18,6 +18,7 @@ take minutes to compile: ask for them where the time is there.
 
 from __future__ import annotations
 
+import inspect
 import json
 import platform
 import statistics
@@ -102,55 +103,84 @@ def _hf_generate_ms(bb, ids, tokens, repeats, **generate_kw):
     return statistics.median(statistics.mean(s) for s in steps[1:])
 
 
-@torch.no_grad()
+def _cache_kw(model) -> str:
+    """The cache keyword HF's forward declares in this version (renamed during 5.x)."""
+    params = inspect.signature(type(model).forward).parameters
+    return next(k for k in ("cache", "cache_params", "past_key_values") if k in params)
+
+
+class HFStepper:
+    """Greedy decode through HF's own modules, one token per step, the step compiled with
+    mode="reduce-overhead" (CUDA graphs + fused kernels): the gpt-fast recipe. Transformers use
+    one `StaticCache`, reset between runs so that compiled code and graphs are reused; Mamba
+    models use the cache their own prompt pass returns (HF's recurrent cache is fixed-size)."""
+
+    def __init__(self, bb, max_len: int, compile_step: bool = True):
+        self.bb, self.model = bb, bb.model
+        self.kw = _cache_kw(self.model)
+        self.static = None
+        if bb.family == "transformer":
+            from transformers import StaticCache
+
+            self.static = StaticCache(config=self.model.config, max_cache_len=max_len)
+
+        def step(tok, pos, cache):
+            return self.model(input_ids=tok, cache_position=pos, position_ids=pos[None], use_cache=True,
+                              **{self.kw: cache}).logits[:, -1]
+
+        self.step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile_step else step
+
+    @torch.no_grad()
+    def generate(self, ids, tokens, times=None) -> list[int]:
+        dev, P = self.bb.device, len(ids)
+        x = torch.tensor([ids], device=dev)
+        if self.static is not None:
+            self.static.reset()
+            cache = self.static
+            out = self.model(input_ids=x, cache_position=torch.arange(P, device=dev), use_cache=True, **{self.kw: cache})
+        else:
+            out = self.model(input_ids=x, use_cache=True)
+            cache = getattr(out, "cache_params", None) or out.past_key_values
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        new = [tok]
+        for t in range(P, P + tokens - 1):
+            tok = self.step(tok, torch.tensor([t], device=dev), cache).argmax(-1, keepdim=True).clone()
+            new.append(tok)
+            if times is not None:
+                _sync(dev)
+                times.append(time.perf_counter())
+        return torch.cat(new, 1)[0].tolist()
+
+
 def hf_static_step_tokens(bb, ids, tokens, compile_step=True, times=None):
-    """Greedy decode through HF's modules with a `StaticCache`, one token per step, the step
-    compiled with mode="reduce-overhead" (CUDA graphs + fused kernels). Returns the new tokens;
-    `times` (a list) receives a stamp per step."""
-    from transformers import StaticCache
-
-    import inspect
-
-    model, dev = bb.model, bb.device
-    P = len(ids)
-    cache = StaticCache(config=model.config, max_cache_len=P + tokens)
-    # The cache keyword's name changed during 5.x (past_key_values -> cache): use the declared one.
-    kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    x = torch.tensor([ids], device=dev)
-    logits = model(input_ids=x, cache_position=torch.arange(P, device=dev), use_cache=True, **{kw: cache}).logits[:, -1]
-
-    def step(tok, pos):
-        return model(input_ids=tok, cache_position=pos, position_ids=pos[None], use_cache=True, **{kw: cache}).logits[:, -1]
-
-    fn = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile_step else step
-    tok = logits.argmax(-1, keepdim=True)
-    out = [tok]
-    for t in range(P, P + tokens - 1):
-        tok = fn(tok, torch.tensor([t], device=dev)).argmax(-1, keepdim=True).clone()
-        out.append(tok)
-        if times is not None:
-            _sync(dev)
-            times.append(time.perf_counter())
-    return torch.cat(out, 1)[0].tolist()
+    """The new tokens of one HFStepper run (see there)."""
+    return HFStepper(bb, len(ids) + tokens, compile_step).generate(ids, tokens, times)
 
 
-def _hf_compiled_ms(bb, ids, tokens, repeats):
+# The compiled peer's first steps warm up and record its CUDA graphs: left out of its mean.
+PEER_WARM_STEPS = 3
+
+
+def _hf_compiled_ms(bb, ids, tokens, repeats, keep=None):
+    stepper = HFStepper(bb, len(ids) + tokens)
+    if keep is not None:
+        keep["hf-compiled"] = stepper  # a profile then reuses its compiled step and graphs
     runs = []
     for _ in range(repeats + 1):  # the first run compiles and captures
         times = []
-        hf_static_step_tokens(bb, ids, tokens, times=times)
-        runs.append([(b - a) * 1000 for a, b in zip(times, times[1:])])
+        stepper.generate(ids, tokens, times=times)
+        runs.append([(b - a) * 1000 for a, b in zip(times, times[1:])][PEER_WARM_STEPS:])
     return statistics.median(statistics.mean(s) for s in runs[1:])
 
 
-def _peer_ms(name, bb, ids, tokens, repeats):
+def _peer_ms(name, bb, ids, tokens, repeats, keep=None):
     try:
         if name == "hf":
             return _hf_generate_ms(bb, ids, tokens, repeats)
         if name == "hf-static":
             return _hf_generate_ms(bb, ids, tokens, repeats, cache_implementation="static")
         if name == "hf-compiled":
-            return _hf_compiled_ms(bb, ids, tokens, repeats)
+            return _hf_compiled_ms(bb, ids, tokens, repeats, keep)
     except Exception as e:  # a peer that cannot run this backbone is reported, not fatal
         print(f"peer {name} skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return None
@@ -158,7 +188,10 @@ def _peer_ms(name, bb, ids, tokens, repeats):
 
 
 def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None,
-              max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",)):
+              max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",), profile=None):
+    """Rows of JSON per case (see the module's docstring). `profile` (a path): also profile one
+    generation of our full depth, the first exit layer's copy and catchup rows and the compiled
+    peer (when run), and write their kernel tables there (kernel_profile.py)."""
     out = out or sys.stdout  # resolved per call, so redirections made after import are honoured
     bb = load_backbone(backbone, dtype=dtype, device=device)
     L = bb.num_layers
@@ -177,7 +210,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         for i, (_, _, dec) in enumerate(decs):
             # dec.summary charges the work on rolled-back (verify) tokens to the kept ones.
             runs[i].append(dec.summary(dec.generate([ids], opts)[0]))
-    peer_ms = {p: _peer_ms(p, bb, ids, tokens, repeats) for p in peers}
+    steppers: dict = {}
+    peer_ms = {p: _peer_ms(p, bb, ids, tokens, repeats, steppers) for p in peers}
     gbps = copy_gbps(bb.device)
     rows = []
     for i, (name, policy, dec) in enumerate(decs):
@@ -210,6 +244,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         r["torch"] = torch.__version__
         r["date"] = time.strftime("%Y-%m-%d")
         print(json.dumps(r), file=out, flush=True)
+    if profile:
+        _write_profiles(profile, bb, ids, tokens, opts, decs, steppers)
     print(f"\n{'case':<12} {'policy':<10} {'engine':<12} {'layers':>7} {'deep':>5} {'tok/s':>8} {'vs full':>8} "
           f"{'vs peer':>8} {'GB/s':>7} {'bytes':>6}", file=sys.stderr)
     for r in rows:
@@ -218,3 +254,22 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
               f"{r['deep_passes_per_token']:>5.2f} {r['tokens_per_s']:>8.1f} {r['speedup_vs_full']:>7.2f}x {vp:>8} "
               f"{r['weight_gbps']:>7.1f} {r['weight_bytes_ratio']:>5.2f}x", file=sys.stderr)
     return rows
+
+
+def _write_profiles(path, bb, ids, tokens, opts, decs, steppers):
+    from meestral.files import write_json
+    from meestral.kernel_profile import format_table, kernel_table
+
+    first_exit = next((n for n, _, _ in decs if n.startswith("exit@")), None)
+    tables = {}
+    for name, policy, dec in decs:
+        label = f"{name} {policy} ({type(dec.engine).__name__})"
+        if (name == "full" and dec is decs[0][2]) or (name == first_exit and policy in ("copy", "catchup")):
+            tables[label] = kernel_table(lambda dec=dec: dec.generate([ids], opts), bb.device, per=tokens)
+    if "hf-compiled" in steppers:
+        tables["hf_compiled_step"] = kernel_table(lambda: steppers["hf-compiled"].generate(ids, tokens), bb.device,
+                                                  per=tokens)
+    write_json(path, {"backbone": bb.name, "device": str(bb.device), "dtype": str(bb.dtype), "tokens": tokens,
+                      "prompt_tokens": len(ids), "tables": tables}, indent=1)
+    for label, t in tables.items():
+        print(format_table(label, t), file=sys.stderr)

@@ -146,7 +146,8 @@ def cmd_bench(args):
             raise MeestralError(f"{option}: unknown {', '.join(bad)}; use some of {', '.join(known)}")
     run_bench(args.backbone, exits=args.exits, tokens=args.tokens, device=args.device, dtype=args.dtype,
               repeats=args.repeats, max_backlog=args.max_backlog, prompt_tokens=args.prompt_tokens,
-              engine=args.engine, policies=tuple(args.policies or POLICIES), peers=tuple(args.peers or ("hf",)))
+              engine=args.engine, policies=tuple(args.policies or POLICIES), peers=tuple(args.peers or ("hf",)),
+              profile=args.profile)
     return 0
 
 
@@ -209,6 +210,7 @@ def make_parser():
     b.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (default: one sentence)")
     b.add_argument("--policies", type=names, help="policies of the forced-exit rows (default: all four)")
     b.add_argument("--peers", type=names, help="full-depth peers: hf (default), hf-static, hf-compiled")
+    b.add_argument("--profile", help="also write kernel tables (where device time goes) to this JSON file")
     add_engine_arg(b)
     b.set_defaults(func=cmd_bench)
 

@@ -91,9 +91,15 @@ class CapturedCall:
 class GraphEngine(EagerEngine):
     """EagerEngine's interface and results, each decode call captured once per shape."""
 
-    def __init__(self, backbone, skip=frozenset(), capture: bool | None = None, min_keys: int = 64):
+    def __init__(self, backbone, skip=frozenset(), capture: bool | None = None, min_keys: int = 64,
+                 compile: bool | None = None):
         super().__init__(backbone, skip)
         self.capture = (backbone.device.type == "cuda") if capture is None else capture
+        # Inside a graph the launches are free but each kernel still costs its few microseconds
+        # and its own pass over memory: compiling the per-layer functions fuses the ~50 small
+        # kernels of a block into a handful (benchmarks/NOTES.md). Compiled on the first call of
+        # each shape, before its capture.
+        backbone.compile_fixed = self.capture if compile is None else compile
         self.min_keys = min_keys
         self.states: dict = {}  # (batch size, capacity) -> the state every such generation reuses
         self.calls: dict = {}  # shape key -> CapturedCall

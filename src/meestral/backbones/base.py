@@ -85,6 +85,28 @@ def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None) 
         dst.index_copy_(0, rows, src.index_select(0, rows))
 
 
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """torch.compile(fn), made once per function and shared by every backbone and layer.
+
+    The recompile limit is raised because a decode meets a few shapes per function (window
+    lengths 1..max_backlog+1, a few attention key ranges, batch sizes): past the default limit
+    dynamo would silently fall back to eager code."""
+    if fn not in _COMPILED:
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 64))
+        if hasattr(cfg, "accumulated_cache_size_limit"):
+            cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 512)
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+    return _COMPILED[fn]
+
+
 @dataclass
 class LayerCost:
     """Static cost of one block for one token (context-dependent attention work excluded)."""
@@ -201,6 +223,19 @@ class Backbone(ABC):
 
     def fill_propagate_fixed(self, i: int, h: torch.Tensor, state, step: Step, keys: int | None, ctx=None) -> None:
         self.fill_propagate(i, h, state, step)
+
+    # Set by the graph engine on CUDA (GraphEngine(compile=...)): the fixed path's per-layer
+    # functions then run through torch.compile. Each is a pure function of tensors with the
+    # layer's weights passed as arguments, so one compilation serves every layer of a shape and
+    # inductor fuses the elementwise work between the matmuls (norms, rotary, masks, softmax,
+    # gates, the recurrent update) into a few kernels; the graph engine then captures them.
+    compile_fixed: bool = False
+
+    def fixed_kernel(self, fn):
+        """`fn`, or its compiled version when `compile_fixed` is set (compiled once per function)."""
+        if not self.compile_fixed:
+            return fn
+        return compiled(fn)
 
     def state_keys(self, state) -> int | None:
         """Slots a fixed-shape attention call could read (None: the state has no slots)."""

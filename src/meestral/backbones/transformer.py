@@ -52,6 +52,81 @@ class _SlotCache:
         return self.state.k[layer_idx][:, :, :end], self.state.v[layer_idx][:, :, :end]
 
 
+def _rms(x, w, eps):
+    """HF's Llama/Mistral RMSNorm, op for op (float32 variance, scale in the input dtype)."""
+    dt = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x.to(dt)
+
+
+def _rotate(x, cos, sin):
+    """HF's apply_rotary_pos_emb for one tensor [B, H, T, D] (cos/sin [B, T, D])."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+def _write_kv(kbuf, vbuf, valid, k, v, slots, write):
+    """K/V [B, Hkv, T, D] into the slot buffers at `slots` for the written (row, slot) pairs."""
+    w = write[:, None, :, None]
+    kbuf.index_copy_(2, slots, torch.where(w, k.to(kbuf.dtype), kbuf.index_select(2, slots)))
+    vbuf.index_copy_(2, slots, torch.where(w, v.to(vbuf.dtype), vbuf.index_select(2, slots)))
+    valid.index_copy_(1, slots, valid.index_select(1, slots) | write)
+
+
+def _decoder_fixed(h, ln1, w_qkv, w_o, ln2, w_gu, w_down, kbuf, vbuf, valid, slots, write, shown, causal, own,
+                   cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int, scaling: float):
+    """One Mistral/Llama decoder layer (SiLU MLP, no biases) over the first `keys` cache slots
+    (keys = causal.shape[-1]), as a pure function of tensors: the graph engine compiles it once
+    for every layer of a shape, and inductor fuses what lies between the four matmuls.
+
+    q/k/v come from one matmul over the concatenated projections, gate/up from another (the
+    backbone's weights are views into those concatenations: no copy). Attention is grouped (each
+    K/V head read once for its G query heads) with the mask made here from the layer's validity
+    before its write, softmax in float32 as HF's eager attention."""
+    B, T, _ = h.shape
+    D, G = head_dim, n_heads // n_kv
+    keys = causal.shape[-1]
+    x = _rms(h, ln1, eps)
+    q, k, v = torch.nn.functional.linear(x, w_qkv).split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
+    q = _rotate(q.view(B, T, n_heads, D).transpose(1, 2), cos, sin)
+    k = _rotate(k.view(B, T, n_kv, D).transpose(1, 2), cos, sin)
+    v = v.view(B, T, n_kv, D).transpose(1, 2)
+    allowed = ((valid[:, :keys] | shown)[:, None, :] & causal) | own  # [B, T, keys]
+    allowed = allowed.repeat(1, G, 1)[:, None]  # [B, 1, G*T, keys]: row g*T + t
+    _write_kv(kbuf, vbuf, valid, k, v, slots, write)
+    scores = torch.matmul(q.reshape(B, n_kv, G * T, D), kbuf[:, :, :keys].transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    o = torch.matmul(probs, vbuf[:, :, :keys]).view(B, n_heads, T, D).transpose(1, 2).reshape(B, T, -1)
+    h = h + torch.nn.functional.linear(o, w_o)
+    gate, up = torch.nn.functional.linear(_rms(h, ln2, eps), w_gu).chunk(2, dim=-1)
+    return h + torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w_down)
+
+
+def _propagate_fixed(h, ln1, w_kv, kbuf, vbuf, valid, slots, write, cos, sin, eps: float, n_kv: int, head_dim: int):
+    """The `propagate` policy's state-only step of one layer: K/V of h written at the slots."""
+    B, T, _ = h.shape
+    k, v = torch.nn.functional.linear(_rms(h, ln1, eps), w_kv).chunk(2, dim=-1)
+    k = _rotate(k.view(B, T, n_kv, head_dim).transpose(1, 2), cos, sin)
+    v = v.view(B, T, n_kv, head_dim).transpose(1, 2)
+    _write_kv(kbuf, vbuf, valid, k, v, slots, write)
+
+
+def _fuse_rows(linears):
+    """Concatenate the weights of `linears` along the output dimension and make each module's
+    weight a view into the result: one matmul reads them all, and no memory is duplicated."""
+    ws = [m.weight for m in linears]
+    fused = torch.cat([w.detach() for w in ws])
+    at = 0
+    for m, w in zip(linears, ws):
+        n = w.shape[0]
+        m.weight.data = fused[at:at + n]
+        at += n
+    return fused
+
+
 class TransformerBackbone(Backbone):
     family = "transformer"
 
@@ -189,52 +264,73 @@ class TransformerBackbone(Backbone):
 
     def fixed_context(self, layers, h, state, step, keys):
         """What every layer of one fixed-shape call shares, computed on the device at its start:
-        rotary cos/sin of the step's positions and, per layer, the attention mask over the first
-        `keys` slots, grouped for GQA ([B, 1, G*T, keys] bool: query head group g, token t at
-        row g*T + t). Made from each layer's validity before its write, as `_mask` is."""
+        rotary cos/sin of the step's positions, and the parts each layer's attention mask is made
+        of over the first `keys` slots: causal (and sliding-window) [T, keys], each query's own
+        slot [T, keys], and this step's visible slots [B, keys]. A layer adds its own validity
+        before its write, as `_mask` does."""
         slots = step.slots
         ar = torch.arange(keys, device=slots.device)
         causal = ar[None, :] <= slots[:, None]  # [T, keys]
         if self.sliding_window:
             causal &= ar[None, :] > slots[:, None] - self.sliding_window
         own = ar[None, :] == slots[:, None]
-        shown = (own[None] & step.visible[:, :, None]).any(1)  # [B, keys]: this step's visible slots
-        G = self.n_heads // self.n_kv
-        masks = {}
-        for i in layers:
-            valid = state.valid[i, :, :keys] | shown
-            allowed = (valid[:, None, :] & causal) | own  # [B, T, keys]
-            masks[i] = allowed.repeat(1, G, 1)[:, None]
-        return {"rope": self.model.model.rotary_emb(h, step.positions), "masks": masks}
+        shown = (own[None] & step.visible[:, :, None]).any(1)  # [B, keys]
+        return {"rope": self.model.model.rotary_emb(h, step.positions), "causal": causal, "own": own, "shown": shown}
 
     def _write_fixed(self, state, i, k, v, step):
         """Write K/V [B, Hkv, T, D] at the step's slots for the written (row, slot) pairs."""
-        slots, w = step.slots, step.write[:, None, :, None]
-        for buf, new in ((state.k[i], k), (state.v[i], v)):
-            buf.index_copy_(2, slots, torch.where(w, new.to(buf.dtype), buf.index_select(2, slots)))
-        valid = state.valid[i]
-        valid.index_copy_(1, slots, valid.index_select(1, slots) | step.write)
+        _write_kv(state.k[i], state.v[i], state.valid[i], k, v, step.slots, step.write)
+
+    def _fused(self, i):
+        """Layer i's concatenated q/k/v and gate/up weights (None where the fused layer does not
+        apply: biases, an activation other than SiLU). Made once; rebuilt if a weight was replaced
+        (the modules' weights are views into these)."""
+        block = self.blocks[i]
+        attn, mlp = block.self_attn, block.mlp
+        cache = self.__dict__.setdefault("_fused_cache", {})
+        got = cache.get(i)
+        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+        gu = (mlp.gate_proj, mlp.up_proj)
+        if got is not None and got[0].data_ptr() == attn.q_proj.weight.data_ptr() \
+                and got[1].data_ptr() == mlp.gate_proj.weight.data_ptr():
+            return got
+        plain = all(m.bias is None for m in (*qkv, attn.o_proj, *gu, mlp.down_proj))
+        if not plain or getattr(self.config, "hidden_act", "silu") != "silu":
+            cache[i] = None
+            return None
+        cache[i] = (_fuse_rows(qkv), _fuse_rows(gu))
+        return cache[i]
 
     def forward_layer_fixed(self, i, h, state, step, keys, ctx=None):
-        """HF's decoder layer, step for step (its own norms, projections, rotary and MLP modules),
-        with attention over the first `keys` cache slots by grouped matmuls: each K/V head is read
-        once for its G query heads (no repeat_kv), softmax in float32 as HF's eager attention."""
+        """HF's decoder layer, step for step, as `_decoder_fixed` (grouped attention over the first
+        `keys` cache slots, no repeat_kv, fused projections); layers with biases or another
+        activation run HF's own modules with the same attention."""
         if ctx is None:
             ctx = self.fixed_context([i], h, state, step, keys)
+        fused = self._fused(i)
         block = self.blocks[i]
         attn = block.self_attn
+        cos, sin = ctx["rope"]
+        if fused is not None:
+            fn = self.fixed_kernel(_decoder_fixed)
+            return fn(h, block.input_layernorm.weight, fused[0], attn.o_proj.weight, block.post_attention_layernorm.weight,
+                      fused[1], block.mlp.down_proj.weight, state.k[i], state.v[i], state.valid[i], step.slots,
+                      step.write, ctx["shown"], ctx["causal"], ctx["own"], cos, sin,
+                      float(block.input_layernorm.variance_epsilon), self.n_heads, self.n_kv, self.head_dim,
+                      float(attn.scaling)), None
         B, T, _ = h.shape
         D, G = self.head_dim, self.n_heads // self.n_kv
         x = block.input_layernorm(h)
         q = attn.q_proj(x).view(B, T, -1, D).transpose(1, 2)
         k = attn.k_proj(x).view(B, T, -1, D).transpose(1, 2)
         v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)
-        cos, sin = ctx["rope"]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        allowed = ((state.valid[i, :, :keys] | ctx["shown"])[:, None, :] & ctx["causal"]) | ctx["own"]
+        allowed = allowed.repeat(1, G, 1)[:, None]
         self._write_fixed(state, i, k, v, step)
         kk, vv = state.k[i][:, :, :keys], state.v[i][:, :, :keys]
         scores = torch.matmul(q.reshape(B, self.n_kv, G * T, D), kk.transpose(-1, -2)) * attn.scaling
-        scores = scores.masked_fill(~ctx["masks"][i], float("-inf"))
+        scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         o = torch.matmul(probs, vv).view(B, self.n_heads, T, D).transpose(1, 2).reshape(B, T, -1)
         h = h + attn.o_proj(o)
@@ -250,8 +346,15 @@ class TransformerBackbone(Backbone):
 
     def fill_propagate_fixed(self, i, h, state, step, keys, ctx=None):
         rope = self.model.model.rotary_emb(h, step.positions) if ctx is None else ctx["rope"]
-        k, v = self._kv(i, h, step, rope)
-        self._write_fixed(state, i, k, v, step)
+        fused = self._fused(i)
+        if fused is None:
+            k, v = self._kv(i, h, step, rope)
+            self._write_fixed(state, i, k, v, step)
+            return
+        block, nq = self.blocks[i], self.n_heads * self.head_dim
+        self.fixed_kernel(_propagate_fixed)(
+            h, block.input_layernorm.weight, fused[0][nq:], state.k[i], state.v[i], state.valid[i], step.slots,
+            step.write, rope[0], rope[1], float(block.input_layernorm.variance_epsilon), self.n_kv, self.head_dim)
 
     def layer_tensors(self, state, i):
         return [state.k[i], state.v[i], state.valid[i]]

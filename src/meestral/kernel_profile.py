@@ -1,0 +1,100 @@
+"""Where a decode step's device time goes: one run under torch.profiler, summed per kernel.
+
+A batch-1 decode that reads every weight once is bound by memory bandwidth; when it runs slower,
+the question is which kernels take the time (matmuls below bandwidth, many small elementwise
+kernels, the device idle while the host works). `kernel_table` answers it from the profiler's
+device-side events: time per kernel name, per kernel class, the device's busy time (the union of
+kernel intervals) against the wall-clock, and kernels per decoded token. Off CUDA it reports the
+CPU operators instead (there is no separate device timeline).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+
+# Kernel classes by name: cuBLAS / CUTLASS / nvjet matrix kernels, inductor's Triton kernels,
+# copies and fills; everything else (PyTorch's own elementwise / reduction kernels) is "aten".
+_CLASSES = (
+    ("matmul", re.compile(r"gemm|gemv|cutlass|nvjet|cublas|sm90_xmma|splitK|matmul", re.I)),
+    ("triton", re.compile(r"^triton_|triton", re.I)),
+    ("copy/fill", re.compile(r"memcpy|memset|copy|fill", re.I)),
+)
+
+
+def kernel_class(name: str) -> str:
+    for cls, pat in _CLASSES:
+        if pat.search(name):
+            return cls
+    return "aten"
+
+
+def _union_us(intervals) -> float:
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def kernel_table(fn, device, per: int = 1, top: int = 15) -> dict:
+    """Run fn() once under the profiler. Figures are per unit of `per` (e.g. decoded tokens):
+    wall_ms, device_busy_ms (union of kernel intervals), kernels, and the `top` kernels by time
+    with their calls, ms and share of kernel time; `classes` sums time per kernel class."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(dev)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        wall_ms = (time.perf_counter() - t0) * 1000
+    rows, intervals = {}, []
+    for e in prof.events():
+        on_device = e.device_type == torch.autograd.DeviceType.CUDA
+        if cuda != on_device:
+            continue
+        if not cuda and e.cpu_parent is not None:  # CPU: top-level operators only (no double count)
+            continue
+        a, b = e.time_range.start, e.time_range.end
+        r = rows.setdefault(e.name, {"name": e.name, "calls": 0, "us": 0.0})
+        r["calls"] += 1
+        r["us"] += b - a
+        intervals.append((a, b))
+    total_us = sum(r["us"] for r in rows.values()) or 1.0
+    classes: dict = {}
+    for r in rows.values():
+        c = kernel_class(r["name"]) if cuda else "cpu-op"
+        classes[c] = classes.get(c, 0.0) + r["us"] / 1000 / per
+    ranked = sorted(rows.values(), key=lambda r: -r["us"])[:top]
+    return {
+        "unit": "per token" if per > 1 else "per run",
+        "timeline": "device kernels" if cuda else "CPU operators",
+        "wall_ms": wall_ms / per,
+        "device_busy_ms": _union_us(intervals) / 1000 / per,
+        "kernels": sum(r["calls"] for r in rows.values()) / per,
+        "classes_ms": classes,
+        "top": [{"name": r["name"][:120], "class": kernel_class(r["name"]) if cuda else "cpu-op",
+                 "calls": r["calls"] / per, "ms": r["us"] / 1000 / per, "share": r["us"] / total_us}
+                for r in ranked],
+    }
+
+
+def format_table(case: str, t: dict) -> str:
+    lines = [f"{case}: wall {t['wall_ms']:.3f} ms, device busy {t['device_busy_ms']:.3f} ms, "
+             f"{t['kernels']:.0f} kernels ({t['unit']}; {t['timeline']})",
+             "  by class: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(t["classes_ms"].items(), key=lambda kv: -kv[1]))]
+    for r in t["top"]:
+        lines.append(f"  {r['ms']:8.3f} ms {r['share']:6.1%} {r['calls']:7.1f}x  {r['class']:<9} {r['name'][:90]}")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""The benchmark's own pieces: the compiled peer decodes what HF does, and the kernel profile's
+sums are consistent (on the CPU it profiles operators; the kernel view is exercised on the box)."""
+
+import pytest
+import torch
+
+from meestral.decoding import EarlyExitDecoder
+from meestral.sampling import SamplingOptions
+
+
+@pytest.mark.parametrize("shape", ["mamba2", "mamba"])
+def test_hf_stepper_on_mamba_decodes_hf_greedy(tiny, shape):
+    """Mamba models step through the recurrent cache HF's own prompt pass returns."""
+    from meestral.bench import HFStepper
+    from test_decoding import hf_greedy
+
+    bb = tiny(shape)
+    prompt = [1, 40, 50, 60, 70, 80]
+    stepper = HFStepper(bb, len(prompt) + 8, compile_step=False)
+    assert stepper.generate(prompt, 8) == hf_greedy(bb, prompt, 8)
+    assert stepper.generate(prompt, 8) == hf_greedy(bb, prompt, 8)  # a second run starts afresh
+
+
+def test_static_stepper_resets_its_cache_between_runs(tiny):
+    from meestral.bench import HFStepper
+    from test_decoding import hf_greedy
+
+    bb = tiny("mistral")
+    stepper = HFStepper(bb, 16, compile_step=False)
+    for prompt in ([1, 40, 50, 60, 70, 80], [1, 9, 8]):
+        assert stepper.generate(prompt, 6) == hf_greedy(bb, prompt, 6)
+
+
+def test_kernel_table_accounts_for_its_rows(tiny):
+    from meestral.kernel_profile import kernel_class, kernel_table
+
+    bb = tiny("mistral")
+    dec = EarlyExitDecoder(bb)
+    t = kernel_table(lambda: dec.generate([[1, 5, 6]], SamplingOptions(max_new_tokens=4)), bb.device, per=4, top=5)
+    assert t["kernels"] > 0 and len(t["top"]) == 5
+    assert 0 < t["device_busy_ms"] <= t["wall_ms"] * 1.05
+    assert abs(sum(t["classes_ms"].values()) - sum(r["ms"] for r in t["top"]) / sum(r["share"] for r in t["top"])) < 1e-6 * 4 + 1e-3
+    assert [r["ms"] for r in t["top"]] == sorted((r["ms"] for r in t["top"]), reverse=True)
+    assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert kernel_class("triton_per_fused_add_mul_0") == "triton"
+    assert kernel_class("void at::native::vectorized_elementwise_kernel<4>") == "aten"
