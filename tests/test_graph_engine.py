@@ -201,3 +201,149 @@ def test_hf_static_cache_peer_decodes_hf_greedy(tiny, shape):
     bb = tiny(shape)
     prompt = PROMPTS[0]
     assert hf_static_step_tokens(bb, prompt, 10, compile_step=False) == hf_greedy(bb, prompt, 10)
+
+
+# ---- Mamba-2's fused fixed-shape step (ssm._mamba2_fixed) ------------------------------------
+# The graph engine runs Mamba-2 blocks through one pure function of the layer's tensors (compiled
+# on CUDA). It must equal the per-module path (forward_layer / fill_propagate, checked against HF
+# elsewhere) in outputs and in every state element, masked (row, token) pairs included.
+
+
+def _mamba2_variant():
+    """A Mamba-2 that the tiny shape does not cover: one group, biases on both projections, a
+    residual in the model's dtype and a time-step clamp that bites."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    from meestral.backbones.loading import wrap
+    from meestral.tokenizer import ByteTokenizer
+
+    cfg = Mamba2Config(hidden_size=32, num_hidden_layers=3, vocab_size=259, state_size=8, expand=2, head_dim=8,
+                       num_heads=8, n_groups=1, conv_kernel=4, chunk_size=16, residual_in_fp32=False,
+                       use_bias=True, use_conv_bias=True, time_step_limit=(0.05, 0.3), tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = Mamba2ForCausalLM(cfg)
+        for blk in model.backbone.layers:  # HF initialises these biases to zero: make them count
+            blk.mixer.in_proj.bias.data.normal_(0, 0.1)
+            blk.mixer.out_proj.bias.data.normal_(0, 0.1)
+    return wrap(model, ByteTokenizer(), "mamba2-variant")
+
+
+def _filled_states(bb, n):
+    """n identical states holding random values (a step continues from whatever is stored)."""
+    states = [bb.new_state(2, 8) for _ in range(n)]
+    gen = torch.Generator().manual_seed(0)
+    for i in range(bb.num_layers):
+        for ts in zip(*(bb.layer_tensors(s, i) for s in states)):
+            v = torch.randn(ts[0].shape, generator=gen).to(ts[0].dtype)
+            for t in ts:
+                t.copy_(v)
+    return states
+
+
+def _check_fixed_equals_layer(bb, monkeypatch, tol=1e-5):
+    """forward_layer_fixed == forward_layer and fill_propagate_fixed == fill_propagate, block by
+    block, batch 2, a single step and a 3-token window whose write mask skips some pairs."""
+    gen = torch.Generator().manual_seed(1)
+    writes = {1: torch.tensor([[True], [False]]), 3: torch.tensor([[True, False, True], [False, True, True]])}
+    for T, write in writes.items():
+        step = Step(5, torch.arange(5, 5 + T).expand(2, T), write)
+        ref, got = _filled_states(bb, 2)
+        h = torch.randn(2, T, bb.hidden_size, generator=gen).to(bb.dtype)
+        for i in range(bb.num_layers):
+            want_h, want_aux = bb.forward_layer(i, h, ref, step)
+            bb.fill_propagate(i, h * 0.5, ref, step)
+            with monkeypatch.context() as m:  # the fused function, not a fallback to the modules
+                m.setattr(bb, "_mixer", lambda *a, **k: pytest.fail("fixed path fell back to _mixer"))
+                got_h, got_aux = bb.forward_layer_fixed(i, h, got, step, None)
+                bb.fill_propagate_fixed(i, h * 0.5, got, step, None)
+            assert got_h.dtype == want_h.dtype and got_aux.dtype == want_aux.dtype
+            torch.testing.assert_close(got_h, want_h, atol=tol, rtol=tol)
+            torch.testing.assert_close(got_aux, want_aux, atol=tol, rtol=tol)
+            for x, y in zip(bb.layer_tensors(got, i), bb.layer_tensors(ref, i)):
+                torch.testing.assert_close(x, y, atol=tol, rtol=tol)
+            h = want_h.to(bb.dtype)
+        fresh = _filled_states(bb, 1)[0]  # and the masked pairs really were left alone
+        if not write.all():
+            assert any(not torch.equal(a, b) for i in range(bb.num_layers)
+                       for a, b in zip(bb.layer_tensors(got, i), bb.layer_tensors(fresh, i)))
+
+
+@pytest.mark.parametrize("which", ["tiny", "variant", "bf16"])
+def test_mamba2_fixed_step_equals_forward_layer(tiny, monkeypatch, which):
+    """Uncompiled, the fused step performs the per-module path's operations in the same order and
+    dtypes: bfloat16 included, the results are equal bit for bit."""
+    from meestral.backbones.loading import random_backbone
+
+    bb = {"tiny": lambda: tiny("mamba2"), "variant": _mamba2_variant,
+          "bf16": lambda: random_backbone("mamba2", dtype="bfloat16")}[which]()
+    assert not bb.compile_fixed
+    _check_fixed_equals_layer(bb, monkeypatch, tol=0.0)
+
+
+def test_mamba2_fixed_masked_pairs_keep_their_state(tiny):
+    """A row whose write mask is all false leaves its conv window and SSM state bit for bit."""
+    bb = tiny("mamba2")
+    state, before = _filled_states(bb, 2)
+    step = Step(5, torch.arange(5, 8).expand(2, 3), torch.tensor([[True, True, False], [False, False, False]]))
+    h = torch.randn(2, 3, bb.hidden_size)
+    for i in range(bb.num_layers):
+        bb.forward_layer_fixed(i, h, state, step, None)
+        bb.fill_propagate_fixed(i, h, state, step, None)
+        for x, y in zip(bb.layer_tensors(state, i), bb.layer_tensors(before, i)):
+            assert torch.equal(x[1], y[1]) and not torch.equal(x[0], y[0])
+
+
+def test_mamba2_fixed_prompt_from_empty_takes_the_chunked_scan(tiny, monkeypatch):
+    bb = tiny("mamba2")
+    calls = []
+    import meestral.backbones.ssd as ssd
+
+    real = ssd.mixer_forward
+    monkeypatch.setattr(ssd, "mixer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    state = bb.new_state(1, 8)
+    step = bb.make_step(0, 4, torch.zeros(1, dtype=torch.long))
+    step.memo["from_empty"] = True
+    bb.forward_layer_fixed(0, bb.embed(torch.tensor([[1, 5, 6, 7]])), state, step, None)
+    assert calls
+
+
+@pytest.mark.slow  # inductor compiles a handful of graphs on the CPU: tens of seconds
+def test_mamba2_fixed_step_compiled_equals_forward_layer(monkeypatch):
+    """The same equality through torch.compile (inductor on the CPU), and one compilation per
+    (window length, output) serving every layer: weights go in as arguments, not as modules."""
+    from torch._dynamo.utils import counters
+
+    from meestral.backbones.loading import random_backbone
+
+    for bb in (random_backbone("mamba2", seed=1), _mamba2_variant()):
+        graphs = counters["stats"]["unique_graphs"]
+        bb.compile_fixed = True
+        try:
+            _check_fixed_equals_layer(bb, monkeypatch)
+        finally:
+            bb.compile_fixed = False
+        assert counters["stats"]["unique_graphs"] - graphs <= 4  # {T=1, T=3} x {output, state only}
+
+
+@pytest.mark.slow  # compiles every shape a decode meets
+def test_graph_engine_compiled_mamba2_equals_eager():
+    """End to end with compile on: the graph engine's tokens and exits equal the eager engine's."""
+    from torch._dynamo.utils import counters
+
+    from meestral.backbones.loading import random_backbone
+
+    bb = random_backbone("mamba2", seed=2)
+    t = median_softmax(bb, bb.num_layers // 3)
+    graphs = counters["stats"]["unique_graphs"]
+    try:
+        for policy in ("propagate", "catchup"):
+            eager, graph = _decoders(bb, policy, t)
+            bb.compile_fixed = True  # after the engine is made: off CUDA it would leave compile off
+            opts = SamplingOptions(max_new_tokens=8)
+            want, got = eager.generate(PROMPTS, opts), graph.generate(PROMPTS, opts)
+            assert [g.token_ids for g in got] == [w.token_ids for w in want]
+            assert [g.exit_layers for g in got] == [w.exit_layers for w in want]
+        assert counters["stats"]["unique_graphs"] > graphs  # compiled code really ran
+    finally:
+        bb.compile_fixed = False

@@ -18,6 +18,69 @@ import torch.nn.functional as F
 
 from meestral.backbones.base import Backbone, LayerCost
 
+# Windows longer than this take the per-module path even on the fixed path: the fused step unrolls
+# its token loop, and a prompt-length unroll would compile for minutes to save nothing (a long
+# window is bound by its matmuls, not by launches). Catch-up windows are max_backlog + 1 tokens.
+FUSED_MAX_TOKENS = 16
+
+
+def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, out_w, out_b,
+                  conv_state, ssm_state, write, *, eps, gnorm_eps, group_size, n_heads, head_dim, n_groups,
+                  state_size, intermediate, conv_dim, dt_min, dt_max, residual_in_fp32, output=True):
+    """One Mamba-2 block over h [B, T, d] from the stored state, as `forward_layer` (output=True:
+    returns (h_out, mixed)) or `fill_propagate` (output=False: state only, returns None) compute it.
+
+    A pure function of tensors, so that one torch.compile serves every layer (`fixed_kernel`):
+    module objects or per-layer Python values here would make dynamo guard on them and recompile
+    per layer. Each operation mirrors HF's modules and `SSMBackbone._mixer` in the same order and
+    dtypes, so the eager call equals the per-module path exactly. The state is carried through the
+    token loop in locals and written back once: compiled, the update then fuses with the step.
+    """
+    Bsz, T, _ = h.shape
+    x = h.to(norm_w.dtype)  # Mamba2RMSNorm: float32 variance, `weight * h.to(input_dtype)`
+    xf = x.float()
+    u = norm_w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    I, H, P, G, N = intermediate, n_heads, head_dim, n_groups, state_size
+    if output:
+        gate, xbc, dt = F.linear(u, in_w, in_b).split([I, conv_dim, H], dim=-1)
+    else:  # the gate rows are a third of in_proj and only the output needs them
+        xbc, dt = F.linear(u, in_w[I:], None if in_b is None else in_b[I:]).split([conv_dim, H], dim=-1)
+    kernel = conv_w[:, 0, :]
+    A = -torch.exp(A_log.float())
+    Df = D.float()
+    cs, ss, ys = conv_state, ssm_state, []
+    for t in range(T):  # unrolled when compiled or captured: no Python runs per token at replay
+        w = write[:, t]
+        window = torch.cat([cs[:, :, 1:], xbc[:, t, :, None].to(cs.dtype)], dim=-1)
+        cs = torch.where(w[:, None, None], window, cs)
+        c = (window * kernel).sum(-1)
+        if conv_b is not None:
+            c = c + conv_b
+        c = F.silu(c)
+        xs, Bm, Cm = torch.split(c, [I, G * N, G * N], dim=-1)
+        xs = xs.float().view(Bsz, H, P)
+        Bm = Bm.float().view(Bsz, G, N).repeat_interleave(H // G, dim=1)  # [B, H, N]
+        Cm = Cm.float().view(Bsz, G, N).repeat_interleave(H // G, dim=1)
+        d = F.softplus(dt[:, t].float() + dt_bias.float()).clamp(min=dt_min, max=dt_max)
+        dA = torch.exp(d * A)  # [B, H]
+        new = ss * dA[:, :, None, None] + (d[:, :, None] * xs)[..., None] * Bm[:, :, None, :]
+        ss = torch.where(w[:, None, None, None], new, ss)
+        if output:
+            ys.append((new * Cm[:, :, None, :]).sum(-1) + Df[None, :, None] * xs)
+    conv_state.copy_(cs)
+    ssm_state.copy_(ss)
+    if not output:
+        return None
+    y = torch.stack(ys, 1).reshape(Bsz, T, I).to(u.dtype)
+    # MambaRMSNormGated: gate in float32, then an RMS norm per group of `group_size` channels.
+    yf = y.float() * F.silu(gate.float())
+    yg = yf.view(Bsz, T, I // group_size, group_size)
+    yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + gnorm_eps)
+    y = gnorm_w * yg.view(Bsz, T, I).to(y.dtype)
+    mixed = F.linear(y.to(u.dtype), out_w, out_b)
+    residual = h.float() if residual_in_fp32 else h
+    return residual + mixed, mixed
+
 
 class SSMState:
     def __init__(self, conv, ssm):
@@ -191,6 +254,51 @@ class SSMBackbone(Backbone):
     def fill_propagate(self, i, h, state, step):
         block = self.blocks[i]
         self._mixer(i, block.norm(h.to(block.norm.weight.dtype)), state, step, output=False)
+
+    # ---- the fixed-shape path: one fused function per Mamba-2 block --------------------------
+    def _fusable(self, i, T) -> bool:
+        """Whether block i can run as `_mamba2_fixed`, which reads the weights, not the modules.
+
+        Not for Mamba-1, a non-SiLU activation, a long window (FUSED_MAX_TOKENS), or a module with
+        hooks on it: unmerged LoRA adds its delta in a forward hook, which only a module call sees.
+        """
+        if not self.v2 or T > FUSED_MAX_TOKENS:
+            return False
+        block = self.blocks[i]
+        m = block.mixer
+        if self.config.hidden_act not in ("silu", "swish"):
+            return False
+        mods = (block.norm, m.in_proj, m.conv1d, m.norm, m.out_proj)
+        return not any(x._forward_hooks or x._forward_pre_hooks for x in mods)
+
+    def _fixed_args(self, i, h, state, write):
+        block = self.blocks[i]
+        m = block.mixer
+        tensors = (h, block.norm.weight, m.in_proj.weight, m.in_proj.bias, m.conv1d.weight, m.conv1d.bias,
+                   m.dt_bias, m.A_log, m.D, m.norm.weight, m.out_proj.weight, m.out_proj.bias,
+                   state.conv[i], state.ssm[i], write)
+        # Every value here is the same for all layers of a model: one compilation serves them all.
+        lo, hi = m.time_step_limit
+        scalars = dict(eps=block.norm.variance_epsilon, gnorm_eps=m.norm.variance_epsilon,
+                       group_size=m.norm.group_size, n_heads=m.num_heads, head_dim=m.head_dim,
+                       n_groups=m.n_groups, state_size=m.ssm_state_size, intermediate=m.intermediate_size,
+                       conv_dim=m.conv_dim, dt_min=float(lo), dt_max=float(hi),
+                       residual_in_fp32=self.residual_in_fp32)
+        return tensors, scalars
+
+    def forward_layer_fixed(self, i, h, state, step, keys, ctx=None):
+        T = h.shape[1]
+        # A prompt into an empty state takes the chunked scan (`_mixer`), not T unrolled steps.
+        if not self._fusable(i, T) or (T > 1 and step.memo.get("from_empty")):
+            return self.forward_layer(i, h, state, step)
+        tensors, scalars = self._fixed_args(i, h, state, step.write)
+        return self.fixed_kernel(_mamba2_fixed)(*tensors, **scalars)
+
+    def fill_propagate_fixed(self, i, h, state, step, keys, ctx=None):
+        if not self._fusable(i, h.shape[1]):
+            return self.fill_propagate(i, h, state, step)
+        tensors, scalars = self._fixed_args(i, h, state, step.write)
+        self.fixed_kernel(_mamba2_fixed)(*tensors, **scalars, output=False)
 
     def _collect(self, ids, layers, attention_mask, aux, logits_at):
         # HF's Mamba-2 torch path (no mamba-ssm) materialises [B, chunks, L, L, heads, state] per
