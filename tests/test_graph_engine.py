@@ -143,17 +143,30 @@ def _no_tf32():
         yield
 
 
+def _cuda_backbone(shape):
+    """A tiny random backbone on CUDA, or the embedded SmolLM2 where its package is installed."""
+    from meestral.backbones.loading import load_backbone, random_backbone
+    from meestral.errors import MeestralError
+
+    if shape != "smollm2":
+        return random_backbone(shape, device="cuda")
+    try:
+        return load_backbone("smollm2", device="cuda")
+    except MeestralError as e:
+        pytest.skip(f"smollm2 not installed here: {e}")
+
+
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba"])
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba", "smollm2"])
 @pytest.mark.parametrize("threshold", [0.05, 0.5])
 def test_cuda_graphs_verify_equals_full_and_hf_greedy(shape, threshold):
-    """On CUDA, with real graph capture: verify (random heads) is token-identical to our full
-    depth and to HF greedy generate, batch 1 and 3; catch-up and copy match the eager engine."""
-    from meestral.backbones.loading import random_backbone
+    """On CUDA, with real graph capture (and the compiled per-layer functions): verify (random
+    heads) is token-identical to our full depth and to HF greedy generate, batch 1 and 3; catch-up
+    and copy match the eager engine."""
     from test_decoding import hf_greedy
 
-    bb = random_backbone(shape, device="cuda")
+    bb = _cuda_backbone(shape)
     L = bb.num_layers
     heads = ExitHeads("softmax", [L // 3, 2 * L // 3], bb).to("cuda")
     opts = SamplingOptions(max_new_tokens=12)

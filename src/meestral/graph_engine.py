@@ -210,6 +210,8 @@ def make_engine(kind: str, backbone, skip=()):
         kind = "graph" if backbone.device.type == "cuda" else "eager"
     if kind == "graph":
         return GraphEngine(backbone, skip)
+    if kind == "compiled":  # the graph engine's compiled kernels launched one by one (profiling)
+        return GraphEngine(backbone, skip, capture=False, compile=True)
     if kind == "eager":
         return EagerEngine(backbone, skip)
     raise ValueError(f"unknown engine {kind!r}: use auto, eager or graph")

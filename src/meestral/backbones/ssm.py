@@ -280,7 +280,7 @@ class SSMBackbone(Backbone):
         # Every value here is the same for all layers of a model: one compilation serves them all.
         lo, hi = m.time_step_limit
         scalars = dict(eps=block.norm.variance_epsilon, gnorm_eps=m.norm.variance_epsilon,
-                       group_size=m.norm.group_size, n_heads=m.num_heads, head_dim=m.head_dim,
+                       group_size=getattr(m.norm, "group_size", m.intermediate_size), n_heads=m.num_heads, head_dim=m.head_dim,
                        n_groups=m.n_groups, state_size=m.ssm_state_size, intermediate=m.intermediate_size,
                        conv_dim=m.conv_dim, dt_min=float(lo), dt_max=float(hi),
                        residual_in_fp32=self.residual_in_fp32)
