@@ -19,6 +19,14 @@ from meestral.heads import ExitHeads
 PROMPTS = [[1, 40, 50, 60, 70, 80], [1, 90, 33], [1, 7, 8, 9, 10, 11, 12, 13, 14]]
 
 
+@pytest.fixture(autouse=True)
+def _graph_output_semantics(monkeypatch):
+    """Replays without capture hand back the same output buffers, as a CUDA graph does."""
+    import meestral.graph_engine as ge
+
+    monkeypatch.setattr(ge, "ALIAS_OUTPUTS_WITHOUT_CAPTURE", True)
+
+
 def layer_states(bb, state):
     """Copies of every layer's state tensors (an `inspect` callback's view is live)."""
     return [[x.clone() for x in bb.layer_tensors(state, i)] for i in range(bb.num_layers)]

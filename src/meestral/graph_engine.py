@@ -39,13 +39,20 @@ def _pow2(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
+# Tests set this so that calls without capture return the same output buffers at every replay,
+# as graphs do: a caller that keeps a call's output past its next replay is then caught on a CPU.
+ALIAS_OUTPUTS_WITHOUT_CAPTURE = False
+
+
 class CapturedCall:
     """One shape of one engine call: static inputs, the body over them, the graph once captured."""
 
-    def __init__(self, body, inputs: dict, step: Step):
+    def __init__(self, body, inputs: dict, step: Step | None):
         self.inputs = {k: v.clone() for k, v in inputs.items()}
-        self.step = Step(None, step.positions.clone(), step.write.clone(), {}, step.visible.clone())
-        self.step.memo["slots"] = step.slots.clone()  # the only memo entry: a buffer, refilled per call
+        self.step = None
+        if step is not None:
+            self.step = Step(None, step.positions.clone(), step.write.clone(), {}, step.visible.clone())
+            self.step.memo["slots"] = step.slots.clone()  # the only memo entry: a buffer, refilled per call
         self.body = lambda: body(self.inputs, self.step)
         self.graph = None
         self.outputs = None
@@ -53,6 +60,8 @@ class CapturedCall:
     def load(self, inputs: dict, step: Step) -> None:
         for k, v in inputs.items():
             self.inputs[k].copy_(v)
+        if step is None:
+            return
         self.step.positions.copy_(step.positions)
         self.step.write.copy_(step.write)
         self.step.visible.copy_(step.visible)
@@ -61,7 +70,10 @@ class CapturedCall:
     def first(self, capture: bool, stream, note):
         """Run eagerly (the real result), then capture the body for the next calls."""
         if not capture:
-            return self.body()
+            out = self.body()
+            if ALIAS_OUTPUTS_WITHOUT_CAPTURE:
+                self.outputs = tuple(None if t is None else t.clone() for t in out)
+            return out
         main = torch.cuda.current_stream()
         stream.wait_stream(main)
         with torch.cuda.stream(stream):  # warm up where the capture will run (cuBLAS workspaces)
@@ -83,7 +95,13 @@ class CapturedCall:
 
     def replay(self):
         if self.graph is None:
-            return self.body()
+            out = self.body()
+            if self.outputs is None:
+                return out
+            for buf, t in zip(self.outputs, out):  # a graph's semantics: the same buffers every replay
+                if buf is not None:
+                    buf.copy_(t)
+            return self.outputs
         self.graph.replay()
         return self.outputs
 
@@ -188,6 +206,14 @@ class GraphEngine(EagerEngine):
             return ()
 
         self._call(("copy", layers, id(state), step.batch_size), body, {}, step)
+
+    def logits(self, h):
+        """Final norm + LM head, captured too: outside a graph they are a dozen launches a token.
+        Cloned: a step may hold one exit point's logits while it asks for another's, and a
+        captured call's output buffer is overwritten by its next replay."""
+        bb = self.bb
+        out = self._call(("logits", tuple(h.shape), h.dtype), lambda x, _st: (bb.logits(x["h"]),), {"h": h}, None)[0]
+        return out.clone()
 
     def fill_propagate(self, layers, h, state, step) -> None:
         if not layers:

@@ -114,6 +114,16 @@ def _propagate_fixed(h, ln1, w_kv, kbuf, vbuf, valid, slots, write, cos, sin, ep
     _write_kv(kbuf, vbuf, valid, k, v, slots, write)
 
 
+def _copy_fixed(kbuf, vbuf, valid, slots, w):
+    """The `copy` fill of one skipped layer: the previous slot's K/V (and validity) into this slot
+    for rows w [B]. A pure function, compiled with the rest: eager, it is eight small kernels a layer."""
+    prev = slots - 1
+    w4 = w[:, None, None, None]
+    kbuf.index_copy_(2, slots, torch.where(w4, kbuf.index_select(2, prev), kbuf.index_select(2, slots)))
+    vbuf.index_copy_(2, slots, torch.where(w4, vbuf.index_select(2, prev), vbuf.index_select(2, slots)))
+    valid.index_copy_(1, slots, valid.index_select(1, slots) | (w[:, None] & valid.index_select(1, prev)))
+
+
 def _fuse_rows(linears):
     """Concatenate the weights of `linears` along the output dimension and make each module's
     weight a view into the result: one matmul reads them all, and no memory is duplicated."""
@@ -337,12 +347,7 @@ class TransformerBackbone(Backbone):
         return h + block.mlp(block.post_attention_layernorm(h)), None
 
     def fill_copy_fixed(self, i, state, step):
-        s, w = step.slots, step.write[:, 0]
-        prev = s - 1
-        for buf in (state.k[i], state.v[i]):
-            buf.index_copy_(2, s, torch.where(w[:, None, None, None], buf.index_select(2, prev), buf.index_select(2, s)))
-        valid = state.valid[i]
-        valid.index_copy_(1, s, valid.index_select(1, s) | (w[:, None] & valid.index_select(1, prev)))
+        self.fixed_kernel(_copy_fixed)(state.k[i], state.v[i], state.valid[i], step.slots, step.write[:, 0])
 
     def fill_propagate_fixed(self, i, h, state, step, keys, ctx=None):
         rope = self.model.model.rotary_emb(h, step.positions) if ctx is None else ctx["rope"]
