@@ -114,3 +114,126 @@ def test_chunked_loss_equals_the_whole_batch_loss():
     parts[0].backward()
     torch.testing.assert_close(h.grad, gh)
     torch.testing.assert_close(head.weight.grad, gw)
+
+
+# ---- continuing from existing weights (--init) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A one-block Llama with SmolLM2's tokenizer and vocabulary (an HF folder, the teacher's
+    interface) and a folder holding one shard of token rows: distillation runs in seconds."""
+    from transformers import AutoTokenizer
+
+    from meestral.assets import smollm2_dir
+
+    d = tmp_path_factory.mktemp("teacher")
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    tok.save_pretrained(str(d))
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    data = d / "data"
+    data.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 49152, (40,), generator=gen, dtype=torch.int32) for _ in range(40)]
+    torch.save({"docs": docs, "prompts": []}, data / "shard-000-00000.pt")
+    return d
+
+
+TINY_STUDENT = dict(hidden_size=64, num_hidden_layers=2, state_size=16, chunk_size=16)
+
+
+def _run(teacher, out, **kw):
+    from meestral.distill import DistillConfig
+
+    base = dict(teacher=str(teacher), data=str(teacher / "data"), corpus=None, out=str(out), batch=2, seq_len=32,
+                eval_every=100, ckpt_every=100, heldout_tokens=256, device="cpu", min_rows=1, log_every=1)
+    return DistillConfig(**{**base, **kw})
+
+
+def _log(out):
+    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
+def test_init_continues_from_the_given_weights_and_resume_takes_precedence(tiny_teacher, tmp_path):
+    from meestral.distill import distill, export
+
+    first = distill(_run(tiny_teacher, tmp_path / "a", shape=TINY_STUDENT, steps=3, warmup=2), log=lambda *_: None)
+    gguf = tmp_path / "a" / "mamba2-smol.gguf"
+    out = tmp_path / "b"
+    distill(_run(tiny_teacher, out, init=str(gguf), steps=2), log=lambda *_: None)
+    log = _log(out)
+    # Step 0 is the given weights exactly: the Q8_0 file the first run wrote, measured the same way.
+    assert log[0]["step"] == 0 and log[0]["init"] == str(gguf)
+    assert log[0]["heldout_ppl"] == pytest.approx(first["heldout_ppl_q8_0"], rel=1e-3)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["student"]["hidden_size"] == 64 and saved["student"]["num_hidden_layers"] == 2  # the weights' shape
+    assert (saved["distill"]["lr"], saved["distill"]["min_lr"], saved["distill"]["warmup"]) == pytest.approx((1.5e-3, 1.5e-4, 50))
+    first_lr = next(r["lr"] for r in log if "loss" in r)
+    assert first_lr == pytest.approx(1.5e-3 / 50)  # a fresh optimiser warming up: the continued run's defaults
+    # A checkpoint in --out wins over --init: the run continues at step 2, not from the file again.
+    last = distill(_run(tiny_teacher, out, init=str(gguf), steps=4), log=lambda *_: None)
+    log = _log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert sum(1 for r in log if r.get("init")) == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
+    # export reads the run's shape, teacher and held-out rows from its config.json: no flags needed
+    from meestral.distill import DistillConfig
+
+    again = export(DistillConfig(out=str(out), device="cpu"), log=lambda *_: None)
+    assert again["heldout_ppl_float"] == pytest.approx(last["heldout_ppl_float"], rel=1e-5)
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
+def test_init_spec_forms_and_shape_conflicts(tiny_teacher, tmp_path):
+    from transformers import AutoConfig
+
+    from meestral.distill import distill, init_student
+    from meestral.errors import MeestralError
+
+    distill(_run(tiny_teacher, tmp_path / "a", shape=TINY_STUDENT, steps=1, warmup=1), log=lambda *_: None)
+    tcfg = AutoConfig.from_pretrained(str(tiny_teacher))
+    from_gguf = init_student(str(tmp_path / "a" / "mamba2-smol.gguf"), tcfg, {"hidden_size": 64})  # agreeing: fine
+    from_hf = init_student(str(tmp_path / "a" / "student"), tcfg)  # the float32 HF folder finish() writes
+    assert from_gguf.config.num_hidden_layers == from_hf.config.num_hidden_layers == 2
+    with pytest.raises(MeestralError, match=r"--shape hidden_size=128 contradicts --init .*\(hidden_size=64\)"):
+        init_student(str(tmp_path / "a" / "student"), tcfg, {"hidden_size": 128})
+    with pytest.raises(MeestralError, match="not 'mamba2-smol', a GGUF file or an HF folder"):
+        init_student(str(tmp_path / "nothing-here"), tcfg)
+    tcfg.vocab_size = 1000
+    with pytest.raises(MeestralError, match="vocabulary of 49152"):
+        init_student(str(tmp_path / "a" / "student"), tcfg)
+
+
+def test_refixed_total_ends_at_the_deadline_without_a_jump_in_the_schedule():
+    from meestral.distill import DistillConfig, _lr, refixed_total, resolved
+
+    assert refixed_total(100, 0.5, 100.0, 50, 0.25) == 300  # 200 more steps fit in 100 s
+    assert refixed_total(100, 0.5, -5.0, 50, 0.25) == 134  # late: the decay starts now, not in the past
+    cfg = resolved(DistillConfig(init="x"))
+    for step, s_left in [(300, 10.0), (120, 0.0), (400, 1e4)]:
+        total = refixed_total(step, 0.5, s_left, cfg.warmup, cfg.decay_share)
+        assert int(total * (1 - cfg.decay_share)) >= step  # still at the peak: no jump
+        assert _lr(cfg, step, total) == cfg.lr
+    scratch = resolved(DistillConfig())
+    assert (scratch.lr, scratch.warmup) == (3e-3, 200) and scratch.min_lr == pytest.approx(3e-4)
+    assert resolved(DistillConfig(lr=1e-3)).min_lr == pytest.approx(1e-4)
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
+def test_a_seconds_run_refixes_its_step_count_and_ends_on_it(tiny_teacher, tmp_path, monkeypatch):
+    import meestral.distill as d
+
+    monkeypatch.setattr(d, "RETIME", 10)
+    d.distill(_run(tiny_teacher, tmp_path / "s", shape=TINY_STUDENT, seconds=6.0, warmup=2, log_every=5),
+              log=lambda *_: None)
+    log = _log(tmp_path / "s")
+    fixed = [r for r in log if "fixed_total_steps" in r]
+    refixed = [r for r in log if "refixed_total_steps" in r]
+    assert len(fixed) == 1 and fixed[0]["step"] == 20
+    assert refixed and all(r["step"] % 10 == 0 for r in refixed)  # every RETIME steps until the decay
+    total = refixed[-1]["refixed_total_steps"]
+    assert refixed[-1]["step"] < int(total * 0.75)  # none once the decay began
+    assert max(r["step"] for r in log if "loss" in r) == total  # the run ends on the last count fixed

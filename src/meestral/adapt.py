@@ -316,9 +316,11 @@ class Adapter:
     def validate(self) -> dict:
         self._averaged(True)
         try:
-            dev = torch.device(self.bb.device)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                m = measure(self.bb, self.held, self.exits, batch=self.cfg.batch)
+            # In the weights' own dtype, without the training step's bf16 autocast: on CUDA the
+            # curve's points then are what `adapt compare` (and the CPU) measure on the same rows;
+            # bf16 logits flip near-tied top-1s and move the perplexity by about a percent, the
+            # size of the effects the bar is about.
+            m = measure(self.bb, self.held, self.exits, batch=self.cfg.batch)
         finally:
             self._averaged(False)
         rec = {"split": "val", "step": self.step, **m}

@@ -12,7 +12,9 @@ Two processes share one GPU (the recipe, recipes/mamba2-smol/, starts both):
   how often, on average, each token has been seen (`epochs`).
 
 The student is an HF `Mamba2ForCausalLM` with the teacher's tokenizer, vocabulary and special
-tokens; it trains through HF's own modules (the torch path where mamba-ssm is absent). Training
+tokens, random or continued from existing weights (`init`: the embedded `mamba2-smol`, a GGUF file
+of ours or an HF folder; their shape, a fresh optimiser, the CONTINUED learning-rate defaults); it
+trains through the chunked scan of `backbones/ssd.py` (equal to HF's forward). Training
 checkpoints atomically every `ckpt_every` steps and `resume` continues from the last one; the
 end product is an HF folder and a Q8_0 GGUF file (`meestral.quantized`).
 """
@@ -308,13 +310,18 @@ class DistillConfig:
     corpus_share: float = 0.05
     out: str = "runs/distill"
     shape: dict = field(default_factory=dict)  # overrides of STUDENT_SHAPE
+    # Continue from existing weights instead of a random student: 'mamba2-smol' (the embedded
+    # one), a GGUF file written by `finish`/`save_gguf`, or an HF folder. The student's shape is
+    # then theirs; the optimiser starts fresh. A checkpoint in `out` (resume) takes precedence.
+    init: str | None = None
     steps: int | None = None
     seconds: float | None = None  # instead of steps: the step count is fixed after 20 timed steps
     batch: int = 64
     seq_len: int = 512
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 200
+    # None: the defaults of SCRATCH or CONTINUED below, by whether `init` is given.
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup: int | None = None
     decay_share: float = 0.25  # warm-up, constant, then linear decay over the last share of steps
     weight_decay: float = 0.1
     ce_weight: float = 0.2
@@ -331,6 +338,66 @@ class DistillConfig:
     device: str = "cuda"
 
 
+# Learning-rate defaults (peak, floor, warm-up steps). From scratch: warm-up 200, constant 3e-3,
+# linear decay to 3e-4 over the last `decay_share` of the run (the run that made the shipped
+# weights). Continued from trained weights (`init`): the same shape of schedule at half the peak,
+# with the floor at the same 10% of it and a short warm-up. The shipped weights ended their run
+# annealed at 3e-4; re-warming to the full 3e-3 would first undo that annealing (a loss spike
+# that costs a good part of a short run to recover), while their perplexity curve was still
+# falling steeply, so they are far from converged and a peak well above the old floor still pays.
+# Re-warming to a fraction of the original peak and decaying again is the usual rule for
+# continued pre-training (e.g. Ibrahim et al. 2024, "Simple and scalable strategies to
+# continually pre-train large language models"). 50 steps of warm-up: the fresh AdamW moments
+# need a few dozen steps to settle; the weights themselves need no warm-up.
+SCRATCH = dict(lr=3e-3, min_lr=3e-4, warmup=200)
+CONTINUED = dict(lr=1.5e-3, min_lr=1.5e-4, warmup=50)
+
+
+def resolved(cfg: DistillConfig) -> DistillConfig:
+    """`cfg` with the learning-rate fields left at None filled in (SCRATCH or CONTINUED; the
+    floor is a tenth of the peak whichever peak is given)."""
+    from dataclasses import replace
+
+    base = CONTINUED if cfg.init else SCRATCH
+    lr = cfg.lr if cfg.lr is not None else base["lr"]
+    return replace(cfg, lr=lr, min_lr=cfg.min_lr if cfg.min_lr is not None else lr / 10,
+                   warmup=cfg.warmup if cfg.warmup is not None else base["warmup"])
+
+
+def init_student(spec: str, teacher_config, shape: dict | None = None):
+    """The float32 Mamba-2 in `spec` ('mamba2-smol', a GGUF file, an HF folder), checked to speak
+    the teacher's vocabulary; `shape` overrides that contradict its shape are refused."""
+    from transformers import Mamba2ForCausalLM
+
+    from meestral.quantized import model_from_gguf
+
+    path = Path(spec).expanduser()
+    if spec == "mamba2-smol":
+        from meestral.assets import MAMBA2_SMOL
+
+        if not MAMBA2_SMOL.is_file():
+            raise MeestralError(f"--init mamba2-smol: the embedded weights are missing ({MAMBA2_SMOL}): "
+                                "give the GGUF file's path instead")
+        model = model_from_gguf(MAMBA2_SMOL)
+    elif path.is_file():
+        model = model_from_gguf(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        model = Mamba2ForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    else:
+        raise MeestralError(f"--init {spec}: not 'mamba2-smol', a GGUF file or an HF folder with config.json")
+    cfg = model.config
+    if cfg.model_type != "mamba2":
+        raise MeestralError(f"--init {spec} is a {cfg.model_type!r} model: the student is a Mamba-2")
+    if cfg.vocab_size != teacher_config.vocab_size:
+        raise MeestralError(f"--init {spec} has a vocabulary of {cfg.vocab_size}, the teacher "
+                            f"{teacher_config.vocab_size}: it was not distilled from this teacher")
+    for k, v in (shape or {}).items():
+        if getattr(cfg, k, None) != v:
+            raise MeestralError(f"--shape {k}={v} contradicts --init {spec} ({k}={getattr(cfg, k, None)}): "
+                                "the student's shape comes from its weights; drop --shape")
+    return model.float().train()
+
+
 def _lr(cfg: DistillConfig, step: int, total: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -341,6 +408,17 @@ def _lr(cfg: DistillConfig, step: int, total: int) -> float:
     return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, frac)
 
 
+RETIME = 100  # steps between re-fixings of a `seconds` run's step count
+
+
+def refixed_total(step: int, s_per_step: float, s_left: float, warmup: int, decay_share: float) -> int:
+    """The step count that ends a `seconds` run at its deadline from `step` at the current speed,
+    but never so small that the decay would already have begun (the schedule stays continuous:
+    a run late for its deadline finishes its decay a little late rather than jumping in lr)."""
+    fits = step + int(max(0.0, s_left) / max(s_per_step, 1e-9))
+    return max(warmup + 1, math.floor(step / (1 - decay_share)) + 1 if decay_share < 1 else step + 1, fits)
+
+
 def distill(cfg: DistillConfig, log=print) -> dict:
     """Train the student; returns the last log record. Writes into cfg.out: checkpoint.pt,
     log.jsonl, config.json, student/ (HF folder) and mamba2-smol.gguf (Q8_0) at the end."""
@@ -349,13 +427,18 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     from meestral.data import heldout_rows
     from meestral.tokenizer import HFTokenizer
 
+    cfg = resolved(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(cfg.device)
     teacher, tok = load_teacher(cfg.teacher, cfg.device)
-    scfg = student_config(teacher.config, **cfg.shape)
     torch.manual_seed(cfg.seed)
-    student = Mamba2ForCausalLM(scfg).to(dev)
+    if cfg.init:
+        student = init_student(cfg.init, teacher.config, cfg.shape).to(dev)
+        scfg = student.config
+    else:
+        scfg = student_config(teacher.config, **cfg.shape)
+        student = Mamba2ForCausalLM(scfg).to(dev)
     n_params = sum(p.numel() for p in student.parameters())
     decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
@@ -374,7 +457,8 @@ def distill(cfg: DistillConfig, log=print) -> dict:
         step, total, tokens_seen, elapsed = state["step"], state["total"], state["tokens"], state["elapsed"]
         total = cfg.steps if cfg.steps is not None else total  # a longer run may continue a shorter one
         pool.gen.set_state(state["pool_rng"])
-        log(json.dumps({"resumed_at": step, "total": total}))
+        # The checkpoint's weights replace the --init ones: a stopped run continues where it was.
+        log(json.dumps({"resumed_at": step, "total": total, **({"init_ignored": cfg.init} if cfg.init else {})}))
     write_json(out / "config.json", {"distill": asdict(cfg), "student": scfg.to_dict(), "params": n_params},
                indent=1)
     log(json.dumps({"student_params": n_params, "corpus_rows": 0 if corpus is None else len(corpus),
@@ -399,6 +483,11 @@ def distill(cfg: DistillConfig, log=print) -> dict:
             "student": student.state_dict(), "opt": opt.state_dict(), "step": step, "total": total,
             "tokens": tokens_seen, "elapsed": elapsed, "pool_rng": pool.gen.get_state()}, t))
 
+    if cfg.init and step == 0:  # where the continued run starts from: the first point of its curve
+        student.eval()
+        record({"step": 0, "init": cfg.init, "heldout_ppl": round(heldout_ppl(student, held), 3),
+                "teacher_heldout_ppl": round(teacher_ppl, 3)})
+        student.train()
     pool.refresh()
     waited = 0
     while len(pool.rows) < cfg.min_rows and cfg.data and waited < cfg.wait_seconds:
@@ -408,6 +497,11 @@ def distill(cfg: DistillConfig, log=print) -> dict:
             break
     t_run = time.time()
     t_win, tok_win = time.time(), 0
+    # With `seconds` the step count is fixed after 20 steps, then fixed again every RETIME steps
+    # until the decay starts, from the speed of the last RETIME steps and the time left: the
+    # trainer shares its GPU with a sampler and other trainers that start and stop, and a count
+    # fixed once would end the decay far from the deadline (or be stopped before it).
+    deadline, t_mark, s_mark = None, None, 0
     while total is None or step < total:
         if step % 20 == 0:
             pool.refresh()
@@ -432,7 +526,17 @@ def distill(cfg: DistillConfig, log=print) -> dict:
                 torch.cuda.synchronize()
             per_step = (time.time() - t_run) / 20
             total = max(cfg.warmup + 1, int(cfg.seconds / per_step))
+            deadline, t_mark, s_mark = t_run + cfg.seconds, time.time(), step
             record({"step": step, "fixed_total_steps": total, "s_per_step": round(per_step, 4)})
+        elif deadline is not None and step % RETIME == 0 and step < int(total * (1 - cfg.decay_share)):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.time()
+            per_step, t_mark, s_mark = (now - t_mark) / (step - s_mark), now, step
+            new = refixed_total(step, per_step, deadline - now, cfg.warmup, cfg.decay_share)
+            record({"step": step, "refixed_total_steps": new, "s_per_step": round(per_step, 4),
+                    "s_left": round(deadline - now)})
+            total = new
         if step % cfg.log_every == 0 or step == total:
             dt = time.time() - t_win
             elapsed += dt
@@ -454,7 +558,8 @@ def distill(cfg: DistillConfig, log=print) -> dict:
 
 
 def export(cfg: DistillConfig, log=print) -> dict:
-    """`finish` from the run's last checkpoint: for a run stopped before its last step."""
+    """`finish` from the run's last checkpoint: for a run stopped before its last step. The
+    student's shape, the teacher and the held-out rows are the run's (its config.json)."""
     from transformers import Mamba2ForCausalLM
 
     from meestral.data import heldout_rows
@@ -463,9 +568,22 @@ def export(cfg: DistillConfig, log=print) -> dict:
     out = Path(cfg.out)
     if not (out / "checkpoint.pt").exists():
         raise MeestralError(f"{out} has no checkpoint.pt: give the --out folder of a distill train run")
+    saved = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+    if "distill" in saved:  # measured as the run measured: its teacher and held-out rows
+        from dataclasses import replace
+
+        run = saved["distill"]
+        cfg = replace(cfg, **{k: run[k] for k in ("teacher", "corpus", "seq_len", "heldout_tokens") if k in run})
     teacher, tok = load_teacher(cfg.teacher, cfg.device)
     state = torch.load(out / "checkpoint.pt", map_location=cfg.device, weights_only=False)
-    student = Mamba2ForCausalLM(student_config(teacher.config, **cfg.shape)).to(cfg.device)
+    if "student" in saved:
+        # The shape the run trained (its --init's or its --shape's), not the flags given here.
+        from transformers import Mamba2Config
+
+        scfg = Mamba2Config.from_dict(saved["student"])
+    else:
+        scfg = student_config(teacher.config, **cfg.shape)
+    student = Mamba2ForCausalLM(scfg).to(cfg.device)
     student.load_state_dict(state["student"])
     held = heldout_rows(cfg.corpus or "embedded", HFTokenizer(tok), cfg.heldout_tokens, cfg.seq_len)
 

@@ -2,6 +2,7 @@
 
     meestral distill sample --teacher smollm2 --out /tmp/d/data --seconds 900 --device cuda
     meestral distill train  --teacher smollm2 --data /tmp/d/data --out /tmp/d/run --seconds 840
+    meestral distill train  --init mamba2-smol --data /tmp/d/data --out /tmp/d/run2 --seconds 600
 
 recipes/mamba2-smol/ runs both at once on one GPU to build the embedded `mamba2-smol`.
 """
@@ -49,11 +50,14 @@ def add_distill_parser(sub):
     t.add_argument("--corpus-share", type=float, default=0.05)
     t.add_argument("--out", default="runs/distill")
     t.add_argument("--shape", type=_shape, default={}, help="student shape overrides, e.g. hidden_size=384")
+    t.add_argument("--init", help="continue from these weights instead of a random student: mamba2-smol | "
+                                  "GGUF file (distill export's) | HF folder (the shape is theirs)")
     t.add_argument("--steps", type=int)
     t.add_argument("--seconds", type=float, help="train this long: the step count is fixed after 20 steps")
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--seq-len", type=int, default=512)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--lr", type=float, help="peak learning rate (default 3e-3; with --init 1.5e-3); the decay ends at lr/10")
+    t.add_argument("--warmup", type=int, help="warm-up steps (default 200; with --init 50)")
     t.add_argument("--ce-weight", type=float, default=0.2)
     t.add_argument("--eval-every", type=int, default=250)
     t.add_argument("--ckpt-every", type=int, default=200)
@@ -66,7 +70,7 @@ def add_distill_parser(sub):
     e = dsub.add_parser("export", help="HF folder + Q8_0 GGUF from a train run's last checkpoint")
     e.add_argument("--teacher", default="smollm2")
     e.add_argument("--out", required=True, help="the train run's --out folder")
-    e.add_argument("--shape", type=_shape, default={})
+    e.add_argument("--shape", type=_shape, default={}, help="only for a run without config.json (which names the shape)")
     e.add_argument("--device", default="cuda")
     e.set_defaults(func=cmd_export)
     return d
@@ -88,8 +92,9 @@ def cmd_train(args):
     if args.steps is None and args.seconds is None:
         args.steps = 1000
     cfg = DistillConfig(teacher=args.teacher, data=args.data, corpus=args.corpus or None,
-                        corpus_share=args.corpus_share, out=args.out, shape=args.shape, steps=args.steps,
-                        seconds=args.seconds, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
+                        corpus_share=args.corpus_share, out=args.out, shape=args.shape, init=args.init,
+                        steps=args.steps, seconds=args.seconds, batch=args.batch, seq_len=args.seq_len,
+                        lr=args.lr, warmup=args.warmup,
                         ce_weight=args.ce_weight, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                         compile=args.compile, resume=not args.no_resume, seed=args.seed, device=args.device)
     print(json.dumps(distill(cfg)))
