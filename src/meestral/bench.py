@@ -161,10 +161,8 @@ def hf_static_step_tokens(bb, ids, tokens, compile_step=True, times=None):
 PEER_WARM_STEPS = 3
 
 
-def _hf_compiled_ms(bb, ids, tokens, repeats, keep=None):
+def _hf_compiled_ms(bb, ids, tokens, repeats):
     stepper = HFStepper(bb, len(ids) + tokens)
-    if keep is not None:
-        keep["hf-compiled"] = stepper  # a profile then reuses its compiled step and graphs
     runs = []
     for _ in range(repeats + 1):  # the first run compiles and captures
         times = []
@@ -173,14 +171,14 @@ def _hf_compiled_ms(bb, ids, tokens, repeats, keep=None):
     return statistics.median(statistics.mean(s) for s in runs[1:])
 
 
-def _peer_ms(name, bb, ids, tokens, repeats, keep=None):
+def _peer_ms(name, bb, ids, tokens, repeats):
     try:
         if name == "hf":
             return _hf_generate_ms(bb, ids, tokens, repeats)
         if name == "hf-static":
             return _hf_generate_ms(bb, ids, tokens, repeats, cache_implementation="static")
         if name == "hf-compiled":
-            return _hf_compiled_ms(bb, ids, tokens, repeats, keep)
+            return _hf_compiled_ms(bb, ids, tokens, repeats)
     except Exception as e:  # a peer that cannot run this backbone is reported, not fatal
         print(f"peer {name} skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return None
@@ -190,8 +188,8 @@ def _peer_ms(name, bb, ids, tokens, repeats, keep=None):
 def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None,
               max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",), profile=None):
     """Rows of JSON per case (see the module's docstring). `profile` (a path): also profile one
-    generation of our full depth, the first exit layer's copy and catchup rows and the compiled
-    peer (when run), and write their kernel tables there (kernel_profile.py)."""
+    generation of our full depth and of the first exit layer's copy and catchup rows, and write
+    their kernel tables there (kernel_profile.py)."""
     out = out or sys.stdout  # resolved per call, so redirections made after import are honoured
     bb = load_backbone(backbone, dtype=dtype, device=device)
     L = bb.num_layers
@@ -210,8 +208,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         for i, (_, _, dec) in enumerate(decs):
             # dec.summary charges the work on rolled-back (verify) tokens to the kept ones.
             runs[i].append(dec.summary(dec.generate([ids], opts)[0]))
-    steppers: dict = {}
-    peer_ms = {p: _peer_ms(p, bb, ids, tokens, repeats, steppers) for p in peers}
+    peer_ms = {p: _peer_ms(p, bb, ids, tokens, repeats) for p in peers}
     gbps = copy_gbps(bb.device)
     rows = []
     for i, (name, policy, dec) in enumerate(decs):
@@ -245,7 +242,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         r["date"] = time.strftime("%Y-%m-%d")
         print(json.dumps(r), file=out, flush=True)
     if profile:
-        _write_profiles(profile, bb, ids, tokens, opts, decs, steppers)
+        _write_profiles(profile, bb, ids, tokens, opts, decs)
     print(f"\n{'case':<12} {'policy':<10} {'engine':<12} {'layers':>7} {'deep':>5} {'tok/s':>8} {'vs full':>8} "
           f"{'vs peer':>8} {'GB/s':>7} {'bytes':>6}", file=sys.stderr)
     for r in rows:
@@ -256,7 +253,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     return rows
 
 
-def _write_profiles(path, bb, ids, tokens, opts, decs, steppers):
+def _write_profiles(path, bb, ids, tokens, opts, decs):
     """Kernel tables of our full depth and the first exit layer's copy / catchup rows.
 
     CUPTI cannot be trusted on CUDA-graph replays (an illegal memory access on the 2026-12-02 run,
