@@ -85,6 +85,15 @@ def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None) 
         dst.index_copy_(0, rows, src.index_select(0, rows))
 
 
+def rms_norm(x, w, eps):
+    """HF's RMSNorm (Llama/Mistral and Mamba alike), op for op: float32 variance, the scale
+    applied in the input dtype. For the fixed path's pure functions, which take weights, not modules."""
+    dt = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x.to(dt)
+
+
 _COMPILED: dict = {}
 
 

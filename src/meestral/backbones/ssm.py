@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from meestral.backbones.base import Backbone, LayerCost
+from meestral.backbones.base import Backbone, LayerCost, rms_norm
 
 # Windows longer than this take the per-module path even on the fixed path: the fused step unrolls
 # its token loop, and a prompt-length unroll would compile for minutes to save nothing (a long
@@ -37,9 +37,7 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     token loop in locals and written back once: compiled, the update then fuses with the step.
     """
     Bsz, T, _ = h.shape
-    x = h.to(norm_w.dtype)  # Mamba2RMSNorm: float32 variance, `weight * h.to(input_dtype)`
-    xf = x.float()
-    u = norm_w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    u = rms_norm(h.to(norm_w.dtype), norm_w, eps)  # the block's Mamba2RMSNorm
     I, H, P, G, N = intermediate, n_heads, head_dim, n_groups, state_size
     if output:
         gate, xbc, dt = F.linear(u, in_w, in_b).split([I, conv_dim, H], dim=-1)

@@ -14,7 +14,7 @@ import inspect
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from meestral.backbones.base import Backbone, LayerCost, Step
+from meestral.backbones.base import Backbone, LayerCost, Step, rms_norm
 
 
 class KVState:
@@ -52,14 +52,6 @@ class _SlotCache:
         return self.state.k[layer_idx][:, :, :end], self.state.v[layer_idx][:, :, :end]
 
 
-def _rms(x, w, eps):
-    """HF's Llama/Mistral RMSNorm, op for op (float32 variance, scale in the input dtype)."""
-    dt = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return w * x.to(dt)
-
-
 def _rotate(x, cos, sin):
     """HF's apply_rotary_pos_emb for one tensor [B, H, T, D] (cos/sin [B, T, D])."""
     half = x.shape[-1] // 2
@@ -75,6 +67,23 @@ def _write_kv(kbuf, vbuf, valid, k, v, slots, write):
     valid.index_copy_(1, slots, valid.index_select(1, slots) | write)
 
 
+def _attend(q, k, v, kbuf, vbuf, valid, slots, write, shown, causal, own, scaling):
+    """Grouped attention of q [B, H, T, D] over the first `keys` cache slots (keys =
+    causal.shape[-1]) after writing k/v at `slots`: each K/V head read once for its G query heads
+    (no repeat_kv), the mask made from the layer's validity before its write, softmax in float32
+    as HF's eager attention. Returns [B, T, H*D]."""
+    B, H, T, D = q.shape
+    n_kv = kbuf.shape[1]
+    G, keys = H // n_kv, causal.shape[-1]
+    allowed = ((valid[:, :keys] | shown)[:, None, :] & causal) | own  # [B, T, keys]
+    allowed = allowed.repeat(1, G, 1)[:, None]  # [B, 1, G*T, keys]: row g*T + t
+    _write_kv(kbuf, vbuf, valid, k, v, slots, write)
+    scores = torch.matmul(q.reshape(B, n_kv, G * T, D), kbuf[:, :, :keys].transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, vbuf[:, :, :keys]).view(B, H, T, D).transpose(1, 2).reshape(B, T, -1)
+
+
 def _decoder_fixed(h, ln1, w_qkv, w_o, ln2, w_gu, w_down, kbuf, vbuf, valid, slots, write, shown, causal, own,
                    cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int, scaling: float):
     """One Mistral/Llama decoder layer (SiLU MLP, no biases) over the first `keys` cache slots
@@ -82,33 +91,24 @@ def _decoder_fixed(h, ln1, w_qkv, w_o, ln2, w_gu, w_down, kbuf, vbuf, valid, slo
     for every layer of a shape, and inductor fuses what lies between the four matmuls.
 
     q/k/v come from one matmul over the concatenated projections, gate/up from another (the
-    backbone's weights are views into those concatenations: no copy). Attention is grouped (each
-    K/V head read once for its G query heads) with the mask made here from the layer's validity
-    before its write, softmax in float32 as HF's eager attention."""
+    backbone's weights are views into those concatenations: no copy); attention is `_attend`."""
     B, T, _ = h.shape
-    D, G = head_dim, n_heads // n_kv
-    keys = causal.shape[-1]
-    x = _rms(h, ln1, eps)
+    D = head_dim
+    x = rms_norm(h, ln1, eps)
     q, k, v = torch.nn.functional.linear(x, w_qkv).split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
     q = _rotate(q.view(B, T, n_heads, D).transpose(1, 2), cos, sin)
     k = _rotate(k.view(B, T, n_kv, D).transpose(1, 2), cos, sin)
     v = v.view(B, T, n_kv, D).transpose(1, 2)
-    allowed = ((valid[:, :keys] | shown)[:, None, :] & causal) | own  # [B, T, keys]
-    allowed = allowed.repeat(1, G, 1)[:, None]  # [B, 1, G*T, keys]: row g*T + t
-    _write_kv(kbuf, vbuf, valid, k, v, slots, write)
-    scores = torch.matmul(q.reshape(B, n_kv, G * T, D), kbuf[:, :, :keys].transpose(-1, -2)) * scaling
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    o = torch.matmul(probs, vbuf[:, :, :keys]).view(B, n_heads, T, D).transpose(1, 2).reshape(B, T, -1)
+    o = _attend(q, k, v, kbuf, vbuf, valid, slots, write, shown, causal, own, scaling)
     h = h + torch.nn.functional.linear(o, w_o)
-    gate, up = torch.nn.functional.linear(_rms(h, ln2, eps), w_gu).chunk(2, dim=-1)
+    gate, up = torch.nn.functional.linear(rms_norm(h, ln2, eps), w_gu).chunk(2, dim=-1)
     return h + torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w_down)
 
 
 def _propagate_fixed(h, ln1, w_kv, kbuf, vbuf, valid, slots, write, cos, sin, eps: float, n_kv: int, head_dim: int):
     """The `propagate` policy's state-only step of one layer: K/V of h written at the slots."""
     B, T, _ = h.shape
-    k, v = torch.nn.functional.linear(_rms(h, ln1, eps), w_kv).chunk(2, dim=-1)
+    k, v = torch.nn.functional.linear(rms_norm(h, ln1, eps), w_kv).chunk(2, dim=-1)
     k = _rotate(k.view(B, T, n_kv, head_dim).transpose(1, 2), cos, sin)
     v = v.view(B, T, n_kv, head_dim).transpose(1, 2)
     _write_kv(kbuf, vbuf, valid, k, v, slots, write)
@@ -329,20 +329,14 @@ class TransformerBackbone(Backbone):
                       float(block.input_layernorm.variance_epsilon), self.n_heads, self.n_kv, self.head_dim,
                       float(attn.scaling)), None
         B, T, _ = h.shape
-        D, G = self.head_dim, self.n_heads // self.n_kv
+        D = self.head_dim
         x = block.input_layernorm(h)
         q = attn.q_proj(x).view(B, T, -1, D).transpose(1, 2)
         k = attn.k_proj(x).view(B, T, -1, D).transpose(1, 2)
         v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        allowed = ((state.valid[i, :, :keys] | ctx["shown"])[:, None, :] & ctx["causal"]) | ctx["own"]
-        allowed = allowed.repeat(1, G, 1)[:, None]
-        self._write_fixed(state, i, k, v, step)
-        kk, vv = state.k[i][:, :, :keys], state.v[i][:, :, :keys]
-        scores = torch.matmul(q.reshape(B, self.n_kv, G * T, D), kk.transpose(-1, -2)) * attn.scaling
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = torch.matmul(probs, vv).view(B, self.n_heads, T, D).transpose(1, 2).reshape(B, T, -1)
+        o = _attend(q, k, v, state.k[i], state.v[i], state.valid[i], step.slots, step.write, ctx["shown"],
+                    ctx["causal"], ctx["own"], attn.scaling)
         h = h + attn.o_proj(o)
         return h + block.mlp(block.post_attention_layernorm(h)), None
 
