@@ -35,6 +35,14 @@ def reference_states(bb, tokens, lengths):
     return out
 
 
+def assert_state_close(got, want):
+    """Equal to float32 rounding on the tensor's own scale: the decoder's fused q/k/v (and
+    Mamba-2's fused step) round differently from the reference's separate modules, and the error
+    grows with the values (deep SmolLM2 layers hold V up to ~12, where 1e-5 absolute is 1 ulp)."""
+    scale = float(want.abs().max().clamp_min(1.0))
+    torch.testing.assert_close(got, want, atol=1e-5 * scale, rtol=1e-4)
+
+
 def generate_seen(dec, prompts, opts):
     """Generations and the decoder's last StepView (its public inspection hook)."""
     views = []
@@ -72,12 +80,12 @@ def check_states_exact(bb, view, prompts):
                 k, v, _ = refs[fed - pad][layer]
                 assert state.valid[layer, b, pad:pad + n].all()
                 assert not state.valid[layer, b, pad + n:].any()
-                torch.testing.assert_close(state.k[layer][b, :, pad:pad + n], k[0, :, :n], atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(state.v[layer][b, :, pad:pad + n], v[0, :, :n], atol=1e-5, rtol=1e-4)
+                assert_state_close(state.k[layer][b, :, pad:pad + n], k[0, :, :n])
+                assert_state_close(state.v[layer][b, :, pad:pad + n], v[0, :, :n])
             else:
                 conv, ssm = refs[n][layer]
-                torch.testing.assert_close(state.conv[layer][b], conv[0], atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(state.ssm[layer][b], ssm[0], atol=1e-5, rtol=1e-4)
+                assert_state_close(state.conv[layer][b], conv[0])
+                assert_state_close(state.ssm[layer][b], ssm[0])
     return lacking_somewhere
 
 
