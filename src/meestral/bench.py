@@ -185,6 +185,13 @@ def _peer_ms(name, bb, ids, tokens, repeats):
     raise ValueError(f"unknown peer {name!r}: use {', '.join(PEERS)}")
 
 
+def _progress(label, ms):
+    """One stderr line per measured case as it comes: a run cut short by a time limit still shows
+    what it measured (the JSON rows, with their in-run ratios, are written at the end)."""
+    got = "skipped" if ms is None else f"{ms:.3f} ms/token ({1000.0 / ms:.1f} tok/s)"
+    print(f"measured: {label}: {got}", file=sys.stderr, flush=True)
+
+
 def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None,
               max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",), profile=None):
     """Rows of JSON per case (see the module's docstring). `profile` (a path): also profile one
@@ -205,10 +212,14 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         dec.generate([ids], SamplingOptions(max_new_tokens=min(tokens, 8)))  # warm-up: allocator, capture
     runs = {i: [] for i in range(len(decs))}
     for _ in range(repeats):
-        for i, (_, _, dec) in enumerate(decs):
+        for i, (name, policy, dec) in enumerate(decs):
             # dec.summary charges the work on rolled-back (verify) tokens to the kept ones.
             runs[i].append(dec.summary(dec.generate([ids], opts)[0]))
-    peer_ms = {p: _peer_ms(p, bb, ids, tokens, repeats) for p in peers}
+            _progress(f"{name} {policy} {type(dec.engine).__name__}", runs[i][-1]["ms_per_token"])
+    peer_ms = {}
+    for p in peers:
+        peer_ms[p] = _peer_ms(p, bb, ids, tokens, repeats)
+        _progress(f"peer {p}", peer_ms[p])
     gbps = copy_gbps(bb.device)
     rows = []
     for i, (name, policy, dec) in enumerate(decs):
