@@ -42,7 +42,7 @@ from meestral.accounting import StepLog
 from meestral.backbones.base import Step
 from meestral.exit_rule import exits_here
 from meestral.policies import Outcome, Policy
-from meestral.sampling import draw, probabilities
+from meestral.sampling import draw, probabilities, sample
 
 
 class BacklogSchedule:
@@ -138,7 +138,7 @@ class CatchupPolicy(Policy):
         lo = min(bl.cur[b] - len(bl.schedule[b]) for b in rows)
         hi = max(bl.cur[b] for b in rows)
         win = slice(lo, hi + 1)
-        cur = torch.tensor(bl.cur, device=dev)
+        cur = batch.tensor(bl.cur, torch.long)
         slots = torch.arange(lo, hi + 1, device=dev)
         in_row = (slots[None, :] <= cur[:, None]) & batch.active_dev[:, None]
         depth = bl.depth[:, win]
@@ -150,7 +150,7 @@ class CatchupPolicy(Policy):
         every = torch.arange(batch.B, device=dev)
         running = batch.active_dev.clone()
         running_rows = list(rows)
-        may_exit = torch.tensor([b in rows and b not in forced for b in range(batch.B)], device=dev)
+        may_exit = batch.tensor([b in rows and b not in forced for b in range(batch.B)], torch.bool)
         exit_layer, probes = {}, {}
         probe_logits = None
         last = len(self.segments) - 1
@@ -175,7 +175,7 @@ class CatchupPolicy(Policy):
                 if lg is not None:
                     probe_logits = lg if probe_logits is None else torch.where(newly[:, None], lg, probe_logits)
         bl.hidden[:, win] = x
-        e = torch.tensor([exit_layer.get(b, L - 1) for b in range(batch.B)], device=dev)
+        e = batch.tensor([exit_layer.get(b, L - 1) for b in range(batch.B)], torch.long)
         bl.depth[:, win] = torch.where(in_row, torch.maximum(depth, e[:, None]), depth)
         h_cur = x[every, at]
         if probe_logits is not None and not running_rows:
@@ -183,14 +183,14 @@ class CatchupPolicy(Policy):
         else:
             logits = eng.logits(h_cur)
             if probe_logits is not None:
-                left = torch.tensor([b in exit_layer for b in range(batch.B)], device=dev)
+                left = batch.tensor([b in exit_layer for b in range(batch.B)], torch.bool)
                 logits = torch.where(left[:, None], probe_logits, logits)
         full = eng.logits(x) if self.verify and running_rows else None
         return exit_layer, probes, logits, full, lo
 
     def _choose(self, batch, rows, exit_layer, logits, full, lo, opts, gen):
         """[B, k] on the device: per row the token to emit (and under verify, the rejection)."""
-        return draw(probabilities(logits, opts), opts, gen)[:, None]
+        return sample(logits, opts, gen)[:, None]
 
     def _apply(self, batch, rows, exit_layer, probes, vals, lo):
         """Host side of the step: per row the outcome, its log, and the backlog's new shape."""
@@ -218,7 +218,7 @@ class CatchupPolicy(Policy):
             adv_tokens.append(token)
         if adv_rows:
             r, s = batch.index(adv_rows), batch.index(adv_slots)
-            bl.tokens[r, s] = torch.tensor(adv_tokens, device=r.device)
+            bl.tokens[r, s] = batch.tensor(adv_tokens, torch.long)
             bl.depth[r, s] = -1
         batch.fed = bl.tokens[torch.arange(batch.B, device=bl.tokens.device), batch.index(bl.cur)]
         return out
@@ -238,10 +238,12 @@ class VerifyPolicy(CatchupPolicy):
         are checked against the full model's distributions over the window."""
         bl, B = batch.backlog, batch.B
         dev = logits.device
-        q_next = probabilities(logits, opts)
-        nxt = draw(q_next, opts, gen)
         greedy = opts.greedy
-        if not greedy:
+        if greedy:  # the one-hot distributions below reduce to argmaxes: skip the [B, V] tensors
+            nxt = logits.argmax(-1)
+        else:
+            q_next = probabilities(logits, opts)
+            nxt = draw(q_next, opts, gen)
             R = self.cfg.max_backlog + 1
             if bl.q is None:
                 bl.q = torch.zeros(B, R, q_next.shape[-1], device=dev)
@@ -254,24 +256,26 @@ class VerifyPolicy(CatchupPolicy):
         checking = [b for b in rows if b not in exit_layer and bl.drafts[b]]
         if checking:
             W = full.shape[1]
-            # Slot t's distribution is the full model's at t-1: window positions 0..W-2 give t = lo+1..lo+W-1.
-            p = probabilities(full[:, : W - 1], opts)  # [B, W-1, V]
             x = bl.tokens[:, lo + 1: lo + W]  # [B, W-1] the drafted tokens
             mask = torch.zeros(B, W - 1, dtype=torch.bool)
             for b in checking:
                 for t in bl.drafts[b]:
                     mask[b, t - lo - 1] = True
-            mask = mask.to(dev)
-            if greedy:
-                q = torch.nn.functional.one_hot(x, p.shape[-1]).float()
-                u = torch.zeros(B, W - 1, device=dev)
-            else:
-                R = self.cfg.max_backlog + 1
-                q = bl.q[:, torch.arange(lo + 1, lo + W, device=dev) % R]
-                u = torch.rand(B, W - 1, generator=gen, device=dev)
+            mask = batch.tensor(mask)
+            # Slot t's distribution is the full model's at t-1: window positions 0..W-2 give t = lo+1..lo+W-1.
+            if greedy:  # keep a draft iff it is the full model's argmax; the fix is that argmax
+                best = full[:, : W - 1].argmax(-1)  # [B, W-1]
+                bad = mask & (x != best)
+                first = bad.float().argmax(1)
+                fix = best.gather(1, first[:, None])[:, 0]
+                reject = torch.where(bad.any(1), first + lo + 1, reject)
+                return torch.stack([nxt, reject, fix], 1)
+            p = probabilities(full[:, : W - 1], opts)  # [B, W-1, V]
+            q = bl.q[:, torch.arange(lo + 1, lo + W, device=dev) % R]
+            u = torch.rand(B, W - 1, generator=gen, device=dev)
             # Speculative sampling: keep x with probability min(1, p(x)/q(x)); otherwise draw from
-            # the normalised residual max(0, p - q). Greedy: p and q are one-hot, so x is kept iff
-            # it is the full model's argmax, and the residual is that argmax.
+            # the normalised residual max(0, p - q). (Greedy, above, is its one-hot case: p and q
+            # one-hot, x kept iff it is the full model's argmax, the residual that argmax.)
             px, qx = p.gather(-1, x[..., None])[..., 0], q.gather(-1, x[..., None])[..., 0]
             bad = mask & ~((qx > 0) & (u < px / qx.clamp(min=1e-30)))
             first = bad.float().argmax(1)  # first rejected position (where any)
@@ -279,11 +283,8 @@ class VerifyPolicy(CatchupPolicy):
             pf, qf = p[rows_, first], q[rows_, first]
             residual = (pf - qf).clamp(min=0)
             mass = residual.sum(-1, keepdim=True)
-            if greedy:
-                fix = pf.argmax(-1)
-            else:
-                safe = torch.where(mass > 0, residual / mass.clamp(min=1e-30), pf)
-                fix = torch.where(mass[:, 0] > 0, torch.multinomial(safe, 1, generator=gen)[:, 0], pf.argmax(-1))
+            safe = torch.where(mass > 0, residual / mass.clamp(min=1e-30), pf)
+            fix = torch.where(mass[:, 0] > 0, torch.multinomial(safe, 1, generator=gen)[:, 0], pf.argmax(-1))
             reject = torch.where(bad.any(1), first + lo + 1, reject)
         return torch.stack([nxt, reject, fix], 1)
 

@@ -51,7 +51,11 @@ class CapturedCall:
         self.inputs = {k: v.clone() for k, v in inputs.items()}
         self.step = None
         if step is not None:
-            self.step = Step(None, step.positions.clone(), step.write.clone(), {}, step.visible.clone())
+            # A step whose attention sees exactly what it writes (the usual case) keeps one buffer
+            # for both: a copy fewer per call. Whether it does is part of the call's key.
+            write = step.write.clone()
+            visible = write if step.visible is step.write else step.visible.clone()
+            self.step = Step(None, step.positions.clone(), write, {}, visible)
             self.step.memo["slots"] = step.slots.clone()  # the only memo entry: a buffer, refilled per call
         self.body = lambda: body(self.inputs, self.step)
         self.graph = None
@@ -64,7 +68,8 @@ class CapturedCall:
             return
         self.step.positions.copy_(step.positions)
         self.step.write.copy_(step.write)
-        self.step.visible.copy_(step.visible)
+        if self.step.visible is not self.step.write:
+            self.step.visible.copy_(step.visible)
         self.step.memo["slots"].copy_(step.slots)
 
     def first(self, capture: bool, stream, note):
@@ -146,6 +151,7 @@ class GraphEngine(EagerEngine):
             print(f"meestral: {msg}", file=sys.stderr)
 
     def _call(self, key, body, inputs: dict, step: Step):
+        key = key + (step is not None and step.visible is step.write,)
         call = self.calls.get(key)
         if call is None:
             call = self.calls[key] = CapturedCall(body, inputs, step)

@@ -26,6 +26,18 @@ from meestral.exit_rule import exits_here
 from meestral.sampling import sample
 
 
+def to_device(values, device, dtype=None) -> torch.Tensor:
+    """Host values (a list, or a CPU tensor) on `device` without stopping it. A plain
+    `torch.tensor(..., device="cuda")` copies from pageable memory, which first waits for every
+    kernel queued before it: in the middle of a step the GPU then idles while the host catches up.
+    From pinned memory the copy is queued like a kernel (stream order keeps it correct, and
+    PyTorch's pinned allocator keeps the buffer until the copy has run)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Batch:
     """One generation's rows in flight: prompts left-padded into slots, the per-layer state, and
     which rows are still active (on the host, and as a device mask for the kernels)."""
@@ -52,11 +64,15 @@ class Batch:
 
     def retire(self, b: int) -> None:
         self.active[b] = False
-        self.active_dev = torch.tensor(self.active, device=self.pad.device)
+        self.active_dev = self.tensor(self.active, torch.bool)
+
+    def tensor(self, values, dtype=None) -> torch.Tensor:
+        """Host values as a device tensor, queued without a device sync (`to_device`)."""
+        return to_device(values, self.pad.device, dtype)
 
     def index(self, rows) -> torch.Tensor:
         """Row indices as a device tensor (for row copies by index)."""
-        return torch.tensor(list(rows), dtype=torch.long, device=self.pad.device)
+        return self.tensor(list(rows), torch.long)
 
 
 @dataclass

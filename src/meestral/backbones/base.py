@@ -424,4 +424,4 @@ class Backbone(ABC):
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)
         if write is None:
             write = slots[None, :] >= pad[:, None]
-        return Step(start, positions, write)
+        return Step(start, positions, write, {"slots": slots})  # the fixed path's slots: made once
