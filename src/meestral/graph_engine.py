@@ -237,7 +237,8 @@ class GraphEngine(EagerEngine):
 
 def make_engine(kind: str, backbone, skip=()):
     """'eager', 'graph', or 'auto' (graph on CUDA, eager elsewhere: on a CPU the launches that the
-    graphs remove are not what bounds a step)."""
+    graphs remove are not what bounds a step); 'compiled' (the graph engine's compiled kernels
+    without capture) is for kernel profiles, which CUPTI cannot take of graph replays."""
     if kind == "auto":
         kind = "graph" if backbone.device.type == "cuda" else "eager"
     if kind == "graph":
@@ -246,4 +247,4 @@ def make_engine(kind: str, backbone, skip=()):
         return GraphEngine(backbone, skip, capture=False, compile=True)
     if kind == "eager":
         return EagerEngine(backbone, skip)
-    raise ValueError(f"unknown engine {kind!r}: use auto, eager or graph")
+    raise ValueError(f"unknown engine {kind!r}: use auto, eager, graph or compiled")
