@@ -201,11 +201,15 @@ class AdaptLog(RunLog):
         axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
         axes[0].set(title="train loss", xlabel="step")
         steps = [r["step"] for r in val]
-        axes[1].plot(steps, [r["bound_speedup_layers"] for r in val], marker="o")
-        axes[1].set(title="oracle bound (x, in layers) on held-out text", xlabel="step")
-        if val:
+        axes[1].plot(steps, [r["bound_speedup_layers"] for r in val], marker="o", label="oracle bound")
+        axes[1].set(title="held-out text: oracle bound and perplexity", xlabel="step", ylabel="oracle bound (x, in layers)")
+        if val:  # the bar is the pair: a bound bought with perplexity does not count
+            ppl = axes[1].twinx()
+            ppl.plot(steps, [r["heldout_ppl"] for r in val], marker="s", color="tab:red", label="perplexity")
+            ppl.set_ylabel("perplexity (final layer)", color="tab:red")
             keys = list(val[0]["agreement"])
-            for k in keys[:: max(1, len(keys) // 6)] + keys[-1:]:
+            shown = keys[:: max(1, len(keys) // 6)]
+            for k in shown + [k for k in keys[-1:] if k not in shown]:
                 axes[2].plot(steps, [r["agreement"][k] for r in val], label=f"L{k}")
             axes[2].legend(fontsize=7)
         axes[2].set(title="top-1 agreement with the final layer", xlabel="step")
