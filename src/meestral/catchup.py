@@ -239,12 +239,12 @@ class VerifyPolicy(CatchupPolicy):
         bl, B = batch.backlog, batch.B
         dev = logits.device
         greedy = opts.greedy
+        R = self.cfg.max_backlog + 1  # sampling: draft distributions kept by slot modulo R
         if greedy:  # the one-hot distributions below reduce to argmaxes: skip the [B, V] tensors
             nxt = logits.argmax(-1)
         else:
             q_next = probabilities(logits, opts)
             nxt = draw(q_next, opts, gen)
-            R = self.cfg.max_backlog + 1
             if bl.q is None:
                 bl.q = torch.zeros(B, R, q_next.shape[-1], device=dev)
             drafting = [b for b in rows if b in exit_layer]
@@ -266,25 +266,23 @@ class VerifyPolicy(CatchupPolicy):
             if greedy:  # keep a draft iff it is the full model's argmax; the fix is that argmax
                 best = full[:, : W - 1].argmax(-1)  # [B, W-1]
                 bad = mask & (x != best)
-                first = bad.float().argmax(1)
+                first = bad.float().argmax(1)  # first rejected position (where any)
                 fix = best.gather(1, first[:, None])[:, 0]
-                reject = torch.where(bad.any(1), first + lo + 1, reject)
-                return torch.stack([nxt, reject, fix], 1)
-            p = probabilities(full[:, : W - 1], opts)  # [B, W-1, V]
-            q = bl.q[:, torch.arange(lo + 1, lo + W, device=dev) % R]
-            u = torch.rand(B, W - 1, generator=gen, device=dev)
-            # Speculative sampling: keep x with probability min(1, p(x)/q(x)); otherwise draw from
-            # the normalised residual max(0, p - q). (Greedy, above, is its one-hot case: p and q
-            # one-hot, x kept iff it is the full model's argmax, the residual that argmax.)
-            px, qx = p.gather(-1, x[..., None])[..., 0], q.gather(-1, x[..., None])[..., 0]
-            bad = mask & ~((qx > 0) & (u < px / qx.clamp(min=1e-30)))
-            first = bad.float().argmax(1)  # first rejected position (where any)
-            rows_ = torch.arange(B, device=dev)
-            pf, qf = p[rows_, first], q[rows_, first]
-            residual = (pf - qf).clamp(min=0)
-            mass = residual.sum(-1, keepdim=True)
-            safe = torch.where(mass > 0, residual / mass.clamp(min=1e-30), pf)
-            fix = torch.where(mass[:, 0] > 0, torch.multinomial(safe, 1, generator=gen)[:, 0], pf.argmax(-1))
+            else:
+                # Speculative sampling: keep x with probability min(1, p(x)/q(x)); otherwise draw
+                # from the normalised residual max(0, p - q). (Greedy, above, is its one-hot case.)
+                p = probabilities(full[:, : W - 1], opts)  # [B, W-1, V]
+                q = bl.q[:, torch.arange(lo + 1, lo + W, device=dev) % R]
+                u = torch.rand(B, W - 1, generator=gen, device=dev)
+                px, qx = p.gather(-1, x[..., None])[..., 0], q.gather(-1, x[..., None])[..., 0]
+                bad = mask & ~((qx > 0) & (u < px / qx.clamp(min=1e-30)))
+                first = bad.float().argmax(1)
+                rows_ = torch.arange(B, device=dev)
+                pf, qf = p[rows_, first], q[rows_, first]
+                residual = (pf - qf).clamp(min=0)
+                mass = residual.sum(-1, keepdim=True)
+                safe = torch.where(mass > 0, residual / mass.clamp(min=1e-30), pf)
+                fix = torch.where(mass[:, 0] > 0, torch.multinomial(safe, 1, generator=gen)[:, 0], pf.argmax(-1))
             reject = torch.where(bad.any(1), first + lo + 1, reject)
         return torch.stack([nxt, reject, fix], 1)
 
