@@ -35,8 +35,7 @@ def median_softmax(bb, layer, n=48, seed=0):
     """Median max-probability of the logit lens at `layer`: a softmax threshold that makes
     roughly half the tokens exit there, whatever the random backbone's scale."""
     ids = torch.randint(3, bb.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
-    hs = bb.model(ids, output_hidden_states=True).hidden_states
-    h = hs[layer + 1] if bb.family == "transformer" else hs[layer]
+    h = bb.block_outputs(bb.model(ids, output_hidden_states=True).hidden_states, [layer])[layer]
     return float(bb.logits(h).softmax(-1).max(-1).values.median())
 
 

@@ -157,7 +157,7 @@ def test_pruned_model_skips_its_blocks_everywhere(tiny):
     # The pruned model by hand: blocks 0..L-4 and the last, over the whole sequence.
     ids = torch.tensor([PROMPTS[0] + g.token_ids[:-1]])
     hs = bb.model(ids, output_hidden_states=True).hidden_states
-    h = hs[L - 3]  # HF's hidden_states[k] is block k-1's output: here blocks 0..L-4 have run
+    h = bb.block_outputs(hs, [L - 4])[L - 4]  # blocks 0..L-4 have run
     state = bb.new_state(1, ids.shape[1])
     step = bb.make_step(0, ids.shape[1], torch.zeros(1, dtype=torch.long))
     out, _ = bb.forward_layer(L - 1, h, state, step)

@@ -99,9 +99,8 @@ def _reference(bb, ids, lengths, layers):
     per_layer, final = [], []
     for b, n in enumerate(lengths):
         x = ids[b : b + 1, :n]
-        hs = bb.model(x, output_hidden_states=True).hidden_states
-        idx = (lambda l: l + 1) if bb.family == "transformer" else (lambda l: l)
-        per_layer.append(torch.stack([bb.logits(hs[idx(l)][0]).argmax(-1) for l in layers], 1))
+        hs = bb.block_outputs(bb.model(x, output_hidden_states=True).hidden_states, layers)
+        per_layer.append(torch.stack([bb.logits(hs[l][0]).argmax(-1) for l in layers], 1))
         final.append(bb.full_logits(x)[0].argmax(-1))
     return torch.cat(per_layer).numpy(), torch.cat(final).numpy()
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from meestral.backbones.ssm import use_grouped_gated_norm
 from meestral.errors import MeestralError
 from meestral.files import atomic_write, write_json
 
@@ -439,6 +440,7 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     else:
         scfg = student_config(teacher.config, **cfg.shape)
         student = Mamba2ForCausalLM(scfg).to(dev)
+    use_grouped_gated_norm(student)  # Mamba-2's per-group norm on every transformers release
     n_params = sum(p.numel() for p in student.parameters())
     decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
@@ -584,6 +586,7 @@ def export(cfg: DistillConfig, log=print) -> dict:
     else:
         scfg = student_config(teacher.config, **cfg.shape)
     student = Mamba2ForCausalLM(scfg).to(cfg.device)
+    use_grouped_gated_norm(student)
     student.load_state_dict(state["student"])
     held = heldout_rows(cfg.corpus or "embedded", HFTokenizer(tok), cfg.heldout_tokens, cfg.seq_len)
 

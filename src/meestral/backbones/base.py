@@ -347,9 +347,36 @@ class Backbone(ABC):
         """The HF model's own full forward (the exactness reference)."""
         return self.model(input_ids=ids).logits
 
-    @abstractmethod
-    def _hidden_index(self, layer: int) -> int:
-        """Index of block `layer`'s raw output in HF's `output_hidden_states` tuple."""
+    def block_outputs(self, hidden_states, layers) -> dict:
+        """{layer: block `layer`'s raw output} from HF's `output_hidden_states` tuple.
+
+        The one place that knows the tuple's layout, which HF changes between releases. Seen:
+        Mistral/Llama put the embeddings first (emb, block 0 .. block L-2, normed final); Mamba
+        and Mamba-2 up to transformers 5.24 have no embeddings entry (block 0 .. block L-1, normed
+        final); Mamba-2 from 5.25 on follows Mistral's layout. Both have L+1 entries, so the
+        layout is read off the model once (`_hidden_offset`), not off the length or the version.
+        Block L-1's raw output is not in every layout: layers must be < L-1.
+        """
+        n, L = len(hidden_states), self.num_layers
+        if n != L + 1:
+            raise RuntimeError(f"HF returned {n} hidden states for {L} blocks, expected {L + 1}")
+        first = self._hidden_offset()
+        out = {}
+        for l in layers:
+            if not 0 <= l < L - 1:
+                raise ValueError(f"block_outputs: layers must lie in [0, {L - 2}], got {l}")
+            out[l] = hidden_states[l + first]
+        return out
+
+    def _hidden_offset(self) -> int:
+        """1 when entry 0 of HF's hidden states is the embeddings, else 0: one 2-token forward,
+        remembered per backbone."""
+        if getattr(self, "_hidden_offset_seen", None) is None:
+            ids = torch.tensor([[1, 2]], device=self.device)
+            with torch.no_grad():
+                first = self.model(input_ids=ids, output_hidden_states=True).hidden_states[0]
+                self._hidden_offset_seen = int(torch.equal(first, self.embed(ids).to(first.dtype)))
+        return self._hidden_offset_seen
 
     def _aux_module(self, layer: int):
         """Module whose forward output is block `layer`'s aux feature (None: no aux)."""
@@ -385,8 +412,7 @@ class Backbone(ABC):
         finally:
             for h in hooks:
                 h.remove()
-        hs = out.hidden_states
-        return {l: hs[self._hidden_index(l)] for l in layers}, auxes, out.logits
+        return self.block_outputs(out.hidden_states, layers), auxes, out.logits
 
     def train_forward(self, ids: torch.Tensor, layers=(), skip: torch.Tensor | None = None):
         """A whole-sequence pass with autograd on (adaptation trains through it): ({layer: block

@@ -80,6 +80,41 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     return residual + mixed, mixed
 
 
+class GroupedGatedRMSNorm(torch.nn.Module):
+    """Mamba-2's gated RMS norm as mamba-ssm defines it: y * silu(gate), then an RMS norm over each
+    group of intermediate / n_groups channels. transformers before 5.24 normalised over all
+    channels at once, which differs for n_groups > 1 (Codestral Mamba has 8): see
+    `use_grouped_gated_norm`. Holds the HF module's own weight, so state dicts keep their names."""
+
+    def __init__(self, weight: torch.nn.Parameter, group_size: int, eps: float):
+        super().__init__()
+        self.weight = weight
+        self.group_size = group_size
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states, gate=None):
+        dtype = hidden_states.dtype
+        x = hidden_states.float()
+        if gate is not None:
+            x = x * F.silu(gate.float())
+        g = x.view(*x.shape[:-1], x.shape[-1] // self.group_size, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * g.view(x.shape).to(dtype)
+
+
+def use_grouped_gated_norm(model) -> None:
+    """Give every Mamba-2 mixer of an HF model the per-group gated norm where its transformers
+    release lacks it (the one adapter function for that change; a no-op from 5.24 on, whose
+    `MambaRMSNormGated` has `group_size`). Run on every Mamba-2 model we build or load, so that
+    HF's own forward, our chunked scan and our stepped recurrence all compute Mamba-2."""
+    if getattr(model.config, "model_type", None) != "mamba2":
+        return
+    for block in model.backbone.layers:
+        m = block.mixer
+        if getattr(m.norm, "group_size", None) is None:
+            m.norm = GroupedGatedRMSNorm(m.norm.weight, m.intermediate_size // m.n_groups, m.norm.variance_epsilon)
+
+
 class SSMState:
     def __init__(self, conv, ssm):
         self.conv = conv  # list of [B, conv_dim, K]
@@ -97,6 +132,7 @@ class SSMBackbone(Backbone):
         self.arch = model.config.model_type  # "mamba" | "mamba2"
         self.v2 = self.arch == "mamba2"
         self.residual_in_fp32 = bool(getattr(model.config, "residual_in_fp32", False))
+        use_grouped_gated_norm(model)
 
     # ---- modules ---------------------------------------------------------------------------
     @property
@@ -121,9 +157,6 @@ class SSMBackbone(Backbone):
 
     def aux_dim(self):
         return self.hidden_size
-
-    def _hidden_index(self, layer):
-        return layer  # Mamba's tuple has no embeddings entry
 
     def _aux_module(self, layer):
         return self.blocks[layer].mixer
@@ -278,7 +311,7 @@ class SSMBackbone(Backbone):
         # Every value here is the same for all layers of a model: one compilation serves them all.
         lo, hi = m.time_step_limit
         scalars = dict(eps=block.norm.variance_epsilon, gnorm_eps=m.norm.variance_epsilon,
-                       group_size=getattr(m.norm, "group_size", m.intermediate_size), n_heads=m.num_heads, head_dim=m.head_dim,
+                       group_size=m.norm.group_size, n_heads=m.num_heads, head_dim=m.head_dim,
                        n_groups=m.n_groups, state_size=m.ssm_state_size, intermediate=m.intermediate_size,
                        conv_dim=m.conv_dim, dt_min=float(lo), dt_max=float(hi),
                        residual_in_fp32=self.residual_in_fp32)

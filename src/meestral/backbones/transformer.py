@@ -175,9 +175,6 @@ class TransformerBackbone(Backbone):
     lora_targets = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
-    def _hidden_index(self, layer):
-        return layer + 1  # entry 0 is the embeddings
-
     # ---- state -----------------------------------------------------------------------------
     def new_state(self, batch_size, capacity):
         return KVState(self.num_layers, batch_size, capacity, self.n_kv, self.head_dim, self.dtype, self.device)
