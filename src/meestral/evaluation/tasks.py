@@ -435,7 +435,7 @@ def coqa_docs(dataset):
 # ---- CoQA scoring under transformers 5 --------------------------------------------------------
 def _install_squad_metrics() -> None:
     """lm-eval 0.4.13's CoQA helpers import `transformers.data.metrics.squad_metrics`, which
-    transformers 5 removed, so lm-eval cannot even load CoQA there. Provide the two functions it
+    transformers removed during 5.x (5.17 has it, 5.24 not), so lm-eval cannot even load CoQA there. Provide the two functions it
     calls (SQuAD answer normalisation; exact match and token F1), written here from the SQuAD
     evaluation rules, only where transformers lacks the module.
 
@@ -445,11 +445,11 @@ def _install_squad_metrics() -> None:
     name = "transformers.data.metrics.squad_metrics"
     if name in sys.modules:
         return
-    try:
-        if int(importlib.metadata.version("transformers").split(".")[0]) < 5:
+    try:  # asked of the installed package, not of its version number: a stand-in beside the
+        if importlib.util.find_spec(name) is not None:  # real module breaks transformers.data
             return
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return
+    except ModuleNotFoundError:  # transformers.data.metrics itself is gone
+        pass
     metrics = types.ModuleType("transformers.data.metrics")
     squad = types.ModuleType(name)
     squad.normalize_answer = _normalize_answer
