@@ -12,7 +12,7 @@ a table on stderr. Figures go to benchmarks/NOTES.md. Same options as `meestral 
 
 import sys
 
-from meestral.cli import main
+from meestral.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -28,8 +28,8 @@ import time
 import torch
 
 from meestral.backbones.loading import load_backbone
-from meestral.heads import ExitHeads
-from meestral.training import clip_per_head, features_and_labels, heads_loss
+from meestral.decoding.heads import ExitHeads
+from meestral.training.head_training import clip_per_head, features_and_labels, heads_loss
 
 H200_BF16_DENSE = 989e12
 

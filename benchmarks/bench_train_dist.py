@@ -6,7 +6,7 @@
     python benchmarks/bench_train_dist.py --device cpu --backbone random:mistral --batch 8 --seq-len 32 \\
         --steps 24 --ckpt-every 4 --out /tmp/dist
 
-Cases, each one `meestral train` run (python -m meestral.training_cli train), each in OUT/<case>:
+Cases, each one `meestral train` run (python -m meestral.cli.train train), each in OUT/<case>:
   one          one process (one GPU), the reference
   ddp          torchrun --nproc_per_node N: heads under DDP, the backbone replicated
   fsdp         the same with --fsdp: the frozen backbone sharded over the N processes (FSDP2)
@@ -82,7 +82,7 @@ def train_argv(a, out: Path, corpus: Path) -> list[str]:
 
 
 def command(a, case: str, out: Path, corpus: Path) -> list[str]:
-    train = ["-m", "meestral.training_cli", *train_argv(a, out, corpus)]
+    train = ["-m", "meestral.cli.train", *train_argv(a, out, corpus)]
     if case == "one":
         return [sys.executable, *train]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc)]

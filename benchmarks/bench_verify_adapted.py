@@ -18,9 +18,9 @@ import time
 import torch
 
 from meestral.backbones.loading import load_backbone
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
-from meestral.heads import ExitHeads
-from meestral.lora import apply_adapter
+from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.heads import ExitHeads
+from meestral.backbones.lora import apply_adapter
 
 PROMPTS = ["Explain why the sky is blue.", "Write a short story about a lighthouse keeper.",
            "What are the main causes of the French Revolution?"]

@@ -20,10 +20,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import count_layer_ops  # noqa: E402  (beside this file)
-from meestral import graph_engine
+from meestral.decoding import graph_engine
 from meestral.backbones.loading import random_backbone
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
-from meestral.heads import ExitHeads
+from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.heads import ExitHeads
 
 
 # Ops that only make views or metadata: no kernel on a GPU (the list count_layer_ops.py uses).

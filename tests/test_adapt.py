@@ -1,15 +1,15 @@
-"""Early-exit adaptation (meestral.lora, meestral.adapt) on tiny random backbones, both families."""
+"""Early-exit adaptation (meestral.backbones.lora, meestral.training.adapt) on tiny random backbones, both families."""
 
 import json
 
 import pytest
 import torch
 
-from meestral.adapt import AdaptConfig, Adapter, active_exits, adapt_loss, dropout_mask
+from meestral.training.adapt import AdaptConfig, Adapter, active_exits, adapt_loss, dropout_mask
 from meestral.backbones.loading import random_backbone
-from meestral.cli import main
+from meestral.cli.main import main
 from meestral.errors import MeestralError
-from meestral.lora import LoRA, apply_adapter, load_adapter
+from meestral.backbones.lora import LoRA, apply_adapter, load_adapter
 
 FAMILIES = ["mistral", "mamba2"]
 

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from meestral import assets
+from meestral.backbones import assets
 from meestral.errors import MeestralError
 
 slow = pytest.mark.slow
@@ -167,7 +167,7 @@ def fake_build(monkeypatch, tmp_path):
 _KILLED_BUILDER = """
 import sys, time
 from pathlib import Path
-from meestral import assets
+from meestral.backbones import assets
 assets.find_gguf = lambda: (Path("fake.gguf"), "9.9")
 def convert(gguf, out):
     (out / "model.safetensors").write_bytes(b"half written")

@@ -4,14 +4,14 @@ sums are consistent (on the CPU it profiles operators; the kernel view is exerci
 import pytest
 import torch
 
-from meestral.decoding import EarlyExitDecoder
-from meestral.sampling import SamplingOptions
+from meestral.decoding.decoder import EarlyExitDecoder
+from meestral.decoding.sampling import SamplingOptions
 
 
 @pytest.mark.parametrize("shape", ["mamba2", "mamba"])
 def test_hf_stepper_on_mamba_decodes_hf_greedy(tiny, shape):
     """Mamba models step through the recurrent cache HF's own prompt pass returns."""
-    from meestral.bench import HFStepper
+    from meestral.tools.bench import HFStepper
     from test_decoding import hf_greedy
 
     bb = tiny(shape)
@@ -22,7 +22,7 @@ def test_hf_stepper_on_mamba_decodes_hf_greedy(tiny, shape):
 
 
 def test_static_stepper_resets_its_cache_between_runs(tiny):
-    from meestral.bench import HFStepper
+    from meestral.tools.bench import HFStepper
     from test_decoding import hf_greedy
 
     bb = tiny("mistral")
@@ -32,7 +32,7 @@ def test_static_stepper_resets_its_cache_between_runs(tiny):
 
 
 def test_kernel_table_accounts_for_its_rows(tiny):
-    from meestral.kernel_profile import kernel_class, kernel_table
+    from meestral.tools.kernel_profile import kernel_class, kernel_table
 
     bb = tiny("mistral")
     dec = EarlyExitDecoder(bb)

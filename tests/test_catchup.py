@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import median_softmax
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
 from meestral.errors import MeestralError
-from meestral.heads import ExitHeads
+from meestral.decoding.heads import ExitHeads
 
 ARCHS = ["mistral", "llama", "mamba2", "mamba", "mistral-sw"]
 PROMPTS = [[1, 20, 30, 40], [1, 50, 60, 70, 80, 90, 100], [1, 7, 8]]
@@ -222,7 +222,7 @@ def test_verify_sampling_matches_full_distribution(tiny, shape):
     bb = tiny(shape)
     prompt = PROMPTS[1]
     opts = dict(temperature=1.0, top_k=3)
-    from meestral.sampling import probabilities
+    from meestral.decoding.sampling import probabilities
 
     o = SamplingOptions(max_new_tokens=3, **opts)
     # Exact joint law of (token 2, token 3) given the prompt: the prefill token is exact, then

@@ -1,5 +1,5 @@
 """The `meestral` command line, driven as a user would: a few end-to-end runs of the real entry
-point (`python -m meestral.cli`, ~3 s of imports each) and the rest through `main([...])`."""
+point (`python -m meestral.cli.main`, ~3 s of imports each) and the rest through `main([...])`."""
 
 import json
 import os
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-import meestral.bench  # noqa: F401  (imported up front: see test_bench_in_process_honours_redirected_stdout)
-from meestral.cli import main
-from meestral.heads import ExitHeads
+import meestral.tools.bench  # noqa: F401  (imported up front: see test_bench_in_process_honours_redirected_stdout)
+from meestral.cli.main import main
+from meestral.decoding.heads import ExitHeads
 
 L = 6  # layers of every tiny random shape used here
 PROMPT = "Hello world"
@@ -20,7 +20,7 @@ PROMPT = "Hello world"
 def run_sub(args, cwd, input=None):
     """The real entry point in a fresh interpreter; returns (returncode, stdout, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    p = subprocess.run([sys.executable, "-m", "meestral.cli", *args], cwd=cwd, input=input, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "meestral.cli.main", *args], cwd=cwd, input=input, capture_output=True,
                        text=True, timeout=120, env=env, stdin=None if input is not None else subprocess.DEVNULL)
     return p.returncode, p.stdout, p.stderr
 
@@ -115,8 +115,8 @@ def test_plain_output_prints_characters_spread_over_several_tokens_whole():
     import re
     from types import SimpleNamespace
 
-    from meestral.cli import colour_tokens
-    from meestral.tokenizer import ByteTokenizer
+    from meestral.cli.main import colour_tokens
+    from meestral.backbones.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     text = "中文 ok 😀!"

@@ -8,7 +8,7 @@ import torch
 
 from meestral.data import HFSource, PackedStream, is_validation, open_source, validation_rows
 from meestral.errors import MeestralError
-from meestral.tokenizer import ByteTokenizer
+from meestral.backbones.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import TINY, median_softmax
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
-from meestral.heads import ExitHeads
+from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.heads import ExitHeads
 
 ARCHS = ["mistral", "llama", "mamba2", "mamba"]
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from meestral.distill import RowPool, kd_loss, sample_batch
+from meestral.training.distill import RowPool, kd_loss, sample_batch
 
 
 def test_kd_loss_is_kl_plus_weighted_ce():
@@ -73,8 +73,8 @@ def test_sampler_pads_after_eos(llama):
 
 @pytest.mark.slow
 def test_short_run_checkpoints_resumes_and_exports(tmp_path):
-    from meestral.distill import DistillConfig, distill, export, sample_teacher
-    from meestral.quantized import model_from_gguf
+    from meestral.training.distill import DistillConfig, distill, export, sample_teacher
+    from meestral.backbones.quantized import model_from_gguf
 
     data = tmp_path / "data"
     assert sample_teacher("smollm2", str(data), batch=2, max_new_tokens=8, shards=1, device="cpu", log=lambda *_: None) == 1
@@ -97,7 +97,7 @@ def test_short_run_checkpoints_resumes_and_exports(tmp_path):
 
 
 def test_chunked_loss_equals_the_whole_batch_loss():
-    from meestral.distill import chunked_kd_loss
+    from meestral.training.distill import chunked_kd_loss
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 13, bias=False)
@@ -123,7 +123,7 @@ def tiny_teacher(tmp_path_factory):
     interface) and a folder holding one shard of token rows: distillation runs in seconds."""
     from transformers import AutoTokenizer
 
-    from meestral.assets import smollm2_dir
+    from meestral.backbones.assets import smollm2_dir
 
     d = tmp_path_factory.mktemp("teacher")
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
@@ -145,7 +145,7 @@ TINY_STUDENT = dict(hidden_size=64, num_hidden_layers=2, state_size=16, chunk_si
 
 
 def _run(teacher, out, **kw):
-    from meestral.distill import DistillConfig
+    from meestral.training.distill import DistillConfig
 
     base = dict(teacher=str(teacher), data=str(teacher / "data"), corpus=None, out=str(out), batch=2, seq_len=32,
                 eval_every=100, ckpt_every=100, heldout_tokens=256, device="cpu", min_rows=1, log_every=1)
@@ -158,7 +158,7 @@ def _log(out):
 
 @pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
 def test_init_continues_from_the_given_weights_and_resume_takes_precedence(tiny_teacher, tmp_path):
-    from meestral.distill import distill, export
+    from meestral.training.distill import distill, export
 
     first = distill(_run(tiny_teacher, tmp_path / "a", shape=TINY_STUDENT, steps=3, warmup=2), log=lambda *_: None)
     gguf = tmp_path / "a" / "mamba2-smol.gguf"
@@ -180,7 +180,7 @@ def test_init_continues_from_the_given_weights_and_resume_takes_precedence(tiny_
     assert sum(1 for r in log if r.get("init")) == 1
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
     # export reads the run's shape, teacher and held-out rows from its config.json: no flags needed
-    from meestral.distill import DistillConfig
+    from meestral.training.distill import DistillConfig
 
     again = export(DistillConfig(out=str(out), device="cpu"), log=lambda *_: None)
     assert again["heldout_ppl_float"] == pytest.approx(last["heldout_ppl_float"], rel=1e-5)
@@ -190,7 +190,7 @@ def test_init_continues_from_the_given_weights_and_resume_takes_precedence(tiny_
 def test_init_spec_forms_and_shape_conflicts(tiny_teacher, tmp_path):
     from transformers import AutoConfig
 
-    from meestral.distill import distill, init_student
+    from meestral.training.distill import distill, init_student
     from meestral.errors import MeestralError
 
     distill(_run(tiny_teacher, tmp_path / "a", shape=TINY_STUDENT, steps=1, warmup=1), log=lambda *_: None)
@@ -208,7 +208,7 @@ def test_init_spec_forms_and_shape_conflicts(tiny_teacher, tmp_path):
 
 
 def test_refixed_total_ends_at_the_deadline_without_a_jump_in_the_schedule():
-    from meestral.distill import DistillConfig, _lr, refixed_total, resolved
+    from meestral.training.distill import DistillConfig, _lr, refixed_total, resolved
 
     assert refixed_total(100, 0.5, 100.0, 50, 0.25) == 300  # 200 more steps fit in 100 s
     assert refixed_total(100, 0.5, -5.0, 50, 0.25) == 134  # late: the decay starts now, not in the past
@@ -224,7 +224,7 @@ def test_refixed_total_ends_at_the_deadline_without_a_jump_in_the_schedule():
 
 @pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
 def test_a_seconds_run_refixes_its_step_count_and_ends_on_it(tiny_teacher, tmp_path, monkeypatch):
-    import meestral.distill as d
+    import meestral.training.distill as d
 
     monkeypatch.setattr(d, "RETIME", 10)
     d.distill(_run(tiny_teacher, tmp_path / "s", shape=TINY_STUDENT, seconds=6.0, warmup=2, log_every=5),

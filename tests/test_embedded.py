@@ -4,8 +4,8 @@ and the state policies, kept short."""
 import pytest
 import torch
 
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
-from meestral.heads import ExitHeads
+from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.heads import ExitHeads
 from test_decoding import forced_exit_step, hf_greedy, layer_state
 
 pytestmark = pytest.mark.slow  # loads the real embedded backbones

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import median_softmax
 
-from meestral.accounting import summarize
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.accounting import summarize
+from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
 from meestral.evaluation.scoring import build_tables, decide, score_sequential
-from meestral.exit_config import ExitConfig
-from meestral.heads import ExitHeads
+from meestral.decoding.config import ExitConfig
+from meestral.decoding.heads import ExitHeads
 
 PROMPTS = [[5, 17, 33, 90, 4, 61], [7, 8, 9]]
 

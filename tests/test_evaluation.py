@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-from meestral.cli import main
+from meestral.cli.main import main
 
 TINY = ["--backbone", "random:mistral", "--exits", "1,3", "--head", "softmax"]
 
 
 def _meestral(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "meestral.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "meestral.cli.main", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, **kw)
 
 
@@ -41,7 +41,7 @@ def test_lm_eval_cli_never_exit_equals_hf_model(tmp_path):
     lm-eval's `hf` model on the same backbone and task (per request, so per metric)."""
     from lm_eval import simple_evaluate
 
-    from meestral.assets import smollm2_dir
+    from meestral.backbones.assets import smollm2_dir
     from meestral.evaluation.tasks import task_manager
 
     limit = 12
@@ -81,7 +81,7 @@ def test_sweep_killed_and_restarted_runs_only_missing_points(tmp_path):
     args = ["sweep", *TINY, "--tasks", "arc_easy", "--limit", "25", "--thresholds", "0.005,0.006,0.007,0.5",
             "--policies", "copy,propagate,catchup", "--static-layers", "2", "--layer-drop", "1,2", "--out", str(out)]
     total = 1 + 3 * 4 + 1 + 2
-    proc = subprocess.Popen([sys.executable, "-m", "meestral.cli", *args], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "meestral.cli.main", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -207,7 +207,7 @@ def test_rolling_and_generation_requests_on_the_full_model(tiny):
     got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
     assert got[0] == pytest.approx(want, abs=1e-3)
 
-    full = lm.dec.generate([lm.tok_encode("Once")], __import__("meestral.decoding", fromlist=["x"]).SamplingOptions(
+    full = lm.dec.generate([lm.tok_encode("Once")], __import__("meestral.decoding.decoder", fromlist=["x"]).SamplingOptions(
         max_new_tokens=12))[0].text
     stop = full[3:5]
     out = lm.generate_until([Instance("generate_until", {}, ("Once", {"until": [stop], "max_gen_toks": 12}), 0)],

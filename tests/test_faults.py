@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meestral.cli import main
+from meestral.cli.main import main
 from test_training import corpus  # noqa: F401  (the fixture: seeded word-salad documents)
 
 pytestmark = pytest.mark.slow  # each test runs the real entry point in child processes
@@ -34,8 +34,8 @@ STALE = re.compile(r"^\..+\.tmp\d+")
 CHILD = r"""
 import json, os, signal, sys, types, pathlib
 fault, argv = json.loads(sys.argv[1]), sys.argv[2:]
-import meestral.files, meestral.heads
-from meestral.cli import main
+import meestral.files, meestral.decoding.heads
+from meestral.cli.main import main
 seen = [0]
 def where(x):
     return os.readlink(f"/proc/self/fd/{x}") if isinstance(x, int) else str(x)

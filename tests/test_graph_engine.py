@@ -12,9 +12,9 @@ import torch
 
 from conftest import TINY, median_softmax
 from meestral.backbones.base import Step
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
-from meestral.graph_engine import GraphEngine
-from meestral.heads import ExitHeads
+from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.graph_engine import GraphEngine
+from meestral.decoding.heads import ExitHeads
 
 PROMPTS = [[1, 40, 50, 60, 70, 80], [1, 90, 33], [1, 7, 8, 9, 10, 11, 12, 13, 14]]
 
@@ -22,7 +22,7 @@ PROMPTS = [[1, 40, 50, 60, 70, 80], [1, 90, 33], [1, 7, 8, 9, 10, 11, 12, 13, 14
 @pytest.fixture(autouse=True)
 def _graph_output_semantics(monkeypatch):
     """Replays without capture hand back the same output buffers, as a CUDA graph does."""
-    import meestral.graph_engine as ge
+    import meestral.decoding.graph_engine as ge
 
     monkeypatch.setattr(ge, "ALIAS_OUTPUTS_WITHOUT_CAPTURE", True)
 
@@ -216,7 +216,7 @@ def test_cuda_catchup_states_equal_full_model(shape):
 def test_hf_static_cache_peer_decodes_hf_greedy(tiny, shape):
     """The benchmark's strongest peer (StaticCache + one-token steps over HF's modules; compiled
     on a GPU) decodes what HF's generate does: it is a fair full-depth reference."""
-    from meestral.bench import hf_static_step_tokens
+    from meestral.tools.bench import hf_static_step_tokens
     from test_decoding import hf_greedy
 
     bb = tiny(shape)
@@ -236,7 +236,7 @@ def _mamba2_variant():
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     from meestral.backbones.loading import wrap
-    from meestral.tokenizer import ByteTokenizer
+    from meestral.backbones.tokenizer import ByteTokenizer
 
     cfg = Mamba2Config(hidden_size=32, num_hidden_layers=3, vocab_size=259, state_size=8, expand=2, head_dim=8,
                        num_heads=8, n_groups=1, conv_kernel=4, chunk_size=16, residual_in_fp32=False,

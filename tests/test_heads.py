@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
 from meestral.errors import MeestralError
-from meestral.heads import KINDS, ExitHeads, check_exit_points, check_thresholds
+from meestral.decoding.heads import KINDS, ExitHeads, check_exit_points, check_thresholds
 
 L = 6  # every tiny shape used here has 6 layers (mistral-sw: 4)
 

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import median_softmax
 from host_reads import HostReads
-from meestral.decoding import EarlyExitDecoder, SamplingOptions
-from meestral.heads import ExitHeads
+from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.heads import ExitHeads
 
 FULL_DEPTH_BUDGET = 2  # reads per token at full depth
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12, 13, 14, 15, 16]]

@@ -35,7 +35,7 @@ def test_hf_folder_of_each_architecture(tiny, shape, tmp_path):
 
 @pytest.mark.slow  # spawns the entry point
 def test_hub_id_offline_is_one_clear_line():
-    code = ("from meestral.cli import main; import sys; "
+    code = ("from meestral.cli.main import main; import sys; "
             "sys.exit(main(['info', '--backbone', 'mistralai/Mistral-7B-v0.3']))")
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": "/tmp/meestral-test-home"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from meestral.backbones.loading import load_backbone, random_backbone
 from meestral.backbones.native import rotary_to_hf
 from meestral.errors import MeestralError
-from meestral.tokenizer import ByteTokenizer, MistralCommonTokenizer
+from meestral.backbones.tokenizer import ByteTokenizer, MistralCommonTokenizer
 
 # HF MistralForCausalLM name -> native name (the inverse of the loader's mapping).
 _TO_NATIVE = [

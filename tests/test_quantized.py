@@ -6,7 +6,7 @@ import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
 from meestral.errors import MeestralError
-from meestral.quantized import load_gguf, model_from_gguf, save_gguf
+from meestral.backbones.quantized import load_gguf, model_from_gguf, save_gguf
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from meestral.files import atomic_write
 from meestral.evaluation.calibration import calibrate
 from meestral.evaluation.oracle import oracle_summary
 from meestral.report import main_tradeoff_png, plots, render, write_report
-from meestral.training import RunLog, binary_metrics
+from meestral.training.head_training import RunLog, binary_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 L = 30

@@ -76,8 +76,8 @@ def test_prompt_pass_through_the_chunked_scan_equals_stepping(tiny, monkeypatch)
     """The prompt pass into an empty state (engine.prefill) goes through the chunked scan: its
     conv windows, SSM states and last hidden states equal stepping token by token, on a
     left-padded batch whose shortest prompt is shorter than the conv kernel."""
-    from meestral.engine import EagerEngine
-    from meestral.policies import Batch
+    from meestral.decoding.engine import EagerEngine
+    from meestral.decoding.policy import Batch
 
     import meestral.backbones.ssd as ssd
 

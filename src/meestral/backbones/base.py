@@ -184,7 +184,7 @@ class Backbone(ABC):
     def trunk(self) -> torch.nn.Module:
         """The HF model under the LM head (blocks + final norm): what a training pass runs."""
 
-    # The linear layers inside one block that adaptation (meestral.lora) puts adapters on, as
+    # The linear layers inside one block that adaptation (meestral.backbones.lora) puts adapters on, as
     # paths relative to the block. Each adapter file names its own; nothing else differs.
     lora_targets: tuple[str, ...] = ()
 

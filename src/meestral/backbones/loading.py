@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from meestral.errors import MeestralError
-from meestral.tokenizer import ByteTokenizer, HFTokenizer
+from meestral.backbones.tokenizer import ByteTokenizer, HFTokenizer
 
 SUPPORTED = {"mistral", "llama", "mamba", "mamba2"}
 
@@ -97,7 +97,7 @@ def random_backbone(shape: str, seed: int = 0, dtype=None, device="cpu"):
 def _mistral_v3_tokenizer():
     """The Mistral v3 tokenizer for 7B-shaped random backbones; bytes where mistral_common is absent
     (the GPU box has no mistral_common: the benchmark needs no real text)."""
-    from meestral.tokenizer import MistralCommonTokenizer, bundled_mistral_v3_path
+    from meestral.backbones.tokenizer import MistralCommonTokenizer, bundled_mistral_v3_path
 
     path = bundled_mistral_v3_path()
     return MistralCommonTokenizer(path) if path else ByteTokenizer()
@@ -121,11 +121,11 @@ def load_backbone(spec: str, dtype=None, device: str = "cpu"):
             raise MeestralError(f"malformed random backbone spec {spec!r}: use random:<shape>[:seed<N>]") from None
         return random_backbone(parts[1], seed=seed, dtype=dtype, device=device)
     if spec == "smollm2":
-        from meestral.assets import smollm2_dir
+        from meestral.backbones.assets import smollm2_dir
 
         return _load_hf_dir(smollm2_dir(), dtype, device, name="smollm2")
     if spec == "mamba2-smol":
-        from meestral.assets import mamba2_smol_dir
+        from meestral.backbones.assets import mamba2_smol_dir
 
         return _load_hf_dir(mamba2_smol_dir(), dtype, device, name="mamba2-smol")
     if spec in EE_ADAPTED:
@@ -164,7 +164,7 @@ def adapter_path(name: str) -> Path:
 
 
 def _load_adapted(name, dtype, device):
-    from meestral.lora import apply_adapter
+    from meestral.backbones.lora import apply_adapter
 
     path = adapter_path(name)
     if not path.is_file():  # before loading the base: the answer does not depend on it

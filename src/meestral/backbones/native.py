@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from meestral.errors import MeestralError
-from meestral.tokenizer import ByteTokenizer, MistralCommonTokenizer, bundled_mistral_v3_path
+from meestral.backbones.tokenizer import ByteTokenizer, MistralCommonTokenizer, bundled_mistral_v3_path
 
 # Native transformer names -> HF MistralForCausalLM names.
 _MISTRAL_NAMES = [

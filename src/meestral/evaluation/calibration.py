@@ -167,7 +167,7 @@ def _check_grid(grid) -> np.ndarray:
 def exit_indices(conf, lam: float) -> np.ndarray:
     """Per token, the first exit point j with conf[j] > lam; J (full depth) when there is none
     (the exit rule, with one threshold shared by every exit point)."""
-    from meestral.exit_rule import first_exit
+    from meestral.decoding.exit_rule import first_exit
 
     return first_exit(conf, [lam] * conf.shape[1])
 

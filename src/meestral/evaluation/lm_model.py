@@ -28,12 +28,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from meestral.decoding import EarlyExitDecoder
+from meestral.decoding.decoder import EarlyExitDecoder
 from meestral.errors import MeestralError
 from meestral.evaluation.scoring import build_tables, decide, score_sequential
 from meestral.validation import check_context, context_length
-from meestral.exit_config import ExitConfig, default_exit_points, layer_drop_skip
-from meestral.sampling import SamplingOptions
+from meestral.decoding.config import ExitConfig, default_exit_points, layer_drop_skip
+from meestral.decoding.sampling import SamplingOptions
 
 ARGS = ("backbone", "heads", "head", "exits", "threshold", "policy", "verify", "max_backlog", "exit_output",
         "layer_drop", "dtype", "device", "batch_size", "max_batch_size", "max_length", "max_gen_toks")
@@ -123,7 +123,7 @@ class MeestralLM(TemplateLM):
         return self
 
     def _config_from_args(self, heads, head, exits, threshold, policy, verify, max_backlog, exit_output, layer_drop):
-        from meestral.heads import ExitHeads
+        from meestral.decoding.heads import ExitHeads
 
         bb, L = self.bb, self.bb.num_layers
         layer_drop = int(layer_drop or 0)
@@ -161,7 +161,7 @@ class MeestralLM(TemplateLM):
 
     def accounting(self, reset: bool = False) -> dict:
         """Summary of every request scored since the last reset."""
-        from meestral.accounting import summarize
+        from meestral.decoding.accounting import summarize
 
         recs = self.records
         stats = [s for r in recs for s in r["stats"]]

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from meestral.accounting import StepLog, TokenStats, account, token_stats
-from meestral.catchup import BacklogSchedule
-from meestral.exit_rule import first_exit
+from meestral.decoding.accounting import StepLog, TokenStats, account, token_stats
+from meestral.decoding.catchup import BacklogSchedule
+from meestral.decoding.exit_rule import first_exit
 
 
 @dataclass

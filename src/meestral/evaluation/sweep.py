@@ -44,7 +44,7 @@ class SweepSpec:
     exit_output: str = "hidden"
 
     def check(self, num_layers: int):
-        from meestral.heads import check_thresholds
+        from meestral.decoding.heads import check_thresholds
 
         if not self.tasks:
             raise MeestralError("no tasks given: pass e.g. --tasks arc_easy,piqa")
@@ -222,8 +222,8 @@ def run_sweep(lm, spec: SweepSpec, out, heads_spec: str, log=None) -> ResultsTab
 
 def point_config(p: dict, heads, spec: SweepSpec, bb):
     """The `ExitConfig` of one sweep point."""
-    from meestral.exit_config import EXACT_POLICIES, ExitConfig, layer_drop_skip
-    from meestral.heads import ExitHeads
+    from meestral.decoding.config import EXACT_POLICIES, ExitConfig, layer_drop_skip
+    from meestral.decoding.heads import ExitHeads
 
     if p["baseline"] == "full":
         return ExitConfig()

@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from meestral.assets import build_once, cache_dir
+from meestral.backbones.assets import build_once, cache_dir
 from meestral.errors import MeestralError
 from meestral.files import atomic_write
 

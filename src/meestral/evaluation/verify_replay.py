@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import torch
 
-from meestral.accounting import StepLog
-from meestral.catchup import BacklogSchedule
-from meestral.engine import EagerEngine
-from meestral.exit_rule import first_exit
+from meestral.decoding.accounting import StepLog
+from meestral.decoding.catchup import BacklogSchedule
+from meestral.decoding.engine import EagerEngine
+from meestral.decoding.exit_rule import first_exit
 
 
 class OffSequence:

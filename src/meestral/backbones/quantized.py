@@ -106,7 +106,7 @@ def load_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     def field(key):
         f = reader.fields.get(key)
         if f is None:
-            raise MeestralError(f"{path} lacks {key}: it was not written by meestral.quantized.save_gguf")
+            raise MeestralError(f"{path} lacks {key}: it was not written by meestral.backbones.quantized.save_gguf")
         return bytes(f.parts[f.data[0]]).decode("utf-8")
 
     cfg = json.loads(field(KEY_CONFIG))

@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from meestral.accounting import CostModel, StepLog, TokenStats, summarize, token_stats
-from meestral.catchup import CatchupPolicy, VerifyPolicy
-from meestral.graph_engine import make_engine
+from meestral.decoding.accounting import CostModel, StepLog, TokenStats, summarize, token_stats
+from meestral.decoding.catchup import CatchupPolicy, VerifyPolicy
+from meestral.decoding.graph_engine import make_engine
 from meestral.errors import MeestralError
-from meestral.exit_config import ExitConfig
+from meestral.decoding.config import ExitConfig
 from meestral.validation import check_context
-from meestral.policies import Batch, CopyPolicy, PropagatePolicy
-from meestral.sampling import SamplingOptions, probabilities, sample  # noqa: F401  (the decoder's API)
+from meestral.decoding.policy import Batch, CopyPolicy, PropagatePolicy
+from meestral.decoding.sampling import SamplingOptions, probabilities, sample  # noqa: F401  (the decoder's API)
 
 POLICY_CLASSES = {p.name: p for p in (CopyPolicy, PropagatePolicy, CatchupPolicy, VerifyPolicy)}
 

@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from meestral.cli_common import add_backbone_args, add_exit_args, build_heads, exit_config, floats, ints, wants_heads
-from meestral.cli_common import names as _names
+from meestral.cli.common import add_backbone_args, add_exit_args, build_heads, exit_config, floats, ints, wants_heads
+from meestral.cli.common import names as _names
 from meestral.errors import MeestralError
 from meestral.validation import check_context, check_output
 

@@ -1,7 +1,7 @@
 """Exit-head training: a frozen backbone, one forward per batch for all exit points, one binary
 classifier per exit point.
 
-    from meestral.training import TrainConfig, train
+    from meestral.training.head_training import TrainConfig, train
     train(TrainConfig(backbone="smollm2", exits=[7, 15, 22, 27], data="embedded", steps=300, out="runs/h"))
 
 One step
@@ -22,7 +22,7 @@ heads, optimiser, scheduler, RNG states, data-stream position, balancing weights
 installed. `resume=True` continues from `checkpoint.pt` and gives the same final weights as an
 uninterrupted run.
 
-Several processes (`torchrun --nproc_per_node N -m meestral.cli train ...`): DDP over the heads
+Several processes (`torchrun --nproc_per_node N -m meestral.cli.main train ...`): DDP over the heads
 only (the frozen backbone is replicated, not wrapped), gloo on CPU and nccl on GPU. Rank r owns
 rows r*B/N .. (r+1)*B/N - 1 of every global batch of B rows and reads only those rows' documents
 (see data.PackedStream), so N processes see exactly the batches one process would; losses are
@@ -493,7 +493,7 @@ class Trainer:
 
     def _build_heads(self):
         from meestral.backbones.loading import load_backbone
-        from meestral.heads import ExitHeads
+        from meestral.decoding.heads import ExitHeads
 
         cfg = self.cfg
         shard = cfg.fsdp and self.dist.on

@@ -1,9 +1,9 @@
 """`meestral train`: the command-line face of training.TrainConfig / training.train.
 
     meestral train --backbone smollm2 --exits 7,15,22,27 --data embedded --steps 300 --out runs/h
-    torchrun --nproc_per_node 2 -m meestral.training_cli train ...   # DDP over the heads
+    torchrun --nproc_per_node 2 -m meestral.cli.train train ...   # DDP over the heads
 
-`python -m meestral.training_cli train ...` runs the same command with the same error handling as
+`python -m meestral.cli.train train ...` runs the same command with the same error handling as
 `meestral` (one line `meestral: error: ...`, exit status 2), for launchers such as torchrun.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from meestral.cli_common import add_backbone_args, floats, ints
+from meestral.cli.common import add_backbone_args, floats, ints
 
 
 def add_train_parser(sub):
@@ -54,7 +54,7 @@ def add_train_parser(sub):
 
 
 def cmd_train(args):
-    from meestral.training import TrainConfig, train
+    from meestral.training.head_training import TrainConfig, train
 
     if args.steps is None and args.tokens is None:
         args.steps = 200
@@ -74,8 +74,8 @@ def cmd_train(args):
 
 
 def make_parser():
-    """The `meestral` parser with `train` alone (what `python -m meestral.training_cli` runs)."""
-    from meestral.cli_common import Parser
+    """The `meestral` parser with `train` alone (what `python -m meestral.cli.train` runs)."""
+    from meestral.cli.common import Parser
 
     p = Parser(prog="meestral", description="Train exit heads on a frozen backbone.")
     add_train_parser(p.add_subparsers(dest="command", required=True, parser_class=Parser))
@@ -83,8 +83,8 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    # `torchrun -m meestral.training_cli train ...` (torchrun needs a module to run): the same
+    # `torchrun -m meestral.cli.train train ...` (torchrun needs a module to run): the same
     # parser and error handling as `meestral train`.
-    from meestral.cli_common import dispatch, run
+    from meestral.cli.common import dispatch, run
 
     sys.exit(run(lambda: dispatch(make_parser(), sys.argv[1:])))

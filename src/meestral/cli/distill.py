@@ -1,4 +1,4 @@
-"""`meestral distill sample|train`: the command-line face of meestral.distill.
+"""`meestral distill sample|train`: the command-line face of meestral.training.distill.
 
     meestral distill sample --teacher smollm2 --out /tmp/d/data --seconds 900 --device cuda
     meestral distill train  --teacher smollm2 --data /tmp/d/data --out /tmp/d/run --seconds 840
@@ -77,7 +77,7 @@ def add_distill_parser(sub):
 
 
 def cmd_sample(args):
-    from meestral.distill import sample_teacher
+    from meestral.training.distill import sample_teacher
 
     n = sample_teacher(args.teacher, args.out, batch=args.batch, max_new_tokens=args.max_new_tokens,
                        top_k=args.top_k, temperature=args.temperature,
@@ -87,7 +87,7 @@ def cmd_sample(args):
 
 
 def cmd_train(args):
-    from meestral.distill import DistillConfig, distill
+    from meestral.training.distill import DistillConfig, distill
 
     if args.steps is None and args.seconds is None:
         args.steps = 1000
@@ -102,7 +102,7 @@ def cmd_train(args):
 
 
 def cmd_export(args):
-    from meestral.distill import DistillConfig, export
+    from meestral.training.distill import DistillConfig, export
 
     print(json.dumps(export(DistillConfig(teacher=args.teacher, out=args.out, shape=args.shape, device=args.device))))
     return 0

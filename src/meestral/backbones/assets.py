@@ -2,7 +2,7 @@
 
 Two backbones work offline by name: `smollm2` (below) and `mamba2-smol`, a 24-layer Mamba-2 the
 project distilled from SmolLM2 (recipes/mamba2-smol/; model card in embedded/mamba2-smol.md). Its
-Q8_0 weights ship inside this package (`embedded/mamba2-smol.gguf`, `meestral.quantized`); the
+Q8_0 weights ship inside this package (`embedded/mamba2-smol.gguf`, `meestral.backbones.quantized`); the
 first use rebuilds an ordinary HF folder from them (float32 weights + SmolLM2's tokenizer files,
 which it shares) in the cache.
 
@@ -83,7 +83,7 @@ def smollm2_dir() -> Path:
     return build_once(target, build)
 
 
-MAMBA2_SMOL = Path(__file__).parent / "embedded" / "mamba2-smol.gguf"
+MAMBA2_SMOL = Path(__file__).resolve().parent.parent / "embedded" / "mamba2-smol.gguf"
 
 
 def mamba2_smol_dir() -> Path:
@@ -101,7 +101,7 @@ def mamba2_smol_dir() -> Path:
     tokenizer_src = smollm2_dir() if not target.is_dir() else None
 
     def build(tmp: Path):
-        from meestral.quantized import model_from_gguf
+        from meestral.backbones.quantized import model_from_gguf
 
         print(f"meestral: building the mamba2-smol cache in {target} (first use only, a few seconds)",
               file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 
-from meestral.cli_common import (Parser, add_backbone_args, add_engine_arg, add_exit_args, dispatch, exit_config, ints,
+from meestral.cli.common import (Parser, add_backbone_args, add_engine_arg, add_exit_args, dispatch, exit_config, ints,
                                  names, run)
 from meestral.errors import MeestralError
 
@@ -77,7 +77,7 @@ def colour_tokens(tokenizer, gen, num_layers, exit_points, colour=True) -> str:
 
 def cmd_generate(args):
     from meestral.backbones.loading import load_backbone
-    from meestral.decoding import EarlyExitDecoder, SamplingOptions
+    from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
 
     prompt = read_prompt(args)
     if not prompt.strip():
@@ -126,7 +126,7 @@ def _drafts(s: dict) -> str:
 
 
 def cmd_demo(args):
-    from meestral.demo import run_demo
+    from meestral.tools.demo import run_demo
     from meestral.validation import check_output
 
     if not args.no_report:  # before the generations, not after them
@@ -136,9 +136,9 @@ def cmd_demo(args):
 
 
 def cmd_bench(args):
-    from meestral.bench import run_bench
+    from meestral.tools.bench import run_bench
 
-    from meestral.bench import PEERS, POLICIES
+    from meestral.tools.bench import PEERS, POLICIES
 
     for option, given, known in (("--policies", args.policies, POLICIES), ("--peers", args.peers, PEERS)):
         bad = [x for x in given or () if x not in known]
@@ -152,7 +152,7 @@ def cmd_bench(args):
 
 
 def cmd_info(args):
-    from meestral.accounting import CostModel
+    from meestral.decoding.accounting import CostModel
     from meestral.backbones.loading import load_backbone
 
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
@@ -218,16 +218,16 @@ def make_parser():
     add_backbone_args(i)
     i.set_defaults(func=cmd_info)
 
-    from meestral.training_cli import add_train_parser
+    from meestral.cli.train import add_train_parser
 
     add_train_parser(sub)
-    from meestral.evaluation_cli import add_eval_parsers
+    from meestral.cli.evaluate import add_eval_parsers
 
     add_eval_parsers(sub)
-    from meestral.distill_cli import add_distill_parser
+    from meestral.cli.distill import add_distill_parser
 
     add_distill_parser(sub)
-    from meestral.adapt_cli import add_adapt_parser
+    from meestral.cli.adapt import add_adapt_parser
 
     add_adapt_parser(sub)
     return p
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     if argv and argv[0] == "lm-eval":  # everything after it belongs to lm-eval's own parser
         from types import SimpleNamespace
 
-        from meestral.evaluation_cli import cmd_lm_eval
+        from meestral.cli.evaluate import cmd_lm_eval
 
         return run(lambda: cmd_lm_eval(SimpleNamespace(rest=argv[1:])))
     return run(lambda: dispatch(make_parser(), argv))

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from meestral.accounting import summarize
+from meestral.decoding.accounting import summarize
 from meestral.backbones.loading import load_backbone
-from meestral.decoding import EarlyExitDecoder
-from meestral.exit_config import POLICIES, ExitConfig
-from meestral.heads import ExitHeads
-from meestral.sampling import SamplingOptions
+from meestral.decoding.decoder import EarlyExitDecoder
+from meestral.decoding.config import POLICIES, ExitConfig
+from meestral.decoding.heads import ExitHeads
+from meestral.decoding.sampling import SamplingOptions
 
 PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -47,9 +47,9 @@ def common_prefix(tokens, reference) -> int:
 def demo_heads(spec, bb, exits, steps=40):
     """Classifier heads trained briefly (strict top-1 labels, balanced) on the embedded corpus,
     cached per backbone fingerprint so a second `make demo` reuses them."""
-    from meestral.assets import cache_dir
-    from meestral.heads import ExitHeads
-    from meestral.training import TrainConfig, train
+    from meestral.backbones.assets import cache_dir
+    from meestral.decoding.heads import ExitHeads
+    from meestral.training.head_training import TrainConfig, train
 
     out = cache_dir() / f"demo-heads-{bb.fingerprint()}-{'-'.join(map(str, exits))}-{steps}"
     if not (out / "heads" / "heads.json").exists():

@@ -69,7 +69,7 @@ class ExitConfig:
 
     def checked(self, backbone) -> "ExitConfig":
         """This configuration validated against `backbone`, thresholds as a tuple (one per exit point)."""
-        from meestral.heads import check_thresholds
+        from meestral.decoding.heads import check_thresholds
 
         if self.policy not in POLICIES:
             raise MeestralError(f"unknown state policy {self.policy!r}: use one of {', '.join(POLICIES)}")

@@ -15,10 +15,10 @@ from meestral.files import atomic_write, write_json
 
 def compare(backbone: str, adapter, out, corpus: str = "embedded", tokens: int = 4096, seq_len: int = 256,
             batch: int = 8, device: str = "cpu", dtype=None) -> dict:
-    from meestral.adapt import measure
+    from meestral.training.adapt import measure
     from meestral.backbones.loading import load_backbone
     from meestral.data import heldout_rows
-    from meestral.lora import apply_adapter, check_base, read_adapter
+    from meestral.backbones.lora import apply_adapter, check_base, read_adapter
     from meestral.validation import check_context, check_output
 
     out = check_output(Path(out).expanduser(), "--out", folder=True)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from meestral.accounting import StepLog
-from meestral.exit_rule import exits_here
-from meestral.sampling import sample
+from meestral.decoding.accounting import StepLog
+from meestral.decoding.exit_rule import exits_here
+from meestral.decoding.sampling import sample
 
 
 def to_device(values, device, dtype=None) -> torch.Tensor:

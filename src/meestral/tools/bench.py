@@ -28,10 +28,10 @@ import time
 import torch
 
 from meestral.backbones.loading import load_backbone
-from meestral.decoding import EarlyExitDecoder
-from meestral.exit_config import ExitConfig
-from meestral.heads import ExitHeads, check_exit_points
-from meestral.sampling import SamplingOptions
+from meestral.decoding.decoder import EarlyExitDecoder
+from meestral.decoding.config import ExitConfig
+from meestral.decoding.heads import ExitHeads, check_exit_points
+from meestral.decoding.sampling import SamplingOptions
 
 PROMPT = "The history of the printing press begins"
 POLICIES = ("copy", "propagate", "catchup", "verify")
@@ -272,7 +272,7 @@ def _write_profiles(path, bb, ids, tokens, opts, decs):
     launch the *same compiled kernels* without capture (engine "compiled"): device busy time per
     token is what the graph replays too, and the timed graph rows give the wall-clock beside it."""
     from meestral.files import write_json
-    from meestral.kernel_profile import format_table, kernel_table
+    from meestral.tools.kernel_profile import format_table, kernel_table
 
     first_exit = next((n for n, _, _ in decs if n.startswith("exit@")), None)
     tables = {}

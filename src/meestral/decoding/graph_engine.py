@@ -32,7 +32,7 @@ import sys
 import torch
 
 from meestral.backbones.base import Step
-from meestral.engine import EagerEngine
+from meestral.decoding.engine import EagerEngine
 
 
 def _pow2(n: int, floor: int) -> int:

@@ -78,8 +78,8 @@ def wants_heads(args) -> bool:
 
 
 def build_heads(args, bb):
-    from meestral.exit_config import default_exit_points
-    from meestral.heads import ExitHeads
+    from meestral.decoding.config import default_exit_points
+    from meestral.decoding.heads import ExitHeads
 
     if args.heads:
         return ExitHeads.load(args.heads, bb)
@@ -91,7 +91,7 @@ def build_heads(args, bb):
 def exit_config(args, bb, heads="build"):
     """The `ExitConfig` the exit options describe, checked against the backbone. `heads` may be
     given already built (or None for the full model); by default they are built from the options."""
-    from meestral.exit_config import ExitConfig
+    from meestral.decoding.config import ExitConfig
 
     if heads == "build":
         heads = build_heads(args, bb) if wants_heads(args) else None

@@ -1,4 +1,4 @@
-"""`meestral adapt train|export|compare`: the command-line face of meestral.adapt.
+"""`meestral adapt train|export|compare`: the command-line face of meestral.training.adapt.
 
     meestral adapt train   --backbone smollm2 --out runs/ee --steps 2000 [--samples DIR] [--resume]
     meestral adapt export  --out runs/ee [--file F]          (from the last checkpoint)
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from meestral.cli_common import floats, ints
+from meestral.cli.common import floats, ints
 
 
 def add_adapt_parser(sub):
@@ -79,7 +79,7 @@ def add_adapt_parser(sub):
 
 
 def cmd_train(args):
-    from meestral.adapt import AdaptConfig, adapt
+    from meestral.training.adapt import AdaptConfig, adapt
 
     cfg = AdaptConfig(
         backbone=args.backbone, out=args.out, exits=args.exits, rank=args.rank, alpha=args.alpha, samples=args.samples,
@@ -95,14 +95,14 @@ def cmd_train(args):
 
 
 def cmd_export(args):
-    from meestral.adapt import export
+    from meestral.training.adapt import export
 
     print(json.dumps(export(args.out, args.file, dtype=args.export_dtype, device=args.device)))
     return 0
 
 
 def cmd_compare(args):
-    from meestral.adapt_compare import compare
+    from meestral.training.adapt_compare import compare
 
     res = compare(args.backbone, args.adapter, args.out, corpus=args.corpus, tokens=args.tokens,
                   seq_len=args.seq_len, batch=args.batch_size, device=args.device, dtype=args.dtype)

@@ -3,7 +3,7 @@ intermediate layers, read through the shared final norm + LM head, predict what 
 does. That is what makes a lossless exit (`verify`) pay: on the frozen SmolLM2 the oracle needs
 26.4 of 30 layers (DESIGN.md §7).
 
-    from meestral.adapt import AdaptConfig, adapt
+    from meestral.training.adapt import AdaptConfig, adapt
     adapt(AdaptConfig(backbone="smollm2", out="runs/ee", steps=2000, samples="/tmp/d/data"))
     # -> runs/ee/adapter.safetensors, log.jsonl (oracle bound + per-layer agreement over steps)
 
@@ -48,7 +48,7 @@ import torch
 
 from meestral.errors import MeestralError
 from meestral.files import append_line, atomic_write, remove_stale_temps
-from meestral.training import RunLog
+from meestral.training.head_training import RunLog
 
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter.safetensors"
@@ -140,7 +140,7 @@ def dropout_mask(num_layers: int, rows: int, rate: float, seed: int, step: int) 
 # ---- the loss ----------------------------------------------------------------------------------------
 def adapt_loss(bb, lora, ids, exits, active, weights, final_weight=1.0, ce_weight=0.0, skip=None):
     """(total loss, {"final": kl, layer: kl, ...}) for one batch `ids` [B, T] (module docstring)."""
-    from meestral.distill import chunked_kd_loss
+    from meestral.training.distill import chunked_kd_loss
 
     targets = ids[:, 1:]
     with torch.no_grad(), lora.disabled():
@@ -166,7 +166,7 @@ def adapt_loss(bb, lora, ids, exits, active, weights, final_weight=1.0, ce_weigh
 def measure(bb, rows: torch.Tensor, layers=None, batch: int = 8) -> dict:
     """Per-layer agreement with the final layer, the oracle exit and its bound (every layer an exit
     point unless `layers` says otherwise) and the perplexity of the final layer, on `rows`."""
-    from meestral.distill import heldout_ppl
+    from meestral.training.distill import heldout_ppl
     from meestral.evaluation.oracle import oracle_report
 
     layers = list(range(bb.num_layers - 1)) if layers is None else list(layers)
@@ -226,9 +226,9 @@ class Adapter:
         """Every check that can fail runs here, before anything is written to `cfg.out`."""
         from meestral.backbones.loading import load_backbone
         from meestral.data import heldout_rows, open_source, training_rows
-        from meestral.distill import RowPool
-        from meestral.lora import LoRA
-        from meestral.training import make_optimizer
+        from meestral.training.distill import RowPool
+        from meestral.backbones.lora import LoRA
+        from meestral.training.head_training import make_optimizer
         from meestral.validation import check_context, check_output
 
         cfg.check()
@@ -279,13 +279,13 @@ class Adapter:
         self.log = AdaptLog(self.out, self.step if state is not None else None)
 
     def _previous_state(self):
-        from meestral.training import previous_checkpoint
+        from meestral.training.head_training import previous_checkpoint
 
         # weights_only=False: as saved by _save_checkpoint (optimizer and scheduler state, config).
         return previous_checkpoint(self.out, self.out / CHECKPOINT, self.cfg.resume, weights_only=False)
 
     def _averaged(self, on: bool):
-        from meestral.training import _averaged
+        from meestral.training.head_training import _averaged
 
         _averaged(self.opt, on)
 
@@ -410,7 +410,7 @@ def export(out, path=None, dtype: str | None = None, device: str = "cpu") -> dic
     except Exception as e:
         raise MeestralError(f"{ckpt} is corrupted ({type(e).__name__}): train again") from None
     from meestral.backbones.loading import load_backbone
-    from meestral.lora import LoRA
+    from meestral.backbones.lora import LoRA
 
     cfg = AdaptConfig(**{**fields, "device": device})
     bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device=device)

@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import torch
 
-from meestral.accounting import StepLog
+from meestral.decoding.accounting import StepLog
 from meestral.backbones.base import Step
-from meestral.exit_rule import exits_here
-from meestral.policies import Outcome, Policy
-from meestral.sampling import draw, probabilities, sample
+from meestral.decoding.exit_rule import exits_here
+from meestral.decoding.policy import Outcome, Policy
+from meestral.decoding.sampling import draw, probabilities, sample
 
 
 class BacklogSchedule:

@@ -16,7 +16,7 @@ tokens, random or continued from existing weights (`init`: the embedded `mamba2-
 of ours or an HF folder; their shape, a fresh optimiser, the CONTINUED learning-rate defaults); it
 trains through the chunked scan of `backbones/ssd.py` (equal to HF's forward). Training
 checkpoints atomically every `ckpt_every` steps and `resume` continues from the last one; the
-end product is an HF folder and a Q8_0 GGUF file (`meestral.quantized`).
+end product is an HF folder and a Q8_0 GGUF file (`meestral.backbones.quantized`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ def load_teacher(spec: str, device: str, dtype=torch.bfloat16):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec == "smollm2":
-        from meestral.assets import smollm2_dir
+        from meestral.backbones.assets import smollm2_dir
 
         spec = str(smollm2_dir())
     if not Path(spec).is_dir():
@@ -121,7 +120,7 @@ def sample_teacher(teacher: str, out_dir: str, *, batch: int = 512, max_new_toke
     `seconds` have passed or a file `out_dir/STOP` appears. Each shard is a dict with `docs` (list
     of int32 tensors: prompt + sampled continuation, cut after the first EOS) and the prompts.
     Returns the number of shards written; restarting with the same seed continues the numbering."""
-    from meestral.distill_prompts import sample_prompt
+    from meestral.training.distill_prompts import sample_prompt
 
     if top_k < 1:
         raise MeestralError(f"--top-k is {top_k}: sampling needs at least the most likely token (1 or more)")
@@ -370,11 +369,11 @@ def init_student(spec: str, teacher_config, shape: dict | None = None):
     the teacher's vocabulary; `shape` overrides that contradict its shape are refused."""
     from transformers import Mamba2ForCausalLM
 
-    from meestral.quantized import model_from_gguf
+    from meestral.backbones.quantized import model_from_gguf
 
     path = Path(spec).expanduser()
     if spec == "mamba2-smol":
-        from meestral.assets import MAMBA2_SMOL
+        from meestral.backbones.assets import MAMBA2_SMOL
 
         if not MAMBA2_SMOL.is_file():
             raise MeestralError(f"--init mamba2-smol: the embedded weights are missing ({MAMBA2_SMOL}): "
@@ -426,7 +425,7 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     from transformers import Mamba2ForCausalLM
 
     from meestral.data import heldout_rows
-    from meestral.tokenizer import HFTokenizer
+    from meestral.backbones.tokenizer import HFTokenizer
 
     cfg = resolved(cfg)
     out = Path(cfg.out)
@@ -565,7 +564,7 @@ def export(cfg: DistillConfig, log=print) -> dict:
     from transformers import Mamba2ForCausalLM
 
     from meestral.data import heldout_rows
-    from meestral.tokenizer import HFTokenizer
+    from meestral.backbones.tokenizer import HFTokenizer
 
     out = Path(cfg.out)
     if not (out / "checkpoint.pt").exists():
@@ -601,7 +600,7 @@ def export(cfg: DistillConfig, log=print) -> dict:
 
 def finish(student, tok, out: Path, held, teacher_ppl: float, record) -> dict:
     """Save the HF folder and the Q8_0 file; measure what quantisation costs on held-out text."""
-    from meestral.quantized import model_from_gguf, save_gguf
+    from meestral.backbones.quantized import model_from_gguf, save_gguf
 
     student.eval()
     folder = out / "student"
@@ -638,8 +637,3 @@ def contamination(train_texts, eval_texts, n: int = 13) -> dict:
     return {"train_docs": docs, "eval_ngrams": len(ev), "docs_with_overlap": hit_docs,
             "shared_ngrams": shared, "share": hit_docs / max(1, docs)}
 
-
-if __name__ == "__main__":  # python -m meestral.distill sample|train ...: see distill_cli
-    from meestral.cli import main
-
-    sys.exit(main(["distill", *sys.argv[1:]]))
