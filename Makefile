@@ -45,7 +45,9 @@ constraints: setup
 # CPU build: an unpinned torch is a multi-GB CUDA download). A fresh venv each time.
 check-latest:
 	rm -rf $(LATEST) && $(PY) -m venv $(LATEST)
-	$(MAKE) --no-print-directory install PYBIN=$(LATEST)/bin/python PIN="--upgrade --upgrade-strategy eager"
+	echo "$(TORCH)" > $(LATEST)/torch-pin.txt  # eager upgrades must not replace the CPU torch
+	$(MAKE) --no-print-directory install PYBIN=$(LATEST)/bin/python \
+	    PIN="--upgrade --upgrade-strategy eager $(if $(TORCH),-c $(LATEST)/torch-pin.txt)"
 	@$(LATEST)/bin/python -m pip freeze --exclude-editable | sed "s/\$$/ ; python_version == '$$($(LATEST)/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')'/" | grep -v -x -F -f $(CONSTRAINTS) \
 	    | sed 's/^/newer than constraints.txt: /' || echo "nothing newer than constraints.txt"
 	$(LATEST)/bin/python -m pytest -m "not slow" -n 2

@@ -19,6 +19,7 @@ import torch
 
 from meestral.backbones.loading import load_backbone
 from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.config import ExitConfig
 from meestral.decoding.heads import ExitHeads
 from meestral.backbones.lora import apply_adapter
 
@@ -36,7 +37,7 @@ def measure(bb, exits, threshold, tokens, max_backlog):
     opts = SamplingOptions(max_new_tokens=tokens)
     full = EarlyExitDecoder(bb)
     heads = ExitHeads("softmax", exits, bb)
-    ver = EarlyExitDecoder(bb, heads, threshold, policy="verify", max_backlog=max_backlog)
+    ver = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=threshold, policy="verify", max_backlog=max_backlog))
     full.generate([PROMPTS[0]], SamplingOptions(max_new_tokens=4), chat=True)  # warm-up
     row = {"backbone": bb.name, "exits": exits, "threshold": threshold, "max_backlog": max_backlog}
     full_s = verify_s = 0.0

@@ -4,7 +4,7 @@ On a GPU a captured graph removes the launch cost but not the kernels: at batch 
 kernel still takes a few microseconds of device time beside the weight-bound matmuls. This counts
 them on the CPU with the profiler (leaf aten ops that compute: views, reshapes without a copy and
 other metadata ops are left out), per block and for the step's shared context (rotary, masks).
-Then the same block with `compile_fixed` on (what the graph engine does on CUDA): the launches in
+Then the same block with its kernels compiled (`kernel=compiled`, what the graph engine does on CUDA): the launches in
 inductor's generated code, fused kernels and library matmuls. That count is the CPU backend's;
 Triton on a GPU fuses along similar lines, but the exact number can differ.
 
@@ -16,6 +16,7 @@ import re
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from meestral.backbones.base import compiled
 from meestral.backbones.loading import random_backbone
 
 META = {"aten::view", "aten::transpose", "aten::slice", "aten::select", "aten::unsqueeze", "aten::expand",
@@ -45,16 +46,12 @@ def leaf_ops(fn):
 LAUNCH = re.compile(r"^\s+(cpp_fused_\w+\(|triton_\w+\.run\(|extern_kernels\.\w+\(|(?:torch\.ops\.)?aten\.\w+)", re.M)
 
 
-def compiled_launches(bb, fn):
-    """Launches of fn() with the fixed path compiled: {"fused": n, "library": n, "aten": n}, or
-    None when fn compiled nothing (a fixed path that does not go through `fixed_kernel`)."""
+def compiled_launches(fn):
+    """Launches of fn() (a fixed-path call given `kernel=compiled`): {"fused": n, "library": n,
+    "aten": n}, or None when fn compiled nothing (a fixed path that runs no kernel function)."""
     from torch._inductor.utils import run_and_get_code
 
-    bb.compile_fixed = True
-    try:
-        _, codes = run_and_get_code(fn)
-    finally:
-        bb.compile_fixed = False
+    _, codes = run_and_get_code(fn)
     found = [m for code in codes if "def call(" in code for m in LAUNCH.findall(code[code.index("def call("):])]
     if not found:
         return None
@@ -79,10 +76,10 @@ def main():
         print(f"{shape}: {len(layer_ops)} kernels per block per decode step ({mm} matmuls), + {len(ctx_ops)} per "
               f"call for what its blocks share (rotary, masks); per block: "
               + ", ".join(f"{n.removeprefix('aten::')} x{layer_ops.count(n)}" for n in sorted(set(layer_ops))))
-        for what, fn in (("block", lambda: bb.forward_layer_fixed(0, h, state, step, keys, ctx)),
-                         ("propagate", lambda: bb.fill_propagate_fixed(0, h, state, step, keys, ctx))):
-            n = compiled_launches(bb, fn)
-            print(f"{shape} compiled, {what}: " + ("nothing compiled (the fixed path calls no fixed_kernel)" if n is None
+        for what, fn in (("block", lambda: bb.forward_layer_fixed(0, h, state, step, keys, ctx, compiled)),
+                         ("propagate", lambda: bb.fill_propagate_fixed(0, h, state, step, keys, ctx, compiled))):
+            n = compiled_launches(fn)
+            print(f"{shape} compiled, {what}: " + ("nothing compiled (the fixed path runs no kernel function)" if n is None
                   else f"{sum(n.values())} launches ({n['fused']} fused, {n['library']} library matmuls, {n['aten']} ATen)"))
 
 

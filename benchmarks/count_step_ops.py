@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import count_layer_ops  # noqa: E402  (beside this file)
 from meestral.decoding import graph_engine
+from meestral.decoding.config import ExitConfig
 from meestral.backbones.loading import random_backbone
 from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
 from meestral.decoding.heads import ExitHeads
@@ -74,7 +75,7 @@ def main(argv=None):
                                         for p in ("copy", "catchup", "verify"))]
     print(f"{'case':<10} {'policy':<8} {'kernels':>8} {'H2D':>5} {'host us/step':>13}   top ops (per step)")
     for name, heads, policy in cases:
-        dec = EarlyExitDecoder(bb, heads, 0.0 if heads else 1.0, policy=policy, max_backlog=4, engine="graph")
+        dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.0 if heads else 1.0, policy=policy, max_backlog=4), engine="graph")
         opts = SamplingOptions(max_new_tokens=args.tokens)
         dec.generate([prompt], opts)  # every shape captured once: what follows is the steady state
         mode = Outside()

@@ -198,7 +198,7 @@ def test_fixed_sequence_stops_at_first_non_rejection():
 def test_too_little_data_never_exits():
     conf, agree = draw(np.random.default_rng(5), 10)  # 0.9**10 = 0.35 > delta even at zero risk
     cal = C.calibrate(conf, agree, epsilon=0.1, delta=0.1, grid=GRID)
-    assert cal.threshold == 1.0 and cal.never_exits and "never exits" in cal.note
+    assert cal.threshold == 1.0 and not any(g["rejected"] for g in cal.grid) and "never exits" in cal.note
     assert cal.calib_exit_rate == 0.0 and cal.calib_agreement == 1.0
 
 

@@ -5,6 +5,7 @@ import torch
 
 from conftest import median_softmax
 from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.config import ExitConfig
 from meestral.errors import MeestralError
 from meestral.decoding.heads import ExitHeads
 
@@ -95,7 +96,7 @@ def test_catchup_states_equal_full_model(tiny, shape, batch):
     bb = tiny(shape)
     heads = ExitHeads("softmax", [1, 2], bb)
     prompts = PROMPTS[:batch]
-    dec = EarlyExitDecoder(bb, heads, exit_threshold(bb, shape), policy="catchup", max_backlog=4)
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=exit_threshold(bb, shape), policy="catchup", max_backlog=4))
     gens, view = generate_seen(dec, prompts, SamplingOptions(max_new_tokens=14))
     exits = [e for g in gens for e in g.exit_layers[1:]]
     if shape != "mamba":  # make sure the test exercises backlogs, not only deep tokens
@@ -109,7 +110,7 @@ def test_backlog_bounded_by_max_backlog(tiny, shape):
     bb = tiny(shape)
     heads = ExitHeads("static", [1], bb)
     for m in (1, 3):
-        dec = EarlyExitDecoder(bb, heads, 0.0, policy="catchup", max_backlog=m)
+        dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.0, policy="catchup", max_backlog=m))
         (g,), view = generate_seen(dec, [PROMPTS[0]], SamplingOptions(max_new_tokens=16))
         run = 0
         for s in g.stats[1:]:
@@ -133,7 +134,7 @@ def test_verify_equals_full_greedy(tiny, shape, batch):
     for kind, thresholds in (("softmax", [th, 0.0]), ("static", [0.0])):
         heads = ExitHeads(kind, [1, 2], bb)
         for t in thresholds:  # 0.0: exits (almost) always
-            dec = EarlyExitDecoder(bb, heads, t, policy="catchup", verify=True, max_backlog=3)
+            dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=t, policy="verify", max_backlog=3))
             gens, view = generate_seen(dec, prompts, SamplingOptions(max_new_tokens=14))
             assert [g.token_ids for g in gens] == ref
             assert all(len(g.token_ids) == 14 for g in gens)
@@ -143,7 +144,7 @@ def test_verify_equals_full_greedy(tiny, shape, batch):
 def test_verify_rolls_back_and_accounts_for_it(tiny):
     bb = tiny("mistral")
     heads = ExitHeads("static", [1], bb)
-    dec = EarlyExitDecoder(bb, heads, 0.0, policy="catchup", verify=True, max_backlog=2)
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.0, policy="verify", max_backlog=2))
     g = dec.generate([PROMPTS[1]], SamplingOptions(max_new_tokens=12))[0]
     s = dec.summary(g)
     # random exits are wrong: drafts get rejected (a deep pass that only verifies the end is no draft)
@@ -163,7 +164,7 @@ def test_verify_with_eos_and_stop(tiny, shape):
     try:
         ref = EarlyExitDecoder(bb).generate(PROMPTS, SamplingOptions(max_new_tokens=10))
         heads = ExitHeads("static", [1], bb)
-        dec = EarlyExitDecoder(bb, heads, 0.0, policy="catchup", verify=True, max_backlog=4)
+        dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.0, policy="verify", max_backlog=4))
         got = dec.generate(PROMPTS, SamplingOptions(max_new_tokens=10))
         assert [g.token_ids for g in got] == [r.token_ids for r in ref]
         assert [g.finish_reason for g in got] == [r.finish_reason for r in ref]
@@ -174,7 +175,7 @@ def test_verify_with_eos_and_stop(tiny, shape):
 def test_snapshot_memory_is_one_state_per_row(tiny):
     bb = tiny("mamba2")
     heads = ExitHeads("static", [1], bb)
-    dec = EarlyExitDecoder(bb, heads, 0.0, policy="catchup", verify=True, max_backlog=3)
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.0, policy="verify", max_backlog=3))
     _, view = generate_seen(dec, PROMPTS, SamplingOptions(max_new_tokens=20))
     bl, state = view.backlog, view.state
     assert bb.snapshot_nbytes(bl.snapshot) == state.nbytes()  # one copy of the states, whatever the length
@@ -238,7 +239,7 @@ def test_verify_sampling_matches_full_distribution(tiny, shape):
                     law[(t2, t3)] = law.get((t2, t3), 0.0) + float(p1[t1] * p2[t2] * p3[t3])
     cells = sorted(law)
     heads = ExitHeads("static", [1], bb)
-    dec = EarlyExitDecoder(bb, heads, 0.0, policy="catchup", verify=True, max_backlog=4)
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.0, policy="verify", max_backlog=4))
     n = 600
     gens = dec.generate([prompt] * n, SamplingOptions(max_new_tokens=3, seed=0, **opts))
     counts = torch.zeros(len(cells))
@@ -247,7 +248,7 @@ def test_verify_sampling_matches_full_distribution(tiny, shape):
     probs = torch.tensor([law[c] for c in cells])
     assert chi2_pvalue(counts, probs) > 1e-3
     # The drafts alone (no verification) follow another law: the test can tell them apart.
-    raw = EarlyExitDecoder(bb, heads, 0.0, policy="catchup").generate(
+    raw = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.0, policy="catchup")).generate(
         [prompt] * n, SamplingOptions(max_new_tokens=3, seed=0, **opts))
     raw_counts = torch.zeros(len(cells))
     outside = 0
@@ -262,12 +263,12 @@ def test_verify_sampling_matches_full_distribution(tiny, shape):
 
 def test_bad_combinations(tiny):
     bb = tiny("mistral")
-    with pytest.raises(MeestralError, match="catchup"):
-        EarlyExitDecoder(bb, None, 1.0, policy="copy", verify=True)
+    with pytest.raises(MeestralError, match="catchup"):  # the --verify alias needs an exact policy
+        ExitConfig.from_options(bb, head="full", policy="copy", verify=True)
     with pytest.raises(MeestralError, match="exit-output"):
-        EarlyExitDecoder(bb, None, 1.0, policy="catchup", exit_output="through_last_layer")
+        EarlyExitDecoder(bb, ExitConfig(heads=None, thresholds=1.0, policy="catchup", exit_output="through_last_layer"))
     with pytest.raises(MeestralError, match="max_backlog"):
-        EarlyExitDecoder(bb, None, 1.0, policy="catchup", max_backlog=0)
+        EarlyExitDecoder(bb, ExitConfig(heads=None, thresholds=1.0, policy="catchup", max_backlog=0))
 
 
 @pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba"])
@@ -276,7 +277,7 @@ def test_states_exact_after_many_rollbacks(tiny, shape):
     and replay) every layer still holds exactly the full model's states for the kept tokens."""
     bb = tiny(shape)
     heads = ExitHeads("static", [1], bb)
-    dec = EarlyExitDecoder(bb, heads, 0.0, policy="catchup", verify=True, max_backlog=3)
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.0, policy="verify", max_backlog=3))
     gens, view = generate_seen(dec, PROMPTS, SamplingOptions(max_new_tokens=16, temperature=1.0, top_k=20, seed=3))
     assert sum(len(g.discarded) for g in gens) >= 6  # rollbacks happened mid-stream, not only at the end
     check_states_exact(bb, view, PROMPTS)

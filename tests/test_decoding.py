@@ -7,6 +7,7 @@ import torch
 
 from conftest import TINY, median_softmax
 from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.config import ExitConfig
 from meestral.decoding.heads import ExitHeads
 
 ARCHS = ["mistral", "llama", "mamba2", "mamba"]
@@ -25,7 +26,7 @@ def test_never_exit_equals_hf_greedy(tiny, shape, kind):
     heads = ExitHeads(kind, [0, 2], bb)
     prompt = [1, 40, 50, 60, 70, 80]
     for policy in ("copy", "propagate"):
-        dec = EarlyExitDecoder(bb, heads, thresholds=1.0, policy=policy)
+        dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=1.0, policy=policy))
         got = dec.generate([prompt], SamplingOptions(max_new_tokens=12))[0]
         assert got.token_ids == hf_greedy(bb, prompt, 12)
         assert all(layer == bb.num_layers - 1 for layer in got.exit_layers)
@@ -36,8 +37,7 @@ def forced_exit_step(bb, policy, exit_at, through=False):
     inspection hook: states before/after, the exit hidden state computed independently."""
     prompt = [1, 33, 44, 55, 66, 77, 88]
     heads = ExitHeads("softmax", [exit_at], bb)
-    dec = EarlyExitDecoder(bb, heads, thresholds=0.0, policy=policy,
-                           exit_output="through_last_layer" if through else "hidden")
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.0, policy=policy, exit_output="through_last_layer" if through else "hidden"))
     seen = {}
 
     def inspect(view):
@@ -119,7 +119,7 @@ def test_batch_rows_match_single_rows(tiny, shape):
     heads = ExitHeads("softmax", [1, 3], bb)
     prompts = [[1, 20, 30, 40], [1, 50, 60, 70, 80, 90, 100]]
     for policy in ("copy", "propagate"):
-        dec = EarlyExitDecoder(bb, heads, thresholds=median_softmax(bb, 1), policy=policy)
+        dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=median_softmax(bb, 1), policy=policy))
         batch = dec.generate(prompts, SamplingOptions(max_new_tokens=8))
         layers = [x for g in batch for x in g.exit_layers[1:]]
         assert min(layers) < bb.num_layers - 1 < max(layers) + 1  # some tokens exit

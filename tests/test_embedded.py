@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.config import ExitConfig
 from meestral.decoding.heads import ExitHeads
 from test_decoding import forced_exit_step, hf_greedy, layer_state
 
@@ -50,7 +51,7 @@ def test_never_exit_equals_hf_greedy(embedded):
     prompt = bb.tokenizer.apply_chat("Name three colours.")
     heads = ExitHeads("softmax", [L // 4, L // 2, 3 * L // 4], bb)
     for policy in ("copy", "propagate"):
-        got = EarlyExitDecoder(bb, heads, 1.0, policy).generate([prompt], SamplingOptions(max_new_tokens=10))[0]
+        got = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=1.0, policy=policy)).generate([prompt], SamplingOptions(max_new_tokens=10))[0]
         assert got.token_ids == hf_greedy(bb, prompt, 10)
 
 
@@ -86,7 +87,7 @@ def test_catchup_exact_and_verify_lossless(embedded):
     threshold = {"smollm2": 0.3, "mamba2-smol": 0.2}[bb.identity()["name"]]
     full = EarlyExitDecoder(bb).generate(prompts, SamplingOptions(max_new_tokens=8))
     for policy in ("catchup", "verify"):
-        dec = EarlyExitDecoder(bb, heads, threshold, policy=policy, max_backlog=3)
+        dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=threshold, policy=policy, max_backlog=3))
         gens, view = generate_seen(dec, prompts, SamplingOptions(max_new_tokens=8))
         assert any(e < bb.num_layers - 1 for g in gens for e in g.exit_layers[1:])
         check_states_exact(bb, view, prompts)

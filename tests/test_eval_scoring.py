@@ -26,7 +26,8 @@ def _heads(bb):
 def _exact_scores(bb, heads, th, dec, prompt, gen_ids, verify=False, table=None):
     tab = table or build_tables(bb, heads, [(prompt + gen_ids[:-1], gen_ids)])[0]
     tab.start = len(prompt) - 1
-    cfg = ExitConfig(heads, th, "verify" if verify else "catchup", dec.max_backlog).checked(bb)
+    cfg = ExitConfig(heads=heads, thresholds=th, policy="verify" if verify else "catchup",
+                     max_backlog=dec.config.max_backlog).checked(bb)
     return decide(tab, cfg, dec.cost, bb.num_layers, bb)
 
 
@@ -49,9 +50,9 @@ def test_verify_scoring_charges_what_verify_generation_spends(tiny, shape):
     rejected = accepted = 0
     for scale, backlog in ((0.8, 3), (1.0, 3), (1.25, 8), (0.0, 4)):  # 0.0: every step may exit
         th = [scale * t for t in mid]
-        dec = EarlyExitDecoder(bb, heads, th, "verify", max_backlog=backlog)
+        dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=th, policy="verify", max_backlog=backlog))
         for p, g in zip(PROMPTS, dec.generate(PROMPTS, SamplingOptions(max_new_tokens=14))):
-            sc = _exact_scores(bb, heads, dec.thresholds, dec, p, g.token_ids, verify=True)
+            sc = _exact_scores(bb, heads, dec.config.thresholds, dec, p, g.token_ids, verify=True)
             assert _cost(sc.stats) == _cost(g.stats)
             assert _cost(sc.discarded) == _cost(g.discarded)
             want, got = dec.summary(g), summarize(sc.stats, dec.cost, bb.num_layers, sc.discarded)
@@ -68,7 +69,7 @@ def test_verify_scoring_charges_rejected_drafts_beyond_catchup(tiny):
     its off-sequence rows are kept, so a second threshold pass re-runs no branch it has seen."""
     bb = tiny("mistral")
     heads = ExitHeads("static", [1], bb)
-    dec = EarlyExitDecoder(bb, heads, 0.0, "catchup", max_backlog=4)
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.0, policy="catchup", max_backlog=4))
     ctx, cont = PROMPTS[0], [9, 40, 41, 7, 100, 3, 3, 52]
     tab = build_tables(bb, heads, [(ctx + cont[:-1], cont)])[0]
     v = _exact_scores(bb, heads, [0.0], dec, ctx, cont, verify=True, table=tab)
@@ -93,9 +94,9 @@ def test_verify_scoring_charges_rejected_drafts_beyond_catchup(tiny):
 def test_parallel_scoring_replays_the_catchup_decoder(tiny, shape):
     bb = tiny(shape)
     heads, th = _heads(bb)
-    dec = EarlyExitDecoder(bb, heads, th, "catchup", max_backlog=3)
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=th, policy="catchup", max_backlog=3))
     for p, g in zip(PROMPTS, dec.generate(PROMPTS, SamplingOptions(max_new_tokens=14))):
-        sc = _exact_scores(bb, heads, dec.thresholds, dec, p, g.token_ids)
+        sc = _exact_scores(bb, heads, dec.config.thresholds, dec, p, g.token_ids)
         assert [s.exit_layer for s in sc.stats] == g.exit_layers
         assert [s.weight_bytes for s in sc.stats] == pytest.approx([s.weight_bytes for s in g.stats])
         assert [s.caught_up for s in sc.stats] == [s.caught_up for s in g.stats]
@@ -108,7 +109,7 @@ def test_parallel_scoring_replays_the_catchup_decoder(tiny, shape):
 def test_sequential_scoring_replays_the_decoder(tiny, shape, policy):
     bb = tiny(shape)
     heads, th = _heads(bb)
-    dec = EarlyExitDecoder(bb, heads, th, policy)
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=th, policy=policy))
     gens = dec.generate(PROMPTS, SamplingOptions(max_new_tokens=10))
     scored = score_sequential(dec, [(p, g.token_ids) for p, g in zip(PROMPTS, gens)])
     for sc, g in zip(scored, gens):
@@ -125,9 +126,9 @@ def test_never_exit_scores_are_the_full_models(tiny, shape):
     ref = bb.full_logits(torch.tensor([ids])).float().log_softmax(-1)[0]
     want = sum(float(ref[len(ctx) - 1 + t, tok]) for t, tok in enumerate(cont))
     heads, _ = _heads(bb)
-    dec = EarlyExitDecoder(bb, heads, 1.0, "catchup")
-    exact = _exact_scores(bb, heads, dec.thresholds, dec, ctx, cont)
-    seq = score_sequential(EarlyExitDecoder(bb, heads, 1.0, "copy"), [(ctx, cont)])[0]
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=1.0, policy="catchup"))
+    exact = _exact_scores(bb, heads, dec.config.thresholds, dec, ctx, cont)
+    seq = score_sequential(EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=1.0, policy="copy")), [(ctx, cont)])[0]
     assert exact.logprob == pytest.approx(want, abs=1e-4)
     assert seq.logprob == pytest.approx(want, abs=1e-4)
     assert all(exact.agree) and all(seq.agree)
@@ -137,12 +138,12 @@ def test_never_exit_scores_are_the_full_models(tiny, shape):
 def test_verify_scores_the_full_model(tiny):
     bb = tiny("mistral")
     heads, th = _heads(bb)
-    dec = EarlyExitDecoder(bb, heads, th, "catchup", max_backlog=3)
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=th, policy="catchup", max_backlog=3))
     ctx, cont = PROMPTS[0], [9, 40, 41, 7, 100, 3, 3, 52]
     ref = bb.full_logits(torch.tensor([ctx + cont])).float().log_softmax(-1)[0]
     want = sum(float(ref[len(ctx) - 1 + t, tok]) for t, tok in enumerate(cont))
-    v = _exact_scores(bb, heads, dec.thresholds, dec, ctx, cont, verify=True)
-    c = _exact_scores(bb, heads, dec.thresholds, dec, ctx, cont, verify=False)
+    v = _exact_scores(bb, heads, dec.config.thresholds, dec, ctx, cont, verify=True)
+    c = _exact_scores(bb, heads, dec.config.thresholds, dec, ctx, cont, verify=False)
     assert v.logprob == pytest.approx(want, abs=1e-4)
     assert c.logprob != pytest.approx(want, abs=1e-4)  # these thresholds exit, so catch-up differs
     assert all(v.agree) and len(v.stats) == len(cont)
@@ -151,7 +152,7 @@ def test_verify_scores_the_full_model(tiny):
 def test_pruned_model_skips_its_blocks_everywhere(tiny):
     bb = tiny("mistral")
     L = bb.num_layers
-    dec = EarlyExitDecoder(bb, None, 1.0, "copy", skip_layers=[L - 3, L - 2])
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=None, thresholds=1.0, policy="copy", skip_layers=[L - 3, L - 2]))
     g = dec.generate([PROMPTS[0]], SamplingOptions(max_new_tokens=6))[0]
     assert all(s.layers_run == L - 2 for s in g.stats)
     # The pruned model by hand: blocks 0..L-4 and the last, over the whole sequence.

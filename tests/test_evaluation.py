@@ -153,7 +153,7 @@ def test_model_args_lists_and_errors():
     from meestral.evaluation.lm_model import MeestralLM
 
     lm = MeestralLM.create_from_arg_string("backbone=random:mistral,head=margin,exits=1:3,threshold=0.4:0.6,policy=catchup,verify=true")
-    assert lm.heads.exit_points == [1, 3] and lm.dec.thresholds == [0.4, 0.6] and lm.dec.verify
+    assert lm.heads.exit_points == [1, 3] and list(lm.dec.config.thresholds) == [0.4, 0.6] and lm.dec.config.verify
     with pytest.raises(MeestralError, match="threshold"):
         MeestralLM.create_from_arg_string("backbone=random:mistral,threshold=2")
     with pytest.raises(MeestralError, match="not a ':'-separated list"):

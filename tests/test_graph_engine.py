@@ -11,20 +11,13 @@ import pytest
 import torch
 
 from conftest import TINY, median_softmax
-from meestral.backbones.base import Step
+from meestral.backbones.base import Step, compiled, plain
+from meestral.decoding.config import ExitConfig
 from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
 from meestral.decoding.graph_engine import GraphEngine
 from meestral.decoding.heads import ExitHeads
 
 PROMPTS = [[1, 40, 50, 60, 70, 80], [1, 90, 33], [1, 7, 8, 9, 10, 11, 12, 13, 14]]
-
-
-@pytest.fixture(autouse=True)
-def _graph_output_semantics(monkeypatch):
-    """Replays without capture hand back the same output buffers, as a CUDA graph does."""
-    import meestral.decoding.graph_engine as ge
-
-    monkeypatch.setattr(ge, "ALIAS_OUTPUTS_WITHOUT_CAPTURE", True)
 
 
 def layer_states(bb, state):
@@ -47,9 +40,8 @@ def assert_states_equal(bb, eager, graph, tol):
 def _decoders(bb, policy, threshold, exit_output="hidden", device_engine="graph"):
     L = bb.num_layers
     heads = ExitHeads("softmax", [L // 3, 2 * L // 3], bb)
-    kw = dict(policy=policy, exit_output=exit_output, max_backlog=3)
-    return (EarlyExitDecoder(bb, heads, threshold, engine="eager", **kw),
-            EarlyExitDecoder(bb, heads, threshold, engine=device_engine, **kw))
+    cfg = ExitConfig(heads=heads, thresholds=threshold, policy=policy, exit_output=exit_output, max_backlog=3)
+    return EarlyExitDecoder(bb, cfg, engine="eager"), EarlyExitDecoder(bb, cfg, engine=device_engine)
 
 
 @pytest.mark.parametrize("shape", TINY)
@@ -181,12 +173,12 @@ def test_cuda_graphs_verify_equals_full_and_hf_greedy(shape, threshold):
     full = EarlyExitDecoder(bb, engine="graph")
     for prompts in (PROMPTS[:1], PROMPTS):
         ref = [g.token_ids for g in full.generate(prompts, opts)]
-        got = EarlyExitDecoder(bb, heads, threshold, policy="verify", max_backlog=4, engine="graph").generate(prompts, opts)
+        got = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=threshold, policy="verify", max_backlog=4), engine="graph").generate(prompts, opts)
         assert [g.token_ids for g in got] == ref
         for p, r in zip(prompts, ref):
             assert hf_greedy(bb, p, 12) == r
         for policy in ("copy", "catchup"):
-            eager, graph = (EarlyExitDecoder(bb, heads, threshold, policy=policy, max_backlog=4, engine=e)
+            eager, graph = (EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=threshold, policy=policy, max_backlog=4), engine=e)
                             for e in ("eager", "graph"))
             assert [g.token_ids for g in graph.generate(prompts, opts)] == [g.token_ids for g in eager.generate(prompts, opts)]
         assert full.engine.capture and all(c.graph is not None for c in full.engine.calls.values())
@@ -207,7 +199,7 @@ def test_cuda_catchup_states_equal_full_model(shape):
     for e in ("eager", "graph"):
         def keep(view, e=e):
             states[e] = layer_states(bb, view.state)
-        EarlyExitDecoder(bb, heads, 0.05, policy="catchup", max_backlog=4, engine=e).generate(
+        EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.05, policy="catchup", max_backlog=4), engine=e).generate(
             PROMPTS, SamplingOptions(max_new_tokens=10), inspect=keep)
     assert_states_equal(bb, states["eager"], states["graph"], 1e-4)
 
@@ -216,12 +208,12 @@ def test_cuda_catchup_states_equal_full_model(shape):
 def test_hf_static_cache_peer_decodes_hf_greedy(tiny, shape):
     """The benchmark's strongest peer (StaticCache + one-token steps over HF's modules; compiled
     on a GPU) decodes what HF's generate does: it is a fair full-depth reference."""
-    from meestral.tools.bench import hf_static_step_tokens
+    from meestral.tools.bench import HFStepper
     from test_decoding import hf_greedy
 
     bb = tiny(shape)
     prompt = PROMPTS[0]
-    assert hf_static_step_tokens(bb, prompt, 10, compile_step=False) == hf_greedy(bb, prompt, 10)
+    assert HFStepper(bb, len(prompt) + 10, compile_step=False).generate(prompt, 10) == hf_greedy(bb, prompt, 10)
 
 
 # ---- Mamba-2's fused fixed-shape step (ssm._mamba2_fixed) ------------------------------------
@@ -262,7 +254,7 @@ def _filled_states(bb, n):
     return states
 
 
-def _check_fixed_equals_layer(bb, monkeypatch, tol=1e-5):
+def _check_fixed_equals_layer(bb, monkeypatch, tol=1e-5, kernel=plain):
     """forward_layer_fixed == forward_layer and fill_propagate_fixed == fill_propagate, block by
     block, batch 2, a single step and a 3-token window whose write mask skips some pairs."""
     gen = torch.Generator().manual_seed(1)
@@ -276,8 +268,8 @@ def _check_fixed_equals_layer(bb, monkeypatch, tol=1e-5):
             bb.fill_propagate(i, h * 0.5, ref, step)
             with monkeypatch.context() as m:  # the fused function, not a fallback to the modules
                 m.setattr(bb, "_mixer", lambda *a, **k: pytest.fail("fixed path fell back to _mixer"))
-                got_h, got_aux = bb.forward_layer_fixed(i, h, got, step, None)
-                bb.fill_propagate_fixed(i, h * 0.5, got, step, None)
+                got_h, got_aux = bb.forward_layer_fixed(i, h, got, step, None, kernel=kernel)
+                bb.fill_propagate_fixed(i, h * 0.5, got, step, None, kernel=kernel)
             assert got_h.dtype == want_h.dtype and got_aux.dtype == want_aux.dtype
             torch.testing.assert_close(got_h, want_h, atol=tol, rtol=tol)
             torch.testing.assert_close(got_aux, want_aux, atol=tol, rtol=tol)
@@ -298,7 +290,6 @@ def test_mamba2_fixed_step_equals_forward_layer(tiny, monkeypatch, which):
 
     bb = {"tiny": lambda: tiny("mamba2"), "variant": _mamba2_variant,
           "bf16": lambda: random_backbone("mamba2", dtype="bfloat16")}[which]()
-    assert not bb.compile_fixed
     _check_fixed_equals_layer(bb, monkeypatch, tol=0.0)
 
 
@@ -324,7 +315,7 @@ def test_mamba2_fixed_prompt_from_empty_takes_the_chunked_scan(tiny, monkeypatch
     monkeypatch.setattr(ssd, "mixer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     state = bb.new_state(1, 8)
     step = bb.make_step(0, 4, torch.zeros(1, dtype=torch.long))
-    step.memo["from_empty"] = True
+    step.shared.from_empty = True
     bb.forward_layer_fixed(0, bb.embed(torch.tensor([[1, 5, 6, 7]])), state, step, None)
     assert calls
 
@@ -339,11 +330,7 @@ def test_mamba2_fixed_step_compiled_equals_forward_layer(monkeypatch):
 
     for bb in (random_backbone("mamba2", seed=1), _mamba2_variant()):
         graphs = counters["stats"]["unique_graphs"]
-        bb.compile_fixed = True
-        try:
-            _check_fixed_equals_layer(bb, monkeypatch)
-        finally:
-            bb.compile_fixed = False
+        _check_fixed_equals_layer(bb, monkeypatch, kernel=compiled)
         assert counters["stats"]["unique_graphs"] - graphs <= 4  # {T=1, T=3} x {output, state only}
 
 
@@ -357,14 +344,10 @@ def test_graph_engine_compiled_mamba2_equals_eager():
     bb = random_backbone("mamba2", seed=2)
     t = median_softmax(bb, bb.num_layers // 3)
     graphs = counters["stats"]["unique_graphs"]
-    try:
-        for policy in ("propagate", "catchup"):
-            eager, graph = _decoders(bb, policy, t)
-            bb.compile_fixed = True  # after the engine is made: off CUDA it would leave compile off
-            opts = SamplingOptions(max_new_tokens=8)
-            want, got = eager.generate(PROMPTS, opts), graph.generate(PROMPTS, opts)
-            assert [g.token_ids for g in got] == [w.token_ids for w in want]
-            assert [g.exit_layers for g in got] == [w.exit_layers for w in want]
-        assert counters["stats"]["unique_graphs"] > graphs  # compiled code really ran
-    finally:
-        bb.compile_fixed = False
+    for policy in ("propagate", "catchup"):
+        eager, graph = _decoders(bb, policy, t, device_engine="compiled")  # compiled, replayed without capture
+        opts = SamplingOptions(max_new_tokens=8)
+        want, got = eager.generate(PROMPTS, opts), graph.generate(PROMPTS, opts)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.exit_layers for g in got] == [w.exit_layers for w in want]
+    assert counters["stats"]["unique_graphs"] > graphs  # compiled code really ran

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.config import ExitConfig
 from meestral.errors import MeestralError
 from meestral.decoding.heads import KINDS, ExitHeads, check_exit_points, check_thresholds
 
@@ -139,7 +140,7 @@ def test_hidden_plus_aux_heads_drive_the_decoder(tiny, shape):
     heads = ExitHeads("classifier", [1, 3], bb, features="hidden+aux")
     with torch.no_grad():
         heads.classifiers[0].bias.fill_(10.0)  # always confident at the first exit point
-    dec = EarlyExitDecoder(bb, heads, 0.5)
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=0.5))
     gen = dec.generate([[1, 40, 50, 60]], SamplingOptions(max_new_tokens=4))[0]
     assert [s.exit_layer for s in gen.stats if not s.prefill] == [1, 1, 1]
 
@@ -171,7 +172,7 @@ def test_load_onto_another_backbone_is_refused(tiny, tmp_path, src, dst, key, ki
 def test_decoder_refuses_heads_of_another_backbone(tiny):
     heads = ExitHeads("softmax", [1], tiny("mistral", 1))
     with pytest.raises(MeestralError):
-        EarlyExitDecoder(tiny("mistral"), heads, 0.5)
+        EarlyExitDecoder(tiny("mistral"), ExitConfig(heads=heads, thresholds=0.5))
 
 
 # ---- corrupted folders -------------------------------------------------------------------------

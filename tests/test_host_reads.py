@@ -1,14 +1,15 @@
 """Host reads per decode step, counted (never timed): the eager decoder asks the device only what
 its policy needs. At batch 1 (and, as it happens, at any batch size) a step reads its emitted
 tokens once and the exit decision once per exit point asked: a full-depth token costs at most 2
-reads, and each exit point adds at most one (DESIGN.md §9: between segments the host reads one
-small tensor)."""
+reads, and each exit point adds at most one (decoding/policy.py, "Host reads": between segments
+the host reads one small tensor)."""
 
 import pytest
 
 from conftest import median_softmax
 from host_reads import HostReads
 from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.config import ExitConfig
 from meestral.decoding.heads import ExitHeads
 
 FULL_DEPTH_BUDGET = 2  # reads per token at full depth
@@ -54,7 +55,7 @@ def test_host_reads_per_step_within_budget(tiny, shape, name, batch):
     heads, th, policy = configs(bb)[name]
     J = 0 if heads is None else len(heads.exit_points)
     out = "through_last_layer" if name == "through_last_layer" else "hidden"
-    dec = EarlyExitDecoder(bb, heads, th, policy, exit_output=out, max_backlog=3)
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=th, policy=policy, exit_output=out, max_backlog=3))
     for temperature in (0.0, 1.0):
         per_step, gens = reads_per_step(dec, PROMPTS[:batch], SamplingOptions(max_new_tokens=12, temperature=temperature,
                                                                               seed=0))

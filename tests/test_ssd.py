@@ -87,9 +87,8 @@ def test_prompt_pass_through_the_chunked_scan_equals_stepping(tiny, monkeypatch)
     bb = tiny("mamba2")
     rows = [[1, 40, 50, 60, 70, 80, 90, 100, 33, 34, 35, 36, 37, 38, 39, 41, 42, 43, 44, 45], [1, 90], [1, 7, 8, 9, 10]]
     eng = EagerEngine(bb)
-    fast, slow = Batch(bb, rows, 2), Batch(bb, rows, 2)
-    step = bb.make_step(0, fast.P, fast.pad)
-    h_fast = eng.prefill(fast.ids, fast.state, step)
+    fast, slow = Batch(eng, rows, 2), Batch(eng, rows, 2)
+    h_fast = eng.prefill(fast.ids, fast.state, fast.pad)
     assert len(calls) == bb.num_layers  # the prompt pass took the scan, once per block
     h_slow, _, _ = eng.run(eng.kept, bb.embed(slow.ids), slow.state, bb.make_step(0, slow.P, slow.pad))
     assert len(calls) == bb.num_layers  # an ordinary call steps

@@ -122,7 +122,13 @@ def test_second_call_reuses_data_and_yamls(suite_dir, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in suite_dir.rglob("*.yaml")} == before
 
 
-def test_stale_and_edited_yamls_are_repaired(suite_dir):
+def test_stale_and_edited_yamls_are_repaired(suite_dir, tmp_path, monkeypatch):
+    # In a private copy of the suite folder: the shared one is read by tests running beside this.
+    data = tasks.ensure_data()
+    monkeypatch.setattr(tasks, "ensure_data", lambda: data)
+    monkeypatch.setattr(tasks, "cache_dir", lambda: tmp_path)
+    suite_dir = tasks.ensure_tasks()
+    assert suite_dir.parent == tmp_path
     target = suite_dir / "meestral_piqa.yaml"
     good = target.read_text()
     stray = suite_dir / "meestral_old_task.yaml"

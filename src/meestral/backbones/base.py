@@ -30,16 +30,27 @@ import torch
 
 
 @dataclass
+class StepShared:
+    """What every layer of one step shares, computed once by the adapter and shared with the
+    `rows()` / `written()` variants of the same step: recomputing masks and rotary tables per
+    layer was a visible share of GPU decode time."""
+
+    slots: torch.Tensor | None = None  # [T] the slot indices on the device (the fixed path's)
+    from_empty: bool = False  # the state is empty before this step (a prompt pass from slot 0):
+    #                           an adapter may fill it in one pass (Mamba-2: the chunked scan)
+    rope: dict = field(default_factory=dict)  # Transformer: dtype -> the rotary (cos, sin)
+    mask: torch.Tensor | None = None  # Transformer: every layer's attention mask, when small enough
+    mask_parts: tuple | None = None  # Transformer: (valid, causal, own) to build one layer's mask
+
+
+@dataclass
 class Step:
     """The slots one call covers, for every row of the batch."""
 
     start: int  # first slot
     positions: torch.Tensor  # [B, T] rotary position of each (row, slot)
     write: torch.Tensor  # [B, T] bool: this (row, slot) is part of the call
-    # Values every layer of one step shares (rotary cos/sin, attention masks), computed once by
-    # the adapter and shared with the `rows()` / `written()` variants of the same step:
-    # recomputing them per layer was a visible share of GPU decode time.
-    memo: dict = field(default_factory=dict, repr=False, compare=False)
+    shared: StepShared = field(default_factory=StepShared, repr=False, compare=False)
     # [B, T] bool: the (row, slot) pairs of this step that attention may see in *every* layer
     # (default: `write`). Variants that write fewer pairs in some layers keep the step's own, so
     # one mask serves all layers: a pair a layer does not write there either already holds that
@@ -64,16 +75,16 @@ class Step:
 
     def written(self, write: torch.Tensor) -> "Step":
         """The same slots, writing the (row, slot) pairs of `write` [B, T]."""
-        return Step(self.start, self.positions, write, self.memo, self.visible)
+        return Step(self.start, self.positions, write, self.shared, self.visible)
 
     @property
     def slots(self) -> torch.Tensor:
         """[T] long on the device: the slot indices this step covers. The fixed-shape layer path
         (`forward_layer_fixed`) indexes with it instead of the host's `start`, so that a captured
         CUDA graph stays valid at every slot."""
-        if "slots" not in self.memo:
-            self.memo["slots"] = torch.arange(self.length, device=self.positions.device) + self.start
-        return self.memo["slots"]
+        if self.shared.slots is None:
+            self.shared.slots = torch.arange(self.length, device=self.positions.device) + self.start
+        return self.shared.slots
 
 
 def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | None) -> None:
@@ -95,6 +106,11 @@ def rms_norm(x, w, eps):
 
 
 _COMPILED: dict = {}
+
+
+def plain(fn):
+    """The fixed path's kernels as written (eager); `compiled` is the other choice an engine makes."""
+    return fn
 
 
 def compiled(fn):
@@ -219,32 +235,24 @@ class Backbone(ABC):
     # shape and every index is fixed for a given (batch, window length, `keys`): slots come from
     # `step.slots` (a device tensor), never from `step.start`, and attention reads the first
     # `keys` slots of the cache. A CUDA graph captured once then serves every step. The recurrent
-    # adapters' ordinary methods already are fixed-shape: these defaults call them.
+    # adapters' ordinary methods already are fixed-shape: these defaults call them. `kernel` is
+    # how the caller wants the pure per-layer functions run: `plain`, or `compiled` (the graph
+    # engine on CUDA: one torch.compile serves every layer of a shape, since the weights are
+    # arguments, and inductor fuses the elementwise work between the matmuls).
     def fixed_context(self, layers, h: torch.Tensor, state, step: Step, keys: int | None):
         """What the layers of one fixed-shape call share, computed once at its start (None: nothing)."""
         return None
 
-    def forward_layer_fixed(self, i: int, h: torch.Tensor, state, step: Step, keys: int | None, ctx=None):
+    def forward_layer_fixed(self, i: int, h: torch.Tensor, state, step: Step, keys: int | None, ctx=None,
+                            kernel=plain):
         return self.forward_layer(i, h, state, step)
 
-    def fill_copy_fixed(self, i: int, state, step: Step) -> None:
+    def fill_copy_fixed(self, i: int, state, step: Step, kernel=plain) -> None:
         self.fill_copy(i, state, step)
 
-    def fill_propagate_fixed(self, i: int, h: torch.Tensor, state, step: Step, keys: int | None, ctx=None) -> None:
+    def fill_propagate_fixed(self, i: int, h: torch.Tensor, state, step: Step, keys: int | None, ctx=None,
+                             kernel=plain) -> None:
         self.fill_propagate(i, h, state, step)
-
-    # Set by the graph engine on CUDA (GraphEngine(compile=...)): the fixed path's per-layer
-    # functions then run through torch.compile. Each is a pure function of tensors with the
-    # layer's weights passed as arguments, so one compilation serves every layer of a shape and
-    # inductor fuses the elementwise work between the matmuls (norms, rotary, masks, softmax,
-    # gates, the recurrent update) into a few kernels; the graph engine then captures them.
-    compile_fixed: bool = False
-
-    def fixed_kernel(self, fn):
-        """`fn`, or its compiled version when `compile_fixed` is set (compiled once per function)."""
-        if not self.compile_fixed:
-            return fn
-        return compiled(fn)
 
     def state_keys(self, state) -> int | None:
         """Slots a fixed-shape attention call could read (None: the state has no slots)."""
@@ -450,4 +458,4 @@ class Backbone(ABC):
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)
         if write is None:
             write = slots[None, :] >= pad[:, None]
-        return Step(start, positions, write, {"slots": slots})  # the fixed path's slots: made once
+        return Step(start, positions, write, StepShared(slots=slots))  # the fixed path's slots: made once

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from meestral.backbones.base import Backbone, LayerCost, rms_norm
+from meestral.backbones.base import Backbone, LayerCost, plain, rms_norm
 
 # Windows longer than this take the per-module path even on the fixed path: the fused step unrolls
 # its token loop, and a prompt-length unroll would compile for minutes to save nothing (a long
@@ -30,7 +30,7 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     """One Mamba-2 block over h [B, T, d] from the stored state, as `forward_layer` (output=True:
     returns (h_out, mixed)) or `fill_propagate` (output=False: state only, returns None) compute it.
 
-    A pure function of tensors, so that one torch.compile serves every layer (`fixed_kernel`):
+    A pure function of tensors, so that one torch.compile serves every layer (`base.compiled`):
     module objects or per-layer Python values here would make dynamo guard on them and recompile
     per layer. Each operation mirrors HF's modules and `SSMBackbone._mixer` in the same order and
     dtypes, so the eager call equals the per-module path exactly. The state is carried through the
@@ -226,7 +226,7 @@ class SSMBackbone(Backbone):
         m = self.blocks[i].mixer
         conv_state, ssm_state = state.conv[i], state.ssm[i]
         T = u.shape[1]
-        if self.v2 and output and T > 1 and step.memo.get("from_empty"):
+        if self.v2 and output and T > 1 and step.shared.from_empty:
             # A prompt pass into an empty state: the chunked scan gives the outputs and the final
             # conv window and SSM state at once (equal to stepping; tests). Stepping a long
             # left-padded batch moves the whole SSM state through memory once per token.
@@ -317,19 +317,19 @@ class SSMBackbone(Backbone):
                        residual_in_fp32=self.residual_in_fp32)
         return tensors, scalars
 
-    def forward_layer_fixed(self, i, h, state, step, keys, ctx=None):
+    def forward_layer_fixed(self, i, h, state, step, keys, ctx=None, kernel=plain):
         T = h.shape[1]
         # A prompt into an empty state takes the chunked scan (`_mixer`), not T unrolled steps.
-        if not self._fusable(i, T) or (T > 1 and step.memo.get("from_empty")):
+        if not self._fusable(i, T) or (T > 1 and step.shared.from_empty):
             return self.forward_layer(i, h, state, step)
         tensors, scalars = self._fixed_args(i, h, state, step.write)
-        return self.fixed_kernel(_mamba2_fixed)(*tensors, **scalars)
+        return kernel(_mamba2_fixed)(*tensors, **scalars)
 
-    def fill_propagate_fixed(self, i, h, state, step, keys, ctx=None):
+    def fill_propagate_fixed(self, i, h, state, step, keys, ctx=None, kernel=plain):
         if not self._fusable(i, h.shape[1]):
             return self.fill_propagate(i, h, state, step)
         tensors, scalars = self._fixed_args(i, h, state, step.write)
-        self.fixed_kernel(_mamba2_fixed)(*tensors, **scalars, output=False)
+        kernel(_mamba2_fixed)(*tensors, **scalars, output=False)
 
     def _collect(self, ids, layers, attention_mask, aux, logits_at):
         # HF's Mamba-2 torch path (no mamba-ssm) materialises [B, chunks, L, L, heads, state] per

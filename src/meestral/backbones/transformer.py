@@ -14,7 +14,7 @@ import inspect
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from meestral.backbones.base import Backbone, LayerCost, Step, rms_norm
+from meestral.backbones.base import Backbone, LayerCost, Step, plain, rms_norm
 
 
 class KVState:
@@ -189,9 +189,9 @@ class TransformerBackbone(Backbone):
         in this call (padding, exited rows) never produce an all-masked softmax.
 
         Built once per step for every layer from `valid [L, B, capacity]` (before the step's
-        writes: a layer's own validity cannot change before it runs) and kept in the step's memo."""
-        memo = step.memo
-        if "mask" not in memo:
+        writes: a layer's own validity cannot change before it runs) and shared by the step."""
+        shared = step.shared
+        if shared.mask_parts is None:
             end = step.start + step.length
             dev = step.write.device
             keys = torch.arange(end, device=dev)
@@ -203,11 +203,11 @@ class TransformerBackbone(Backbone):
             valid = state.valid[:, :, :end].clone()  # [L, B, end]
             valid[:, :, step.start:end] |= step.visible[None]
             every = valid.shape[0] * valid.shape[1] * causal.numel() <= self.MASK_ALL_LAYERS_MAX
-            memo["mask"] = self._allowed(valid, causal, own) if every else None
-            memo["mask_parts"] = (valid, causal, own)
-        if memo["mask"] is not None:
-            return memo["mask"][i]
-        valid, causal, own = memo["mask_parts"]
+            shared.mask = self._allowed(valid, causal, own) if every else None
+            shared.mask_parts = (valid, causal, own)
+        if shared.mask is not None:
+            return shared.mask[i]
+        valid, causal, own = shared.mask_parts
         return self._allowed(valid[i], causal, own)
 
     def _allowed(self, valid, causal, own):
@@ -221,10 +221,10 @@ class TransformerBackbone(Backbone):
         return allowed
 
     def _rope(self, h, step):
-        key = ("rope", h.dtype)
-        if key not in step.memo:
-            step.memo[key] = self.model.model.rotary_emb(h, step.positions)
-        return step.memo[key]
+        rope = step.shared.rope
+        if h.dtype not in rope:
+            rope[h.dtype] = self.model.model.rotary_emb(h, step.positions)
+        return rope[h.dtype]
 
     def forward_layer(self, i, h, state, step):
         cache = _SlotCache(state)
@@ -301,14 +301,14 @@ class TransformerBackbone(Backbone):
         if got is not None and got[0].data_ptr() == attn.q_proj.weight.data_ptr() \
                 and got[1].data_ptr() == mlp.gate_proj.weight.data_ptr():
             return got
-        plain = all(m.bias is None for m in (*qkv, attn.o_proj, *gu, mlp.down_proj))
-        if not plain or getattr(self.config, "hidden_act", "silu") != "silu":
+        no_bias = all(m.bias is None for m in (*qkv, attn.o_proj, *gu, mlp.down_proj))
+        if not no_bias or getattr(self.config, "hidden_act", "silu") != "silu":
             cache[i] = None
             return None
         cache[i] = (_fuse_rows(qkv), _fuse_rows(gu))
         return cache[i]
 
-    def forward_layer_fixed(self, i, h, state, step, keys, ctx=None):
+    def forward_layer_fixed(self, i, h, state, step, keys, ctx=None, kernel=plain):
         """HF's decoder layer, step for step, as `_decoder_fixed` (grouped attention over the first
         `keys` cache slots, no repeat_kv, fused projections); layers with biases or another
         activation run HF's own modules with the same attention."""
@@ -319,7 +319,7 @@ class TransformerBackbone(Backbone):
         attn = block.self_attn
         cos, sin = ctx["rope"]
         if fused is not None:
-            fn = self.fixed_kernel(_decoder_fixed)
+            fn = kernel(_decoder_fixed)
             return fn(h, block.input_layernorm.weight, fused[0], attn.o_proj.weight, block.post_attention_layernorm.weight,
                       fused[1], block.mlp.down_proj.weight, state.k[i], state.v[i], state.valid[i], step.slots,
                       step.write, ctx["shown"], ctx["causal"], ctx["own"], cos, sin,
@@ -337,10 +337,10 @@ class TransformerBackbone(Backbone):
         h = h + attn.o_proj(o)
         return h + block.mlp(block.post_attention_layernorm(h)), None
 
-    def fill_copy_fixed(self, i, state, step):
-        self.fixed_kernel(_copy_fixed)(state.k[i], state.v[i], state.valid[i], step.slots, step.write[:, 0])
+    def fill_copy_fixed(self, i, state, step, kernel=plain):
+        kernel(_copy_fixed)(state.k[i], state.v[i], state.valid[i], step.slots, step.write[:, 0])
 
-    def fill_propagate_fixed(self, i, h, state, step, keys, ctx=None):
+    def fill_propagate_fixed(self, i, h, state, step, keys, ctx=None, kernel=plain):
         rope = self.model.model.rotary_emb(h, step.positions) if ctx is None else ctx["rope"]
         fused = self._fused(i)
         if fused is None:
@@ -348,7 +348,7 @@ class TransformerBackbone(Backbone):
             self._write_fixed(state, i, k, v, step)
             return
         block, nq = self.blocks[i], self.n_heads * self.head_dim
-        self.fixed_kernel(_propagate_fixed)(
+        kernel(_propagate_fixed)(
             h, block.input_layernorm.weight, fused[0][nq:], state.k[i], state.v[i], state.valid[i], step.slots,
             step.write, rope[0], rope[1], float(block.input_layernorm.variance_epsilon), self.n_kv, self.head_dim)
 

@@ -78,26 +78,20 @@ def wants_heads(args) -> bool:
 
 
 def build_heads(args, bb):
-    from meestral.decoding.config import default_exit_points
-    from meestral.decoding.heads import ExitHeads
-
-    if args.heads:
-        return ExitHeads.load(args.heads, bb)
-    if args.head == "classifier":
-        raise MeestralError("a classifier head must be trained first: pass --heads DIR (from `meestral train`)")
-    return ExitHeads(args.head, args.exits or default_exit_points(bb.num_layers), bb)
-
-
-def exit_config(args, bb, heads="build"):
-    """The `ExitConfig` the exit options describe, checked against the backbone. `heads` may be
-    given already built (or None for the full model); by default they are built from the options."""
+    """The exit heads that --heads / --head / --exits describe (None: --head full)."""
     from meestral.decoding.config import ExitConfig
 
-    if heads == "build":
-        heads = build_heads(args, bb) if wants_heads(args) else None
-    cfg = ExitConfig.make(heads=heads, thresholds=args.threshold if heads is not None else 1.0, policy=args.policy,
-                          verify=args.verify, max_backlog=args.max_backlog, exit_output=args.exit_output)
-    return cfg.checked(bb)
+    return ExitConfig.from_options(bb, heads=args.heads, head=args.head, exits=args.exits).heads
+
+
+def exit_config(args, bb, heads=None):
+    """The checked `ExitConfig` the exit options describe (`heads`: already built ExitHeads,
+    instead of building them from --heads / --head / --exits)."""
+    from meestral.decoding.config import ExitConfig
+
+    return ExitConfig.from_options(bb, heads=heads or args.heads, head=args.head, exits=args.exits,
+                                   threshold=args.threshold, policy=args.policy, verify=args.verify,
+                                   max_backlog=args.max_backlog, exit_output=args.exit_output)
 
 
 def run(command) -> int:

@@ -2,11 +2,13 @@
 get, how long a backlog may grow, where the emitted token comes from, which blocks are pruned.
 
 The decoder, the lm-eval model, sweeps, the benchmark, the demo and the CLI all take an
-`ExitConfig`; `checked(backbone)` is the one place its combinations are validated.
+`ExitConfig` (keyword-only: it is the one carrier of these fields); `checked(backbone)` is the one
+place its combinations are validated, and `from_options` the one place user-facing options (CLI
+flags, lm-eval model_args: names, strings, the `verify` alias) become one.
 
-Policies (see DESIGN.md, "state policy"): `copy`, `propagate`, `catchup`, and `verify`, which is
-catch-up plus checking every early token against the full model (lossless). The old
-`verify=True` flag is accepted by `make` as an alias of `policy="verify"`.
+State policies (what the layers an exited token skips receive; README, "Generate"): `copy`,
+`propagate`, `catchup`, and `verify`, which is catch-up plus checking every early token against
+the full model (lossless).
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ def default_exit_points(num_layers: int) -> list[int]:
     return sorted({L // 4, L // 2, 3 * L // 4} - {L - 1})
 
 
+def option_list(value, cast, what):
+    """A list option: '7:15:22' (lm-eval model_args), one number, or a list; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        items = [value]
+    else:
+        items = [x for x in str(value).replace(";", ":").split(":") if x.strip()]
+    try:
+        return [cast(x) for x in items]
+    except (TypeError, ValueError):
+        raise MeestralError(f"{what}={value!r} is not a ':'-separated list of numbers (e.g. {what}=7:15:22)") from None
+
+
 def layer_drop_skip(num_layers: int, n: int) -> tuple[int, ...]:
     """DYNAMAX's layer-drop baseline: the `n` blocks before the last are removed."""
     if not 0 <= n <= num_layers - 2:
@@ -33,7 +51,7 @@ def layer_drop_skip(num_layers: int, n: int) -> tuple[int, ...]:
     return tuple(range(num_layers - 1 - n, num_layers - 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExitConfig:
     heads: object = None  # ExitHeads, or None: the full (or pruned) model
     thresholds: object = 1.0  # one for all exit points or one per exit point; `checked` makes a tuple
@@ -43,16 +61,45 @@ class ExitConfig:
     skip_layers: tuple = ()  # a pruned model (the layer-drop baseline): these blocks never run
 
     @classmethod
-    def make(cls, heads=None, thresholds=1.0, policy="copy", exit_output="hidden", verify=False, max_backlog=8,
-             skip_layers=()) -> "ExitConfig":
-        """The configuration from loose arguments, `verify=True` meaning `policy="verify"`."""
+    def from_options(cls, backbone, *, heads=None, head="softmax", exits=None, threshold=1.0, policy="copy",
+                     verify=False, max_backlog=8, exit_output="hidden", layer_drop=0) -> "ExitConfig":
+        """The checked configuration that user-facing options describe (CLI flags, lm-eval
+        model_args). `heads`: built ExitHeads or a folder of trained ones; otherwise `head` names a
+        training-free kind at `exits` (default: every quarter), or `full`/`none` for no exits.
+        Lists may be strings ('7:15:22'); `verify=True` is an alias of policy='verify';
+        `layer_drop=N` is DYNAMAX's pruned baseline (the N blocks before the last removed)."""
+        from meestral.decoding.heads import ExitHeads
+
+        L = backbone.num_layers
+        layer_drop = int(layer_drop or 0)
+        skip = layer_drop_skip(L, layer_drop)  # also the range check
+        if layer_drop:
+            return cls(skip_layers=skip).checked(backbone)
         if isinstance(verify, str):
             verify = verify.strip().lower() in ("1", "true", "yes")
         if verify:
             if policy not in EXACT_POLICIES:
                 raise MeestralError("--verify needs exact deep states: use it with --policy catchup (or --policy verify)")
             policy = "verify"
-        return cls(heads, thresholds, policy, max_backlog, exit_output, tuple(skip_layers))
+        if isinstance(heads, ExitHeads):
+            pass
+        elif heads:
+            heads = ExitHeads.load(heads, backbone)
+        elif head in (None, "none", "full"):
+            heads = None
+        elif head == "classifier":
+            raise MeestralError("a classifier head must be trained first: pass --heads DIR (from `meestral train`)")
+        else:
+            heads = ExitHeads(head, option_list(exits, int, "exits") or default_exit_points(L), backbone)
+        th = option_list(threshold, float, "threshold")
+        if not th:
+            raise MeestralError("the threshold is empty: give one value in [0, 1] or one per exit point")
+        try:
+            backlog = int(max_backlog)
+        except (TypeError, ValueError):
+            raise MeestralError(f"max_backlog {max_backlog!r} must be a whole number") from None
+        return cls(heads=heads, thresholds=th if heads is not None else 1.0, policy=policy, max_backlog=backlog,
+                   exit_output=exit_output).checked(backbone)
 
     @property
     def verify(self) -> bool:

@@ -1,8 +1,9 @@
 """The early-exit decoder: one object, one loop, the state policy as a strategy object.
 
-`EarlyExitDecoder` owns a checked `ExitConfig`, an engine (engine.py: runs blocks, a segment
-between two exit points at a time) and the policy the configuration names (policies.py:
-`copy`, `propagate`; catchup.py: `catchup`, `verify`). A generation is:
+`EarlyExitDecoder` owns a checked `ExitConfig` (config.py), an engine (engine.py, graph_engine.py:
+everything asked of the backbone, a segment between two exit points at a time) and the policy the
+configuration names (slot_policies.py: `copy`, `propagate`; catchup.py: `catchup`; verify.py:
+`verify`). A generation is:
 
 1. the prompt pass at full depth (`prefill`): it yields the first token at no extra cost;
 2. one `policy.step` per further token: each active row feeds its newest token, leaves at the
@@ -30,13 +31,15 @@ from dataclasses import dataclass, field
 import torch
 
 from meestral.decoding.accounting import CostModel, StepLog, TokenStats, summarize, token_stats
-from meestral.decoding.catchup import CatchupPolicy, VerifyPolicy
-from meestral.decoding.graph_engine import make_engine
-from meestral.errors import MeestralError
+from meestral.decoding.catchup import CatchupPolicy
 from meestral.decoding.config import ExitConfig
+from meestral.decoding.graph_engine import make_engine
+from meestral.decoding.policy import Batch
+from meestral.decoding.sampling import SamplingOptions, sample
+from meestral.decoding.slot_policies import CopyPolicy, PropagatePolicy
+from meestral.decoding.verify import VerifyPolicy
+from meestral.errors import MeestralError
 from meestral.validation import check_context
-from meestral.decoding.policy import Batch, CopyPolicy, PropagatePolicy
-from meestral.decoding.sampling import SamplingOptions, probabilities, sample  # noqa: F401  (the decoder's API)
 
 POLICY_CLASSES = {p.name: p for p in (CopyPolicy, PropagatePolicy, CatchupPolicy, VerifyPolicy)}
 
@@ -68,29 +71,15 @@ class StepView:
 
 
 class EarlyExitDecoder:
-    """Generate with early exits. `heads=None` (or thresholds of 1) runs the full model.
+    """Generate with early exits under `config` (default: no exit heads, the full model)."""
 
-    Either the loose arguments or `config=ExitConfig(...)`; `verify=True` is an alias of
-    `policy="verify"` (it needs `policy="catchup"`)."""
-
-    def __init__(self, backbone, heads=None, thresholds=1.0, policy: str = "copy", exit_output: str = "hidden",
-                 verify: bool = False, max_backlog: int = 8, skip_layers=(), *, config: ExitConfig | None = None,
-                 engine: str = "auto"):
-        if config is None:
-            config = ExitConfig.make(heads, thresholds, policy, exit_output, verify, max_backlog, skip_layers)
-        self.bb = backbone
-        self.config = config.checked(backbone)
+    def __init__(self, backbone, config: ExitConfig | None = None, *, engine: str = "auto"):
+        self.bb = backbone  # the tokenizer and the cost model's shapes; the engine runs it
+        self.config = (config or ExitConfig()).checked(backbone)
         # "auto": CUDA graphs on a GPU (graph_engine.py), the eager engine elsewhere; same results.
         self.engine = make_engine(engine, backbone, self.config.skip_layers)
         self.policy = POLICY_CLASSES[self.config.policy](self.config, self.engine)
         self.cost = CostModel.for_backbone(backbone, self.config.heads)
-
-    # the configuration's parts, by name (read by the CLI, the lm-eval model, reports)
-    heads = property(lambda self: self.config.heads)
-    thresholds = property(lambda self: list(self.config.thresholds))
-    max_backlog = property(lambda self: self.config.max_backlog)
-    exit_output = property(lambda self: self.config.exit_output)
-    verify = property(lambda self: self.config.verify)
 
     # ---- prompts ---------------------------------------------------------------------------
     def encode(self, prompts, chat: bool = False) -> list[list[int]]:
@@ -115,13 +104,13 @@ class EarlyExitDecoder:
     @torch.no_grad()
     def prefill(self, rows: list[list[int]], extra: int):
         """The prompt pass at full depth over left-padded rows, with room for `extra` more slots:
-        (Batch, next-token logits [B, V], per-row StepLog of the pass without its time)."""
-        batch = Batch(self.bb, rows, extra, self.engine.new_state)
-        h = self.engine.prefill(batch.ids, batch.state, self.bb.make_step(0, batch.P, batch.pad))
-        batch.hidden_dtype = h.dtype  # what catch-up keeps backlog hidden states in
+        (Batch, next-token logits [B, V], per-row StepLog of the pass without its time, dtype of
+        its hidden states)."""
+        batch = Batch(self.engine, rows, extra)
+        h = self.engine.prefill(batch.ids, batch.state, batch.pad)
         L = self.bb.num_layers
         logs = [StepLog.prefill_pass(self.engine.kept, len(r), L) for r in rows]
-        return batch, self.engine.logits(h[:, -1]), logs
+        return batch, self.engine.logits(h[:, -1]), logs, h.dtype
 
     @torch.no_grad()
     def generate(self, prompts, opts: SamplingOptions | None = None, chat: bool = False, progress=None,
@@ -135,7 +124,7 @@ class EarlyExitDecoder:
         gen = opts.generator(self.bb.device)
         results = [Generation(prompt_ids=r) for r in rows]
         t0 = time.perf_counter()
-        batch, logits, logs = self.prefill(rows, opts.max_new_tokens)
+        batch, logits, logs, hidden_dtype = self.prefill(rows, opts.max_new_tokens)
         first = sample(logits, opts, gen)
         toks = first.tolist()  # the prefill's one read: the first tokens (this also waits for the device)
         wall = (time.perf_counter() - t0) * 1000
@@ -143,7 +132,7 @@ class EarlyExitDecoder:
             logs[b].wall_ms = wall
             r.stats.append(token_stats(logs[b], self.cost))
             r.token_ids.append(toks[b])
-        self.policy.start(batch, first, opts)
+        self.policy.start(batch, first, hidden_dtype)
         self._view(inspect, 0, batch, logits, logs)
         for b, r in enumerate(results):
             self._check_end(batch, b, r, opts)
@@ -213,9 +202,3 @@ class EarlyExitDecoder:
     def summary(self, result: Generation) -> dict:
         return summarize(result.stats, self.cost, self.bb.num_layers, result.discarded)
 
-
-def generate(backbone, prompt, heads=None, thresholds=1.0, policy="copy", exit_output="hidden", chat=False,
-             verify=False, max_backlog=8, config: ExitConfig | None = None, **sampling) -> Generation:
-    """One prompt in, one Generation out: the Python API in the CLI's terms."""
-    dec = EarlyExitDecoder(backbone, heads, thresholds, policy, exit_output, verify, max_backlog, config=config)
-    return dec.generate([prompt], SamplingOptions(**sampling), chat=chat)[0]

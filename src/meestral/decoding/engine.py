@@ -1,16 +1,20 @@
-"""The engine: runs the backbone's blocks for the decoder's policies, a segment at a time.
+"""The engine: everything the decoder's policies ask of the backbone, a segment at a time.
 
 A *segment* is the run of blocks between two exit points (the last one ends at the last block).
-The policies (policies.py, catchup.py) decide which rows run which segment, what the layers an
-exited row skips receive, and read the exit decision between segments; the engine only runs
-blocks. This eager engine calls the adapters block by block. A static-shape engine (CUDA graphs,
-one captured graph per segment and window length) can replace it behind the same methods: every
-argument is a fixed-shape tensor, and no method reads anything back to the host.
+The policies (slot_policies.py, catchup.py, verify.py) decide which rows run which segment, what
+the layers an exited row skips receive, and read the exit decision between segments; they never
+call the backbone themselves. The engine makes the steps, embeds, runs blocks and the LM head, and
+snapshots, restores or truncates states. This eager engine calls the adapters block by block; the
+fixed-shape engine (graph_engine.py: CUDA graphs, one captured call per segment and window length)
+replaces it behind the same methods: every argument is a fixed-shape tensor, and no method reads
+anything back to the host.
 """
 
 from __future__ import annotations
 
 import torch
+
+from meestral.backbones.base import Step
 
 
 class EagerEngine:
@@ -19,9 +23,23 @@ class EagerEngine:
         self.skip = frozenset(skip)  # a pruned model: these blocks never run
         self.kept = [i for i in range(backbone.num_layers) if i not in self.skip]
 
-    def new_state(self, batch_size: int, capacity: int):
-        """The per-layer state of one generation (a fixed-shape engine reuses one per shape)."""
-        return self.bb.new_state(batch_size, capacity)
+    # ---- what the policies need to know of the backbone ---------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.bb.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.bb.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.bb.device
+
+    @property
+    def can_truncate(self) -> bool:
+        """States can forget slots exactly (K/V); otherwise (recurrent) rollbacks need snapshots."""
+        return self.bb.can_truncate
 
     def segments(self, exit_points) -> list[list[int]]:
         """The blocks of each segment: up to and including each exit point, then to the last block."""
@@ -32,13 +50,40 @@ class EagerEngine:
             lo = hi + 1
         return out
 
-    def prefill(self, ids, state, step) -> torch.Tensor:
-        """Every kept block over the prompt slots: the hidden states after the last block."""
-        # From slot 0 the state is empty before this call: an adapter may fill it in one pass over
-        # the prompt (Mamba-2: the chunked scan) instead of stepping token by token. (A prefill
-        # may also continue a state from a later slot: verify's replay does.)
-        step.memo["from_empty"] = step.start == 0
-        h, _, _ = self.run(self.kept, self.bb.embed(ids), state, step)
+    # ---- steps and state -------------------------------------------------------------------
+    def new_state(self, batch_size: int, capacity: int):
+        """The per-layer state of one generation (a fixed-shape engine reuses one per shape)."""
+        return self.bb.new_state(batch_size, capacity)
+
+    def make_step(self, start: int, length: int, pad: torch.Tensor, write: torch.Tensor | None = None) -> Step:
+        """Slots [start, start+length) for rows left-padded by `pad` [B]; `write` [B, length]
+        (default: the slots past each row's padding) says which (row, slot) pairs the call writes."""
+        return self.bb.make_step(start, length, pad, write)
+
+    def snapshot(self, state):
+        return self.bb.snapshot(state)
+
+    def update_snapshot(self, snap, state, rows: torch.Tensor | None = None) -> None:
+        self.bb.update_snapshot(snap, state, rows)
+
+    def restore(self, state, snap, rows: torch.Tensor | None = None) -> None:
+        self.bb.restore(state, snap, rows)
+
+    def truncate(self, state, keep: torch.Tensor, rows: torch.Tensor) -> None:
+        self.bb.truncate(state, keep, rows)
+
+    # ---- running blocks ----------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bb.embed(ids)
+
+    def prefill(self, ids, state, pad, start: int = 0) -> torch.Tensor:
+        """Every kept block over tokens ids [B, T] placed at slots start.. (rows left-padded by
+        `pad`): the hidden states after the last block. From slot 0 the state is empty before
+        this call, so an adapter may fill it in one pass over the prompt (Mamba-2: the chunked
+        scan) instead of stepping token by token; a later `start` continues a state."""
+        step = self.make_step(start, ids.shape[1], pad)
+        step.shared.from_empty = start == 0
+        h, _, _ = self.run(self.kept, self.embed(ids), state, step)
         return h
 
     def run(self, layers, h, state, step, exit_h=None, skipped=None):

@@ -16,10 +16,17 @@ and every generation of that shape:
 - the first call of a shape runs eagerly (its real result, and the warm-up capture needs), then
   the body is captured with `torch.cuda.CUDAGraph`; later calls copy their inputs into the
   buffers and replay. Where capture fails the call stays eager and one line says so.
+- every graph draws its temporaries from ONE memory pool: graphs run one after another on one
+  stream, so their temporaries may share memory. Outputs must not: a later capture could place
+  them where an earlier graph keeps temporaries, and replaying that graph would overwrite them.
+  So output buffers are allocated before capture, outside the pool, and the graph copies into them;
+- the captured calls and the states are bounded caches (least recently used go first; a state
+  takes its calls with it): a long-running server meeting many shapes does not grow without end.
 
-Off CUDA (or with `capture=False`) calls replay by running the body again on the static buffers:
-the same data flow as a graph, which is what the CPU tests check against the eager engine. The
-prompt pass (one call per generation, many tokens) stays eager.
+Off CUDA (or with `capture=False`) calls replay by running the body again on the static buffers
+and copying into the same output buffers: the same data flow as a graph, which is what the CPU
+tests check against the eager engine. The prompt pass (one call per generation, many tokens) stays
+eager.
 
 A call's outputs are its buffers: valid until the same call runs again (the policies consume a
 step's outputs within the step, and catch-up copies its window into the backlog).
@@ -28,10 +35,11 @@ step's outputs within the step, and catch-up copies its window into the backlog)
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 
 import torch
 
-from meestral.backbones.base import Step
+from meestral.backbones.base import Step, StepShared, compiled, plain
 from meestral.decoding.engine import EagerEngine
 
 
@@ -39,13 +47,9 @@ def _pow2(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
-# Tests set this so that calls without capture return the same output buffers at every replay,
-# as graphs do: a caller that keeps a call's output past its next replay is then caught on a CPU.
-ALIAS_OUTPUTS_WITHOUT_CAPTURE = False
-
-
 class CapturedCall:
-    """One shape of one engine call: static inputs, the body over them, the graph once captured."""
+    """One shape of one engine call: static inputs, the body over them, its output buffers, and
+    the graph once captured."""
 
     def __init__(self, body, inputs: dict, step: Step | None):
         self.inputs = {k: v.clone() for k, v in inputs.items()}
@@ -55,8 +59,7 @@ class CapturedCall:
             # for both: a copy fewer per call. Whether it does is part of the call's key.
             write = step.write.clone()
             visible = write if step.visible is step.write else step.visible.clone()
-            self.step = Step(None, step.positions.clone(), write, {}, visible)
-            self.step.memo["slots"] = step.slots.clone()  # the only memo entry: a buffer, refilled per call
+            self.step = Step(None, step.positions.clone(), write, StepShared(slots=step.slots.clone()), visible)
         self.body = lambda: body(self.inputs, self.step)
         self.graph = None
         self.outputs = None
@@ -70,15 +73,20 @@ class CapturedCall:
         self.step.write.copy_(step.write)
         if self.step.visible is not self.step.write:
             self.step.visible.copy_(step.visible)
-        self.step.memo["slots"].copy_(step.slots)
+        self.step.shared.slots.copy_(step.slots)
 
-    def first(self, capture: bool, stream, note):
+    def _into_outputs(self, out):
+        for buf, t in zip(self.outputs, out):
+            if buf is not None:
+                buf.copy_(t)
+        return self.outputs
+
+    def first(self, capture: bool, stream, pool, note):
         """Run eagerly (the real result), then capture the body for the next calls."""
         if not capture:
             out = self.body()
-            if ALIAS_OUTPUTS_WITHOUT_CAPTURE:
-                self.outputs = tuple(None if t is None else t.clone() for t in out)
-            return out
+            self.outputs = tuple(None if t is None else torch.empty_like(t) for t in out)
+            return self._into_outputs(out)
         main = torch.cuda.current_stream()
         stream.wait_stream(main)
         with torch.cuda.stream(stream):  # warm up where the capture will run (cuBLAS workspaces)
@@ -87,26 +95,22 @@ class CapturedCall:
         for t in out:
             if t is not None:
                 t.record_stream(main)
+        # Outside the capture: these must never be memory the shared pool hands to another graph.
+        self.outputs = tuple(None if t is None else torch.empty_like(t) for t in out)
         try:
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=stream):
-                self.outputs = self.body()
+            with torch.cuda.graph(g, pool=pool, stream=stream):
+                self._into_outputs(self.body())
             self.graph = g
         except Exception as e:  # noqa: BLE001 - any capture failure leaves this call eager
-            self.graph, self.outputs = None, None
+            self.graph = None
             note(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                  "this call runs eagerly")
-        return out
+        return self._into_outputs(out)
 
     def replay(self):
-        if self.graph is None:
-            out = self.body()
-            if self.outputs is None:
-                return out
-            for buf, t in zip(self.outputs, out):  # a graph's semantics: the same buffers every replay
-                if buf is not None:
-                    buf.copy_(t)
-            return self.outputs
+        if self.graph is None:  # a graph's semantics: the same buffers every replay
+            return self._into_outputs(self.body())
         self.graph.replay()
         return self.outputs
 
@@ -115,28 +119,35 @@ class GraphEngine(EagerEngine):
     """EagerEngine's interface and results, each decode call captured once per shape."""
 
     def __init__(self, backbone, skip=frozenset(), capture: bool | None = None, min_keys: int = 64,
-                 compile: bool | None = None):
+                 compile: bool | None = None, max_calls: int = 256, max_states: int = 4):
         super().__init__(backbone, skip)
         self.capture = (backbone.device.type == "cuda") if capture is None else capture
         # Inside a graph the launches are free but each kernel still costs its few microseconds
         # and its own pass over memory: compiling the per-layer functions fuses the ~50 small
         # kernels of a block into a handful (benchmarks/NOTES.md). Compiled on the first call of
-        # each shape, before its capture.
-        backbone.compile_fixed = self.capture if compile is None else compile
+        # each shape, before its capture; the backbone is only told how to run them (`kernel`).
+        self.kernel = compiled if (self.capture if compile is None else compile) else plain
         self.min_keys = min_keys
-        self.states: dict = {}  # (batch size, capacity) -> the state every such generation reuses
-        self.calls: dict = {}  # shape key -> CapturedCall
+        self.max_calls, self.max_states = max_calls, max_states
+        self.states: OrderedDict = OrderedDict()  # (batch size, capacity) -> the state such generations reuse
+        self.calls: OrderedDict = OrderedDict()  # shape key -> CapturedCall
         self.stream = torch.cuda.Stream(device=backbone.device) if self.capture else None
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._noted: set = set()
 
     # ---- state -----------------------------------------------------------------------------
     def new_state(self, batch_size: int, capacity: int):
         cap = _pow2(capacity, self.min_keys)  # nearby lengths share a state and its graphs
         key = (batch_size, cap)
-        if key not in self.states:
-            self.states[key] = self.bb.new_state(batch_size, cap)
-        else:
+        if key in self.states:
+            self.states.move_to_end(key)
             self.bb.reset_state(self.states[key])
+            return self.states[key]
+        if len(self.states) >= self.max_states:  # the least recently used goes, with its calls
+            _, old = self.states.popitem(last=False)
+            for k in [k for k in self.calls if id(old) in k]:
+                del self.calls[k]
+        self.states[key] = self.bb.new_state(batch_size, cap)
         return self.states[key]
 
     def _keys(self, state, step) -> int | None:
@@ -154,8 +165,11 @@ class GraphEngine(EagerEngine):
         key = key + (step is not None and step.visible is step.write,)
         call = self.calls.get(key)
         if call is None:
+            if len(self.calls) >= self.max_calls:
+                self.calls.popitem(last=False)
             call = self.calls[key] = CapturedCall(body, inputs, step)
-            return call.first(self.capture, self.stream, self.note)
+            return call.first(self.capture, self.stream, self.pool, self.note)
+        self.calls.move_to_end(key)
         call.load(inputs, step)
         return call.replay()
 
@@ -163,7 +177,7 @@ class GraphEngine(EagerEngine):
     def run(self, layers, h, state, step, exit_h=None, skipped=None):
         if not layers:
             return h, None, h
-        bb, keys, layers = self.bb, self._keys(state, step), tuple(layers)
+        bb, keys, layers, kernel = self.bb, self._keys(state, step), tuple(layers), self.kernel
         sub = exit_h is not None
 
         def body(x, st):
@@ -173,7 +187,7 @@ class GraphEngine(EagerEngine):
             for i in layers:
                 inp = torch.where(x["skipped"][:, None, None], x["exit_h"].to(h.dtype), h) if sub else h
                 prev = h
-                h, aux = bb.forward_layer_fixed(i, inp, state, st, keys, ctx)
+                h, aux = bb.forward_layer_fixed(i, inp, state, st, keys, ctx, kernel)
             return h, aux, prev
 
         inputs = {"h": h}
@@ -185,7 +199,7 @@ class GraphEngine(EagerEngine):
     def window(self, layers, x, state, step, depth, live):
         if not layers:
             return x, None, x
-        bb, keys, layers = self.bb, self._keys(state, step), tuple(layers)
+        bb, keys, layers, kernel = self.bb, self._keys(state, step), tuple(layers), self.kernel
 
         def body(inp, st):
             x, depth, live = inp["x"], inp["depth"], inp["live"]
@@ -194,7 +208,7 @@ class GraphEngine(EagerEngine):
             for i in layers:
                 need = (depth < i) & live
                 prev = x
-                out, aux = bb.forward_layer_fixed(i, x, state, st.written(need), keys, ctx)
+                out, aux = bb.forward_layer_fixed(i, x, state, st.written(need), keys, ctx, kernel)
                 x = torch.where(need[..., None], out.to(x.dtype), x)
             return x, aux, prev
 
@@ -204,11 +218,11 @@ class GraphEngine(EagerEngine):
     def fill_copy(self, layers, state, step) -> None:
         if not layers or not self.bb.fills_on_copy:
             return
-        bb, layers = self.bb, tuple(layers)
+        bb, layers, kernel = self.bb, tuple(layers), self.kernel
 
         def body(_inp, st):
             for i in layers:
-                bb.fill_copy_fixed(i, state, st)
+                bb.fill_copy_fixed(i, state, st, kernel)
             return ()
 
         self._call(("copy", layers, id(state), step.batch_size), body, {}, step)
@@ -224,12 +238,12 @@ class GraphEngine(EagerEngine):
     def fill_propagate(self, layers, h, state, step) -> None:
         if not layers:
             return
-        bb, keys, layers = self.bb, self._keys(state, step), tuple(layers)
+        bb, keys, layers, kernel = self.bb, self._keys(state, step), tuple(layers), self.kernel
 
         def body(x, st):
             ctx = bb.fixed_context(layers, x["h"], state, st, keys)
             for i in layers:
-                bb.fill_propagate_fixed(i, x["h"], state, st, keys, ctx)
+                bb.fill_propagate_fixed(i, x["h"], state, st, keys, ctx, kernel)
             return ()
 
         self._call(("propagate", layers, id(state), tuple(h.shape), h.dtype, keys), body, {"h": h}, step)

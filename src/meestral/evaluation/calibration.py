@@ -222,10 +222,6 @@ class Calibration:
     calib_mean_exit_layer: float | None = None
     note: str = ""
 
-    @property
-    def never_exits(self) -> bool:
-        return not any(g["rejected"] for g in self.grid)
-
     def to_dict(self) -> dict:
         return asdict(self)
 

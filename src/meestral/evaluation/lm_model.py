@@ -32,28 +32,11 @@ from meestral.decoding.decoder import EarlyExitDecoder
 from meestral.errors import MeestralError
 from meestral.evaluation.scoring import build_tables, decide, score_sequential
 from meestral.validation import check_context, context_length
-from meestral.decoding.config import ExitConfig, default_exit_points, layer_drop_skip
+from meestral.decoding.config import ExitConfig
 from meestral.decoding.sampling import SamplingOptions
 
 ARGS = ("backbone", "heads", "head", "exits", "threshold", "policy", "verify", "max_backlog", "exit_output",
         "layer_drop", "dtype", "device", "batch_size", "max_batch_size", "max_length", "max_gen_toks")
-
-
-def _list(value, cast, what):
-    """A model_args list: '7:15:22', a single number, or a Python list."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        items = [value]
-    else:
-        items = [x for x in str(value).replace(";", ":").split(":") if x.strip()]
-    try:
-        return [cast(x) for x in items]
-    except (TypeError, ValueError):
-        raise MeestralError(f"model_args {what}={value!r} is not a ':'-separated list of numbers "
-                            f"(e.g. {what}=7:15:22)") from None
 
 
 @register_model("meestral")
@@ -83,8 +66,9 @@ class MeestralLM(TemplateLM):
         self.records: list[dict] = []
         self._tables: dict = {}
         self.progress = True  # per-request bars (a sweep turns them off and shows its own)
-        self.configure(heads=heads, head=head, exits=exits, threshold=threshold, policy=policy, verify=verify,
-                       max_backlog=max_backlog, exit_output=exit_output, layer_drop=layer_drop)
+        self.configure(ExitConfig.from_options(self.bb, heads=heads, head=head, exits=exits, threshold=threshold,
+                                               policy=policy, verify=verify, max_backlog=max_backlog,
+                                               exit_output=exit_output, layer_drop=layer_drop))
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):
@@ -110,41 +94,11 @@ class MeestralLM(TemplateLM):
         return out
 
     # ---- configuration (sweeps change it between runs; the backbone stays loaded) ------------
-    def configure(self, config: ExitConfig | None = None, *, heads=None, head="softmax", exits=None, threshold=1.0,
-                  policy="copy", verify=False, max_backlog=8, exit_output="hidden", layer_drop=0):
-        """Score with `config` from now on; or build one from model_args-style values (strings
-        allowed: lists with ':'; `verify=true` an alias of policy=verify; `layer_drop=N` the
-        pruned baseline)."""
-        if config is None:
-            config = self._config_from_args(heads, head, exits, threshold, policy, verify, max_backlog, exit_output,
-                                            layer_drop)
-        self.dec = EarlyExitDecoder(self.bb, config=config)
+    def configure(self, config: ExitConfig):
+        """Score with `config` from now on (model_args become one through ExitConfig.from_options)."""
+        self.dec = EarlyExitDecoder(self.bb, config)
         self.heads = self.dec.config.heads
         return self
-
-    def _config_from_args(self, heads, head, exits, threshold, policy, verify, max_backlog, exit_output, layer_drop):
-        from meestral.decoding.heads import ExitHeads
-
-        bb, L = self.bb, self.bb.num_layers
-        layer_drop = int(layer_drop or 0)
-        if layer_drop:
-            return ExitConfig(skip_layers=layer_drop_skip(L, layer_drop))
-        layer_drop_skip(L, layer_drop)  # the range check
-        if isinstance(heads, ExitHeads):
-            pass
-        elif heads:
-            heads = ExitHeads.load(heads, bb)
-        elif head in (None, "none", "full"):
-            heads = None
-        else:
-            if head == "classifier":
-                raise MeestralError("a classifier head must be trained first: pass heads=DIR")
-            heads = ExitHeads(head, _list(exits, int, "exits") or default_exit_points(L), bb)
-        th = _list(threshold, float, "threshold")
-        if not th:
-            raise MeestralError("model_args threshold is empty: give one value in [0, 1] or one per exit point")
-        return ExitConfig.make(heads, th if heads is not None else 1.0, policy, exit_output, verify,
-                               self._int(max_backlog, "max_backlog"))
 
     @property
     def exact(self) -> bool:

@@ -9,7 +9,8 @@ policy that trusted layer 3 could not know that layer 5 disagrees. Without the l
 "bound" would credit exits whose agreement is a coincidence of one layer.
 
 The bound is in layers run, not wall-clock: it ignores probe costs (an LM-head probe can cost more
-than the blocks it skips; see DESIGN.md §7) and state upkeep for skipped layers.
+than the blocks it skips: SmolLM2's tied LM head weighs as much as ~8 of its blocks) and state
+upkeep for skipped layers.
 
 Pure functions work on numpy arrays; `layer_predictions` and `oracle_gather` run the backbone.
 """

@@ -9,9 +9,9 @@ is predicted by a decode step that may exit early. Three paths, one result type 
   parallel HF forward (`Backbone.collect`) therefore gives, per scored token, the confidence at
   every exit point and the log-probability of the target at every exit point: a `Table`. Any
   threshold is then scored from the table without touching the model again (`decide`), which
-  is what makes threshold sweeps cheap. `decide` replays the catch-up schedule (backlog, forced
-  deep passes at `max_backlog`) to charge each token the layers, FLOPs and weight bytes the
-  decoder would spend. Under `verify` the emitted distribution is the full model's (lossless);
+  is what makes threshold sweeps cheap. `decide` steps the decoder's own catch-up schedule
+  (decoding/schedule.py: backlog, forced deep passes at `max_backlog`, the step logs) to charge
+  each token the layers, FLOPs and weight bytes the decoder would spend. Under `verify` the emitted distribution is the full model's (lossless);
   the cost is what greedy generation would pay on the sequence, rejected drafts included
   (verify_replay.py: a draft whose top-1 is not the full model's is rolled back at the next deep
   pass, and the drafts generation would make after it are run through the model to price them).
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from meestral.decoding.accounting import StepLog, TokenStats, account, token_stats
-from meestral.decoding.catchup import BacklogSchedule
 from meestral.decoding.exit_rule import first_exit
+from meestral.decoding.schedule import BacklogSchedule, probes_asked
 
 
 @dataclass
@@ -148,8 +148,8 @@ def calibration_data(bb, heads, rows: torch.Tensor, batch: int = 8, progress: bo
 def decide(table: Table, config, cost, num_layers: int, bb=None) -> Scored:
     """Score one table under an exact configuration (`catchup`, `verify`, or no exits): exits by
     the exit rule, emitted log-probs, and what the decoder would run for each token, as the
-    decoder's own step logs (the backlog schedule of catchup.py; weights of a layer read once per
-    step for every backlog token it carries, FLOPs paid per token). `verify` with exits needs the
+    decoder's own step logs (its backlog schedule; weights of a layer read once per step for every
+    backlog token it carries, FLOPs paid per token). `verify` with exits needs the
     backbone `bb`: the drafts generation would make after a rejected one are not in the table."""
     L, points, verify = num_layers, config.exit_points, config.verify
     J = len(points)
@@ -161,22 +161,19 @@ def decide(table: Table, config, cost, num_layers: int, bb=None) -> Scored:
                       [True] * n, table.wall_s, [token_stats(d, cost) for d in dropped])
     first = first_exit(table.conf, config.thresholds).tolist() if J else [0] * n  # J == 0: full depth
     needs_logits = config.heads is not None and config.heads.needs_logits
-    sched = BacklogSchedule(config.max_backlog)
+    sched = BacklogSchedule(config.max_backlog, L)
     logs, agree, logprob, greedy = [], [], 0.0, True
     for t in range(n):
         context = table.start + t + 1
         if t == 0:  # predicted by the prompt pass, at full depth
             j = J
             log = StepLog.prefill_pass(range(L), context, L)
+            log.verified = verify
         else:
             forced = sched.full
             j = J if forced else first[t]
-            e = L - 1 if j == J else points[j]
-            log = StepLog(e, tuple(range(e + 1)), context, slots=sched.slots(e, L),
-                          probes=0 if forced else (J if j == J else j + 1),
-                          head_read=not (j < J and needs_logits), deep=j == J)
-            sched.advance(e, L)
-        log.verified = verify
+            log = sched.step(L - 1 if j == J else points[j], context, probes=probes_asked(j, J, forced),
+                             head_read=not (j < J and needs_logits), verified=verify)
         logs.append(log)
         logprob += lp[t][j]
         greedy &= top[t][j] == target[t]
@@ -212,7 +209,7 @@ def score_sequential(dec, rows) -> list[Scored]:
     B = len(rows)
     N = max(len(x) for _, x in rows)
     t0 = time.perf_counter()
-    batch, logits, logs = dec.prefill([list(c) for c, _ in rows], N)
+    batch, logits, logs, _ = dec.prefill([list(c) for c, _ in rows], N)
     P = batch.P
     cont = torch.zeros(B, N, dtype=torch.long, device=dev)
     for b, (_, x) in enumerate(rows):

@@ -230,25 +230,9 @@ def point_config(p: dict, heads, spec: SweepSpec, bb):
     if p["baseline"] == "layer_drop":
         return ExitConfig(skip_layers=layer_drop_skip(bb.num_layers, p["layer"]))
     if p["baseline"] == "static":
-        return ExitConfig(ExitHeads("static", [p["layer"]], bb), 0.0, "copy", exit_output=spec.exit_output)
+        return ExitConfig(heads=ExitHeads("static", [p["layer"]], bb), thresholds=0.0, policy="copy",
+                          exit_output=spec.exit_output)
     policy = p["policy"]
-    return ExitConfig(heads, p["threshold"], policy, spec.max_backlog,
-                      "hidden" if policy in EXACT_POLICIES else spec.exit_output)
+    return ExitConfig(heads=heads, thresholds=p["threshold"], policy=policy, max_backlog=spec.max_backlog,
+                      exit_output="hidden" if policy in EXACT_POLICIES else spec.exit_output)
 
-
-def read_rows(path) -> list[dict]:
-    """The finished points of a sweep table (header skipped)."""
-    path = Path(path)
-    if not path.exists():
-        raise MeestralError(f"no sweep results at {path}: run `meestral sweep` first")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if i > 0 and "key" in obj:
-            rows.append(obj)
-    return rows

@@ -7,15 +7,16 @@ disagreement the output is cut there, the full model's token is emitted instead 
 deep pass) and everything spent on the rejected draft and on the drafts made after it is lost.
 
 `replay_verify` runs that schedule over a `Table` (scoring.py), step for step as the decoder's
-`VerifyPolicy` (catchup.py) runs it at batch 1 with greedy acceptance:
+`VerifyPolicy` (decoding/verify.py) runs it at batch 1 with greedy acceptance, each step's log made
+by the decoder's own schedule (decoding/schedule.py):
 
 - along the sequence, row i's step leaves at the exit rule's exit point (or deep: unsure, or a
   full backlog); a draft is accepted iff its top-1 equals the full model's (the table has both);
 - a rejected draft starts a *branch*: generation feeds the wrong token and keeps drafting until a
   deep pass (a step that does not exit, a full backlog, or the end of the output: the length
   limit or an end-of-sequence draft). Those tokens are not in the sequence, so their exit
-  decisions come from `OffSequence`, which runs them through the backbone (full depth, exact
-  states: what catch-up gives the decoder) and remembers every row it made;
+  decisions come from `OffSequence`, which feeds them through the decoder's own step (full depth,
+  exact states: what catch-up gives the decoder) and remembers every row it made;
 - the branch's deep pass rejects the draft: its log goes to the corrected token; the draft's
   log and the branch drafts' logs are `discarded`, as the decoder's are. Then the backlog is what
   the decoder leaves: empty where states can be cut (K/V), or the accepted tokens since the
@@ -31,9 +32,12 @@ from __future__ import annotations
 import torch
 
 from meestral.decoding.accounting import StepLog
-from meestral.decoding.catchup import BacklogSchedule
+from meestral.decoding.config import ExitConfig
 from meestral.decoding.engine import EagerEngine
 from meestral.decoding.exit_rule import first_exit
+from meestral.decoding.policy import Batch
+from meestral.decoding.schedule import BacklogSchedule, probes_asked
+from meestral.decoding.slot_policies import CopyPolicy
 
 
 class OffSequence:
@@ -42,17 +46,18 @@ class OffSequence:
     `row(upto, path)`: the state holds the request's first `upto` fed tokens, then `path` is fed
     one token at a time; returns, for the last token of `path`, (confidence at each exit point,
     top-1 at each exit point), as a `Table` row has them. Rows are kept, so a
-    sweep over thresholds asks the model only for branches it has not seen. The backbone runs
-    through the decoder's engine and adapters, so the numbers are the decoder's own.
+    sweep over thresholds asks the model only for branches it has not seen. A token goes through
+    the decoder's own step (`SlotPolicy.forward`) with exits that never fire (threshold 1: no
+    confidence is above it), so every exit point is asked and its numbers are the decoder's.
     """
 
     def __init__(self, bb, heads, fed):
         self.bb, self.heads, self.fed = bb, heads, list(fed)
         self.engine = EagerEngine(bb)
-        self.segments = self.engine.segments(heads.exit_points)
+        self.policy = CopyPolicy(ExitConfig(heads=heads, thresholds=1.0).checked(bb), self.engine)
         self.rows: dict = {}
-        self.model_tokens = 0  # tokens fed to the backbone (what the memo saves is visible here)
-        self._state = None
+        self.model_tokens = 0  # tokens fed to the backbone (what remembering rows saves is visible here)
+        self._batch = None  # one row; its state holds the line being extended
         self._pos = 0  # fed tokens the main line of the state holds
         self._snap = None  # snapshot of the main line at _pos (taken before a branch)
         self._cursor = None  # (upto, path) the live state holds when it is on a branch
@@ -66,7 +71,7 @@ class OffSequence:
 
     def release(self) -> None:
         """Free the state (the remembered rows stay)."""
-        self._state = self._snap = self._cursor = None
+        self._batch = self._snap = self._cursor = None
         self._pos = 0
 
     @torch.no_grad()
@@ -80,41 +85,35 @@ class OffSequence:
 
     def _main(self, upto):
         """The live state holds exactly the first `upto` fed tokens, and a snapshot of them."""
-        bb = self.bb
-        pad = torch.zeros(1, dtype=torch.long, device=bb.device)
-        if self._state is None or self._pos > upto:  # a recurrent state cannot go back: start over
-            self._state = bb.new_state(1, 2 * len(self.fed) + 2)
+        eng = self.engine
+        if self._batch is None or self._pos > upto:  # a recurrent state cannot go back: start over
+            self._batch = Batch(eng, [self.fed[:1]], 2 * len(self.fed) + 1)
             self._pos, self._snap, self._cursor = 0, None, None
+        state = self._batch.state
         if self._cursor is not None:
-            bb.restore(self._state, self._snap)
+            eng.restore(state, self._snap)
             self._cursor = None
         if self._pos < upto:
-            ids = torch.tensor([self.fed[self._pos:upto]], device=bb.device)
-            self.engine.prefill(ids, self._state, bb.make_step(self._pos, upto - self._pos, pad))
+            ids = torch.tensor([self.fed[self._pos:upto]], device=eng.device)
+            eng.prefill(ids, state, self._batch.pad, start=self._pos)
             self.model_tokens += upto - self._pos
             self._pos = upto
         if self._snap is None:
-            self._snap = bb.snapshot(self._state)
+            self._snap = eng.snapshot(state)
         else:
-            bb.update_snapshot(self._snap, self._state)
+            eng.update_snapshot(self._snap, state)
 
     def _feed(self, upto, before, token):
         """Feed `token` after main[:upto] + before (the live state holds those) and keep its row."""
-        bb, heads = self.bb, self.heads
-        pad = torch.zeros(1, dtype=torch.long, device=bb.device)
-        step = bb.make_step(upto + len(before), 1, pad)
-        h = bb.embed(torch.tensor([[token]], device=bb.device))
-        conf, top = [], _Tops(bb)
-        last = len(self.segments) - 1
-        for j, layers in enumerate(self.segments):
-            h, aux, prev = self.engine.run(layers, h, self._state, step)
-            if j == last:
-                break  # a branch ends at its deep pass: the full model's top-1 there is never read
-            lg = bb.logits(h[:, -1]) if heads.needs_logits else None
-            top.add(h[:, -1], lg)
-            # the decoder's confidence call (policies.Policy.confidence)
-            c = heads.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1], lg)
+        conf, top = [], _Tops(self.engine)
+
+        def observe(j, h, c, lg):
+            top.add(h, lg)
             conf.append(float(c.float()[0]))
+
+        fed = torch.tensor([int(token)], device=self.engine.device)
+        # A branch ends at its deep pass, where the full model's top-1 is never read: no final head.
+        self.policy.forward(self._batch, fed, upto + len(before), observe=observe, emit=False)
         self.model_tokens += 1
         path = before + (int(token),)
         self.rows[(upto, path)] = (conf, top)
@@ -125,8 +124,8 @@ class _Tops:
     """Top-1 token at each exit point of one branch row, through the LM head only when asked: a
     branch reads it at the one exit point it leaves at, and the LM head can outweigh many blocks."""
 
-    def __init__(self, bb):
-        self.bb, self.hidden, self.known = bb, [], {}
+    def __init__(self, engine):
+        self.engine, self.hidden, self.known = engine, [], {}
 
     def add(self, h, logits):
         if logits is not None:  # the probe already read the LM head
@@ -135,7 +134,7 @@ class _Tops:
 
     def __getitem__(self, j):
         if j not in self.known:
-            self.known[j] = int(self.bb.logits(self.hidden[j]).argmax(-1))
+            self.known[j] = int(self.engine.logits(self.hidden[j]).argmax(-1))
         return self.known[j]
 
 
@@ -149,19 +148,13 @@ def replay_verify(table, config, num_layers: int, off: OffSequence | None, can_t
     first = first_exit(table.conf, thresholds).tolist() if J else [J] * n
     top = table.top.tolist()
     needs_logits = config.heads is not None and config.heads.needs_logits
-    sched = BacklogSchedule(config.max_backlog)
+    sched = BacklogSchedule(config.max_backlog, L)
     start = table.start  # row i's step feeds the token at position start + i and predicts the next
-
-    def step_log(e, j, forced, pos):
-        return StepLog(e, tuple(range(e + 1)), pos + 1, slots=sched.slots(e, L),
-                       probes=0 if forced else (J if j == J else j + 1),
-                       head_read=not (j < J and needs_logits), deep=j == J, verified=True)
 
     def run_step(j, forced, pos):
         e = L - 1 if j == J else points[j]
-        log = step_log(e, j, forced, pos)
-        sched.advance(e, L)
-        return log
+        return sched.step(e, pos + 1, probes=probes_asked(j, J, forced), head_read=not (j < J and needs_logits),
+                          verified=True)
 
     kept = [StepLog.prefill_pass(range(L), start + 1, L)]
     kept[0].verified = True

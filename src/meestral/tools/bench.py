@@ -55,7 +55,7 @@ def cases(bb, exits, max_backlog, policies=POLICIES):
     for e in exits:
         heads = ExitHeads("static", [e], bb)
         for policy in policies:
-            yield f"exit@{e}", ExitConfig(heads, 0.0, policy, max_backlog)
+            yield f"exit@{e}", ExitConfig(heads=heads, thresholds=0.0, policy=policy, max_backlog=max_backlog)
 
 
 def _sync(dev):
@@ -150,11 +150,6 @@ class HFStepper:
                 _sync(dev)
                 times.append(time.perf_counter())
         return torch.cat(new, 1)[0].tolist()
-
-
-def hf_static_step_tokens(bb, ids, tokens, compile_step=True, times=None):
-    """The new tokens of one HFStepper run (see there)."""
-    return HFStepper(bb, len(ids) + tokens, compile_step).generate(ids, tokens, times)
 
 
 # The compiled peer's first steps warm up and record its CUDA graphs: left out of its mean.

@@ -85,7 +85,7 @@ def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limi
     L = bb.num_layers
     lm = MeestralLM(backbone=bb, head="full", batch_size=16)
     lm.spec = spec
-    lm.configure(ExitConfig(heads))
+    lm.configure(ExitConfig(heads=heads))
     run_sweep(lm, SweepSpec(list(tasks), list(thresholds), ["copy", "catchup", "verify"],
                             static_layers=[heads.exit_points[-1]], layer_drops=[max(1, L // 8)], limit=limit),
               out_dir / "sweep.jsonl", f"classifier:{heads.source or 'demo'}", log=log)
@@ -148,7 +148,7 @@ def demo_one(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, repo
     for kind, th in (("classifier", 0.7), ("softmax", 0.9), ("saturation", 0.95)):
         heads = trained if kind == "classifier" else ExitHeads(kind, exits, bb)
         for policy in POLICIES:
-            configs.append((f"{kind} > {th}", ExitConfig(heads, th, policy)))
+            configs.append((f"{kind} > {th}", ExitConfig(heads=heads, thresholds=th, policy=policy)))
     opts = SamplingOptions(max_new_tokens=max_new_tokens)
     results = []
     bar = tqdm(total=len(configs) * len(prompts), desc="demo", unit="run", file=sys.stderr)

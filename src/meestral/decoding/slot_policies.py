@@ -1,0 +1,125 @@
+"""`copy` and `propagate`: every step feeds one slot, and all active rows take the same slot.
+
+`SlotPolicy.forward` is the whole step on the device, top to bottom: embed the fed tokens, run
+segment after segment, ask each exit point's head about the rows still running, and give the
+layers an exited row skips what the policy says: `copy` (Transformer: the previous slot's K/V;
+Mamba: the state untouched) or `propagate` (the exit hidden state fed to each skipped layer, only
+to make its state). `step` adds the sampling and the step's one read of the emitted tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from meestral.decoding.accounting import StepLog
+from meestral.decoding.exit_rule import exits_here
+from meestral.decoding.policy import Outcome, Policy
+from meestral.decoding.sampling import sample
+
+
+class SlotPolicy(Policy):
+    """`copy` and `propagate`: every step feeds one slot; all active rows take the same slot.
+
+    While some row still runs a segment it runs for the batch: exited rows are masked out of its
+    state writes and get the copy fill (copy), or are fed their exit state (propagate: exactly
+    what propagate means). Once every row has exited, the remaining blocks only get the fills.
+    """
+
+    propagate = False
+
+    def __init__(self, config, engine):
+        super().__init__(config, engine)
+        self.through = config.exit_output == "through_last_layer"
+
+    def step(self, batch, opts, gen):
+        logits, logs = self.forward(batch, batch.fed, batch.slot)
+        tok = sample(logits, opts, gen)
+        toks = tok.tolist()  # the step's one read of what it emits
+        batch.fed, batch.slot = tok, batch.slot + 1
+        return [Outcome("emit", logs[b], token=toks[b]) if logs[b] is not None else None for b in range(batch.B)], logits
+
+    @torch.no_grad()
+    def forward(self, batch, fed, slot, observe=None, emit=True):
+        """Feed fed [B] at `slot` for every active row: (next-token logits [B, V], per-row StepLog or
+        None). `observe(j, h, conf, logits)`, if given, sees every exit point's hidden states [B, d],
+        confidences and probe logits (or None) as they are computed; with `emit` False the final
+        LM head is not run and the logits are None (evaluation reads only what it observed)."""
+        eng, L = self.engine, self.L
+        state, active = batch.state, batch.active_dev
+        step = eng.make_step(slot, 1, batch.pad, write=active[:, None])
+        h = eng.embed(fed[:, None])
+        running, running_rows = active, [b for b in range(batch.B) if batch.active[b]]
+        served = list(running_rows)
+        exit_layer, probes = {}, {}
+        exit_h = exited = probe_logits = None
+        last = len(self.segments) - 1
+        for j, layers in enumerate(self.segments):
+            if self.through and j == last:
+                layers = [i for i in layers if i != L - 1]  # the last block runs below, for everyone
+            if running_rows:
+                if exited is None:
+                    h, aux, prev = eng.run(layers, h, state, step)
+                elif self.propagate:
+                    h, aux, prev = eng.run(layers, h, state, step, exit_h=exit_h, skipped=exited)
+                else:
+                    h, aux, prev = eng.run(layers, h, state, step.rows(running))
+                    eng.fill_copy(layers, state, step.rows(exited))
+            elif self.propagate:
+                eng.fill_propagate(layers, exit_h, state, step)
+            else:
+                eng.fill_copy(layers, state, step)
+            if j == last or not running_rows:
+                continue
+            conf, lg = self.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1])
+            if observe is not None:
+                observe(j, h[:, -1], conf, lg)
+            newly = exits_here(conf, self.thresholds[j], running)
+            leaves = newly.tolist()  # the exit decision: this exit point's one host read
+            for b in running_rows:
+                probes[b] = j + 1
+                if leaves[b]:
+                    exit_layer[b] = self.points[j]
+            if any(leaves[b] for b in running_rows):
+                exit_h = h if exit_h is None else torch.where(newly[:, None, None], h, exit_h.to(h.dtype))
+                exited = newly if exited is None else exited | newly
+                running = running & ~newly
+                running_rows = [b for b in running_rows if not leaves[b]]
+                if lg is not None:
+                    probe_logits = lg if probe_logits is None else torch.where(newly[:, None], lg, probe_logits)
+        if self.through:  # the last block, for every row (its state too)
+            skipped = exited if exited is not None else torch.zeros_like(active)
+            h, _, _ = eng.run([L - 1], h, state, step, exit_h=exit_h if exited is not None else None,
+                              skipped=skipped)
+        if not emit:
+            logits = None
+        elif self.through or exited is None:
+            logits = eng.logits(h[:, -1])
+        elif not running_rows and probe_logits is not None:
+            logits = probe_logits  # every row left through a probe that already read the LM head
+        else:
+            logits = eng.logits(torch.where(exited[:, None, None], exit_h.to(h.dtype), h)[:, -1])
+            if probe_logits is not None:
+                logits = torch.where(exited[:, None], probe_logits, logits)
+        return logits, self._logs(batch, served, exit_layer, probes, slot)
+
+    def _logs(self, batch, served, exit_layer, probes, slot):
+        L, kept = self.L, self.engine.kept
+        logs = [None] * batch.B
+        for b in served:
+            e = exit_layer.get(b, L - 1)
+            left = e < L - 1
+            ran = [i for i in kept if i <= e] + ([L - 1] if self.through and left else [])
+            prop = [i for i in kept if i > e and not (self.through and i == L - 1)] if self.propagate else []
+            logs[b] = StepLog(e, tuple(ran), slot + 1 - batch.pad_host[b], propagated=tuple(prop),
+                              probes=probes.get(b, 0), head_read=self.through or not (left and self.needs_logits),
+                              deep=not left)
+        return logs
+
+
+class CopyPolicy(SlotPolicy):
+    name = "copy"
+
+
+class PropagatePolicy(SlotPolicy):
+    name = "propagate"
+    propagate = True
