@@ -115,7 +115,7 @@ def test_plain_output_prints_characters_spread_over_several_tokens_whole():
     import re
     from types import SimpleNamespace
 
-    from meestral.cli.main import colour_tokens
+    from meestral.cli.generate import colour_tokens
     from meestral.backbones.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
