@@ -229,6 +229,29 @@ def test_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]  # the log has each step once, across the calls
 
 
+def test_a_killed_schedulefree_run_resumes_from_its_averaged_weights(corpus, tmp_path):
+    """Schedule-free checkpoints hold the averaged weights (as the optimiser's state says they
+    are): a run killed after its step-4 checkpoint and resumed ends on the uninterrupted weights.
+    Both runs switch weights at the same steps, so they agree to the bit."""
+    kw = dict(steps=8, ckpt_every=4, log_every=2, optimizer="schedulefree", lr=3e-3)
+    Adapter(small(corpus, tmp_path / "a", **kw)).run()
+    killed = Adapter(small(corpus, tmp_path / "b", **kw))
+    step = killed._train_step
+
+    def until_step_5():
+        if killed.step == 5:
+            raise KeyboardInterrupt  # as a kill: nothing more is written
+        return step()
+
+    killed._train_step = until_step_5
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    Adapter(small(corpus, tmp_path / "b", resume=True, **kw)).run()
+    a = load_adapter(random_backbone("mistral"), tmp_path / "a" / "adapter.safetensors").tensors()
+    b = load_adapter(random_backbone("mistral"), tmp_path / "b" / "adapter.safetensors").tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_changed_run_refuses_to_resume(corpus, tmp_path):
     Adapter(small(corpus, tmp_path, seconds=1e-9)).run()
     with pytest.raises(MeestralError, match=r"different run \(lr differ\)"):

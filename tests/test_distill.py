@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from meestral.training.distill import RowPool, kd_loss, sample_batch
+from meestral.training.kd import kd_loss
+from meestral.training.row_pool import RowPool
+from meestral.training.teacher_text import sample_batch
 
 
 def test_kd_loss_is_kl_plus_weighted_ce():
@@ -73,7 +75,8 @@ def test_sampler_pads_after_eos(llama):
 
 @pytest.mark.slow
 def test_short_run_checkpoints_resumes_and_exports(tmp_path):
-    from meestral.training.distill import DistillConfig, distill, export, sample_teacher
+    from meestral.training.distill import DistillConfig, distill, export
+    from meestral.training.teacher_text import sample_teacher
     from meestral.backbones.quantized import model_from_gguf
 
     data = tmp_path / "data"
@@ -97,7 +100,7 @@ def test_short_run_checkpoints_resumes_and_exports(tmp_path):
 
 
 def test_chunked_loss_equals_the_whole_batch_loss():
-    from meestral.training.distill import chunked_kd_loss
+    from meestral.training.kd import chunked_kd_loss
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 13, bias=False)
@@ -187,6 +190,32 @@ def test_init_continues_from_the_given_weights_and_resume_takes_precedence(tiny_
 
 
 @pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
+def test_a_run_killed_between_checkpoints_logs_each_step_once(tiny_teacher, tmp_path, monkeypatch):
+    """Killed after logging step 3, its checkpoint at step 2: the resumed run does step 3 again,
+    and its log, cut back to the checkpoint's step, holds the step once."""
+    from meestral.training.distill import distill
+    from meestral.training.row_pool import RowPool
+
+    cfg = _run(tiny_teacher, tmp_path / "r", shape=TINY_STUDENT, steps=4, warmup=2, ckpt_every=2)
+    batch, calls = RowPool.batch, []
+
+    def killed_at_step_4(pool, n):
+        calls.append(n)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # as a kill: nothing more is written
+        return batch(pool, n)
+
+    monkeypatch.setattr(RowPool, "batch", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg, log=lambda *_: None)
+    monkeypatch.setattr(RowPool, "batch", batch)
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert [r["step"] for r in _log(tmp_path / "r") if "loss" in r] == [1, 2, 3]
+    distill(cfg, log=lambda *_: None)
+    assert [r["step"] for r in _log(tmp_path / "r") if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
 def test_init_spec_forms_and_shape_conflicts(tiny_teacher, tmp_path):
     from transformers import AutoConfig
 
@@ -208,7 +237,8 @@ def test_init_spec_forms_and_shape_conflicts(tiny_teacher, tmp_path):
 
 
 def test_refixed_total_ends_at_the_deadline_without_a_jump_in_the_schedule():
-    from meestral.training.distill import DistillConfig, _lr, refixed_total, resolved
+    from meestral.training.distill import DistillConfig, refixed_total, resolved
+    from meestral.training.optim import warmup_stable_decay
 
     assert refixed_total(100, 0.5, 100.0, 50, 0.25) == 300  # 200 more steps fit in 100 s
     assert refixed_total(100, 0.5, -5.0, 50, 0.25) == 134  # late: the decay starts now, not in the past
@@ -216,7 +246,7 @@ def test_refixed_total_ends_at_the_deadline_without_a_jump_in_the_schedule():
     for step, s_left in [(300, 10.0), (120, 0.0), (400, 1e4)]:
         total = refixed_total(step, 0.5, s_left, cfg.warmup, cfg.decay_share)
         assert int(total * (1 - cfg.decay_share)) >= step  # still at the peak: no jump
-        assert _lr(cfg, step, total) == cfg.lr
+        assert warmup_stable_decay(step, total, cfg.lr, cfg.min_lr, cfg.warmup, cfg.decay_share) == cfg.lr
     scratch = resolved(DistillConfig())
     assert (scratch.lr, scratch.warmup) == (3e-3, 200) and scratch.min_lr == pytest.approx(3e-4)
     assert resolved(DistillConfig(lr=1e-3)).min_lr == pytest.approx(1e-4)

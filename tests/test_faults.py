@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow  # each test runs the real entry point in child pr
 STALE = re.compile(r"^\..+\.tmp\d+")
 
 # The child: `python -c CHILD FAULT_JSON ARGV...`; FAULT_JSON is {} (no fault) or
-# {"target": "files.fsync" | "files.write" | "heads.replace" | "write_bytes", "match": str, "nth": int}.
+# {"target": "files.fsync" | "files.write" | "decoding.heads.replace" | "write_bytes", "match": str, "nth": int}:
+# the module under meestral whose `os` gets the fault, then the os function.
 CHILD = r"""
 import json, os, signal, sys, types, pathlib
 fault, argv = json.loads(sys.argv[1]), sys.argv[2:]
@@ -47,7 +48,7 @@ def hit(x):
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 if fault:
-    module, name = fault["target"].split(".") if "." in fault["target"] else (None, fault["target"])
+    module, _, name = fault["target"].rpartition(".")
     if name == "write_bytes":
         real_wb = pathlib.Path.write_bytes
         def write_bytes(self, data):
@@ -56,7 +57,7 @@ if fault:
             return real_wb(self, data)
         pathlib.Path.write_bytes = write_bytes
     else:
-        mod = getattr(meestral, module)
+        mod = sys.modules["meestral." + module]
         real = getattr(os, name)
         def wrapped(*a):
             if hit(a[1] if name == "replace" else a[0]):
@@ -150,7 +151,7 @@ FAULTS = {
                                        lambda out: stale(out) != []),
     "checkpoint_half_written": ({"target": "write_bytes", "match": "checkpoint.pt", "nth": 3},
                                 lambda out: True),  # half of its bytes are somewhere: the checkpoint must still load
-    "heads_saved_not_renamed": ({"target": "heads.replace", "match": "heads", "nth": 1},
+    "heads_saved_not_renamed": ({"target": "decoding.heads.replace", "match": "heads", "nth": 1},
                                 lambda out: not (out / "heads").exists() and stale(out) != []),
     "log_half_a_line": ({"target": "files.write", "match": "log.jsonl", "nth": 4},
                         lambda out: not (out / "log.jsonl").read_text().endswith("\n")),

@@ -13,7 +13,8 @@ from meestral.files import atomic_write
 from meestral.evaluation.calibration import calibrate
 from meestral.evaluation.oracle import oracle_summary
 from meestral.report import main_tradeoff_png, plots, render, write_report
-from meestral.training.head_training import RunLog, binary_metrics
+from meestral.training.head_training import binary_metrics
+from meestral.training.run_log import RunLog
 
 PNG = b"\x89PNG\r\n\x1a\n"
 L = 30

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from meestral.errors import MeestralError
 from meestral.decoding.heads import ExitHeads
-from meestral.training.head_training import TrainConfig, Trainer, auroc, binary_metrics, consistency_labels, load_device
+from meestral.training.head_training import TrainConfig, Trainer, auroc, binary_metrics, consistency_labels
+from meestral.training.ranks import load_device
 from meestral.cli.main import main
 
 WORDS = "the of and to in is was that for on with as by at from his her they which be this".split()

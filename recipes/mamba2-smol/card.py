@@ -31,7 +31,7 @@ def main():
 
     from meestral.backbones.loading import load_backbone
     from meestral.data import heldout_rows
-    from meestral.training.distill import heldout_ppl
+    from meestral.training.kd import heldout_ppl
     from meestral.evaluation.lm_model import MeestralLM
     from meestral.evaluation.runner import load_tasks, primary, run_tasks, task_metrics
 

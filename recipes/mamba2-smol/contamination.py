@@ -47,7 +47,7 @@ def main():
 
     from meestral.backbones.assets import smollm2_dir
     from meestral.data import embedded_files, is_validation
-    from meestral.training.distill import contamination
+    from meestral.training.teacher_text import contamination
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
     teacher = []

@@ -13,7 +13,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Mamba2ForCausalLM
 
 from meestral.backbones.ssd import forward_logits
-from meestral.training.distill import kd_loss, sample_batch, student_config
+from meestral.training.distill import student_config
+from meestral.training.kd import kd_loss
+from meestral.training.teacher_text import sample_batch
 
 # SmolLM2-135M's shape (config.json of the embedded backbone).
 TEACHER = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -102,7 +102,7 @@ def create_new(path, write) -> bool:
 def append_line(path, line: str) -> None:
     """Append `line` and a newline in one write, flushed to disk. On failure (a full disk) the file
     is cut back to its previous end, so it never ends in half a line this call wrote; a SIGKILL
-    mid-write can still leave one, which readers drop (see sweep.ResultsTable, training.RunLog)."""
+    mid-write can still leave one, which readers drop (see evaluation.sweep.ResultsTable, training.run_log.RunLog)."""
     path = Path(path)
     data = memoryview((line.rstrip("\n") + "\n").encode())
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)

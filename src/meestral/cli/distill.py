@@ -1,4 +1,5 @@
-"""`meestral distill sample|train`: the command-line face of meestral.training.distill.
+"""`meestral distill sample|train|export`: the command-line face of meestral.training.distill and
+(`sample`) meestral.training.teacher_text.
 
     meestral distill sample --teacher smollm2 --out /tmp/d/data --seconds 900 --device cuda
     meestral distill train  --teacher smollm2 --data /tmp/d/data --out /tmp/d/run --seconds 840
@@ -77,7 +78,7 @@ def add_distill_parser(sub):
 
 
 def cmd_sample(args):
-    from meestral.training.distill import sample_teacher
+    from meestral.training.teacher_text import sample_teacher
 
     n = sample_teacher(args.teacher, args.out, batch=args.batch, max_new_tokens=args.max_new_tokens,
                        top_k=args.top_k, temperature=args.temperature,

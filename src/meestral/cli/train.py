@@ -1,4 +1,4 @@
-"""`meestral train`: the command-line face of training.TrainConfig / training.train.
+"""`meestral train`: the command-line face of training.head_training (TrainConfig, train).
 
     meestral train --backbone smollm2 --exits 7,15,22,27 --data embedded --steps 300 --out runs/h
     torchrun --nproc_per_node 2 -m meestral.cli.train train ...   # DDP over the heads

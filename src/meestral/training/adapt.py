@@ -1,7 +1,7 @@
 """Early-exit adaptation: continue training a backbone (through LoRA adapters) so that its
 intermediate layers, read through the shared final norm + LM head, predict what its last layer
 does. That is what makes a lossless exit (`verify`) pay: on the frozen SmolLM2 the oracle needs
-26.4 of 30 layers (DESIGN.md §7).
+26.4 of 30 layers (README.md).
 
     from meestral.training.adapt import AdaptConfig, adapt
     adapt(AdaptConfig(backbone="smollm2", out="runs/ee", steps=2000, samples="/tmp/d/data"))
@@ -23,22 +23,21 @@ rotation: 1/rotation of the LM-head work), `gradual` (exits join from the deepes
 over the first curriculum_share of the run). Both the curriculum and the dropout masks are pure
 functions of the step and seed, so a resumed run draws exactly what an uninterrupted one would.
 
-Data: the distillation's sources (`distill.RowPool`): teacher-sampled shards (`meestral distill
+Data: the distillation's sources (`row_pool.RowPool`): teacher-sampled shards (`meestral distill
 sample`), mixed with the training split of a text corpus (the embedded Shakespeare); the corpus's
 held-out split (`data.is_validation`) is where agreement, the oracle bound and perplexity are
 measured, never trained on (at the run's exit points: every layer but the last by default).
 Evaluation sets are never read.
 
-Everything else is head training's: the optimiser (`training.make_optimizer`), the JSONL log with
-truncation on resume (`training.RunLog`), atomic checkpoints (`files.atomic_write`). One process;
-the LoRA weights are the only trained parameters. `seconds` stops a call early with a checkpoint
-(device calls are 10 minutes); `resume=True` continues it and equals an uninterrupted run.
+The loss is distillation's (`kd.chunked_kd_loss`); the run's machinery is the trainers' shared
+core: the optimiser (`optim.make_optimizer`, as head training's), the JSONL log cut back to the
+checkpoint on resume (`run_log.RunLog`), atomic checkpoints (`checkpoint`). One process; the LoRA
+weights are the only trained parameters. `seconds` stops a call early with a checkpoint (device
+calls are 10 minutes); `resume=True` continues it and equals an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,11 +46,15 @@ from pathlib import Path
 import torch
 
 from meestral.errors import MeestralError
-from meestral.files import append_line, atomic_write, remove_stale_temps
-from meestral.training.head_training import RunLog
+from meestral.training.checkpoint import (CHECKPOINT, check_same_run, prepare_out, previous_checkpoint,
+                                          read_checkpoint, save_checkpoint)
+from meestral.training.kd import chunked_kd_loss, heldout_ppl
+from meestral.training.optim import averaged, check_optimizer, current_lr, make_optimizer, use_averaged
+from meestral.training.row_pool import RowPool
+from meestral.training.run_log import RunLog
 
-CHECKPOINT = "checkpoint.pt"
 ADAPTER = "adapter.safetensors"
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CURRICULA = ("all", "rotate", "gradual")
 RUN_DEFINING = ("backbone", "exits", "rank", "alpha", "samples", "corpus", "corpus_share", "seq_len", "batch",
                 "steps", "lr", "optimizer", "warmup", "weight_decay", "clip", "final_weight", "exit_weights",
@@ -107,10 +110,14 @@ class AdaptConfig:
                 RULES[f.name].check(value, "--" + f.name.replace("_", "-"))
         if self.curriculum not in CURRICULA:
             raise MeestralError(f"unknown curriculum {self.curriculum!r}: use one of {', '.join(CURRICULA)}")
-        if self.export_dtype not in ("float32", "bfloat16"):
-            raise MeestralError(f"unknown export dtype {self.export_dtype!r}: use float32 or bfloat16")
-        if self.optimizer not in ("adamw", "schedulefree"):
-            raise MeestralError(f"unknown optimizer {self.optimizer!r}: use adamw or schedulefree")
+        adapter_dtype(self.export_dtype)
+        check_optimizer(self.optimizer)
+
+
+def adapter_dtype(name: str) -> torch.dtype:
+    if name not in EXPORT_DTYPES:
+        raise MeestralError(f"unknown export dtype {name!r}: use {' or '.join(EXPORT_DTYPES)}")
+    return EXPORT_DTYPES[name]
 
 
 # ---- the schedule of a step ------------------------------------------------------------------------
@@ -140,8 +147,6 @@ def dropout_mask(num_layers: int, rows: int, rate: float, seed: int, step: int) 
 # ---- the loss ----------------------------------------------------------------------------------------
 def adapt_loss(bb, lora, ids, exits, active, weights, final_weight=1.0, ce_weight=0.0, skip=None):
     """(total loss, {"final": kl, layer: kl, ...}) for one batch `ids` [B, T] (module docstring)."""
-    from meestral.training.distill import chunked_kd_loss
-
     targets = ids[:, 1:]
     with torch.no_grad(), lora.disabled():
         _, t_final = bb.train_forward(ids)
@@ -166,7 +171,6 @@ def adapt_loss(bb, lora, ids, exits, active, weights, final_weight=1.0, ce_weigh
 def measure(bb, rows: torch.Tensor, layers=None, batch: int = 8) -> dict:
     """Per-layer agreement with the final layer, the oracle exit and its bound (every layer an exit
     point unless `layers` says otherwise) and the perplexity of the final layer, on `rows`."""
-    from meestral.training.distill import heldout_ppl
     from meestral.evaluation.oracle import oracle_report
 
     layers = list(range(bb.num_layers - 1)) if layers is None else list(layers)
@@ -177,45 +181,29 @@ def measure(bb, rows: torch.Tensor, layers=None, batch: int = 8) -> dict:
 
 
 # ---- the log -----------------------------------------------------------------------------------------
-class AdaptLog(RunLog):
-    """Head training's JSONL log (truncated to the checkpoint on resume), with adaptation's fields
-    and its curve: the oracle bound and a few layers' agreement against the step."""
+def _scalars(record: dict):
+    """TensorBoard's view of a record: its numbers (per-layer agreement stays in the JSONL log)."""
+    for k, v in record.items():
+        if isinstance(v, (int, float)) and k != "step":
+            yield f"{record['split']}/{k}", v
 
-    def write(self, record: dict):
-        append_line(self.path, json.dumps(record))
-        self.records.append(record)
-        if self.tb:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
 
-    def plot(self, png: Path):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        train = [r for r in self.records if r["split"] == "train"]
-        val = [r for r in self.records if r["split"] == "val"]
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-        axes[0].set(title="train loss", xlabel="step")
+def plot_curves(log: RunLog, png: Path):
+    """Train loss; the oracle bound and perplexity on held-out text; a few layers' agreement."""
+    with log.curves(png, "train loss") as (val, axes):
         steps = [r["step"] for r in val]
-        axes[1].plot(steps, [r["bound_speedup_layers"] for r in val], marker="o", label="oracle bound")
-        axes[1].set(title="held-out text: oracle bound and perplexity", xlabel="step", ylabel="oracle bound (x, in layers)")
+        axes[0].plot(steps, [r["bound_speedup_layers"] for r in val], marker="o", label="oracle bound")
+        axes[0].set(title="held-out text: oracle bound and perplexity", xlabel="step", ylabel="oracle bound (x, in layers)")
         if val:  # the bar is the pair: a bound bought with perplexity does not count
-            ppl = axes[1].twinx()
+            ppl = axes[0].twinx()
             ppl.plot(steps, [r["heldout_ppl"] for r in val], marker="s", color="tab:red", label="perplexity")
             ppl.set_ylabel("perplexity (final layer)", color="tab:red")
             keys = list(val[0]["agreement"])
             shown = keys[:: max(1, len(keys) // 6)]
             for k in shown + [k for k in keys[-1:] if k not in shown]:
-                axes[2].plot(steps, [r["agreement"][k] for r in val], label=f"L{k}")
-            axes[2].legend(fontsize=7)
-        axes[2].set(title="top-1 agreement with the final layer", xlabel="step")
-        fig.tight_layout()
-        atomic_write(png, lambda t: fig.savefig(t, format="png"))
-        plt.close(fig)
+                axes[1].plot(steps, [r["agreement"][k] for r in val], label=f"L{k}")
+            axes[1].legend(fontsize=7)
+        axes[1].set(title="top-1 agreement with the final layer", xlabel="step")
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -225,16 +213,14 @@ class Adapter:
     def __init__(self, cfg: AdaptConfig):
         """Every check that can fail runs here, before anything is written to `cfg.out`."""
         from meestral.backbones.loading import load_backbone
-        from meestral.data import heldout_rows, open_source, training_rows
-        from meestral.training.distill import RowPool
         from meestral.backbones.lora import LoRA
-        from meestral.training.head_training import make_optimizer
+        from meestral.data import heldout_rows, open_source, training_rows
         from meestral.validation import check_context, check_output
 
         cfg.check()
         self.cfg = cfg
         self.out = check_output(Path(cfg.out).expanduser(), "--out", folder=True)
-        state = self._previous_state()
+        state = previous_checkpoint(self.out, cfg.resume)
         if cfg.samples is not None and not Path(cfg.samples).is_dir():
             raise MeestralError(f"--samples {cfg.samples} is not a folder: give the --out of `meestral distill sample`")
         self.bb = bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device=cfg.device)
@@ -259,10 +245,7 @@ class Adapter:
         self.held = heldout_rows(cfg.corpus, bb.tokenizer, cfg.val_tokens, cfg.seq_len)
         self.identity = {k: getattr(cfg, k) for k in RUN_DEFINING}
         self.identity.update(backbone=bb.fingerprint(), exits=self.exits, pool_rows=len(self.pool.rows) + len(corpus))
-        if state is not None and state["config"] != self.identity:
-            diff = sorted(k for k in self.identity if state["config"].get(k) != self.identity[k])
-            raise MeestralError(f"{self.out / CHECKPOINT} belongs to a different run ({', '.join(diff)} differ): "
-                                "repeat the original arguments or choose another --out")
+        check_same_run(state, self.identity, self.out)
 
         self.lora = LoRA(bb, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
         self.opt, self.sched = make_optimizer(self.lora.parameters(), cfg, cfg.steps)
@@ -274,31 +257,19 @@ class Adapter:
                 self.sched.load_state_dict(state["scheduler"])
             self.pool.gen.set_state(state["pool_rng"])
             self.step, self.elapsed = state["step"], state["elapsed"]
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.out)
-        self.log = AdaptLog(self.out, self.step if state is not None else None)
-
-    def _previous_state(self):
-        from meestral.training.head_training import previous_checkpoint
-
-        # weights_only=False: as saved by _save_checkpoint (optimizer and scheduler state, config).
-        return previous_checkpoint(self.out, self.out / CHECKPOINT, self.cfg.resume, weights_only=False)
-
-    def _averaged(self, on: bool):
-        from meestral.training.head_training import _averaged
-
-        _averaged(self.opt, on)
+        prepare_out(self.out)
+        self.log = RunLog(self.out, self.step if state is not None else None, scalars=_scalars)
 
     def _save_checkpoint(self):
-        self._averaged(True)
-        state = {"config": self.identity, "step": self.step, "elapsed": self.elapsed,
-                 "lora": self.lora.state_dict(), "optimizer": self.opt.state_dict(),
-                 "scheduler": self.sched.state_dict() if self.sched else None, "pool_rng": self.pool.gen.get_state(),
-                 "adapt_config": asdict(self.cfg)}
-        self._averaged(False)
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write(self.out / CHECKPOINT, lambda t: t.write_bytes(buf.getbuffer()))
+        # Saved inside the block: state_dict() holds the weights themselves, not copies, and leaving
+        # the block turns them back into the training weights (the optimiser's state would still
+        # say they are the averaged ones).
+        with averaged(self.opt):
+            save_checkpoint(self.out, {
+                "config": self.identity, "step": self.step, "elapsed": self.elapsed,
+                "lora": self.lora.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict() if self.sched else None, "pool_rng": self.pool.gen.get_state(),
+                "adapt_config": asdict(self.cfg)})
 
     def _train_step(self) -> tuple[float, dict]:
         cfg, bb = self.cfg, self.bb
@@ -318,15 +289,12 @@ class Adapter:
         return loss.item(), parts
 
     def validate(self) -> dict:
-        self._averaged(True)
-        try:
+        with averaged(self.opt):
             # In the weights' own dtype, without the training step's bf16 autocast: on CUDA the
             # curve's points then are what `adapt compare` (and the CPU) measure on the same rows;
             # bf16 logits flip near-tied top-1s and move the perplexity by about a percent, the
             # size of the effects the bar is about.
             m = measure(self.bb, self.held, self.exits, batch=self.cfg.batch)
-        finally:
-            self._averaged(False)
         rec = {"split": "val", "step": self.step, **m}
         self.log.write(rec)
         return rec
@@ -335,7 +303,7 @@ class Adapter:
         from tqdm import tqdm
 
         cfg = self.cfg
-        self._averaged(False)
+        use_averaged(self.opt, False)
         last = self.validate() if self.step == 0 else {}  # step 0: the original backbone (B = 0)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
                    file=sys.stderr)
@@ -355,14 +323,14 @@ class Adapter:
                     last = {"split": "train", "step": self.step, "loss": win_loss / win_n,
                             "kl": {k: sum(v) / len(v) for k, v in win_parts.items()},
                             "tok_per_s": win_n * cfg.batch * cfg.seq_len / dt, "elapsed_s": self.elapsed,
-                            "lr": self.opt.param_groups[0].get("scheduled_lr", self.opt.param_groups[0]["lr"])}
+                            "lr": current_lr(self.opt)}
                     self.log.write(last)
                     bar.set_postfix_str(f"loss {last['loss']:.3f} kl_final {last['kl']['final']:.3f}")
                     t_win, win_loss, win_n, win_parts = time.perf_counter(), 0.0, 0, {}
                 if self.step % cfg.val_every == 0 or end:
                     last = self.validate()
                     bar.set_postfix_str(f"bound {last['bound_speedup_layers']:.2f}x ppl {last['heldout_ppl']:.2f}")
-                    self.log.plot(self.out / "curves.png")
+                    plot_curves(self.log, self.out / "curves.png")
                     t_win = time.perf_counter()
                 if self.step % cfg.ckpt_every == 0 or end:
                     self._save_checkpoint()
@@ -384,12 +352,10 @@ class Adapter:
             self.log.close()
 
     def export(self, path=None) -> dict:
-        from meestral.backbones.loading import _dtype
-
-        self._averaged(True)
-        return self.lora.save(path or self.out / ADAPTER, dtype=_dtype(self.cfg.export_dtype), step=self.step,
-                              steps=self.cfg.steps,
-                              exits=self.exits, config={k: v for k, v in asdict(self.cfg).items() if k != "progress"})
+        with averaged(self.opt):
+            return self.lora.save(path or self.out / ADAPTER, dtype=adapter_dtype(self.cfg.export_dtype),
+                                  step=self.step, steps=self.cfg.steps, exits=self.exits,
+                                  config={k: v for k, v in asdict(self.cfg).items() if k != "progress"})
 
 
 def adapt(cfg: AdaptConfig) -> dict:
@@ -399,25 +365,22 @@ def adapt(cfg: AdaptConfig) -> dict:
 
 def export(out, path=None, dtype: str | None = None, device: str = "cpu") -> dict:
     """The adapter file from the last checkpoint in `out` (a run stopped before its last step)."""
-    from meestral.backbones.loading import _dtype
-
-    ckpt = Path(out).expanduser() / CHECKPOINT
-    if not ckpt.exists():
-        raise MeestralError(f"{Path(out)} has no {CHECKPOINT}: give the --out folder of a `meestral adapt train` run")
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        fields = dict(state["adapt_config"])
-    except Exception as e:
-        raise MeestralError(f"{ckpt} is corrupted ({type(e).__name__}): train again") from None
     from meestral.backbones.loading import load_backbone
     from meestral.backbones.lora import LoRA
 
+    ckpt = Path(out).expanduser() / CHECKPOINT
+    state = read_checkpoint(ckpt) if ckpt.exists() else {}
+    if "adapt_config" not in state:
+        raise MeestralError(f"{Path(out)} has no adaptation {CHECKPOINT}: give the --out folder of a "
+                            "`meestral adapt train` run")
+    fields = dict(state["adapt_config"])
     cfg = AdaptConfig(**{**fields, "device": device})
     bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device=device)
     if bb.fingerprint() != state["config"]["backbone"]:
         raise MeestralError(f"{ckpt} was trained on another {cfg.backbone!r} (fingerprint differs): load that one")
     lora = LoRA(bb, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
     lora.load_state_dict(state["lora"])
-    return lora.save(path or Path(out) / ADAPTER, dtype=_dtype(dtype or cfg.export_dtype), step=state["step"], steps=cfg.steps,
-                     exits=state["config"]["exits"], config={k: v for k, v in fields.items() if k != "progress"})
+    return lora.save(path or Path(out) / ADAPTER, dtype=adapter_dtype(dtype or cfg.export_dtype), step=state["step"],
+                     steps=cfg.steps, exits=state["config"]["exits"],
+                     config={k: v for k, v in fields.items() if k != "progress"})
 

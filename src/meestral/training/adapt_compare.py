@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meestral.files import atomic_write, write_json
+from meestral.files import write_json
+from meestral.training.run_log import figure
 
 
 def compare(backbone: str, adapter, out, corpus: str = "embedded", tokens: int = 4096, seq_len: int = 256,
@@ -40,22 +41,14 @@ def compare(backbone: str, adapter, out, corpus: str = "embedded", tokens: int =
 
 
 def agreement_figure(res: dict, png) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("original", "o-"), ("adapted", "s-")):
-        m = res[key]
-        layers = [int(k) for k in m["agreement"]]
-        ax.plot(layers, list(m["agreement"].values()), style, ms=3,
-                label=f"{key}: oracle {m['mean_layers_run']:.1f}/{res['num_layers']} layers, "
-                      f"bound {m['bound_speedup_layers']:.2f}x, ppl {m['heldout_ppl']:.1f}")
-    ax.set(xlabel="exit layer", ylabel="top-1 agreement with the final layer", ylim=(0, 1),
-           title=f"{res['backbone']}: original vs early-exit adapted ({res['original']['tokens']} held-out tokens)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    atomic_write(Path(png), lambda t: fig.savefig(t, format="png", dpi=120))
-    plt.close(fig)
+    with figure(png, size=(7, 4), dpi=120) as (ax,):
+        for key, style in (("original", "o-"), ("adapted", "s-")):
+            m = res[key]
+            layers = [int(k) for k in m["agreement"]]
+            ax.plot(layers, list(m["agreement"].values()), style, ms=3,
+                    label=f"{key}: oracle {m['mean_layers_run']:.1f}/{res['num_layers']} layers, "
+                          f"bound {m['bound_speedup_layers']:.2f}x, ppl {m['heldout_ppl']:.1f}")
+        ax.set(xlabel="exit layer", ylabel="top-1 agreement with the final layer", ylim=(0, 1),
+               title=f"{res['backbone']}: original vs early-exit adapted ({res['original']['tokens']} held-out tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")

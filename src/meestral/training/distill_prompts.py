@@ -7,7 +7,7 @@ plain continuations). Chat prompts go through the teacher's chat template; plain
 continued as a base LM would.
 
 Contamination: nothing here is drawn from the offline task suite, and the recipe checks the
-sampled text against every evaluation set (13-gram overlap, `meestral.training.distill.contamination`).
+sampled text against every evaluation set (13-gram overlap, `meestral.training.teacher_text.contamination`).
 """
 
 from __future__ import annotations

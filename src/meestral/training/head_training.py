@@ -13,8 +13,8 @@ One step
   3. Each head's BCE-with-logits (optional pos_weight balancing, per-head weights), summed; one
      backward through the heads only; gradient clipping per head; optimiser step.
 
-Optimisers: schedule-free AdamW (`schedulefree`; switched to its averaged weights with `eval()`
-for validation, checkpoints and the final save) or AdamW with linear warm-up + cosine decay.
+Optimisers (`optim.make_optimizer`): schedule-free AdamW (`schedulefree`; switched to its averaged
+weights for validation, checkpoints and the final save) or AdamW with linear warm-up + cosine decay.
 
 Outputs in `out/`: `heads/` (ExitHeads.save: each head its own weights), `checkpoint.pt` (atomic;
 heads, optimiser, scheduler, RNG states, data-stream position, balancing weights), `log.jsonl`
@@ -34,7 +34,7 @@ Backbones larger than one GPU
   shard, only its weights. Two routes:
   - FSDP2 (`fsdp=True`, `meestral train --fsdp` under torchrun; tested on CPU with gloo): each
     rank loads the backbone into host memory (a `random:` backbone on its GPU instead, see
-    load_device), then `fully_shard` splits every decoder block and the
+    ranks.load_device), then `fully_shard` splits every decoder block and the
     rest of the model over the ranks and moves each rank's shard to its GPU. A block's weights are
     all-gathered just for its forward and freed after it, so each GPU holds 1/N of the blocks plus
     one whole block (and the embedding/LM head, which stay gathered after the first forward). Data
@@ -47,10 +47,7 @@ Backbones larger than one GPU
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
 import random
 import sys
 import time
@@ -63,11 +60,13 @@ from torch import nn
 
 from meestral.data import tuplify
 from meestral.errors import MeestralError
-from meestral.files import append_line, atomic_write, remove_stale_temps
+from meestral.training.checkpoint import (CHECKPOINT, check_same_run, prepare_out, previous_checkpoint,
+                                          read_checkpoint, save_checkpoint)
+from meestral.training.optim import averaged, check_optimizer, current_lr, make_optimizer, use_averaged
+from meestral.training.ranks import Ranks, load_device, peak_memory_gib, shard_backbone
+from meestral.training.run_log import RunLog
 from meestral.validation import check_context, check_output
 
-CHECKPOINT = "checkpoint.pt"
-LOG = "log.jsonl"
 # Fields that define the run: a resumed run must match them, or it would not be the same run.
 RUN_DEFINING = ("backbone", "exits", "features", "mlp_hidden", "data", "seq_len", "batch", "steps", "lr",
                 "optimizer", "warmup", "weight_decay", "topk", "balance", "head_weights", "clip",
@@ -192,95 +191,7 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
-# ---- processes ---------------------------------------------------------------------------------
-class _Dist:
-    """This process's place among torchrun's processes (one process: rank 0 of 1, no group)."""
-
-    def __init__(self, device: str):
-        import torch.distributed as dist
-
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = device
-        self.on = self.world > 1
-        if self.on:
-            if device.startswith("cuda"):
-                self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def gather(self, obj) -> list:
-        """Every rank's `obj`, in rank order, on every rank."""
-        if not self.on:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def any(self, flag: bool) -> bool:
-        return any(self.gather(bool(flag)))
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.on:
-            import torch.distributed as dist
-
-            dist.all_reduce(t)
-        return t
-
-    def close(self, wait: bool):
-        """Leave the group; with `wait`, not before every rank is done (rank 0 may still be writing).
-        After a failure there is no waiting: the other ranks may be stuck in a collective, and
-        torchrun stops them once this process exits."""
-        if self.on:
-            import torch.distributed as dist
-
-            if wait:
-                dist.barrier()
-            dist.destroy_process_group()
-
-
-def load_device(spec: str, shard: bool, device: str) -> str:
-    """Where this rank builds the backbone before any sharding.
-
-    Sharded runs load into host memory (the point of FSDP is a backbone larger than one GPU),
-    except `random:` backbones: their weights come from the generator of the device they are built
-    on (CPU and CUDA draw different numbers from one seed), so they are built where a one-process
-    run would build them, or the sharded run would train heads on a different backbone."""
-    if not shard or str(spec).startswith("random:"):
-        return device
-    return "cpu"
-
-
-def peak_memory_gib(device) -> tuple[float, str]:
-    """(peak memory of this process so far in GiB, what was measured): on a GPU the caching
-    allocator's peak of allocated tensors; on the CPU the peak resident set of the process (which
-    includes the libraries, so only differences between runs mean much)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) / 2**30, "cuda_max_allocated"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host_max_rss"  # KiB on Linux
-
-
-def shard_backbone(backbone, device: str):
-    """FSDP2 over the frozen backbone: every block its own shard group, then the rest of the model.
-    Parameters move to `device` (fully_shard puts each rank's shard on its mesh's device)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(torch.device(device).type, (int(os.environ["WORLD_SIZE"]),))
-    for block in backbone.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(backbone.model, mesh=mesh)
-
-
+# ---- the heads as one module ----------------------------------------------------------------
 class _HeadsForward(nn.Module):
     """ExitHeads behind a forward() so DDP can wrap them: logits of every head, in exit order."""
 
@@ -292,104 +203,21 @@ class _HeadsForward(nn.Module):
         return [self.heads.classifier_logit(j, h, a) for j, (h, a) in enumerate(zip(hs, auxes))]
 
 
-# ---- optimiser ---------------------------------------------------------------------------------
-def make_optimizer(params, cfg: TrainConfig, total: int):
-    """(optimizer, scheduler or None). Schedule-free needs no schedule: it warms up itself."""
-    warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 20)
-    if cfg.optimizer == "schedulefree":
-        try:
-            import schedulefree
-        except ImportError:
-            raise MeestralError("--optimizer schedulefree needs the schedulefree package: pip install schedulefree "
-                                "(or use --optimizer adamw)") from None
-        return schedulefree.AdamWScheduleFree(params, lr=cfg.lr, warmup_steps=warmup,
-                                              weight_decay=cfg.weight_decay), None
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def factor(step):  # linear warm-up, then cosine to zero at the last step
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+# ---- the log -----------------------------------------------------------------------------------
+def _scalars(record: dict):
+    """TensorBoard's view of a record: loss and speed, and every head's metrics."""
+    for k in ("loss", "tok_per_s"):
+        if k in record:
+            yield f"{record['split']}/{k}", record[k]
+    for layer, m in record["heads"].items():
+        for k, v in m.items():
+            yield f"{record['split']}/L{layer}/{k}", v
 
 
-def _averaged(opt, on: bool):
-    """Schedule-free keeps two weight sequences: eval() swaps in the averaged one (used for
-    validation and saving), train() swaps back. Plain AdamW has one: nothing to do."""
-    if hasattr(opt, "eval"):
-        opt.eval() if on else opt.train()
-
-
-# ---- files -------------------------------------------------------------------------------------
-def previous_checkpoint(out: Path, ckpt: Path, resume: bool, *also: Path, announce: bool = True,
-                        weights_only: bool = True) -> dict | None:
-    """The checkpoint a run resumes from, or None to start afresh. An earlier run in `out` (its
-    checkpoint, or any of `also`) is never overwritten unless resumed; a corrupt one says so."""
-    if not resume:
-        if ckpt.exists() or any(p.exists() for p in also):
-            raise MeestralError(f"{out} holds a previous run: pass --resume to continue it or choose another --out")
-        return None
-    if not ckpt.exists():
-        if announce:
-            print(f"meestral: no checkpoint in {out}: starting from the beginning", file=sys.stderr)
-        return None
-    try:
-        return torch.load(ckpt, map_location="cpu", weights_only=weights_only)
-    except Exception as e:
-        raise MeestralError(f"{ckpt} is corrupted ({type(e).__name__}): delete it to start over") from None
-
-
-class RunLog:
-    """JSONL records (+ TensorBoard when importable) and the training-curve PNG; rank 0 only."""
-
-    def __init__(self, out: Path, resume_step: int | None):
-        self.path = out / LOG
-        self.records: list[dict] = []
-        if resume_step is not None and self.path.exists():
-            # Records written after the checkpoint describe steps that will be redone; a line cut
-            # short by a kill ends the readable part.
-            for line in self.path.read_text(errors="replace").splitlines(keepends=True):
-                try:
-                    r = json.loads(line) if line.endswith("\n") else None
-                except ValueError:
-                    r = None
-                if not isinstance(r, dict) or not isinstance(r.get("step"), int):
-                    break
-                if r["step"] <= resume_step:
-                    self.records.append(r)
-            atomic_write(self.path, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step)
-        except ImportError:  # TensorBoard is optional
-            pass
-
-    def write(self, record: dict):
-        append_line(self.path, json.dumps(record))
-        self.records.append(record)
-        if self.tb:
-            for k in ("loss", "tok_per_s"):
-                if k in record:
-                    self.tb.add_scalar(f"{record['split']}/{k}", record[k], record["step"])
-            for layer, m in record["heads"].items():
-                for k, v in m.items():
-                    self.tb.add_scalar(f"{record['split']}/L{layer}/{k}", v, record["step"])
-
-    def plot(self, png: Path):
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on training machines
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        train = [r for r in self.records if r["split"] == "train"]
-        val = [r for r in self.records if r["split"] == "val"]
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-        axes[0].set(title="train loss (sum over heads)", xlabel="step")
-        for ax, key in ((axes[1], "f1"), (axes[2], "auroc")):
+def plot_curves(log: RunLog, png: Path):
+    """Train loss, and each head's validation F1 (dashed: always exiting) and AUROC."""
+    with log.curves(png, "train loss (sum over heads)") as (val, axes):
+        for ax, key in zip(axes, ("f1", "auroc")):
             for layer in (val[0]["heads"] if val else {}):
                 line, = ax.plot([r["step"] for r in val], [r["heads"][layer][key] for r in val], label=f"L{layer}")
                 if key == "f1":
@@ -397,13 +225,6 @@ class RunLog:
             ax.set(title=f"validation {key}" + (" (dashed: always exit)" if key == "f1" else ""), xlabel="step")
             if val:
                 ax.legend()
-        fig.tight_layout()
-        atomic_write(png, lambda t: fig.savefig(t, format="png"))
-        plt.close(fig)
-
-    def close(self):
-        if self.tb:
-            self.tb.close()
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -412,8 +233,7 @@ def _check_config(cfg: TrainConfig, world: int):
 
     from meestral.validation import RULES
 
-    if cfg.optimizer not in ("schedulefree", "adamw"):
-        raise MeestralError(f"unknown optimizer {cfg.optimizer!r}: use schedulefree or adamw")
+    check_optimizer(cfg.optimizer)
     for f in fields(cfg):  # the CLI's rules, for Python callers too (a NaN lr must not train)
         value = getattr(cfg, f.name)
         if f.name in RULES and value is not None:
@@ -463,7 +283,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         """Every check that can fail runs here, before anything is written to `cfg.out`."""
         self.cfg = cfg
-        self.dist = _Dist(cfg.device)
+        self.dist = Ranks(cfg.device)
         _check_config(cfg, self.dist.world)
         self.total = cfg.total_steps()
         self.out = Path(cfg.out).expanduser()
@@ -483,13 +303,12 @@ class Trainer:
             self._restore(state)
         self.start_step = self.step
         if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.out)  # of a run killed while writing a file
-        self.log = RunLog(self.out, self.step) if self.dist.main else None
+            prepare_out(self.out)
+        resumed_at = self.step if state is not None else None
+        self.log = RunLog(self.out, resumed_at, scalars=_scalars) if self.dist.main else None
 
     def _previous_state(self) -> dict | None:
-        return previous_checkpoint(self.out, self.out / CHECKPOINT, self.cfg.resume, self.out / "heads",
-                                   announce=self.dist.main)
+        return previous_checkpoint(self.out, self.cfg.resume, self.out / "heads", announce=self.dist.main)
 
     def _build_heads(self):
         from meestral.backbones.loading import load_backbone
@@ -523,10 +342,7 @@ class Trainer:
         source.check()
         self.identity = _identity(cfg, bb)
         self.identity["data"] = source.name  # "auto" resolved: a resume must read the same data
-        if state is not None and state["config"] != self.identity:
-            diff = sorted(k for k in self.identity if state["config"].get(k) != self.identity[k])
-            raise MeestralError(f"{self.out / CHECKPOINT} belongs to a different run ({', '.join(diff)} differ): "
-                                "repeat the original arguments or choose another --out")
+        check_same_run(state, self.identity, self.out)
         per_rank = cfg.batch // self.dist.world
         lanes = range(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
         self.stream = PackedStream(source, bb.tokenizer, cfg.seq_len, cfg.batch, lanes, cfg.val_fraction,
@@ -568,9 +384,7 @@ class Trainer:
             "pos_weight": self.pos_weight, "data": data,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
-        buf = io.BytesIO()  # serialised first: a full disk then fails as an OSError of a plain write
-        torch.save(state, buf)
-        atomic_write(self.out / CHECKPOINT, lambda t: t.write_bytes(buf.getbuffer()))
+        save_checkpoint(self.out, state)
 
     # ---- one batch ---------------------------------------------------------------------------
     def _features_and_labels(self, ids):
@@ -622,7 +436,7 @@ class Trainer:
     def run(self) -> dict:
         from tqdm import tqdm
 
-        _averaged(self.opt, False)
+        use_averaged(self.opt, False)
         window = _Window(len(self.exits))
         self.bar = tqdm(total=self.total, initial=self.step, disable=not (self.dist.main and self.cfg.progress),
                         unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -647,15 +461,15 @@ class Trainer:
                 last = self._record(window, validate=True)
             if done_at != self.step:
                 self._checkpoint()
-            _averaged(self.opt, True)
+            use_averaged(self.opt, True)  # for good: the heads saved are the averaged ones
             if self.dist.main:
                 self.heads.save(self.out / "heads")
-                self.log.plot(self.out / "curves.png")
+                plot_curves(self.log, self.out / "curves.png")
             ok = True
             return last
         except KeyboardInterrupt:
             ckpt = self.out / CHECKPOINT
-            done = torch.load(ckpt, weights_only=True)["step"] if self.dist.main and ckpt.exists() else None
+            done = read_checkpoint(ckpt)["step"] if self.dist.main and ckpt.exists() else None
             raise KeyboardInterrupt(f"training interrupted at step {self.step} of {self.total}: " + (
                 f"rerun with --resume to continue from its checkpoint of step {done}" if done is not None else
                 "no checkpoint yet, rerun the command to start over")) from None
@@ -666,9 +480,8 @@ class Trainer:
             self.dist.close(wait=ok)
 
     def _checkpoint(self):
-        _averaged(self.opt, True)
-        self._save_checkpoint()
-        _averaged(self.opt, False)
+        with averaged(self.opt):
+            self._save_checkpoint()
 
     def _record(self, window, validate: bool) -> dict:
         """A train record for the window, then (when asked and possible) a validation record;
@@ -676,9 +489,8 @@ class Trainer:
         tokens_per_step = self.cfg.batch * self.cfg.seq_len
         rec = train = self._record_train(window, tokens_per_step)
         if validate and self.has_val:
-            _averaged(self.opt, True)
-            rec = self._record_val(tokens_per_step)
-            _averaged(self.opt, False)
+            with averaged(self.opt):
+                rec = self._record_val(tokens_per_step)
         f1 = " ".join(f"L{l}:{m['f1']:.2f}" for l, m in rec["heads"].items())
         self.bar.set_postfix_str(f"{train['tok_per_s']:.0f} tok/s loss {train['loss']:.3f} {rec['split']} F1 {f1}")
         window.clear()  # after validation: the next window's tokens/s counts training only
@@ -690,7 +502,7 @@ class Trainer:
         elapsed = time.perf_counter() - window.t0
         loss = sum(self.dist.gather(window.loss / max(1, window.steps))) / self.dist.world
         peaks = self.dist.gather(peak_memory_gib(self.bb.device))  # one per rank: FSDP's point is the difference
-        rec = {"split": "train", "step": self.step, "tokens": self.step * tokens_per_step, "loss": loss, "lr": self.opt.param_groups[0].get("scheduled_lr", self.opt.param_groups[0]["lr"]),
+        rec = {"split": "train", "step": self.step, "tokens": self.step * tokens_per_step, "loss": loss, "lr": current_lr(self.opt),
                "tok_per_s": window.steps * tokens_per_step / elapsed, "heads": metrics,
                "peak_memory_gib": [p for p, _ in peaks], "peak_memory_kind": peaks[0][1]}
         if self.log:
@@ -701,7 +513,7 @@ class Trainer:
         rec = {"split": "val", "step": self.step, "tokens": self.step * tokens_per_step, "heads": self._validate()}
         if self.log:
             self.log.write(rec)
-            self.log.plot(self.out / "curves.png")
+            plot_curves(self.log, self.out / "curves.png")
         return rec
 
 
