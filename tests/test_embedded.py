@@ -93,3 +93,22 @@ def test_catchup_exact_and_verify_lossless(embedded):
         check_states_exact(bb, view, prompts)
         if policy == "verify":
             assert [g.token_ids for g in gens] == [f.token_ids for f in full]
+
+
+def test_smollm2_ee_loads_offline_and_exits_earlier_than_its_base(smollm2):
+    """The shipped adapter (src/meestral/embedded/smollm2-ee.lora.safetensors, recipes/adapt/
+    h200-run): loaded by name, it is another model (its own fingerprint), and on held-out
+    Shakespeare its strict oracle bound is above the base's, as its model card says."""
+    from meestral.backbones.loading import load_backbone
+    from meestral.data import heldout_rows
+    from meestral.evaluation.oracle import layer_predictions, oracle_summary
+
+    ee = load_backbone("smollm2-ee")
+    assert ee.name == "smollm2-ee" and ee.fingerprint() != smollm2.fingerprint()
+    rows = heldout_rows("embedded", smollm2.tokenizer, 1024, 256)
+    layers = list(range(smollm2.num_layers - 1))
+    bound = {}
+    for bb in (smollm2, ee):
+        p = layer_predictions(bb, rows, layers)
+        bound[bb.name] = oracle_summary(p.layer_argmax, p.final_argmax, layers, bb.num_layers)["bound_speedup_layers"]
+    assert bound["smollm2-ee"] > bound["smollm2"] + 0.05, bound
