@@ -48,7 +48,7 @@ check-latest:
 	echo "$(TORCH)" > $(LATEST)/torch-pin.txt  # eager upgrades must not replace the CPU torch
 	$(MAKE) --no-print-directory install PYBIN=$(LATEST)/bin/python \
 	    PIN="--upgrade --upgrade-strategy eager $(if $(TORCH),-c $(LATEST)/torch-pin.txt)"
-	@$(LATEST)/bin/python -m pip freeze --exclude-editable | sed "s/\$$/ ; python_version == '$$($(LATEST)/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')'/" | grep -v -x -F -f $(CONSTRAINTS) \
+	@$(LATEST)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-[^=]*|meestral)==' | sed "s/\$$/ ; python_version == '$$($(LATEST)/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')'/" | grep -v -x -F -f $(CONSTRAINTS) \
 	    | sed 's/^/newer than constraints.txt: /' || echo "nothing newer than constraints.txt"
 	$(LATEST)/bin/python -m pytest -m "not slow" -n 2
 
