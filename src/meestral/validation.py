@@ -5,6 +5,7 @@ naming it and the fix before anything is loaded, computed or written.
   and in range, lists not empty and without repeats, no empty strings, the device available,
   and options that another option would silently override. An option keeps one meaning (and
   one rule) in every command that has it.
+- `check_fields(cfg)`: the same rules for a config dataclass built in Python.
 - `check_device(spec)`: the device exists on this machine (also called by `load_backbone`).
 - `check_model_folder(path)`: a Hugging Face folder holds weights and tokenizer files.
 - `check_output(path, option)`: an output location is writable, before the work that fills it.
@@ -134,6 +135,17 @@ RULES = {
     "val_tokens": Number(int, 1),
 }
 FREE_TEXT = {"prompt", "rest"}  # checked where they are read (an empty prompt has its own message)
+
+
+def check_fields(cfg) -> None:
+    """A config dataclass's fields against the same rules as their command-line options, for
+    Python callers (a NaN lr must not train): the first bad one is refused in one line."""
+    from dataclasses import fields
+
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in RULES and value is not None:
+            RULES[f.name].check(value, "--" + f.name.replace("_", "-"))
 
 
 def check_args(args) -> None:

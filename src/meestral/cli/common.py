@@ -1,9 +1,8 @@
 """What every `meestral` command shares: the parser class, list arguments, the backbone and exit
 options, and the error handling of an entry point.
 
-`cli.py` (generate, demo, bench, info), `training_cli.py` (train) and `evaluation_cli.py` (eval,
-sweep, oracle, calibrate, report) all build on this module and never on each other, so the
-command modules import in one direction only.
+The command modules (generate.py, tools.py, train.py, adapt.py, distill.py, evaluate.py) all
+build on this module and never on each other, so they import in one direction only.
 """
 
 from __future__ import annotations
@@ -84,12 +83,11 @@ def build_heads(args, bb):
     return ExitConfig.from_options(bb, heads=args.heads, head=args.head, exits=args.exits).heads
 
 
-def exit_config(args, bb, heads=None):
-    """The checked `ExitConfig` the exit options describe (`heads`: already built ExitHeads,
-    instead of building them from --heads / --head / --exits)."""
+def exit_config(args, bb):
+    """The checked `ExitConfig` the exit options describe."""
     from meestral.decoding.config import ExitConfig
 
-    return ExitConfig.from_options(bb, heads=heads or args.heads, head=args.head, exits=args.exits,
+    return ExitConfig.from_options(bb, heads=args.heads, head=args.head, exits=args.exits,
                                    threshold=args.threshold, policy=args.policy, verify=args.verify,
                                    max_backlog=args.max_backlog, exit_output=args.exit_output)
 

@@ -142,10 +142,9 @@ class CatchupPolicy(Policy):
 
     def row_log(self, batch, b, win: Window, forced):
         """Row b's StepLog for this step (its schedule advances with it)."""
-        e = win.exit_layer.get(b, self.L - 1)
-        left = e < self.L - 1
-        return batch.backlog.schedule[b].step(e, batch.backlog.cur[b] + 1 - batch.pad_host[b],
-                                              probes=win.probes.get(b, 0), head_read=not (left and self.needs_logits),
+        return batch.backlog.schedule[b].step(win.exit_layer.get(b, self.L - 1),
+                                              batch.backlog.cur[b] + 1 - batch.pad_host[b],
+                                              probes=win.probes.get(b, 0), probe_logits=self.needs_logits,
                                               verified=self.cfg.verify)
 
     def push(self, batch, emitted: dict) -> None:

@@ -94,11 +94,8 @@ class ExitConfig:
         th = option_list(threshold, float, "threshold")
         if not th:
             raise MeestralError("the threshold is empty: give one value in [0, 1] or one per exit point")
-        try:
-            backlog = int(max_backlog)
-        except (TypeError, ValueError):
-            raise MeestralError(f"max_backlog {max_backlog!r} must be a whole number") from None
-        return cls(heads=heads, thresholds=th if heads is not None else 1.0, policy=policy, max_backlog=backlog,
+        # `checked` turns max_backlog (a string in model_args) into a whole number, or says why not.
+        return cls(heads=heads, thresholds=th if heads is not None else 1.0, policy=policy, max_backlog=max_backlog,
                    exit_output=exit_output).checked(backbone)
 
     @property
@@ -109,6 +106,11 @@ class ExitConfig:
     def exact(self) -> bool:
         """Every layer's state equals the full model's (catchup, verify, or no exits at all)."""
         return self.policy in EXACT_POLICIES or (self.heads is None and not self.skip_layers)
+
+    @property
+    def probe_logits(self) -> bool:
+        """The exit heads read the LM head (softmax, margin): an exited token's logits are its probe's."""
+        return self.heads is not None and self.heads.needs_logits
 
     @property
     def exit_points(self) -> list[int]:

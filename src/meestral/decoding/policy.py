@@ -98,7 +98,7 @@ class Policy:
         self.points = config.exit_points
         self.thresholds = list(config.thresholds)
         self.segments = engine.segments(self.points)
-        self.needs_logits = self.heads is not None and self.heads.needs_logits
+        self.needs_logits = config.probe_logits
 
     def start(self, batch: Batch, first: torch.Tensor, hidden_dtype: torch.dtype) -> None:
         """After the prefill: `first` [B] are the tokens it emitted; `hidden_dtype` that of its

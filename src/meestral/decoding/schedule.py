@@ -35,12 +35,15 @@ class BacklogSchedule:
         token itself and every backlog token lacking block i; none after the exit."""
         return tuple(1 + sum(d < i for d in self.depths) if i <= exit_layer else 0 for i in range(self.L))
 
-    def step(self, exit_layer: int, context: int, *, probes: int, head_read: bool, verified: bool) -> StepLog:
+    def step(self, exit_layer: int, context: int, *, probes: int, probe_logits: bool, verified: bool) -> StepLog:
         """The log of a step whose token leaves after block `exit_layer` (L-1: deep) and sees
-        `context` positions; then the backlog as that step leaves it: a deep token empties it, an
-        exited one joins it, and the tokens it carried are now as deep as it went."""
+        `context` positions, having asked `probes` exit heads (`probe_logits`: they read the LM head,
+        so an exited token's logits are its probe's and the head is not read again); then the
+        backlog as that step leaves it: a deep token empties it, an exited one joins it, and the
+        tokens it carried are now as deep as it went."""
+        deep = exit_layer == self.L - 1
         log = StepLog(exit_layer, tuple(range(exit_layer + 1)), context, slots=self.slots(exit_layer), probes=probes,
-                      head_read=head_read, deep=exit_layer == self.L - 1, verified=verified)
+                      head_read=deep or not probe_logits, deep=deep, verified=verified)
         if exit_layer >= self.L - 1:
             self.depths = []
         else:

@@ -160,7 +160,6 @@ def decide(table: Table, config, cost, num_layers: int, bb=None) -> Scored:
         return Scored(sum(r[J] for r in lp), all(top[t][J] == target[t] for t in range(n)), account(logs, cost),
                       [True] * n, table.wall_s, [token_stats(d, cost) for d in dropped])
     first = first_exit(table.conf, config.thresholds).tolist() if J else [0] * n  # J == 0: full depth
-    needs_logits = config.heads is not None and config.heads.needs_logits
     sched = BacklogSchedule(config.max_backlog, L)
     logs, agree, logprob, greedy = [], [], 0.0, True
     for t in range(n):
@@ -173,7 +172,7 @@ def decide(table: Table, config, cost, num_layers: int, bb=None) -> Scored:
             forced = sched.full
             j = J if forced else first[t]
             log = sched.step(L - 1 if j == J else points[j], context, probes=probes_asked(j, J, forced),
-                             head_read=not (j < J and needs_logits), verified=verify)
+                             probe_logits=config.probe_logits, verified=verify)
         logs.append(log)
         logprob += lp[t][j]
         greedy &= top[t][j] == target[t]

@@ -147,13 +147,12 @@ def replay_verify(table, config, num_layers: int, off: OffSequence | None, can_t
     thresholds = list(config.thresholds)
     first = first_exit(table.conf, thresholds).tolist() if J else [J] * n
     top = table.top.tolist()
-    needs_logits = config.heads is not None and config.heads.needs_logits
     sched = BacklogSchedule(config.max_backlog, L)
     start = table.start  # row i's step feeds the token at position start + i and predicts the next
 
     def run_step(j, forced, pos):
         e = L - 1 if j == J else points[j]
-        return sched.step(e, pos + 1, probes=probes_asked(j, J, forced), head_read=not (j < J and needs_logits),
+        return sched.step(e, pos + 1, probes=probes_asked(j, J, forced), probe_logits=config.probe_logits,
                           verified=True)
 
     kept = [StepLog.prefill_pass(range(L), start + 1, L)]

@@ -100,14 +100,9 @@ class AdaptConfig:
 
     def check(self) -> None:
         """The CLI's rules, for Python callers too; then what no single rule can see."""
-        from dataclasses import fields
+        from meestral.validation import check_fields
 
-        from meestral.validation import RULES
-
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in RULES and value is not None:
-                RULES[f.name].check(value, "--" + f.name.replace("_", "-"))
+        check_fields(self)
         if self.curriculum not in CURRICULA:
             raise MeestralError(f"unknown curriculum {self.curriculum!r}: use one of {', '.join(CURRICULA)}")
         adapter_dtype(self.export_dtype)

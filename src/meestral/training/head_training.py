@@ -229,15 +229,10 @@ def plot_curves(log: RunLog, png: Path):
 
 # ---- the run -----------------------------------------------------------------------------------
 def _check_config(cfg: TrainConfig, world: int):
-    from dataclasses import fields
-
-    from meestral.validation import RULES
+    from meestral.validation import check_fields
 
     check_optimizer(cfg.optimizer)
-    for f in fields(cfg):  # the CLI's rules, for Python callers too (a NaN lr must not train)
-        value = getattr(cfg, f.name)
-        if f.name in RULES and value is not None:
-            RULES[f.name].check(value, "--" + f.name.replace("_", "-"))
+    check_fields(cfg)
     if cfg.total_steps() < 1:
         raise MeestralError("--steps/--tokens must give at least one step")
     if cfg.batch % world:
