@@ -41,6 +41,10 @@ class StepShared:
     rope: dict = field(default_factory=dict)  # Transformer: dtype -> the rotary (cos, sin)
     mask: torch.Tensor | None = None  # Transformer: every layer's attention mask, when small enough
     mask_parts: tuple | None = None  # Transformer: (valid, causal, own) to build one layer's mask
+    # Self-speculation on a recurrent backbone: every layer's state after each slot this step
+    # writes is also kept in `history` (Backbone.new_history), so that a rejected draft can be
+    # undone by restoring the state after the last accepted slot. None: not kept.
+    history: object = None
 
 
 @dataclass
@@ -306,6 +310,17 @@ class Backbone(ABC):
         for i, saved in snap.items():
             for live, old in zip(self.layer_tensors(state, i), saved):
                 _copy_rows(old, live, rows)
+
+    # ---- per-slot history (self-speculation: decoding/speculate.py) ---------------------------
+    def new_history(self, batch_size: int, positions: int):
+        """Room for every layer's state after each of `positions` consecutive slots (slot modulo
+        `positions`), filled by steps whose `shared.history` is it; None where the state already
+        is positional (K/V slots: a later slot's write never changes an earlier one's)."""
+        return None
+
+    def restore_history(self, state, history, index: torch.Tensor) -> None:
+        """Every layer's state back to what it was after the slot kept at `index` (a [1] long
+        tensor on the device: slot modulo the history's positions), for every row."""
 
     @staticmethod
     def snapshot_nbytes(snap) -> int:

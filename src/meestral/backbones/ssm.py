@@ -25,8 +25,9 @@ FUSED_MAX_TOKENS = 16
 
 
 def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, out_w, out_b,
-                  conv_state, ssm_state, write, *, eps, gnorm_eps, group_size, n_heads, head_dim, n_groups,
-                  state_size, intermediate, conv_dim, dt_min, dt_max, residual_in_fp32, output=True):
+                  conv_state, ssm_state, write, hist_conv=None, hist_ssm=None, hist_at=None, *, eps, gnorm_eps,
+                  group_size, n_heads, head_dim, n_groups, state_size, intermediate, conv_dim, dt_min, dt_max,
+                  residual_in_fp32, output=True):
     """One Mamba-2 block over h [B, T, d] from the stored state, as `forward_layer` (output=True:
     returns (h_out, mixed)) or `fill_propagate` (output=False: state only, returns None) compute it.
 
@@ -35,6 +36,8 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     per layer. Each operation mirrors HF's modules and `SSMBackbone._mixer` in the same order and
     dtypes, so the eager call equals the per-module path exactly. The state is carried through the
     token loop in locals and written back once: compiled, the update then fuses with the step.
+    With `hist_conv`/`hist_ssm` (a StateHistory's layer buffers) the state after each written token
+    is also kept there, at position `hist_at[t]` (its slot modulo the history's length).
     """
     Bsz, T, _ = h.shape
     u = rms_norm(h.to(norm_w.dtype), norm_w, eps)  # the block's Mamba2RMSNorm
@@ -46,7 +49,7 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     kernel = conv_w[:, 0, :]
     A = -torch.exp(A_log.float())
     Df = D.float()
-    cs, ss, ys = conv_state, ssm_state, []
+    cs, ss, ys, kept_c, kept_s = conv_state, ssm_state, [], [], []
     for t in range(T):  # unrolled when compiled or captured: no Python runs per token at replay
         w = write[:, t]
         window = torch.cat([cs[:, :, 1:], xbc[:, t, :, None].to(cs.dtype)], dim=-1)
@@ -63,10 +66,16 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
         dA = torch.exp(d * A)  # [B, H]
         new = ss * dA[:, :, None, None] + (d[:, :, None] * xs)[..., None] * Bm[:, :, None, :]
         ss = torch.where(w[:, None, None, None], new, ss)
+        if hist_conv is not None:
+            kept_c.append(cs)
+            kept_s.append(ss)
         if output:
             ys.append((new * Cm[:, :, None, :]).sum(-1) + Df[None, :, None] * xs)
     conv_state.copy_(cs)
     ssm_state.copy_(ss)
+    if hist_conv is not None:
+        _keep(hist_conv, hist_at, torch.stack(kept_c, 1), write)
+        _keep(hist_ssm, hist_at, torch.stack(kept_s, 1), write)
     if not output:
         return None
     y = torch.stack(ys, 1).reshape(Bsz, T, I).to(u.dtype)
@@ -78,6 +87,29 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     mixed = F.linear(y.to(u.dtype), out_w, out_b)
     residual = h.float() if residual_in_fp32 else h
     return residual + mixed, mixed
+
+
+def _keep(buf, at, states, write):
+    """buf[:, at[t]] = states[:, t] for the written (row, token) pairs: buf [B, R, ...] is one
+    layer's history, at [T] the positions (slot modulo R), states [B, T, ...] the state after each
+    token. Unwritten pairs keep what the history held (a layer an exited draft skipped keeps the
+    state its earlier steps left there)."""
+    w = write.view(*write.shape, *([1] * (states.dim() - 2)))
+    buf.index_copy_(1, at, torch.where(w, states.to(buf.dtype), buf.index_select(1, at)))
+
+
+class StateHistory:
+    """Every layer's conv window and SSM state after each of `positions` consecutive slots
+    (kept at slot modulo `positions`): what self-speculation restores when drafts are rejected.
+    Per position it holds one full state (`SSMState.nbytes` of it), written once per step that
+    runs the layer: a recurrent state cannot be cut back, so it is kept per position instead of
+    replaying the accepted tokens (which would read the weights a second time)."""
+
+    def __init__(self, conv, ssm, positions: int):
+        self.conv, self.ssm, self.positions = conv, ssm, positions
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.conv + self.ssm)
 
 
 class GroupedGatedRMSNorm(torch.nn.Module):
@@ -216,6 +248,30 @@ class SSMBackbone(Backbone):
         y = (new * Cm.float()[:, None, :]).sum(-1) + m.D.float()[None] * x.float()
         return y
 
+    # ---- per-slot history (Backbone.new_history) ------------------------------------------------
+    def new_history(self, batch_size, positions):
+        conv, ssm = [], []
+        one = self.new_state(batch_size)
+        for c, x in zip(one.conv, one.ssm):
+            conv.append(c.new_zeros(c.shape[0], positions, *c.shape[1:]))
+            ssm.append(x.new_zeros(x.shape[0], positions, *x.shape[1:]))
+        return StateHistory(conv, ssm, positions)
+
+    def restore_history(self, state, history, index):
+        for i in range(self.num_layers):
+            state.conv[i].copy_(history.conv[i].index_select(1, index)[:, 0])
+            state.ssm[i].copy_(history.ssm[i].index_select(1, index)[:, 0])
+
+    def _record(self, i, state, step, t):
+        """Keep layer i's state after token t of `step` in the step's history, if it keeps one."""
+        hist = step.shared.history
+        if hist is None:
+            return
+        at = step.slots[t:t + 1] % hist.positions
+        w = step.write[:, t:t + 1]
+        _keep(hist.conv[i], at, state.conv[i][:, None], w)
+        _keep(hist.ssm[i], at, state.ssm[i][:, None], w)
+
     def _mixer(self, i, u, state, step, output=True):
         """Run block i's mixer on normed input u [B, T, d], token by token from the stored state.
 
@@ -249,6 +305,7 @@ class SSMBackbone(Backbone):
             for t in range(T):
                 c = self._conv_step(m, conv_state, xbc[:, t], step.write[:, t])
                 ys.append(self._ssm_step_v2(m, ssm_state, c, dt[:, t], step.write[:, t]))
+                self._record(i, state, step, t)
             if not output:
                 return None
             y = torch.stack(ys, 1).reshape(u.shape[0], T, I)
@@ -265,6 +322,7 @@ class SSMBackbone(Backbone):
         for t in range(T):
             c = self._conv_step(m, conv_state, x_in[:, t], step.write[:, t])
             ys.append(self._ssm_step_v1(m, ssm_state, c, step.write[:, t]))
+            self._record(i, state, step, t)
         if not output:
             return None
         y = torch.stack(ys, 1) * F.silu(gate.float())
@@ -302,12 +360,14 @@ class SSMBackbone(Backbone):
         mods = (block.norm, m.in_proj, m.conv1d, m.norm, m.out_proj)
         return not any(x._forward_hooks or x._forward_pre_hooks for x in mods)
 
-    def _fixed_args(self, i, h, state, write):
+    def _fixed_args(self, i, h, state, step):
         block = self.blocks[i]
         m = block.mixer
+        hist = step.shared.history
+        kept = (None, None, None) if hist is None else (hist.conv[i], hist.ssm[i], step.slots % hist.positions)
         tensors = (h, block.norm.weight, m.in_proj.weight, m.in_proj.bias, m.conv1d.weight, m.conv1d.bias,
                    m.dt_bias, m.A_log, m.D, m.norm.weight, m.out_proj.weight, m.out_proj.bias,
-                   state.conv[i], state.ssm[i], write)
+                   state.conv[i], state.ssm[i], step.write, *kept)
         # Every value here is the same for all layers of a model: one compilation serves them all.
         lo, hi = m.time_step_limit
         scalars = dict(eps=block.norm.variance_epsilon, gnorm_eps=m.norm.variance_epsilon,
@@ -322,13 +382,13 @@ class SSMBackbone(Backbone):
         # A prompt into an empty state takes the chunked scan (`_mixer`), not T unrolled steps.
         if not self._fusable(i, T) or (T > 1 and step.shared.from_empty):
             return self.forward_layer(i, h, state, step)
-        tensors, scalars = self._fixed_args(i, h, state, step.write)
+        tensors, scalars = self._fixed_args(i, h, state, step)
         return kernel(_mamba2_fixed)(*tensors, **scalars)
 
     def fill_propagate_fixed(self, i, h, state, step, keys, ctx=None, kernel=plain):
         if not self._fusable(i, h.shape[1]):
             return self.fill_propagate(i, h, state, step)
-        tensors, scalars = self._fixed_args(i, h, state, step.write)
+        tensors, scalars = self._fixed_args(i, h, state, step)
         kernel(_mamba2_fixed)(*tensors, **scalars, output=False)
 
     def _collect(self, ids, layers, attention_mask, aux, logits_at):

@@ -8,7 +8,10 @@ flags, lm-eval model_args: names, strings, the `verify` alias) become one.
 
 State policies (what the layers an exited token skips receive; README, "Generate"): `copy`,
 `propagate`, `catchup`, and `verify`, which is catch-up plus checking every early token against
-the full model (lossless).
+the full model (lossless). `speculate` (speculate.py) is lossless too: it drafts up to
+`draft_tokens` tokens from an exit point and checks them in one deep pass; its threshold ends a
+cycle's drafting where the exit head is not confident (default 0: always draft), and with
+`adaptive` a controller picks the number of drafts and the exit point as it measures them.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from dataclasses import dataclass, replace
 
 from meestral.errors import MeestralError
 
-POLICIES = ("copy", "propagate", "catchup", "verify")
-EXACT_POLICIES = ("catchup", "verify")  # every layer's state stays the full model's
+STATE_POLICIES = ("copy", "propagate", "catchup", "verify")  # one slot per exited token
+POLICIES = STATE_POLICIES + ("speculate",)
+EXACT_POLICIES = ("catchup", "verify", "speculate")  # every layer's state stays the full model's
+LOSSLESS_POLICIES = ("verify", "speculate")  # the output is the full model's
+MAX_DRAFT_TOKENS = 16  # the fixed-shape path unrolls a cycle's window (ssm.FUSED_MAX_TOKENS)
 EXIT_OUTPUTS = ("hidden", "through_last_layer")
 
 
@@ -59,15 +65,20 @@ class ExitConfig:
     max_backlog: int = 8  # catchup/verify: exited tokens that may wait before a deep pass is forced
     exit_output: str = "hidden"
     skip_layers: tuple = ()  # a pruned model (the layer-drop baseline): these blocks never run
+    draft_tokens: int = 4  # speculate: the most drafts a cycle makes
+    adaptive: bool = True  # speculate: the controller picks k <= draft_tokens and the exit point
 
     @classmethod
-    def from_options(cls, backbone, *, heads=None, head="softmax", exits=None, threshold=1.0, policy="copy",
-                     verify=False, max_backlog=8, exit_output="hidden", layer_drop=0) -> "ExitConfig":
+    def from_options(cls, backbone, *, heads=None, head="softmax", exits=None, threshold=None, policy="copy",
+                     verify=False, max_backlog=8, exit_output="hidden", layer_drop=0,
+                     draft_tokens="auto") -> "ExitConfig":
         """The checked configuration that user-facing options describe (CLI flags, lm-eval
         model_args). `heads`: built ExitHeads or a folder of trained ones; otherwise `head` names a
         training-free kind at `exits` (default: every quarter), or `full`/`none` for no exits.
         Lists may be strings ('7:15:22'); `verify=True` is an alias of policy='verify';
-        `layer_drop=N` is DYNAMAX's pruned baseline (the N blocks before the last removed)."""
+        `layer_drop=N` is DYNAMAX's pruned baseline (the N blocks before the last removed).
+        `threshold` None: 1.0 (never exit), or 0.0 under speculate (always draft). `draft_tokens`
+        (speculate): a number for a fixed k, or 'auto' for the controller (up to 6 drafts)."""
         from meestral.decoding.heads import ExitHeads
 
         L = backbone.num_layers
@@ -78,7 +89,7 @@ class ExitConfig:
         if isinstance(verify, str):
             verify = verify.strip().lower() in ("1", "true", "yes")
         if verify:
-            if policy not in EXACT_POLICIES:
+            if policy not in ("catchup", "verify"):
                 raise MeestralError("--verify needs exact deep states: use it with --policy catchup (or --policy verify)")
             policy = "verify"
         if isinstance(heads, ExitHeads):
@@ -91,12 +102,22 @@ class ExitConfig:
             raise MeestralError("a classifier head must be trained first: pass --heads DIR (from `meestral train`)")
         else:
             heads = ExitHeads(head, option_list(exits, int, "exits") or default_exit_points(L), backbone)
+        if threshold is None:
+            threshold = 0.0 if policy == "speculate" else 1.0
         th = option_list(threshold, float, "threshold")
         if not th:
             raise MeestralError("the threshold is empty: give one value in [0, 1] or one per exit point")
         # `checked` turns max_backlog (a string in model_args) into a whole number, or says why not.
+        adaptive = str(draft_tokens).strip().lower() == "auto"
+        if adaptive:
+            draft_tokens = 6
+        else:
+            try:
+                draft_tokens = int(draft_tokens)
+            except (TypeError, ValueError):
+                raise MeestralError(f"draft_tokens={draft_tokens!r} must be a whole number or 'auto'") from None
         return cls(heads=heads, thresholds=th if heads is not None else 1.0, policy=policy, max_backlog=max_backlog,
-                   exit_output=exit_output).checked(backbone)
+                   exit_output=exit_output, draft_tokens=draft_tokens, adaptive=adaptive).checked(backbone)
 
     @property
     def verify(self) -> bool:
@@ -142,8 +163,19 @@ class ExitConfig:
         if any(not 0 <= i < backbone.num_layers - 1 for i in skip):
             raise MeestralError(f"layers to skip {list(skip)} must lie in [0, {backbone.num_layers - 2}] "
                                 "(the last block stays)")
+        if self.policy == "speculate":
+            if heads is None:
+                raise MeestralError("speculate drafts from an exit point: give one with --exits E "
+                                    "(and a head kind, e.g. --head softmax)")
+            if not 1 <= int(self.draft_tokens) <= MAX_DRAFT_TOKENS:
+                raise MeestralError(f"draft_tokens {self.draft_tokens} out of range: give 1 to {MAX_DRAFT_TOKENS} "
+                                    "drafts a cycle (or auto)")
+            if len(heads.exit_points) > 1 and not self.adaptive:
+                raise MeestralError(f"a fixed number of drafts drafts from one exit point, got {list(heads.exit_points)}: "
+                                    "give one with --exits E, or --draft-tokens auto to let the controller choose")
         th = tuple(check_thresholds(self.thresholds, len(heads.exit_points))) if heads is not None else ()
-        return replace(self, thresholds=th, max_backlog=backlog, skip_layers=skip)
+        return replace(self, thresholds=th, max_backlog=backlog, skip_layers=skip, draft_tokens=int(self.draft_tokens),
+                       adaptive=bool(self.adaptive))
 
     def to_dict(self) -> dict:
         """The configuration as JSON-able data (results files, `meestral generate --json`)."""
@@ -151,4 +183,5 @@ class ExitConfig:
         return {"heads": None if h is None else h.kind, "exits": self.exit_points,
                 "thresholds": list(self.thresholds) if h is not None else [], "policy": self.policy,
                 "verify": self.verify, "max_backlog": self.max_backlog, "exit_output": self.exit_output,
-                "skip_layers": list(self.skip_layers)}
+                "skip_layers": list(self.skip_layers),
+                **({"draft_tokens": "auto" if self.adaptive else self.draft_tokens} if self.policy == "speculate" else {})}

@@ -37,11 +37,12 @@ from meestral.decoding.graph_engine import make_engine
 from meestral.decoding.policy import Batch
 from meestral.decoding.sampling import SamplingOptions, sample
 from meestral.decoding.slot_policies import CopyPolicy, PropagatePolicy
+from meestral.decoding.speculate import SpeculatePolicy
 from meestral.decoding.verify import VerifyPolicy
 from meestral.errors import MeestralError
 from meestral.validation import check_context
 
-POLICY_CLASSES = {p.name: p for p in (CopyPolicy, PropagatePolicy, CatchupPolicy, VerifyPolicy)}
+POLICY_CLASSES = {p.name: p for p in (CopyPolicy, PropagatePolicy, CatchupPolicy, VerifyPolicy, SpeculatePolicy)}
 
 
 @dataclass
@@ -106,7 +107,8 @@ class EarlyExitDecoder:
         """The prompt pass at full depth over left-padded rows, with room for `extra` more slots:
         (Batch, next-token logits [B, V], per-row StepLog of the pass without its time, dtype of
         its hidden states)."""
-        batch = Batch(self.engine, rows, extra)
+        # A policy that writes ahead of what it keeps (speculate's drafts) needs room for it.
+        batch = Batch(self.engine, rows, extra + getattr(self.policy, "extra_slots", 0))
         h = self.engine.prefill(batch.ids, batch.state, batch.pad)
         L = self.bb.num_layers
         logs = [StepLog.prefill_pass(self.engine.kept, len(r), L) for r in rows]
@@ -143,10 +145,18 @@ class EarlyExitDecoder:
             wall = (time.perf_counter() - t0) * 1000
             n += 1
             for b, o in enumerate(outcomes):
-                if o is not None:
-                    o.log.wall_ms = wall
-                    self._apply(batch, b, results[b], o, opts)
-            self._view(inspect, n, batch, logits, [None if o is None else o.log for o in outcomes])
+                if o is None:
+                    continue
+                # speculate: a step may emit several tokens; its time is shared among its outcomes.
+                several = o if isinstance(o, list) else [o]
+                for one in several:
+                    one.log.wall_ms = wall / len(several)
+                    if batch.active[b] or one.kind == "spent":
+                        self._apply(batch, b, results[b], one, opts)
+                    else:  # the row ended on an earlier token of this step: the rest is spent work
+                        results[b].discarded.append(token_stats(one.log, self.cost))
+            self._view(inspect, n, batch, logits,
+                       [None if o is None else (o[-1] if isinstance(o, list) else o).log for o in outcomes])
             if progress is not None:
                 progress.update(1)
         for r in results:
@@ -155,6 +165,9 @@ class EarlyExitDecoder:
 
     def _apply(self, batch, b, r: Generation, o, opts):
         st = token_stats(o.log, self.cost)
+        if o.kind == "spent":  # work that emits nothing (speculate's rejected drafts)
+            r.discarded.append(st)
+            return
         if o.kind == "done":
             r.discarded.append(st)
             batch.retire(b)

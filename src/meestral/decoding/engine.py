@@ -72,6 +72,13 @@ class EagerEngine:
     def truncate(self, state, keep: torch.Tensor, rows: torch.Tensor) -> None:
         self.bb.truncate(state, keep, rows)
 
+    def new_history(self, state, batch_size: int, positions: int):
+        """Per-slot history for `state` (Backbone.new_history; None for positional K/V states)."""
+        return self.bb.new_history(batch_size, positions)
+
+    def restore_history(self, state, history, index: torch.Tensor) -> None:
+        self.bb.restore_history(state, history, index)
+
     # ---- running blocks ----------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.bb.embed(ids)

@@ -59,7 +59,10 @@ class CapturedCall:
             # for both: a copy fewer per call. Whether it does is part of the call's key.
             write = step.write.clone()
             visible = write if step.visible is step.write else step.visible.clone()
-            self.step = Step(None, step.positions.clone(), write, StepShared(slots=step.slots.clone()), visible)
+            # A per-slot history (self-speculation on a recurrent backbone) is a fixed buffer of
+            # the generation's state, like the state itself: the graph writes into it in place.
+            self.step = Step(None, step.positions.clone(), write,
+                             StepShared(slots=step.slots.clone(), history=step.shared.history), visible)
         self.body = lambda: body(self.inputs, self.step)
         self.graph = None
         self.outputs = None
@@ -131,6 +134,7 @@ class GraphEngine(EagerEngine):
         self.max_calls, self.max_states = max_calls, max_states
         self.states: OrderedDict = OrderedDict()  # (batch size, capacity) -> the state such generations reuse
         self.calls: OrderedDict = OrderedDict()  # shape key -> CapturedCall
+        self.histories: dict = {}  # ("history", id(state), positions) -> that state's per-slot history
         self.stream = torch.cuda.Stream(device=backbone.device) if self.capture else None
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._noted: set = set()
@@ -147,8 +151,28 @@ class GraphEngine(EagerEngine):
             _, old = self.states.popitem(last=False)
             for k in [k for k in self.calls if id(old) in k]:
                 del self.calls[k]
+            for k in [k for k in self.histories if k[1] == id(old)]:
+                del self.histories[k]
         self.states[key] = self.bb.new_state(batch_size, cap)
         return self.states[key]
+
+    def new_history(self, state, batch_size: int, positions: int):
+        """One history per (state, positions), kept with the state: graphs record its addresses."""
+        key = ("history", id(state), positions)
+        if key not in self.histories:
+            self.histories[key] = self.bb.new_history(batch_size, positions)
+        return self.histories[key]
+
+    def restore_history(self, state, history, index):
+        if history is None:
+            return
+        bb = self.bb
+
+        def body(x, _st):
+            bb.restore_history(state, history, x["index"])
+            return ()
+
+        self._call(("restore", id(state), id(history)), body, {"index": index}, None)
 
     def _keys(self, state, step) -> int | None:
         cap = self.bb.state_keys(state)
@@ -162,7 +186,8 @@ class GraphEngine(EagerEngine):
             print(f"meestral: {msg}", file=sys.stderr)
 
     def _call(self, key, body, inputs: dict, step: Step):
-        key = key + (step is not None and step.visible is step.write,)
+        key = key + (step is not None and step.visible is step.write,
+                     None if step is None or step.shared.history is None else id(step.shared.history))
         call = self.calls.get(key)
         if call is None:
             if len(self.calls) >= self.max_calls:

@@ -77,7 +77,9 @@ class Outcome:
 
     kind "emit": append `token`; "rollback": verification rejected the token at index `keep` of
     the row's output: cut the output there and append `token` instead; "done": the step only
-    verified the row's last drafts (all accepted), its work is charged and the row ends."""
+    verified the row's last drafts (all accepted), its work is charged and the row ends; "spent":
+    work charged to the row's output that emits nothing (speculate's rejected drafts). A policy
+    may give a row a list of outcomes for one step (speculate emits several tokens a cycle)."""
 
     kind: str
     log: StepLog

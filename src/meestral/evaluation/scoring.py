@@ -155,6 +155,12 @@ def decide(table: Table, config, cost, num_layers: int, bb=None) -> Scored:
     J = len(points)
     n = table.lp.shape[0]
     lp, top, target = table.lp.tolist(), table.top.tolist(), table.target.tolist()
+    if config.policy == "speculate" and J:  # lossless; priced as greedy generation's cycles (speculate_replay.py)
+        from meestral.evaluation.speculate_replay import replay_speculate
+
+        logs, dropped = replay_speculate(table, config, L)
+        return Scored(sum(r[J] for r in lp), all(top[t][J] == target[t] for t in range(n)), account(logs, cost),
+                      [True] * n, table.wall_s, [token_stats(d, cost) for d in dropped])
     if verify and J:
         logs, dropped = _verify_logs(table, config, L, bb)
         return Scored(sum(r[J] for r in lp), all(top[t][J] == target[t] for t in range(n)), account(logs, cost),

@@ -1,0 +1,219 @@
+"""Lossless early exit that pays: the `speculate` policy (self-speculative decoding).
+
+A *cycle* drafts up to k tokens from exit point E and checks them all in one deep pass:
+
+1. draft steps t = 0..k-1: feed the newest token at slot s+t through blocks 0..E, read the draft
+   distribution there (the shared final norm + LM head on E's hidden state: the logit lens) and
+   take its token (greedy: the argmax; sampling: a draw) as the next input; the exit head's
+   confidence at E is asked too, and a draft whose confidence is not above its threshold ends the
+   cycle's proposals (on the device: it and the later drafts are masked, nothing is read back);
+2. one more shallow step puts the last draft through blocks 0..E (slot s+k);
+3. the deep pass: blocks E+1..L-1 over the k+1 slots s..s+k in one multi-token call, continuing
+   from the drafts' own hidden states at E (blocks 0..E are never run twice), and the LM head at
+   every slot: the full model's distribution after each prefix;
+4. acceptance on the device (greedy: a draft is kept iff it equals the deep pass's argmax at its
+   position; sampling: speculative-sampling acceptance, min(1, p/q), the rejected position drawn
+   from the normalised residual max(0, p - q)), then one host read per cycle: the drafts, how many
+   each row accepted, and the token that follows them (the correction, or the deep pass's own next
+   token when every draft was accepted).
+
+Greedy output equals full-depth greedy output token for token (in float32; in bf16 it is the deep
+pass's own choice, which can round differently from a one-token step); under sampling the output
+distribution is the full model's.
+
+State. Transformer: the drafts' K/V in blocks 0..E and the deep pass's in E+1..L-1 sit in their
+slots; a rejected slot is simply written again by the next cycle before any query can see it
+(attention is causal over slots), so a rejection is bookkeeping only. Mamba-2 / Mamba-1: a recurrent
+state cannot be cut back, so every step of a cycle also keeps each layer's state after each slot
+(`Backbone.new_history`, k+1 positions: one full state per position, written as the step runs);
+after the read the state is set to the one after the last accepted slot (`restore_history`).
+Per-position history was chosen over replaying the accepted tokens from a snapshot: a replay reads
+every block's weights again, which is the whole cost being saved; the history costs writing k+1
+states (Codestral-Mamba-7B: ~4 MB of float32 state per layer and position) and no weight read.
+
+Batches. All rows advance together: a cycle keeps, for every row, the shortest accepted prefix of
+the batch (the token after it is the row's correction where the row rejected there, its accepted
+draft otherwise). Any prefix of a speculative-sampling output is itself a correct sample, so this
+is exact; it costs the rows that accepted more their extra drafts, and keeps one slot per step
+for every row, which is what a fixed-shape (CUDA-graph) engine needs.
+
+The controller (speculation_control.py) picks k and the exit point per cycle from measured
+acceptance and step times, and falls back to plain full-depth steps where speculation would not
+pay. Accounting: each emitted token carries the log of the step that made it (a draft step for an
+accepted draft, the deep pass for the token after them); rejected drafts' steps are charged as
+discarded work, so per-token costs include them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from meestral.decoding.accounting import StepLog
+from meestral.decoding.policy import Outcome, Policy
+from meestral.decoding.sampling import draw, probabilities
+from meestral.decoding.speculation_control import Choice, SpeculationController
+
+
+class SpeculatePolicy(Policy):
+    name = "speculate"
+
+    def __init__(self, config, engine):
+        super().__init__(config, engine)
+        self.max_k = config.draft_tokens
+        kept = engine.kept
+        # Per exit point: the blocks a draft runs (up to and including it) and those the deep pass runs.
+        self.split = [([i for i in kept if i <= e], [i for i in kept if i > e]) for e in self.points]
+        self.control = None
+        if config.adaptive:
+            self.control = SpeculationController(list(range(len(self.points))), self.max_k, self.prior_cost)
+        self.inject = None  # benchmark only: each draft is accepted with this chance, whatever its token
+        self.last_choice = None  # what the last step ran (tests and the benchmark read it)
+
+    @property
+    def extra_slots(self) -> int:
+        """Slots a cycle may write past the last token it keeps (its rejected drafts)."""
+        return self.max_k + 1
+
+    def prior_cost(self, j: int, k: int) -> float:
+        """A cycle's cost in full-depth steps by weight bytes (what bounds batch-1 decoding on a GPU):
+        k+1 shallow steps, k draft-head reads, one deep pass and one LM head read."""
+        bb = self.engine.bb
+        shallow, deep = self.split[j]
+        layer = [sum(p.numel() for p in bb.blocks[i].parameters()) for i in range(self.L)]
+        head = bb.lm_head_module.weight.numel()
+        full = sum(layer[i] for i in self.engine.kept) + head
+        draft = sum(layer[i] for i in shallow)
+        return ((k + 1) * draft + k * head + sum(layer[i] for i in deep) + head) / full
+
+    def start(self, batch, first, hidden_dtype):
+        super().start(batch, first, hidden_dtype)
+        batch.history = self.engine.new_history(batch.state, batch.B, self.max_k + 1)
+
+    def choose(self, batch, opts) -> Choice:
+        remaining = opts.max_new_tokens - (batch.slot - batch.P + 1)  # tokens still wanted per row
+        c = self.control.choose() if self.control is not None else Choice(0, self.max_k)
+        # A cycle emits at most k+1 tokens: near the end, fewer drafts waste less.
+        return Choice(c.j, max(0, min(c.k, remaining - 1)), c.probe)
+
+    @torch.no_grad()
+    def step(self, batch, opts, gen):
+        t0 = time.perf_counter()
+        choice = self.choose(batch, opts)
+        self.last_choice = choice
+        if choice.k == 0:
+            out, logits, accepted, rejected = self.full_step(batch, opts, gen)
+        else:
+            out, logits, accepted, rejected = self.cycle(batch, opts, gen, choice.j, choice.k)
+        if self.control is not None:  # the step ended with a read: its device work is done
+            self.control.observe(choice, (time.perf_counter() - t0) * 1000, accepted, rejected)
+        return out, logits
+
+    # ---- a plain full-depth step (the controller's fallback) ---------------------------------
+    def full_step(self, batch, opts, gen):
+        eng, s = self.engine, batch.slot
+        step = eng.make_step(s, 1, batch.pad, write=batch.active_dev[:, None])
+        h, _, _ = eng.run(eng.kept, eng.embed(batch.fed[:, None]), batch.state, step)
+        logits = eng.logits(h[:, -1])
+        tok = draw(probabilities(logits, opts), opts, gen) if not opts.greedy else logits.argmax(-1)
+        toks = tok.tolist()  # the step's one read
+        batch.fed, batch.slot = tok, s + 1
+        out = [None] * batch.B
+        for b in range(batch.B):
+            if batch.active[b]:
+                log = StepLog(self.L - 1, tuple(eng.kept), s + 1 - batch.pad_host[b], verified=True)
+                out[b] = [Outcome("emit", log, token=toks[b])]
+        return out, logits, 0, False
+
+    # ---- a speculation cycle ------------------------------------------------------------------
+    def cycle(self, batch, opts, gen, j: int, k: int):
+        eng, state, hist = self.engine, batch.state, batch.history
+        shallow, deep = self.split[j]
+        s, B = batch.slot, batch.B
+        write = batch.active_dev[:, None]
+        fed, x, drafts, qs, props = batch.fed, None, [], [], []
+        for t in range(k + 1):
+            step = eng.make_step(s + t, 1, batch.pad, write=write)
+            step.shared.history = hist
+            h, aux, prev = eng.run(shallow, eng.embed(fed[:, None]), state, step)
+            if x is None:  # every slot's hidden state after block E (a call's output buffer is reused)
+                x = h.new_empty(B, k + 1, h.shape[-1])
+            x[:, t] = h[:, 0]
+            if t == k:
+                break
+            conf, lg = self.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1])
+            if lg is None:  # a head that does not read the LM head: the draft still needs it
+                lg = eng.logits(h[:, -1])
+            if opts.greedy:
+                fed = lg.argmax(-1)
+            else:
+                qs.append(probabilities(lg, opts))
+                fed = draw(qs[-1], opts, gen)
+            drafts.append(fed)
+            ok = conf > self.thresholds[j]  # the exit rule (exit_rule.py): a draft is proposed only above it
+            props.append(ok if not props else props[-1] & ok)
+        step = eng.make_step(s, k + 1, batch.pad, write=write.expand(B, k + 1))
+        step.shared.history = hist
+        x, _, _ = eng.run(deep, x, state, step)
+        full = eng.logits(x)  # [B, k+1, V]: the full model's next-token logits after each prefix
+        D = torch.stack(drafts, 1)  # [B, k]
+        n, nxt = self.accept(D, full, qs, torch.stack(props, 1), opts, gen)
+        vals = torch.cat([D, n[:, None], nxt[:, None]], 1).tolist()  # the cycle's one read
+        rows = [b for b in range(B) if batch.active[b]]
+        m = min(vals[b][k] for b in rows)  # every row keeps the batch's shortest accepted prefix
+        tokens = {}
+        for b in rows:
+            d, nb, fix = vals[b][:k], vals[b][k], vals[b][k + 1]
+            tokens[b] = d[:m] + [fix if nb == m else d[m]]
+        if hist is not None:  # a recurrent state: back to the state after the last kept slot
+            eng.restore_history(state, hist, batch.tensor([(s + m) % hist.positions], torch.long))
+        batch.fed = batch.tensor([tokens[b][-1] if b in tokens else 0 for b in range(B)], torch.long)
+        batch.slot = s + m + 1
+        out = [None] * B
+        deep_slots = tuple((k + 1 if i in deep else 1) if i in eng.kept else 0 for i in range(self.L))
+        for b in rows:
+            pad = batch.pad_host[b]
+
+            def draft_log(t):  # draft step t fed slot s+t
+                return StepLog(self.points[j], tuple(shallow), s + t + 1 - pad, probes=1,
+                               head_read=not self.needs_logits, deep=False, verified=True)
+
+            deep_log = StepLog(self.L - 1, tuple(eng.kept), s + k + 1 - pad, slots=deep_slots, verified=True)
+            outs = [Outcome("emit", draft_log(t), token=tokens[b][t]) for t in range(m)]
+            outs.append(Outcome("emit", deep_log, token=tokens[b][m]))
+            outs += [Outcome("spent", draft_log(t)) for t in range(m, k)]  # rejected (or unproposed) drafts
+            out[b] = outs
+        return out, full[:, m], m, m < k
+
+    def accept(self, D, full, qs, proposed, opts, gen):
+        """Per row, how many leading drafts are accepted (n [B]) and the token that follows them
+        (nxt [B]: the correction at the first rejected position, or the deep pass's next token when
+        all k were accepted). D [B, k] drafts, full [B, k+1, V] the deep pass's logits, qs the draft
+        distributions (sampling), proposed [B, k] which drafts passed the exit rule (a prefix)."""
+        B, k = D.shape
+        dev = D.device
+        ar = torch.arange(B, device=dev)
+        if self.inject is not None:  # benchmark only: acceptance at a chosen rate, tokens irrelevant
+            ok = proposed & (torch.rand(B, k, generator=gen, device=dev) < self.inject)
+        elif opts.greedy:
+            ok = proposed & (D == full[:, :k].argmax(-1))
+        else:
+            p = probabilities(full[:, :k], opts)  # [B, k, V]
+            q = torch.stack(qs, 1)
+            px, qx = p.gather(-1, D[..., None])[..., 0], q.gather(-1, D[..., None])[..., 0]
+            u = torch.rand(B, k, generator=gen, device=dev)
+            ok = proposed & (qx > 0) & (u * qx < px)
+        n = ok.long().cumprod(1).sum(1)  # leading accepted drafts
+        if opts.greedy:
+            return n, full[ar, n].argmax(-1)
+        # Sampling: after all k accepted, a draw from the deep pass's last distribution; at a
+        # rejected proposed draft, from the residual max(0, p - q) normalised; at a draft that was
+        # never proposed (the exit rule stopped the cycle), from p itself.
+        p_n = probabilities(full[ar, n], opts)
+        was_proposed = proposed[ar, n.clamp(max=k - 1)] & (n < k)
+        q_n = torch.stack(qs, 1)[ar, n.clamp(max=k - 1)]
+        residual = torch.where(was_proposed[:, None], (p_n - q_n).clamp(min=0), p_n)
+        mass = residual.sum(-1, keepdim=True)
+        dist = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_n)
+        return n, torch.multinomial(dist, 1, generator=gen)[:, 0]

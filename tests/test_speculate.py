@@ -1,0 +1,249 @@
+"""speculate: greedy output equals full depth, sampling keeps the full model's distribution, the
+state after every cycle is the full model's, and scoring prices it as generation spends it."""
+
+import pytest
+import torch
+
+from conftest import median_softmax
+from meestral.decoding.config import ExitConfig
+from meestral.decoding.decoder import EarlyExitDecoder, SamplingOptions
+from meestral.decoding.heads import ExitHeads
+from meestral.decoding.speculation_control import Choice, SpeculationController, expected_tokens
+from meestral.errors import MeestralError
+
+ARCHS = ["mistral", "llama", "mamba2", "mamba", "mistral-sw"]
+PROMPTS = [[1, 20, 30, 40], [1, 50, 60, 70, 80, 90, 100], [1, 7, 8]]
+
+
+def spec_config(bb, exit_layer, k, threshold=0.0, adaptive=False, kind="softmax"):
+    return ExitConfig(heads=ExitHeads(kind, [exit_layer], bb), thresholds=threshold, policy="speculate",
+                      draft_tokens=k, adaptive=adaptive)
+
+
+def acceptance(dec, gens):
+    accepted = sum(not s.deep for g in gens for s in g.stats[1:])
+    rejected = sum(not s.deep for g in gens for s in g.discarded)
+    return accepted, rejected
+
+
+@pytest.mark.parametrize("shape", ARCHS)
+def test_greedy_equals_full_depth(tiny, shape):
+    bb = tiny(shape)
+    L = bb.num_layers
+    opts = SamplingOptions(max_new_tokens=24)
+    ref = EarlyExitDecoder(bb).generate(PROMPTS, opts)
+    ref1 = [EarlyExitDecoder(bb).generate([p], opts)[0] for p in PROMPTS]
+    seen = [0, 0]
+    # A shallow and a deep draft layer (low and high acceptance), a threshold that stops some
+    # cycles' drafting, one and several drafts a cycle.
+    for exit_layer, k, th in ((1, 1, 0.0), (1, 3, 0.0), (L - 2, 3, 0.0), (L - 2, 4, None)):
+        if th is None:
+            th = median_softmax(bb, L - 2)
+        dec = EarlyExitDecoder(bb, spec_config(bb, exit_layer, k, th))
+        batched = dec.generate(PROMPTS, opts)
+        single = [dec.generate([p], opts)[0] for p in PROMPTS]
+        for r, r1, g, g1 in zip(ref, ref1, batched, single):
+            assert g.token_ids == r.token_ids, (exit_layer, k, th)
+            assert g1.token_ids == r1.token_ids, (exit_layer, k, th)
+        a, rj = acceptance(dec, single)
+        seen[0] += a
+        seen[1] += rj
+    # The comparison means something only if drafts were both accepted and rejected.
+    assert seen[0] > 0 and seen[1] > 0, seen
+
+
+@pytest.mark.parametrize("shape", ARCHS)
+def test_state_after_cycles_is_the_full_models(tiny, shape):
+    """With acceptance injected at random (state handling unchanged, tokens not checked), every
+    layer's state after the generation equals the full model's on the tokens it emitted: rejected
+    drafts leave no trace (Transformer: their slots are never seen; Mamba: the history restore)."""
+    from test_catchup import assert_state_close, reference_states
+
+    bb = tiny(shape)
+    dec = EarlyExitDecoder(bb, spec_config(bb, 2, 3))
+    dec.policy.inject = 0.5
+    views = []
+    gen = dec.generate([PROMPTS[1]], SamplingOptions(max_new_tokens=17, seed=3), inspect=views.append)[0]
+    a, rj = acceptance(dec, [gen])
+    assert a > 0 and rj > 0
+    tokens = PROMPTS[1] + gen.token_ids[:-1]  # the newest token is fed by the next step, not yet run
+    want = reference_states(bb, tokens, [len(tokens)])[len(tokens)]
+    state = views[-1].state
+    n = len(tokens)
+    for i in range(bb.num_layers):
+        for got, ref in zip(bb.layer_tensors(state, i), want[i]):
+            if bb.can_truncate:  # K/V [1, H, cap, D] and valid [1, cap]: the kept slots
+                got, ref = (got[:, :, :n], ref[:, :, :n]) if got.dim() == 4 else (got[:, :n], ref[:, :n])
+            if got.dtype == torch.bool:
+                assert torch.equal(got, ref)
+            else:
+                assert_state_close(got, ref)
+
+
+def exact_pair_distribution(bb, prompt, opts):
+    """P(first two generated tokens) of the full model under `opts` (top-k sampling)."""
+    from meestral.decoding.sampling import probabilities
+
+    with torch.no_grad():
+        p1 = probabilities(bb.full_logits(torch.tensor([prompt]))[:, -1], opts)[0]
+        out = {}
+        for t1 in torch.nonzero(p1).flatten().tolist():
+            p2 = probabilities(bb.full_logits(torch.tensor([prompt + [t1]]))[:, -1], opts)[0]
+            for t2 in torch.nonzero(p2).flatten().tolist():
+                out[(t1, t2)] = float(p1[t1] * p2[t2])
+    return out
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_sampling_keeps_the_full_models_distribution(tiny, shape):
+    """Speculative-sampling acceptance: the pairs (token 1, token 2) speculate draws are distributed
+    as the full model's (the second comes from a cycle), while the drafts' own distribution is not."""
+    bb = tiny(shape)
+    prompt = [1, 20, 30, 40]
+    opts = SamplingOptions(max_new_tokens=3, temperature=1.0, top_k=3, seed=0)
+    exact = exact_pair_distribution(bb, prompt, opts)
+    n = 3000
+    dec = EarlyExitDecoder(bb, spec_config(bb, 0, 2))
+    gens = dec.generate([prompt] * n, opts)
+    counts = {}
+    for g in gens:
+        key = tuple(g.token_ids[:2])
+        counts[key] = counts.get(key, 0) + 1
+    tv = 0.5 * sum(abs(counts.get(key, 0) / n - exact.get(key, 0.0)) for key in set(counts) | set(exact))
+    assert tv < 0.05, tv
+    # The test can tell: accepting every draft gives the drafts' distribution, measurably off.
+    dec.policy.inject = 1.0
+    gens = dec.generate([prompt] * n, opts)
+    counts = {}
+    for g in gens:
+        key = tuple(g.token_ids[:2])
+        counts[key] = counts.get(key, 0) + 1
+    tv_wrong = 0.5 * sum(abs(counts.get(key, 0) / n - exact.get(key, 0.0)) for key in set(counts) | set(exact))
+    assert tv_wrong > 0.1, tv_wrong
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba"])
+def test_scoring_prices_speculate_as_generation_spends_it(tiny, shape):
+    """Teacher-forced scoring of the model's own greedy continuation charges every token (and every
+    spent draft) exactly what the decoder's cycles charged."""
+    from meestral.decoding.accounting import token_stats
+    from meestral.evaluation.scoring import build_tables, decide
+
+    bb = tiny(shape)
+    L = bb.num_layers
+    # Random Mamba-1's drafts are all accepted: a threshold makes some cycles stop drafting.
+    th = median_softmax(bb, L - 2) if shape == "mamba" else 0.0
+    cfg = spec_config(bb, L - 2, 3, th).checked(bb)
+    dec = EarlyExitDecoder(bb, cfg)
+    prompt = PROMPTS[1]
+    gen = dec.generate([prompt], SamplingOptions(max_new_tokens=20))[0]
+    assert len(gen.discarded) > 0 and any(not s.deep for s in gen.stats[1:])
+    cont = gen.token_ids
+    tab = build_tables(bb, cfg.heads, [((prompt + cont)[:-1], cont)])[0]
+    tab.start = len(prompt) - 1
+    scored = decide(tab, cfg, dec.cost, L, bb)
+
+    def key(s):
+        return (s.exit_layer, s.layers_run, s.probes, s.deep, round(s.flops), round(s.weight_bytes))
+
+    assert [key(s) for s in scored.stats] == [key(s) for s in gen.stats]
+    assert sorted(key(s) for s in scored.discarded) == sorted(key(s) for s in gen.discarded)
+    assert token_stats  # imported for its use by decide
+
+
+def test_adaptive_output_equals_full_depth(tiny):
+    bb = tiny("mamba2")
+    L = bb.num_layers
+    opts = SamplingOptions(max_new_tokens=30)
+    ref = EarlyExitDecoder(bb).generate(PROMPTS, opts)
+    cfg = ExitConfig(heads=ExitHeads("softmax", [1, L - 2], bb), thresholds=0.0, policy="speculate",
+                     draft_tokens=4, adaptive=True)
+    dec = EarlyExitDecoder(bb, cfg)
+    out = [dec.generate([p], opts)[0] for p in PROMPTS]
+    assert [g.token_ids for g in out] == [r.token_ids for r in ref]
+
+
+def test_controller_falls_back_when_drafts_are_never_accepted():
+    """Synthetic costs (no timing): a cycle costs 1 + 0.3 k full steps (its deep pass and k drafts).
+    Drafts always rejected: after its probes the controller runs full-depth steps, probing ever
+    more rarely."""
+    c = SpeculationController([0], 4, prior=lambda j, k: 1.0 + 0.3 * k)
+    choices = []
+    for _ in range(200):
+        ch = c.choose()
+        choices.append(ch)
+        if ch.k == 0:
+            c.observe(ch, 10.0)
+        else:
+            c.observe(ch, 10.0 * (1.0 + 0.3 * ch.k), drafts_accepted=0, rejected=True)
+    cycles = [i for i, ch in enumerate(choices) if ch.k]
+    assert len(cycles) < 12, cycles
+    assert all(ch.k == 0 for ch in choices[150:]) or len([i for i in cycles if i >= 150]) <= 1
+    gaps = [b - a for a, b in zip(cycles, cycles[1:])]
+    assert gaps[-1] > gaps[0]
+
+
+def test_controller_speculates_when_drafts_are_accepted():
+    c = SpeculationController([0, 1], 6, prior=lambda j, k: (0.2 if j == 0 else 0.4) * k + 0.7)
+    for _ in range(100):
+        ch = c.choose()
+        if ch.k == 0:
+            c.observe(ch, 10.0)
+        else:  # exit point 1 is accepted 90% of the time, exit point 0 never
+            a = ch.k if ch.j == 1 else 0
+            c.observe(ch, 10.0 * ((0.2 if ch.j == 0 else 0.4) * ch.k + 0.7), drafts_accepted=a, rejected=a < ch.k)
+    ch = c.choose()
+    assert ch.j == 1 and ch.k >= 2
+    assert c.rate(1, ch.k) > c.rate(None, 0)
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert isinstance(ch, Choice)
+
+
+def test_config_errors(tiny):
+    bb = tiny("mistral")
+    with pytest.raises(MeestralError, match="exit point"):
+        ExitConfig(policy="speculate").checked(bb)
+    with pytest.raises(MeestralError, match="draft_tokens"):
+        spec_config(bb, 2, 99).checked(bb)
+    with pytest.raises(MeestralError, match="one exit point"):
+        ExitConfig(heads=ExitHeads("softmax", [1, 3], bb), policy="speculate", adaptive=False).checked(bb)
+    cfg = ExitConfig.from_options(bb, exits=[2], policy="speculate")
+    assert cfg.thresholds == (0.0,) and cfg.adaptive
+    cfg = ExitConfig.from_options(bb, exits=[2], policy="speculate", draft_tokens="3")
+    assert cfg.draft_tokens == 3 and not cfg.adaptive
+    with pytest.raises(MeestralError, match="draft_tokens"):
+        ExitConfig.from_options(bb, exits=[2], policy="speculate", draft_tokens="many")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "mamba2-smol"])
+def test_embedded_greedy_equals_full_depth(name):
+    from meestral.backbones.loading import load_backbone
+
+    bb = load_backbone(name)
+    L = bb.num_layers
+    prompts = ["The capital of France is", "Once upon a time", "def add(a, b):"]
+    opts = SamplingOptions(max_new_tokens=16)
+    ref = EarlyExitDecoder(bb).generate(prompts, opts)
+    dec = EarlyExitDecoder(bb, spec_config(bb, L // 2, 3))
+    batched = dec.generate(prompts, opts)
+    single = [dec.generate([p], opts)[0] for p in prompts]
+    ref1 = [EarlyExitDecoder(bb).generate([p], opts)[0] for p in prompts]
+    assert [g.token_ids for g in batched] == [r.token_ids for r in ref]
+    assert [g.token_ids for g in single] == [r.token_ids for r in ref1]
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_fixed_shape_engine_equals_eager(tiny, shape):
+    """The graph engine's fixed-shape path (replayed without capture on a CPU: the same buffers and
+    bodies a CUDA graph records), with the fused Mamba-2 step keeping the history, gives the
+    eager engine's tokens and accounting."""
+    bb = tiny(shape)
+    cfg = spec_config(bb, 2, 3)
+    opts = SamplingOptions(max_new_tokens=20)
+    want = EarlyExitDecoder(bb, cfg, engine="eager").generate(PROMPTS, opts)
+    dec = EarlyExitDecoder(bb, cfg, engine="graph")
+    for _ in range(2):  # the second generation replays the calls the first one made
+        got = dec.generate(PROMPTS, opts)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [len(g.discarded) for g in got] == [len(w.discarded) for w in want]
