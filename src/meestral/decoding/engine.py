@@ -55,10 +55,23 @@ class EagerEngine:
         """The per-layer state of one generation (a fixed-shape engine reuses one per shape)."""
         return self.bb.new_state(batch_size, capacity)
 
-    def make_step(self, start: int, length: int, pad: torch.Tensor, write: torch.Tensor | None = None) -> Step:
+    def make_step(self, start: int, length: int, pad: torch.Tensor, write: torch.Tensor | None = None,
+                  at: torch.Tensor | None = None) -> Step:
         """Slots [start, start+length) for rows left-padded by `pad` [B]; `write` [B, length]
-        (default: the slots past each row's padding) says which (row, slot) pairs the call writes."""
-        return self.bb.make_step(start, length, pad, write)
+        (default: the slots past each row's padding) says which (row, slot) pairs the call writes.
+        `at` [1]: the first slot as a device tensor, for work captured once and replayed at other
+        slots (`sequence`): the slots and positions are then computed from it on the device."""
+        step = self.bb.make_step(start, length, pad, write)
+        if at is not None:
+            step.shared.slots = at + torch.arange(length, device=at.device)
+            step.positions = (step.shared.slots[None, :] - pad[:, None]).clamp(min=0)
+        return step
+
+    def sequence(self, key, fn, inputs: dict, start: int, length: int):
+        """fn(inputs): a run of engine calls with no host read in it (speculate's cycle). The
+        eager engine just runs it; the graph engine captures it whole (graph_engine.py). `start`
+        and `length` bound the slots it touches."""
+        return fn(inputs)
 
     def snapshot(self, state):
         return self.bb.snapshot(state)

@@ -138,6 +138,7 @@ class GraphEngine(EagerEngine):
         self.stream = torch.cuda.Stream(device=backbone.device) if self.capture else None
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._noted: set = set()
+        self._inline_keys = None  # set while a sequence records: its calls run inline (`sequence`)
 
     # ---- state -----------------------------------------------------------------------------
     def new_state(self, batch_size: int, capacity: int):
@@ -178,7 +179,28 @@ class GraphEngine(EagerEngine):
         cap = self.bb.state_keys(state)
         if cap is None:
             return None
+        if self._inline_keys is not None:  # inside a captured sequence: one key range for all its calls
+            return min(cap, self._inline_keys)
         return min(cap, _pow2(step.start + step.length, self.min_keys))
+
+    def sequence(self, key, fn, inputs: dict, start: int, length: int):
+        """fn(inputs), a run of engine calls without host reads, captured as ONE graph per `key`
+        and attention key range: the engine's methods run their bodies inline while it records
+        (one launch replays the whole run: for speculate, k drafts and the deep pass). Every
+        tensor fn reads that changes between replays must come through `inputs`; slots come from
+        a device tensor (`make_step(..., at=)`), never from `start`, which only picks the key
+        range (the filled part rounded up to a power of two, as for single calls)."""
+        keys = _pow2(start + length, self.min_keys)
+
+        def body(x, _st):
+            outer = self._inline_keys
+            self._inline_keys = keys
+            try:
+                return fn(x)
+            finally:
+                self._inline_keys = outer
+
+        return self._call(("sequence", keys) + tuple(key), body, inputs, None)
 
     def note(self, msg: str) -> None:
         if msg not in self._noted:
@@ -186,6 +208,8 @@ class GraphEngine(EagerEngine):
             print(f"meestral: {msg}", file=sys.stderr)
 
     def _call(self, key, body, inputs: dict, step: Step):
+        if self._inline_keys is not None:  # recorded as part of a sequence's graph: run the body as is
+            return body(inputs, step)
         key = key + (step is not None and step.visible is step.write,
                      None if step is None or step.shared.history is None else id(step.shared.history))
         call = self.calls.get(key)

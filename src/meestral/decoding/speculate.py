@@ -129,17 +129,51 @@ class SpeculatePolicy(Policy):
     # ---- a speculation cycle ------------------------------------------------------------------
     def cycle(self, batch, opts, gen, j: int, k: int):
         eng, state, hist = self.engine, batch.state, batch.history
-        shallow, deep = self.split[j]
         s, B = batch.slot, batch.B
-        write = batch.active_dev[:, None]
-        fed, x, drafts, qs, props = batch.fed, None, [], [], []
+        inputs = {"fed": batch.fed, "at": batch.tensor([s], torch.long), "pad": batch.pad, "active": batch.active_dev}
+
+        def device_part(x):
+            return self.draft_and_check(x, state, hist, s, j, k, opts, gen)
+
+        if opts.greedy and (self.inject is None or gen is None):
+            # Everything up to the read is device work at fixed shapes: a graph engine captures
+            # the whole cycle once per (exit point, k, batch, key range) and replays it.
+            key = ("speculate", j, k, B, id(state), self.inject is not None)
+            vals_t, full_m = eng.sequence(key, device_part, inputs, start=s, length=k + 1)
+        else:  # sampling draws from a generator the host hands in: the engine's calls one by one
+            vals_t, full_m = device_part(inputs)
+        vals = vals_t.tolist()  # the cycle's one read: per row the drafts, accepted count, next token
+        rows = [b for b in range(B) if batch.active[b]]
+        m = min(vals[b][k] for b in rows)  # every row keeps the batch's shortest accepted prefix
+        tokens = {}
+        for b in rows:
+            d, nb, fix = vals[b][:k], vals[b][k], vals[b][k + 1]
+            tokens[b] = d[:m] + [fix if nb == m else d[m]]
+        if hist is not None:  # a recurrent state: back to the state after the last kept slot
+            eng.restore_history(state, hist, batch.tensor([(s + m) % hist.positions], torch.long))
+        batch.fed = batch.tensor([tokens[b][-1] if b in tokens else 0 for b in range(B)], torch.long)
+        batch.slot = s + m + 1
+        return self._outcomes(batch, rows, tokens, s, j, k, m), full_m, m, m < k
+
+    def draft_and_check(self, x, state, hist, s: int, j: int, k: int, opts, gen):
+        """The cycle's device work on inputs x (fed [B], at [1] = slot s on the device, pad [B],
+        active [B]): k drafts, the last one's shallow step, the deep pass, acceptance. No host
+        read and no host decision on device values, so it can be captured as one graph; `s`
+        (host) only sizes the attention key range. Returns ([B, k+2] drafts + accepted count +
+        next token, the deep pass's logits at slot s [B, V])."""
+        eng = self.engine
+        shallow, deep = self.split[j]
+        pad, at = x["pad"], x["at"]
+        write = x["active"][:, None]
+        B = pad.shape[0]
+        fed, hs, drafts, qs, props = x["fed"], None, [], [], []
         for t in range(k + 1):
-            step = eng.make_step(s + t, 1, batch.pad, write=write)
+            step = eng.make_step(s + t, 1, pad, write=write, at=at + t)
             step.shared.history = hist
             h, aux, prev = eng.run(shallow, eng.embed(fed[:, None]), state, step)
-            if x is None:  # every slot's hidden state after block E (a call's output buffer is reused)
-                x = h.new_empty(B, k + 1, h.shape[-1])
-            x[:, t] = h[:, 0]
+            if hs is None:  # every slot's hidden state after block E (a call's output buffer is reused)
+                hs = h.new_empty(B, k + 1, h.shape[-1])
+            hs[:, t] = h[:, 0]
             if t == k:
                 break
             conf, lg = self.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1])
@@ -153,24 +187,20 @@ class SpeculatePolicy(Policy):
             drafts.append(fed)
             ok = conf > self.thresholds[j]  # the exit rule (exit_rule.py): a draft is proposed only above it
             props.append(ok if not props else props[-1] & ok)
-        step = eng.make_step(s, k + 1, batch.pad, write=write.expand(B, k + 1))
+        step = eng.make_step(s, k + 1, pad, write=write.expand(B, k + 1), at=at)
         step.shared.history = hist
-        x, _, _ = eng.run(deep, x, state, step)
-        full = eng.logits(x)  # [B, k+1, V]: the full model's next-token logits after each prefix
+        h, _, _ = eng.run(deep, hs, state, step)
+        full = eng.logits(h)  # [B, k+1, V]: the full model's next-token logits after each prefix
         D = torch.stack(drafts, 1)  # [B, k]
         n, nxt = self.accept(D, full, qs, torch.stack(props, 1), opts, gen)
-        vals = torch.cat([D, n[:, None], nxt[:, None]], 1).tolist()  # the cycle's one read
-        rows = [b for b in range(B) if batch.active[b]]
-        m = min(vals[b][k] for b in rows)  # every row keeps the batch's shortest accepted prefix
-        tokens = {}
-        for b in rows:
-            d, nb, fix = vals[b][:k], vals[b][k], vals[b][k + 1]
-            tokens[b] = d[:m] + [fix if nb == m else d[m]]
-        if hist is not None:  # a recurrent state: back to the state after the last kept slot
-            eng.restore_history(state, hist, batch.tensor([(s + m) % hist.positions], torch.long))
-        batch.fed = batch.tensor([tokens[b][-1] if b in tokens else 0 for b in range(B)], torch.long)
-        batch.slot = s + m + 1
-        out = [None] * B
+        return torch.cat([D, n[:, None], nxt[:, None]], 1), full[:, 0]
+
+    def _outcomes(self, batch, rows, tokens, s, j, k, m):
+        """Per row the cycle's outcomes: its m accepted drafts (each with its draft step's log),
+        the deep pass's token, then the spent drafts (rejected, or not proposed)."""
+        eng = self.engine
+        shallow, deep = self.split[j]
+        out = [None] * batch.B
         deep_slots = tuple((k + 1 if i in deep else 1) if i in eng.kept else 0 for i in range(self.L))
         for b in rows:
             pad = batch.pad_host[b]
@@ -182,9 +212,9 @@ class SpeculatePolicy(Policy):
             deep_log = StepLog(self.L - 1, tuple(eng.kept), s + k + 1 - pad, slots=deep_slots, verified=True)
             outs = [Outcome("emit", draft_log(t), token=tokens[b][t]) for t in range(m)]
             outs.append(Outcome("emit", deep_log, token=tokens[b][m]))
-            outs += [Outcome("spent", draft_log(t)) for t in range(m, k)]  # rejected (or unproposed) drafts
+            outs += [Outcome("spent", draft_log(t)) for t in range(m, k)]
             out[b] = outs
-        return out, full[:, m], m, m < k
+        return out
 
     def accept(self, D, full, qs, proposed, opts, gen):
         """Per row, how many leading drafts are accepted (n [B]) and the token that follows them
