@@ -2,7 +2,9 @@
 
 - `atomic_write`: a whole file, written beside its target and renamed over it.
 - `create_new`: the same, but never replacing a file that exists (two creators: one wins).
+- `write_together`: several whole files, all replaced or none.
 - `append_line`: one whole line at the end of a log-like file, or nothing.
+- `FolderLock`: one process at a time writes into an output folder (flock(2) on `.meestral.lock`).
 
 A writer killed by SIGKILL leaves its temp file `.NAME.tmpPID` behind; the next write to the same
 path (and `remove_stale_temps` on a whole folder) removes temp files whose process is gone.
@@ -99,6 +101,37 @@ def create_new(path, write) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def write_together(writes: dict) -> list[Path]:
+    """Each `{path: write}` as by `atomic_write`, all of them or none: a failure part way puts the
+    files already replaced back as they were (their previous contents, or no file), then raises.
+    For files that only make sense together (a page and its figures, a table and its plot)."""
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for path, write in writes.items():
+            path = Path(path)
+            old = None
+            if path.exists():  # keep the previous file under a temp name until all are written
+                old = temp_name(path, "-old")
+                old.unlink(missing_ok=True)
+                os.link(path, old)
+            done.append((path, old))
+            atomic_write(path, write)
+    except BaseException:
+        for path, old in reversed(done):
+            if old is not None:
+                if path.exists() and os.path.samefile(old, path):
+                    old.unlink()  # not replaced yet (rename(2) between two links of one file does nothing)
+                else:
+                    os.replace(old, path)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    for _, old in done:
+        if old is not None:
+            old.unlink(missing_ok=True)
+    return [p for p, _ in done]
+
+
 def append_line(path, line: str) -> None:
     """Append `line` and a newline in one write, flushed to disk. On failure (a full disk) the file
     is cut back to its previous end, so it never ends in half a line this call wrote; a SIGKILL
@@ -114,9 +147,71 @@ def append_line(path, line: str) -> None:
             os.fsync(fd)
         except OSError as e:
             os.ftruncate(fd, end)
+            if end == 0:  # a file this call created (or an empty one): no 0-byte file is left behind
+                path.unlink(missing_ok=True)
             raise _named(e, path) from None
     finally:
         os.close(fd)
+
+
+LOCK = ".meestral.lock"
+
+
+class FolderLock:
+    """An exclusive lock on an output folder for as long as this object is open: flock(2) on
+    `folder/.meestral.lock`, which holds the holder's pid and what it runs. The kernel drops the
+    lock when its process ends (even by SIGKILL), so a lock file left by a dead process is taken
+    over; `release` removes the file. `FolderLock.holder(folder)` names a live holder, or None."""
+
+    def __init__(self, folder, what: str):
+        import fcntl
+
+        self.path = Path(folder) / LOCK
+        while True:
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                from meestral.errors import MeestralError
+
+                raise MeestralError(f"{self.path.parent} is in use by another run "
+                                    f"({FolderLock.holder(self.path.parent) or 'pid unknown'}): let it finish, "
+                                    "or choose another output folder") from None
+            try:  # the file a releasing holder unlinked is no lock: take the one at the path now
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()
+        f.truncate(0)
+        f.write(f"{os.getpid()} {what}\n")
+        f.flush()
+        self._file = f
+
+    @staticmethod
+    def holder(folder) -> str | None:
+        """'pid N, <what>' of the process holding `folder`'s lock, or None when none does."""
+        import fcntl
+
+        try:
+            f = open(Path(folder) / LOCK)
+        except OSError:
+            return None
+        with f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None  # nobody holds it (a dead holder's file)
+            except BlockingIOError:
+                pid, _, what = f.read().strip().partition(" ")
+                return f"pid {pid}, {what}" if pid else "pid unknown"
+
+    def release(self) -> None:
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)  # while still held: no one can take a file about to vanish
+            self._file.close()
+            self._file = None
 
 
 def write_json(path, obj, **dumps) -> Path:

@@ -9,8 +9,9 @@ Points
 Storage: one append-only JSONL file. Its first line is a header naming what makes rows comparable
 (backbone fingerprint, heads, example limit); every other line is one finished point, keyed by the
 hash of its configuration. A restarted sweep reads the keys present and runs only the missing
-points; a line cut short by a kill (no newline, bad JSON) is dropped on restart. A file written
-for another configuration is refused, not mixed in. A sweep holds a lock on its file (flock(2),
+points; a line cut short by a kill (the last line, no newline, not a row) is dropped on restart;
+any other line that is not a row refuses the file, naming the line (a stored row is never dropped).
+A file written for another configuration is refused, not mixed in. A sweep holds a lock on its file (flock(2),
 released when the process ends, even by SIGKILL): a second sweep on the same file while the
 first runs is refused, so no point is run or stored twice.
 """
@@ -85,6 +86,64 @@ def point_key(header: dict, point: dict, spec: SweepSpec) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:20]
 
 
+def _row(line: bytes) -> tuple[dict | None, str]:
+    """The row stored on one line, or None and why it is not one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8: byte 0x{line[e.start]:02x} at offset {e.start} of the line"
+    try:
+        row = json.loads(text)
+    except ValueError as e:
+        return None, f"invalid JSON: {e.msg}"
+    if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+        return None, 'JSON without a "key"'
+    return row, ""
+
+
+def scan_table(path, raw: bytes | None = None) -> tuple[dict, dict[str, dict], int | None]:
+    """(header, rows by key, where to cut) of the sweep table at `path`, read without changing it.
+
+    A last line without its newline that is not a row is half an append cut short by a kill: the
+    cut offset drops it. Any other line that is not a row refuses the table, naming the line: it
+    may hold a finished point, and dropping it (or everything after it, as a cut would) loses it.
+    Blank lines are skipped."""
+    path = Path(path)
+    if raw is None:
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise MeestralError(f"cannot read results file {path}: {e.strerror}") from None
+    lines = raw.split(b"\n")
+    try:
+        head = json.loads(lines[0])
+    except (ValueError, UnicodeDecodeError):
+        head = None
+    if not isinstance(head, dict) or head.get("meestral_sweep") != FORMAT:
+        raise MeestralError(f"{path} is not a MEEstral sweep table: choose another --out")
+    rows, bad, cut, start = {}, [], None, len(lines[0]) + 1
+    for n, line in enumerate(lines[1:], 2):
+        here, start = start, start + len(line) + 1
+        if not line.strip():
+            continue
+        row, why = _row(line)
+        if row is not None:
+            rows[row["key"]] = row
+        elif n == len(lines):  # the unfinished last line (no newline after it)
+            cut = here
+        else:
+            bad.append((n, why))
+    if bad:
+        where = ", ".join(str(n) for n, _ in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        if len(bad) == 1:
+            what, why, them = f"line {where} is not a sweep row", bad[0][1], "that line"
+        else:
+            what, why, them = f"lines {where} are not sweep rows", f"line {bad[0][0]}: {bad[0][1]}", "those lines"
+        raise MeestralError(f"{path} {what} ({why}): delete {them} (a rerun runs its point again) or choose another "
+                            "--out; the file was not changed")
+    return head, rows, cut
+
+
 class ResultsTable:
     """The append-only JSONL table of one sweep configuration."""
 
@@ -122,31 +181,17 @@ class ResultsTable:
             raw = self.path.read_bytes()
         except OSError as e:
             raise MeestralError(f"cannot read results file {self.path}: {e.strerror}") from None
-        lines = raw.split(b"\n")
-        try:
-            head = json.loads(lines[0])
-        except (ValueError, UnicodeDecodeError):
-            head = None
-        if not isinstance(head, dict) or head.get("meestral_sweep") != FORMAT:
-            raise MeestralError(f"{self.path} is not a MEEstral sweep table: choose another --out")
+        head, self.rows, cut = scan_table(self.path, raw)
         theirs = {k: v for k, v in head.items() if k != "meestral_sweep"}
         if theirs != self.header:
             diff = sorted(k for k in set(theirs) | set(self.header) if theirs.get(k) != self.header.get(k))
             raise MeestralError(f"{self.path} holds a sweep of another configuration (differs in {', '.join(diff)}): "
                                 "choose another --out, or rerun with that configuration")
-        good = len(lines[0]) + 1
-        for line in lines[1:]:
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-                self.rows[row["key"]] = row
-                good += len(line) + 1
-            except (ValueError, KeyError, UnicodeDecodeError):
-                break  # a line cut short by a kill: drop it and everything after
-        if good < len(raw):
+        if cut is not None:  # half a row from a kill: drop it, so the next row starts on its own line
             with open(self.path, "r+b") as f:
-                f.truncate(good)
+                f.truncate(cut)
+        elif not raw.endswith(b"\n"):  # a whole last row without its newline: end it before appending
+            append_line(self.path, "")
 
     def append(self, row: dict):
         # One write of one whole line, flushed to disk: a kill leaves at most a partial last line.
@@ -165,6 +210,8 @@ def run_sweep(lm, spec: SweepSpec, out, heads_spec: str, log=None) -> ResultsTab
     base_config, base_heads = lm.dec.config, lm.heads
     if base_heads is None:
         raise MeestralError("a sweep needs exit heads: pass --heads DIR or --head softmax|margin|saturation")
+    if Path(out).exists():  # a damaged table is refused before the tasks load (the locked read checks again)
+        scan_table(out)
     resolved, task_dict = load_tasks(spec.tasks)
     spec.tasks = resolved
     header = {"backbone": lm.spec, "fingerprint": bb.fingerprint(), "heads": heads_spec,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from meestral.errors import MeestralError
 from meestral.report import plots
-from meestral.files import atomic_write
+from meestral.files import write_together
 from meestral.report.plots import baseline, num
 
 FIGURES = ("tradeoff", "agreement", "exit_histograms", "oracle", "calibration", "training", "lens", "drift")
@@ -37,11 +37,27 @@ DASH = "—"
 
 
 # ---- reading -------------------------------------------------------------------------------------
+def _text(path: Path) -> str:
+    """The file as text; a byte that is not UTF-8 is a user error naming the file, line and offset."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if path.name.endswith(".jsonl") and b"\n" not in raw[e.start:] and not raw.endswith(b"\n"):
+            # inside an append cut short by a kill (the last line, no newline): the lines before it, and
+            # a stand-in for the cut line that _jsonl skips as unfinished
+            return raw[:raw.rfind(b"\n") + 1].decode("utf-8") + "\ufffd"
+        line = raw[:e.start].count(b"\n") + 1
+        fix = "delete that line" if path.name.endswith(".jsonl") else "delete the file"
+        raise MeestralError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}, line {line}): "
+                            f"rerun the command that wrote it, or {fix}") from None
+
+
 def _json(path: Path):
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(_text(path))
     except json.JSONDecodeError as e:
         raise MeestralError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): rerun the command that wrote it "
                             "or delete the file") from None
@@ -50,8 +66,8 @@ def _json(path: Path):
 def _jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    raw = path.read_text()
-    lines = raw.splitlines()
+    raw = _text(path)
+    lines = raw.split("\n")  # (not splitlines: JSON text may hold U+2028 and the like)
     out = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -425,18 +441,33 @@ def _html(doc, title, figs) -> str:
 
 
 def write_pages(out: Path, stem: str, doc, title: str, figs: dict) -> tuple[Path, Path]:
-    """The drafted figures into `<out>/figures/`, then `<out>/<stem>.md` and `<out>/<stem>.html`,
-    each written whole or not at all. `figs` (name -> draft path) is updated to the final paths."""
+    """The drafted figures into `<out>/figures/`, then `<out>/<stem>.md` and `<out>/<stem>.html`:
+    all of them or none (a failure part way puts back the files it replaced, and removes the
+    folders it made). `figs` (name -> draft path) is updated to the final paths."""
     page_text = _html(doc, title, {k: Path(v) for k, v in figs.items()})
     figdir = out / "figures"
+    made = [d for d in (figdir, *figdir.parents) if not d.exists()]  # to remove again on a failure
     try:
-        figdir.mkdir(parents=True, exist_ok=True)
+        (figdir if figs else out).mkdir(parents=True, exist_ok=True)  # no empty figures/ for a page without any
     except OSError as e:
         raise MeestralError(f"cannot write the report to {out} ({e.strerror}): choose another output folder") from None
-    for k, v in figs.items():
-        figs[k] = atomic_write(figdir / Path(v).name, lambda t, v=v: shutil.copyfile(v, t))
-    md = atomic_write(out / f"{stem}.md", lambda t: t.write_text(_markdown(doc, title, figs, out), encoding="utf-8"))
-    page = atomic_write(out / f"{stem}.html", lambda t: t.write_text(page_text, encoding="utf-8"))
+    final = {k: figdir / Path(v).name for k, v in figs.items()}
+    writes = {final[k]: (lambda t, v=v: shutil.copyfile(v, t)) for k, v in figs.items()}
+    md, page = out / f"{stem}.md", out / f"{stem}.html"
+    writes[md] = lambda t: t.write_text(_markdown(doc, title, final, out), encoding="utf-8")
+    writes[page] = lambda t: t.write_text(page_text, encoding="utf-8")
+    try:
+        write_together(writes)
+    except BaseException:
+        for d in made:  # innermost first; a folder someone else wrote into meanwhile stays
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
+        raise
+    figs.update(final)
     return page, md
 
 
