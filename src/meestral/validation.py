@@ -116,7 +116,7 @@ RULES = {
     "epsilon": OPEN_UNIT, "delta": OPEN_UNIT, "calib_fraction": OPEN_UNIT,
     # training (and the token counts of oracle / calibrate / bench)
     "seq_len": Number(int, 1), "batch": Number(int, 1), "steps": Number(int, 1), "tokens": Number(int, 1),
-    "lr": Number(float, 0, low_open=True), "warmup": Number(int, 0), "weight_decay": Number(float, 0),
+    "lr": Number(float, 0, 1, low_open=True), "warmup": Number(int, 0), "weight_decay": Number(float, 0),
     "topk": Number(int, 1, hint="1: strict"), "clip": Number(float, 0, low_open=True),
     "head_weights": Items(Number(float, 0, low_open=True), example="1,1,2"), "mlp_hidden": Number(int, 0, hint="0: linear head"),
     "log_every": Number(int, 1), "val_every": Number(int, 1), "ckpt_every": Number(int, 1),
@@ -135,6 +135,7 @@ RULES = {
     "val_tokens": Number(int, 1),
 }
 FREE_TEXT = {"prompt", "rest"}  # checked where they are read (an empty prompt has its own message)
+EMPTY_MEANS = {"corpus": "none"}  # the word an option takes for "no value" (an empty string is refused)
 
 
 def check_fields(cfg) -> None:
@@ -157,7 +158,8 @@ def check_args(args) -> None:
         if dest in RULES:
             RULES[dest].check(value, option)
         elif isinstance(value, str) and not value.strip() and dest not in FREE_TEXT:
-            raise MeestralError(f"{option} is empty: give a value, or leave the option out")
+            instead = f" (or {option} {EMPTY_MEANS[dest]} for none)" if dest in EMPTY_MEANS else ""
+            raise MeestralError(f"{option} is empty: give a value{instead}, or leave the option out")
     if "device" in values:
         check_device(values["device"])
     if values.get("heads"):  # trained heads fix their kind and exit points (oracle also measures at --exits)

@@ -10,7 +10,6 @@ with a checkpoint and the same command with --resume continues. recipes/adapt/ r
 
 from __future__ import annotations
 
-import json
 
 from meestral.cli.common import floats, ints
 
@@ -26,8 +25,8 @@ def add_adapt_parser(sub):
     t.add_argument("--rank", type=int, default=8, help="LoRA rank")
     t.add_argument("--alpha", type=float, help="LoRA scale numerator (default: 2 x rank)")
     t.add_argument("--samples", help="folder of teacher shards from `meestral distill sample`")
-    t.add_argument("--corpus", default="embedded", help="text source; its held-out split is measured on")
-    t.add_argument("--corpus-share", type=float, default=0.5, help="share of corpus rows when --samples is given")
+    t.add_argument("--corpus", default="embedded", help="text source mixed in; its held-out split is measured on")
+    t.add_argument("--corpus-share", type=float, help="share of corpus rows when --samples is given (default 0.5)")
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--steps", type=int, default=200)
@@ -78,26 +77,42 @@ def add_adapt_parser(sub):
     return a
 
 
+def corpus_share(args, samples_option: str) -> dict:
+    """--corpus-share as a config field: only where teacher samples are given (it splits each batch
+    between them and the corpus); left out, the config's default."""
+    from meestral.errors import MeestralError
+
+    if args.corpus_share is None:
+        return {}
+    if not getattr(args, samples_option.lstrip("-").replace("-", "_")):
+        raise MeestralError(f"--corpus-share splits a batch between the corpus and {samples_option}, which is not "
+                            f"given: add {samples_option}, or drop --corpus-share")
+    return {"corpus_share": args.corpus_share}
+
+
 def cmd_train(args):
     from meestral.training.adapt import AdaptConfig, adapt
+    from meestral.training.run_log import dumps
 
-    cfg = AdaptConfig(
+    cfg = AdaptConfig(**corpus_share(args, "--samples"),
         backbone=args.backbone, out=args.out, exits=args.exits, rank=args.rank, alpha=args.alpha, samples=args.samples,
-        corpus=args.corpus, corpus_share=args.corpus_share, seq_len=args.seq_len, batch=args.batch, steps=args.steps,
+        corpus=args.corpus, seq_len=args.seq_len, batch=args.batch, steps=args.steps,
         seconds=args.seconds, lr=args.lr, optimizer=args.optimizer, warmup=args.warmup, weight_decay=args.weight_decay,
         clip=args.clip, final_weight=args.final_weight, exit_weights=args.exit_weights, ce_weight=args.ce_weight,
         curriculum=args.curriculum, rotation=args.rotation, curriculum_share=args.curriculum_share,
         layer_dropout=args.layer_dropout, val_every=args.val_every, val_tokens=args.val_tokens,
         ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume, seed=args.seed, device=args.device,
         dtype=args.dtype, export_dtype=args.export_dtype, progress=not args.no_progress)
-    print(json.dumps(adapt(cfg)))
+    print(dumps(adapt(cfg)))
     return 0
 
 
 def cmd_export(args):
     from meestral.training.adapt import export
 
-    print(json.dumps(export(args.out, args.file, dtype=args.export_dtype, device=args.device)))
+    from meestral.training.run_log import dumps
+
+    print(dumps(export(args.out, args.file, dtype=args.export_dtype, device=args.device)))
     return 0
 
 

@@ -17,6 +17,8 @@ def _shape(text: str) -> dict:
     """'hidden_size=384,num_hidden_layers=24' -> dict of ints."""
     from meestral.errors import MeestralError
 
+    from meestral.training.distill import check_shape
+
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         k, _, v = part.partition("=")
@@ -24,7 +26,11 @@ def _shape(text: str) -> dict:
             out[k.strip()] = int(v)
         except ValueError:
             raise MeestralError(f"--shape wants key=integer pairs like hidden_size=384, got {part!r}") from None
+    check_shape(out)
     return out
+
+
+DEVICE_HELP = "cuda | cuda:N | cpu (default: cuda when a GPU is visible, else cpu)"
 
 
 def add_distill_parser(sub):
@@ -41,14 +47,14 @@ def add_distill_parser(sub):
     s.add_argument("--shards", type=int, help="stop after this many shards")
     s.add_argument("--seconds", type=float, help="stop after this long (also: a file OUT/STOP)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cuda")
+    s.add_argument("--device", help=DEVICE_HELP)
     s.set_defaults(func=cmd_sample)
 
     t = dsub.add_parser("train", help="train the student on teacher shards + the embedded corpus")
     t.add_argument("--teacher", default="smollm2")
     t.add_argument("--data", help="folder of teacher shards (read as they appear)")
-    t.add_argument("--corpus", default="embedded", help="text source mixed in ('' for none)")
-    t.add_argument("--corpus-share", type=float, default=0.05)
+    t.add_argument("--corpus", default="embedded", help="text source mixed in ('none' for none)")
+    t.add_argument("--corpus-share", type=float, help="share of corpus rows when --data is given (default 0.05)")
     t.add_argument("--out", default="runs/distill")
     t.add_argument("--shape", type=_shape, default={}, help="student shape overrides, e.g. hidden_size=384")
     t.add_argument("--init", help="continue from these weights instead of a random student: mamba2-smol | "
@@ -65,45 +71,56 @@ def add_distill_parser(sub):
     t.add_argument("--compile", action="store_true", help="torch.compile the student")
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cuda")
+    t.add_argument("--device", help=DEVICE_HELP)
     t.set_defaults(func=cmd_train)
 
     e = dsub.add_parser("export", help="HF folder + Q8_0 GGUF from a train run's last checkpoint")
     e.add_argument("--teacher", default="smollm2")
     e.add_argument("--out", required=True, help="the train run's --out folder")
     e.add_argument("--shape", type=_shape, default={}, help="only for a run without config.json (which names the shape)")
-    e.add_argument("--device", default="cuda")
+    e.add_argument("--device", help=DEVICE_HELP)
     e.set_defaults(func=cmd_export)
     return d
 
 
 def cmd_sample(args):
+    from meestral.training.distill import auto_device
     from meestral.training.teacher_text import sample_teacher
 
     n = sample_teacher(args.teacher, args.out, batch=args.batch, max_new_tokens=args.max_new_tokens,
                        top_k=args.top_k, temperature=args.temperature,
-                       shards=args.shards, seconds=args.seconds, seed=args.seed, device=args.device)
+                       shards=args.shards, seconds=args.seconds, seed=args.seed, device=auto_device(args.device))
     print(json.dumps({"shards": n}))
     return 0
 
 
 def cmd_train(args):
+    from meestral.errors import MeestralError
     from meestral.training.distill import DistillConfig, distill
+    from meestral.training.run_log import dumps
 
     if args.steps is None and args.seconds is None:
         args.steps = 1000
-    cfg = DistillConfig(teacher=args.teacher, data=args.data, corpus=args.corpus or None,
-                        corpus_share=args.corpus_share, out=args.out, shape=args.shape, init=args.init,
+    share = {}
+    if args.corpus_share is not None:
+        if not args.data or args.corpus == "none":
+            raise MeestralError("--corpus-share splits a batch between --corpus and --data, and " + (
+                "--data is not given: add --data" if not args.data else "--corpus is none: give a corpus") +
+                ", or drop --corpus-share")
+        share = {"corpus_share": args.corpus_share}
+    cfg = DistillConfig(teacher=args.teacher, data=args.data, corpus=None if args.corpus == "none" else args.corpus,
+                        **share, out=args.out, shape=args.shape, init=args.init,
                         steps=args.steps, seconds=args.seconds, batch=args.batch, seq_len=args.seq_len,
                         lr=args.lr, warmup=args.warmup,
                         ce_weight=args.ce_weight, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                         compile=args.compile, resume=not args.no_resume, seed=args.seed, device=args.device)
-    print(json.dumps(distill(cfg)))
+    print(dumps(distill(cfg)))
     return 0
 
 
 def cmd_export(args):
     from meestral.training.distill import DistillConfig, export
+    from meestral.training.run_log import dumps
 
-    print(json.dumps(export(DistillConfig(teacher=args.teacher, out=args.out, shape=args.shape, device=args.device))))
+    print(dumps(export(DistillConfig(teacher=args.teacher, out=args.out, shape=args.shape, device=args.device))))
     return 0

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from meestral.cli.common import add_backbone_args, floats, ints
@@ -69,7 +68,9 @@ def cmd_train(args):
     )
     last = train(cfg)
     if last:
-        print(json.dumps(last))
+        from meestral.training.run_log import dumps
+
+        print(dumps(last))  # strict JSON: an undefined metric is null
     return 0
 
 

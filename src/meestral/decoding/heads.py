@@ -164,7 +164,7 @@ class ExitHeads(nn.Module):
 
     def save(self, folder) -> Path:
         """Write heads.json + heads.safetensors atomically (a temp folder renamed into place)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         from meestral.files import remove_stale_temps, temp_name
 
@@ -176,7 +176,8 @@ class ExitHeads(nn.Module):
         tmp.mkdir()
         try:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(tensors, str(tmp / "heads.safetensors"), metadata={"meestral": json.dumps(self.meta())})
+            # Bytes written as every other file is (safetensors' save_file makes its file 0600).
+            (tmp / "heads.safetensors").write_bytes(save(tensors, metadata={"meestral": json.dumps(self.meta())}))
             meta = dict(self.meta(), sha256=_sha256(tmp / "heads.safetensors"))
             (tmp / "heads.json").write_text(json.dumps(meta, indent=2))
             if folder.exists():

@@ -46,12 +46,13 @@ from pathlib import Path
 import torch
 
 from meestral.errors import MeestralError
-from meestral.training.checkpoint import (CHECKPOINT, check_same_run, prepare_out, previous_checkpoint,
+from meestral.training.checkpoint import (CHECKPOINT, check_kind, check_same_run, prepare_out, previous_checkpoint,
                                           read_checkpoint, save_checkpoint)
+from meestral.training.interrupt import StopRequests
 from meestral.training.kd import chunked_kd_loss, heldout_ppl
 from meestral.training.optim import averaged, check_optimizer, current_lr, make_optimizer, use_averaged
 from meestral.training.row_pool import RowPool
-from meestral.training.run_log import RunLog
+from meestral.training.run_log import RunLog, num
 
 ADAPTER = "adapter.safetensors"
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -102,7 +103,30 @@ class AdaptConfig:
         """The CLI's rules, for Python callers too; then what no single rule can see."""
         from meestral.validation import check_fields
 
+        from meestral.training.head_training import check_warmup
+
         check_fields(self)
+        if self.exits:
+            twice = sorted({e for e in self.exits if self.exits.count(e) > 1})
+            if twice:
+                raise MeestralError(f"--exits lists {', '.join(map(str, twice))} twice: give each exit point once")
+        if self.exit_weights and len(self.exit_weights) != len(self.exits or self.exit_weights):
+            raise MeestralError(f"{len(self.exit_weights)} exit weights for {len(self.exits)} exit points: "
+                                "give one per exit point")
+        if self.final_weight == 0 and self.exit_weights and not any(self.exit_weights):
+            raise MeestralError("every loss weight is 0 (--final-weight 0, --exit-weights all 0): the loss would be 0 "
+                                "and nothing would train; give at least one weight > 0")
+        check_warmup(self.warmup, self.steps)
+        if self.corpus == "none":
+            raise MeestralError("--corpus none: adaptation measures agreement and perplexity on the held-out split of "
+                                "--corpus, so it needs one (e.g. embedded)")
+        if self.samples is not None:
+            folder = Path(self.samples).expanduser()
+            if not folder.is_dir():
+                raise MeestralError(f"--samples {self.samples} is not a folder: give the --out of `meestral distill sample`")
+            if not any(folder.glob("shard-*.pt")):
+                raise MeestralError(f"--samples {self.samples} holds no shard-*.pt: give the --out of `meestral distill "
+                                    "sample` once it has written a shard, or leave --samples out")
         if self.curriculum not in CURRICULA:
             raise MeestralError(f"unknown curriculum {self.curriculum!r}: use one of {', '.join(CURRICULA)}")
         adapter_dtype(self.export_dtype)
@@ -187,16 +211,16 @@ def plot_curves(log: RunLog, png: Path):
     """Train loss; the oracle bound and perplexity on held-out text; a few layers' agreement."""
     with log.curves(png, "train loss") as (val, axes):
         steps = [r["step"] for r in val]
-        axes[0].plot(steps, [r["bound_speedup_layers"] for r in val], marker="o", label="oracle bound")
+        axes[0].plot(steps, [num(r["bound_speedup_layers"]) for r in val], marker="o", label="oracle bound")
         axes[0].set(title="held-out text: oracle bound and perplexity", xlabel="step", ylabel="oracle bound (x, in layers)")
         if val:  # the bar is the pair: a bound bought with perplexity does not count
             ppl = axes[0].twinx()
-            ppl.plot(steps, [r["heldout_ppl"] for r in val], marker="s", color="tab:red", label="perplexity")
+            ppl.plot(steps, [num(r["heldout_ppl"]) for r in val], marker="s", color="tab:red", label="perplexity")
             ppl.set_ylabel("perplexity (final layer)", color="tab:red")
             keys = list(val[0]["agreement"])
             shown = keys[:: max(1, len(keys) // 6)]
             for k in shown + [k for k in keys[-1:] if k not in shown]:
-                axes[1].plot(steps, [r["agreement"][k] for r in val], label=f"L{k}")
+                axes[1].plot(steps, [num(r["agreement"][k]) for r in val], label=f"L{k}")
             axes[1].legend(fontsize=7)
         axes[1].set(title="top-1 agreement with the final layer", xlabel="step")
 
@@ -215,9 +239,7 @@ class Adapter:
         cfg.check()
         self.cfg = cfg
         self.out = check_output(Path(cfg.out).expanduser(), "--out", folder=True)
-        state = previous_checkpoint(self.out, cfg.resume)
-        if cfg.samples is not None and not Path(cfg.samples).is_dir():
-            raise MeestralError(f"--samples {cfg.samples} is not a folder: give the --out of `meestral distill sample`")
+        state = previous_checkpoint(self.out, cfg.resume, kind="adapt")  # (and --out free for this run)
         self.bb = bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device=cfg.device)
         L = bb.num_layers
         self.exits = sorted(cfg.exits) if cfg.exits else list(range(L - 1))
@@ -234,6 +256,9 @@ class Adapter:
         corpus = training_rows(source, bb.tokenizer, cfg.seq_len)
         self.pool = RowPool(cfg.samples, corpus, cfg.seq_len, eos, cfg.corpus_share, cfg.seed)
         self.pool.refresh()  # once: the run's pool is fixed, so a resume reads the same rows
+        if cfg.samples is not None and len(self.pool.rows) == 0:
+            raise MeestralError(f"--samples {cfg.samples}: its shards hold no row of --seq-len {cfg.seq_len} tokens: "
+                                "lower --seq-len or sample more text")
         if len(corpus) + len(self.pool.rows) == 0:
             raise MeestralError(f"no training text: {cfg.corpus} has no training document of {cfg.seq_len} tokens "
                                 "and no --samples were given")
@@ -252,7 +277,7 @@ class Adapter:
                 self.sched.load_state_dict(state["scheduler"])
             self.pool.gen.set_state(state["pool_rng"])
             self.step, self.elapsed = state["step"], state["elapsed"]
-        prepare_out(self.out)
+        self.lock = prepare_out(self.out, "adapt")
         self.log = RunLog(self.out, self.step if state is not None else None, scalars=_scalars)
 
     def _save_checkpoint(self):
@@ -303,8 +328,11 @@ class Adapter:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
                    file=sys.stderr)
         t_call, t_win, win_loss, win_n, win_parts = time.perf_counter(), time.perf_counter(), 0.0, 0, {}
+        stop = StopRequests()  # Ctrl-C stops between two steps (training.interrupt)
         try:
+            stop.__enter__()
             while self.step < cfg.steps:
+                stop.check()
                 loss, parts = self._train_step()
                 self.step += 1
                 bar.update(1)
@@ -343,8 +371,10 @@ class Adapter:
             raise KeyboardInterrupt(f"adaptation interrupted at step {self.step} of {cfg.steps}: rerun with --resume "
                                     "to continue from its last checkpoint") from None
         finally:
+            stop.__exit__()
             bar.close()
             self.log.close()
+            self.lock.release()
 
     def export(self, path=None) -> dict:
         with averaged(self.opt):
@@ -364,10 +394,10 @@ def export(out, path=None, dtype: str | None = None, device: str = "cpu") -> dic
     from meestral.backbones.lora import LoRA
 
     ckpt = Path(out).expanduser() / CHECKPOINT
-    state = read_checkpoint(ckpt) if ckpt.exists() else {}
-    if "adapt_config" not in state:
-        raise MeestralError(f"{Path(out)} has no adaptation {CHECKPOINT}: give the --out folder of a "
-                            "`meestral adapt train` run")
+    if not ckpt.exists():
+        raise MeestralError(f"{Path(out)} has no {CHECKPOINT}: give the --out folder of a `meestral adapt train` run")
+    state = read_checkpoint(ckpt)
+    check_kind(state, "adapt", ckpt)
     fields = dict(state["adapt_config"])
     cfg = AdaptConfig(**{**fields, "device": device})
     bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device=device)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,11 +35,12 @@ import torch
 from meestral.backbones.ssm import use_grouped_gated_norm
 from meestral.errors import MeestralError
 from meestral.files import append_line, write_json
-from meestral.training.checkpoint import CHECKPOINT, prepare_out, read_checkpoint, save_checkpoint
+from meestral.training.checkpoint import CHECKPOINT, check_kind, check_out, prepare_out, read_checkpoint, save_checkpoint
+from meestral.training.interrupt import StopRequests
 from meestral.training.kd import chunked_kd_loss, heldout_ppl
 from meestral.training.optim import warmup_stable_decay
 from meestral.training.row_pool import RowPool
-from meestral.training.run_log import LOG, RunLog
+from meestral.training.run_log import LOG, RunLog, dumps
 from meestral.training.teacher_text import load_teacher
 
 # The shipped student: 24 Mamba-2 blocks, as wide as fits under 48 MiB in Q8_0 with headroom
@@ -113,7 +116,7 @@ class DistillConfig:
     compile: bool = False
     resume: bool = True
     seed: int = 0
-    device: str = "cuda"
+    device: str | None = None  # None: cuda when a GPU is visible, else cpu (as every command's --device)
 
 
 # Learning-rate defaults (peak, floor, warm-up steps). From scratch: warm-up 200, constant 3e-3,
@@ -139,7 +142,56 @@ def resolved(cfg: DistillConfig) -> DistillConfig:
     base = CONTINUED if cfg.init else SCRATCH
     lr = cfg.lr if cfg.lr is not None else base["lr"]
     return replace(cfg, lr=lr, min_lr=cfg.min_lr if cfg.min_lr is not None else lr / 10,
-                   warmup=cfg.warmup if cfg.warmup is not None else base["warmup"])
+                   warmup=cfg.warmup if cfg.warmup is not None else base["warmup"], device=auto_device(cfg.device))
+
+
+def auto_device(device: str | None) -> str:
+    """`device`, or (None, "auto") cuda when a GPU is visible and cpu otherwise."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def check_shape(shape: dict) -> None:
+    """--shape overrides: keys of the student's shape (STUDENT_SHAPE), whole numbers >= 1, and a
+    width that splits into heads."""
+    for k, v in shape.items():
+        if k not in STUDENT_SHAPE:
+            raise MeestralError(f"--shape {k}={v}: {k} is not a shape key; use {', '.join(STUDENT_SHAPE)}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise MeestralError(f"--shape {k}={v}: it must be a whole number >= 1")
+    s = {**STUDENT_SHAPE, **shape}
+    if s["expand"] * s["hidden_size"] % s["head_dim"]:
+        raise MeestralError(f"--shape: expand x hidden_size ({s['expand']} x {s['hidden_size']}) is not a multiple of "
+                            f"head_dim {s['head_dim']}: change one of them")
+
+
+def check_config(cfg: DistillConfig) -> None:
+    """Every rule that needs no model, before anything is loaded or written."""
+    from meestral.validation import check_device, check_fields
+
+    check_fields(cfg)
+    check_shape(cfg.shape)
+    check_device(cfg.device)
+    if cfg.init and cfg.init != "mamba2-smol":
+        path = Path(cfg.init).expanduser()
+        if not (path.is_file() or (path / "config.json").is_file()):
+            raise MeestralError(f"--init {cfg.init}: not 'mamba2-smol', a GGUF file or an HF folder with config.json")
+
+
+def wait_for_data(cfg: DistillConfig) -> None:
+    """A --data folder that does not exist yet is waited for (its sampler, started at the same
+    time, creates it), saying so; if it never appears the run is refused before anything is written."""
+    if not cfg.data or Path(cfg.data).is_dir():
+        return
+    print(f"meestral: --data {cfg.data} does not exist yet: waiting up to {cfg.wait_seconds:g} s for "
+          "`meestral distill sample` to create it", file=sys.stderr)
+    t0 = time.time()
+    while not Path(cfg.data).is_dir():
+        if time.time() - t0 >= cfg.wait_seconds:
+            raise MeestralError(f"--data {cfg.data} does not exist: give the --out folder of `meestral distill sample` "
+                                "(start the sampler first), or leave --data out to train on the corpus alone")
+        time.sleep(min(1.0, cfg.wait_seconds))
 
 
 def init_student(spec: str, teacher_config, shape: dict | None = None):
@@ -244,18 +296,33 @@ class _Deadline:
 def distill(cfg: DistillConfig, log=print) -> dict:
     """Train the student; returns the last log record. Writes into cfg.out: checkpoint.pt,
     log.jsonl, config.json, student/ (HF folder) and mamba2-smol.gguf (Q8_0) at the end."""
+    if cfg.steps is not None and cfg.warmup is not None and cfg.warmup > cfg.steps:  # a warm-up asked for
+        raise MeestralError(f"--warmup {cfg.warmup} is longer than the run ({cfg.steps} steps): the learning rate would "
+                            "never reach its peak; lower --warmup")
+    cfg = resolved(cfg)
+    check_config(cfg)
+    out = Path(cfg.out).expanduser()
+    check_out(out, "distill")
+    wait_for_data(cfg)
+    with ExitStack() as stack, StopRequests() as stop:
+        try:
+            return _distill(cfg, out, stack, stop, log)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("distillation interrupted: rerun the same command to continue from its last "
+                                    "checkpoint (resuming is the default)") from None
+
+
+def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests, log) -> dict:
     from meestral.backbones.ssd import forward_collect
     from meestral.backbones.tokenizer import HFTokenizer
     from meestral.data import heldout_rows
 
-    cfg = resolved(cfg)
-    out = Path(cfg.out)
-    prepare_out(out)
     dev = torch.device(cfg.device)
     teacher, tok = load_teacher(cfg.teacher, cfg.device)
     torch.manual_seed(cfg.seed)
     student, scfg = _student(cfg, teacher.config)
     student.to(dev)
+    stack.callback(prepare_out(out, "distill").release)  # every check passed: the folder is this run's now
     use_grouped_gated_norm(student)  # Mamba-2's per-group norm on every transformers release
     n_params = sum(p.numel() for p in student.parameters())
     opt = _adamw(student, cfg, dev)
@@ -267,6 +334,7 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     # memory is continued at a smaller batch (recipes/gpu-session/run.sh).
     state = read_checkpoint(out / CHECKPOINT) if cfg.resume and (out / CHECKPOINT).exists() else None
     if state is not None:
+        check_kind(state, "distill", out / CHECKPOINT)
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["opt"])
         step, total, tokens_seen, elapsed = state["step"], state["total"], state["tokens"], state["elapsed"]
@@ -288,7 +356,7 @@ def distill(cfg: DistillConfig, log=print) -> dict:
 
     def record(obj):
         run_log.write(obj)
-        log(json.dumps(obj))
+        log(dumps(obj))
 
     def save():
         save_checkpoint(out, {"student": student.state_dict(), "opt": opt.state_dict(), "step": step, "total": total,
@@ -304,6 +372,9 @@ def distill(cfg: DistillConfig, log=print) -> dict:
         evaluate(init=cfg.init)
     pool.refresh()
     waited = 0
+    if len(pool.rows) < cfg.min_rows and cfg.data:
+        print(f"meestral: waiting up to {cfg.wait_seconds:g} s for {cfg.min_rows} rows of teacher shards in {cfg.data} "
+              "(the corpus alone feeds training if none come)", file=sys.stderr)
     while len(pool.rows) < cfg.min_rows and cfg.data and waited < cfg.wait_seconds:
         time.sleep(5)  # the sampler's first shards; the corpus alone feeds training if none come
         waited += 5
@@ -312,6 +383,7 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     deadline = _Deadline(cfg, dev)
     t_win, tok_win = time.time(), 0
     while total is None or step < total:
+        stop.check()
         if step % 20 == 0:
             pool.refresh()
         x = pool.batch(cfg.batch).to(dev, non_blocking=True)
@@ -356,17 +428,17 @@ def export(cfg: DistillConfig, log=print) -> dict:
     from meestral.data import heldout_rows
     from meestral.backbones.tokenizer import HFTokenizer
 
-    out = Path(cfg.out)
+    out = Path(cfg.out).expanduser()
     if not (out / CHECKPOINT).exists():
         raise MeestralError(f"{out} has no {CHECKPOINT}: give the --out folder of a distill train run")
+    state = read_checkpoint(out / CHECKPOINT)  # before the teacher is loaded: a train or adapt run is refused at once
+    check_kind(state, "distill", out / CHECKPOINT)
+    cfg = replace(cfg, device=auto_device(cfg.device))
     saved = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
     if "distill" in saved:  # measured as the run measured: its teacher and held-out rows
-        from dataclasses import replace
-
         run = saved["distill"]
         cfg = replace(cfg, **{k: run[k] for k in ("teacher", "corpus", "seq_len", "heldout_tokens") if k in run})
     teacher, tok = load_teacher(cfg.teacher, cfg.device)
-    state = read_checkpoint(out / CHECKPOINT)
     if "student" in saved:
         # The shape the run trained (its --init's or its --shape's), not the flags given here.
         from transformers import Mamba2Config
@@ -380,8 +452,8 @@ def export(cfg: DistillConfig, log=print) -> dict:
     held = heldout_rows(cfg.corpus or "embedded", HFTokenizer(tok), cfg.heldout_tokens, cfg.seq_len)
 
     def record(obj):  # after the run's records: nothing is redone, so nothing is cut
-        append_line(out / LOG, json.dumps(obj))
-        log(json.dumps(obj))
+        append_line(out / LOG, dumps(obj))
+        log(dumps(obj))
 
     record({"export_from_step": state["step"], "of_total": state["total"]})
     return finish(student, tok, out, held, heldout_ppl(teacher, held), record)

@@ -62,9 +62,10 @@ from meestral.data import tuplify
 from meestral.errors import MeestralError
 from meestral.training.checkpoint import (CHECKPOINT, check_same_run, prepare_out, previous_checkpoint,
                                           read_checkpoint, save_checkpoint)
+from meestral.training.interrupt import StopRequests
 from meestral.training.optim import averaged, check_optimizer, current_lr, make_optimizer, use_averaged
 from meestral.training.ranks import Ranks, load_device, peak_memory_gib, shard_backbone
-from meestral.training.run_log import RunLog
+from meestral.training.run_log import RunLog, num
 from meestral.validation import check_context, check_output
 
 # Fields that define the run: a resumed run must match them, or it would not be the same run.
@@ -219,9 +220,9 @@ def plot_curves(log: RunLog, png: Path):
     with log.curves(png, "train loss (sum over heads)") as (val, axes):
         for ax, key in zip(axes, ("f1", "auroc")):
             for layer in (val[0]["heads"] if val else {}):
-                line, = ax.plot([r["step"] for r in val], [r["heads"][layer][key] for r in val], label=f"L{layer}")
+                line, = ax.plot([r["step"] for r in val], [num(r["heads"][layer][key]) for r in val], label=f"L{layer}")
                 if key == "f1":
-                    ax.axhline(val[-1]["heads"][layer]["f1_always_exit"], ls="--", color=line.get_color(), lw=0.8)
+                    ax.axhline(num(val[-1]["heads"][layer]["f1_always_exit"]), ls="--", color=line.get_color(), lw=0.8)
             ax.set(title=f"validation {key}" + (" (dashed: always exit)" if key == "f1" else ""), xlabel="step")
             if val:
                 ax.legend()
@@ -235,8 +236,19 @@ def _check_config(cfg: TrainConfig, world: int):
     check_fields(cfg)
     if cfg.total_steps() < 1:
         raise MeestralError("--steps/--tokens must give at least one step")
+    check_warmup(cfg.warmup, cfg.total_steps())
+    if cfg.val_rows and not cfg.val_fraction:
+        raise MeestralError(f"--val-fraction 0 holds no documents out, so the --val-rows {cfg.val_rows} validation rows "
+                            "have none to come from: give --val-fraction > 0, or --val-rows 0 to train without validation")
     if cfg.batch % world:
         raise MeestralError(f"--batch {cfg.batch} does not split over {world} processes: use a multiple of {world}")
+
+
+def check_warmup(warmup: int | None, total: int):
+    """A warm-up longer than the run never reaches its learning rate (head training, adaptation)."""
+    if warmup is not None and warmup > total:
+        raise MeestralError(f"--warmup {warmup} is longer than the run ({total} steps): the learning rate would never "
+                            "reach --lr; lower --warmup, or leave it out (5% of the run)")
 
 
 def _identity(cfg: TrainConfig, backbone) -> dict:
@@ -283,7 +295,7 @@ class Trainer:
         self.total = cfg.total_steps()
         self.out = Path(cfg.out).expanduser()
         check_output(self.out, "--out", folder=True)
-        state = self._previous_state()
+        state = self._previous_state()  # (and --out free for this run: files.FolderLock, checkpoint.check_out)
         self._build_heads()
         self._build_data(state)
 
@@ -297,13 +309,13 @@ class Trainer:
         if state is not None:
             self._restore(state)
         self.start_step = self.step
-        if self.dist.main:
-            prepare_out(self.out)
+        self.lock = prepare_out(self.out, "train") if self.dist.main else None
         resumed_at = self.step if state is not None else None
         self.log = RunLog(self.out, resumed_at, scalars=_scalars) if self.dist.main else None
 
     def _previous_state(self) -> dict | None:
-        return previous_checkpoint(self.out, self.cfg.resume, self.out / "heads", announce=self.dist.main)
+        return previous_checkpoint(self.out, self.cfg.resume, self.out / "heads", announce=self.dist.main,
+                                   kind="train" if self.dist.main else None)
 
     def _build_heads(self):
         from meestral.backbones.loading import load_backbone
@@ -436,10 +448,14 @@ class Trainer:
         self.bar = tqdm(total=self.total, initial=self.step, disable=not (self.dist.main and self.cfg.progress),
                         unit="step", dynamic_ncols=True, file=sys.stderr)
         last, done_at, ok = {}, self.step, False
+        stop = StopRequests()  # Ctrl-C stops between two steps (training.interrupt)
         try:
+            stop.__enter__()
             while self.step < self.total:
                 batch = self.first_batch if self.step == self.start_step else self.stream.next_batch()
-                if self.dist.any(batch is None):
+                ended, stopped = (any(f) for f in zip(*self.dist.gather((batch is None, stop.requested))))
+                stop.check(stopped)
+                if ended:
                     print(f"meestral: training data used up after step {self.step} of {self.total}; "
                           "saving the heads as they are", file=sys.stderr)
                     break
@@ -469,9 +485,12 @@ class Trainer:
                 f"rerun with --resume to continue from its checkpoint of step {done}" if done is not None else
                 "no checkpoint yet, rerun the command to start over")) from None
         finally:
+            stop.__exit__()
             self.bar.close()
             if self.log:
                 self.log.close()
+            if self.lock:
+                self.lock.release()
             self.dist.close(wait=ok)
 
     def _checkpoint(self):

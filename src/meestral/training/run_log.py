@@ -9,12 +9,34 @@ from the start begins an empty log (a log without a checkpoint is of a run that 
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
 from meestral.files import append_line, atomic_write
 
 LOG = "log.jsonl"
+
+
+def finite(obj):
+    """`obj` with every non-finite float (NaN, inf) replaced by None, through dicts and lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(record) -> str:
+    """One record as strict JSON (module docstring)."""
+    return json.dumps(finite(record), allow_nan=False)
+
+
+def num(v) -> float:
+    """A logged number for plotting: null (an undefined value) as NaN, which leaves a gap."""
+    return math.nan if v is None else v
 
 
 def kept_records(path: Path, resume_step: int) -> list[dict]:
@@ -45,7 +67,7 @@ class RunLog:
         if self.path.exists():
             if resume_step is not None:
                 self.records = kept_records(self.path, resume_step)
-            atomic_write(self.path, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
+            atomic_write(self.path, lambda t: t.write_text("".join(dumps(r) + "\n" for r in self.records)))
         self.scalars, self.tb = scalars, None
         if scalars is not None:
             try:
@@ -57,7 +79,7 @@ class RunLog:
                 pass
 
     def write(self, record: dict):
-        append_line(self.path, json.dumps(record))
+        append_line(self.path, dumps(record))
         self.records.append(record)
         if self.tb:
             for tag, value in self.scalars(record):
@@ -69,7 +91,7 @@ class RunLog:
         then the validation records and the two axes beside it for the trainer to draw them on."""
         train = [r for r in self.records if r["split"] == "train"]
         with figure(png, ncols=3) as axes:
-            axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+            axes[0].plot([r["step"] for r in train], [num(r["loss"]) for r in train])
             axes[0].set(title=loss_title, xlabel="step")
             yield [r for r in self.records if r["split"] == "val"], axes[1:]
 

@@ -9,6 +9,7 @@ a trainer reading the folder never sees half of one.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import time
@@ -87,13 +88,37 @@ def sample_teacher(teacher: str, out_dir: str, *, batch: int = 512, max_new_toke
     `seconds` have passed or a file `out_dir/STOP` appears. Each shard is a dict with `docs` (list
     of int32 tensors: prompt + sampled continuation, cut after the first EOS) and the prompts.
     Returns the number of shards written; restarting with the same seed continues the numbering."""
-    from meestral.training.distill_prompts import sample_prompt
+    from meestral.training.checkpoint import check_out, prepare_out
 
     if top_k < 1:
         raise MeestralError(f"--top-k is {top_k}: sampling needs at least the most likely token (1 or more)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir).expanduser()
+    check_out(out, "sample")
     model, tok = load_teacher(teacher, device)
+    check_room(model, max_new_tokens)
+    lock = prepare_out(out, "sample")  # every check passed: the folder is created and held now
+    try:
+        return _sample(model, tok, out, batch, max_new_tokens, temperature, top_k, seed, shards, seconds, device, log)
+    finally:
+        lock.release()
+
+
+# Positions kept for a prompt (distill_prompts' are a few dozen tokens, chat template included).
+PROMPT_ROOM = 128
+
+
+def check_room(model, max_new_tokens: int) -> None:
+    """A prompt and `max_new_tokens` fit in the teacher's context (it is never truncated)."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    if n and PROMPT_ROOM + max_new_tokens > n:
+        raise MeestralError(f"--max-new-tokens {max_new_tokens:,} and a prompt of up to {PROMPT_ROOM} tokens need "
+                            f"{PROMPT_ROOM + max_new_tokens:,} positions, but the teacher has a context of {n:,}: "
+                            f"lower --max-new-tokens to {n - PROMPT_ROOM:,} or less")
+
+
+def _sample(model, tok, out: Path, batch, max_new_tokens, temperature, top_k, seed, shards, seconds, device, log) -> int:
+    from meestral.training.distill_prompts import sample_prompt
+
     eos = model.config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
     # A plain continuation may end with the document separator instead of the chat end token.
@@ -109,6 +134,8 @@ def sample_teacher(teacher: str, out_dir: str, *, batch: int = 512, max_new_toke
         prompts = [sample_prompt(rng) for _ in range(batch)]
         ids = [_prompt_ids(tok, p, chat) for p, chat in prompts]
         width = max(map(len, ids))
+        if width > PROMPT_ROOM:  # distill_prompts' prompts are far shorter: a template grew past the room kept
+            raise MeestralError(f"a prompt of {width} tokens exceeds the {PROMPT_ROOM} kept for prompts: shorten it")
         inp = torch.full((batch, width), pad, dtype=torch.long)
         att = torch.zeros((batch, width), dtype=torch.long)
         for r, x in enumerate(ids):  # left padding: every row's continuation starts at `width`
@@ -125,7 +152,9 @@ def sample_teacher(teacher: str, out_dir: str, *, batch: int = 512, max_new_toke
             docs.append(doc)
             n_tok += len(doc)
         path = out / f"shard-{seed:03d}-{k:05d}.pt"
-        atomic_write(path, lambda t: torch.save({"docs": docs, "prompts": prompts}, t))
+        buf = io.BytesIO()  # serialised first: a full disk then fails as an OSError of a plain write, in one line
+        torch.save({"docs": docs, "prompts": prompts}, buf)
+        atomic_write(path, lambda t: t.write_bytes(buf.getbuffer()))
         dt = time.time() - ts
         log(json.dumps({"shard": path.name, "docs": len(docs), "tokens": n_tok, "seconds": round(dt, 1),
                         "tok_per_s": round(n_tok / dt)}))
