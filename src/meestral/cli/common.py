@@ -31,6 +31,13 @@ def ints(text: str) -> list[int]:
         raise MeestralError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
+def exit_points_arg(text: str):
+    """--exits: layer numbers, or 'auto' (speculate: the exit point a short calibration picks)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return ints(text)
+
+
 def floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -60,11 +67,19 @@ def add_exit_args(p):
     # was given beside --heads (which it refuses).
     p.add_argument("--head", help="training-free kind when --heads is not given: "
                    "softmax (default) | margin | saturation | static")
-    p.add_argument("--exits", type=ints, help="exit points, e.g. 8,16,24 (default: every quarter)")
-    p.add_argument("--threshold", type=floats, default=[0.9],
-                   help="exit when confidence > threshold; one value or one per exit point")
+    p.add_argument("--exits", type=exit_points_arg,
+                   help="exit points, e.g. 8,16,24 (default: every quarter); with --policy speculate, 'auto' "
+                   "picks the draft exit point from a short calibration on held-out text")
+    p.add_argument("--threshold", type=floats,
+                   help="exit when confidence > threshold; one value or one per exit point (default 0.9; "
+                   "speculate: 0, a draft below it ends the cycle)")
     p.add_argument("--policy", default="copy",
-                   help="state of skipped layers: copy | propagate | catchup | verify (catchup, lossless)")
+                   help="state of skipped layers: copy (default) | propagate | catchup | verify (catchup, "
+                   "lossless) | speculate (drafts from an exit point checked in one deep pass, lossless)")
+    p.add_argument("--draft-tokens", default="auto",
+                   help="speculate: drafts per cycle, a number up to 16, or auto (default: a controller picks "
+                   "up to 6 and the exit point from measured acceptance and step times, and falls back to "
+                   "full depth where drafting does not pay)")
     p.add_argument("--verify", action="store_true", help="same as --policy verify (with --policy catchup)")
     p.add_argument("--max-backlog", type=int, default=8,
                    help="catchup/verify: exited tokens that may wait before a deep pass is forced")
@@ -88,8 +103,16 @@ def exit_config(args, bb):
     from meestral.decoding.config import ExitConfig
 
     return ExitConfig.from_options(bb, heads=args.heads, head=args.head, exits=args.exits,
-                                   threshold=args.threshold, policy=args.policy, verify=args.verify,
-                                   max_backlog=args.max_backlog, exit_output=args.exit_output)
+                                   threshold=_threshold(args), policy=args.policy, verify=args.verify,
+                                   max_backlog=args.max_backlog, exit_output=args.exit_output,
+                                   draft_tokens=args.draft_tokens)
+
+
+def _threshold(args):
+    """--threshold, or its default: 0.9, and 0 (always draft) under speculate."""
+    if args.threshold is not None:
+        return args.threshold
+    return None if args.policy == "speculate" else [0.9]
 
 
 def run(command) -> int:

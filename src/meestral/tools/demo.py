@@ -18,7 +18,7 @@ from tqdm import tqdm
 from meestral.decoding.accounting import summarize
 from meestral.backbones.loading import load_backbone
 from meestral.decoding.decoder import EarlyExitDecoder
-from meestral.decoding.config import POLICIES, ExitConfig
+from meestral.decoding.config import STATE_POLICIES, ExitConfig
 from meestral.decoding.heads import ExitHeads
 from meestral.decoding.sampling import SamplingOptions
 
@@ -147,7 +147,7 @@ def demo_one(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, repo
     configs = [("full depth", ExitConfig())]
     for kind, th in (("classifier", 0.7), ("softmax", 0.9), ("saturation", 0.95)):
         heads = trained if kind == "classifier" else ExitHeads(kind, exits, bb)
-        for policy in POLICIES:
+        for policy in STATE_POLICIES:
             configs.append((f"{kind} > {th}", ExitConfig(heads=heads, thresholds=th, policy=policy)))
     opts = SamplingOptions(max_new_tokens=max_new_tokens)
     results = []
