@@ -226,3 +226,26 @@ def test_eval_command_writes_results_and_accounting(tmp_path, capsys):
     assert res["config"]["verify"] and res["config"]["exits"] == [1, 3]
     assert "meestral_arc_easy" in res["results"] and res["accounting"]["requests"] > 0
     assert res["accounting"]["agreement"] == 1.0  # verify: the emitted distribution is the full model's
+
+
+def test_speculate_through_lm_eval_is_the_full_model(tiny):
+    """policy=speculate (with draft_tokens and the default threshold 0: always draft) scores and
+    generates as the full model does: lossless, whatever its drafts."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from meestral.evaluation.lm_model import MeestralLM
+
+    bb = tiny("mistral")
+    lm = MeestralLM(backbone=bb, exits="2", policy="speculate", draft_tokens="3")
+    cfg = lm.dec.config
+    assert (cfg.policy, cfg.draft_tokens, cfg.adaptive, tuple(cfg.thresholds)) == ("speculate", 3, False, (0.0,))
+    text = "To be, or not to be"
+    ids = [lm.prefix_token_id] + lm.tok_encode(text)
+    ref = bb.full_logits(torch.tensor([ids])).float().log_softmax(-1)[0]
+    want = sum(float(ref[t, ids[t + 1]]) for t in range(len(ids) - 1))
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    assert got[0] == pytest.approx(want, abs=1e-3)
+    full = MeestralLM(backbone=bb, head="full")
+    req = [Instance("generate_until", {}, ("Once", {"until": ["\n\n\n"], "max_gen_toks": 12}), 0)]
+    assert lm.generate_until(req, disable_tqdm=True) == full.generate_until(req, disable_tqdm=True)

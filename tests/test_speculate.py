@@ -247,3 +247,54 @@ def test_fixed_shape_engine_equals_eager(tiny, shape):
         got = dec.generate(PROMPTS, opts)
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         assert [len(g.discarded) for g in got] == [len(w.discarded) for w in want]
+
+
+# ---- --exits auto: the calibrated draft exit point ---------------------------------------------------
+def test_run_lengths_count_consecutive_matches_within_a_row():
+    import numpy as np
+
+    from meestral.evaluation.draft_exit import expected_cycle_tokens, run_lengths
+
+    match = np.array([1, 1, 0, 1, 1, 1, 1, 0], dtype=bool)
+    row = np.array([0, 0, 0, 0, 0, 1, 1, 1])  # a run never crosses into the next row
+    assert run_lengths(match, row).tolist() == [2, 1, 0, 2, 1, 2, 1, 0]
+    # k=1: a start with a match emits 2 tokens, one without emits 1
+    assert expected_cycle_tokens(run_lengths(match, row), 1) == pytest.approx(1 + 6 / 8)
+    assert expected_cycle_tokens(run_lengths(match, row), 2) == pytest.approx(1 + 9 / 8)
+
+
+def test_draft_exit_prefers_the_layer_that_agrees(tiny, monkeypatch):
+    """With one candidate layer agreeing with the last on every token and the others never, the
+    calibration picks it and prices it by the weight-byte cycle cost."""
+    import numpy as np
+
+    from meestral.decoding.speculate import cycle_cost
+    from meestral.evaluation import draft_exit, oracle
+
+    bb = tiny("mistral")
+    n = 64
+    final = np.arange(n) % 7
+
+    def fake(bb_, rows, layers):
+        argmax = np.stack([final if e == 3 else final + 1 for e in layers], 1)
+        return oracle.LayerPredictions(layers=list(layers), layer_argmax=argmax, final_argmax=final,
+                                       max_prob=np.ones_like(argmax, dtype=np.float32), row=np.zeros(n, dtype=int),
+                                       position=np.arange(n), topk=None, in_topk=None)
+
+    monkeypatch.setattr(oracle, "layer_predictions", fake)
+    out = draft_exit.choose_draft_exit(bb, torch.zeros(1, n, dtype=torch.long), layers=[1, 2, 3, 4], max_k=4)
+    assert out["exit"] == 3 and out["agreement"] == 1.0
+    # every draft accepted: k=4 emits min(run, 4) + 1 tokens (the last 4 starts have shorter runs)
+    assert out["speedup"] == pytest.approx(out["tokens"] / cycle_cost(bb, 3, out["k"]))
+    never = [r for r in out["table"] if r["exit"] != 3]
+    assert all(r["agreement"] == 0 and r["tokens"] == 1 and r["k"] == 1 for r in never)
+
+
+def test_exits_auto_calibrates_for_speculate_only(tiny):
+    from meestral.evaluation.draft_exit import candidate_layers
+
+    bb = tiny("llama")
+    cfg = ExitConfig.from_options(bb, exits="auto", policy="speculate")
+    assert cfg.exit_points[0] in candidate_layers(bb.num_layers)
+    with pytest.raises(MeestralError, match="exits=auto picks the draft exit point of --policy speculate"):
+        ExitConfig.from_options(bb, exits="auto", policy="copy")

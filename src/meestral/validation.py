@@ -134,6 +134,7 @@ RULES = {
     "curriculum_share": Number(float, 0, 1), "layer_dropout": Number(float, 0, 1, high_open=True),
     "val_tokens": Number(int, 1),
 }
+AUTO = {"exits"}  # options that also take the word auto (--exits auto: speculate's calibrated exit point)
 FREE_TEXT = {"prompt", "rest"}  # checked where they are read (an empty prompt has its own message)
 EMPTY_MEANS = {"corpus": "none"}  # the word an option takes for "no value" (an empty string is refused)
 
@@ -155,6 +156,8 @@ def check_args(args) -> None:
     values = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command")}
     for dest, value in values.items():
         option = "--" + dest.replace("_", "-")
+        if value == "auto" and dest in AUTO:
+            continue
         if dest in RULES:
             RULES[dest].check(value, option)
         elif isinstance(value, str) and not value.strip() and dest not in FREE_TEXT:

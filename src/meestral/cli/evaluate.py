@@ -272,7 +272,7 @@ def add_eval_parsers(sub):
     common(s)
     s.add_argument("--tasks", required=True)
     s.add_argument("--thresholds", type=floats, required=True, help="e.g. 0.5,0.7,0.9")
-    s.add_argument("--policies", default="copy,catchup,verify", help="copy,propagate,catchup,verify")
+    s.add_argument("--policies", default="copy,catchup,verify", help="any of copy,propagate,catchup,verify,speculate")
     s.add_argument("--static-layers", type=ints, help="static exit-at-layer baselines, e.g. 7,15,22")
     s.add_argument("--layer-drop", type=ints, help="DYNAMAX layer-drop baselines: blocks dropped, e.g. 2,4,8")
     s.add_argument("--limit", type=int)

@@ -57,6 +57,25 @@ def layer_drop_skip(num_layers: int, n: int) -> tuple[int, ...]:
     return tuple(range(num_layers - 1 - n, num_layers - 1))
 
 
+_AUTO_EXITS: dict = {}  # backbone fingerprint -> calibrated exit point (one calibration per process)
+
+
+def auto_exit_point(backbone, policy: str) -> int:
+    """`exits=auto`: the draft exit point of `speculate`, from evaluation.draft_exit's calibration
+    on held-out embedded text (said on stderr once per backbone)."""
+    import sys
+
+    if policy != "speculate":
+        raise MeestralError(f"exits=auto picks the draft exit point of --policy speculate, not of {policy}: "
+                            "give exit points (e.g. --exits 8,16), or use --policy speculate")
+    key = backbone.fingerprint()
+    if key not in _AUTO_EXITS:
+        from meestral.evaluation.draft_exit import calibrated_exit
+
+        _AUTO_EXITS[key] = calibrated_exit(backbone, log=lambda m: print(f"meestral: {m}", file=sys.stderr))
+    return _AUTO_EXITS[key]
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExitConfig:
     heads: object = None  # ExitHeads, or None: the full (or pruned) model
@@ -78,7 +97,8 @@ class ExitConfig:
         Lists may be strings ('7:15:22'); `verify=True` is an alias of policy='verify';
         `layer_drop=N` is DYNAMAX's pruned baseline (the N blocks before the last removed).
         `threshold` None: 1.0 (never exit), or 0.0 under speculate (always draft). `draft_tokens`
-        (speculate): a number for a fixed k, or 'auto' for the controller (up to 6 drafts)."""
+        (speculate): a number for a fixed k, or 'auto' for the controller (up to 6 drafts).
+        `exits='auto'` (speculate): the exit point a short calibration on held-out text picks."""
         from meestral.decoding.heads import ExitHeads
 
         L = backbone.num_layers
@@ -101,6 +121,8 @@ class ExitConfig:
         elif head == "classifier":
             raise MeestralError("a classifier head must be trained first: pass --heads DIR (from `meestral train`)")
         else:
+            if isinstance(exits, str) and exits.strip().lower() == "auto":
+                exits = [auto_exit_point(backbone, policy)]
             heads = ExitHeads(head, option_list(exits, int, "exits") or default_exit_points(L), backbone)
         if threshold is None:
             threshold = 0.0 if policy == "speculate" else 1.0

@@ -56,6 +56,19 @@ from meestral.decoding.sampling import draw, probabilities
 from meestral.decoding.speculation_control import Choice, SpeculationController
 
 
+def cycle_cost(bb, e: int, k: int, kept=None) -> float:
+    """A cycle of k drafts from exit point `e`, in full-depth steps by weight bytes (what bounds
+    batch-1 decoding on a GPU): k+1 shallow steps through blocks 0..e, k draft-head reads, one deep
+    pass through the rest and one LM-head read. `kept`: the blocks that run (default all)."""
+    kept = range(bb.num_layers) if kept is None else kept
+    layer = [sum(p.numel() for p in bb.blocks[i].parameters()) for i in range(bb.num_layers)]
+    head = bb.lm_head_module.weight.numel()
+    full = sum(layer[i] for i in kept) + head
+    draft = sum(layer[i] for i in kept if i <= e)
+    deep = sum(layer[i] for i in kept if i > e)
+    return ((k + 1) * draft + k * head + deep + head) / full
+
+
 class SpeculatePolicy(Policy):
     name = "speculate"
 
@@ -65,7 +78,7 @@ class SpeculatePolicy(Policy):
         kept = engine.kept
         # Per exit point: the blocks a draft runs (up to and including it) and those the deep pass runs.
         self.split = [([i for i in kept if i <= e], [i for i in kept if i > e]) for e in self.points]
-        self.control = None
+        self.control, self._prior = None, {}
         if config.adaptive:
             self.control = SpeculationController(list(range(len(self.points))), self.max_k, self.prior_cost)
         self.inject = None  # benchmark only: each draft is accepted with this chance, whatever its token
@@ -77,15 +90,11 @@ class SpeculatePolicy(Policy):
         return self.max_k + 1
 
     def prior_cost(self, j: int, k: int) -> float:
-        """A cycle's cost in full-depth steps by weight bytes (what bounds batch-1 decoding on a GPU):
-        k+1 shallow steps, k draft-head reads, one deep pass and one LM head read."""
-        bb = self.engine.bb
-        shallow, deep = self.split[j]
-        layer = [sum(p.numel() for p in bb.blocks[i].parameters()) for i in range(self.L)]
-        head = bb.lm_head_module.weight.numel()
-        full = sum(layer[i] for i in self.engine.kept) + head
-        draft = sum(layer[i] for i in shallow)
-        return ((k + 1) * draft + k * head + sum(layer[i] for i in deep) + head) / full
+        """A cycle's cost in full-depth steps by weight bytes (`cycle_cost`; the controller asks
+        every step, so each (j, k) is computed once)."""
+        if (j, k) not in self._prior:
+            self._prior[j, k] = cycle_cost(self.engine.bb, self.points[j], k, self.engine.kept)
+        return self._prior[j, k]
 
     def start(self, batch, first, hidden_dtype):
         super().start(batch, first, hidden_dtype)

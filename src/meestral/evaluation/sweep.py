@@ -2,7 +2,9 @@
 
 Points
 - `full`: the full model (no exit heads), once per task: the reference every point is set against.
-- early exit: every (policy, threshold) pair; `verify` is catch-up that checks its drafts.
+- early exit: every (policy, threshold) pair; `verify` is catch-up that checks its drafts;
+  `speculate` drafts from the first exit point and is priced as generation runs it at its default
+  k (scoring.decide; its answers are the full model's, its cost is what varies with the threshold).
 - `static`: always exit at one layer (a head of kind `static`), under the `copy` policy.
 - `layer_drop`: DYNAMAX's baseline: the N blocks before the last are removed (a pruned model).
 
@@ -52,9 +54,11 @@ class SweepSpec:
         if not self.thresholds:
             raise MeestralError("the thresholds list is empty: pass e.g. --thresholds 0.5,0.7,0.9")
         check_thresholds(self.thresholds, len(self.thresholds))
+        from meestral.decoding.config import POLICIES
+
         for p in self.policies:
-            if p not in ("copy", "propagate", "catchup", "verify"):
-                raise MeestralError(f"unknown policy {p!r} in --policies: use copy, propagate, catchup, verify")
+            if p not in POLICIES:
+                raise MeestralError(f"unknown policy {p!r} in --policies: use {', '.join(POLICIES)}")
         for l in self.static_layers:
             if not 0 <= l <= num_layers - 2:
                 raise MeestralError(f"static exit layer {l} out of range: use a layer in [0, {num_layers - 2}]")
@@ -70,7 +74,7 @@ def points(spec: SweepSpec) -> list[dict]:
     out = []
     for task in spec.tasks:
         out.append(dict(task=task, baseline="full", policy="full", threshold=None, layer=None))
-        for policy in sorted(spec.policies, key=lambda p: p not in ("catchup", "verify")):
+        for policy in sorted(spec.policies, key=lambda p: p not in ("catchup", "verify", "speculate")):
             for th in sorted(spec.thresholds, reverse=True):
                 out.append(dict(task=task, baseline=None, policy=policy, threshold=float(th), layer=None))
         for l in spec.static_layers:
