@@ -161,12 +161,15 @@ class FolderLock:
     """An exclusive lock on an output folder for as long as this object is open: flock(2) on
     `folder/.meestral.lock`, which holds the holder's pid and what it runs. The kernel drops the
     lock when its process ends (even by SIGKILL), so a lock file left by a dead process is taken
-    over; `release` removes the file. `FolderLock.holder(folder)` names a live holder, or None."""
+    over; `release` removes the file, and then the folders listed in `created` (deepest first) that
+    are left empty: a run refused or failed before writing anything leaves no empty folder behind.
+    `FolderLock.holder(folder)` names a live holder, or None."""
 
-    def __init__(self, folder, what: str):
+    def __init__(self, folder, what: str, created: list | tuple = ()):
         import fcntl
 
         self.path = Path(folder) / LOCK
+        self.created = [Path(p) for p in created]
         while True:
             f = open(self.path, "a+")
             try:
@@ -212,6 +215,11 @@ class FolderLock:
             self.path.unlink(missing_ok=True)  # while still held: no one can take a file about to vanish
             self._file.close()
             self._file = None
+            for folder in self.created:
+                try:
+                    folder.rmdir()  # only when empty (another run's lock file or any output keeps it)
+                except OSError:
+                    break
 
 
 def write_json(path, obj, **dumps) -> Path:

@@ -324,13 +324,13 @@ class Adapter:
 
         cfg = self.cfg
         use_averaged(self.opt, False)
-        last = self.validate() if self.step == 0 else {}  # step 0: the original backbone (B = 0)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
                    file=sys.stderr)
-        t_call, t_win, win_loss, win_n, win_parts = time.perf_counter(), time.perf_counter(), 0.0, 0, {}
         stop = StopRequests()  # Ctrl-C stops between two steps (training.interrupt)
-        try:
+        try:  # (the step-0 measurement inside: a failure there releases the folder too)
             stop.__enter__()
+            last = self.validate() if self.step == 0 else {}  # step 0: the original backbone (B = 0)
+            t_call, t_win, win_loss, win_n, win_parts = time.perf_counter(), time.perf_counter(), 0.0, 0, {}
             while self.step < cfg.steps:
                 stop.check()
                 loss, parts = self._train_step()

@@ -111,9 +111,11 @@ def check_same_run(state: dict | None, identity: dict, out: Path):
 
 def prepare_out(out: Path, kind: str) -> FolderLock:
     """Create the run's folder and lock it for this process (the caller releases the lock when the
-    run ends; the process ending does too); drop the temp files of a run killed while writing one."""
+    run ends; the process ending does too); drop the temp files of a run killed while writing one.
+    The folders created here are removed again on release if the run wrote nothing into them."""
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
-    lock = FolderLock(out, RUNS[kind][0])
+    lock = FolderLock(out, RUNS[kind][0], created=created)
     remove_stale_temps(out)
     return lock
 
