@@ -418,3 +418,60 @@ def test_a_full_disk_then_a_rerun_gives_the_uninterrupted_log(command, moment, r
         return
     assert run_main(argv + (["--resume"] if resume else []), capsys)[0] == 0
     assert records(out) == references[command]  # no stale row of the failed run, none lost
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer
+def test_a_distill_log_without_a_checkpoint_starts_over_empty(tiny_teacher, tmp_path, monkeypatch):
+    """Stopped at its third step, before its first checkpoint: the rerun's log is the whole run's
+    records once (the first run's two are of steps the rerun does again)."""
+    from meestral.training.distill import distill
+    from meestral.training.row_pool import RowPool
+
+    out = tmp_path / "run"
+    cfg = distill_cfg(tiny_teacher, out, shape=TINY_STUDENT, steps=4, warmup=2)
+    batch, calls = RowPool.batch, []
+
+    def killed_at_step_3(pool, n):
+        calls.append(n)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill: nothing more is written
+        return batch(pool, n)
+
+    monkeypatch.setattr(RowPool, "batch", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg, log=lambda *_: None)
+    monkeypatch.setattr(RowPool, "batch", batch)
+    assert not (out / "checkpoint.pt").exists() and [s for _, s in records(out)] == [1, 2]
+    distill(cfg, log=lambda *_: None)
+    assert [s for k, s in records(out) if k == "step"] == [1, 2, 3, 4, 4]  # train records 1-4, the final eval at 4
+
+
+def sample_argv(teacher, out, *extra):
+    return ["distill", "sample", "--teacher", teacher, "--out", out, "--batch", "2", "--max-new-tokens", "8",
+            "--shards", "1", "--device", "cpu", *map(str, extra)]
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer
+def test_distill_sample_beyond_the_teachers_context_is_refused(tiny_teacher, tmp_path, capsys):
+    out = tmp_path / "shards"
+    argv = sample_argv(tiny_teacher, out)
+    argv[argv.index("--max-new-tokens") + 1] = "100000"
+    rc, stdout, err = run_main(argv, capsys)
+    assert_one_line_error(rc, stdout, err, ["--max-new-tokens 100,000", "teacher has a context of 256",
+                                            "lower --max-new-tokens to 128 or less"])
+    assert not out.exists()
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer
+def test_distill_sample_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_teacher, tmp_path, capsys, monkeypatch):
+    import meestral.files
+
+    out = tmp_path / "shards"
+    monkeypatch.setattr(meestral.files, "os", _failing("fsync", "shard-"))
+    rc, stdout, err = run_main(sample_argv(tiny_teacher, out), capsys)
+    assert_one_line_error(rc, stdout, err, ["No space left on device", str(out / "shard-000-00000.pt"),
+                                            "the disk is full"])
+    assert not out.exists()  # no half shard, no temp file, no empty folder
+    monkeypatch.setattr(meestral.files, "os", os)
+    assert run_main(sample_argv(tiny_teacher, out), capsys)[0] == 0  # the same command, once there is room
+    assert visible(out) == ["shard-000-00000.pt"]

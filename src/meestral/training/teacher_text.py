@@ -29,10 +29,18 @@ def load_teacher(spec: str, device: str, dtype=torch.bfloat16):
         from meestral.backbones.assets import smollm2_dir
 
         spec = str(smollm2_dir())
+    from transformers.utils import logging as hf_logging
+
     if not Path(spec).is_dir():
         raise MeestralError(f"teacher {spec!r} is not a folder: give 'smollm2' or an HF model folder")
     tok = AutoTokenizer.from_pretrained(spec)
-    model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, attn_implementation="sdpa").to(device)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a local load takes seconds: no bar before the command's own lines
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, attn_implementation="sdpa").to(device)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     model.eval().requires_grad_(False)
     return model, tok
 
@@ -53,11 +61,15 @@ def sample_batch(model, inp, att, max_new_tokens: int, temperature: float, top_k
     vocabulary at batch 2048 made `generate` run at 27k tokens/s on an H200. Here each step takes
     the top-k logits and samples them with the Gumbel-max trick; one host read every 32 steps
     checks whether every row has finished."""
+    import inspect
+
     from transformers import DynamicCache
 
+    # HF renamed the cache keyword (past_key_values -> cache) during 5.x and warns on the old one.
+    kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     cache = DynamicCache()
     pos = (att.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=inp, attention_mask=att, position_ids=pos, past_key_values=cache,
+    logits = model(input_ids=inp, attention_mask=att, position_ids=pos, **{kw: cache},
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     eos = torch.tensor(eos_ids, device=inp.device)
     done = torch.zeros(inp.shape[0], dtype=torch.bool, device=inp.device)
@@ -74,7 +86,7 @@ def sample_batch(model, inp, att, max_new_tokens: int, temperature: float, top_k
             break
         att = torch.cat([att, att.new_ones(att.shape[0], 1)], dim=1)  # finished rows are sliced off later
         pos = pos + 1
-        logits = model(input_ids=tok[:, None], attention_mask=att, position_ids=pos, past_key_values=cache,
+        logits = model(input_ids=tok[:, None], attention_mask=att, position_ids=pos, **{kw: cache},
                        use_cache=True).logits[:, -1]
     return out
 
