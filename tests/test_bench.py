@@ -44,3 +44,29 @@ def test_kernel_table_accounts_for_its_rows(tiny):
     assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert kernel_class("triton_per_fused_add_mul_0") == "triton"
     assert kernel_class("void at::native::vectorized_elementwise_kernel<4>") == "aten"
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_speculate_rows_measure_injected_acceptance(tiny, shape, monkeypatch):
+    """Injected acceptance 1: every draft is accepted (k per cycle); 0: none is, and each cycle
+    emits one token. The prediction is the cost model's at the injected α; every row is one JSON line."""
+    import io
+    import json
+
+    from meestral.decoding.speculate import cycle_cost
+    from meestral.decoding.speculation_control import expected_tokens
+    from meestral.tools import bench
+
+    bb = tiny(shape)
+    monkeypatch.setattr(bench, "load_backbone", lambda *a, **kw: bb)
+    out = io.StringIO()
+    rows = bench.run_bench("tiny", exits=[2], tokens=9, repeats=1, out=out, policies=("speculate",), peers=(),
+                           draft_tokens=(2,), inject=(0.0, 1.0))
+    spec = {r["inject_alpha"]: r for r in rows if r["policy"] == "speculate"}
+    assert spec[1.0]["acceptance"] == 1.0 and spec[1.0]["accepted_per_cycle"] == pytest.approx(2.0, abs=0.5)
+    assert spec[0.0]["acceptance"] == 0.0 and spec[0.0]["accepted_per_cycle"] == 0.0
+    assert spec[0.0]["cycles"] >= 7  # one token per cycle (the first token comes from the prompt pass)
+    for a, r in spec.items():
+        assert r["predicted_speedup"] == pytest.approx(expected_tokens(a, 2) / cycle_cost(bb, 2, 2))
+        assert r["of_predicted"] == pytest.approx(r["speedup_vs_full"] / r["predicted_speedup"])
+    assert len(out.getvalue().strip().split("\n")) == len(rows) and all(json.loads(x) for x in out.getvalue().split("\n") if x)

@@ -133,6 +133,7 @@ RULES = {
     "exit_weights": Items(Number(float, 0), example="1,1,2"), "rotation": Number(int, 1),
     "curriculum_share": Number(float, 0, 1), "layer_dropout": Number(float, 0, 1, high_open=True),
     "val_tokens": Number(int, 1),
+    "inject": Items(UNIT, example="0.5,0.8"),  # bench: injected draft acceptance
 }
 AUTO = {"exits"}  # options that also take the word auto (--exits auto: speculate's calibrated exit point)
 FREE_TEXT = {"prompt", "rest"}  # checked where they are read (an empty prompt has its own message)

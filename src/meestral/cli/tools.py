@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meestral.cli.common import add_backbone_args, add_engine_arg, ints, names
+from meestral.cli.common import add_backbone_args, add_engine_arg, floats, ints, names
 from meestral.errors import MeestralError
 
 
@@ -17,17 +17,38 @@ def cmd_demo(args):
 
 
 def cmd_bench(args):
-    from meestral.tools.bench import PEERS, POLICIES, run_bench
+    from meestral.tools.bench import ALL_POLICIES, PEERS, POLICIES, run_bench
 
-    for option, given, known in (("--policies", args.policies, POLICIES), ("--peers", args.peers, PEERS)):
+    for option, given, known in (("--policies", args.policies, ALL_POLICIES), ("--peers", args.peers, PEERS)):
         bad = [x for x in given or () if x not in known]
         if bad:
             raise MeestralError(f"{option}: unknown {', '.join(bad)}; use some of {', '.join(known)}")
     run_bench(args.backbone, exits=args.exits, tokens=args.tokens, device=args.device, dtype=args.dtype,
               repeats=args.repeats, max_backlog=args.max_backlog, prompt_tokens=args.prompt_tokens,
               engine=args.engine, policies=tuple(args.policies or POLICIES), peers=tuple(args.peers or ("hf",)),
-              profile=args.profile)
+              profile=args.profile, draft_tokens=_draft_tokens(args.draft_tokens), inject=args.inject or ())
     return 0
+
+
+def _draft_tokens(text: str) -> list:
+    """--draft-tokens of bench: numbers in [1, 16] and/or auto, e.g. 2,4,auto."""
+    from meestral.decoding.config import MAX_DRAFT_TOKENS
+
+    out = []
+    for x in names(text):
+        if x == "auto":
+            out.append(x)
+            continue
+        try:
+            k = int(x)
+        except ValueError:
+            k = 0
+        if not 1 <= k <= MAX_DRAFT_TOKENS:
+            raise MeestralError(f"--draft-tokens holds {x!r}: give numbers in [1, {MAX_DRAFT_TOKENS}] or auto, e.g. 2,4,auto")
+        out.append(k)
+    if not out:
+        raise MeestralError("--draft-tokens is empty: give e.g. 2,4,auto")
+    return out
 
 
 def add_tool_parsers(sub):
@@ -47,8 +68,15 @@ def add_tool_parsers(sub):
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--max-backlog", type=int, default=4)
     b.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (default: one sentence)")
-    b.add_argument("--policies", type=names, help="policies of the forced-exit rows (default: all four)")
-    b.add_argument("--peers", type=names, help="full-depth peers: hf (default), hf-static, hf-compiled")
+    b.add_argument("--policies", type=names, help="policies of the forced-exit rows: copy, propagate, catchup, verify "
+                   "(default: these four), speculate")
+    b.add_argument("--peers", type=names, help="peers: hf (default), hf-static, hf-compiled (full depth), hf-assisted "
+                   "(HF's self-speculation, assistant_early_exit, from each exit point)")
     b.add_argument("--profile", help="also write kernel tables (where device time goes) to this JSON file")
+    b.add_argument("--draft-tokens", default="4",
+                   help="speculate rows (with speculate in --policies): drafts per cycle, e.g. 2,4,auto (default 4)")
+    b.add_argument("--inject", type=floats,
+                   help="speculate rows: injected draft acceptance, e.g. 0.5,0.6,0.7,0.8,0.9 (benchmark only: random "
+                   "weights never agree with themselves; default: the drafts' own acceptance)")
     add_engine_arg(b)
     b.set_defaults(func=cmd_bench)

@@ -56,6 +56,9 @@ from meestral.decoding.sampling import draw, probabilities
 from meestral.decoding.speculation_control import Choice, SpeculationController
 
 
+COUNTS = ("cycles", "drafts", "checked", "accepted", "full_steps")
+
+
 def cycle_cost(bb, e: int, k: int, kept=None) -> float:
     """A cycle of k drafts from exit point `e`, in full-depth steps by weight bytes (what bounds
     batch-1 decoding on a GPU): k+1 shallow steps through blocks 0..e, k draft-head reads, one deep
@@ -83,6 +86,7 @@ class SpeculatePolicy(Policy):
             self.control = SpeculationController(list(range(len(self.points))), self.max_k, self.prior_cost)
         self.inject = None  # benchmark only: each draft is accepted with this chance, whatever its token
         self.last_choice = None  # what the last step ran (tests and the benchmark read it)
+        self.reset_counts()
 
     @property
     def extra_slots(self) -> int:
@@ -117,7 +121,21 @@ class SpeculatePolicy(Policy):
             out, logits, accepted, rejected = self.cycle(batch, opts, gen, choice.j, choice.k)
         if self.control is not None:  # the step ended with a read: its device work is done
             self.control.observe(choice, (time.perf_counter() - t0) * 1000, accepted, rejected)
+        c = self.counts
+        if choice.k == 0:
+            c["full_steps"] += 1
+        else:  # drafts checked until the first rejection (the geometric model's acceptance)
+            c["cycles"] += 1
+            c["accepted"] += accepted
+            c["checked"] += accepted + (1 if rejected else 0)
+            c["drafts"] += choice.k
         return out, logits
+
+    def reset_counts(self) -> dict:
+        """The counts since the last reset (cycles, drafts made, drafts checked and accepted,
+        full-depth steps), then zero: the benchmark's acceptance per run."""
+        old, self.counts = getattr(self, "counts", None), dict.fromkeys(COUNTS, 0)
+        return old
 
     # ---- a plain full-depth step (the controller's fallback) ---------------------------------
     def full_step(self, batch, opts, gen):
@@ -147,7 +165,7 @@ class SpeculatePolicy(Policy):
         if opts.greedy and (self.inject is None or gen is None):
             # Everything up to the read is device work at fixed shapes: a graph engine captures
             # the whole cycle once per (exit point, k, batch, key range) and replays it.
-            key = ("speculate", j, k, B, id(state), self.inject is not None)
+            key = ("speculate", j, k, B, id(state), self.inject)  # (α is baked into a captured graph)
             vals_t, full_m = eng.sequence(key, device_part, inputs, start=s, length=k + 1)
         else:  # sampling draws from a generator the host hands in: the engine's calls one by one
             vals_t, full_m = device_part(inputs)

@@ -34,8 +34,9 @@ from meestral.decoding.heads import ExitHeads, check_exit_points
 from meestral.decoding.sampling import SamplingOptions
 
 PROMPT = "The history of the printing press begins"
-POLICIES = ("copy", "propagate", "catchup", "verify")
-PEERS = ("hf", "hf-static", "hf-compiled")
+POLICIES = ("copy", "propagate", "catchup", "verify")  # the default rows; speculate is asked for
+ALL_POLICIES = POLICIES + ("speculate",)
+PEERS = ("hf", "hf-static", "hf-compiled", "hf-assisted")
 PEER_CASES = {"hf": "hf_generate", "hf-static": "hf_generate_static", "hf-compiled": "hf_compiled_step"}
 
 
@@ -55,7 +56,8 @@ def cases(bb, exits, max_backlog, policies=POLICIES):
     for e in exits:
         heads = ExitHeads("static", [e], bb)
         for policy in policies:
-            yield f"exit@{e}", ExitConfig(heads=heads, thresholds=0.0, policy=policy, max_backlog=max_backlog)
+            if policy != "speculate":  # its rows: speculate_bench.speculate_cases
+                yield f"exit@{e}", ExitConfig(heads=heads, thresholds=0.0, policy=policy, max_backlog=max_backlog)
 
 
 def _sync(dev):
@@ -188,10 +190,15 @@ def _progress(label, ms):
 
 
 def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None,
-              max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",), profile=None):
+              max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",), profile=None,
+              draft_tokens=(4,), inject=()):
     """Rows of JSON per case (see the module's docstring). `profile` (a path): also profile one
     generation of our full depth and of the first exit layer's copy and catchup rows, and write
-    their kernel tables there (kernel_profile.py)."""
+    their kernel tables there (kernel_profile.py). With `speculate` in `policies`: its rows per
+    exit point, per `draft_tokens` entry (a number or 'auto') and per injected acceptance in
+    `inject` (speculate_bench.py)."""
+    from meestral.tools.speculate_bench import assisted_peer_ms, speculate_cases, speculate_fields
+
     out = out or sys.stdout  # resolved per call, so redirections made after import are honoured
     bb = load_backbone(backbone, dtype=dtype, device=device)
     L = bb.num_layers
@@ -200,19 +207,36 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     opts = SamplingOptions(max_new_tokens=tokens)
     decs = [(name, cfg.policy, EarlyExitDecoder(bb, config=cfg, engine=engine))
             for name, cfg in cases(bb, exits, max_backlog, policies)]
+    alpha = {}  # speculate row's decoder -> its injected acceptance (None: the drafts' own)
+    if "speculate" in policies:
+        for name, cfg, a in speculate_cases(bb, exits, draft_tokens, inject):
+            dec = EarlyExitDecoder(bb, config=cfg, engine=engine)
+            dec.policy.inject = a
+            alpha[dec] = a
+            decs.append((name, "speculate", dec))
     kind = type(decs[0][2].engine).__name__
     if kind != "EagerEngine":  # the eager engine's full depth beside it: what the fixed path gains
         decs.insert(1, ("full", "-", EarlyExitDecoder(bb, engine="eager")))
     for _, _, dec in decs:
         dec.generate([ids], SamplingOptions(max_new_tokens=min(tokens, 8)))  # warm-up: allocator, capture
     runs = {i: [] for i in range(len(decs))}
+    counts = {dec: [] for dec in alpha}
     for _ in range(repeats):
         for i, (name, policy, dec) in enumerate(decs):
+            if dec in alpha:
+                dec.policy.reset_counts()
             # dec.summary charges the work on rolled-back (verify) tokens to the kept ones.
             runs[i].append(dec.summary(dec.generate([ids], opts)[0]))
+            if dec in alpha:
+                counts[dec].append(dec.policy.reset_counts())
             _progress(f"{name} {policy} {type(dec.engine).__name__}", runs[i][-1]["ms_per_token"])
     peer_ms = {}
     for p in peers:
+        if p == "hf-assisted":
+            for e, ms in assisted_peer_ms(bb, ids, tokens, repeats, exits).items():
+                peer_ms[f"hf-assisted@{e}"] = ms
+                _progress(f"peer hf-assisted@{e}", ms)
+            continue
         peer_ms[p] = _peer_ms(p, bb, ids, tokens, repeats)
         _progress(f"peer {p}", peer_ms[p])
     gbps = copy_gbps(bb.device)
@@ -230,14 +254,20 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             "weight_bytes_per_token": s[0]["weight_bytes_per_token"],
             "flops_per_token": s[0]["flops_per_token"], "ms_per_token": ms, "tokens_per_s": 1000.0 / ms,
         })
+        if dec in alpha:
+            rows[-1].update(speculate_fields(bb, dec.config, alpha[dec], counts[dec]))
     full = rows[0]
     for p, ms in peer_ms.items():
         if ms is not None:
-            rows.append(dict(full, case=PEER_CASES[p], policy="-", engine="hf", ms_per_token=ms, tokens_per_s=1000.0 / ms))
-    peer_rows = [r for r in rows if r["engine"] == "hf"]
+            case = PEER_CASES.get(p) or p.replace("hf-assisted", "hf_assisted")
+            rows.append(dict(full, case=case, policy="-", engine="hf", ms_per_token=ms, tokens_per_s=1000.0 / ms))
+    # The assisted peer is a lossless early-exit decoder, not a full-depth one: kept out of "best peer".
+    peer_rows = [r for r in rows if r["engine"] == "hf" and not r["case"].startswith("hf_assisted")]
     best_peer = min((r["ms_per_token"] for r in peer_rows), default=None)
     for r in rows:
         r["speedup_vs_full"] = full["ms_per_token"] / r["ms_per_token"]
+        if r.get("predicted_speedup"):
+            r["of_predicted"] = r["speedup_vs_full"] / r["predicted_speedup"]
         r["speedup_vs_best_peer"] = None if best_peer is None else best_peer / r["ms_per_token"]
         r["weight_bytes_ratio"] = r["weight_bytes_per_token"] / full["weight_bytes_per_token"]
         r["weight_gbps"] = r["weight_bytes_per_token"] * r["tokens_per_s"] / 1e9
@@ -249,13 +279,18 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         print(json.dumps(r), file=out, flush=True)
     if profile:
         _write_profiles(profile, bb, ids, tokens, opts, decs)
-    print(f"\n{'case':<12} {'policy':<10} {'engine':<12} {'layers':>7} {'deep':>5} {'tok/s':>8} {'vs full':>8} "
+    print(f"\n{'case':<22} {'policy':<10} {'engine':<12} {'layers':>7} {'deep':>5} {'tok/s':>8} {'vs full':>8} "
           f"{'vs peer':>8} {'GB/s':>7} {'bytes':>6}", file=sys.stderr)
     for r in rows:
         vp = "" if r["speedup_vs_best_peer"] is None else f"{r['speedup_vs_best_peer']:.2f}x"
-        print(f"{r['case']:<12} {r['policy']:<10} {r['engine']:<12} {r['mean_layers_run']:>7.1f} "
+        spec = ""
+        if r.get("acceptance") is not None:
+            spec = f"  acceptance {r['acceptance']:.2f}, {r['accepted_per_cycle']:.2f} accepted/cycle"
+            if r.get("predicted_speedup"):
+                spec += f", predicted {r['predicted_speedup']:.2f}x ({r['of_predicted']:.2f} of it)"
+        print(f"{r['case']:<22} {r['policy']:<10} {r['engine']:<12} {r['mean_layers_run']:>7.1f} "
               f"{r['deep_passes_per_token']:>5.2f} {r['tokens_per_s']:>8.1f} {r['speedup_vs_full']:>7.2f}x {vp:>8} "
-              f"{r['weight_gbps']:>7.1f} {r['weight_bytes_ratio']:>5.2f}x", file=sys.stderr)
+              f"{r['weight_gbps']:>7.1f} {r['weight_bytes_ratio']:>5.2f}x{spec}", file=sys.stderr)
     return rows
 
 
