@@ -204,6 +204,33 @@ def test_cuda_catchup_states_equal_full_model(shape):
     assert_states_equal(bb, states["eager"], states["graph"], 1e-4)
 
 
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba", "smollm2"])
+def test_cuda_speculate_cycles_are_captured_and_equal_full_depth(shape):
+    """On CUDA, `speculate` (fixed k, and the controller) runs each cycle as one captured graph
+    (no call falls back to eager) and its greedy output equals our full depth, batch 1 and 3; with
+    acceptance injected the tokens differ but the captured cycle equals the eager engine's."""
+    bb = _cuda_backbone(shape)
+    L = bb.num_layers
+    opts = SamplingOptions(max_new_tokens=12)
+    full = EarlyExitDecoder(bb, engine="graph")
+    for prompts in (PROMPTS[:1], PROMPTS):
+        ref = [g.token_ids for g in full.generate(prompts, opts)]
+        for draft_tokens in ("3", "auto"):
+            cfg = ExitConfig.from_options(bb, exits=[L // 3], policy="speculate", draft_tokens=draft_tokens)
+            dec = EarlyExitDecoder(bb, cfg, engine="graph")
+            assert [g.token_ids for g in dec.generate(prompts, opts)] == ref
+            assert dec.engine.capture and all(c.graph is not None for c in dec.engine.calls.values())
+    cfg = ExitConfig.from_options(bb, exits=[L // 3], policy="speculate", draft_tokens="3")
+    got = {}
+    for e in ("eager", "graph"):
+        dec = EarlyExitDecoder(bb, cfg, engine=e)
+        dec.policy.inject = 1.0  # every draft kept: the cycle's drafts are the output
+        got[e] = [g.token_ids for g in dec.generate(PROMPTS, opts)]
+    assert got["graph"] == got["eager"]
+
+
 @pytest.mark.parametrize("shape", ["mistral", "llama"])
 def test_hf_static_cache_peer_decodes_hf_greedy(tiny, shape):
     """The benchmark's strongest peer (StaticCache + one-token steps over HF's modules; compiled
