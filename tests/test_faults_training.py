@@ -475,3 +475,115 @@ def test_distill_sample_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_teach
     monkeypatch.setattr(meestral.files, "os", os)
     assert run_main(sample_argv(tiny_teacher, out), capsys)[0] == 0  # the same command, once there is room
     assert visible(out) == ["shard-000-00000.pt"]
+
+
+# ---- in child processes: two runs at once, an external Ctrl-C, kill -9 ---------------------------
+# The child: `python -c CHILD SPEC_JSON ARGV...`. SPEC is {} (no fault) or {"module", "name", "nth",
+# "action", "marker"}: on its `nth` call, `module.name` is entered by a SIGKILL ("kill"), or by a
+# pause inside a finaliser ("pause": MARKER is created, then the child waits for MARKER.go), where a
+# Ctrl-C sent meanwhile lands as it did in issue 21's fault 5; then the call does its work.
+CHILD = r"""
+import importlib, json, os, signal, sys, time
+spec, argv = json.loads(sys.argv[1]), sys.argv[2:]
+from meestral.cli.main import main
+if spec:
+    module = importlib.import_module(spec["module"])
+    real, calls = getattr(module, spec["name"]), [0]
+    class Pause:
+        def __del__(self):
+            open(spec["marker"], "w").close()
+            end = time.time() + 120
+            while not os.path.exists(spec["marker"] + ".go") and time.time() < end:
+                time.sleep(0.01)
+    def wrapped(*a, **kw):
+        calls[0] += 1
+        if calls[0] == spec["nth"]:
+            if spec["action"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            Pause()
+        return real(*a, **kw)
+    setattr(module, spec["name"], wrapped)
+sys.exit(main(argv))
+"""
+
+
+def child(argv, spec=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec or {}), *map(str, argv)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def wait_for(path, proc, timeout=180):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def stale(folder):
+    return sorted(p.name for p in Path(folder).rglob(".*") if ".tmp" in p.name)
+
+
+MODULE = {"train": "meestral.training.head_training", "adapt": "meestral.training.adapt"}
+STOPPED = {  # (command, paused in) -> the one line Ctrl-C there ends with
+    ("train", "save_checkpoint"): "meestral: training interrupted at step 4 of 8: rerun with --resume to continue "
+                                  "from its checkpoint of step 4\n",
+    ("train", "plot_curves"): "meestral: training interrupted at step 4 of 8: rerun with --resume to continue "
+                              "from its checkpoint of step 4\n",
+    ("adapt", "save_checkpoint"): "meestral: adaptation interrupted at step 3 of 6: rerun with --resume to continue "
+                                  "from its last checkpoint\n",
+}
+
+
+@pytest.mark.slow  # child processes
+@pytest.mark.parametrize("command, moment", list(STOPPED))
+def test_a_second_run_is_refused_and_ctrl_c_stops_the_first_at_its_step(command, moment, corpus, references,
+                                                                        tmp_path):
+    """The first run is paused inside a finaliser at its first checkpoint or validation. A second
+    run on the same --out is refused in one line naming the first; Ctrl-C then stops the first
+    with exit 130 at that step (it used to be swallowed there, and the run went on to its end);
+    the resumed run's log is the uninterrupted run's."""
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    argv = ARGV[command](corpus, out)
+    first = child(argv, {"module": MODULE[command], "name": moment, "nth": 1, "action": "pause",
+                         "marker": str(marker)})
+    try:
+        wait_for(marker, first)
+        rc, stdout, err = finish(child(argv))
+        assert_one_line_error(rc, stdout, err, [f"--out {out} is in use by another run (pid {first.pid}, "
+                                                f"{COMMAND[command]})", "let it finish, or choose another --out"])
+        first.send_signal(signal.SIGINT)
+        Path(str(marker) + ".go").touch()
+        rc, stdout, err = finish(first)
+    finally:
+        first.kill()
+    assert (rc, stdout, err) == (130, "", STOPPED[command, moment])
+    stopped_at = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert max(step for _, step in records(out)) == stopped_at  # nothing after the Ctrl-C
+    assert not (out / LOCK).exists() and stale(out) == []
+    rc, _, err = finish(child(argv + ["--resume"]))
+    assert rc == 0, err
+    assert records(out) == references[command]
+
+
+@pytest.mark.slow  # child processes
+@pytest.mark.parametrize("command, resume", [("train", False), ("adapt", False), ("adapt", True)])
+def test_kill_9_before_the_first_checkpoint_then_a_rerun_gives_the_uninterrupted_log(command, resume, corpus,
+                                                                                     references, tmp_path):
+    """Issue 21, fault 4: the killed run's log has records and no checkpoint; the rerun (with or
+    without --resume) takes the dead run's lock over and its log starts over."""
+    out = tmp_path / "run"
+    argv = ARGV[command](corpus, out)
+    rc, _, err = finish(child(argv, {"module": MODULE[command], "name": "save_checkpoint", "nth": 1, "action": "kill"}))
+    assert rc == -signal.SIGKILL, err
+    assert records(out) and not (out / "checkpoint.pt").exists() and (out / LOCK).exists()
+    rc, _, err = finish(child(argv + (["--resume"] if resume else [])))
+    assert rc == 0, err
+    assert records(out) == references[command]
+    assert not (out / LOCK).exists() and stale(out) == []
