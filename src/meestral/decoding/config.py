@@ -47,7 +47,8 @@ def option_list(value, cast, what):
     try:
         return [cast(x) for x in items]
     except (TypeError, ValueError):
-        raise MeestralError(f"{what}={value!r} is not a ':'-separated list of numbers (e.g. {what}=7:15:22)") from None
+        example = "0.9 or 0.9:0.8:0.7" if cast is float else "7:15:22"  # a threshold's example is a threshold
+        raise MeestralError(f"{what}={value!r} is not a ':'-separated list of numbers (e.g. {what}={example})") from None
 
 
 def layer_drop_skip(num_layers: int, n: int) -> tuple[int, ...]:
