@@ -15,9 +15,9 @@ ARCHS = ["mistral", "llama", "mamba2", "mamba", "mistral-sw"]
 PROMPTS = [[1, 20, 30, 40], [1, 50, 60, 70, 80, 90, 100], [1, 7, 8]]
 
 
-def spec_config(bb, exit_layer, k, threshold=0.0, adaptive=False, kind="softmax"):
+def spec_config(bb, exit_layer, k, threshold=0.0, adaptive=False, kind="softmax", draft_vocab=0):
     return ExitConfig(heads=ExitHeads(kind, [exit_layer], bb), thresholds=threshold, policy="speculate",
-                      draft_tokens=k, adaptive=adaptive)
+                      draft_tokens=k, adaptive=adaptive, draft_vocab=draft_vocab)
 
 
 def acceptance(dec, gens):
@@ -94,16 +94,17 @@ def exact_pair_distribution(bb, prompt, opts):
     return out
 
 
-@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
-def test_sampling_keeps_the_full_models_distribution(tiny, shape):
+@pytest.mark.parametrize("shape,draft_vocab", [("mistral", 0), ("mamba2", 0), ("mistral", 130)])
+def test_sampling_keeps_the_full_models_distribution(tiny, shape, draft_vocab):
     """Speculative-sampling acceptance: the pairs (token 1, token 2) speculate draws are distributed
-    as the full model's (the second comes from a cycle), while the drafts' own distribution is not."""
+    as the full model's (the second comes from a cycle), while the drafts' own distribution is not;
+    also with a trimmed draft head (drafts never propose a token beyond its rows)."""
     bb = tiny(shape)
     prompt = [1, 20, 30, 40]
     opts = SamplingOptions(max_new_tokens=3, temperature=1.0, top_k=3, seed=0)
     exact = exact_pair_distribution(bb, prompt, opts)
     n = 3000
-    dec = EarlyExitDecoder(bb, spec_config(bb, 0, 2))
+    dec = EarlyExitDecoder(bb, spec_config(bb, 0, 2, draft_vocab=draft_vocab))
     gens = dec.generate([prompt] * n, opts)
     counts = {}
     for g in gens:
@@ -122,10 +123,12 @@ def test_sampling_keeps_the_full_models_distribution(tiny, shape):
     assert tv_wrong > 0.1, tv_wrong
 
 
-@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba"])
-def test_scoring_prices_speculate_as_generation_spends_it(tiny, shape):
+@pytest.mark.parametrize("shape,draft_vocab", [("mistral", 0), ("mamba2", 0), ("mamba", 0), ("mistral", 130),
+                                               ("mamba2", 130)])
+def test_scoring_prices_speculate_as_generation_spends_it(tiny, shape, draft_vocab):
     """Teacher-forced scoring of the model's own greedy continuation charges every token (and every
-    spent draft) exactly what the decoder's cycles charged."""
+    spent draft) exactly what the decoder's cycles charged (also with a trimmed draft head, whose
+    drafts the table decides from `beat`)."""
     from meestral.decoding.accounting import token_stats
     from meestral.evaluation.scoring import build_tables, decide
 
@@ -133,7 +136,7 @@ def test_scoring_prices_speculate_as_generation_spends_it(tiny, shape):
     L = bb.num_layers
     # Random Mamba-1's drafts are all accepted: a threshold makes some cycles stop drafting.
     th = median_softmax(bb, L - 2) if shape == "mamba" else 0.0
-    cfg = spec_config(bb, L - 2, 3, th).checked(bb)
+    cfg = spec_config(bb, L - 2, 3, th, draft_vocab=draft_vocab).checked(bb)
     dec = EarlyExitDecoder(bb, cfg)
     prompt = PROMPTS[1]
     gen = dec.generate([prompt], SamplingOptions(max_new_tokens=20))[0]
@@ -298,3 +301,55 @@ def test_exits_auto_calibrates_for_speculate_only(tiny):
     assert cfg.exit_points[0] in candidate_layers(bb.num_layers)
     with pytest.raises(MeestralError, match="exits=auto picks the draft exit point of --policy speculate"):
         ExitConfig.from_options(bb, exits="auto", policy="copy")
+
+
+# ---- a trimmed draft head (draft_vocab) -----------------------------------------------------------
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba"])
+def test_trimmed_draft_head_keeps_full_depth_output(tiny, shape):
+    """Drafts from the LM head's first N rows: greedy output is still full depth's, batch 1 and 3;
+    drafts are accepted where the full model's token lies in those rows, and every draft step is
+    charged N/V of the head (no confidence probe at threshold 0)."""
+    bb = tiny(shape)
+    L, V = bb.num_layers, bb.vocab_size
+    N = V // 2
+    opts = SamplingOptions(max_new_tokens=24)
+    ref = EarlyExitDecoder(bb).generate(PROMPTS, opts)
+    dec = EarlyExitDecoder(bb, spec_config(bb, L - 2, 3, draft_vocab=N))
+    assert [g.token_ids for g in dec.generate(PROMPTS, opts)] == [r.token_ids for r in ref]
+    single = [dec.generate([p], opts)[0] for p in PROMPTS]
+    assert [g.token_ids for g in single] == [r.token_ids for r in ref]
+    drafts = [s for g in single for s in g.stats[1:] if not s.deep]
+    assert drafts and all(t < N for g, r in zip(single, ref) for t, s in zip(g.token_ids, g.stats) if not s.deep)
+    full_head = EarlyExitDecoder(bb, spec_config(bb, L - 2, 3))
+    one = full_head.generate([PROMPTS[0]], opts)[0]
+    untrimmed = [s for s in one.stats[1:] if not s.deep]
+    trimmed = [s for s in single[0].stats[1:] if not s.deep]
+    if untrimmed and trimmed:  # a draft step reads N/V of the head instead of all of it (softmax probe)
+        head = dec.cost.head_params * dec.cost.bytes_per_param
+        assert untrimmed[0].weight_bytes - trimmed[0].weight_bytes == pytest.approx(head * (1 - N / V))
+        assert trimmed[0].probes == 0
+
+
+def test_draft_logits_are_the_first_rows_of_the_logit_lens(tiny):
+    from meestral.evaluation.scoring import first_winner
+
+    bb = tiny("llama")
+    h = torch.randn(5, bb.hidden_size)
+    assert torch.allclose(bb.draft_logits(h, 100), bb.logits(h)[:, :100], atol=1e-5)
+    lg = torch.tensor([[1.0, 3.0, 2.0, 3.0], [5.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 2.0]])
+    # row 0: f=3 is beaten by id 1 (equal logit, smaller id); row 1: f=0 beaten by none; row 2: f=2
+    # beaten by id 1 (equal, smaller) and id 3 (higher): the smallest is 1
+    assert first_winner(lg, torch.tensor([3, 0, 2])).tolist() == [1, 4, 1]
+
+
+def test_draft_vocab_errors(tiny):
+    bb = tiny("mistral")
+    with pytest.raises(MeestralError, match="draft_vocab trims speculate"):
+        ExitConfig.from_options(bb, exits=[2], policy="copy", draft_vocab=10)
+    with pytest.raises(MeestralError, match="draft_vocab 999 out of range"):
+        ExitConfig.from_options(bb, exits=[2], policy="speculate", draft_vocab=999)
+    with pytest.raises(MeestralError, match="reads the whole LM head"):
+        ExitConfig.from_options(bb, exits=[2], policy="speculate", threshold=0.5, draft_vocab=10)
+    cfg = ExitConfig.from_options(bb, exits=[2], policy="speculate", head="saturation", threshold=0.5, draft_vocab=10)
+    assert cfg.draft_vocab == 10
+    assert ExitConfig.from_options(bb, exits=[2], policy="speculate", draft_vocab=bb.vocab_size).draft_vocab == 0

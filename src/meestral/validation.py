@@ -134,6 +134,7 @@ RULES = {
     "curriculum_share": Number(float, 0, 1), "layer_dropout": Number(float, 0, 1, high_open=True),
     "val_tokens": Number(int, 1),
     "inject": Items(UNIT, example="0.5,0.8"),  # bench: injected draft acceptance
+    "draft_vocab": Number(int, 0, hint="0: the whole vocabulary"),
 }
 AUTO = {"exits"}  # options that also take the word auto (--exits auto: speculate's calibrated exit point)
 FREE_TEXT = {"prompt", "rest"}  # checked where they are read (an empty prompt has its own message)

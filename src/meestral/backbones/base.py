@@ -222,6 +222,14 @@ class Backbone(ABC):
         """Final norm + LM head on any layer's hidden state (the 'logit lens')."""
         return self.lm_head(self.final_norm(h))
 
+    def draft_logits(self, h: torch.Tensor, rows: int) -> torch.Tensor:
+        """The logit lens over the LM head's first `rows` rows only (speculate's trimmed draft
+        head): a view of the weight, read in part; equal to `logits(h)[..., :rows]`."""
+        head = self.lm_head_module
+        w = head.weight
+        bias = None if head.bias is None else head.bias[:rows]
+        return torch.nn.functional.linear(self.final_norm(h).to(w.dtype), w[:rows], bias)
+
     @abstractmethod
     def new_state(self, batch_size: int, capacity: int):
         """Empty per-layer state for `batch_size` rows and up to `capacity` slots."""

@@ -80,6 +80,10 @@ def add_exit_args(p):
                    help="speculate: drafts per cycle, a number up to 16, or auto (default: a controller picks "
                    "up to 6 and the exit point from measured acceptance and step times, and falls back to "
                    "full depth where drafting does not pay)")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="speculate: drafts read only the LM head's first N rows (BPE ids run from the most "
+                   "frequent tokens; the deep pass checks with the whole head, so the output is unchanged); "
+                   "0 (default): the whole vocabulary")
     p.add_argument("--verify", action="store_true", help="same as --policy verify (with --policy catchup)")
     p.add_argument("--max-backlog", type=int, default=8,
                    help="catchup/verify: exited tokens that may wait before a deep pass is forced")
@@ -105,7 +109,7 @@ def exit_config(args, bb):
     return ExitConfig.from_options(bb, heads=args.heads, head=args.head, exits=args.exits,
                                    threshold=_threshold(args), policy=args.policy, verify=args.verify,
                                    max_backlog=args.max_backlog, exit_output=args.exit_output,
-                                   draft_tokens=args.draft_tokens)
+                                   draft_tokens=args.draft_tokens, draft_vocab=args.draft_vocab)
 
 
 def _threshold(args):

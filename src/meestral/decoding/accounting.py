@@ -50,6 +50,7 @@ class StepLog:
     slots: tuple | None = None  # catch-up: positions block i ran for this row in the same call
     probes: int = 0  # exit heads evaluated
     head_read: bool = True  # False when the emitted logits are an exit probe's
+    head_share: float = 1.0  # of the LM head read (speculate's trimmed draft head: its rows / all)
     deep: bool = True
     prefill: bool = False
     wall_ms: float | None = None  # None: no decode time (teacher-forced scoring)
@@ -68,7 +69,8 @@ def token_stats(log: StepLog, cost: "CostModel") -> TokenStats:
         flops, nbytes = cost.token(log.ran, [], 0, log.context, True)
         return TokenStats(log.exit_layer, len(log.ran), 0, flops * log.context, nbytes, log.wall_ms, prefill=True,
                           verified=log.verified)
-    flops, nbytes = cost.token(log.ran, log.propagated, log.probes, log.context, log.head_read, slots=log.slots)
+    flops, nbytes = cost.token(log.ran, log.propagated, log.probes, log.context, log.head_read, slots=log.slots,
+                               head_share=log.head_share)
     caught_up = sum(log.slots) - len(log.ran) if log.slots is not None else 0
     return TokenStats(log.exit_layer, len(log.ran), log.probes, flops, nbytes, log.wall_ms, caught_up=caught_up,
                       deep=log.deep, verified=log.verified)
@@ -127,19 +129,21 @@ class CostModel:
     def full_token_bytes(self) -> float:
         return self.embed_bytes + self.bytes_per_param * (sum(self.layer_params) + self.head_params)
 
-    def token(self, layers_run, propagated, probes, context, head_read: bool, slots=None) -> tuple[float, float]:
+    def token(self, layers_run, propagated, probes, context, head_read: bool, slots=None,
+              head_share: float = 1.0) -> tuple[float, float]:
         """(FLOPs, weight bytes) of one token that ran `layers_run` (list of layer indices) in full,
         `propagated` (layer indices) state-only, evaluated `probes` exit heads and saw `context`
         positions; `head_read` False when the emitted logits came from an exit probe. `slots[i]`
         (catch-up) is how many positions layer i ran in the same call: its weights are read once,
-        its FLOPs are paid per position."""
+        its FLOPs are paid per position. `head_share`: the part of the LM head read (a trimmed
+        draft head reads its first rows only)."""
         params = sum(self.layer_params[i] for i in layers_run)
         params += sum(self.propagate_params[i] for i in propagated)
-        params += probes * self.probe_params + (self.head_params if head_read else 0)
+        params += probes * self.probe_params + (self.head_params * head_share if head_read else 0)
         n = slots if slots is not None else [1] * len(self.layer_flops)
         flops = sum(n[i] * (self.layer_flops[i] + self.attention_flops(i, context)) for i in layers_run)
         flops += sum(self.propagate_flops[i] for i in propagated)
-        flops += probes * self.probe_flops + (2.0 * self.head_params if head_read else 0.0)
+        flops += probes * self.probe_flops + (2.0 * self.head_params * head_share if head_read else 0.0)
         return flops, self.embed_bytes + self.bytes_per_param * params
 
 

@@ -11,7 +11,8 @@ State policies (what the layers an exited token skips receive; README, "Generate
 the full model (lossless). `speculate` (speculate.py) is lossless too: it drafts up to
 `draft_tokens` tokens from an exit point and checks them in one deep pass; its threshold ends a
 cycle's drafting where the exit head is not confident (default 0: always draft), and with
-`adaptive` a controller picks the number of drafts and the exit point as it measures them.
+`adaptive` a controller picks the number of drafts and the exit point as it measures them;
+`draft_vocab` trims the drafts' LM head to its first N rows.
 """
 
 from __future__ import annotations
@@ -87,11 +88,12 @@ class ExitConfig:
     skip_layers: tuple = ()  # a pruned model (the layer-drop baseline): these blocks never run
     draft_tokens: int = 4  # speculate: the most drafts a cycle makes
     adaptive: bool = True  # speculate: the controller picks k <= draft_tokens and the exit point
+    draft_vocab: int = 0  # speculate: drafts read the LM head's first N rows only (0: all; speculate.py)
 
     @classmethod
     def from_options(cls, backbone, *, heads=None, head="softmax", exits=None, threshold=None, policy="copy",
                      verify=False, max_backlog=8, exit_output="hidden", layer_drop=0,
-                     draft_tokens="auto") -> "ExitConfig":
+                     draft_tokens="auto", draft_vocab=0) -> "ExitConfig":
         """The checked configuration that user-facing options describe (CLI flags, lm-eval
         model_args). `heads`: built ExitHeads or a folder of trained ones; otherwise `head` names a
         training-free kind at `exits` (default: every quarter), or `full`/`none` for no exits.
@@ -99,7 +101,8 @@ class ExitConfig:
         `layer_drop=N` is DYNAMAX's pruned baseline (the N blocks before the last removed).
         `threshold` None: 1.0 (never exit), or 0.0 under speculate (always draft). `draft_tokens`
         (speculate): a number for a fixed k, or 'auto' for the controller (up to 6 drafts).
-        `exits='auto'` (speculate): the exit point a short calibration on held-out text picks."""
+        `exits='auto'` (speculate): the exit point a short calibration on held-out text picks.
+        `draft_vocab=N` (speculate): drafts read the LM head's first N rows only."""
         from meestral.decoding.heads import ExitHeads
 
         L = backbone.num_layers
@@ -139,8 +142,13 @@ class ExitConfig:
                 draft_tokens = int(draft_tokens)
             except (TypeError, ValueError):
                 raise MeestralError(f"draft_tokens={draft_tokens!r} must be a whole number or 'auto'") from None
+        try:
+            draft_vocab = int(draft_vocab or 0)
+        except (TypeError, ValueError):
+            raise MeestralError(f"draft_vocab={draft_vocab!r} must be a whole number (0: the whole vocabulary)") from None
         return cls(heads=heads, thresholds=th if heads is not None else 1.0, policy=policy, max_backlog=max_backlog,
-                   exit_output=exit_output, draft_tokens=draft_tokens, adaptive=adaptive).checked(backbone)
+                   exit_output=exit_output, draft_tokens=draft_tokens, adaptive=adaptive,
+                   draft_vocab=draft_vocab).checked(backbone)
 
     @property
     def verify(self) -> bool:
@@ -197,8 +205,22 @@ class ExitConfig:
                 raise MeestralError(f"a fixed number of drafts drafts from one exit point, got {list(heads.exit_points)}: "
                                     "give one with --exits E, or --draft-tokens auto to let the controller choose")
         th = tuple(check_thresholds(self.thresholds, len(heads.exit_points))) if heads is not None else ()
+        vocab = int(self.draft_vocab or 0)
+        if vocab:
+            if self.policy != "speculate":
+                raise MeestralError(f"draft_vocab trims speculate's draft head, not {self.policy}'s: use it with "
+                                    "--policy speculate")
+            if not 1 <= vocab <= backbone.vocab_size:
+                raise MeestralError(f"draft_vocab {vocab} out of range: give 1 to {backbone.vocab_size} (the "
+                                    "vocabulary), or 0 for all of it")
+            if heads.needs_logits and any(t > 0 for t in th):
+                raise MeestralError(f"a {heads.kind} confidence reads the whole LM head, which draft_vocab avoids: "
+                                    "use threshold 0 (always draft), or a head that reads no logits (static, "
+                                    "saturation, classifier)")
+            if vocab == backbone.vocab_size:
+                vocab = 0  # the whole vocabulary: nothing to trim
         return replace(self, thresholds=th, max_backlog=backlog, skip_layers=skip, draft_tokens=int(self.draft_tokens),
-                       adaptive=bool(self.adaptive))
+                       adaptive=bool(self.adaptive), draft_vocab=vocab)
 
     def to_dict(self) -> dict:
         """The configuration as JSON-able data (results files, `meestral generate --json`)."""
@@ -207,4 +229,5 @@ class ExitConfig:
                 "thresholds": list(self.thresholds) if h is not None else [], "policy": self.policy,
                 "verify": self.verify, "max_backlog": self.max_backlog, "exit_output": self.exit_output,
                 "skip_layers": list(self.skip_layers),
-                **({"draft_tokens": "auto" if self.adaptive else self.draft_tokens} if self.policy == "speculate" else {})}
+                **({"draft_tokens": "auto" if self.adaptive else self.draft_tokens, "draft_vocab": self.draft_vocab}
+                   if self.policy == "speculate" else {})}

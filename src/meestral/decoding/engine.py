@@ -140,3 +140,6 @@ class EagerEngine:
 
     def logits(self, h) -> torch.Tensor:
         return self.bb.logits(h)
+
+    def draft_logits(self, h, rows: int) -> torch.Tensor:
+        return self.bb.draft_logits(h, rows)

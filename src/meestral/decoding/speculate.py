@@ -59,17 +59,28 @@ from meestral.decoding.speculation_control import Choice, SpeculationController
 COUNTS = ("cycles", "drafts", "checked", "accepted", "full_steps")
 
 
-def cycle_cost(bb, e: int, k: int, kept=None) -> float:
+def cycle_cost(bb, e: int, k: int, kept=None, head_share: float = 1.0) -> float:
     """A cycle of k drafts from exit point `e`, in full-depth steps by weight bytes (what bounds
-    batch-1 decoding on a GPU): k+1 shallow steps through blocks 0..e, k draft-head reads, one deep
-    pass through the rest and one LM-head read. `kept`: the blocks that run (default all)."""
+    batch-1 decoding on a GPU): k+1 shallow steps through blocks 0..e, k draft-head reads (of
+    `head_share` of the LM head: a trimmed draft head), one deep pass through the rest and one
+    LM-head read. `kept`: the blocks that run (default all)."""
     kept = range(bb.num_layers) if kept is None else kept
     layer = [sum(p.numel() for p in bb.blocks[i].parameters()) for i in range(bb.num_layers)]
     head = bb.lm_head_module.weight.numel()
     full = sum(layer[i] for i in kept) + head
     draft = sum(layer[i] for i in kept if i <= e)
     deep = sum(layer[i] for i in kept if i > e)
-    return ((k + 1) * draft + k * head + deep + head) / full
+    return ((k + 1) * draft + k * head * head_share + deep + head) / full
+
+
+def draft_step_log(e: int, shallow, context: int, needs_logits: bool, head_share: float = 1.0) -> StepLog:
+    """The log of one draft step from exit point e: blocks `shallow`, the exit head's probe, and
+    the LM head the draft reads (the probe's own logits where the head reads them). With a trimmed
+    draft head (head_share < 1) the draft reads its rows, and a logit-reading head is not asked."""
+    if head_share < 1:
+        return StepLog(e, tuple(shallow), context, probes=0 if needs_logits else 1, head_read=True,
+                       head_share=head_share, deep=False, verified=True)
+    return StepLog(e, tuple(shallow), context, probes=1, head_read=not needs_logits, deep=False, verified=True)
 
 
 class SpeculatePolicy(Policy):
@@ -84,6 +95,14 @@ class SpeculatePolicy(Policy):
         self.control, self._prior = None, {}
         if config.adaptive:
             self.control = SpeculationController(list(range(len(self.points))), self.max_k, self.prior_cost)
+        # A trimmed draft head (config.draft_vocab = N): drafts read the LM head's first N rows. BPE
+        # tokenizers number tokens in merge order, most frequent first, so the first rows cover most
+        # of what a model writes (SmolLM2, first 8,192 of 49,152: ~92% of its own chat output);
+        # a token outside them is never drafted, so its position is a rejection (the deep pass
+        # checks with the full head: the output is unchanged). A logit-reading confidence would
+        # read the whole head again: `checked` allows it only at threshold 0, where it is skipped.
+        self.draft_vocab = config.draft_vocab
+        self.head_share = config.draft_vocab / engine.bb.vocab_size if config.draft_vocab else 1.0
         self.inject = None  # benchmark only: each draft is accepted with this chance, whatever its token
         self.last_choice = None  # what the last step ran (tests and the benchmark read it)
         self.reset_counts()
@@ -97,7 +116,7 @@ class SpeculatePolicy(Policy):
         """A cycle's cost in full-depth steps by weight bytes (`cycle_cost`; the controller asks
         every step, so each (j, k) is computed once)."""
         if (j, k) not in self._prior:
-            self._prior[j, k] = cycle_cost(self.engine.bb, self.points[j], k, self.engine.kept)
+            self._prior[j, k] = cycle_cost(self.engine.bb, self.points[j], k, self.engine.kept, self.head_share)
         return self._prior[j, k]
 
     def start(self, batch, first, hidden_dtype):
@@ -203,16 +222,26 @@ class SpeculatePolicy(Policy):
             hs[:, t] = h[:, 0]
             if t == k:
                 break
-            conf, lg = self.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1])
-            if lg is None:  # a head that does not read the LM head: the draft still needs it
-                lg = eng.logits(h[:, -1])
+            if self.draft_vocab:  # the trimmed head: the first N rows (token ids 0..N-1)
+                lg = eng.draft_logits(h[:, -1], self.draft_vocab)
+                ok = torch.ones(B, dtype=torch.bool, device=lg.device)  # threshold 0 (checked)
+                if not self.needs_logits:
+                    conf, _ = self.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1])
+                    ok = conf > self.thresholds[j]
+            else:
+                conf, lg = self.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1])
+                if lg is None:  # a head that does not read the LM head: the draft still needs it
+                    lg = eng.logits(h[:, -1])
+                ok = conf > self.thresholds[j]  # the exit rule (exit_rule.py): a draft is proposed only above it
             if opts.greedy:
                 fed = lg.argmax(-1)
             else:
-                qs.append(probabilities(lg, opts))
-                fed = draw(qs[-1], opts, gen)
+                q = probabilities(lg, opts)
+                if self.draft_vocab:  # as a distribution over the whole vocabulary (0 beyond row N)
+                    q = torch.nn.functional.pad(q, (0, self.engine.bb.vocab_size - q.shape[-1]))
+                qs.append(q)
+                fed = draw(q, opts, gen)
             drafts.append(fed)
-            ok = conf > self.thresholds[j]  # the exit rule (exit_rule.py): a draft is proposed only above it
             props.append(ok if not props else props[-1] & ok)
         step = eng.make_step(s, k + 1, pad, write=write.expand(B, k + 1), at=at)
         step.shared.history = hist
@@ -233,8 +262,7 @@ class SpeculatePolicy(Policy):
             pad = batch.pad_host[b]
 
             def draft_log(t):  # draft step t fed slot s+t
-                return StepLog(self.points[j], tuple(shallow), s + t + 1 - pad, probes=1,
-                               head_read=not self.needs_logits, deep=False, verified=True)
+                return draft_step_log(self.points[j], shallow, s + t + 1 - pad, self.needs_logits, self.head_share)
 
             deep_log = StepLog(self.L - 1, tuple(eng.kept), s + k + 1 - pad, slots=deep_slots, verified=True)
             outs = [Outcome("emit", draft_log(t), token=tokens[b][t]) for t in range(m)]

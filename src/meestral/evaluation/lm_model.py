@@ -17,6 +17,7 @@ model_args (comma-separated, as lm-eval passes them; lists use ':'):
   threshold=0.9 or 0.9:0.8:0.7 (default 1: never exit; 0 under speculate)
   policy=copy|propagate|catchup|verify|speculate  max_backlog=8  (verify=true: the same as policy=verify)
   draft_tokens=auto|K (speculate: the controller, or K drafts a cycle; exits=auto: calibrated exit point)
+  draft_vocab=N (speculate: drafts read the LM head's first N rows; 0: all)
   exit_output=hidden|through_last_layer  layer_drop=N (baseline: drop the N blocks before the last)
   dtype=float32|bfloat16  device=cpu|cuda  batch_size=8  max_length=2048  max_gen_toks=256
 """
@@ -37,14 +38,14 @@ from meestral.decoding.config import ExitConfig
 from meestral.decoding.sampling import SamplingOptions
 
 ARGS = ("backbone", "heads", "head", "exits", "threshold", "policy", "verify", "max_backlog", "exit_output",
-        "layer_drop", "draft_tokens", "dtype", "device", "batch_size", "max_batch_size", "max_length", "max_gen_toks")
+        "layer_drop", "draft_tokens", "draft_vocab", "dtype", "device", "batch_size", "max_batch_size", "max_length", "max_gen_toks")
 
 
 @register_model("meestral")
 class MeestralLM(TemplateLM):
     def __init__(self, backbone="smollm2", heads=None, head="softmax", exits=None, threshold=None,
                  policy="copy", verify=False, max_backlog=8, exit_output="hidden", layer_drop=0,
-                 draft_tokens="auto", dtype=None, device="cpu", batch_size=8, max_batch_size=None, max_length=None,
+                 draft_tokens="auto", draft_vocab=0, dtype=None, device="cpu", batch_size=8, max_batch_size=None, max_length=None,
                  max_gen_toks=256, **unknown):
         super().__init__()
         if unknown:
@@ -70,7 +71,7 @@ class MeestralLM(TemplateLM):
         self.configure(ExitConfig.from_options(self.bb, heads=heads, head=head, exits=exits, threshold=threshold,
                                                policy=policy, verify=verify, max_backlog=max_backlog,
                                                exit_output=exit_output, layer_drop=layer_drop,
-                                               draft_tokens=draft_tokens))
+                                               draft_tokens=draft_tokens, draft_vocab=draft_vocab))
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):

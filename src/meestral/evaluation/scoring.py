@@ -58,6 +58,11 @@ class Table:
     wall_s: float = 0.0  # time of the pass that built it (shared across the batch by tokens)
     extra: dict = field(default_factory=dict)
     fed: list = field(default_factory=list)  # the tokens fed (what verify's branches start from)
+    # [n, J] per exit point, the smallest token id an argmax over the LM head's first rows would pick
+    # instead of the full model's top-1 (the vocabulary size when none would): a draft from a head
+    # trimmed to N rows is the full model's top-1 f iff f < N <= beat (speculate's draft_vocab).
+    beat: torch.Tensor | None = None
+    vocab: int = 0  # the LM head's rows
 
 
 def _chunks(n, size):
@@ -66,6 +71,15 @@ def _chunks(n, size):
 
 
 @torch.no_grad()
+def first_winner(lg: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Per row of logits lg [n, V], the smallest token id argmax would prefer to f [n] (a higher
+    logit, or an equal one at a smaller id: argmax takes the first maximum); V where none is."""
+    lf = lg.gather(-1, f[:, None])
+    ids = torch.arange(lg.shape[-1], device=lg.device)
+    wins = (lg > lf) | ((lg == lf) & (ids < f[:, None]))
+    return torch.where(wins.any(-1), wins.int().argmax(-1), lg.shape[-1])
+
+
 def build_tables(bb, heads, rows, chunk: int = 256) -> list[Table]:
     """Tables for requests `rows` = [(tokens fed, number of scored tokens)], one batched forward.
 
@@ -102,6 +116,8 @@ def build_tables(bb, heads, rows, chunk: int = 256) -> list[Table]:
         full = final[b, pos - lo].float().log_softmax(-1)
         lp[:, J] = full.gather(-1, target[:, None])[:, 0].cpu()
         top[:, J] = full.argmax(-1).cpu()
+        beat = torch.zeros(n, J, dtype=torch.long)
+        f_top = full.argmax(-1)
         for j, p in enumerate(points):
             h = hidden[p][b, pos]
             a = aux[p][b, pos] if aux else None
@@ -119,7 +135,8 @@ def build_tables(bb, heads, rows, chunk: int = 256) -> list[Table]:
                 conf[sl, j] = c.float().cpu()
                 lp[sl, j] = ls.gather(-1, target[sl, None])[:, 0].cpu()
                 top[sl, j] = ls.argmax(-1).cpu()
-        tables.append(Table(conf, lp, top, target.cpu(), len(s) - n, fed=s))
+                beat[sl, j] = first_winner(lg, f_top[sl]).cpu()
+        tables.append(Table(conf, lp, top, target.cpu(), len(s) - n, fed=s, beat=beat, vocab=full.shape[-1]))
     wall = time.perf_counter() - t0
     total = sum(len(t) for t in targets)
     for tab, tgt in zip(tables, targets):

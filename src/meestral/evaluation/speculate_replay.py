@@ -21,6 +21,7 @@ prices a fixed k (`draft_tokens`) from the first exit point.
 from __future__ import annotations
 
 from meestral.decoding.accounting import StepLog
+from meestral.decoding.speculate import draft_step_log
 
 
 def replay_speculate(table, config, num_layers: int, kept=None):
@@ -37,14 +38,22 @@ def replay_speculate(table, config, num_layers: int, kept=None):
     probe_logits = config.probe_logits
     n = table.lp.shape[0]
     conf, top = table.conf[:, j].tolist(), table.top.tolist()
+    N = config.draft_vocab  # a trimmed draft head: its first N rows (0: all)
+    share = N / table.vocab if N else 1.0
+    beat = table.beat[:, j].tolist() if N else None
+
+    def accepted(u):  # the draft predicting token u is the full model's top-1
+        if N:
+            return top[u][J] < N <= beat[u]
+        return top[u][j] == top[u][J]
+
     logs, spent = [], []
     first = StepLog.prefill_pass(kept, table.start + 1, L)
     first.verified = True
     logs.append(first)
 
     def draft_log(u):  # the draft step that predicts token u
-        return StepLog(E, shallow, table.start + u + 1, probes=1, head_read=not probe_logits, deep=False,
-                       verified=True)
+        return draft_step_log(E, shallow, table.start + u + 1, probe_logits, share)
 
     t = 1
     while t < n:
@@ -55,8 +64,9 @@ def replay_speculate(table, config, num_layers: int, kept=None):
             continue
         m, proposed = 0, True
         for i in range(kk):
-            proposed = proposed and conf[t + i] > th
-            if not (proposed and top[t + i][j] == top[t + i][J]):
+            # (a trimmed draft head with a logit-reading head kind asks no confidence: threshold 0)
+            proposed = proposed and (conf[t + i] > th or bool(N and probe_logits))
+            if not (proposed and accepted(t + i)):
                 break
             m += 1
         logs += [draft_log(t + i) for i in range(m)]

@@ -191,7 +191,7 @@ def _progress(label, ms):
 
 def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None,
               max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",), profile=None,
-              draft_tokens=(4,), inject=()):
+              draft_tokens=(4,), inject=(), draft_vocab=(0,)):
     """Rows of JSON per case (see the module's docstring). `profile` (a path): also profile one
     generation of our full depth and of the first exit layer's copy and catchup rows, and write
     their kernel tables there (kernel_profile.py). With `speculate` in `policies`: its rows per
@@ -209,7 +209,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             for name, cfg in cases(bb, exits, max_backlog, policies)]
     alpha = {}  # speculate row's decoder -> its injected acceptance (None: the drafts' own)
     if "speculate" in policies:
-        for name, cfg, a in speculate_cases(bb, exits, draft_tokens, inject):
+        for name, cfg, a in speculate_cases(bb, exits, draft_tokens, inject, draft_vocab):
             dec = EarlyExitDecoder(bb, config=cfg, engine=engine)
             dec.policy.inject = a
             alpha[dec] = a

@@ -33,20 +33,23 @@ from meestral.decoding.speculate import cycle_cost
 from meestral.decoding.speculation_control import expected_tokens
 
 
-def speculate_cases(bb, exits, draft_tokens, inject):
+def speculate_cases(bb, exits, draft_tokens, inject, draft_vocab=(0,)):
     """(name, ExitConfig, α or None) per speculate row: static heads at E (confidence 1: the
     threshold never ends a cycle early), fixed k per entry of `draft_tokens` ('auto': the
-    controller), and one row per injected α (None: the drafts' own acceptance)."""
+    controller), one row per injected α (None: the drafts' own acceptance), per trimmed draft
+    vocabulary in `draft_vocab` (0: the whole LM head)."""
     alphas = list(inject) if inject else [None]
     for e in exits:
         heads = ExitHeads("static", [e], bb)
         for k in draft_tokens:
             adaptive = str(k) == "auto"
-            cfg = ExitConfig(heads=heads, thresholds=0.0, policy="speculate", draft_tokens=6 if adaptive else int(k),
-                             adaptive=adaptive)
-            for a in alphas:
-                name = f"spec@{e} k={'auto' if adaptive else k}" + ("" if a is None else f" a={a:g}")
-                yield name, cfg, a
+            for n in draft_vocab:
+                cfg = ExitConfig(heads=heads, thresholds=0.0, policy="speculate", draft_tokens=6 if adaptive else int(k),
+                                 adaptive=adaptive, draft_vocab=n).checked(bb)
+                for a in alphas:
+                    name = (f"spec@{e} k={'auto' if adaptive else k}" + (f" v={n}" if n else "")
+                            + ("" if a is None else f" a={a:g}"))
+                    yield name, cfg, a
 
 
 def speculate_fields(bb, cfg, alpha, counts: list[dict]) -> dict:
@@ -54,13 +57,14 @@ def speculate_fields(bb, cfg, alpha, counts: list[dict]) -> dict:
     tot = {k: sum(c[k] for c in counts) for k in counts[0]}
     acceptance = tot["accepted"] / tot["checked"] if tot["checked"] else None
     e, k = cfg.exit_points[0], cfg.draft_tokens
-    out = {"exit": e, "draft_tokens": "auto" if cfg.adaptive else k, "inject_alpha": alpha,
+    out = {"exit": e, "draft_tokens": "auto" if cfg.adaptive else k, "draft_vocab": cfg.draft_vocab, "inject_alpha": alpha,
            "acceptance": acceptance, "cycles": tot["cycles"], "full_steps": tot["full_steps"],
            "accepted_per_cycle": tot["accepted"] / tot["cycles"] if tot["cycles"] else None,
            "predicted_speedup": None}
     a = alpha if alpha is not None else acceptance
     if not cfg.adaptive and a is not None:
-        out["predicted_speedup"] = expected_tokens(a, k) / cycle_cost(bb, e, k)
+        share = cfg.draft_vocab / bb.vocab_size if cfg.draft_vocab else 1.0
+        out["predicted_speedup"] = expected_tokens(a, k) / cycle_cost(bb, e, k, head_share=share)
     return out
 
 
