@@ -353,3 +353,12 @@ def test_draft_vocab_errors(tiny):
     cfg = ExitConfig.from_options(bb, exits=[2], policy="speculate", head="saturation", threshold=0.5, draft_vocab=10)
     assert cfg.draft_vocab == 10
     assert ExitConfig.from_options(bb, exits=[2], policy="speculate", draft_vocab=bb.vocab_size).draft_vocab == 0
+
+
+def test_report_states_speculates_draft_acceptance():
+    """A sweep row of `speculate` shows its draft acceptance in the report's table (as verify's)."""
+    from meestral.report.render import _acceptance
+
+    row = {"config": {"policy": "speculate"}, "draft_acceptance": 0.625, "rolled_back": 3}
+    assert _acceptance(row) == "0.625 (3 rolled back)"
+    assert _acceptance({"config": {"policy": "copy"}, "draft_acceptance": 0.5}) == "—"

@@ -178,7 +178,7 @@ def tradeoff(rows, oracle_data, path, x: str = "weight_bytes_ratio") -> Path:
             drawn = _errorbars(ax, pts, x, color=colors[s], marker="o", label=text(s))
             for r in drawn or []:  # verify's price is set by how many drafts survive: say it at the point
                 acc = num(r.get("draft_acceptance"))
-                if r["config"].get("policy") == "verify" and acc is not None:
+                if r["config"].get("policy") in ("verify", "speculate") and acc is not None:
                     ax.annotate(f"{acc:.0%} acc.", (num(r[x]), num(r["value"])), fontsize=6, xytext=(3, -8),
                                 textcoords="offset points", color=colors[s])
         for kind, (what, marker, ls) in BASELINES.items():

@@ -169,7 +169,7 @@ def _cells(r, full, src, label) -> list[str]:
 
 def _acceptance(r) -> str:
     """verify: drafts the full model confirmed (what sets verify's cost), and how many were rolled back."""
-    if r["config"].get("policy") != "verify":
+    if r["config"].get("policy") not in ("verify", "speculate"):  # the lossless policies: drafts checked
         return DASH
     acc = num(r.get("draft_acceptance"))
     if acc is None:
@@ -182,7 +182,7 @@ def _acceptance(r) -> str:
 def _header(metric) -> list[str]:
     return ["", "setting", f"{metric} ± stderr", "Δ vs full", "weight bytes / full", "FLOPs / full",
             "layers run / full depth", "speed-up in layers", "oracle strict bound", "agreement with full",
-            "exit rate", "draft acceptance (verify)", "ms/token (speed-up, wall-clock)"]
+            "exit rate", "draft acceptance (verify, speculate)", "ms/token (speed-up, wall-clock)"]
 
 
 # ---- sections (each appends blocks to `doc`, figures to `figs`) ----------------------------------
@@ -258,7 +258,7 @@ def _best_sentence(b, full, src, label, metric) -> str:
     if ms and fms:
         parts.append(f"measured {ms:.3g} ms/token against {fms:.3g} (a {fms / ms:.2f}× wall-clock speed-up; "
                      f"oracle strict bound {_bound(src)})")
-    if b["config"].get("policy") == "verify":
+    if b["config"].get("policy") in ("verify", "speculate"):
         parts.append(f"with draft acceptance {_acceptance(b)}")
     return (f"Best early exit within 1 point: {_setting(b, label)} scores {metric} {_score(b)} with agreement "
             f"{_f(b.get('agreement'))}; it " + ", ".join(parts or ["has no compute figures"]) + ".")
