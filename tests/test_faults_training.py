@@ -324,48 +324,61 @@ def ctrl_c_inside(module, name, monkeypatch, nth=1):
 
 
 @pytest.mark.slow  # a few seconds of training each
+@pytest.mark.parametrize("nth", [1, 2])  # at step 4 or at the last step, 8
 @pytest.mark.parametrize("moment", ["save_checkpoint", "plot_curves"])
-def test_ctrl_c_at_a_checkpoint_or_validation_step_stops_train(moment, corpus, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_at_a_checkpoint_or_validation_step_stops_train(moment, nth, corpus, references, tmp_path, capsys,
+                                                               monkeypatch):
     from meestral.training import head_training
 
-    out = tmp_path / "run"
-    ctrl_c_inside(head_training, moment, monkeypatch)  # the first of either is at step 4 of 8
+    out, step = tmp_path / "run", 4 * nth
+    ctrl_c_inside(head_training, moment, monkeypatch, nth)
     rc, stdout, err = run_main(train_argv(corpus, out), capsys)
     assert (rc, stdout) == (130, ""), err
-    assert err == ("meestral: training interrupted at step 4 of 8: rerun with --resume to continue from its "
-                   "checkpoint of step 4\n")
-    assert max(step for _, step in records(out)) == 4  # not one step more
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4 and not (out / "heads").exists()
+    assert err == (f"meestral: training interrupted at step {step} of 8: rerun with --resume to continue from its "
+                   f"checkpoint of step {step}\n")
+    assert max(s for _, s in records(out)) == step  # not one step more
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step and not (out / "heads").exists()
     assert not (out / LOCK).exists()
+    monkeypatch.undo()
+    assert run_main(train_argv(corpus, out, "--resume"), capsys)[0] == 0
+    assert records(out) == references["train"] and (out / "heads" / "heads.safetensors").is_file()
 
 
 @pytest.mark.slow
-def test_ctrl_c_at_a_checkpoint_stops_adapt(corpus, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("nth", [1, 2])  # at step 3 or at the last step, 6
+def test_ctrl_c_at_a_checkpoint_stops_adapt(nth, corpus, references, tmp_path, capsys, monkeypatch):
     from meestral.training import adapt
 
-    out = tmp_path / "run"
-    ctrl_c_inside(adapt, "save_checkpoint", monkeypatch)  # at step 3 of 6
+    out, step = tmp_path / "run", 3 * nth
+    ctrl_c_inside(adapt, "save_checkpoint", monkeypatch, nth)
     rc, stdout, err = run_main(adapt_argv(corpus, out), capsys)
     assert (rc, stdout) == (130, ""), err
-    assert err == ("meestral: adaptation interrupted at step 3 of 6: rerun with --resume to continue from its last "
-                   "checkpoint\n")
-    assert max(step for _, step in records(out)) == 3
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert err == (f"meestral: adaptation interrupted at step {step} of 6: rerun with --resume to continue from its "
+                   "last checkpoint\n")
+    assert max(s for _, s in records(out)) == step
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step
     assert not (out / "adapter.safetensors").exists() and not (out / LOCK).exists()
+    monkeypatch.undo()
+    assert run_main(adapt_argv(corpus, out, "--resume"), capsys)[0] == 0
+    assert records(out) == references["adapt"] and (out / "adapter.safetensors").is_file()
 
 
 @pytest.mark.slow  # SmolLM2's tokenizer
-def test_ctrl_c_at_a_checkpoint_stops_distill(tiny_teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize("nth", [1, 2])  # at step 2 or at the last step, 4
+def test_ctrl_c_at_a_checkpoint_stops_distill(nth, tiny_teacher, tmp_path, monkeypatch):
     from meestral.training import distill
 
-    out = tmp_path / "run"
-    ctrl_c_inside(distill, "save_checkpoint", monkeypatch)
+    out, step = tmp_path / "run", 2 * nth
+    ctrl_c_inside(distill, "save_checkpoint", monkeypatch, nth)
     cfg = distill_cfg(tiny_teacher, out, shape=TINY_STUDENT, steps=4, warmup=2, ckpt_every=2)
     with pytest.raises(KeyboardInterrupt, match="distillation interrupted: rerun the same command to continue"):
         distill.distill(cfg, log=lambda *_: None)
-    assert max(step for _, step in records(out)) == 2
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert max(s for _, s in records(out)) == step
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step
     assert not (out / "mamba2-smol.gguf").exists() and not (out / LOCK).exists()
+    monkeypatch.undo()
+    distill.distill(cfg, log=lambda *_: None)
+    assert [s for k, s in records(out) if k == "step"][-5:] == [1, 2, 3, 4, 4] and (out / "mamba2-smol.gguf").is_file()
 
 
 # ---- one resume rule for every log ---------------------------------------------------------------

@@ -364,6 +364,7 @@ class Adapter:
                     print(f"meestral: stopped after {cfg.seconds:g} s at step {self.step} of {cfg.steps}: "
                           "rerun with --resume to continue", file=sys.stderr)
                     return {"split": "stopped", "step": self.step, "steps": cfg.steps}
+            stop.check()  # Ctrl-C during the last step: stop before the adapter is written (a rerun writes it)
             if self.step == cfg.steps and not (self.out / ADAPTER).exists():
                 last = dict(last, adapter=self.export())
             return last

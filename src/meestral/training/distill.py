@@ -417,6 +417,9 @@ def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests
         if step % cfg.ckpt_every == 0:
             save()
     save()
+    stop.check()  # Ctrl-C during the last step: stop here (a rerun exports from the checkpoint just saved)
+    # The export measures the student for minutes on a CPU: Ctrl-C stops it at once (the checkpoint is whole).
+    stop.__exit__()
     return finish(student, tok, out, held, teacher_ppl, record)
 
 

@@ -472,6 +472,7 @@ class Trainer:
                 last = self._record(window, validate=True)
             if done_at != self.step:
                 self._checkpoint()
+            stop.check()  # Ctrl-C during the last step: stop before the heads are saved (a rerun saves them)
             use_averaged(self.opt, True)  # for good: the heads saved are the averaged ones
             if self.dist.main:
                 self.heads.save(self.out / "heads")
