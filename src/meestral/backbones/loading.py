@@ -184,7 +184,10 @@ def _load_hf_dir(path, dtype, device, name):
 
     try:
         cfg = AutoConfig.from_pretrained(str(path))
-    except Exception as e:  # hub ids fail here when offline or misspelt
+    except Exception as e:  # hub ids fail here when offline or misspelt; a folder, on its config.json
+        if Path(path).is_dir():
+            raise MeestralError(f"{Path(path) / 'config.json'} cannot be read as a model config ({_first_line(e)}): "
+                                "copy the model's config.json again") from None
         raise MeestralError(f"cannot load backbone {name!r}: {str(e).splitlines()[0]} "
                             "(offline? give a local folder or 'smollm2')") from None
     if cfg.model_type not in SUPPORTED:

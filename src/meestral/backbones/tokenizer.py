@@ -25,6 +25,11 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    @property
+    def has_chat(self) -> bool:
+        """Whether `apply_chat` wraps the text in a chat template (else it encodes it plainly)."""
+        return False
+
     def apply_chat(self, user_text: str) -> list[int]:
         """Token ids of a one-turn chat prompt; plain encoding when there is no template."""
         return self.encode(user_text)
@@ -45,8 +50,12 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids):
         return self.hf.decode(ids, skip_special_tokens=False)
 
+    @property
+    def has_chat(self):
+        return bool(getattr(self.hf, "chat_template", None))
+
     def apply_chat(self, user_text):
-        if getattr(self.hf, "chat_template", None):
+        if self.has_chat:
             out = self.hf.apply_chat_template(
                 [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=True
             )
@@ -95,6 +104,8 @@ class MistralCommonTokenizer(Tokenizer):
 
     def decode(self, ids):
         return self._raw.decode(ids)
+
+    has_chat = True  # mistral_common's instruct format
 
     def apply_chat(self, user_text):
         from mistral_common.protocol.instruct.messages import UserMessage

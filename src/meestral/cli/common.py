@@ -14,8 +14,22 @@ import sys
 from meestral.errors import MeestralError
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """--help shows every option's default: appended as '(default: X)' unless the help text
+    already names it, or there is none (no value, an off switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", DefaultsHelp)
         super().__init__(*a, **kw)
         # "-1,3" and "-0.5:0.5" are values (lists with a negative number), not options
         self._negative_number_matcher = re.compile(r"^-\.?\d[\d.,:eE+-]*$")
@@ -52,7 +66,7 @@ def names(text: str) -> list[str]:
 def add_backbone_args(p):
     p.add_argument("--backbone", default="smollm2", help="smollm2 | mamba2-smol | random:<shape> | folder | hub id")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 | float16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
 
 
 def add_engine_arg(p):
@@ -60,16 +74,22 @@ def add_engine_arg(p):
                    help="auto (default): CUDA graphs on a GPU, eager elsewhere; the results are the same")
 
 
-def add_exit_args(p):
-    """The options that make an `ExitConfig` (see `exit_config(args, bb)`)."""
+def add_head_args(p, auto: bool = True, exits_help: str | None = None):
+    """--heads, --head, --exits: which exit heads (`build_heads(args, bb)`); `auto`: --exits auto too."""
     p.add_argument("--heads", help="folder of trained exit heads (heads.json + heads.safetensors)")
     # No default here: validation.check_args fills in softmax, after it has seen whether --head
     # was given beside --heads (which it refuses).
     p.add_argument("--head", help="training-free kind when --heads is not given: "
-                   "softmax (default) | margin | saturation | static")
-    p.add_argument("--exits", type=exit_points_arg,
-                   help="exit points, e.g. 8,16,24 (default: every quarter); with --policy speculate, 'auto' "
-                   "picks the draft exit point from a short calibration on held-out text")
+                   "softmax (default) | margin | saturation | static | full (no exit heads: the full model)")
+    p.add_argument("--exits", type=exit_points_arg if auto else ints,
+                   help=exits_help or "exit points, e.g. 8,16,24 (default: every quarter)" + (
+                       "; with --policy speculate, 'auto' picks the draft exit point from a short calibration "
+                       "on held-out text" if auto else ""))
+
+
+def add_exit_args(p):
+    """The options that make an `ExitConfig` (see `exit_config(args, bb)`)."""
+    add_head_args(p)
     p.add_argument("--threshold", type=floats,
                    help="exit when confidence > threshold; one value or one per exit point (default 0.9; "
                    "speculate: 0, a draft below it ends the cycle)")
@@ -156,6 +176,10 @@ def _end_progress_bars():
 def dispatch(parser, argv) -> int:
     from meestral.validation import check_args
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # name the command that does not take them (argparse names only `meestral`)
+        prog = " ".join(x for x in ("meestral", getattr(args, "command", None), getattr(args, "distill_command", None),
+                                         getattr(args, "adapt_command", None)) if x)
+        raise MeestralError(f"{prog} does not take {' '.join(extra)}: drop it (see `{prog} --help` for what it takes)")
     check_args(args)
     return args.func(args)

@@ -9,9 +9,10 @@ import os
 import sys
 from pathlib import Path
 
-from meestral.cli.common import add_backbone_args, add_exit_args, build_heads, exit_config, floats, ints, wants_heads
+from meestral.cli.common import add_backbone_args, add_exit_args, add_head_args, build_heads, exit_config, floats, ints, wants_heads
 from meestral.cli.common import names as _names
 from meestral.errors import MeestralError
+from meestral.evaluation.lens import MAX_TOKENS as LENS_TOKENS
 from meestral.validation import check_context, check_output
 
 
@@ -64,9 +65,6 @@ def cmd_eval(args):
 
 def cmd_lm_eval(args):
     """lm-eval's own CLI with our model registered and the offline tasks on its include path."""
-    import lm_eval.__main__ as lm_main
-
-    import meestral.evaluation.lm_model  # noqa: F401  registers --model meestral
     from meestral.evaluation.tasks import ensure_tasks
 
     argv = list(args.rest)
@@ -75,30 +73,46 @@ def cmd_lm_eval(args):
     if not argv:
         raise MeestralError("nothing to pass to lm-eval: e.g. meestral lm-eval --model meestral "
                             "--model_args backbone=smollm2 --tasks meestral_arc_easy --limit 20")
-    # The cheap check first: naming tasks means indexing every lm-eval task (seconds).
-    if "--model_args" in argv and "--model" in argv and argv[argv.index("--model") + 1] == "meestral":
-        _check_model_args(argv[argv.index("--model_args") + 1] if argv.index("--model_args") + 1 < len(argv) else "")
-    if "--include_path" not in argv and argv[0] not in ("validate",):
-        argv += ["--include_path", str(ensure_tasks())]
-    if "--tasks" in argv:
-        _check_task_names(argv[argv.index("--tasks") + 1] if argv.index("--tasks") + 1 < len(argv) else "",
-                          argv[argv.index("--include_path") + 1])
+    if "-h" in argv or "--help" in argv:  # lm-eval's help: no device, model, task download or hub needed
+        return _lm_eval_cli(argv)
+    command = argv[0] if argv[0] in ("run", "ls", "validate") else "run"  # lm-eval inserts `run` when none is named
+    model = _option(argv, "--model", "-M")
+    if command == "run" and not model:  # lm-eval would fall back to `hf` and fail on a missing pretrained=
+        raise MeestralError("lm-eval needs --model: add --model meestral --model_args backbone=smollm2 "
+                            "(or another lm-eval model with its own --model_args)")
     model_args = {}
-    if "--model_args" in argv and "--model" in argv and argv[argv.index("--model") + 1] == "meestral":
-        model_args = _check_model_args(argv[argv.index("--model_args") + 1] if argv.index("--model_args") + 1 < len(argv) else "")
+    if model == "meestral":  # the cheap check first: naming tasks means indexing every lm-eval task (seconds)
+        model_args = _check_model_args(_option(argv, "--model_args", "-a") or "")
+    if _option(argv, "--include_path") is None and command != "validate":
+        argv += ["--include_path", str(ensure_tasks())]
+    tasks = _option(argv, "--tasks", "-t")
+    if tasks is not None and command == "run":
+        _check_task_names(tasks, _option(argv, "--include_path"))
     _check_lm_eval_limit_and_output(argv)
-    from meestral.validation import check_device
+    if command == "run":
+        from meestral.validation import check_device
 
-    check_device(model_args.get("device") or _option(argv, "--device") or "cuda:0")  # lm-eval's default device
+        check_device(model_args.get("device") or _option(argv, "--device") or "cuda:0")  # lm-eval's default device
     from meestral.data import hub_reachable
 
     if not hub_reachable():  # offline: don't let HF libraries wait on retries to the hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    return _lm_eval_cli(argv)
+
+
+def _lm_eval_cli(argv) -> int:
+    """lm-eval's own CLI on `argv`, with our model registered; its exit status."""
+    import lm_eval.__main__ as lm_main
+
+    import meestral.evaluation.lm_model  # noqa: F401  registers --model meestral
+
     old = sys.argv
     sys.argv = ["lm-eval"] + argv
     try:
         lm_main.cli_evaluate()
+    except SystemExit as e:  # its help, and its own parser's errors
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     finally:
         sys.argv = old
     return 0
@@ -132,8 +146,8 @@ def _option(argv, *names):
 def _check_lm_eval_limit_and_output(argv):
     limit = _option(argv, "--limit", "-L")
     if limit is not None:
-        try:
-            ok = float(limit) > 0 and math.isfinite(float(limit))
+        try:  # lm-eval reads a limit below 1 as a fraction of each task, else as a count (cut to a whole one)
+            ok = 0 < float(limit) < 1 or math.isfinite(float(limit)) and float(limit) == int(float(limit)) >= 1
         except ValueError:
             ok = False
         if not ok:
@@ -176,23 +190,33 @@ def cmd_sweep(args):
     return 0
 
 
+def _check_tokens_fill_a_row(args):
+    """--tokens is cut into rows of --seq-len: fewer than one row would be measured as a whole row."""
+    if args.tokens < args.seq_len:
+        raise MeestralError(f"--tokens {args.tokens} is less than one row of --seq-len {args.seq_len}: raise --tokens "
+                            "or lower --seq-len")
+
+
 def _heldout_sequences(bb, args):
     from meestral.data import heldout_rows
 
-    check_context(bb, args.seq_len, f"--seq-len {args.seq_len}", "lower --seq-len")
+    check_context(bb, args.seq_len, f"--seq-len {args.seq_len}", "lower --seq-len",
+                  rows=min(args.batch_size, args.tokens // args.seq_len))
     return heldout_rows(args.data, bb.tokenizer, args.tokens, args.seq_len)
 
 
 def cmd_oracle(args):
     from meestral.backbones.loading import load_backbone
-    from meestral.evaluation.lens import logit_lens
+    from meestral.evaluation.lens import lens_ids, logit_lens
     from meestral.evaluation.oracle import oracle_report
     from meestral.evaluation.runner import task_token_sequences
     from meestral.evaluation.tasks import resolve_tasks
 
+    _check_tokens_fill_a_row(args)
     check_output(args.out, "--out")
     check_output(Path(args.out).with_name("lens.json"), "the logit lens beside --out")
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
+    lens_ids(bb, args.lens_text)  # before the work: a text too long for the lens fails now
     heads = None
     if wants_heads(args):  # before the work: a bad folder fails now
         heads = build_heads(args, bb)
@@ -224,6 +248,7 @@ def cmd_calibrate(args):
     from meestral.backbones.loading import load_backbone
     from meestral.evaluation.calibration import calibrate_on_text
 
+    _check_tokens_fill_a_row(args)
     check_output(args.out, "--out")
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
     heads = build_heads(args, bb)
@@ -251,11 +276,18 @@ def cmd_report(args):
 
 
 def add_eval_parsers(sub):
-    def common(p, threshold_default=True):
+    def common(p, decoding=True):
+        """decoding: the options of a decoder (thresholds, policy, window); oracle and calibrate
+        only read heads, so they do not take options they would ignore."""
         add_backbone_args(p)
-        add_exit_args(p)
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--max-length", type=int, default=None, help="token window (default: the model's)")
+        if decoding:
+            add_exit_args(p)
+        else:
+            add_head_args(p, auto=False, exits_help="layers to measure at (default: every layer but the last); "
+                          "with --head, also the exit points of its heads (default: every quarter)")
+        p.add_argument("--batch-size", type=int, default=8, help="rows scored together")
+        if decoding:
+            p.add_argument("--max-length", type=int, default=None, help="token window (default: the model's)")
 
     e = sub.add_parser("eval", help="lm-eval tasks with early exits (offline suite)")
     common(e)
@@ -265,47 +297,50 @@ def add_eval_parsers(sub):
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("lm-eval", help="lm-eval's own CLI with --model meestral and the offline tasks", add_help=False)
-    x.add_argument("rest", nargs="...")
+    x.add_argument("rest", nargs="...", help="lm-eval's own arguments (meestral lm-eval --help lists them)")
     x.set_defaults(func=cmd_lm_eval)
 
     s = sub.add_parser("sweep", help="thresholds x policies x tasks with baselines; resumable")
     common(s)
-    s.add_argument("--tasks", required=True)
+    s.add_argument("--tasks", required=True, help="comma-separated, e.g. arc_easy,piqa")
     s.add_argument("--thresholds", type=floats, required=True, help="e.g. 0.5,0.7,0.9")
     s.add_argument("--policies", default="copy,catchup,verify", help="any of copy,propagate,catchup,verify,speculate")
     s.add_argument("--static-layers", type=ints, help="static exit-at-layer baselines, e.g. 7,15,22")
     s.add_argument("--layer-drop", type=ints, help="DYNAMAX layer-drop baselines: blocks dropped, e.g. 2,4,8")
-    s.add_argument("--limit", type=int)
-    s.add_argument("--out", default="results/sweep.jsonl")
+    s.add_argument("--limit", type=int, help="examples per task (default: all)")
+    s.add_argument("--out", default="results/sweep.jsonl", help="results file; a rerun adds only the missing points")
     s.set_defaults(func=cmd_sweep)
 
     o = sub.add_parser("oracle", help="per-layer agreement and the oracle exit bound; also the logit lens")
-    common(o)
-    o.add_argument("--data", default="embedded")
-    o.add_argument("--tokens", type=int, default=4096)
-    o.add_argument("--seq-len", type=int, default=256)
+    common(o, decoding=False)
+    o.add_argument("--data", default="embedded", help="held-out text: embedded, a text file or a folder")
+    o.add_argument("--tokens", type=int, default=4096, help="held-out tokens measured")
+    o.add_argument("--seq-len", type=int, default=256, help="tokens per row")
     o.add_argument("--tasks", help="also on these tasks' prompts")
-    o.add_argument("--limit", type=int, default=50)
-    o.add_argument("--lens-text", default="To be, or not to be, that is the question: whether 'tis nobler in the mind")
-    o.add_argument("--out", default="results/oracle.json")
+    o.add_argument("--limit", type=int, default=50, help="examples per task of --tasks")
+    o.add_argument("--lens-text", default="To be, or not to be, that is the question: whether 'tis nobler in the mind",
+                   help=f"text followed through the layers by the logit lens (lens.json beside --out), at most "
+                   f"{LENS_TOKENS} tokens")
+    o.add_argument("--out", default="results/oracle.json", help="where the bound goes (JSON)")
     o.set_defaults(func=cmd_oracle)
 
     c = sub.add_parser("calibrate", help="Learn-then-Test thresholds: agreement >= 1-eps w.p. >= 1-delta")
-    common(c)
-    c.add_argument("--epsilon", type=float, default=0.1)
-    c.add_argument("--delta", type=float, default=0.1)
-    c.add_argument("--method", choices=["binomial", "hb"], default=None)
-    c.add_argument("--unit", choices=["token", "sequence"], default="token")
-    c.add_argument("--data", default="embedded")
-    c.add_argument("--tokens", type=int, default=8192)
-    c.add_argument("--seq-len", type=int, default=256)
-    c.add_argument("--calib-fraction", type=float, default=0.5)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", default="results/calibration.json")
+    common(c, decoding=False)
+    c.add_argument("--epsilon", type=float, default=0.1, help="disagreement with the full model allowed")
+    c.add_argument("--delta", type=float, default=0.1, help="chance that the guarantee fails")
+    c.add_argument("--method", choices=["binomial", "hb"], default=None,
+                   help="the p-value: binomial or hb (Hoeffding-Bentkus) (default: binomial per token, hb per sequence)")
+    c.add_argument("--unit", choices=["token", "sequence"], default="token", help="what the guarantee counts")
+    c.add_argument("--data", default="embedded", help="held-out text: embedded, a text file or a folder")
+    c.add_argument("--tokens", type=int, default=8192, help="held-out tokens, split into calibration and test rows")
+    c.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+    c.add_argument("--calib-fraction", type=float, default=0.5, help="share of the rows calibrated on")
+    c.add_argument("--seed", type=int, default=0, help="seed of the split")
+    c.add_argument("--out", default="results/calibration.json", help="where the threshold goes (JSON)")
     c.set_defaults(func=cmd_calibrate)
 
     r = sub.add_parser("report", help="plots + one self-contained HTML (and Markdown) report")
-    r.add_argument("--results", default="results")
+    r.add_argument("--results", default="results", help="folder holding sweep.jsonl (and oracle.json, ...)")
     r.add_argument("--out", default=None, help="default: the results folder")
     r.add_argument("--docs-png", help="also write the main trade-off figure here")
     r.set_defaults(func=cmd_report)

@@ -68,6 +68,8 @@ def cmd_generate(args):
     if not prompt.strip():
         raise MeestralError("empty prompt: give some text to continue")
     bb = load_backbone(args.backbone, dtype=args.dtype, device=args.device)
+    if args.chat and not bb.tokenizer.has_chat:  # else the prompt would go in plainly, unsaid
+        raise MeestralError(f"--chat: the tokenizer of {bb.name} has no chat template: drop --chat")
     cfg = exit_config(args, bb)
     heads = cfg.heads
     dec = EarlyExitDecoder(bb, config=cfg, engine=args.engine)
@@ -128,19 +130,19 @@ def cmd_info(args):
 
 def add_generate_parsers(sub):
     g = sub.add_parser("generate", help="generate with early exits")
-    g.add_argument("prompt", nargs="?")
+    g.add_argument("prompt", nargs="?", help="the text to continue (default: --file, else stdin)")
     g.add_argument("--file", help="read the prompt from this file")
     add_backbone_args(g)
     add_exit_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=48)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0: off")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens holding p; 1: off")
+    g.add_argument("--seed", type=int, help="sampling seed (default: a fresh one each run)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="one JSON object with tokens and accounting")
-    g.add_argument("--no-color", action="store_true")
+    g.add_argument("--no-color", action="store_true", help="plain text even on a terminal")
     g.add_argument("--color", action="store_true", help="colour even when not writing to a terminal")
     add_engine_arg(g)
     g.set_defaults(func=cmd_generate)

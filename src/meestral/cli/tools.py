@@ -5,11 +5,21 @@ from __future__ import annotations
 from meestral.cli.common import add_backbone_args, add_engine_arg, floats, ints, names
 from meestral.errors import MeestralError
 
+DEMO_REPORT_DIR = "out/demo-report"
+
 
 def cmd_demo(args):
     from meestral.tools.demo import run_demo
     from meestral.validation import check_output
 
+    specs = names(args.backbone)
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:  # the second would overwrite the first's report folder
+        raise MeestralError(f"--backbone lists {', '.join(twice)} twice: give each backbone once")
+    if args.no_report and args.report_dir is not None:
+        raise MeestralError("--report-dir has no effect with --no-report (no report is written): drop one of them")
+    if args.report_dir is None:
+        args.report_dir = DEMO_REPORT_DIR
     if not args.no_report:  # before the generations, not after them
         check_output(args.report_dir, "--report-dir", folder=True)
     return run_demo(backbone=args.backbone, max_new_tokens=args.max_new_tokens, device=args.device,
@@ -18,6 +28,10 @@ def cmd_demo(args):
 
 def cmd_bench(args):
     from meestral.tools.bench import ALL_POLICIES, PEERS, POLICIES, run_bench
+    from meestral.validation import check_output
+
+    if args.profile:  # before the run, not after it
+        check_output(args.profile, "--profile")
 
     for option, given, known in (("--policies", args.policies, ALL_POLICIES), ("--peers", args.peers, PEERS)):
         bad = [x for x in given or () if x not in known]
@@ -56,18 +70,20 @@ def add_tool_parsers(sub):
     d = sub.add_parser("demo", help="the embedded backbone at several thresholds and policies")
     d.add_argument("--backbone", default="smollm2,mamba2-smol",
                    help="one backbone or several joined by commas (default: both embedded ones, side by side)")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--max-new-tokens", type=int, default=40)
-    d.add_argument("--report-dir", default="out/demo-report", help="where the evaluation report goes")
+    d.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
+    d.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per prompt")
+    # No default here: --report-dir beside --no-report is refused, which needs to see it given.
+    d.add_argument("--report-dir", help=f"where the evaluation report goes (default: {DEMO_REPORT_DIR})")
     d.add_argument("--no-report", action="store_true", help="generation table only")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="decode benchmark: full depth vs forced exits, JSON lines")
     add_backbone_args(b)
-    b.add_argument("--exits", type=ints, help="two layers to force exits at (default: L/3, 2L/3)")
-    b.add_argument("--tokens", type=int, default=32)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--max-backlog", type=int, default=4)
+    b.add_argument("--exits", type=ints, help="layers to force exits at, one row each, e.g. 4,8 (default: L/3 and 2L/3)")
+    b.add_argument("--tokens", type=int, default=32, help="tokens decoded per run")
+    b.add_argument("--repeats", type=int, default=3, help="runs per case (the median is reported)")
+    b.add_argument("--max-backlog", type=int, default=4, help="catchup/verify rows: exited tokens that may wait "
+                   "before a deep pass is forced")
     b.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (default: one sentence)")
     b.add_argument("--policies", type=names, help="policies of the forced-exit rows: copy, propagate, catchup, verify "
                    "(default: these four), speculate")

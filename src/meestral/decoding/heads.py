@@ -204,8 +204,14 @@ class ExitHeads(nn.Module):
             if not isinstance(ident, dict):
                 raise TypeError("backbone identity is not an object")
             features, mlp_hidden = meta.get("features", "hidden"), int(meta.get("mlp_hidden", 0))
+            version = meta.get("format", FORMAT_VERSION)
+            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                raise ValueError(f"format {version!r}")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSON/Unicode errors are ValueErrors
             raise MeestralError(f"{meta_path} is corrupted ({type(e).__name__}): re-save or re-train the heads") from None
+        if version > FORMAT_VERSION:  # a later MEEstral's layout: reading it as ours would be a guess
+            raise MeestralError(f"{meta_path} has format {version}, newer than the {FORMAT_VERSION} this MEEstral reads: "
+                                "upgrade MEEstral, or re-train the heads with this one")
         mine = backbone.identity()
         for key in ("arch", "num_layers", "hidden_size", "vocab_size", "fingerprint"):
             if ident.get(key) != mine[key]:
@@ -213,7 +219,10 @@ class ExitHeads(nn.Module):
                     f"heads in {folder} belong to backbone {ident.get('name')!r} ({key}={ident.get(key)}), not to "
                     f"{mine['name']!r} ({key}={mine[key]}): load the backbone they were trained on or train new heads"
                 )
-        heads = cls(kind, points, backbone, features=features, mlp_hidden=mlp_hidden)
+        try:
+            heads = cls(kind, points, backbone, features=features, mlp_hidden=mlp_hidden)
+        except MeestralError as e:  # a kind, exit point or feature heads.json should not hold: name the file
+            raise MeestralError(f"{meta_path} is corrupted ({e}): re-save or re-train the heads") from None
         if kind == "classifier":
             if "sha256" in meta and weights.is_file() and _sha256(weights) != meta["sha256"]:
                 raise MeestralError(f"{weights} does not match the checksum in {meta_path} (changed or damaged since "

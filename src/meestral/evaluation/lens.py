@@ -3,12 +3,32 @@ the hidden state moves from one layer to the next (drift). Plotted by `meestral 
 
 from __future__ import annotations
 
-import torch
+from meestral.errors import MeestralError
+
+MAX_TOKENS = 128  # the report draws a column per token, 20 to a block: more is a page of blocks
 
 
-@torch.no_grad()
-def logit_lens(bb, heads, text: str, max_tokens: int = 40) -> dict:
-    ids = bb.tokenizer.encode(text)[:max_tokens]
+def lens_ids(bb, text: str, max_tokens: int = MAX_TOKENS, option: str = "--lens-text") -> list[int]:
+    """The token ids of `text`, refused (never cut) past `max_tokens`."""
+    ids = bb.tokenizer.encode(text)
+    if not text.strip():
+        raise MeestralError(f"{option} is empty: give a sentence to follow through the layers")
+    if len(ids) > max_tokens:
+        raise MeestralError(f"{option} is {len(ids):,} tokens long, but the logit lens shows at most {max_tokens} "
+                            "(a column each in the report's figure): give a shorter text")
+    return ids
+
+
+def logit_lens(bb, heads, text: str, max_tokens: int = MAX_TOKENS) -> dict:
+    import torch  # here: the command line reads MAX_TOKENS without loading torch
+
+    with torch.no_grad():
+        return _lens(bb, heads, lens_ids(bb, text, max_tokens))
+
+
+def _lens(bb, heads, ids) -> dict:
+    import torch
+
     x = torch.tensor([ids], device=bb.device)
     L = bb.num_layers
     hidden, aux, final = bb.collect(x, range(L - 1), aux=heads is not None and heads.features == "hidden+aux")

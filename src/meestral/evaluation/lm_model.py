@@ -61,7 +61,7 @@ class MeestralLM(TemplateLM):
         self.spec = backbone if isinstance(backbone, str) else self.bb.name
         self._batch = self._int(batch_size if batch_size not in (None, "auto") else 8, "batch_size")
         self._max_length = self._int(max_length, "max_length") if max_length is not None else None
-        if self._max_length is not None:
+        if self._max_length is not None:  # one full window must fit (positions, and memory on any backbone)
             check_context(self.bb, self._max_length, f"max_length {self._max_length}",
                           "lower --max-length (max_length=), or leave it out for the model's context")
         self._max_gen_toks = self._int(max_gen_toks, "max_gen_toks")
@@ -90,6 +90,8 @@ class MeestralLM(TemplateLM):
     def _int(v, what):
         try:
             out = int(v)
+            if out != float(v):  # lm-eval parses max_length=1.5 as a float: refused, not cut to 1
+                raise ValueError
         except (TypeError, ValueError):
             raise MeestralError(f"model_args {what}={v!r} must be a whole number") from None
         if out < 1:
@@ -196,8 +198,12 @@ class MeestralLM(TemplateLM):
         """requests: [((context, continuation), context_enc, continuation_enc)] (lm-eval's form)."""
         items = []
         for _, ctx, cont in requests:
-            whole = (list(ctx) + list(cont))[-(self.max_length + 1):]  # as lm-eval's `hf` truncates
             n = len(cont)
+            if n > self.max_length:  # no context token would be left to predict the first one from
+                raise MeestralError(f"a task's continuation of {n:,} tokens does not fit the {self.max_length:,}-token "
+                                    "window (the context is cut from the left, the continuation never is): raise "
+                                    "--max-length (max_length=), or leave it out for the model's context")
+            whole = (list(ctx) + list(cont))[-(self.max_length + 1):]  # as lm-eval's `hf` truncates
             items.append((whole[:-n], whole[-n:]))
         order = sorted(range(len(items)), key=lambda i: -len(items[i][0]) - len(items[i][1]))
         results = [None] * len(items)
