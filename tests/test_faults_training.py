@@ -597,3 +597,20 @@ def test_kill_9_before_the_first_checkpoint_then_a_rerun_gives_the_uninterrupted
     assert rc == 0, err
     assert records(out) == references[command]
     assert not (out / LOCK).exists() and stale(out) == []
+
+
+@pytest.mark.parametrize("argv", [["adapt", "export"], ["distill", "export"]])
+def test_an_export_into_a_folder_a_run_holds_is_refused(argv, tmp_path, capsys):
+    """An export writes into the run's folder (adapter.safetensors; student/, the GGUF, the log):
+    not while a run writes there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    kind = {"adapt": "adapt", "distill": "distill"}[argv[0]]
+    torch.save(CHECKPOINT_OF[kind], out / "checkpoint.pt")
+    lock = FolderLock(out, COMMAND[kind])
+    try:
+        rc, stdout, err = run_main(argv + ["--out", out], capsys)
+        assert_one_line_error(rc, stdout, err, [f"{out} is in use by another run (pid {os.getpid()}, {COMMAND[kind]})"])
+        assert visible(out) == ["checkpoint.pt"]
+    finally:
+        lock.release()

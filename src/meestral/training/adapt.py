@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from meestral.errors import MeestralError
+from meestral.files import FolderLock
 from meestral.training.checkpoint import (CHECKPOINT, check_kind, check_same_run, prepare_out, previous_checkpoint,
                                           read_checkpoint, save_checkpoint)
 from meestral.training.interrupt import StopRequests
@@ -391,14 +392,24 @@ def adapt(cfg: AdaptConfig) -> dict:
 
 def export(out, path=None, dtype: str | None = None, device: str = "cpu") -> dict:
     """The adapter file from the last checkpoint in `out` (a run stopped before its last step)."""
-    from meestral.backbones.loading import load_backbone
-    from meestral.backbones.lora import LoRA
-
     ckpt = Path(out).expanduser() / CHECKPOINT
     if not ckpt.exists():
         raise MeestralError(f"{Path(out)} has no {CHECKPOINT}: give the --out folder of a `meestral adapt train` run")
     state = read_checkpoint(ckpt)
     check_kind(state, "adapt", ckpt)
+    # Into the run's folder only while no run writes there (its own export would replace this one).
+    lock = None if path else FolderLock(Path(out).expanduser(), "meestral adapt export")
+    try:
+        return _export(state, ckpt, out, path, dtype, device)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _export(state: dict, ckpt: Path, out, path, dtype, device) -> dict:
+    from meestral.backbones.loading import load_backbone
+    from meestral.backbones.lora import LoRA
+
     fields = dict(state["adapt_config"])
     cfg = AdaptConfig(**{**fields, "device": device})
     bb = load_backbone(cfg.backbone, dtype=cfg.dtype, device=device)

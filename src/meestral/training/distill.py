@@ -34,7 +34,7 @@ import torch
 
 from meestral.backbones.ssm import use_grouped_gated_norm
 from meestral.errors import MeestralError
-from meestral.files import append_line, write_json
+from meestral.files import FolderLock, append_line, write_json
 from meestral.training.checkpoint import CHECKPOINT, check_kind, check_out, prepare_out, read_checkpoint, save_checkpoint
 from meestral.training.interrupt import StopRequests
 from meestral.training.kd import chunked_kd_loss, heldout_ppl
@@ -426,16 +426,24 @@ def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests
 def export(cfg: DistillConfig, log=print) -> dict:
     """`finish` from the run's last checkpoint: for a run stopped before its last step. The
     student's shape, the teacher and the held-out rows are the run's (its config.json)."""
-    from transformers import Mamba2ForCausalLM
-
-    from meestral.data import heldout_rows
-    from meestral.backbones.tokenizer import HFTokenizer
-
     out = Path(cfg.out).expanduser()
     if not (out / CHECKPOINT).exists():
         raise MeestralError(f"{out} has no {CHECKPOINT}: give the --out folder of a distill train run")
     state = read_checkpoint(out / CHECKPOINT)  # before the teacher is loaded: a train or adapt run is refused at once
     check_kind(state, "distill", out / CHECKPOINT)
+    lock = FolderLock(out, "meestral distill export")  # it writes into the run's folder: not while the run does
+    try:
+        return _export(cfg, out, state, log)
+    finally:
+        lock.release()
+
+
+def _export(cfg: DistillConfig, out: Path, state: dict, log) -> dict:
+    from transformers import Mamba2ForCausalLM
+
+    from meestral.data import heldout_rows
+    from meestral.backbones.tokenizer import HFTokenizer
+
     cfg = replace(cfg, device=auto_device(cfg.device))
     saved = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
     if "distill" in saved:  # measured as the run measured: its teacher and held-out rows
