@@ -362,3 +362,33 @@ def test_report_states_speculates_draft_acceptance():
     row = {"config": {"policy": "speculate"}, "draft_acceptance": 0.625, "rolled_back": 3}
     assert _acceptance(row) == "0.625 (3 rolled back)"
     assert _acceptance({"config": {"policy": "copy"}, "draft_acceptance": 0.5}) == "—"
+
+
+@pytest.mark.parametrize("shape,exits", [("mistral", "mid"), ("mamba2", "two")])
+def test_scoring_prices_the_controller_as_it_runs_on_a_byte_clock(tiny, shape, exits):
+    """Adaptive speculate: teacher-forced scoring replays the controller fed each step's weight-byte
+    cost; a decoder whose controller is fed the same clock charges exactly the same per token, and
+    both fall back to full-depth steps where drafts are rarely accepted."""
+    from meestral.evaluation.scoring import build_tables, decide
+
+    bb = tiny(shape)
+    L = bb.num_layers
+    points = [L // 2] if exits == "mid" else [1, L - 2]
+    cfg = ExitConfig(heads=ExitHeads("softmax", points, bb), thresholds=0.0, policy="speculate", draft_tokens=4,
+                     adaptive=True).checked(bb)
+    dec = EarlyExitDecoder(bb, cfg)
+    dec.policy.clock = "bytes"
+    prompt = PROMPTS[1]
+    gen = dec.generate([prompt], SamplingOptions(max_new_tokens=40))[0]
+    cont = gen.token_ids
+    tab = build_tables(bb, cfg.heads, [((prompt + cont)[:-1], cont)])[0]
+    tab.start = len(prompt) - 1
+    scored = decide(tab, cfg, dec.cost, L, bb)
+
+    def key(s):
+        return (s.exit_layer, s.layers_run, s.probes, s.deep, round(s.flops), round(s.weight_bytes))
+
+    assert [key(s) for s in scored.stats] == [key(s) for s in gen.stats]
+    assert sorted(key(s) for s in scored.discarded) == sorted(key(s) for s in gen.discarded)
+    c = dec.policy.counts
+    assert c["full_steps"] > 0 and c["cycles"] > 0  # it measured both, and chose between them

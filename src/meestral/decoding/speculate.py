@@ -103,6 +103,9 @@ class SpeculatePolicy(Policy):
         # read the whole head again: `checked` allows it only at threshold 0, where it is skipped.
         self.draft_vocab = config.draft_vocab
         self.head_share = config.draft_vocab / engine.bb.vocab_size if config.draft_vocab else 1.0
+        # What the controller's step costs are: "wall" (measured ms: what it is for) or "bytes" (each
+        # step's weight-byte cost, deterministic: what teacher-forced scoring replays, and tests).
+        self.clock = "wall"
         self.inject = None  # benchmark only: each draft is accepted with this chance, whatever its token
         self.last_choice = None  # what the last step ran (tests and the benchmark read it)
         self.reset_counts()
@@ -139,7 +142,11 @@ class SpeculatePolicy(Policy):
         else:
             out, logits, accepted, rejected = self.cycle(batch, opts, gen, choice.j, choice.k)
         if self.control is not None:  # the step ended with a read: its device work is done
-            self.control.observe(choice, (time.perf_counter() - t0) * 1000, accepted, rejected)
+            if self.clock == "bytes":  # deterministic: the step's weight-byte cost in full-depth steps
+                cost = 1.0 if choice.k == 0 else self.prior_cost(choice.j, choice.k)
+            else:
+                cost = (time.perf_counter() - t0) * 1000
+            self.control.observe(choice, cost, accepted, rejected)
         c = self.counts
         if choice.k == 0:
             c["full_steps"] += 1

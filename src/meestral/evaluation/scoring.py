@@ -175,7 +175,7 @@ def decide(table: Table, config, cost, num_layers: int, bb=None) -> Scored:
     if config.policy == "speculate" and J:  # lossless; priced as greedy generation's cycles (speculate_replay.py)
         from meestral.evaluation.speculate_replay import replay_speculate
 
-        logs, dropped = replay_speculate(table, config, L)
+        logs, dropped = replay_speculate(table, config, L, bb=bb)
         return Scored(sum(r[J] for r in lp), all(top[t][J] == target[t] for t in range(n)), account(logs, cost),
                       [True] * n, table.wall_s, [token_stats(d, cost) for d in dropped])
     if verify and J:
