@@ -73,6 +73,13 @@ def fx(tmp_path_factory):
         if cal is not None:
             (d / "calibration.json").write_text(json.dumps(cal))
     write_results(root / "good", optional=False)
+    for name, change in (("heads_format2", {"format": 2}), ("heads_badkind", {"kind": "bogus"}),
+                         ("heads_badpoints", {"exit_points": [1, 9]})):  # heads.json edited by hand
+        ExitHeads("classifier", [1, 3], bb).save(root / name)
+        meta = json.loads((root / name / "heads.json").read_text())
+        (root / name / "heads.json").write_text(json.dumps({**meta, **change}))
+    (root / "badconfig").mkdir()  # a local folder whose config.json is not a model config
+    (root / "badconfig" / "config.json").write_text("{not json")
     return root
 
 
@@ -155,6 +162,33 @@ CASES = {
     "train_val_rows_negative": (TRAIN + ["--val-rows", "-1"], ["--val-rows", "-1", ">= 0"]),
     "exits_negative_in_a_list": (G + ["--exits", "-1,3"], ["[-1]", "out of range"]),
     "report_results_is_a_file": (["report", "--results", "{fx}/afile"], ["is a file", "sweep.jsonl"]),
+    # -- issue 21: CLI and evaluation faults (tests/test_faults_cli.py has the rest)
+    "eval_limit_fraction": (EVAL + ["--limit", "1.5"], ["--limit", "'1.5'"]),
+    "calibrate_threshold_not_taken": (["calibrate", *M, "--threshold", "0.5"],
+                                      ["meestral calibrate does not take --threshold 0.5", "drop it"]),
+    "oracle_policy_not_taken": (["oracle", *M, "--policy", "catchup"], ["meestral oracle does not take --policy"]),
+    "oracle_lens_text_too_long": (["oracle", *M, "--lens-text", "x" * 20000],
+                                  ["--lens-text", "20,001 tokens", "at most 128", "shorter"]),
+    "oracle_tokens_below_one_row": (["oracle", *M, "--tokens", "8", "--seq-len", "32"],
+                                    ["--tokens 8", "--seq-len 32", "raise --tokens"]),
+    "calibrate_tokens_below_one_row": (["calibrate", *M, "--tokens", "8", "--seq-len", "32"], ["--tokens 8"]),
+    "bench_exits_duplicated": (["bench", *M, "--exits", "2,2"], ["[2]", "twice"]),
+    "bench_profile_is_a_folder": (["bench", *M, "--profile", "{fx}"], ["--profile", "is a folder", "file path"]),
+    "demo_backbone_twice": (["demo", "--backbone", "random:mistral,random:mistral"], ["--backbone", "twice"]),
+    "demo_report_dir_with_no_report": (["demo", "--no-report", "--report-dir", "elsewhere"],
+                                       ["--report-dir", "--no-report", "drop one"]),
+    "heads_json_format_newer": (G + ["--heads", "{fx}/heads_format2"], ["heads.json", "format 2", "upgrade"]),
+    "heads_json_kind_unknown": (G + ["--heads", "{fx}/heads_badkind"], ["heads_badkind/heads.json", "'bogus'"]),
+    "heads_json_exit_point_out_of_range": (G + ["--heads", "{fx}/heads_badpoints"], ["heads_badpoints/heads.json", "[9]"]),
+    "head_unknown_kind": (G + ["--head", "bogus"], ["--head 'bogus'", "full", "--heads DIR"]),
+    "chat_without_a_template": (["generate", "hi", "--backbone", "random:mamba2", "--chat"],
+                                ["--chat", "no chat template", "drop --chat"]),
+    "info_folder_config_unreadable": (["info", "--backbone", "{fx}/badconfig"],
+                                      ["badconfig/config.json", "copy the model's config.json"]),
+    "adapt_corpus_empty": (["adapt", "train", "--corpus", ""], ["--corpus is empty: give a value, or leave"]),
+    "distill_corpus_empty": (["distill", "train", "--corpus", ""], ["--corpus none for none"]),
+    "no_model_given_to_lm_eval": (["lm-eval", "--tasks", "meestral_arc_easy"], ["needs --model", "--model meestral"]),
+    "lm_eval_limit_fraction": (LM_EVAL + CPU + ["--limit", "1.5"], ["--limit", "'1.5'", "count >= 1"]),
 }
 
 

@@ -144,7 +144,11 @@ RULES = {
 }
 AUTO = {"exits"}  # options that also take the word auto (--exits auto: speculate's calibrated exit point)
 FREE_TEXT = {"prompt", "rest"}  # checked where they are read (an empty prompt has its own message)
-EMPTY_MEANS = {"corpus": "none"}  # the word an option takes for "no value" (an empty string is refused)
+# (command, option) -> the word it takes for "no value" (an empty string is refused): only where
+# that word is accepted (adapt measures on its corpus, so it has none).
+EMPTY_MEANS = {("distill", "corpus"): "none"}
+# --head: the training-free kinds, and full (no exit heads); classifier heads come from --heads DIR.
+HEAD_KINDS = ("softmax", "margin", "saturation", "static", "full")
 
 
 def check_fields(cfg) -> None:
@@ -169,11 +173,15 @@ def check_args(args) -> None:
         if dest in RULES:
             RULES[dest].check(value, option)
         elif isinstance(value, str) and not value.strip() and dest not in FREE_TEXT:
-            instead = f" (or {option} {EMPTY_MEANS[dest]} for none)" if dest in EMPTY_MEANS else ""
+            none = EMPTY_MEANS.get((getattr(args, "command", None), dest))
+            instead = f" (or {option} {none} for none)" if none else ""
             raise MeestralError(f"{option} is empty: give a value{instead}, or leave the option out")
     if "device" in values:
         check_device(values["device"])
     if values.get("heads"):  # trained heads fix their kind and exit points (oracle also measures at --exits)
+    if values.get("head") not in (None, "none", "classifier", *HEAD_KINDS):  # classifier: its own message later
+        raise MeestralError(f"--head {values['head']!r} is not a head kind: use {' | '.join(HEAD_KINDS)} (full: the "
+                            "full model, no exits), or --heads DIR for trained heads")
         for other in ("head",) if getattr(args, "command", None) == "oracle" else ("exits", "head"):
             if other in values:
                 raise MeestralError(f"--{other} has no effect with --heads (the trained heads in {values['heads']} "

@@ -74,6 +74,11 @@ def cmd_lm_eval(args):
         raise MeestralError("nothing to pass to lm-eval: e.g. meestral lm-eval --model meestral "
                             "--model_args backbone=smollm2 --tasks meestral_arc_easy --limit 20")
     if "-h" in argv or "--help" in argv:  # lm-eval's help: no device, model, task download or hub needed
+        from meestral.evaluation.lm_model import ARGS
+
+        print("meestral lm-eval: lm-eval's own command line, with --model meestral registered (--model_args "
+              f"key=value,... with keys {', '.join(ARGS)}; lists use ':') and MEEstral's offline tasks "
+              "(meestral_arc_easy, ...) on its include path. lm-eval's help follows.\n")
         return _lm_eval_cli(argv)
     command = argv[0] if argv[0] in ("run", "ls", "validate") else "run"  # lm-eval inserts `run` when none is named
     model = _option(argv, "--model", "-M")
