@@ -167,3 +167,147 @@ def test_a_failed_report_leaves_no_figures_folder_and_puts_back_what_it_replaced
     with pytest.raises(OSError):
         write_report(d)
     assert files() == before  # the previous report and its figures, as they were
+
+
+# ---- the headline names only a setting that exits --------------------------------------------------
+def idle_sweep():
+    """ARC-Easy where the only early-exit settings within one point of the full 0.55 never exit (as
+    the README's 0.7 threshold did with the demo's heads), and the one that exits is 15 points worse."""
+    return [row("meestral_arc_easy", 0.55, baseline="full"),
+            row("meestral_arc_easy", 0.55, policy="catchup", threshold=0.7, wb=1.001, exit_rate=0.0),
+            row("meestral_arc_easy", 0.55, policy="catchup", threshold=0.9, wb=1.001, exit_rate=0.0),
+            row("meestral_arc_easy", 0.40, policy="catchup", threshold=0.3, wb=0.6, exit_rate=0.8)]
+
+
+def test_the_headline_never_names_a_setting_that_does_not_exit(tmp_path):
+    d = write_results(tmp_path / "res", optional=False, rows=idle_sweep())
+    _, md_path = write_report(d)
+    md = md_path.read_text()
+    assert "Best early exit within 1 point: catchup" not in md
+    assert "Best early exit within 1 point: none. The 2 early-exit setting(s) within 1 point" in md
+    assert "never exit (exit rate 0)" in md
+    table = next(l for l in md.splitlines() if l.startswith("| best early exit within 1 point"))
+    assert "none that exits within 1 point" in table and "threshold" not in table
+    full = plots.full_row(idle_sweep())
+    assert render.best_early_exit(idle_sweep(), full) == (None, "none that exits within 1 point")
+    assert render.best_early_exit(idle_sweep()[3:], full) == (None, "none within 1 point")
+
+
+def test_the_headline_prefers_a_setting_that_exits_to_a_cheaper_one_that_does_not():
+    rows = idle_sweep()
+    rows[1]["weight_bytes_ratio"] = 0.99  # cheaper on paper, but it never leaves early
+    exiting = row("meestral_arc_easy", 0.548, policy="verify", threshold=0.5, wb=1.2, exit_rate=0.3)
+    best, none = render.best_early_exit(rows + [exiting], plots.full_row(rows))
+    assert best is exiting and none == ""
+    assert "(no fewer than the full model)" in render._best_sentence(best, rows[0], None, lambda r: "verify", "acc")
+
+
+def test_the_comparison_table_says_when_no_setting_exits(tmp_path):
+    from meestral.report.compare import write_comparison
+
+    a = write_results(tmp_path / "smollm2")
+    b = write_results(tmp_path / "mamba2-smol", rows=[mamba(r) for r in idle_sweep()])
+    _, md = write_comparison({"smollm2": a, "mamba2-smol": b}, tmp_path)
+    line = next(l for l in md.read_text().splitlines() if l.startswith("| mamba2-smol"))
+    assert "none that exits within 1 point" in line and "threshold" not in line
+
+
+# ---- every oracle bound says which text it was measured on ------------------------------------------
+def mamba(r):
+    r = json.loads(json.dumps(r))
+    r["config"]["backbone"] = "mamba2-smol"
+    r["key"] = json.dumps(r["config"], sort_keys=True)
+    return r
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures plots draws, by file name, kept open for inspection after they are saved."""
+    figs = {}
+    save = plots._save
+
+    def keep(fig, path):
+        figs[os.path.basename(str(path))] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figs
+
+
+def test_comparison_bounds_name_their_text_and_tokens(tmp_path, drawn):
+    """The demo's comparison gave mamba2-smol two bounds (1.46x in the figure, 1.67x in the table)
+    measured on different texts: each must say which."""
+    from meestral.report.compare import write_comparison
+
+    a = write_results(tmp_path / "smollm2")
+    b = write_results(tmp_path / "mamba2-smol", rows=[mamba(r) for r in sweep_rows()])
+    oracle = json.loads((b / "oracle.json").read_text())
+    oracle["sources"]["embedded"].update(bound_speedup_layers=1.46, tokens=256)
+    oracle["sources"]["meestral_arc_easy"].update(bound_speedup_layers=1.67, tokens=1234)
+    (b / "oracle.json").write_text(json.dumps(oracle))
+    _, md = write_comparison({"smollm2": a, "mamba2-smol": b}, tmp_path)
+    text = md.read_text()
+    arc = text[text.index("### meestral_arc_easy"):text.index("### meestral_piqa")]
+    line = next(l for l in arc.splitlines() if l.startswith("| mamba2-smol"))
+    assert "1.67× in layers on meestral_arc_easy (1,234 tokens)" in line
+    legend = [t.get_text() for t in drawn["compare-oracle.png"].axes[0].get_legend().get_texts()]
+    assert any("1.46x in layers on embedded (256 tokens)" in t for t in legend), legend
+    tradeoff = [t.get_text() for ax in drawn["compare-tradeoff.png"].axes if ax.get_legend()
+                for t in ax.get_legend().get_texts()]
+    assert any("oracle (strict) bound on meestral_arc_easy (1,234 tokens)" in t for t in tradeoff), tradeoff
+
+
+def test_the_reports_task_bound_names_its_text(tmp_path):
+    d = write_results(tmp_path / "res")
+    n = json.loads((d / "oracle.json").read_text())["sources"]["meestral_arc_easy"]["tokens"]
+    _, md = write_report(d)
+    assert f"measured on meestral_arc_easy ({n:,} tokens)." in md.read_text()
+
+
+# ---- panels draw what they say ---------------------------------------------------------------------
+def test_training_panels_draw_a_single_record(tmp_path, drawn):
+    """A short run logs one train and one val record: every panel must still show its point."""
+    d = write_results(tmp_path / "res")
+    log = [json.loads(x) for x in (d / "train" / "log.jsonl").read_text().splitlines()]
+    plots.training([r for r in log if r["step"] == 10], tmp_path / "training.png")
+    for ax in drawn["training.png"].axes:
+        lines = [l for l in ax.get_lines() if len(l.get_xdata()) == 1]
+        assert lines, ax.get_title()
+        assert all(l.get_marker() not in (None, "", "None", " ") and l.get_markersize() >= 3 for l in lines)
+
+
+# ---- readable text ---------------------------------------------------------------------------------
+def test_logit_lens_cells_are_readable(tmp_path, drawn):
+    toks = ["The", "\n", " ", " capital", "supercalifragilistic", " $x$"] * 7  # 42: two blocks of 21
+    layers = list(range(30))
+    lens = {"tokens": toks, "layers": layers, "top_tokens": [toks for _ in layers],
+            "agree_final": [[True] * len(toks) for _ in layers], "confidence": {"7": [0.5] * len(toks)}}
+    plots.lens(lens, tmp_path / "lens.png")
+    fig = drawn["lens.png"]
+    assert fig.get_size_inches()[0] * plots.DPI <= plots.PAGE_PX  # shown unscaled on the report page
+    cells = [t for ax in fig.axes for t in ax.texts]
+    assert len(cells) == len(toks) * len(layers)  # every token drawn, none dropped
+    assert all(t.get_fontsize() >= 7 for t in cells)
+    assert {t.get_text() for t in cells} == {"The", "⏎", "␣", "capital", "superc…", r"\$x\$"}  # no reprs, "…" where cut
+    ticks = [t.get_text() for t in fig.axes[1].get_xticklabels()]
+    assert ticks[:6] == ["The", "⏎", "␣", "capital", "supercali…", r"\$x\$"] and len(ticks) == 21
+    assert fig.axes[-1].get_xlabel() == "input tokens 22-42 of 42"
+
+
+def test_the_lens_sample_text_is_drawn_and_cut_with_an_ellipsis(tmp_path):
+    d = write_results(tmp_path / "res")
+    lens = json.loads((d / "lens.json").read_text())
+    lens["tokens"] = ["To be,\n", "\xa0or not" + " to be" * 10] * 5  # as many as the fixture's other fields
+    (d / "lens.json").write_text(json.dumps(lens))
+    _, md = write_report(d)
+    sample = md.read_text().split("Sample text (10 tokens): “")[1].split("”")[0]
+    assert sample.startswith("To be,⏎⍽or not") and sample.endswith("…") and 290 < len(sample) <= 300
+    assert "\\n" not in sample and "\\xa0" not in sample
+
+
+def test_demo_answers_print_readably_with_an_ellipsis():
+    from meestral.tools.demo import answer_line
+
+    assert answer_line("softmax > 0.9", "copy", "The" + "\xa0" * 3 + "\n") == "  [softmax > 0.9, copy] The⍽⍽⍽"
+    long = answer_line("full depth", "-", "word " * 40)
+    assert long.endswith("…") and len(long.split("] ", 1)[1]) == 110 and "'" not in long

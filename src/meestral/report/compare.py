@@ -20,7 +20,7 @@ from pathlib import Path
 from meestral.errors import MeestralError
 from meestral.report import plots
 from meestral.report.plots import baseline, num
-from meestral.report.render import _bound, _f, _score, _setting, best_within, load_results, write_pages
+from meestral.report.render import _bound, _f, _score, _setting, best_early_exit, load_results, write_pages
 
 
 def _backbone(res) -> str:
@@ -40,7 +40,9 @@ def write_comparison(reports: dict, out, title: str = "MEEstral demo: the embedd
                     ", ".join(f"`{Path(d).name}/report.html` / `.md`" for d in reports.values()) +
                     "). Compute is per emitted token relative to the same backbone at full depth; a layer ratio "
                     "is not a wall-clock speed-up. Scores carry their standard error: on small task slices most "
-                    "differences between settings are within it."))
+                    "differences between settings are within it. A backbone's oracle strict bound depends on the "
+                    "text it is measured on, so every bound below names its text and token count: the figure's "
+                    f"are on held-out text (`{text_source}`), the tables' on each task's own documents."))
         sources = {}
         for name, r in res.items():
             src = plots.oracle_source(r["oracle"], text_source)
@@ -49,10 +51,11 @@ def write_comparison(reports: dict, out, title: str = "MEEstral demo: the embedd
         if sources:
             doc.append(("h", 2, "Where each backbone settles"))
             figs["compare_oracle"] = plots.oracle_compare(sources, drafts / "compare-oracle.png",
-                                                          title=f"held-out text ({text_source})")
+                                                          title=f"held-out text ({text_source})", source=text_source)
             doc.append(("fig", "compare_oracle", "Top-1 agreement of each layer with the final layer against depth "
                                                  "as a fraction of the backbone's layers; the legend gives each strict "
-                                                 "oracle bound (the most a token-identical exit could save, in layers)."))
+                                                 "oracle bound (the most a token-identical exit could save, in layers) "
+                                                 f"on this held-out text ({text_source})."))
         rows = [row for r in res.values() for row in r["sweep"]]
         oracle = {"by_backbone": {_backbone(r): r["oracle"] for r in res.values()}}
         doc.append(("h", 2, "Quality against compute"))
@@ -72,14 +75,14 @@ def write_comparison(reports: dict, out, title: str = "MEEstral demo: the embedd
                     continue
                 src = plots.oracle_source(r["oracle"], task)
                 label = plots.series_labeler(r["sweep"])
-                best = best_within([row for row in prs if baseline(row) is None], full)
-                table.append([name, full.get("num_layers") or "", _score(full), _bound(src),
-                              _setting(best, label) if best else "none within 1 point",
+                best, none = best_early_exit([row for row in prs if baseline(row) is None], full)
+                table.append([name, full.get("num_layers") or "", _score(full), _bound(src, task) if src else _bound(src),
+                              _setting(best, label) if best else none,
                               _score(best) if best else "", _f(best.get("weight_bytes_ratio")) if best else "",
                               _f(best.get("layer_fraction")) if best else "",
                               _f(best.get("agreement")) if best else ""])
             metric = next((row.get("metric", "score") for row in rows if row["task"] == task), "score")
-            doc.append(("table", ["backbone", "layers", f"full model {metric}", "oracle strict bound",
+            doc.append(("table", ["backbone", "layers", f"full model {metric}", "oracle strict bound (on this task)",
                                   "best early exit within 1 point", metric, "weight bytes / full",
                                   "layers run / full", "agreement with full"], table))
         page, md = write_pages(out, "comparison", doc, title, figs)

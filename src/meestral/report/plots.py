@@ -26,6 +26,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 
 from meestral.errors import MeestralError  # noqa: E402
 from meestral.files import atomic_write  # noqa: E402
+from meestral.report.text import PLAIN_SPACE, shorten  # noqa: E402
 
 X_AXES = {
     "weight_bytes_ratio": "weight bytes read per token, relative to full depth",
@@ -142,6 +143,13 @@ def oracle_bound(src) -> float | None:
     return num(src.get("bound_speedup_layers", src.get("bound_speedup")))
 
 
+def bound_source(name, src) -> str:
+    """What an oracle bound was measured on: the source (held-out text or a task's documents) and its
+    token count. A backbone's bounds differ from one text to another, so none is given without it."""
+    n = num((src or {}).get("tokens"))
+    return f"{name} ({n:,.0f} tokens)" if n is not None else str(name)
+
+
 def _curve(src) -> tuple[list, list]:
     """(exit layers, agreement): the agreement is a {layer: value} map or a list over `layers`."""
     a = src.get("agreement") or {}
@@ -196,7 +204,8 @@ def tradeoff(rows, oracle_data, path, x: str = "weight_bytes_ratio") -> Path:
         src = oracle_source(oracle_data, prs[0]["task"], prs[0]["config"].get("backbone"))
         if src and num(src.get("layer_fraction")) is not None:
             lf = num(src["layer_fraction"])
-            ax.axvline(lf, color="tab:red", ls=(0, (5, 3)), lw=1.2, label=f"{ORACLE_LABEL}: {lf:.2f} of layers")
+            ax.axvline(lf, color="tab:red", ls=(0, (5, 3)), lw=1.2,
+                       label=text(f"{ORACLE_LABEL} on {bound_source(prs[0]['task'], src)}: {lf:.2f} of layers"))
         err = " ± stderr" if any(num(r.get("stderr")) for r in prs) else ""
         ax.set(title=text(name), xlabel=X_AXES[x], ylabel=text(f"{prs[0].get('metric', 'score')}{err}"))
         ax.grid(alpha=0.3)
@@ -279,14 +288,15 @@ def oracle(oracle_data, path) -> Path:
         _bars(b, hists, labels)
         b.legend(fontsize=7)
         L, bound = s.get("num_layers") or oracle_data.get("num_layers"), oracle_bound(s)
-        b.set(title=text(f"{name}: oracle exits" + (f" (strict bound {bound:.2f}x in layers)" if bound else "")),
+        b.set(title=text(f"{bound_source(name, s)}: oracle exits" + (f" (strict bound {bound:.2f}x in layers)" if bound else "")),
               xlabel=f"exit layer ({L - 1} = full depth)" if L else "exit layer")
     return _save(fig, path)
 
 
-def oracle_compare(sources: dict, path, title: str = "held-out text") -> Path:
+def oracle_compare(sources: dict, path, title: str = "held-out text", source: str | None = None) -> Path:
     """Several backbones on one plot: top-1 agreement of each exit layer with the final layer,
-    against depth as a fraction of the backbone's layers ((l+1)/L), with each strict oracle bound.
+    against depth as a fraction of the backbone's layers ((l+1)/L), with each strict oracle bound
+    and the text it was measured on (`source`: the oracle source's name).
     `sources` maps a label (the backbone) to one oracle source of that backbone."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, src in sources.items():
@@ -295,8 +305,10 @@ def oracle_compare(sources: dict, path, title: str = "held-out text") -> Path:
             raise MeestralError(f"oracle source for {label} has no num_layers: give an oracle.json made by meestral oracle")
         layers, agree = _curve(src)
         bound = oracle_bound(src)
+        on = f" on {bound_source(source, src)}" if source else ""
         ax.plot([(l + 1) / L for l in layers], agree, marker=".",
-                label=text(f"{label} ({L} layers; strict bound {bound:.2f}x in layers)" if bound else f"{label} ({L} layers)"))
+                label=text(f"{label} ({L} layers; strict bound {bound:.2f}x in layers{on})" if bound
+                           else f"{label} ({L} layers)"))
     ax.set(title=text(f"Agreement with the final layer by depth, {title}"), xlabel="depth (layers run / all layers)",
            ylabel="top-1 agreement with the final layer", xlim=(0, 1.0), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
@@ -336,14 +348,15 @@ def training(records, path) -> Path:
     train = [r for r in records if r.get("split") == "train"]
     val = [r for r in records if r.get("split") == "val"] or train
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([r["step"] for r in train], [r.get("loss") for r in train])
+    # A marker on every point: a short run logs one record, and a line through one point draws nothing.
+    axes[0].plot([r["step"] for r in train], [num(r.get("loss")) for r in train], marker="o", ms=4)
     axes[0].set(title="train loss (sum over heads)", xlabel="step", ylabel="BCE")
     split = val[0]["split"] if val else "val"
     for ax, key in ((axes[1], "f1"), (axes[2], "auroc")):
         for layer in (val[-1]["heads"] if val else {}):
             pts = [r for r in val if layer in r["heads"]]
             line, = ax.plot([r["step"] for r in pts], [num(r["heads"][layer].get(key)) for r in pts],
-                            marker=".", label=f"exit {layer}")
+                            marker="o", ms=4, label=f"exit {layer}")
             base = num(val[-1]["heads"][layer].get("f1_always_exit"))
             if key == "f1" and base is not None:
                 ax.axhline(base, ls="--", lw=0.8, color=line.get_color())
@@ -354,34 +367,56 @@ def training(records, path) -> Path:
     return _save(fig, path)
 
 
-def lens(lens_data, path, max_tokens: int = 40) -> Path:
+PAGE_PX = 1150  # the report page's width for a figure (render.CSS: max-width 1200px less padding)
+LENS_FONT = 7.5  # points: at DPI 110 and shown unscaled (a figure no wider than PAGE_PX), 11 px
+
+
+def token_label(tok, width: int) -> str:
+    """A token as a cell or tick label: white space around a word dropped (" the" -> "the"), a
+    token that is only white space drawn (⏎, ␣), at most `width` characters with "…" when cut."""
+    tok = str(tok)
+    return text(shorten(tok.strip(PLAIN_SPACE) or tok, width, strip=False))
+
+
+def lens(lens_data, path, per_row: int = 21, cell_chars: int = 7) -> Path:
     """Logit lens: layers x tokens, each cell the layer's top-1 token, green where it equals the
-    final layer's; below it, the exit confidence per token at each exit point."""
-    toks = lens_data["tokens"][:max_tokens]
-    layers, T = lens_data["layers"], len(toks)
-    agree = [[bool(a) for a in row[:T]] for row in lens_data["agree_final"]]
+    final layer's; below it, the exit confidence per token at each exit point. Every token is drawn,
+    at most `per_row` to a block (blocks of equal size, stacked), so that the figure fits the report
+    page unscaled and its cell text stays readable."""
+    toks, layers = lens_data["tokens"], lens_data["layers"]
     conf = lens_data.get("confidence") or {}
-    fig, axes = plt.subplots(2 if conf else 1, 1, figsize=(1.2 + 0.62 * T, 1.5 + 0.24 * len(layers) + 2.2 * bool(conf)),
-                             squeeze=False, sharex=True, gridspec_kw={"height_ratios": [4, 1] if conf else [1]})
-    ax = axes[0][0]
-    ax.imshow(agree, cmap=ListedColormap(["#f4d6d2", "#bfe3b4"]), vmin=0, vmax=1, aspect="auto",
-              interpolation="nearest", origin="lower")
-    for i, row in enumerate(lens_data["top_tokens"]):
-        for j, tok in enumerate(row[:T]):
-            ax.text(j, i, text(repr(tok)[1:-1][:7]), ha="center", va="center", fontsize=5.5)
-    ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=6)
-    ax.set(ylabel="layer", title="logit lens: top-1 token per layer (green: equals the final layer's)")
-    if conf:
-        c = axes[1][0]
-        for layer, vals in conf.items():
-            c.plot(range(len(vals[:T])), vals[:T], marker=".", label=f"exit {layer}")
-        c.set(ylabel="confidence", ylim=(0, 1.02))
-        c.legend(fontsize=6, ncol=min(6, len(conf)))
-        c.grid(alpha=0.3)
-    bottom = axes[-1][0]
-    bottom.set_xticks(range(T), [text(repr(t)[1:-1]) for t in toks], rotation=70, fontsize=6)
-    cut = len(lens_data["tokens"]) > T
-    bottom.set_xlabel("input token" + (f" (first {T} of {len(lens_data['tokens'])})" if cut else ""))
+    per_row = math.ceil(len(toks) / max(1, math.ceil(len(toks) / per_row)))  # 40 tokens: two blocks of 20
+    blocks = [(a, min(a + per_row, len(toks))) for a in range(0, len(toks), per_row)] or [(0, 0)]
+    width = min(PAGE_PX / DPI, 1.3 + 0.46 * min(per_row, max(1, len(toks))))  # 0.46 in: 7 characters at LENS_FONT
+    ratios = ([4, 1] if conf else [1]) * len(blocks)
+    fig, axes = plt.subplots(len(ratios), 1, squeeze=False, gridspec_kw={"height_ratios": ratios},
+                             figsize=(width, len(blocks) * (1.6 + 0.22 * len(layers) + 1.8 * bool(conf))))
+    axes = [row[0] for row in axes]
+    for n, (a, b) in enumerate(blocks):
+        ax = axes[n * (2 if conf else 1)]
+        ax.imshow([[bool(x) for x in row[a:b]] for row in lens_data["agree_final"]],
+                  cmap=ListedColormap(["#f4d6d2", "#bfe3b4"]), vmin=0, vmax=1, aspect="auto",
+                  interpolation="nearest", origin="lower")
+        for i, row in enumerate(lens_data["top_tokens"]):
+            for j, tok in enumerate(row[a:b]):
+                ax.text(j, i, token_label(tok, cell_chars), ha="center", va="center", fontsize=LENS_FONT)
+        ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=LENS_FONT)
+        ax.set_ylabel("layer")
+        if n == 0:
+            ax.set_title("logit lens: top-1 token per layer (green: equals the final layer's)", fontsize=9)
+        bottom = ax
+        if conf:
+            bottom = axes[n * 2 + 1]
+            for layer, vals in conf.items():
+                bottom.plot(range(len(vals[a:b])), vals[a:b], marker=".", label=f"exit {layer}")
+            bottom.set(ylabel="confidence", ylim=(0, 1.02))
+            bottom.legend(fontsize=7, ncol=min(6, len(conf)))
+            bottom.grid(alpha=0.3)
+            ax.set_xticks([])
+        for x in (ax, bottom):  # a short last block keeps the cell width of the others
+            x.set_xlim(-0.5, per_row - 0.5 if len(blocks) > 1 else max(1, b - a) - 0.5)
+        bottom.set_xticks(range(b - a), [token_label(t, 10) for t in toks[a:b]], rotation=70, fontsize=LENS_FONT)
+        bottom.set_xlabel(f"input tokens {a + 1}-{b} of {len(toks)}" if len(blocks) > 1 else "input token")
     return _save(fig, path)
 
 

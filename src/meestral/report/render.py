@@ -30,6 +30,7 @@ from meestral.errors import MeestralError
 from meestral.report import plots
 from meestral.files import write_together
 from meestral.report.plots import baseline, num
+from meestral.report.text import shorten
 
 FIGURES = ("tradeoff", "agreement", "exit_histograms", "oracle", "calibration", "training", "lens", "drift")
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
@@ -128,6 +129,22 @@ def best_within(rows, full, x: str = "weight_bytes_ratio") -> dict | None:
     return min(ok, key=lambda r: (num(r[x]), num(r["value"]) * (1 if lower else -1)), default=None)
 
 
+def exits(r) -> bool:
+    """Whether a sweep point leaves the network early at all: a setting at exit rate 0 is the full
+    model under another name, so it is never a headline's "best early exit"."""
+    return (num(r.get("exit_rate")) or 0) > 0
+
+
+def best_early_exit(rows, full, x: str = "weight_bytes_ratio") -> tuple[dict | None, str]:
+    """The headline: the cheapest early-exit setting within one point of the full model that exits
+    (exit rate > 0), and, when there is none, the words that say why."""
+    b = best_within([r for r in rows if exits(r)], full, x)
+    if b is not None:
+        return b, ""
+    idle = best_within(rows, full, x) is not None
+    return None, "none that exits within 1 point" if idle else "none within 1 point"
+
+
 def _f(v, spec=".3f") -> str:
     v = num(v)
     return DASH if v is None else format(v, spec)
@@ -138,9 +155,13 @@ def _score(r) -> str:
     return _f(r.get("value"), ".4g") + (f" ± {se:.2g}" if se is not None else "")
 
 
-def _bound(src) -> str:
+def _bound(src, name: str | None = None) -> str:
+    """The oracle's strict bound; with `name`, also the text it was measured on (a backbone has one
+    bound per source: held-out text and each task's documents give different bounds)."""
     b = plots.oracle_bound(src)
-    return f"{b:.2f}× in layers" if b else "not run"
+    if not b:
+        return "not run"
+    return f"{b:.2f}× in layers" + (f" on {plots.bound_source(name, src)}" if name else "")
 
 
 def _setting(r, label) -> str:
@@ -228,6 +249,8 @@ def _tradeoff(doc, res, figs, figdir, x):
             where = f" on this task (oracle.json covers {', '.join(res['oracle'].get('sources') or {}) or 'nothing'})."
         else:
             where = " (no oracle.json)."
+        if src:  # the bound differs per text: say which one this is
+            where = where[:-1] + f", measured on {plots.bound_source(prs[0]['task'], src)}."
         doc.append(("p", f"Full model: {metric} {_score(full)} (limit {full['config'].get('limit')}). "
                          f"Oracle strict bound: {_bound(src)}{where}"))
         table = [["full model"] + _cells(full, full, src, label)]
@@ -235,12 +258,21 @@ def _tradeoff(doc, res, figs, figdir, x):
             cands = [r for r in prs if baseline(r) == kind]
             if not cands:
                 continue
-            b = best_within(cands, full, x)
-            table.append([f"{what} within 1 point"] + (_cells(b, full, src, label) if b else
-                                                        ["none within 1 point"] + [DASH] * 11))
-            if kind is None and b:
-                doc.append(("p", _best_sentence(b, full, src, label, metric)))
+            b, none = best_early_exit(cands, full, x) if kind is None else (best_within(cands, full, x),
+                                                                             "none within 1 point")
+            table.append([f"{what} within 1 point"] + (_cells(b, full, src, label) if b else [none] + [DASH] * 11))
+            if kind is None:
+                doc.append(("p", _best_sentence(b, full, src, label, metric) if b else _no_exit_sentence(cands, full, x)))
         doc.append(("table", _header(metric), table))
+
+
+def _no_exit_sentence(rows, full, x) -> str:
+    idle = [r for r in rows if not exits(r) and best_within([r], full, x)]
+    if idle:
+        return (f"Best early exit within 1 point: none. The {len(idle)} early-exit setting(s) within 1 point of the "
+                "full model never exit (exit rate 0): they run every layer, so they score and cost what the full "
+                "model does; a lower threshold, or heads trained longer, is needed for an exit.")
+    return "Best early exit within 1 point: none; every early-exit setting scores more than 1 point from the full model."
 
 
 def _best_sentence(b, full, src, label, metric) -> str:
@@ -248,7 +280,8 @@ def _best_sentence(b, full, src, label, metric) -> str:
     wb, fl = num(b.get("weight_bytes_ratio")), num(b.get("flops_ratio"))
     parts = []
     if wb:
-        parts.append(f"reads {wb:.3f} of the full model's weight bytes per token ({1 / wb:.2f}× fewer bytes)")
+        parts.append(f"reads {wb:.3f} of the full model's weight bytes per token "
+                     + (f"({1 / wb:.2f}× fewer bytes)" if wb < 1 else "(no fewer than the full model)"))
     if fl:
         parts.append(f"does {fl:.3f} of its FLOPs")
     if lf:
@@ -346,9 +379,8 @@ def _lens(doc, res, figs, figdir):
     if not lz:
         doc.append(("p", "Not run: no lens.json in the results folder."))
         return
-    sample = "".join(lz["tokens"]).replace("\n", "⏎")  # a raw newline would end the Markdown paragraph
-    more = "…" if len(sample) > 300 else ""
-    doc.append(("p", f"Sample text ({len(lz['tokens'])} tokens): “{sample[:300]}{more}”"))
+    # drawn visibly (a raw newline would end the Markdown paragraph), "…" where it is cut
+    doc.append(("p", f"Sample text ({len(lz['tokens'])} tokens): “{shorten(''.join(lz['tokens']), 300)}”"))
     figs["lens"] = plots.lens(lz, figdir / "lens.png")
     doc.append(("fig", "lens", "Each layer's top-1 token (final norm + LM head on its hidden state); green where it "
                                "equals the final layer's. Below: exit confidence per token at each exit point."))

@@ -30,10 +30,14 @@ def visible(s: str) -> str:
     return "".join(out)
 
 
+PLAIN_SPACE = " \t\r\n"
+
+
 def shorten(s: str, width: int | None = None, strip: bool = True) -> str:
-    """`visible(s)` (stripped of surrounding white space unless strip=False), cut to at most
-    `width` characters with a final "…" when anything was cut."""
-    s = visible(str(s).strip() if strip else s)
+    """`visible(s)` (stripped of surrounding spaces, tabs and newlines unless strip=False), cut to
+    at most `width` characters with a final "…" when anything was cut. A no-break space is not
+    stripped: an answer of 46 of them must show them (⍽), not look empty."""
+    s = visible(str(s).strip(PLAIN_SPACE) if strip else s)
     if width is not None and len(s) > width:
         return s[:max(0, width - 1)].rstrip() + ELLIPSIS
     return s

@@ -21,6 +21,7 @@ from meestral.decoding.decoder import EarlyExitDecoder
 from meestral.decoding.config import STATE_POLICIES, ExitConfig
 from meestral.decoding.heads import ExitHeads
 from meestral.decoding.sampling import SamplingOptions
+from meestral.report.text import shorten
 
 PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -109,6 +110,12 @@ def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limi
     return html
 
 
+def answer_line(name, policy, text, width=110) -> str:
+    """One configuration's answer as people read it: invisible characters drawn (⏎, ⍽), at most
+    `width` characters and "…" where cut (not a Python repr)."""
+    return f"  [{name}, {policy}] {shorten(text, width)}"
+
+
 DEFAULT_BACKBONES = ("smollm2", "mamba2-smol")
 
 
@@ -186,7 +193,7 @@ def demo_one(backbone="smollm2", max_new_tokens=40, device="cpu", out=None, repo
           "also checks every early token, so its output is the full model's.\nFirst prompt's answer per "
           "configuration:", file=out)
     for name, policy, _, _, _, text in results:
-        print(f"  [{name}, {policy}] {text.strip()[:110]!r}", file=out)
+        print(answer_line(name, policy, text), file=out)
     if report_dir:
         print("\nevaluation on a small slice of lm-eval tasks (offline suite) ...", file=sys.stderr)
         html = evaluation_report(backbone, bb, trained, report_dir, tasks=tasks, limit=limit,
