@@ -166,3 +166,17 @@ def test_pruned_model_skips_its_blocks_everywhere(tiny):
     assert g.token_ids == want
     sc = score_sequential(dec, [(PROMPTS[0], g.token_ids)])[0]
     assert sc.greedy and all(s.layers_run == L - 2 for s in sc.stats)
+
+
+def test_tables_of_trainable_heads_are_plain_numbers(tiny):
+    """Classifier heads hold parameters that require grad: the tables (and the calibration data
+    read from them as NumPy arrays) must carry no autograd graph."""
+    from meestral.evaluation.scoring import calibration_data
+
+    bb = tiny("llama")
+    heads = ExitHeads("classifier", [1, 3], bb)
+    assert any(p.requires_grad for p in heads.parameters())
+    tab = build_tables(bb, heads, [([5, 17, 33, 90, 4, 61], [17, 33, 90])])[0]
+    assert not tab.conf.requires_grad
+    conf, agree, groups = calibration_data(bb, heads, torch.randint(0, 100, (2, 9)), progress=False)
+    assert conf.shape == (16, 2) and agree.shape == (16, 3) and groups.tolist() == [0] * 8 + [1] * 8

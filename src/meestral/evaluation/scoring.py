@@ -80,6 +80,7 @@ def first_winner(lg: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return torch.where(wins.any(-1), wins.int().argmax(-1), lg.shape[-1])
 
 
+@torch.no_grad()  # trained heads hold parameters that require grad: tables are numbers, not graphs
 def build_tables(bb, heads, rows, chunk: int = 256) -> list[Table]:
     """Tables for requests `rows` = [(tokens fed, number of scored tokens)], one batched forward.
 
