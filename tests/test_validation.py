@@ -187,6 +187,10 @@ CASES = {
                                       ["badconfig/config.json", "copy the model's config.json"]),
     "adapt_corpus_empty": (["adapt", "train", "--corpus", ""], ["--corpus is empty: give a value, or leave"]),
     "distill_corpus_empty": (["distill", "train", "--corpus", ""], ["--corpus none for none"]),
+    "sweep_threshold_ignored": (["sweep", *M, "--tasks", "arc_easy", "--thresholds", "0.5", "--threshold", "0.7"],
+                                ["--threshold has no effect on a sweep", "--thresholds"]),
+    "sweep_verify_ignored": (["sweep", *M, "--tasks", "arc_easy", "--thresholds", "0.5", "--verify"],
+                             ["--verify has no effect on a sweep", "--policies"]),
     "no_model_given_to_lm_eval": (["lm-eval", "--tasks", "meestral_arc_easy"], ["needs --model", "--model meestral"]),
     "lm_eval_limit_fraction": (LM_EVAL + CPU + ["--limit", "1.5"], ["--limit", "'1.5'", "count >= 1"]),
 }

@@ -185,6 +185,13 @@ def cmd_sweep(args):
 
     if not args.thresholds:
         raise MeestralError("the thresholds list is empty: pass e.g. --thresholds 0.5,0.7,0.9")
+    # A sweep sets the threshold and policy of every point itself: these would be ignored.
+    if args.threshold is not None:
+        raise MeestralError("--threshold has no effect on a sweep (it runs every value of --thresholds): "
+                            "list the values in --thresholds and drop --threshold")
+    if args.verify:
+        raise MeestralError("--verify has no effect on a sweep (it runs every policy of --policies): "
+                            "add verify to --policies and drop --verify")
     check_output(args.out, "--out")
     lm = _lm(args)
     spec = SweepSpec(tasks=_names(args.tasks), thresholds=args.thresholds, policies=_names(args.policies),
