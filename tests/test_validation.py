@@ -191,6 +191,8 @@ CASES = {
                                 ["--threshold has no effect on a sweep", "--thresholds"]),
     "sweep_verify_ignored": (["sweep", *M, "--tasks", "arc_easy", "--thresholds", "0.5", "--verify"],
                              ["--verify has no effect on a sweep", "--policies"]),
+    "oracle_exits_auto": (["oracle", *M, "--exits", "auto"], ["argument --exits", "'auto'", "meestral oracle --help"]),
+    "thresholds_not_numbers": (["sweep", *M, "--tasks", "arc_easy", "--thresholds", "a,b"], ["argument --thresholds"]),
     "no_model_given_to_lm_eval": (["lm-eval", "--tasks", "meestral_arc_easy"], ["needs --model", "--model meestral"]),
     "lm_eval_limit_fraction": (LM_EVAL + CPU + ["--limit", "1.5"], ["--limit", "'1.5'", "count >= 1"]),
 }

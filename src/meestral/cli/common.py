@@ -38,11 +38,12 @@ class Parser(argparse.ArgumentParser):
         raise MeestralError(f"{message} (see `{self.prog} --help`)")
 
 
+# The list types raise argparse's own error, so that the message names the option ("argument --exits: ...").
 def ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise MeestralError(f"expected comma-separated layer numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
 
 
 def exit_points_arg(text: str):
@@ -56,7 +57,7 @@ def floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise MeestralError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def names(text: str) -> list[str]:
