@@ -193,6 +193,7 @@ CASES = {
                              ["--verify has no effect on a sweep", "--policies"]),
     "oracle_exits_auto": (["oracle", *M, "--exits", "auto"], ["argument --exits", "'auto'", "meestral oracle --help"]),
     "thresholds_not_numbers": (["sweep", *M, "--tasks", "arc_easy", "--thresholds", "a,b"], ["argument --thresholds"]),
+    "info_missing_folder_with_a_slash": (["info", "--backbone", "mymodel/"], ["backbone path mymodel/ does not exist"]),
     "no_model_given_to_lm_eval": (["lm-eval", "--tasks", "meestral_arc_easy"], ["needs --model", "--model meestral"]),
     "lm_eval_limit_fraction": (LM_EVAL + CPU + ["--limit", "1.5"], ["--limit", "'1.5'", "count >= 1"]),
 }

@@ -144,7 +144,8 @@ def load_backbone(spec: str, dtype=None, device: str = "cpu"):
         raise MeestralError(
             f"backbone folder {spec} has neither config.json (Hugging Face) nor params.json (Mistral native)"
         )
-    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
+    # A hub id is org/name: a trailing slash or more than one slash make it a path.
+    if spec.startswith((".", "/", "~")) or spec.endswith("/") or os.sep in spec and spec.count("/") != 1:
         raise MeestralError(f"backbone path {spec} does not exist: check the path, or use 'smollm2'")
     if "/" not in spec:
         raise MeestralError(
