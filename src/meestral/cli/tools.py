@@ -41,7 +41,7 @@ def cmd_bench(args):
               repeats=args.repeats, max_backlog=args.max_backlog, prompt_tokens=args.prompt_tokens,
               engine=args.engine, policies=tuple(args.policies or POLICIES), peers=tuple(args.peers or ("hf",)),
               profile=args.profile, draft_tokens=_draft_tokens(args.draft_tokens), inject=args.inject or (),
-              draft_vocab=tuple(args.draft_vocab or (0,)))
+              draft_vocab=tuple(args.draft_vocabs or (0,)))
     return 0
 
 
@@ -95,7 +95,7 @@ def add_tool_parsers(sub):
     b.add_argument("--inject", type=floats,
                    help="speculate rows: injected draft acceptance, e.g. 0.5,0.6,0.7,0.8,0.9 (benchmark only: random "
                    "weights never agree with themselves; default: the drafts' own acceptance)")
-    b.add_argument("--draft-vocab", type=ints, help="speculate rows: trimmed draft heads, rows of the LM head, "
+    b.add_argument("--draft-vocab", dest="draft_vocabs", type=ints, help="speculate rows: trimmed draft heads, rows of the LM head, "
                    "e.g. 0,8192 (0: the whole head; default 0)")
     add_engine_arg(b)
     b.set_defaults(func=cmd_bench)
