@@ -141,7 +141,6 @@ RULES = {
     "val_tokens": Number(int, 1),
     "inject": Items(UNIT, example="0.5,0.8"),  # bench: injected draft acceptance
     "draft_vocab": Number(int, 0, hint="0: the whole vocabulary"),
-    "draft_vocabs": Items(Number(int, 0, hint="0: the whole vocabulary"), example="0,8192"),  # bench's list
 }
 AUTO = {"exits"}  # options that also take the word auto (--exits auto: speculate's calibrated exit point)
 FREE_TEXT = {"prompt", "rest"}  # checked where they are read (an empty prompt has its own message)

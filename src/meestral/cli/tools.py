@@ -66,6 +66,14 @@ def _draft_tokens(text: str) -> list:
     return out
 
 
+def _draft_vocabs(text: str) -> list[int]:
+    """bench --draft-vocab: whole numbers >= 0 (0: the whole LM head), e.g. 0,8192."""
+    vals = ints(text)
+    if not vals or any(v < 0 for v in vals):
+        raise MeestralError(f"--draft-vocab {text}: give whole numbers >= 0 (0: the whole vocabulary), e.g. 0,8192")
+    return vals
+
+
 def add_tool_parsers(sub):
     d = sub.add_parser("demo", help="the embedded backbone at several thresholds and policies")
     d.add_argument("--backbone", default="smollm2,mamba2-smol",
@@ -95,7 +103,7 @@ def add_tool_parsers(sub):
     b.add_argument("--inject", type=floats,
                    help="speculate rows: injected draft acceptance, e.g. 0.5,0.6,0.7,0.8,0.9 (benchmark only: random "
                    "weights never agree with themselves; default: the drafts' own acceptance)")
-    b.add_argument("--draft-vocab", dest="draft_vocabs", type=ints, help="speculate rows: trimmed draft heads, rows of the LM head, "
+    b.add_argument("--draft-vocab", dest="draft_vocabs", type=_draft_vocabs, help="speculate rows: trimmed draft heads, rows of the LM head, "
                    "e.g. 0,8192 (0: the whole head; default 0)")
     add_engine_arg(b)
     b.set_defaults(func=cmd_bench)
