@@ -175,7 +175,7 @@ def test_every_option_has_help_and_shows_its_default():
                 continue
             if not a.help:
                 missing.append(f"{p.prog} {'/'.join(a.option_strings) or a.dest}")
-            if a.option_strings and a.default not in (None, False):
+            if a.option_strings and a.default is not None and a.default is not False and a.default not in ({}, []):
                 shown = fmt._expand_help(a) if a.help else ""
                 if "default" not in shown:
                     no_default.append(f"{p.prog} {a.option_strings[0]}")
@@ -187,5 +187,6 @@ def test_help_names_the_default_once_and_head_full(capsys):
         main(["generate", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--max-new-tokens MAX_NEW_TOKENS tokens to generate at most (default: 48)" in out
+    assert "--temperature TEMPERATURE sampling temperature; 0: greedy (default: 0.0)" in out
     assert "full (no exit heads: the full model)" in out
     assert out.count("(default: every quarter)") == 1 and "every quarter) (default" not in out

@@ -20,7 +20,9 @@ class DefaultsHelp(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        # `is`, not `in`: 0 and 0.0 equal False, and their defaults are worth showing
+        none = action.default is None or action.default is False or action.default in ({}, [], ())  # no value
+        if none or action.default == argparse.SUPPRESS or "default" in text:
             return text
         if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return text
