@@ -392,3 +392,34 @@ def test_scoring_prices_the_controller_as_it_runs_on_a_byte_clock(tiny, shape, e
     assert sorted(key(s) for s in scored.discarded) == sorted(key(s) for s in gen.discarded)
     c = dec.policy.counts
     assert c["full_steps"] > 0 and c["cycles"] > 0  # it measured both, and chose between them
+
+
+SPECULATE_BAD = {
+    "k_out_of_range": (["--exits", "2", "--draft-tokens", "99"], ["draft_tokens 99 out of range", "1 to 16"]),
+    "k_not_a_number": (["--exits", "2", "--draft-tokens", "many"], ["draft_tokens='many'", "'auto'"]),
+    "fixed_k_two_exits": (["--exits", "1,3", "--draft-tokens", "3"], ["one exit point", "--draft-tokens auto"]),
+    "vocab_out_of_range": (["--exits", "2", "--draft-vocab", "999"], ["draft_vocab 999 out of range", "1 to 259"]),
+    "vocab_with_softmax_threshold": (["--exits", "2", "--threshold", "0.5", "--draft-vocab", "10"],
+                                     ["reads the whole LM head", "threshold 0"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPECULATE_BAD))
+def test_speculate_bad_input_is_one_line(case, capsys):
+    from meestral.cli.main import main
+    from test_cli import assert_one_line_error
+
+    argv, words = SPECULATE_BAD[case]
+    rc = main(["generate", "hello", "--backbone", "random:mistral", "--policy", "speculate", *argv])
+    out, err = capsys.readouterr()
+    assert_one_line_error(rc, out, err, words)
+
+
+def test_exits_auto_and_inject_bad_input_is_one_line(capsys):
+    from meestral.cli.main import main
+    from test_cli import assert_one_line_error
+
+    rc = main(["generate", "hello", "--backbone", "random:mistral", "--exits", "auto"])
+    assert_one_line_error(rc, *capsys.readouterr(), ["exits=auto", "--policy speculate"])
+    rc = main(["bench", "--backbone", "random:mistral", "--policies", "speculate", "--inject", "1.5"])
+    assert_one_line_error(rc, *capsys.readouterr(), ["--inject", "1.5", "[0, 1]"])
