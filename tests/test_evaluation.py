@@ -190,22 +190,29 @@ def test_oracle_calibrate_report_end_to_end(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def assert_rolling_is_the_full_models(lm, bb, text="To be, or not to be"):
+    """lm's loglikelihood_rolling of `text` = the full model's log-likelihood of every token after
+    the prefix token."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    ids = [lm.prefix_token_id] + lm.tok_encode(text)
+    ref = bb.full_logits(torch.tensor([ids])).float().log_softmax(-1)[0]
+    want = sum(float(ref[t, ids[t + 1]]) for t in range(len(ids) - 1))
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    assert got[0] == pytest.approx(want, abs=1e-3)
+
+
 def test_rolling_and_generation_requests_on_the_full_model(tiny):
     """loglikelihood_rolling = the full model's log-likelihood of every token after the prefix
     token; generate_until = greedy decoding cut at the first stop sequence."""
-    import torch
     from lm_eval.api.instance import Instance
 
     from meestral.evaluation.lm_model import MeestralLM
 
     bb = tiny("mistral")
     lm = MeestralLM(backbone=bb, head="full")
-    text = "To be, or not to be"
-    ids = [lm.prefix_token_id] + lm.tok_encode(text)
-    ref = bb.full_logits(torch.tensor([ids])).float().log_softmax(-1)[0]
-    want = sum(float(ref[t, ids[t + 1]]) for t in range(len(ids) - 1))
-    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
-    assert got[0] == pytest.approx(want, abs=1e-3)
+    assert_rolling_is_the_full_models(lm, bb)
 
     full = lm.dec.generate([lm.tok_encode("Once")], __import__("meestral.decoding.decoder", fromlist=["x"]).SamplingOptions(
         max_new_tokens=12))[0].text
@@ -231,7 +238,6 @@ def test_eval_command_writes_results_and_accounting(tmp_path, capsys):
 def test_speculate_through_lm_eval_is_the_full_model(tiny):
     """policy=speculate (with draft_tokens and the default threshold 0: always draft) scores and
     generates as the full model does: lossless, whatever its drafts."""
-    import torch
     from lm_eval.api.instance import Instance
 
     from meestral.evaluation.lm_model import MeestralLM
@@ -240,12 +246,7 @@ def test_speculate_through_lm_eval_is_the_full_model(tiny):
     lm = MeestralLM(backbone=bb, exits="2", policy="speculate", draft_tokens="3")
     cfg = lm.dec.config
     assert (cfg.policy, cfg.draft_tokens, cfg.adaptive, tuple(cfg.thresholds)) == ("speculate", 3, False, (0.0,))
-    text = "To be, or not to be"
-    ids = [lm.prefix_token_id] + lm.tok_encode(text)
-    ref = bb.full_logits(torch.tensor([ids])).float().log_softmax(-1)[0]
-    want = sum(float(ref[t, ids[t + 1]]) for t in range(len(ids) - 1))
-    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
-    assert got[0] == pytest.approx(want, abs=1e-3)
+    assert_rolling_is_the_full_models(lm, bb)
     full = MeestralLM(backbone=bb, head="full")
     req = [Instance("generate_until", {}, ("Once", {"until": ["\n\n\n"], "max_gen_toks": 12}), 0)]
     assert lm.generate_until(req, disable_tqdm=True) == full.generate_until(req, disable_tqdm=True)

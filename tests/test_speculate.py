@@ -129,9 +129,6 @@ def test_scoring_prices_speculate_as_generation_spends_it(tiny, shape, draft_voc
     """Teacher-forced scoring of the model's own greedy continuation charges every token (and every
     spent draft) exactly what the decoder's cycles charged (also with a trimmed draft head, whose
     drafts the table decides from `beat`)."""
-    from meestral.decoding.accounting import token_stats
-    from meestral.evaluation.scoring import build_tables, decide
-
     bb = tiny(shape)
     L = bb.num_layers
     # Random Mamba-1's drafts are all accepted: a threshold makes some cycles stop drafting.
@@ -141,17 +138,24 @@ def test_scoring_prices_speculate_as_generation_spends_it(tiny, shape, draft_voc
     prompt = PROMPTS[1]
     gen = dec.generate([prompt], SamplingOptions(max_new_tokens=20))[0]
     assert len(gen.discarded) > 0 and any(not s.deep for s in gen.stats[1:])
+    assert_scoring_prices_as_generated(bb, cfg, dec, prompt, gen)
+
+
+def assert_scoring_prices_as_generated(bb, cfg, dec, prompt, gen):
+    """Teacher-forced scoring of `gen` (the decoder's own greedy continuation of `prompt`) charges
+    every emitted token and every spent draft what the decoder charged."""
+    from meestral.evaluation.scoring import build_tables, decide
+
     cont = gen.token_ids
     tab = build_tables(bb, cfg.heads, [((prompt + cont)[:-1], cont)])[0]
     tab.start = len(prompt) - 1
-    scored = decide(tab, cfg, dec.cost, L, bb)
+    scored = decide(tab, cfg, dec.cost, bb.num_layers, bb)
 
     def key(s):
         return (s.exit_layer, s.layers_run, s.probes, s.deep, round(s.flops), round(s.weight_bytes))
 
     assert [key(s) for s in scored.stats] == [key(s) for s in gen.stats]
     assert sorted(key(s) for s in scored.discarded) == sorted(key(s) for s in gen.discarded)
-    assert token_stats  # imported for its use by decide
 
 
 def test_adaptive_output_equals_full_depth(tiny):
@@ -369,8 +373,6 @@ def test_scoring_prices_the_controller_as_it_runs_on_a_byte_clock(tiny, shape, e
     """Adaptive speculate: teacher-forced scoring replays the controller fed each step's weight-byte
     cost; a decoder whose controller is fed the same clock charges exactly the same per token, and
     both fall back to full-depth steps where drafts are rarely accepted."""
-    from meestral.evaluation.scoring import build_tables, decide
-
     bb = tiny(shape)
     L = bb.num_layers
     points = [L // 2] if exits == "mid" else [1, L - 2]
@@ -380,16 +382,7 @@ def test_scoring_prices_the_controller_as_it_runs_on_a_byte_clock(tiny, shape, e
     dec.policy.clock = "bytes"
     prompt = PROMPTS[1]
     gen = dec.generate([prompt], SamplingOptions(max_new_tokens=40))[0]
-    cont = gen.token_ids
-    tab = build_tables(bb, cfg.heads, [((prompt + cont)[:-1], cont)])[0]
-    tab.start = len(prompt) - 1
-    scored = decide(tab, cfg, dec.cost, L, bb)
-
-    def key(s):
-        return (s.exit_layer, s.layers_run, s.probes, s.deep, round(s.flops), round(s.weight_bytes))
-
-    assert [key(s) for s in scored.stats] == [key(s) for s in gen.stats]
-    assert sorted(key(s) for s in scored.discarded) == sorted(key(s) for s in gen.discarded)
+    assert_scoring_prices_as_generated(bb, cfg, dec, prompt, gen)
     c = dec.policy.counts
     assert c["full_steps"] > 0 and c["cycles"] > 0  # it measured both, and chose between them
 
