@@ -27,25 +27,34 @@ def ssd_scan(x, a, B, C, chunk: int, initial_state=None):
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
+    # A sequence shorter than a chunk is one chunk of its own length: the same products without the
+    # padding (equal to the padded scan; prompts and scored requests are mostly shorter than 128
+    # tokens, and the intra-chunk work grows with the chunk's square).
+    chunk = max(1, min(chunk, l))
     pad = (-l) % chunk
     if pad:  # a = 0 and x = 0 past the end: no decay, no input, so the final state is unchanged
         x, a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, a, B, C))
     c = x.shape[1] // chunk
+    r = h // g  # heads per group: B and C are shared by the r heads of a group
     x = x.reshape(b, c, chunk, h, p)
-    B = B.reshape(b, c, chunk, g, n).repeat_interleave(h // g, dim=3)  # [b, c, L, h, n]
-    C = C.reshape(b, c, chunk, g, n).repeat_interleave(h // g, dim=3)
+    Bg = B.reshape(b, c, chunk, g, n).permute(0, 1, 3, 2, 4)  # [b, c, g, L, n]
+    Cg = C.reshape(b, c, chunk, g, n).permute(0, 1, 3, 2, 4)
     acs = a.reshape(b, c, chunk, h).permute(0, 1, 3, 2).cumsum(-1)  # [b, c, h, L]
 
-    # Intra-chunk: y_t += sum_{s<=t} (C_t·B_s) exp(acs_t - acs_s) x_s.
+    # Intra-chunk: y_t += sum_{s<=t} (C_t·B_s) exp(acs_t - acs_s) x_s. C·Bᵀ is one product per group,
+    # not per head (Mamba-2 models have few groups: mamba2-smol 1 for 12 heads).
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
     seg = (acs[..., :, None] - acs[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [b,c,h,L,L]
-    cb = C.permute(0, 1, 3, 2, 4) @ B.permute(0, 1, 3, 4, 2)  # [b, c, h, L(t), L(s)]
+    cb = Cg @ Bg.transpose(-1, -2)  # [b, c, g, L(t), L(s)]
+    w = (seg.view(b, c, g, r, chunk, chunk) * cb[:, :, :, None]).view(b, c, h, chunk, chunk)
     xh = x.permute(0, 1, 3, 2, 4)  # [b, c, h, L, p]
-    y = (cb * seg) @ xh  # [b, c, h, L, p]
+    y = w @ xh  # [b, c, h, L, p]
 
-    # Each chunk's own contribution to the state at its end: sum_s exp(acs_end - acs_s) x_s ⊗ B_s.
+    # Each chunk's own contribution to the state at its end: sum_s exp(acs_end - acs_s) x_s ⊗ B_s,
+    # the r heads of a group stacked into one product with the group's B.
     decay_to_end = (acs[..., -1:] - acs).exp()  # [b, c, h, L]
-    own = (xh * decay_to_end[..., None]).transpose(-1, -2) @ B.permute(0, 1, 3, 2, 4)  # [b, c, h, p, n]
+    xd = (xh * decay_to_end[..., None]).transpose(-1, -2).reshape(b, c, g, r * p, chunk)
+    own = (xd @ Bg).view(b, c, h, p, n)
 
     # The state entering each chunk: a short recurrence over chunks.
     state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.float()
@@ -56,8 +65,11 @@ def ssd_scan(x, a, B, C, chunk: int, initial_state=None):
         state = state * chunk_decay[:, k, :, None, None] + own[:, k]
     entering = torch.stack(entering, 1)  # [b, c, h, p, n]
 
-    # Inter-chunk: y_t += exp(acs_t) C_t · S_entering.
-    y = y + (C.permute(0, 1, 3, 2, 4) @ entering.transpose(-1, -2)) * acs.exp()[..., None]
+    # Inter-chunk: y_t += exp(acs_t) C_t · S_entering, again one product per group: C [L, n] times
+    # the group's states side by side [n, r * p].
+    st = entering.view(b, c, g, r * p, n).transpose(-1, -2)  # [b, c, g, n, r*p]
+    inter = (Cg @ st).view(b, c, g, chunk, r, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, chunk, p)
+    y = y + inter * acs.exp()[..., None]
     y = y.permute(0, 1, 3, 2, 4).reshape(b, c * chunk, h, p)[:, :l]
     return y, state
 
