@@ -180,6 +180,8 @@ CASES = {
     "heads_json_format_newer": (G + ["--heads", "{fx}/heads_format2"], ["heads.json", "format 2", "upgrade"]),
     "heads_json_kind_unknown": (G + ["--heads", "{fx}/heads_badkind"], ["heads_badkind/heads.json", "'bogus'"]),
     "heads_json_exit_point_out_of_range": (G + ["--heads", "{fx}/heads_badpoints"], ["heads_badpoints/heads.json", "[9]"]),
+    "heads_json_of_another_backbone": (["generate", "hi", "--backbone", "random:mistral:seed1", "--heads", "{fx}/heads"],
+                                       ["{fx}/heads/heads.json", "belong to backbone", "train new heads"]),
     "head_unknown_kind": (G + ["--head", "bogus"], ["--head 'bogus'", "full", "--heads DIR"]),
     "chat_without_a_template": (["generate", "hi", "--backbone", "random:mamba2", "--chat"],
                                 ["--chat", "no chat template", "drop --chat"]),

@@ -216,7 +216,7 @@ class ExitHeads(nn.Module):
         for key in ("arch", "num_layers", "hidden_size", "vocab_size", "fingerprint"):
             if ident.get(key) != mine[key]:
                 raise MeestralError(
-                    f"heads in {folder} belong to backbone {ident.get('name')!r} ({key}={ident.get(key)}), not to "
+                    f"the heads of {meta_path} belong to backbone {ident.get('name')!r} ({key}={ident.get(key)}), not to "
                     f"{mine['name']!r} ({key}={mine[key]}): load the backbone they were trained on or train new heads"
                 )
         try:
