@@ -122,7 +122,7 @@ class EarlyExitDecoder:
         rows = self.encode(prompts, chat)
         P = max(len(r) for r in rows)
         check_context(self.bb, P + opts.max_new_tokens, f"a prompt of {P:,} tokens + {opts.max_new_tokens:,} new tokens",
-                      "shorten the prompt or ask for fewer new tokens (--max-new-tokens)")
+                      "shorten the prompt or ask for fewer new tokens (--max-new-tokens)", rows=len(rows))
         gen = opts.generator(self.bb.device)
         results = [Generation(prompt_ids=r) for r in rows]
         t0 = time.perf_counter()
