@@ -180,3 +180,39 @@ def test_tables_of_trainable_heads_are_plain_numbers(tiny):
     assert not tab.conf.requires_grad
     conf, agree, groups = calibration_data(bb, heads, torch.randint(0, 100, (2, 9)), progress=False)
     assert conf.shape == (16, 2) and agree.shape == (16, 3) and groups.tolist() == [0] * 8 + [1] * 8
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_sequential_scoring_reuses_the_full_models_top1(tiny, shape, monkeypatch):
+    """The full model's top-1 (what agreement is measured against) is computed once per request
+    and reused by later configurations; the exact path's tables supply it too. Agreement is the
+    same whichever way it came."""
+    from meestral.evaluation.lm_model import MeestralLM
+
+    bb = tiny(shape)
+    heads, th = _heads(bb)
+    rows = [(PROMPTS[0], [9, 4, 77, 12]), (PROMPTS[1], [3, 3, 50])]
+    reqs = [(None, c, x) for c, x in rows]
+    dec = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=th, policy="copy"))
+    known = {}
+    first = score_sequential(dec, rows, known)
+    assert set(known) == {(tuple(c), tuple(x)) for c, x in rows} and [len(v) for v in known.values()] == [4, 3]
+
+    def no_pass(*a, **k):
+        raise AssertionError("a second full-depth pass for a known top-1")
+
+    with monkeypatch.context() as m:
+        m.setattr(bb, "collect", no_pass)
+        again = score_sequential(dec, rows, known)
+    assert [r.agree for r in again] == [r.agree for r in first]
+    assert [r.logprob for r in again] == [r.logprob for r in first]
+
+    lm = MeestralLM(backbone=bb, head="full", batch_size=2)  # the full model first: exact tables
+    lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert lm._full_top == known
+    lm.configure(ExitConfig(heads=heads, thresholds=th, policy="copy"))
+    lm.records = []
+    with monkeypatch.context() as m:
+        m.setattr(bb, "collect", no_pass)
+        lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert [r["agree"] for r in lm.records] == [r.agree for r in first]

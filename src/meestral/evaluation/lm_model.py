@@ -67,6 +67,10 @@ class MeestralLM(TemplateLM):
         self._max_gen_toks = self._int(max_gen_toks, "max_gen_toks")
         self.records: list[dict] = []
         self._tables: dict = {}
+        # (context, continuation) -> the full model's top-1 per scored token: what agreement is
+        # measured against, whatever the configuration; the copy/propagate path would otherwise pay
+        # a whole-sequence full-depth pass per configuration for it.
+        self._full_top: dict = {}
         self.progress = True  # per-request bars (a sweep turns them off and shows its own)
         self.configure(ExitConfig.from_options(self.bb, heads=heads, head=head, exits=exits, threshold=threshold,
                                                policy=policy, verify=verify, max_backlog=max_backlog,
@@ -223,7 +227,7 @@ class MeestralLM(TemplateLM):
     def _score(self, batch):
         """Scored results for [(context, continuation)] token lists, by the path the policy needs."""
         if not self.exact:
-            return score_sequential(self.dec, batch)
+            return score_sequential(self.dec, batch, self._full_top)
         heads = self.heads
         key_h = heads  # the heads object itself: tables hold its confidences, and keeping it in the
         # key keeps it alive, so a new heads object can never reuse an old one's id
@@ -238,10 +242,12 @@ class MeestralLM(TemplateLM):
             for i, tab in zip(todo, build_tables(self.bb, heads, rows)):
                 tab.start = len(batch[i][0]) - 1
                 self._tables[keys[i]] = tab
+                self._full_top[keys[i][1:]] = tab.top[:, -1].tolist()
         return [decide(self._tables[k], self.dec.config, self.dec.cost, self.bb.num_layers, self.bb) for k in keys]
 
     def clear_cache(self):
         self._tables.clear()
+        self._full_top.clear()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         from lm_eval import utils

@@ -221,12 +221,16 @@ def _verify_logs(table, config, num_layers, bb):
 
 
 @torch.no_grad()
-def score_sequential(dec, rows) -> list[Scored]:
+def score_sequential(dec, rows, full_top: dict | None = None) -> list[Scored]:
     """Teacher-forced decoding for `copy` / `propagate` (and pruned models through the decoder):
     rows = [(context tokens, continuation tokens)], decoded as a batch with left padding. The
     prompt runs at full depth (`dec.prefill`, as in generation); each continuation token but the
     last is then fed through the policy's own step (`forward`), whose logits predict the next one.
-    The step logs are the decoder's; their time is scoring time, so it is left out of them."""
+    The step logs are the decoder's; their time is scoring time, so it is left out of them.
+
+    `full_top`: {(context, continuation) as tuples: the full model's top-1 at each scored
+    position}, read and filled here (`MeestralLM` keeps one across configurations): it does not
+    depend on the configuration, and computing it is a whole-sequence pass at full depth."""
     bb, cost = dec.bb, dec.cost
     dev = bb.device
     B = len(rows)
@@ -240,15 +244,8 @@ def score_sequential(dec, rows) -> list[Scored]:
     logits = logits.float()
     wall = time.perf_counter() - t0
     out = [Scored(0.0, True, [token_stats(logs[b], cost)], [], wall) for b in range(B)]
-    # The full model's top-1 at every scored position, for agreement (one parallel pass).
-    whole = torch.cat([batch.ids, cont], 1)
-    mask = torch.cat([torch.arange(P, device=dev)[None, :] >= batch.pad[:, None],
-                      torch.ones_like(cont, dtype=torch.bool)], 1)
-    # Through `collect` (Mamba-2: the chunked scan; HF's own torch scan is many times slower), with
-    # the LM head only at the scored positions.
-    at = torch.arange(P - 1, P - 1 + N, device=dev)
-    full_top = bb.collect(whole, [], attention_mask=mask.long(), logits_at=at)[2].argmax(-1)
     lengths = [len(x) for _, x in rows]
+    full_top = _full_top(bb, batch, cont, rows, lengths, {} if full_top is None else full_top)
     for t in range(N):
         ls = logits.log_softmax(-1)
         emitted = ls.argmax(-1)
@@ -276,4 +273,25 @@ def score_sequential(dec, rows) -> list[Scored]:
                 out[b].stats.append(token_stats(log, cost))
         for r in out:
             r.wall_s += w
+    return out
+
+
+def _full_top(bb, batch, cont, rows, lengths, known: dict) -> torch.Tensor:
+    """[B, N] the full model's top-1 at every scored position (for agreement): from `known` where
+    every row is there, else one parallel pass over prompt and continuation, stored in `known`."""
+    keys = [(tuple(c), tuple(x)) for c, x in rows]
+    if not all(k in known for k in keys):
+        dev, P, N = bb.device, batch.P, cont.shape[1]
+        whole = torch.cat([batch.ids, cont], 1)
+        mask = torch.cat([torch.arange(P, device=dev)[None, :] >= batch.pad[:, None],
+                          torch.ones_like(cont, dtype=torch.bool)], 1)
+        # Through `collect` (Mamba-2: the chunked scan; HF's own torch scan is many times slower),
+        # with the LM head only at the scored positions.
+        at = torch.arange(P - 1, P - 1 + N, device=dev)
+        top = bb.collect(whole, [], attention_mask=mask.long(), logits_at=at)[2].argmax(-1).tolist()
+        for k, t, n in zip(keys, top, lengths):
+            known[k] = t[:n]
+    out = torch.zeros(len(rows), cont.shape[1], dtype=torch.long, device=cont.device)
+    for b, k in enumerate(keys):
+        out[b, : len(known[k])] = torch.tensor(known[k], device=cont.device)
     return out
