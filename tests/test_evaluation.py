@@ -250,3 +250,26 @@ def test_speculate_through_lm_eval_is_the_full_model(tiny):
     full = MeestralLM(backbone=bb, head="full")
     req = [Instance("generate_until", {}, ("Once", {"until": ["\n\n\n"], "max_gen_toks": 12}), 0)]
     assert lm.generate_until(req, disable_tqdm=True) == full.generate_until(req, disable_tqdm=True)
+
+
+def test_lm_eval_task_names_of_the_suite_skip_lm_evals_own_index(monkeypatch):
+    """Naming only suite tasks indexes the include path alone (lm-eval's ~15,000 configs cost
+    seconds, and lm-eval indexes them again itself); an unknown name still looks everywhere."""
+    import lm_eval.tasks
+
+    from meestral.cli.evaluate import _check_task_names
+    from meestral.errors import MeestralError
+    from meestral.evaluation.tasks import ensure_tasks
+
+    made, real = [], lm_eval.tasks.TaskManager
+
+    def counting(*a, **k):
+        made.append(k.get("include_defaults", True))
+        return real(*a, **k)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", counting)
+    _check_task_names("meestral_arc_easy,meestral_piqa", str(ensure_tasks()))
+    assert made == [False]
+    with pytest.raises(MeestralError, match="unknown task"):
+        _check_task_names("meestral_arc_easy,nope_task", str(ensure_tasks()))
+    assert made == [False, False, True]

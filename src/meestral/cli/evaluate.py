@@ -129,7 +129,11 @@ def _check_task_names(spec, include_path):
     names = _names(spec)
     if not names:
         raise MeestralError("--tasks is empty: name at least one task, e.g. meestral_arc_easy")
-    known = set(TaskManager(include_path=include_path).all_tasks)
+    # The include path alone first: indexing lm-eval's ~15,000 task configs costs seconds (~7 s of
+    # CPU), and lm-eval indexes them again itself; only a name not found there needs them.
+    known = set(TaskManager(include_path=include_path, include_defaults=False).all_tasks) if include_path else set()
+    if any(n not in known and not os.path.exists(n) for n in names):
+        known = set(TaskManager(include_path=include_path).all_tasks)
     bad = [n for n in names if n not in known and not os.path.exists(n)]
     if bad:
         offline = sorted(k for k in known if k.startswith("meestral_"))
