@@ -273,3 +273,18 @@ def test_lm_eval_task_names_of_the_suite_skip_lm_evals_own_index(monkeypatch):
     with pytest.raises(MeestralError, match="unknown task"):
         _check_task_names("meestral_arc_easy,nope_task", str(ensure_tasks()))
     assert made == [False, False, True]
+
+
+@pytest.mark.parametrize("given, expect", [([], "8"), (["--batch_size", "2"], "2"), (["-b", "4"], "4")])
+def test_lm_eval_batch_size_defaults_to_the_models(given, expect, monkeypatch):
+    """lm-eval's CLI passes its own default batch size 1, which would override MeestralLM's 8 and
+    double the CPU time of scoring; a size the user gives (option or model_args) is kept."""
+    import meestral.cli.evaluate as ev
+
+    seen = []
+    monkeypatch.setattr(ev, "_lm_eval_cli", lambda argv: seen.append(list(argv)) or 0)
+    base = ["lm-eval", "--model", "meestral", "--tasks", "meestral_arc_easy", "--device", "cpu"]
+    assert main([*base, "--model_args", "backbone=random:mistral", *given]) == 0
+    assert ev._option(seen[-1], "--batch_size", "-b") == expect
+    assert main([*base, "--model_args", "backbone=random:mistral,batch_size=3"]) == 0
+    assert ev._option(seen[-1], "--batch_size", "-b") is None  # model_args win over lm-eval's options

@@ -88,6 +88,8 @@ def cmd_lm_eval(args):
     model_args = {}
     if model == "meestral":  # the cheap check first: naming tasks means indexing every lm-eval task (seconds)
         model_args = _check_model_args(_option(argv, "--model_args", "-a") or "")
+        if "batch_size" not in model_args and _option(argv, "--batch_size", "-b") is None:
+            argv += ["--batch_size", "8"]  # lm-eval's default is 1; ours (model_args) is 8: half the CPU time
     if _option(argv, "--include_path") is None and command != "validate":
         argv += ["--include_path", str(ensure_tasks())]
     tasks = _option(argv, "--tasks", "-t")
