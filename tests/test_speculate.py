@@ -279,7 +279,7 @@ def test_draft_exit_prefers_the_layer_that_agrees(tiny, monkeypatch):
     n = 64
     final = np.arange(n) % 7
 
-    def fake(bb_, rows, layers):
+    def fake(bb_, rows, layers, draft_vocab=None):
         argmax = np.stack([final if e == 3 else final + 1 for e in layers], 1)
         return oracle.LayerPredictions(layers=list(layers), layer_argmax=argmax, final_argmax=final,
                                        max_prob=np.ones_like(argmax, dtype=np.float32), row=np.zeros(n, dtype=int),
@@ -292,6 +292,19 @@ def test_draft_exit_prefers_the_layer_that_agrees(tiny, monkeypatch):
     assert out["speedup"] == pytest.approx(out["tokens"] / cycle_cost(bb, 3, out["k"]))
     never = [r for r in out["table"] if r["exit"] != 3]
     assert all(r["agreement"] == 0 and r["tokens"] == 1 and r["k"] == 1 for r in never)
+
+
+def test_draft_exit_with_a_trimmed_head_counts_its_argmax(tiny):
+    """With draft_vocab, the calibration's draft is the argmax over the LM head's first N rows."""
+    from meestral.evaluation.oracle import layer_predictions
+
+    bb = tiny("mistral")
+    ids = torch.randint(1, bb.vocab_size, (2, 24))
+    full = layer_predictions(bb, ids, [2, 3])
+    trimmed = layer_predictions(bb, ids, [2, 3], draft_vocab=100)
+    assert (trimmed.layer_argmax < 100).all() and (full.layer_argmax >= 100).any()
+    inside = full.layer_argmax < 100  # where the full argmax lies in the rows, the trimmed one is it
+    assert (trimmed.layer_argmax[inside] == full.layer_argmax[inside]).all()
 
 
 def test_exits_auto_calibrates_for_speculate_only(tiny):

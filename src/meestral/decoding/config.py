@@ -62,7 +62,7 @@ def layer_drop_skip(num_layers: int, n: int) -> tuple[int, ...]:
 _AUTO_EXITS: dict = {}  # backbone fingerprint -> calibrated exit point (one calibration per process)
 
 
-def auto_exit_point(backbone, policy: str) -> int:
+def auto_exit_point(backbone, policy: str, draft_vocab: int = 0) -> int:
     """`exits=auto`: the draft exit point of `speculate`, from evaluation.draft_exit's calibration
     on held-out embedded text (said on stderr once per backbone)."""
     import sys
@@ -70,11 +70,12 @@ def auto_exit_point(backbone, policy: str) -> int:
     if policy != "speculate":
         raise MeestralError(f"exits=auto picks the draft exit point of --policy speculate, not of {policy}: "
                             "give exit points (e.g. --exits 8,16), or use --policy speculate")
-    key = backbone.fingerprint()
+    key = backbone.fingerprint(), draft_vocab
     if key not in _AUTO_EXITS:
         from meestral.evaluation.draft_exit import calibrated_exit
 
-        _AUTO_EXITS[key] = calibrated_exit(backbone, log=lambda m: print(f"meestral: {m}", file=sys.stderr))
+        _AUTO_EXITS[key] = calibrated_exit(backbone, draft_vocab=draft_vocab,
+                                           log=lambda m: print(f"meestral: {m}", file=sys.stderr))
     return _AUTO_EXITS[key]
 
 
@@ -126,7 +127,7 @@ class ExitConfig:
             raise MeestralError("a classifier head must be trained first: pass --heads DIR (from `meestral train`)")
         else:
             if isinstance(exits, str) and exits.strip().lower() == "auto":
-                exits = [auto_exit_point(backbone, policy)]
+                exits = [auto_exit_point(backbone, policy, int(draft_vocab or 0))]
             heads = ExitHeads(head, option_list(exits, int, "exits") or default_exit_points(L), backbone)
         if threshold is None:
             threshold = 0.0 if policy == "speculate" else 1.0

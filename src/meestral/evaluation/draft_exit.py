@@ -49,11 +49,12 @@ def expected_cycle_tokens(runs: np.ndarray, k: int) -> float:
     return float(np.mean(1 + np.minimum(runs, k)))
 
 
-def choose_draft_exit(bb, rows, layers=None, max_k: int = 6) -> dict:
+def choose_draft_exit(bb, rows, layers=None, max_k: int = 6, draft_vocab: int = 0) -> dict:
     """The exit point (and k) with the highest expected speed-up by weight bytes on `rows` (a
     [B, T] tensor of held-out token ids). Returns {'exit', 'k', 'speedup', 'tokens', 'table'}, the
     table one entry per candidate layer: its agreement with the final layer, and its best k,
-    tokens per cycle and speed-up."""
+    tokens per cycle and speed-up. `draft_vocab` N: drafts from the LM head's first N rows (a draft
+    is then the full model's top-1 only where that token is among them and no other of them beats it)."""
     from meestral.decoding.speculate import cycle_cost
     from meestral.evaluation.oracle import layer_predictions
 
@@ -63,12 +64,14 @@ def choose_draft_exit(bb, rows, layers=None, max_k: int = 6) -> dict:
         raise MeestralError(f"draft exit candidates must lie in [0, {L - 2}] for a {L}-layer backbone, got {layers}")
     if not 1 <= max_k:
         raise MeestralError(f"max_k must be at least 1, got {max_k}")
-    preds = layer_predictions(bb, rows, layers)
+    preds = layer_predictions(bb, rows, layers, draft_vocab=draft_vocab or None)
+    share = draft_vocab / bb.vocab_size if draft_vocab else 1.0
     table = []
     for c, e in enumerate(layers):
         match = preds.layer_argmax[:, c] == preds.final_argmax
         runs = run_lengths(match, preds.row)
-        best = max((expected_cycle_tokens(runs, k) / cycle_cost(bb, e, k), k) for k in range(1, max_k + 1))
+        best = max((expected_cycle_tokens(runs, k) / cycle_cost(bb, e, k, head_share=share), k)
+                   for k in range(1, max_k + 1))
         table.append({"exit": e, "agreement": float(match.mean()), "k": best[1],
                       "tokens": expected_cycle_tokens(runs, best[1]), "speedup": best[0]})
     pick = max(table, key=lambda r: r["speedup"])
@@ -76,13 +79,13 @@ def choose_draft_exit(bb, rows, layers=None, max_k: int = 6) -> dict:
 
 
 def calibrated_exit(bb, text: str = "embedded", tokens: int = 512, seq_len: int = 256, max_k: int = 6,
-                    log=None) -> int:
+                    draft_vocab: int = 0, log=None) -> int:
     """The exit point `choose_draft_exit` picks on `tokens` held-out tokens of `text` (a source
     spec: embedded, a file or folder), said in one line through `log` (e.g. print to stderr)."""
     from meestral.data import heldout_rows
 
     rows = heldout_rows(text, bb.tokenizer, tokens, seq_len)
-    out = choose_draft_exit(bb, rows, max_k=max_k)
+    out = choose_draft_exit(bb, rows, max_k=max_k, draft_vocab=draft_vocab)
     if log is not None:
         pays = "expected to pay" if out["speedup"] > 1 else "not expected to pay: the controller falls back to full depth"
         log(f"--exits auto: exit point {out['exit']} (agreement {out['agreement']:.2f} with the last layer, "

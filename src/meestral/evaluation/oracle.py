@@ -55,7 +55,7 @@ def _check_layers(layers, num_layers: int) -> list[int]:
 
 @torch.no_grad()
 def layer_predictions(bb, ids: torch.Tensor, layers, lengths=None, chunk: int = 256,
-                      topk: int | None = None) -> LayerPredictions:
+                      topk: int | None = None, draft_vocab: int | None = None) -> LayerPredictions:
     """Top-1 of the logit lens at each exit point for a right-padded batch `ids` [B, T].
 
     One HF forward (`bb.collect`); the LM head then runs on `chunk` positions at a time so memory
@@ -91,6 +91,8 @@ def layer_predictions(bb, ids: torch.Tensor, layers, lengths=None, chunk: int = 
         for s in range(0, n, chunk):
             lg = bb.logits(h[s : s + chunk]).float()
             top, arg = lg.max(-1)
+            if draft_vocab:  # the top-1 among the LM head's first rows only (speculate's trimmed draft head)
+                arg = lg[:, :draft_vocab].argmax(-1)
             argmax[s : s + chunk, c] = arg.cpu()
             maxp[s : s + chunk, c] = torch.exp(top - torch.logsumexp(lg, -1)).cpu()
             if topk:
