@@ -178,10 +178,10 @@ def check_args(args) -> None:
             raise MeestralError(f"{option} is empty: give a value{instead}, or leave the option out")
     if "device" in values:
         check_device(values["device"])
-    if values.get("heads"):  # trained heads fix their kind and exit points (oracle also measures at --exits)
     if values.get("head") not in (None, "none", "classifier", *HEAD_KINDS):  # classifier: its own message later
         raise MeestralError(f"--head {values['head']!r} is not a head kind: use {' | '.join(HEAD_KINDS)} (full: the "
                             "full model, no exits), or --heads DIR for trained heads")
+    if values.get("heads"):  # trained heads fix their kind and exit points (oracle also measures at --exits)
         for other in ("head",) if getattr(args, "command", None) == "oracle" else ("exits", "head"):
             if other in values:
                 raise MeestralError(f"--{other} has no effect with --heads (the trained heads in {values['heads']} "
