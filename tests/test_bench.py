@@ -2,7 +2,6 @@
 sums are consistent (on the CPU it profiles operators; the kernel view is exercised on the box)."""
 
 import pytest
-import torch
 
 from meestral.decoding.decoder import EarlyExitDecoder
 from meestral.decoding.sampling import SamplingOptions
