@@ -311,3 +311,25 @@ def test_demo_answers_print_readably_with_an_ellipsis():
     assert answer_line("softmax > 0.9", "copy", "The" + "\xa0" * 3 + "\n") == "  [softmax > 0.9, copy] The⍽⍽⍽"
     long = answer_line("full depth", "-", "word " * 40)
     assert long.endswith("…") and len(long.split("] ", 1)[1]) == 110 and "'" not in long
+
+
+# ---- the README's first example shows early exit working --------------------------------------------
+@pytest.mark.slow
+def test_the_readmes_first_generate_example_prints_what_the_readme_shows(capsys):
+    """The first `meestral generate` of the README, run as written: it exits on some tokens, reads
+    fewer weight bytes than full depth, and prints the answer the README shows (greedy, float32)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Generate", 1)[1]
+    command = re.search(r"```bash\n(meestral generate [^\n]+)\n```", section).group(1)
+    shown = re.search(r"```text\n(.*?)\n\n-- exits", section, re.S).group(1)
+    assert main(shlex.split(command)[1:] + ["--no-color"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == shown.strip()
+    rate = float(re.search(r"exit rate (\d+)%", err).group(1))
+    wbytes = float(re.search(r"weight bytes ([\d.]+)x full", err).group(1))
+    assert rate > 0 and wbytes < 1, err
+    assert "\xa0" * 3 not in out
