@@ -309,6 +309,7 @@ def test_demo_answers_print_readably_with_an_ellipsis():
     from meestral.tools.demo import answer_line
 
     assert answer_line("softmax > 0.9", "copy", "The" + "\xa0" * 3 + "\n") == "  [softmax > 0.9, copy] The⍽⍽⍽"
+    assert answer_line("a", "copy", " \n ") == "  [a, copy]  ⏎ " and answer_line("a", "copy", "") == "  [a, copy] (no text)"
     long = answer_line("full depth", "-", "word " * 40)
     assert long.endswith("…") and len(long.split("] ", 1)[1]) == 110 and "'" not in long
 

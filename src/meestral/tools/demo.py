@@ -113,7 +113,8 @@ def evaluation_report(spec, bb, heads, out_dir, tasks=("arc_easy", "piqa"), limi
 def answer_line(name, policy, text, width=110) -> str:
     """One configuration's answer as people read it: invisible characters drawn (⏎, ⍽), at most
     `width` characters and "…" where cut (not a Python repr)."""
-    return f"  [{name}, {policy}] {shorten(text, width)}"
+    shown = shorten(text, width) or shorten(text, width, strip=False)  # white space alone: drawn (␣, ⏎)
+    return f"  [{name}, {policy}] {shown or '(no text)'}"
 
 
 DEFAULT_BACKBONES = ("smollm2", "mamba2-smol")
