@@ -3,7 +3,6 @@ cannot hold: the size rule on every architecture, lm-eval's help and windows, th
 variable, and --help's defaults. Each failure is one line, exit 2, nothing written."""
 
 import argparse
-import json
 import os
 import re
 import subprocess

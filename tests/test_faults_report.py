@@ -13,7 +13,6 @@ from meestral.errors import MeestralError
 from meestral.files import atomic_write
 from meestral.evaluation.sweep import ResultsTable
 from meestral.report import plots, render, write_report
-from meestral.report.text import shorten
 from test_cli import assert_one_line_error
 from test_report import SWEEP_HEADER, row, sweep_rows, write_results
 

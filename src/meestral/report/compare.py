@@ -19,7 +19,7 @@ from pathlib import Path
 
 from meestral.errors import MeestralError
 from meestral.report import plots
-from meestral.report.plots import baseline, num
+from meestral.report.plots import baseline
 from meestral.report.render import _bound, _f, _score, _setting, best_early_exit, load_results, write_pages
 
 
