@@ -189,26 +189,33 @@ def test_init_continues_from_the_given_weights_and_resume_takes_precedence(tiny_
     assert again["heldout_ppl_float"] == pytest.approx(last["heldout_ppl_float"], rel=1e-5)
 
 
+def distill_killed_at(cfg, step: int, monkeypatch):
+    """Run `distill(cfg)` until its `step`-th batch is asked for, then stop it as a kill would
+    (nothing more is written)."""
+    from meestral.training.distill import distill
+
+    batch, calls = RowPool.batch, []
+
+    def killed(pool, n):
+        calls.append(n)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return batch(pool, n)
+
+    monkeypatch.setattr(RowPool, "batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg, log=lambda *_: None)
+    monkeypatch.setattr(RowPool, "batch", batch)
+
+
 @pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
 def test_a_run_killed_between_checkpoints_logs_each_step_once(tiny_teacher, tmp_path, monkeypatch):
     """Killed after logging step 3, its checkpoint at step 2: the resumed run does step 3 again,
     and its log, cut back to the checkpoint's step, holds the step once."""
     from meestral.training.distill import distill
-    from meestral.training.row_pool import RowPool
 
     cfg = _run(tiny_teacher, tmp_path / "r", shape=TINY_STUDENT, steps=4, warmup=2, ckpt_every=2)
-    batch, calls = RowPool.batch, []
-
-    def killed_at_step_4(pool, n):
-        calls.append(n)
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # as a kill: nothing more is written
-        return batch(pool, n)
-
-    monkeypatch.setattr(RowPool, "batch", killed_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        distill(cfg, log=lambda *_: None)
-    monkeypatch.setattr(RowPool, "batch", batch)
+    distill_killed_at(cfg, 4, monkeypatch)
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert [r["step"] for r in _log(tmp_path / "r") if "loss" in r] == [1, 2, 3]
     distill(cfg, log=lambda *_: None)

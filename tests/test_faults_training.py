@@ -30,7 +30,7 @@ from meestral.cli.main import main
 from meestral.errors import MeestralError
 from meestral.files import LOCK, FolderLock
 from test_cli import assert_one_line_error
-from test_distill import TINY_STUDENT, _run as distill_cfg, tiny_teacher  # noqa: F401  (the fixture)
+from test_distill import TINY_STUDENT, _run as distill_cfg, distill_killed_at, tiny_teacher  # noqa: F401  (the fixture)
 
 WORDS = ("river stone light open table winter paper green sound market quiet number garden yellow school "
          "morning window travel simple letter").split()
@@ -435,22 +435,10 @@ def test_a_distill_log_without_a_checkpoint_starts_over_empty(tiny_teacher, tmp_
     """Stopped at its third step, before its first checkpoint: the rerun's log is the whole run's
     records once (the first run's two are of steps the rerun does again)."""
     from meestral.training.distill import distill
-    from meestral.training.row_pool import RowPool
 
     out = tmp_path / "run"
     cfg = distill_cfg(tiny_teacher, out, shape=TINY_STUDENT, steps=4, warmup=2)
-    batch, calls = RowPool.batch, []
-
-    def killed_at_step_3(pool, n):
-        calls.append(n)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # as a kill: nothing more is written
-        return batch(pool, n)
-
-    monkeypatch.setattr(RowPool, "batch", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        distill(cfg, log=lambda *_: None)
-    monkeypatch.setattr(RowPool, "batch", batch)
+    distill_killed_at(cfg, 3, monkeypatch)
     assert not (out / "checkpoint.pt").exists() and [s for _, s in records(out)] == [1, 2]
     distill(cfg, log=lambda *_: None)
     assert [s for k, s in records(out) if k == "step"] == [1, 2, 3, 4, 4]  # train records 1-4, the final eval at 4
