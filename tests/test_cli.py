@@ -186,7 +186,7 @@ ERRORS = {
     "backbone_unknown_shape": (G + ["--backbone", "random:nosuchshape"], ["nosuchshape", "random shape"]),
     "exit_out_of_range": (G + MISTRAL + ["--exits", "99"], ["99", "out of range"]),
     "exits_duplicated": (G + MISTRAL + ["--exits", "1,1"], ["[1]", "twice"]),
-    "exits_not_numbers": (G + MISTRAL + ["--exits", "a,b"], ["'a,b'", "layer numbers"]),
+    "exits_not_numbers": (G + MISTRAL + ["--exits", "a,b"], ["--exits", "'a,b'", "whole numbers"]),
     "threshold_above_one": (G + MISTRAL + ["--threshold", "1.5"], ["--threshold", "1.5", "[0, 1]"]),
     "threshold_nan": (G + MISTRAL + ["--threshold", "nan"], ["--threshold", "nan", "[0, 1]"]),
     "threshold_count": (G + MISTRAL + ["--exits", "1,2", "--threshold", "0.5,0.5,0.5"],

@@ -28,6 +28,10 @@ import time
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+
+# lm-eval fills its model registry with its own models (hf, vllm, ...) lazily, only while the registry
+# is empty: registering ours first would hide them (`--model hf` beside ours, simple_evaluate("hf")).
+import lm_eval.models  # noqa: F401,E402
 from tqdm import tqdm
 
 from meestral.decoding.decoder import EarlyExitDecoder
