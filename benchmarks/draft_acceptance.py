@@ -42,7 +42,6 @@ def measure(bb, tokens: int, layers, draft_vocab: int, max_k: int = 6):
     for p in PROMPTS:
         g = dec.generate([p], SamplingOptions(max_new_tokens=tokens), chat=True)[0]
         rows.append((g.prompt_ids, g.token_ids))
-    share = draft_vocab / bb.vocab_size if draft_vocab else 1.0
     match = {e: [] for e in layers}
     row_ids = []
     for r, (prompt, cont) in enumerate(rows):
@@ -57,7 +56,7 @@ def measure(bb, tokens: int, layers, draft_vocab: int, max_k: int = 6):
     for e in layers:
         m = np.concatenate(match[e])
         runs = run_lengths(m, row)
-        per_k = {k: expected_cycle_tokens(runs, k) / cycle_cost(bb, e, k, head_share=share) for k in range(1, max_k + 1)}
+        per_k = {k: expected_cycle_tokens(runs, k) / cycle_cost(bb, e, k, draft_vocab=draft_vocab) for k in range(1, max_k + 1)}
         k = max(per_k, key=per_k.get)
         out.append({"backbone": bb.name, "draft_vocab": draft_vocab, "exit": e, "agreement": float(m.mean()),
                     "best_k": k, "tokens_per_cycle": expected_cycle_tokens(runs, k), "predicted_speedup": per_k[k],

@@ -47,6 +47,7 @@ discarded work, so per-token costs include them.
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 
@@ -59,18 +60,28 @@ from meestral.decoding.speculation_control import Choice, SpeculationController
 COUNTS = ("cycles", "drafts", "checked", "accepted", "full_steps")
 
 
-def cycle_cost(bb, e: int, k: int, kept=None, head_share: float = 1.0) -> float:
+_SIZES = weakref.WeakKeyDictionary()  # backbone -> (parameters per block, LM head parameters)
+
+
+def draft_head_share(draft_vocab: int, vocab_size: int) -> float:
+    """The part of the LM head a draft reads: its first `draft_vocab` rows (0: all of it)."""
+    return draft_vocab / vocab_size if draft_vocab else 1.0
+
+
+def cycle_cost(bb, e: int, k: int, kept=None, draft_vocab: int = 0) -> float:
     """A cycle of k drafts from exit point `e`, in full-depth steps by weight bytes (what bounds
-    batch-1 decoding on a GPU): k+1 shallow steps through blocks 0..e, k draft-head reads (of
-    `head_share` of the LM head: a trimmed draft head), one deep pass through the rest and one
-    LM-head read. `kept`: the blocks that run (default all)."""
+    batch-1 decoding on a GPU): k+1 shallow steps through blocks 0..e, k draft-head reads (of the
+    first `draft_vocab` rows of the LM head where it is trimmed), one deep pass through the rest and
+    one LM-head read. `kept`: the blocks that run (default all)."""
+    if bb not in _SIZES:  # scoring prices every request with it: count the parameters once
+        _SIZES[bb] = ([sum(p.numel() for p in bb.blocks[i].parameters()) for i in range(bb.num_layers)],
+                      bb.lm_head_module.weight.numel())
+    layer, head = _SIZES[bb]
     kept = range(bb.num_layers) if kept is None else kept
-    layer = [sum(p.numel() for p in bb.blocks[i].parameters()) for i in range(bb.num_layers)]
-    head = bb.lm_head_module.weight.numel()
     full = sum(layer[i] for i in kept) + head
     draft = sum(layer[i] for i in kept if i <= e)
     deep = sum(layer[i] for i in kept if i > e)
-    return ((k + 1) * draft + k * head * head_share + deep + head) / full
+    return ((k + 1) * draft + k * head * draft_head_share(draft_vocab, bb.vocab_size) + deep + head) / full
 
 
 def draft_step_log(e: int, shallow, context: int, needs_logits: bool, head_share: float = 1.0) -> StepLog:
@@ -102,7 +113,7 @@ class SpeculatePolicy(Policy):
         # checks with the full head: the output is unchanged). A logit-reading confidence would
         # read the whole head again: `checked` allows it only at threshold 0, where it is skipped.
         self.draft_vocab = config.draft_vocab
-        self.head_share = config.draft_vocab / engine.bb.vocab_size if config.draft_vocab else 1.0
+        self.head_share = draft_head_share(config.draft_vocab, engine.bb.vocab_size)
         # What the controller's step costs are: "wall" (measured ms: what it is for) or "bytes" (each
         # step's weight-byte cost, deterministic: what teacher-forced scoring replays, and tests).
         self.clock = "wall"
@@ -119,7 +130,7 @@ class SpeculatePolicy(Policy):
         """A cycle's cost in full-depth steps by weight bytes (`cycle_cost`; the controller asks
         every step, so each (j, k) is computed once)."""
         if (j, k) not in self._prior:
-            self._prior[j, k] = cycle_cost(self.engine.bb, self.points[j], k, self.engine.kept, self.head_share)
+            self._prior[j, k] = cycle_cost(self.engine.bb, self.points[j], k, self.engine.kept, self.draft_vocab)
         return self._prior[j, k]
 
     def start(self, batch, first, hidden_dtype):

@@ -65,12 +65,11 @@ def choose_draft_exit(bb, rows, layers=None, max_k: int = 6, draft_vocab: int = 
     if not 1 <= max_k:
         raise MeestralError(f"max_k must be at least 1, got {max_k}")
     preds = layer_predictions(bb, rows, layers, draft_vocab=draft_vocab or None)
-    share = draft_vocab / bb.vocab_size if draft_vocab else 1.0
     table = []
     for c, e in enumerate(layers):
         match = preds.layer_argmax[:, c] == preds.final_argmax
         runs = run_lengths(match, preds.row)
-        best = max((expected_cycle_tokens(runs, k) / cycle_cost(bb, e, k, head_share=share), k)
+        best = max((expected_cycle_tokens(runs, k) / cycle_cost(bb, e, k, draft_vocab=draft_vocab), k)
                    for k in range(1, max_k + 1))
         table.append({"exit": e, "agreement": float(match.mean()), "k": best[1],
                       "tokens": expected_cycle_tokens(runs, best[1]), "speedup": best[0]})

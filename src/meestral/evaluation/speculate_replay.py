@@ -30,7 +30,7 @@ def replay_speculate(table, config, num_layers: int, kept=None, bb=None):
     """(logs of the emitted tokens, logs of spent drafts) for one table under `speculate`. With
     `config.adaptive` (and `bb`, for the weight-byte costs) the controller picks each step, fed each
     step's weight-byte cost as its clock (SpeculatePolicy.clock = "bytes")."""
-    from meestral.decoding.speculate import cycle_cost
+    from meestral.decoding.speculate import cycle_cost, draft_head_share
     from meestral.decoding.speculation_control import Choice, SpeculationController
 
     L = num_layers
@@ -41,7 +41,7 @@ def replay_speculate(table, config, num_layers: int, kept=None, bb=None):
     n = table.lp.shape[0]
     conf, top = table.conf.tolist(), table.top.tolist()
     N = config.draft_vocab  # a trimmed draft head: its first N rows (0: all)
-    share = N / table.vocab if N else 1.0
+    share = draft_head_share(N, table.vocab)
     beat = table.beat.tolist() if N else None
     control = None
     if config.adaptive and bb is not None:
@@ -49,7 +49,7 @@ def replay_speculate(table, config, num_layers: int, kept=None, bb=None):
 
         def cost(j, k):
             if (j, k) not in prior:
-                prior[j, k] = cycle_cost(bb, points[j], k, kept, share)
+                prior[j, k] = cycle_cost(bb, points[j], k, kept, N)
             return prior[j, k]
 
         control = SpeculationController(list(range(J)), k_max, cost)
@@ -59,6 +59,8 @@ def replay_speculate(table, config, num_layers: int, kept=None, bb=None):
             return top[u][J] < N <= beat[u][j]
         return top[u][j] == top[u][J]
 
+    # per exit point: the blocks a draft runs, and those the deep pass runs
+    split = [(tuple(i for i in kept if i <= E), {i for i in kept if i > E}) for E in points]
     logs, spent = [], []
     first = StepLog.prefill_pass(kept, table.start + 1, L)
     first.verified = True
@@ -75,8 +77,7 @@ def replay_speculate(table, config, num_layers: int, kept=None, bb=None):
             t += 1
             continue
         E, th = points[j], config.thresholds[j]
-        shallow = tuple(i for i in kept if i <= E)
-        deep = {i for i in kept if i > E}
+        shallow, deep = split[j]
         m, proposed = 0, True
         for i in range(kk):
             # (a trimmed draft head with a logit-reading head kind asks no confidence: threshold 0)

@@ -63,8 +63,7 @@ def speculate_fields(bb, cfg, alpha, counts: list[dict]) -> dict:
            "predicted_speedup": None}
     a = alpha if alpha is not None else acceptance
     if not cfg.adaptive and a is not None:
-        share = cfg.draft_vocab / bb.vocab_size if cfg.draft_vocab else 1.0
-        out["predicted_speedup"] = expected_tokens(a, k) / cycle_cost(bb, e, k, head_share=share)
+        out["predicted_speedup"] = expected_tokens(a, k) / cycle_cost(bb, e, k, draft_vocab=cfg.draft_vocab)
     return out
 
 
