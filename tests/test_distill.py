@@ -2,6 +2,7 @@
 and, on the real teacher, a short run that checkpoints, resumes and exports."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,16 +262,106 @@ def test_refixed_total_ends_at_the_deadline_without_a_jump_in_the_schedule():
 
 @pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
 def test_a_seconds_run_refixes_its_step_count_and_ends_on_it(tiny_teacher, tmp_path, monkeypatch):
+    """The deadline's clock advances with the steps, not with the machine's load: 1/8 s a step for
+    the first 20 (a 10 s run: 80 steps), then 3/16 s (binary fractions: exact arithmetic). The
+    count is refixed at steps 30 and 40 to the 60 that end at the deadline, never once the decay
+    has begun (step 45 of 60), and the run ends on it."""
     import meestral.training.distill as d
 
     monkeypatch.setattr(d, "RETIME", 10)
-    d.distill(_run(tiny_teacher, tmp_path / "s", shape=TINY_STUDENT, seconds=6.0, warmup=2, log_every=5),
+    clock, batch = [1000.0], RowPool.batch
+
+    def step(pool, n):  # one batch a step: the step's time passes
+        clock[0] += 0.125 if len(steps) < 20 else 0.1875
+        steps.append(n)
+        return batch(pool, n)
+
+    steps = []
+    monkeypatch.setattr(RowPool, "batch", step)
+    monkeypatch.setattr(d._Deadline, "clock", staticmethod(lambda: clock[0]))
+    d.distill(_run(tiny_teacher, tmp_path / "s", shape=TINY_STUDENT, seconds=10.0, warmup=2, log_every=5),
               log=lambda *_: None)
     log = _log(tmp_path / "s")
     fixed = [r for r in log if "fixed_total_steps" in r]
     refixed = [r for r in log if "refixed_total_steps" in r]
     assert len(fixed) == 1 and fixed[0]["step"] == 20
+    assert (fixed[0]["fixed_total_steps"], fixed[0]["s_per_step"]) == (80, 0.125)
     assert refixed and all(r["step"] % 10 == 0 for r in refixed)  # every RETIME steps until the decay
+    assert [(r["step"], r["refixed_total_steps"], r["s_per_step"], r["s_left"]) for r in refixed] == [
+        (30, 60, 0.1875, 6), (40, 60, 0.1875, 4)]  # 5.625 s and 3.75 s left, logged rounded
     total = refixed[-1]["refixed_total_steps"]
     assert refixed[-1]["step"] < int(total * 0.75)  # none once the decay began
-    assert max(r["step"] for r in log if "loss" in r) == total  # the run ends on the last count fixed
+    assert max(r["step"] for r in log if "loss" in r) == total == len(steps)  # the run ends on the last count fixed
+
+
+# ---- a teacher of milliseconds for `distill sample` (its Ctrl-C: test_faults_training) -----------
+class CharTok:
+    """Just enough of a tokenizer for the sampler and the export: an id per character (3..92), EOS
+    2 (the `llama` fixture's), pad 0; `save_pretrained` writes one file."""
+    eos_token_id, pad_token_id = 2, 0
+
+    def get_vocab(self):
+        return {}
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % 90 for c in text[:12]]}
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return self(messages[0]["content"])["input_ids"]
+
+    def save_pretrained(self, folder):
+        (Path(folder) / "tokenizer.json").write_text('{"chars": true}')
+
+
+def tiny_sampler(llama, monkeypatch):
+    """`sample_teacher`'s teacher is the `llama` fixture (any --teacher): sampling takes milliseconds."""
+    from meestral.training import teacher_text
+
+    monkeypatch.setattr(teacher_text, "load_teacher", lambda spec, device: (llama, CharTok()))
+    return teacher_text
+
+
+# ---- the export's student/ ---------------------------------------------------------------------
+def _tiny_mamba2(seed):
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Mamba2ForCausalLM(Mamba2Config(vocab_size=97, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2,
+                                          head_dim=64, num_heads=2, n_groups=1, chunk_size=16,
+                                          tie_word_embeddings=True))
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class KilledTok(CharTok):
+    """Killed while the tokenizer is written: the model's files are in the folder already."""
+
+    def save_pretrained(self, folder):
+        (Path(folder) / "tokenizer.json").write_text('{"cha')
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("exchange", [True, False])  # renameat2's swap, or the two renames where it is missing
+def test_an_export_killed_part_way_keeps_the_previous_student(exchange, tmp_path, monkeypatch):
+    import meestral.files
+    from meestral.training.distill import finish
+
+    if not exchange:
+        monkeypatch.setattr(meestral.files, "_exchange", lambda a, b: False)
+    out = tmp_path / "run"
+    out.mkdir()
+    held = torch.randint(3, 97, (2, 32), generator=torch.Generator().manual_seed(0))
+    finish(_tiny_mamba2(0), CharTok(), out, held, 10.0, lambda r: None)
+    old = _files(out / "student")
+    assert "config.json" in old and "tokenizer.json" in old
+    (out / ".student.tmp999999999").mkdir()  # a temp folder a SIGKILLed export left (no such pid)
+    with pytest.raises(KeyboardInterrupt):
+        finish(_tiny_mamba2(1), KilledTok(), out, held, 10.0, lambda r: None)
+    assert _files(out / "student") == old  # the previous student, whole
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # its temp folder and the dead one's: gone
+    finish(_tiny_mamba2(1), CharTok(), out, held, 10.0, lambda r: None)
+    new = _files(out / "student")
+    assert new.keys() == old.keys() and new["model.safetensors"] != old["model.safetensors"]  # replaced, whole
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]

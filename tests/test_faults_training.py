@@ -31,6 +31,7 @@ from meestral.errors import MeestralError
 from meestral.files import LOCK, FolderLock
 from test_cli import assert_one_line_error
 from test_distill import TINY_STUDENT, _run as distill_cfg, distill_killed_at, tiny_teacher  # noqa: F401  (the fixture)
+from test_distill import llama, tiny_sampler  # noqa: F401  (the fixture)
 
 WORDS = ("river stone light open table winter paper green sound market quiet number garden yellow school "
          "morning window travel simple letter").split()
@@ -379,6 +380,59 @@ def test_ctrl_c_at_a_checkpoint_stops_distill(nth, tiny_teacher, tmp_path, monke
     monkeypatch.undo()
     distill.distill(cfg, log=lambda *_: None)
     assert [s for k, s in records(out) if k == "step"][-5:] == [1, 2, 3, 4, 4] and (out / "mamba2-smol.gguf").is_file()
+
+
+def test_ctrl_c_stops_distill_sample_within_a_token_step_and_the_same_command_continues(llama, tmp_path,
+                                                                                      monkeypatch):
+    """Ctrl-C (inside a finaliser) at the third forward pass of the second shard: no forward pass
+    after it, the first shard kept whole and nothing else left in the folder; the rerun's shard is
+    the one an uninterrupted run wrote."""
+    teacher_text = tiny_sampler(llama, monkeypatch)
+    kw = dict(batch=2, max_new_tokens=8, top_k=20, device="cpu", log=lambda *_: None)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert teacher_text.sample_teacher("tiny", str(ref), shards=2, **kw) == 2
+    after = []  # forward passes of the second shard (9 make one)
+
+    def press_ctrl_c(module, args):
+        if (out / "shard-000-00000.pt").exists():
+            after.append(1)
+            if len(after) == 3:
+                SigintInFinaliser()
+
+    handler = signal.getsignal(signal.SIGINT)
+    hook = llama.register_forward_pre_hook(press_ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt) as e:
+            teacher_text.sample_teacher("tiny", str(out), shards=3, **kw)
+    finally:
+        hook.remove()
+    assert str(e.value) == (f"sampling interrupted: 1 shard written by this run (1 of seed 0 in {out}; a shard not "
+                            "finished is not kept): rerun the same command to add more, from shard-000-00001.pt on")
+    assert len(after) == 3  # the forward pass it came in finished, no other
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000-00000.pt"]  # no temp file, no lock
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert teacher_text.sample_teacher("tiny", str(out), shards=1, **kw) == 1
+    for name in ("shard-000-00000.pt", "shard-000-00001.pt"):
+        a, b = (torch.load(d / name, weights_only=True) for d in (ref, out))
+        assert [x.tolist() for x in a["docs"]] == [x.tolist() for x in b["docs"]] and a["prompts"] == b["prompts"]
+
+
+def test_ctrl_c_while_a_shard_is_written_stops_distill_sample_after_it(llama, tmp_path, capsys, monkeypatch):
+    teacher_text = tiny_sampler(llama, monkeypatch)
+    out = tmp_path / "shards"
+    argv = ["distill", "sample", "--teacher", "tiny", "--out", out, "--batch", "2", "--max-new-tokens", "8",
+            "--top-k", "20", "--shards", "3", "--device", "cpu"]
+    real = teacher_text.atomic_write
+    ctrl_c_inside(teacher_text, "atomic_write", monkeypatch)
+    rc, stdout, err = run_main(argv, capsys)
+    assert rc == 130 and err == (f"meestral: sampling interrupted: 1 shard written by this run (1 of seed 0 in {out}; "
+                                 "a shard not finished is not kept): rerun the same command to add more, from "
+                                 "shard-000-00001.pt on\n")
+    assert [json.loads(line)["shard"] for line in stdout.splitlines()] == ["shard-000-00000.pt"]  # no {"shards": ...}
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000-00000.pt"]
+    monkeypatch.setattr(teacher_text, "atomic_write", real)
+    assert run_main(argv, capsys)[0] == 0
+    assert visible(out) == [f"shard-000-{k:05d}.pt" for k in range(4)]
 
 
 # ---- one resume rule for every log ---------------------------------------------------------------

@@ -3,6 +3,7 @@
 - `atomic_write`: a whole file, written beside its target and renamed over it.
 - `create_new`: the same, but never replacing a file that exists (two creators: one wins).
 - `write_together`: several whole files, all replaced or none.
+- `atomic_folder`: a whole folder, written beside its target and swapped in for it.
 - `append_line`: one whole line at the end of a log-like file, or nothing.
 - `FolderLock`: one process at a time writes into an output folder (flock(2) on `.meestral.lock`).
 
@@ -130,6 +131,62 @@ def write_together(writes: dict) -> list[Path]:
         if old is not None:
             old.unlink(missing_ok=True)
     return [p for p, _ in done]
+
+
+def atomic_folder(path, write) -> Path:
+    """`write(tmp)` into a temporary folder beside `path`, its files flushed to disk, then published
+    as `path`: a kill or a failure leaves the previous folder (or none), never a partial one; an
+    existing `path` is replaced only once the new folder is complete. The temp folder
+    `.NAME.tmpPID` a SIGKILL leaves is removed by the next write (`remove_stale_temps`)."""
+    path = Path(path)
+    remove_stale_temps(path.parent, path.name)
+    tmp, old = temp_name(path), temp_name(path, "-old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _swap_in(tmp, path, old)
+    except OSError as e:
+        raise _named(e, path) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the old folder, after an exchange
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _swap_in(tmp: Path, path: Path, old: Path) -> None:
+    """Put folder `tmp` at `path`. rename(2) replaces only an empty folder: a full one is exchanged
+    with `tmp` in one renameat2(RENAME_EXCHANGE) where the kernel and file system have it (Linux
+    3.15+), so `path` is at every moment the old folder or the new one; elsewhere it is moved aside
+    first (a kill between the two renames leaves no `path`, the old folder under `old`)."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    if _exchange(tmp, path):
+        return
+    os.replace(path, old)
+    os.replace(tmp, path)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap `a` and `b` atomically (renameat2 RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28 (macOS, musl)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # a file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def append_line(path, line: str) -> None:

@@ -34,7 +34,7 @@ import torch
 
 from meestral.backbones.ssm import use_grouped_gated_norm
 from meestral.errors import MeestralError
-from meestral.files import FolderLock, append_line, write_json
+from meestral.files import FolderLock, append_line, atomic_folder, write_json
 from meestral.training.checkpoint import CHECKPOINT, check_kind, check_out, prepare_out, read_checkpoint, save_checkpoint
 from meestral.training.interrupt import StopRequests
 from meestral.training.kd import chunked_kd_loss, heldout_ppl
@@ -266,23 +266,26 @@ class _Deadline:
     shares its GPU with a sampler and other trainers that start and stop, and a count fixed once
     would end the decay far from the deadline (or be stopped before it)."""
 
+    clock = staticmethod(time.time)  # every reading goes through here (a test gives a step-driven clock)
+
     def __init__(self, cfg: DistillConfig, dev: torch.device):
         self.cfg, self.dev = cfg, dev
-        self.start = time.time()
+        self.start = self.clock()
         self.at, self.t_mark, self.s_mark = None, None, 0
 
     def _now(self) -> float:
         if self.dev.type == "cuda":
             torch.cuda.synchronize()
-        return time.time()
+        return self.clock()
 
     def total(self, step: int, total: int | None, record) -> int | None:
         """The step count after `step` (the one given, or one newly fixed and recorded)."""
         cfg = self.cfg
         if total is None and step == 20 and cfg.seconds:
-            per_step = (self._now() - self.start) / 20
+            now = self._now()
+            per_step = (now - self.start) / 20
             total = max(cfg.warmup + 1, int(cfg.seconds / per_step))
-            self.at, self.t_mark, self.s_mark = self.start + cfg.seconds, time.time(), step
+            self.at, self.t_mark, self.s_mark = self.start + cfg.seconds, now, step
             record({"step": step, "fixed_total_steps": total, "s_per_step": round(per_step, 4)})
         elif self.at is not None and step % RETIME == 0 and step < int(total * (1 - cfg.decay_share)):
             now = self._now()
@@ -475,9 +478,14 @@ def finish(student, tok, out: Path, held, teacher_ppl: float, record) -> dict:
     from meestral.backbones.quantized import model_from_gguf, save_gguf
 
     student.eval()
-    folder = out / "student"
-    student.save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
+
+    def write(tmp):
+        student.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+
+    # Written beside student/ and swapped in whole: a kill part way leaves the previous student/
+    # (an earlier run's or export's, which a later `--init` may read) or none, never half of one.
+    atomic_folder(out / "student", write)
     q = save_gguf(student.float(), out / "mamba2-smol.gguf")
     qmodel = model_from_gguf(out / "mamba2-smol.gguf").to(next(student.parameters()).device)
     res = {"final": True, "heldout_ppl_float": round(heldout_ppl(student.float(), held), 3),

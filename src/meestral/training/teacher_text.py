@@ -4,7 +4,10 @@ on; and the check of that text against evaluation sets (shared n-grams).
 
 The teacher answers by sampling (temperature 1 over the 200 most likely tokens, so the text
 follows the teacher's own distribution without its long tail); shards are written atomically, so
-a trainer reading the folder never sees half of one.
+a trainer reading the folder never sees half of one. Ctrl-C stops the sampler within one token
+step (`interrupt.StopRequests`): the shard being sampled is dropped, the written ones are kept, and
+the same command continues the numbering (shard k is sampled from seed (seed, k) whenever it is
+made, so a stopped and continued folder holds the shards an uninterrupted run would).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from meestral.errors import MeestralError
 from meestral.files import atomic_write
+from meestral.training.interrupt import StopRequests
 
 
 def load_teacher(spec: str, device: str, dtype=torch.bfloat16):
@@ -54,8 +58,10 @@ def _prompt_ids(tok, text: str, chat: bool) -> list[int]:
 
 
 @torch.inference_mode()
-def sample_batch(model, inp, att, max_new_tokens: int, temperature: float, top_k: int, eos_ids, pad: int):
-    """Sampled continuations [B, max_new_tokens] of left-padded prompts (pad after a row's EOS).
+def sample_batch(model, inp, att, max_new_tokens: int, temperature: float, top_k: int, eos_ids, pad: int,
+                 stop=None):
+    """Sampled continuations [B, max_new_tokens] of left-padded prompts (pad after a row's EOS);
+    `stop` (a StopRequests) is checked before every token step: a batch takes minutes on a CPU.
 
     A plain cached loop rather than `generate`: HF's top-p sort and `multinomial` over a 49k
     vocabulary at batch 2048 made `generate` run at 27k tokens/s on an H200. Here each step takes
@@ -84,6 +90,8 @@ def sample_batch(model, inp, att, max_new_tokens: int, temperature: float, top_k
         done |= torch.isin(tok, eos)
         if t % 32 == 31 and bool(done.all()):
             break
+        if stop is not None:
+            stop.check()
         att = torch.cat([att, att.new_ones(att.shape[0], 1)], dim=1)  # finished rows are sliced off later
         pos = pos + 1
         logits = model(input_ids=tok[:, None], attention_mask=att, position_ids=pos, **{kw: cache},
@@ -109,10 +117,24 @@ def sample_teacher(teacher: str, out_dir: str, *, batch: int = 512, max_new_toke
     model, tok = load_teacher(teacher, device)
     check_room(model, max_new_tokens)
     lock = prepare_out(out, "sample")  # every check passed: the folder is created and held now
+    before = _count(out, seed)
     try:
-        return _sample(model, tok, out, batch, max_new_tokens, temperature, top_k, seed, shards, seconds, device, log)
+        with StopRequests() as stop:  # Ctrl-C stops between two token steps (training.interrupt)
+            return _sample(model, tok, out, batch, max_new_tokens, temperature, top_k, seed, shards, seconds, device,
+                           log, stop)
+    except KeyboardInterrupt:
+        k = _count(out, seed)  # read from the folder: a second Ctrl-C may land inside a shard's rename
+        n = k - before
+        raise KeyboardInterrupt(f"sampling interrupted: {n} shard{'s' * (n != 1)} written by this run ({k} of seed {seed} "
+                                f"in {out}; a shard not finished is not kept): rerun the same command to add more, "
+                                f"from shard-{seed:03d}-{k:05d}.pt on") from None
     finally:
         lock.release()
+
+
+def _count(out: Path, seed: int) -> int:
+    """Shards of `seed` in `out`: the next one's number."""
+    return len(list(out.glob(f"shard-{seed:03d}-*.pt")))
 
 
 # Positions kept for a prompt (distill_prompts' are a few dozen tokens, chat template included).
@@ -128,7 +150,8 @@ def check_room(model, max_new_tokens: int) -> None:
                             f"lower --max-new-tokens to {n - PROMPT_ROOM:,} or less")
 
 
-def _sample(model, tok, out: Path, batch, max_new_tokens, temperature, top_k, seed, shards, seconds, device, log) -> int:
+def _sample(model, tok, out: Path, batch, max_new_tokens, temperature, top_k, seed, shards, seconds, device, log,
+            stop) -> int:
     from meestral.training.distill_prompts import sample_prompt
 
     eos = model.config.eos_token_id
@@ -136,9 +159,10 @@ def _sample(model, tok, out: Path, batch, max_new_tokens, temperature, top_k, se
     # A plain continuation may end with the document separator instead of the chat end token.
     eos_ids |= {tok.get_vocab()[s] for s in ("<|endoftext|>", "</s>") if s in tok.get_vocab()}
     pad = tok.pad_token_id if tok.pad_token_id is not None else sorted(eos_ids)[0]
-    k = len(list(out.glob(f"shard-{seed:03d}-*.pt")))
+    k = _count(out, seed)
     t0, written = time.time(), 0
     while (shards is None or written < shards) and (seconds is None or time.time() - t0 < seconds):
+        stop.check()
         if (out / "STOP").exists():
             break
         rng = random.Random(f"{seed}:{k}")
@@ -154,7 +178,8 @@ def _sample(model, tok, out: Path, batch, max_new_tokens, temperature, top_k, se
             inp[r, width - len(x):] = torch.tensor(x)
             att[r, width - len(x):] = 1
         ts = time.time()
-        gen = sample_batch(model, inp.to(device), att.to(device), max_new_tokens, temperature, top_k, sorted(eos_ids), pad)
+        gen = sample_batch(model, inp.to(device), att.to(device), max_new_tokens, temperature, top_k, sorted(eos_ids), pad,
+                           stop)
         gen = gen.cpu()
         docs, n_tok = [], 0
         for r, x in enumerate(ids):
