@@ -365,3 +365,14 @@ def test_an_export_killed_part_way_keeps_the_previous_student(exchange, tmp_path
     new = _files(out / "student")
     assert new.keys() == old.keys() and new["model.safetensors"] != old["model.safetensors"]  # replaced, whole
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_sample_top_k_past_the_vocabulary_samples_among_every_token(llama, tmp_path, monkeypatch):
+    """--top-k larger than the teacher's vocabulary means every token (as generate's --top-k), not
+    torch.topk's "selected index k out of range" traceback."""
+    teacher_text = tiny_sampler(llama, monkeypatch)
+    vocab = llama.config.vocab_size
+    assert teacher_text.sample_teacher("tiny", str(tmp_path), batch=2, max_new_tokens=8, top_k=vocab + 1000,
+                                       shards=1, device="cpu", log=lambda *_: None) == 1
+    docs = torch.load(next(tmp_path.glob("shard-*.pt")))["docs"]
+    assert docs and all(0 <= int(t) < vocab for d in docs for t in d)

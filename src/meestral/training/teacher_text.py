@@ -81,6 +81,7 @@ def sample_batch(model, inp, att, max_new_tokens: int, temperature: float, top_k
     done = torch.zeros(inp.shape[0], dtype=torch.bool, device=inp.device)
     out = torch.full((inp.shape[0], max_new_tokens), pad, dtype=torch.long, device=inp.device)
     pos = pos[:, -1:]
+    top_k = min(top_k, logits.shape[-1])  # more than the vocabulary: every token (as generate's --top-k)
     for t in range(max_new_tokens):
         val, idx = logits.float().topk(top_k, dim=-1)
         gumbel = -torch.log(-torch.log(torch.rand_like(val).clamp_(1e-20, 1.0)))
