@@ -107,12 +107,21 @@ def run_case(a, case: str, root: Path, corpus: Path) -> dict:
         info["interrupted_at"] = interrupt(cmd, env, out, a.steps)
     if case.endswith("-resume"):
         cmd = cmd + ["--resume"]
-    log = (root / f"{case}.stderr").open("a")
-    r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    log_path = root / f"{case}.stderr"
+    with log_path.open("a") as log:
+        r = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     if r.returncode != 0:
-        fail(f"case {case} exited with {r.returncode}: see {root / f'{case}.stderr'}")
+        fail(f"case {case} exited with {r.returncode}: {child_error(log_path)}(log: {log_path})")
     info["wall_s"] = time.perf_counter() - t0
     return info
+
+
+def child_error(log_path: Path) -> str:
+    """The run's own one-line error (`meestral: error: ...`), else the log's last line, so the reason
+    is on the screen, not only in the log (torchrun adds its own traceback after the workers' lines)."""
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    ours = [ln for ln in lines if ln.startswith("meestral: error:")]
+    return f"{(ours or lines or [''])[-1]} "
 
 
 def interrupt(cmd, env, out: Path, steps: int) -> int:
@@ -199,6 +208,10 @@ def main():
         fail(f"unknown case(s) {', '.join(sorted(unknown))}: use {', '.join(CASES)}")
     if a.device not in ("cpu", "cuda"):
         fail(f"--device {a.device!r}: use cuda or cpu")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        # Before the corpus is written: nothing to clean up, and the reason rather than a child's log.
+        fail(f"--device cuda: no CUDA device here (torch {torch.__version__}): "
+             "run it on the GPU machine, or use --device cpu for the rehearsal")
     if a.batch % a.nproc:
         fail(f"--batch {a.batch} does not split over {a.nproc} processes")
     if a.ckpt_every >= a.steps:

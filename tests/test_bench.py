@@ -1,7 +1,12 @@
 """The benchmark's own pieces: the compiled peer decodes what HF does, and the kernel profile's
 sums are consistent (on the CPU it profiles operators; the kernel view is exercised on the box)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import torch
 
 from meestral.decoding.decoder import EarlyExitDecoder
 from meestral.decoding.sampling import SamplingOptions
@@ -69,3 +74,33 @@ def test_speculate_rows_measure_injected_acceptance(tiny, shape, monkeypatch):
         assert r["predicted_speedup"] == pytest.approx(expected_tokens(a, 2) / cycle_cost(bb, 2, 2))
         assert r["of_predicted"] == pytest.approx(r["speedup_vs_full"] / r["predicted_speedup"])
     assert len(out.getvalue().strip().split("\n")) == len(rows) and all(json.loads(x) for x in out.getvalue().split("\n") if x)
+
+
+TRAIN_DIST = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train_dist.py"
+
+
+def run_train_dist(*args):
+    return subprocess.run([sys.executable, str(TRAIN_DIST), *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_train_dist_without_cuda_is_one_line_before_any_file(tmp_path):
+    """The README's GPU command on a CPU machine: the reason in one line, and no corpus written."""
+    p = run_train_dist("--device", "cuda", "--out", str(tmp_path / "dist"))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()]
+    assert p.stderr.startswith("bench_train_dist: error: --device cuda: no CUDA device here")
+    assert "--device cpu" in p.stderr
+    assert not (tmp_path / "dist").exists()
+
+
+@pytest.mark.slow
+def test_train_dist_relays_a_failed_case_s_own_error(tmp_path):
+    """A case that stops on bad input shows the run's own error line, not only the log's path."""
+    p = run_train_dist("--device", "cpu", "--backbone", "random:no-such-shape", "--cases", "one", "--batch", "2",
+                       "--seq-len", "8", "--steps", "2", "--ckpt-every", "1", "--out", str(tmp_path))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()]
+    assert "case one exited with 2: meestral: error:" in p.stderr
+    assert "no-such-shape" in p.stderr and str(tmp_path / "one.stderr") in p.stderr
