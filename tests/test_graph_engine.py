@@ -231,6 +231,57 @@ def test_cuda_speculate_cycles_are_captured_and_equal_full_depth(shape):
     assert got["graph"] == got["eager"]
 
 
+@pytest.mark.cuda
+@cuda
+def test_cuda_failed_capture_leaves_the_engine_and_the_generator_usable():
+    """A capture that fails (here: a body that reads a value on the host, which a capture forbids)
+    runs its call eagerly and leaves the engine usable: eager random numbers work after it (torch
+    leaves the CUDA generator registered to a capture whose end fails), and the next call is
+    captured (torch leaves the failed capture's memory pool recording) and replays correctly."""
+    from meestral.backbones.loading import random_backbone
+
+    eng = GraphEngine(random_backbone("mistral", device="cuda"))
+    x = torch.ones(4, device="cuda")
+
+    def reads_on_host(inp, _st):
+        y = inp["x"] * 2
+        return (y + 1 if y.sum().item() > 0 else y,)
+
+    out = eng._call(("host-read",), reads_on_host, {"x": x}, None)
+    assert out[0].tolist() == [3.0] * 4 and eng.failed_captures == 1
+    torch.rand(3, device="cuda")
+    torch.nn.init.normal_(torch.empty(8, device="cuda"))
+    eng._call(("plus-one",), lambda inp, _st: (inp["x"] + 1,), {"x": x}, None)
+    again = eng._call(("plus-one",), lambda inp, _st: (inp["x"] + 1,), {"x": x * 5}, None)
+    assert again[0].tolist() == [6.0] * 4
+    assert all(c.graph is not None for k, c in eng.calls.items() if k[0] == "plus-one")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_collections_during_capture_do_not_break_it():
+    """Engines dropped earlier hold CUDA graphs in reference cycles; with the collector made to run
+    at nearly every allocation, new engines still capture every call (none falls back)."""
+    import gc
+
+    from meestral.backbones.loading import random_backbone
+
+    bb = random_backbone("mistral", device="cuda")
+    heads = ExitHeads("softmax", [1], bb).to("cuda")
+    cfg = ExitConfig(heads=heads, thresholds=0.5, policy="verify", max_backlog=4)
+    old = gc.get_threshold()
+    gc.set_threshold(10, 1, 1)
+    try:
+        for _ in range(3):  # each round leaves the previous decoder's engine and graphs as garbage
+            dec = EarlyExitDecoder(bb, cfg, engine="graph")
+            dec.generate(PROMPTS, SamplingOptions(max_new_tokens=8))
+            assert all(c.graph is not None for c in dec.engine.calls.values())
+            assert dec.engine.failed_captures == 0
+            del dec
+    finally:
+        gc.set_threshold(*old)
+
+
 @pytest.mark.parametrize("shape", ["mistral", "llama"])
 def test_hf_static_cache_peer_decodes_hf_greedy(tiny, shape):
     """The benchmark's strongest peer (StaticCache + one-token steps over HF's modules; compiled

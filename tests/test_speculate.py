@@ -203,6 +203,83 @@ def test_controller_speculates_when_drafts_are_accepted():
     assert isinstance(ch, Choice)
 
 
+def _low_acceptance_run(c, steps, stall_at=(), stall_ms=1000.0):
+    """Drive a controller with synthetic costs (no timing): a full-depth step takes 10 ms, a cycle
+    of k drafts 10 (0.8 + 0.5 k) ms, and a cycle's first draft is accepted one time in five (a
+    cycle then emits fewer tokens per ms than full depth). Steps listed in `stall_at` take
+    `stall_ms` instead."""
+    choices, cycles = [], 0
+    for i in range(steps):
+        ch = c.choose()
+        choices.append(ch)
+        ms = 10.0 if ch.k == 0 else 10.0 * (0.8 + 0.5 * ch.k)
+        a = 0
+        if ch.k:
+            a, cycles = int(cycles % 5 == 4), cycles + 1
+        c.observe(ch, stall_ms if i in stall_at else ms, drafts_accepted=min(a, ch.k), rejected=bool(ch.k) and a < ch.k)
+    return choices
+
+
+def test_controller_is_not_fooled_by_one_stalled_full_depth_step():
+    """One full-depth step that stalls (a collection, a capture timed by mistake) must not make
+    cycles look cheap for the rest of the generation: the controller keeps falling back. (An
+    average that one stall inflates, never re-timed while cycles run, locked it into cycles.)"""
+    c = SpeculationController([0], 4, prior=lambda j, k: 0.8 + 0.5 * k)
+    choices = _low_acceptance_run(c, 300, stall_at=(3, 4))
+    assert sum(ch.k == 0 for ch in choices[100:]) >= 190
+    assert c.cost((None, 0)) == pytest.approx(10.0)
+
+
+def test_controller_re_times_full_depth_while_cycles_run():
+    """A full-depth cost that is wrong (here: set far too high) is measured again within
+    `refresh` cycles, and the controller returns to full depth once it is."""
+    c = SpeculationController([0], 4, prior=lambda j, k: 0.8 + 0.5 * k, refresh=8)
+    c.observe(Choice(0, 0), 10.0)
+    c.times[(None, 0)] = [500.0] * 5
+    c.medians[(None, 0)] = 500.0
+    choices = _low_acceptance_run(c, 200)
+    assert choices[0].k > 0  # cycles look cheap against the wrong full-depth cost
+    assert any(ch.k == 0 for ch in choices[:9])  # re-timed within `refresh` cycles
+    assert sum(ch.k == 0 for ch in choices[100:]) >= 90
+    assert c.cost((None, 0)) == pytest.approx(10.0)
+
+
+def test_controller_does_not_time_a_step_that_ran_a_shape_first(tiny):
+    """On the graph engine a step that meets a shape first (an eager run, a compile, a capture)
+    is not taken as that step's cost: with a clock that jumps by a second in every first call,
+    no timing the controller keeps includes a jump (and acceptance is still counted)."""
+    from meestral.decoding import graph_engine
+
+    bb = tiny("mistral")
+    cfg = spec_config(bb, 1, 3, adaptive=True)
+    dec = EarlyExitDecoder(bb, cfg, engine="graph")
+    now = [0.0]
+
+    def clock():
+        now[0] += 0.001  # each reading: 1 ms later
+        return now[0]
+
+    first = graph_engine.CapturedCall.first
+
+    def slow_first(self, *a, **kw):
+        now[0] += 1.0
+        return first(self, *a, **kw)
+
+    dec.policy.timer = clock
+    graph_engine.CapturedCall.first = slow_first
+    try:
+        ref = EarlyExitDecoder(bb).generate(PROMPTS, SamplingOptions(max_new_tokens=24))
+        got = [dec.generate([p], SamplingOptions(max_new_tokens=24))[0] for p in PROMPTS]
+    finally:
+        graph_engine.CapturedCall.first = first
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+    assert dec.engine.first_calls > 0
+    c = dec.policy.control
+    kept = [ms for t in c.times.values() for ms in t]
+    assert kept and max(kept) < 100.0
+    assert sum(c.checked.values()) > 0
+
+
 def test_config_errors(tiny):
     bb = tiny("mistral")
     with pytest.raises(MeestralError, match="exit point"):

@@ -18,6 +18,8 @@ from meestral.backbones.base import Step
 
 
 class EagerEngine:
+    first_calls = 0  # the graph engine counts its first calls of a shape (compile, capture); none here
+
     def __init__(self, backbone, skip=frozenset()):
         self.bb = backbone
         self.skip = frozenset(skip)  # a pruned model: these blocks never run

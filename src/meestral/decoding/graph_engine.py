@@ -22,6 +22,15 @@ and every generation of that shape:
   So output buffers are allocated before capture, outside the pool, and the graph copies into them;
 - the captured calls and the states are bounded caches (least recently used go first; a state
   takes its calls with it): a long-running server meeting many shapes does not grow without end.
+- a capture must not meet Python's garbage collector: an engine dropped earlier (engines, their
+  calls and bodies form reference cycles) holds CUDA graphs, and a collection that frees one while
+  another is being captured destroys a graph and frees pool memory inside the capture, which
+  invalidates it ("operation not permitted when stream is capturing", then "operation failed due
+  to a previous error during capture"). So the collector is off during a capture (dead graphs go
+  at a later collection, between captures). A capture that fails all the same leaves its pool recording and the
+  CUDA generator registered to it (torch ends neither when the capture's end fails): the failed
+  graph is dropped at once and later captures take a fresh pool, so the engine and the generator
+  stay usable, and the call runs eagerly.
 
 Off CUDA (or with `capture=False`) calls replay by running the body again on the static buffers
 and copying into the same output buffers: the same data flow as a graph, which is what the CPU
@@ -34,6 +43,7 @@ step's outputs within the step, and catch-up copies its window into the backlog)
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections import OrderedDict
 
@@ -63,7 +73,8 @@ class CapturedCall:
             # the generation's state, like the state itself: the graph writes into it in place.
             self.step = Step(None, step.positions.clone(), write,
                              StepShared(slots=step.slots.clone(), history=step.shared.history), visible)
-        self.body = lambda: body(self.inputs, self.step)
+        ins, st = self.inputs, self.step  # not `self`: a bound closure would be one more reference cycle
+        self.body = lambda: body(ins, st)
         self.graph = None
         self.outputs = None
 
@@ -84,8 +95,9 @@ class CapturedCall:
                 buf.copy_(t)
         return self.outputs
 
-    def first(self, capture: bool, stream, pool, note):
-        """Run eagerly (the real result), then capture the body for the next calls."""
+    def first(self, capture: bool, stream, pool, note, failed=lambda: None):
+        """Run eagerly (the real result), then capture the body for the next calls. `pool()`: the
+        memory pool to capture into; `failed()`: told when a capture fails."""
         if not capture:
             out = self.body()
             self.outputs = tuple(None if t is None else torch.empty_like(t) for t in out)
@@ -100,15 +112,25 @@ class CapturedCall:
                 t.record_stream(main)
         # Outside the capture: these must never be memory the shared pool hands to another graph.
         self.outputs = tuple(None if t is None else torch.empty_like(t) for t in out)
+        g = torch.cuda.CUDAGraph()
+        was_enabled, error = gc.isenabled(), None
+        gc.disable()
         try:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool, stream=stream):
+            with torch.cuda.graph(g, pool=pool(), stream=stream):
                 self._into_outputs(self.body())
             self.graph = g
         except Exception as e:  # noqa: BLE001 - any capture failure leaves this call eager
-            self.graph = None
-            note(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                 "this call runs eagerly")
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        finally:
+            if was_enabled:
+                gc.enable()
+        if error is not None:
+            # The failed graph must go now: its reset releases the generator's capture state. The
+            # exception's frames hold it in a cycle, hence the collection.
+            self.graph = g = None
+            gc.collect()
+            failed()
+            note(f"CUDA graph capture failed ({error}); this call runs eagerly")
         return self._into_outputs(out)
 
     def replay(self):
@@ -137,6 +159,8 @@ class GraphEngine(EagerEngine):
         self.histories: dict = {}  # ("history", id(state), positions) -> that state's per-slot history
         self.stream = torch.cuda.Stream(device=backbone.device) if self.capture else None
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.first_calls = 0  # calls run for the first time (eager run, compile, capture): a step that made one is not timed
+        self.failed_captures = 0
         self._noted: set = set()
         self._inline_keys = None  # set while a sequence records: its calls run inline (`sequence`)
 
@@ -202,6 +226,11 @@ class GraphEngine(EagerEngine):
 
         return self._call(("sequence", keys) + tuple(key), body, inputs, None)
 
+    def _capture_failed(self) -> None:
+        """A failed capture leaves its pool marked as recording: later captures take a new one."""
+        self.failed_captures += 1
+        self.pool = torch.cuda.graph_pool_handle()
+
     def note(self, msg: str) -> None:
         if msg not in self._noted:
             self._noted.add(msg)
@@ -217,7 +246,8 @@ class GraphEngine(EagerEngine):
             if len(self.calls) >= self.max_calls:
                 self.calls.popitem(last=False)
             call = self.calls[key] = CapturedCall(body, inputs, step)
-            return call.first(self.capture, self.stream, self.pool, self.note)
+            self.first_calls += 1
+            return call.first(self.capture, self.stream, lambda: self.pool, self.note, self._capture_failed)
         self.calls.move_to_end(key)
         call.load(inputs, step)
         return call.replay()

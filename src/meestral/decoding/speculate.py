@@ -119,6 +119,7 @@ class SpeculatePolicy(Policy):
         self.clock = "wall"
         self.inject = None  # benchmark only: each draft is accepted with this chance, whatever its token
         self.last_choice = None  # what the last step ran (tests and the benchmark read it)
+        self.timer = time.perf_counter  # the controller's wall clock (tests drive their own)
         self.reset_counts()
 
     @property
@@ -138,14 +139,19 @@ class SpeculatePolicy(Policy):
         batch.history = self.engine.new_history(batch.state, batch.B, self.max_k + 1)
 
     def choose(self, batch, opts) -> Choice:
-        remaining = opts.max_new_tokens - (batch.slot - batch.P + 1)  # tokens still wanted per row
         c = self.control.choose() if self.control is not None else Choice(0, self.max_k)
+        if getattr(self.engine, "capture", False):
+            # A CUDA-graph engine replays shapes it has captured: fewer drafts near the end would be
+            # new shapes (a capture each, far dearer than the few drafts it saves); the tokens
+            # drafted past the end are charged as spent work.
+            return c
         # A cycle emits at most k+1 tokens: near the end, fewer drafts waste less.
+        remaining = opts.max_new_tokens - (batch.slot - batch.P + 1)  # tokens still wanted per row
         return Choice(c.j, max(0, min(c.k, remaining - 1)), c.probe)
 
     @torch.no_grad()
     def step(self, batch, opts, gen):
-        t0 = time.perf_counter()
+        t0, firsts = self.timer(), self.engine.first_calls
         choice = self.choose(batch, opts)
         self.last_choice = choice
         if choice.k == 0:
@@ -155,8 +161,10 @@ class SpeculatePolicy(Policy):
         if self.control is not None:  # the step ended with a read: its device work is done
             if self.clock == "bytes":  # deterministic: the step's weight-byte cost in full-depth steps
                 cost = 1.0 if choice.k == 0 else self.prior_cost(choice.j, choice.k)
+            elif self.engine.first_calls != firsts:  # it ran a shape for the first time (compile, capture)
+                cost = None
             else:
-                cost = (time.perf_counter() - t0) * 1000
+                cost = (self.timer() - t0) * 1000
             self.control.observe(choice, cost, accepted, rejected)
         c = self.counts
         if choice.k == 0:
