@@ -192,13 +192,22 @@ def test_the_headline_never_names_a_setting_that_does_not_exit(tmp_path):
     assert render.best_early_exit(idle_sweep()[3:], full) == (None, "none within 1 point")
 
 
-def test_the_headline_prefers_a_setting_that_exits_to_a_cheaper_one_that_does_not():
-    rows = idle_sweep()
+def test_the_headline_never_names_a_setting_that_costs_the_full_models_bytes(tmp_path):
+    """A setting that exits but reads at least the full model's bytes (verify re-runs what its exits
+    skipped: the demo's SmolLM2 verify at 0.4 read 2.8x) saves nothing: no headline names it, and
+    the sentence says why; a cheaper one that exits is named."""
+    rows = idle_sweep()[:3]
     rows[1]["weight_bytes_ratio"] = 0.99  # cheaper on paper, but it never leaves early
-    exiting = row("meestral_arc_easy", 0.548, policy="verify", threshold=0.5, wb=1.2, exit_rate=0.3)
-    best, none = render.best_early_exit(rows + [exiting], plots.full_row(rows))
-    assert best is exiting and none == ""
-    assert "(no fewer than the full model)" in render._best_sentence(best, rows[0], None, lambda r: "verify", "acc")
+    dear = row("meestral_arc_easy", 0.548, policy="verify", threshold=0.4, wb=2.8, exit_rate=0.3)
+    full = plots.full_row(rows)
+    assert render.best_early_exit(rows + [dear], full) == (None, "none that saves compute within 1 point")
+    d = write_results(tmp_path / "res", optional=False, rows=rows + [dear])
+    md = write_report(d)[1].read_text()
+    assert "Best early exit within 1 point: none that saves compute. The 1 setting(s)" in md
+    assert "verify, threshold 0.4, 2.800 of its weight bytes" in md
+    saving = row("meestral_arc_easy", 0.546, policy="catchup", threshold=0.5, wb=0.8, exit_rate=0.2)
+    assert render.best_early_exit(rows + [dear, saving], full) == (saving, "")
+    assert "(no fewer than the full model)" in render._best_sentence(dear, rows[0], None, lambda r: "verify", "acc")
 
 
 def test_the_comparison_table_says_when_no_setting_exits(tmp_path):

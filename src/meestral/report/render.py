@@ -137,10 +137,16 @@ def exits(r) -> bool:
 
 def best_early_exit(rows, full, x: str = "weight_bytes_ratio") -> tuple[dict | None, str]:
     """The headline: the cheapest early-exit setting within one point of the full model that exits
-    (exit rate > 0), and, when there is none, the words that say why."""
-    b = best_within([r for r in rows if exits(r)], full, x)
+    (exit rate > 0) and costs less than it (`x` below 1), and, when there is none, the words that
+    say why."""
+    moving = [r for r in rows if exits(r)]
+    # A setting that exits yet costs the full model's bytes or more (verify's deep passes re-run
+    # what the exits skipped) saves nothing: it is not an early exit worth a headline either.
+    b = best_within([r for r in moving if num(r.get(x)) is not None and num(r[x]) < 1], full, x)
     if b is not None:
         return b, ""
+    if best_within(moving, full, x) is not None:
+        return None, "none that saves compute within 1 point"
     idle = best_within(rows, full, x) is not None
     return None, "none that exits within 1 point" if idle else "none within 1 point"
 
@@ -262,11 +268,18 @@ def _tradeoff(doc, res, figs, figdir, x):
                                                                              "none within 1 point")
             table.append([f"{what} within 1 point"] + (_cells(b, full, src, label) if b else [none] + [DASH] * 11))
             if kind is None:
-                doc.append(("p", _best_sentence(b, full, src, label, metric) if b else _no_exit_sentence(cands, full, x)))
+                doc.append(("p", _best_sentence(b, full, src, label, metric) if b else _no_exit_sentence(cands, full, x, label)))
         doc.append(("table", _header(metric), table))
 
 
-def _no_exit_sentence(rows, full, x) -> str:
+def _no_exit_sentence(rows, full, x, label) -> str:
+    dear = [r for r in rows if exits(r) and best_within([r], full, x)]
+    if dear:
+        b = best_within(dear, full, x)
+        return (f"Best early exit within 1 point: none that saves compute. The {len(dear)} setting(s) within 1 point "
+                f"of the full model that exit cost at least what it does (the cheapest, {_setting(b, label)}, "
+                f"{_f(b.get(x))} of its {x.replace('_ratio', '').replace('_', ' ')}): their exits' savings go to "
+                "deep passes that re-run the skipped layers (verify) or to the exit heads.")
     idle = [r for r in rows if not exits(r) and best_within([r], full, x)]
     if idle:
         return (f"Best early exit within 1 point: none. The {len(idle)} early-exit setting(s) within 1 point of the "
