@@ -74,6 +74,18 @@ def test_sampler_pads_after_eos(llama):
     assert out.shape[1] == 40  # the finished check stops sampling, the width stays
 
 
+def test_sampler_runs_one_forward_per_token(llama):
+    """The prompt pass gives the first token and each later token one step: n tokens, n forwards
+    (not one more after the last token)."""
+    calls = []
+    hook = llama.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        out = sample_batch(llama, torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), 9, 1.0, 20, [-1], 0)
+    finally:
+        hook.remove()
+    assert out.shape == (1, 9) and len(calls) == 9
+
+
 @pytest.mark.slow
 def test_short_run_checkpoints_resumes_and_exports(tmp_path):
     from meestral.training.distill import DistillConfig, distill, export

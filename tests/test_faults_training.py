@@ -656,3 +656,24 @@ def test_an_export_into_a_folder_a_run_holds_is_refused(argv, tmp_path, capsys):
         assert visible(out) == ["checkpoint.pt"]
     finally:
         lock.release()
+
+
+def test_stop_requests_keep_an_ignored_sigint_ignored():
+    """A run started where SIGINT is ignored (nohup, a background job) keeps ignoring it while a
+    StopRequests block runs; elsewhere the block installs its handler and restores the old one."""
+    import signal
+
+    from meestral.training.interrupt import StopRequests
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequests() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert not stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with StopRequests() as stop:
+            assert signal.getsignal(signal.SIGINT) == stop._handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -17,14 +17,17 @@ import threading
 
 class StopRequests:
     """`with StopRequests() as stop: ... stop.check()` (module docstring). Outside the main thread
-    (where no signal handler can be installed) Ctrl-C keeps Python's behaviour."""
+    (where no signal handler can be installed) Ctrl-C keeps Python's behaviour; where SIGINT is
+    ignored (a job started with `nohup`, or in the background of a non-interactive shell) it stays
+    ignored: such a run is meant to outlive the terminal's Ctrl-C."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
             self._previous = signal.signal(signal.SIGINT, self._handler)
         return self
 

@@ -89,8 +89,8 @@ def sample_batch(model, inp, att, max_new_tokens: int, temperature: float, top_k
         tok = torch.where(done, pad, tok)
         out[:, t] = tok
         done |= torch.isin(tok, eos)
-        if t % 32 == 31 and bool(done.all()):
-            break
+        if t == max_new_tokens - 1 or (t % 32 == 31 and bool(done.all())):
+            break  # the last token needs no forward after it
         if stop is not None:
             stop.check()
         att = torch.cat([att, att.new_ones(att.shape[0], 1)], dim=1)  # finished rows are sliced off later
