@@ -330,6 +330,32 @@ def test_fixed_shape_engine_equals_eager(tiny, shape):
         assert [len(g.discarded) for g in got] == [len(w.discarded) for w in want]
 
 
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_cycles_that_keep_k_to_the_end_equal_full_depth(tiny, shape):
+    """On a capturing engine a cycle keeps its k near the end (fewer drafts would be a new shape to
+    capture): the output still equals full depth, and what was drafted past the last token is
+    charged as discarded work. (Run here on the eager engine told it captures.)"""
+    bb = tiny(shape)
+    opts = SamplingOptions(max_new_tokens=11)
+    ref = EarlyExitDecoder(bb).generate(PROMPTS, opts)
+    shortened = EarlyExitDecoder(bb, spec_config(bb, 2, 4), engine="eager")
+    kept = EarlyExitDecoder(bb, spec_config(bb, 2, 4), engine="eager")
+    kept.engine.capture = True
+    ks = []
+    step = kept.policy.step
+
+    def recording(batch, o, gen):
+        out = step(batch, o, gen)
+        ks.append(kept.policy.last_choice.k)
+        return out
+
+    kept.policy.step = recording
+    a, b = shortened.generate(PROMPTS, opts), kept.generate(PROMPTS, opts)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b] == [r.token_ids for r in ref]
+    assert set(ks) == {4}
+    assert sum(len(g.discarded) for g in b) >= sum(len(g.discarded) for g in a)
+
+
 # ---- --exits auto: the calibrated draft exit point ---------------------------------------------------
 def test_run_lengths_count_consecutive_matches_within_a_row():
     import numpy as np

@@ -217,12 +217,15 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     kind = type(decs[0][2].engine).__name__
     if kind != "EagerEngine":  # the eager engine's full depth beside it: what the fixed path gains
         decs.insert(1, ("full", "-", EarlyExitDecoder(bb, engine="eager")))
-    for _, _, dec in decs:
+    for name, policy, dec in decs:
         # Warm-up (allocator, compile, capture). A capturing engine meets a new shape at each key
         # range and each cycle length up to the last token: it warms up on the whole length, so the
         # timed runs replay graphs and never time a capture.
         warm = tokens if getattr(dec.engine, "capture", False) else min(tokens, 8)
+        t0 = time.perf_counter()
         dec.generate([ids], SamplingOptions(max_new_tokens=warm))
+        # One line each: a run cut short by a time limit shows where its warm-up time went.
+        print(f"warmed up: {name} {policy} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     runs = {i: [] for i in range(len(decs))}
     counts = {dec: [] for dec in alpha}
     for _ in range(repeats):
