@@ -27,10 +27,10 @@ and every generation of that shape:
   another is being captured destroys a graph and frees pool memory inside the capture, which
   invalidates it ("operation not permitted when stream is capturing", then "operation failed due
   to a previous error during capture"). So the collector is off during a capture (dead graphs go
-  at a later collection, between captures). A capture that fails all the same leaves its pool recording and the
-  CUDA generator registered to it (torch ends neither when the capture's end fails): the failed
-  graph is dropped at once and later captures take a fresh pool, so the engine and the generator
-  stay usable, and the call runs eagerly.
+  at a later collection, between captures). A capture that fails all the same runs its call
+  eagerly and leaves its pool marked as recording, so later captures take a fresh pool. What the
+  engine cannot undo: torch 2.11 leaves its default CUDA generator registered to the failed
+  capture, and every later eager random draw in the process fails (H200, 2026-12-06).
 
 Off CUDA (or with `capture=False`) calls replay by running the body again on the static buffers
 and copying into the same output buffers: the same data flow as a graph, which is what the CPU
@@ -95,9 +95,9 @@ class CapturedCall:
                 buf.copy_(t)
         return self.outputs
 
-    def first(self, capture: bool, stream, pool, note, failed=lambda: None):
-        """Run eagerly (the real result), then capture the body for the next calls. `pool()`: the
-        memory pool to capture into; `failed()`: told when a capture fails."""
+    def first(self, capture: bool, stream, pool, note):
+        """Run eagerly (the real result), then capture the body for the next calls (`graph` stays
+        None where the capture fails)."""
         if not capture:
             out = self.body()
             self.outputs = tuple(None if t is None else torch.empty_like(t) for t in out)
@@ -113,24 +113,18 @@ class CapturedCall:
         # Outside the capture: these must never be memory the shared pool hands to another graph.
         self.outputs = tuple(None if t is None else torch.empty_like(t) for t in out)
         g = torch.cuda.CUDAGraph()
-        was_enabled, error = gc.isenabled(), None
+        was_enabled = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(g, pool=pool(), stream=stream):
+            with torch.cuda.graph(g, pool=pool, stream=stream):
                 self._into_outputs(self.body())
             self.graph = g
         except Exception as e:  # noqa: BLE001 - any capture failure leaves this call eager
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            note(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                 "this call runs eagerly")
         finally:
             if was_enabled:
                 gc.enable()
-        if error is not None:
-            # The failed graph must go now: its reset releases the generator's capture state. The
-            # exception's frames hold it in a cycle, hence the collection.
-            self.graph = g = None
-            gc.collect()
-            failed()
-            note(f"CUDA graph capture failed ({error}); this call runs eagerly")
         return self._into_outputs(out)
 
     def replay(self):
@@ -226,11 +220,6 @@ class GraphEngine(EagerEngine):
 
         return self._call(("sequence", keys) + tuple(key), body, inputs, None)
 
-    def _capture_failed(self) -> None:
-        """A failed capture leaves its pool marked as recording: later captures take a new one."""
-        self.failed_captures += 1
-        self.pool = torch.cuda.graph_pool_handle()
-
     def note(self, msg: str) -> None:
         if msg not in self._noted:
             self._noted.add(msg)
@@ -247,7 +236,11 @@ class GraphEngine(EagerEngine):
                 self.calls.popitem(last=False)
             call = self.calls[key] = CapturedCall(body, inputs, step)
             self.first_calls += 1
-            return call.first(self.capture, self.stream, lambda: self.pool, self.note, self._capture_failed)
+            out = call.first(self.capture, self.stream, self.pool, self.note)
+            if self.capture and call.graph is None:  # its pool is left recording: later captures take a new one
+                self.failed_captures += 1
+                self.pool = torch.cuda.graph_pool_handle()
+            return out
         self.calls.move_to_end(key)
         call.load(inputs, step)
         return call.replay()

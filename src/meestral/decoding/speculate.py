@@ -140,7 +140,7 @@ class SpeculatePolicy(Policy):
 
     def choose(self, batch, opts) -> Choice:
         c = self.control.choose() if self.control is not None else Choice(0, self.max_k)
-        if getattr(self.engine, "capture", False):
+        if self.engine.capture:
             # A CUDA-graph engine replays shapes it has captured: fewer drafts near the end would be
             # new shapes (a capture each, far dearer than the few drafts it saves); the tokens
             # drafted past the end are charged as spent work.

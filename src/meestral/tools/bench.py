@@ -221,7 +221,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         # Warm-up (allocator, compile, capture). A capturing engine meets a new shape at each key
         # range and each cycle length up to the last token: it warms up on the whole length, so the
         # timed runs replay graphs and never time a capture.
-        warm = tokens if getattr(dec.engine, "capture", False) else min(tokens, 8)
+        warm = tokens if dec.engine.capture else min(tokens, 8)
         t0 = time.perf_counter()
         dec.generate([ids], SamplingOptions(max_new_tokens=warm))
         # One line each: a run cut short by a time limit shows where its warm-up time went.
