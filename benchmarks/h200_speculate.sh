@@ -3,9 +3,11 @@
 # part under its own time limit and writing under $OUT as it goes (a cut-short call returns what ran).
 #   bash benchmarks/h200_speculate.sh [PARTS]     (repository root; default: tests,smollm2,7b)
 # Parts: tests = cuda tests of the graph engine incl. speculate; smollm2 = real weights (bf16): our
-# full depth, HF static, HF assistant_early_exit, speculate at several E/k and the controller,
+# full depth, HF static, HF assistant_early_exit, speculate at several E/k and the controller (each
+# row per prompt too: the controller must not be slower than full depth on any of them),
 # verify and catchup; 7b = random 7B shapes with injected acceptance 0.5-0.9 at k 2, 3, 4 beside
-# the cost model's prediction. Env: T_TESTS, T_SMOL, T_7B (s), REPEATS, SHAPES.
+# the cost model's prediction. Env: T_TESTS, T_SMOL, T_7B (s), REPEATS, SHAPES, PROMPTS (smollm2: how many
+# of the bench's six prompts, in the chat template), SMOL_K (smollm2's --draft-tokens).
 set -u
 OUT=${OUT:-out/h200}; mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
@@ -20,8 +22,8 @@ case ",$PARTS," in *,tests,*)
 esac
 case ",$PARTS," in *,smollm2,*)
   timeout ${T_SMOL:-300} $PY benchmarks/bench_decode.py --backbone smollm2 --device cuda --dtype bfloat16 --tokens 64 \
-    --repeats ${REPEATS:-3} --exits 7,15 --policies catchup,verify,speculate --draft-tokens 2,3,4,auto \
-    --peers hf-static,hf-assisted > "$OUT/$D-h200-smollm2-speculate.jsonl" 2> "$OUT/smollm2.err"
+    --repeats ${REPEATS:-3} --prompts ${PROMPTS:-6} --chat --exits 7,15 --policies catchup,verify,speculate \
+    --draft-tokens ${SMOL_K:-2,4,auto} --peers hf-static,hf-assisted > "$OUT/$D-h200-smollm2-speculate.jsonl" 2> "$OUT/smollm2.err"
   echo "smollm2 rc=$?" >> "$OUT/smollm2.err"; grep -v "^measured" "$OUT/smollm2.err" | tail -30;;
 esac
 case ",$PARTS," in *,7b,*)

@@ -76,6 +76,64 @@ def test_speculate_rows_measure_injected_acceptance(tiny, shape, monkeypatch):
     assert len(out.getvalue().strip().split("\n")) == len(rows) and all(json.loads(x) for x in out.getvalue().split("\n") if x)
 
 
+def test_time_prediction_recovers_the_draft_and_fixed_costs():
+    """Cycle times exactly fixed + k * draft (beside one full-depth step at the full row's ms/token,
+    which is not a cycle): the fit gives both back, and the prediction is the geometric
+    expectation over the fitted cycle time in full-depth steps."""
+    from meestral.decoding.speculation_control import expected_tokens
+    from meestral.tools.speculate_bench import add_time_predictions
+
+    def row(k, a, ms_tok, exit_=7):
+        return {"policy": "speculate", "exit": exit_, "draft_vocab": 0, "engine": "GraphEngine", "draft_tokens": k,
+                "inject_alpha": a, "acceptance": 0.3, "cycles": 10, "full_steps": 1,
+                "decode_ms": 10 * (2.0 + 0.5 * k) + 2.5, "speedup_vs_full": 1.0 / ms_tok}
+
+    rows = [row(k, a, 1.0 + k / 10) for k in (2, 3, 4) for a in (0.5, 0.8)]
+    lone = row(3, None, 2.0, exit_=15)  # a group with one k: no fit
+    auto = dict(row(4, None, 1.0), draft_tokens="auto")
+    add_time_predictions(rows + [lone, auto], full_ms=2.5)
+    for r in rows:
+        assert r["cycle_ms"] == pytest.approx(2.0 + 0.5 * r["draft_tokens"])
+        assert r["draft_step_ms"] == pytest.approx(0.5) and r["cycle_fixed_ms"] == pytest.approx(2.0)
+        pred = expected_tokens(r["inject_alpha"], r["draft_tokens"]) / ((2.0 + 0.5 * r["draft_tokens"]) / 2.5)
+        assert r["predicted_speedup_time"] == pytest.approx(pred)
+        assert r["of_predicted_time"] == pytest.approx(r["speedup_vs_full"] / pred)
+    assert "predicted_speedup_time" not in lone and "predicted_speedup_time" not in auto
+
+
+def test_bench_over_several_prompts_gives_each_prompt_s_ratio(tiny, monkeypatch):
+    """--prompts 3: every case decodes each prompt; a row's ms/token is the mean of its prompts',
+    its per-prompt ratios are to our full depth on the same prompt, the worst is their minimum;
+    fixed-k speculate rows carry their cycle time and the time-fitted prediction."""
+    import io
+
+    from meestral.tools import bench
+
+    bb = tiny("mistral")
+    monkeypatch.setattr(bench, "load_backbone", lambda *a, **kw: bb)
+    rows = bench.run_bench("tiny", exits=[2], tokens=6, repeats=1, out=io.StringIO(), policies=("copy", "speculate"),
+                           peers=(), draft_tokens=(2, 3), inject=(0.5,), prompts=3)
+    full = rows[0]
+    assert full["case"] == "full" and full["prompts"] == 3
+    for r in rows:
+        assert len(r["ms_per_token_by_prompt"]) == 3
+        assert r["ms_per_token"] == pytest.approx(sum(r["ms_per_token_by_prompt"]) / 3)
+        ratios = [f / m for f, m in zip(full["ms_per_token_by_prompt"], r["ms_per_token_by_prompt"])]
+        assert r["speedup_vs_full_by_prompt"] == pytest.approx(ratios)
+        assert r["worst_prompt_speedup_vs_full"] == pytest.approx(min(ratios))
+    spec = [r for r in rows if r["policy"] == "speculate"]
+    assert len(spec) == 2 and all(r["cycle_ms"] > 0 and r["predicted_speedup_time"] > 0 for r in spec)
+    assert len({tuple(bench.prompt_ids(bb, None, t)) for t in bench.PROMPTS[:3]}) == 3  # three different prompts
+
+
+def test_bench_refuses_a_prompt_count_it_does_not_have(capsys):
+    from meestral.cli.main import main
+
+    rc = main(["bench", "--backbone", "random:llama", "--tokens", "2", "--prompts", "7"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--prompts 7" in err and "1 to 6" in err
+
+
 TRAIN_DIST = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train_dist.py"
 
 

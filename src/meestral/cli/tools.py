@@ -28,6 +28,7 @@ def cmd_demo(args):
 
 def cmd_bench(args):
     from meestral.tools.bench import ALL_POLICIES, PEERS, POLICIES, run_bench
+    from meestral.tools.bench import PROMPTS as BENCH_PROMPTS
     from meestral.validation import check_output
 
     if args.profile:  # before the run, not after it
@@ -37,11 +38,13 @@ def cmd_bench(args):
         bad = [x for x in given or () if x not in known]
         if bad:
             raise MeestralError(f"{option}: unknown {', '.join(bad)}; use some of {', '.join(known)}")
+    if not 1 <= args.prompts <= len(BENCH_PROMPTS):
+        raise MeestralError(f"--prompts {args.prompts}: give 1 to {len(BENCH_PROMPTS)} (the benchmark has {len(BENCH_PROMPTS)} prompts)")
     run_bench(args.backbone, exits=args.exits, tokens=args.tokens, device=args.device, dtype=args.dtype,
               repeats=args.repeats, max_backlog=args.max_backlog, prompt_tokens=args.prompt_tokens,
               engine=args.engine, policies=tuple(args.policies or POLICIES), peers=tuple(args.peers or ("hf",)),
               profile=args.profile, draft_tokens=_draft_tokens(args.draft_tokens), inject=args.inject or (),
-              draft_vocab=tuple(args.draft_vocabs or (0,)))
+              draft_vocab=tuple(args.draft_vocabs or (0,)), prompts=args.prompts, chat=args.chat)
     return 0
 
 
@@ -93,6 +96,9 @@ def add_tool_parsers(sub):
     b.add_argument("--max-backlog", type=int, default=4, help="catchup/verify rows: exited tokens that may wait "
                    "before a deep pass is forced")
     b.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (default: one sentence)")
+    b.add_argument("--prompts", type=int, default=1, help="how many of the benchmark's six prompts (prose, explanation, "
+                   "story, list, code, summary) each case decodes per run; rows then give each prompt's ratio to full depth")
+    b.add_argument("--chat", action="store_true", help="put each prompt in the tokenizer's chat template (instruct models)")
     b.add_argument("--policies", type=names, help="policies of the forced-exit rows: copy, propagate, catchup, verify "
                    "(default: these four), speculate")
     b.add_argument("--peers", type=names, help="peers: hf (default), hf-static, hf-compiled (full depth), hf-assisted "

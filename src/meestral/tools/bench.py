@@ -34,15 +34,27 @@ from meestral.decoding.heads import ExitHeads, check_exit_points
 from meestral.decoding.sampling import SamplingOptions
 
 PROMPT = "The history of the printing press begins"
+# `--prompts N` takes the first N: text of different kinds (prose, explanation, story, list, code,
+# summary), because how often an exit point agrees with the full model, and so what `speculate`
+# gains, depends on the text; a claim like "never slower than full depth" must hold on each.
+PROMPTS = (
+    PROMPT,
+    "Explain to a ten-year-old why the sky is blue.",
+    "Write a short story about a robot who learns to paint.",
+    "List three ways to save energy at home, with one sentence on each.",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "Summarise the causes of the First World War in one paragraph.",
+)
 POLICIES = ("copy", "propagate", "catchup", "verify")  # the default rows; speculate is asked for
 ALL_POLICIES = POLICIES + ("speculate",)
 PEERS = ("hf", "hf-static", "hf-compiled", "hf-assisted")
 PEER_CASES = {"hf": "hf_generate", "hf-static": "hf_generate_static", "hf-compiled": "hf_compiled_step"}
 
 
-def prompt_ids(bb, n: int | None) -> list[int]:
-    """The benchmark prompt as token ids; with n, repeated or cut to exactly n tokens."""
-    ids = bb.tokenizer.encode(PROMPT)
+def prompt_ids(bb, n: int | None, text: str = PROMPT, chat: bool = False) -> list[int]:
+    """A benchmark prompt as token ids (with `chat`, inside the tokenizer's chat template where it
+    has one); with n, repeated or cut to exactly n tokens."""
+    ids = bb.tokenizer.apply_chat(text) if chat else bb.tokenizer.encode(text)
     if n is None:
         return ids
     return (ids * (n // len(ids) + 1))[:n]
@@ -191,19 +203,26 @@ def _progress(label, ms):
 
 def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None,
               max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",), profile=None,
-              draft_tokens=(4,), inject=(), draft_vocab=(0,)):
+              draft_tokens=(4,), inject=(), draft_vocab=(0,), prompts=1, chat=False):
     """Rows of JSON per case (see the module's docstring). `profile` (a path): also profile one
     generation of our full depth and of the first exit layer's copy and catchup rows, and write
     their kernel tables there (kernel_profile.py). With `speculate` in `policies`: its rows per
     exit point, per `draft_tokens` entry (a number or 'auto') and per injected acceptance in
-    `inject` (speculate_bench.py)."""
-    from meestral.tools.speculate_bench import assisted_peer_ms, speculate_cases, speculate_fields
+    `inject` (speculate_bench.py). `prompts`: how many of PROMPTS each case decodes per run (with
+    `chat`, in the chat template); a row's ms/token is the mean over them of each prompt's median,
+    and with several it also gives each prompt's ratio to our full depth. The full-depth peers are
+    timed on every prompt too; hf-assisted (10-50x slower) on the first."""
+    from meestral.tools.speculate_bench import (add_time_predictions, assisted_peer_ms, speculate_cases,
+                                                speculate_fields)
 
     out = out or sys.stdout  # resolved per call, so redirections made after import are honoured
     bb = load_backbone(backbone, dtype=dtype, device=device)
     L = bb.num_layers
     exits = check_exit_points(exits or [L // 3, 2 * L // 3], L)
-    ids = prompt_ids(bb, prompt_tokens)
+    if not 1 <= prompts <= len(PROMPTS):
+        raise ValueError(f"prompts={prompts}: give 1 to {len(PROMPTS)}")
+    prompt_set = [prompt_ids(bb, prompt_tokens, text, chat) for text in PROMPTS[:prompts]]
+    ids = prompt_set[0]
     opts = SamplingOptions(max_new_tokens=tokens)
     decs = [(name, cfg.policy, EarlyExitDecoder(bb, config=cfg, engine=engine))
             for name, cfg in cases(bb, exits, max_backlog, policies)]
@@ -223,56 +242,71 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         # timed runs replay graphs and never time a capture.
         warm = tokens if dec.engine.capture else min(tokens, 8)
         t0 = time.perf_counter()
-        dec.generate([ids], SamplingOptions(max_new_tokens=warm))
+        for p_ids in prompt_set:  # each prompt length is its own key range
+            dec.generate([p_ids], SamplingOptions(max_new_tokens=warm))
         # One line each: a run cut short by a time limit shows where its warm-up time went.
         print(f"warmed up: {name} {policy} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-    runs = {i: [] for i in range(len(decs))}
+    runs = {i: [[] for _ in prompt_set] for i in range(len(decs))}  # case -> prompt -> one summary per repeat
     counts = {dec: [] for dec in alpha}
     for _ in range(repeats):
         for i, (name, policy, dec) in enumerate(decs):
-            if dec in alpha:
-                dec.policy.reset_counts()
-            # dec.summary charges the work on rolled-back (verify) tokens to the kept ones.
-            runs[i].append(dec.summary(dec.generate([ids], opts)[0]))
-            if dec in alpha:
-                counts[dec].append(dec.policy.reset_counts())
-            _progress(f"{name} {policy} {type(dec.engine).__name__}", runs[i][-1]["ms_per_token"])
-    peer_ms = {}
+            for p, p_ids in enumerate(prompt_set):
+                if dec in alpha:
+                    dec.policy.reset_counts()
+                # dec.summary charges the work on rolled-back (verify) tokens to the kept ones.
+                runs[i][p].append(dec.summary(dec.generate([p_ids], opts)[0]))
+                if dec in alpha:
+                    counts[dec].append(dict(dec.policy.reset_counts(),
+                                            ms=runs[i][p][-1]["ms_per_token"] * runs[i][p][-1]["tokens"]))
+                _progress(f"{name} {policy} {type(dec.engine).__name__}" + (f" prompt {p}" if prompts > 1 else ""),
+                          runs[i][p][-1]["ms_per_token"])
+    peer_ms = {}  # peer -> ms/token per prompt (None: it could not run)
     for p in peers:
         if p == "hf-assisted":
             for e, ms in assisted_peer_ms(bb, ids, tokens, repeats, exits).items():
-                peer_ms[f"hf-assisted@{e}"] = ms
+                peer_ms[f"hf-assisted@{e}"] = None if ms is None else [ms]
                 _progress(f"peer hf-assisted@{e}", ms)
             continue
-        peer_ms[p] = _peer_ms(p, bb, ids, tokens, repeats)
-        _progress(f"peer {p}", peer_ms[p])
+        per = []
+        for p_ids in prompt_set:
+            per.append(_peer_ms(p, bb, p_ids, tokens, repeats))
+            _progress(f"peer {p}", per[-1])
+            if per[-1] is None:
+                break
+        peer_ms[p] = None if None in per else per
     gbps = copy_gbps(bb.device)
     rows = []
     for i, (name, policy, dec) in enumerate(decs):
-        s = runs[i]
-        ms = statistics.median(r["ms_per_token"] for r in s)
+        by_prompt = [statistics.median(r["ms_per_token"] for r in s) for s in runs[i]]
+        first = [s[0] for s in runs[i]]  # the accounting is the same in every repeat
+        ms = statistics.mean(by_prompt)
         rows.append({
             "case": name, "policy": policy if name != "full" else "-", "engine": type(dec.engine).__name__,
             "backbone": bb.name, "device": str(bb.device), "dtype": str(bb.dtype).removeprefix("torch."), "layers": L,
-            "prompt_tokens": len(ids), "decoded_tokens": s[0]["tokens"], "mean_layers_run": s[0]["mean_layers_run"],
-            "draft_mean_layers_run": s[0].get("draft_mean_layers_run"),
-            "deep_passes_per_token": s[0]["deep_passes_per_token"], "rolled_back": s[0]["rolled_back"],
+            "prompt_tokens": len(ids), "prompts": prompts, "chat": chat, "decoded_tokens": first[0]["tokens"],
+            "mean_layers_run": _mean(first, "mean_layers_run"), "draft_mean_layers_run": _mean(first, "draft_mean_layers_run"),
+            "deep_passes_per_token": _mean(first, "deep_passes_per_token"), "rolled_back": _mean(first, "rolled_back"),
             "max_backlog": max_backlog if policy in ("catchup", "verify") else None,
-            "weight_bytes_per_token": s[0]["weight_bytes_per_token"],
-            "flops_per_token": s[0]["flops_per_token"], "ms_per_token": ms, "tokens_per_s": 1000.0 / ms,
+            "weight_bytes_per_token": _mean(first, "weight_bytes_per_token"),
+            "flops_per_token": _mean(first, "flops_per_token"), "ms_per_token": ms, "tokens_per_s": 1000.0 / ms,
+            "ms_per_token_by_prompt": by_prompt,
         })
         if dec in alpha:
             rows[-1].update(speculate_fields(bb, dec.config, alpha[dec], counts[dec]))
     full = rows[0]
-    for p, ms in peer_ms.items():
-        if ms is not None:
+    for p, per in peer_ms.items():
+        if per is not None:
             case = PEER_CASES.get(p) or p.replace("hf-assisted", "hf_assisted")
-            rows.append(dict(full, case=case, policy="-", engine="hf", ms_per_token=ms, tokens_per_s=1000.0 / ms))
+            ms = statistics.mean(per)
+            rows.append(dict(full, case=case, policy="-", engine="hf", ms_per_token=ms, tokens_per_s=1000.0 / ms,
+                             ms_per_token_by_prompt=per))
     # The assisted peer is a lossless early-exit decoder, not a full-depth one: kept out of "best peer".
     peer_rows = [r for r in rows if r["engine"] == "hf" and not r["case"].startswith("hf_assisted")]
     best_peer = min((r["ms_per_token"] for r in peer_rows), default=None)
     for r in rows:
         r["speedup_vs_full"] = full["ms_per_token"] / r["ms_per_token"]
+        r["speedup_vs_full_by_prompt"] = [f / m for f, m in zip(full["ms_per_token_by_prompt"], r["ms_per_token_by_prompt"])]
+        r["worst_prompt_speedup_vs_full"] = min(r["speedup_vs_full_by_prompt"])
         if r.get("predicted_speedup"):
             r["of_predicted"] = r["speedup_vs_full"] / r["predicted_speedup"]
         r["speedup_vs_best_peer"] = None if best_peer is None else best_peer / r["ms_per_token"]
@@ -283,6 +317,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         r["host"] = platform.node() or "unknown"
         r["torch"] = torch.__version__
         r["date"] = time.strftime("%Y-%m-%d")
+    add_time_predictions(rows, full["ms_per_token"])
+    for r in rows:
         print(json.dumps(r), file=out, flush=True)
     if profile:
         _write_profiles(profile, bb, ids, tokens, opts, decs)
@@ -295,10 +331,20 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             spec = f"  acceptance {r['acceptance']:.2f}, {r['accepted_per_cycle']:.2f} accepted/cycle"
             if r.get("predicted_speedup"):
                 spec += f", predicted {r['predicted_speedup']:.2f}x ({r['of_predicted']:.2f} of it)"
+            if r.get("predicted_speedup_time"):
+                spec += f", from times {r['predicted_speedup_time']:.2f}x ({r['of_predicted_time']:.2f})"
+        if prompts > 1:
+            spec += f"  worst prompt {r['worst_prompt_speedup_vs_full']:.2f}x"
         print(f"{r['case']:<22} {r['policy']:<10} {r['engine']:<12} {r['mean_layers_run']:>7.1f} "
               f"{r['deep_passes_per_token']:>5.2f} {r['tokens_per_s']:>8.1f} {r['speedup_vs_full']:>7.2f}x {vp:>8} "
               f"{r['weight_gbps']:>7.1f} {r['weight_bytes_ratio']:>5.2f}x{spec}", file=sys.stderr)
     return rows
+
+
+def _mean(summaries, key):
+    """The mean of a summary field over prompts (None where the field is not given)."""
+    vals = [s.get(key) for s in summaries]
+    return None if None in vals else statistics.mean(vals)
 
 
 def _write_profiles(path, bb, ids, tokens, opts, decs):

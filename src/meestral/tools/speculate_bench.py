@@ -12,7 +12,9 @@ speed-up the cost model's prediction (the design notes' arithmetic, `predicted_s
     (1 + α + ... + α^k) / cycle_cost(E, k)        cycle_cost: weight bytes, in full-depth steps
 
 with α the injected acceptance (or the measured one), and `of_predicted` = measured / predicted:
-what fixed costs (launches, the host's read, bookkeeping) take from the byte arithmetic.
+what fixed costs (launches, the host's read, bookkeeping) take from the byte arithmetic. Beside
+it, the same formula with the draft step's and the rest of the cycle's costs fitted to the
+measured cycle times (`add_time_predictions`: `predicted_speedup_time`, `of_predicted_time`).
 
 Peer `hf-assisted`: HF `generate(assistant_early_exit=E)` (LayerSkip's self-speculation in
 transformers) on the same weights, one row per E, timed end to end with the prompt pass subtracted
@@ -60,11 +62,51 @@ def speculate_fields(bb, cfg, alpha, counts: list[dict]) -> dict:
     out = {"exit": e, "draft_tokens": "auto" if cfg.adaptive else k, "draft_vocab": cfg.draft_vocab, "inject_alpha": alpha,
            "acceptance": acceptance, "cycles": tot["cycles"], "full_steps": tot["full_steps"],
            "accepted_per_cycle": tot["accepted"] / tot["cycles"] if tot["cycles"] else None,
-           "predicted_speedup": None}
+           "predicted_speedup": None,
+           "decode_ms": tot.get("ms")}  # wall time of the timed runs' steps (the prompt pass not in it)
     a = alpha if alpha is not None else acceptance
     if not cfg.adaptive and a is not None:
         out["predicted_speedup"] = expected_tokens(a, k) / cycle_cost(bb, e, k, draft_vocab=cfg.draft_vocab)
     return out
+
+
+def add_time_predictions(rows, full_ms: float) -> None:
+    """The cost model's prediction from measured times, on every fixed-k speculate row.
+
+    A cycle of k drafts costs k draft steps plus a fixed part (the last draft's shallow step, the
+    deep pass, the LM head over k+1 slots, the read): t(k) = fixed + k * draft. The two are fitted
+    (least squares) to the measured `cycle_ms` (set here) of the rows that share an exit point, trimmed head
+    and engine, over their k (a cycle's time does not depend on α: its shapes are fixed); then,
+    with d = draft / full and v = fixed / full (full: our full-depth ms/token),
+
+        predicted_speedup_time = (1 + α + ... + α^k) / (k d + v)
+
+    and `of_predicted_time` = measured / that: how far acceptance's spread and the cycle-to-cycle
+    costs the fit leaves out take the speed-up from the time model (the byte model,
+    `predicted_speedup`, also charges what fixed costs take). Rows of a group with a single k get none."""
+    groups = {}
+    for r in rows:
+        if r.get("decode_ms") is not None and r.get("cycles") and r.get("draft_tokens") != "auto":
+            # An eager engine's last step may be a plain full-depth one (no room for a draft): priced
+            # at our full depth's ms/token and taken out.
+            r["cycle_ms"] = (r["decode_ms"] - r["full_steps"] * full_ms) / r["cycles"]
+            groups.setdefault((r["exit"], r["draft_vocab"], r["engine"]), []).append(r)
+    for group in groups.values():
+        ks = [r["draft_tokens"] for r in group]
+        if len(set(ks)) < 2:
+            continue
+        ts = [r["cycle_ms"] for r in group]
+        mk, mt = statistics.mean(ks), statistics.mean(ts)
+        draft = sum((k - mk) * (t - mt) for k, t in zip(ks, ts)) / sum((k - mk) ** 2 for k in ks)
+        fixed = mt - draft * mk
+        for r in group:
+            a = r["inject_alpha"] if r["inject_alpha"] is not None else r["acceptance"]
+            k = r["draft_tokens"]
+            r["draft_step_ms"], r["cycle_fixed_ms"] = draft, fixed
+            if a is None or fixed + k * draft <= 0:
+                continue
+            r["predicted_speedup_time"] = expected_tokens(a, k) / ((fixed + k * draft) / full_ms)
+            r["of_predicted_time"] = r["speedup_vs_full"] / r["predicted_speedup_time"]
 
 
 def hf_assisted_ms(bb, ids, tokens, repeats, exit_layer) -> float:
