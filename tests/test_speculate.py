@@ -203,6 +203,33 @@ def test_controller_speculates_when_drafts_are_accepted():
     assert isinstance(ch, Choice)
 
 
+def test_controller_does_not_rank_cycles_while_it_has_fallen_back(monkeypatch):
+    """During a pause full-depth steps are chosen without any estimate (the ranking runs on the
+    host between device steps); a probe that pays resumes cycles at the very next step."""
+    c = SpeculationController([0], 4, prior=lambda j, k: 1.0 + 0.3 * k)
+    for _ in range(40):  # drafts never accepted: the controller falls back
+        ch = c.choose()
+        c.observe(ch, 10.0 if ch.k == 0 else 10.0 * (1.0 + 0.3 * ch.k), drafts_accepted=0, rejected=ch.k > 0)
+    while c.pause == 0:  # up to the next pause
+        ch = c.choose()
+        c.observe(ch, 10.0 if ch.k == 0 else 13.0, drafts_accepted=0, rejected=ch.k > 0)
+    ranked = []
+    monkeypatch.setattr(c, "best_cycle", lambda: ranked.append(1) or SpeculationController.best_cycle(c))
+    n = c.pause
+    for _ in range(n):
+        ch = c.choose()
+        assert ch.k == 0
+        c.observe(ch, 10.0)
+    assert ranked == []
+    probe = c.choose()
+    assert probe.probe and probe.k > 0 and c.pause > 0
+    c.accepted[0] = c.checked[0] = 1000  # the text changed: drafts are now accepted
+    c.observe(probe, 10.0 * (1.0 + 0.3 * probe.k), drafts_accepted=probe.k, rejected=False)
+    assert c.pause == 0
+    nxt = c.choose()
+    assert nxt.k > 0 and not nxt.probe
+
+
 def _low_acceptance_run(c, steps, stall_at=(), stall_ms=1000.0):
     """Drive a controller with synthetic costs (no timing): a full-depth step takes 10 ms, a cycle
     of k drafts 10 (0.8 + 0.5 k) ms, and a cycle's first draft is accepted one time in five (a

@@ -28,9 +28,11 @@ and every generation of that shape:
   invalidates it ("operation not permitted when stream is capturing", then "operation failed due
   to a previous error during capture"). So the collector is off during a capture (dead graphs go
   at a later collection, between captures). A capture that fails all the same runs its call
-  eagerly and leaves its pool marked as recording, so later captures take a fresh pool. What the
-  engine cannot undo: torch 2.11 leaves its default CUDA generator registered to the failed
-  capture, and every later eager random draw in the process fails (H200, 2026-12-06).
+  eagerly and leaves its pool marked as recording, so later captures take a fresh pool. In a
+  fresh process, eager random draws still work after a failed capture (H100, torch 2.11,
+  2026-12-06); once, in a test worker that had captured other graphs first, every later eager
+  draw failed instead ("Offset increment outside graph capture encountered unexpectedly", H200,
+  2026-12-06): the engine cannot undo that, so captures must not fail.
 
 Off CUDA (or with `capture=False`) calls replay by running the body again on the static buffers
 and copying into the same output buffers: the same data flow as a graph, which is what the CPU
