@@ -80,6 +80,54 @@ def test_state_after_cycles_is_the_full_models(tiny, shape):
                 assert_state_close(got, ref)
 
 
+@pytest.mark.parametrize("shape", ["mamba2", "mamba"])
+def test_a_cycle_that_keeps_every_draft_restores_nothing(tiny, shape, monkeypatch):
+    """Every draft accepted (injected): the state after the deep pass is already the one after the
+    last kept slot, so no restore runs, and the state still equals the full model's."""
+    from test_catchup import assert_state_close, reference_states
+
+    bb = tiny(shape)
+    dec = EarlyExitDecoder(bb, spec_config(bb, 2, 3))
+    dec.policy.inject = 1.0
+    restores = []
+    real = dec.engine.restore_history
+    monkeypatch.setattr(dec.engine, "restore_history", lambda *a: restores.append(1) or real(*a))
+    views = []
+    gen = dec.generate([PROMPTS[1]], SamplingOptions(max_new_tokens=13), inspect=views.append)[0]
+    assert dec.policy.counts["cycles"] >= 3 and restores == []
+    tokens = PROMPTS[1] + gen.token_ids[:-1]
+    want = reference_states(bb, tokens, [len(tokens)])[len(tokens)]
+    for i in range(bb.num_layers):
+        for got, ref in zip(bb.layer_tensors(views[-1].state, i), want[i]):
+            assert_state_close(got, ref)
+
+
+@pytest.mark.parametrize("shape", ["mamba2", "mamba"])
+def test_history_of_an_unwritten_pair_restores_the_row_s_unchanged_state(tiny, shape):
+    """A (row, token) pair the write mask leaves out does not change its row's state; restoring the
+    history at that token's position gives that row exactly the state it has."""
+    bb = tiny(shape)
+    state = bb.new_state(2, 16)
+    hist = bb.new_history(2, 4)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(bb.num_layers):
+        for t in bb.layer_tensors(state, i):
+            t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
+    write = torch.tensor([[True, True], [True, False]])  # row 1 skips the second token
+    step = bb.make_step(5, 2, torch.zeros(2, dtype=torch.long), write=write)
+    step.shared.history = hist
+    h = torch.randn(2, 2, bb.hidden_size, generator=gen)
+    with torch.no_grad():
+        for i in range(bb.num_layers):
+            bb.forward_layer_fixed(i, h, state, step, None)
+    after = [[t.clone() for t in bb.layer_tensors(state, i)] for i in range(bb.num_layers)]
+    bb.restore_history(state, hist, torch.tensor([6 % 4]))  # the position of the second token
+    for i in range(bb.num_layers):
+        for got, want in zip(bb.layer_tensors(state, i), after[i]):
+            assert torch.equal(got[1], want[1])  # row 1: unchanged by the token it skipped
+            assert torch.equal(got[0], want[0])  # row 0: its state after that token
+
+
 def exact_pair_distribution(bb, prompt, opts):
     """P(first two generated tokens) of the full model under `opts` (top-k sampling)."""
     from meestral.decoding.sampling import probabilities

@@ -74,8 +74,8 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     conv_state.copy_(cs)
     ssm_state.copy_(ss)
     if hist_conv is not None:
-        _keep(hist_conv, hist_at, torch.stack(kept_c, 1), write)
-        _keep(hist_ssm, hist_at, torch.stack(kept_s, 1), write)
+        _keep(hist_conv, hist_at, torch.stack(kept_c, 1))
+        _keep(hist_ssm, hist_at, torch.stack(kept_s, 1))
     if not output:
         return None
     y = torch.stack(ys, 1).reshape(Bsz, T, I).to(u.dtype)
@@ -89,13 +89,13 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     return residual + mixed, mixed
 
 
-def _keep(buf, at, states, write):
-    """buf[:, at[t]] = states[:, t] for the written (row, token) pairs: buf [B, R, ...] is one
-    layer's history, at [T] the positions (slot modulo R), states [B, T, ...] the state after each
-    token. Unwritten pairs keep what the history held (a layer an exited draft skipped keeps the
-    state its earlier steps left there)."""
-    w = write.view(*write.shape, *([1] * (states.dim() - 2)))
-    buf.index_copy_(1, at, torch.where(w, states.to(buf.dtype), buf.index_select(1, at)))
+def _keep(buf, at, states):
+    """buf[:, at[t]] = states[:, t]: buf [B, R, ...] is one layer's history, at [T] the positions
+    (slot modulo R), states [B, T, ...] the state after each token. A (row, token) pair the write
+    mask leaves out did not change its row's state, so what is kept there is that unchanged state,
+    which is what a restore to it must give. (Keeping the history's old value there instead read
+    the history and selected against it: twice the state traffic, per layer and token.)"""
+    buf.index_copy_(1, at, states.to(buf.dtype))
 
 
 class StateHistory:
@@ -268,9 +268,8 @@ class SSMBackbone(Backbone):
         if hist is None:
             return
         at = step.slots[t:t + 1] % hist.positions
-        w = step.write[:, t:t + 1]
-        _keep(hist.conv[i], at, state.conv[i][:, None], w)
-        _keep(hist.ssm[i], at, state.ssm[i][:, None], w)
+        _keep(hist.conv[i], at, state.conv[i][:, None])
+        _keep(hist.ssm[i], at, state.ssm[i][:, None])
 
     def _mixer(self, i, u, state, step, output=True):
         """Run block i's mixer on normed input u [B, T, d], token by token from the stored state.

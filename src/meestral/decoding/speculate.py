@@ -221,7 +221,9 @@ class SpeculatePolicy(Policy):
         for b in rows:
             d, nb, fix = vals[b][:k], vals[b][k], vals[b][k + 1]
             tokens[b] = d[:m] + [fix if nb == m else d[m]]
-        if hist is not None:  # a recurrent state: back to the state after the last kept slot
+        if hist is not None and m < k:  # a recurrent state: back to the state after the last kept slot
+            # (with every draft kept the state is already the one after slot s+k: restoring it would
+            # move every layer's state through memory twice for nothing, ~0.5 GB on Codestral-7B)
             eng.restore_history(state, hist, batch.tensor([(s + m) % hist.positions], torch.long))
         batch.fed = batch.tensor([tokens[b][-1] if b in tokens else 0 for b in range(B)], torch.long)
         batch.slot = s + m + 1
