@@ -126,6 +126,23 @@ def test_bench_over_several_prompts_gives_each_prompt_s_ratio(tiny, monkeypatch)
     assert len({tuple(bench.prompt_ids(bb, None, t)) for t in bench.PROMPTS[:3]}) == 3  # three different prompts
 
 
+def test_profile_covers_full_depth_the_first_exit_and_a_speculate_cycle(tiny, monkeypatch, tmp_path):
+    import io
+    import json
+
+    from meestral.tools import bench
+
+    bb = tiny("mamba2")
+    monkeypatch.setattr(bench, "load_backbone", lambda *a, **kw: bb)
+    path = tmp_path / "prof.json"
+    bench.run_bench("tiny", exits=[2], tokens=4, repeats=1, out=io.StringIO(), policies=("copy", "speculate"),
+                    peers=(), draft_tokens=(2, "auto"), inject=(0.5,), profile=str(path))
+    tables = json.loads(path.read_text())["tables"]
+    assert sorted(tables) == ["exit@2 copy (eager kernels)", "full copy (eager kernels)",
+                              "spec@2 k=2 a=0.5 speculate (eager kernels)"]
+    assert all(t["kernels"] > 0 for t in tables.values())
+
+
 def test_bench_refuses_a_prompt_count_it_does_not_have(capsys):
     from meestral.cli.main import main
 

@@ -205,7 +205,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
               max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",), profile=None,
               draft_tokens=(4,), inject=(), draft_vocab=(0,), prompts=1, chat=False):
     """Rows of JSON per case (see the module's docstring). `profile` (a path): also profile one
-    generation of our full depth and of the first exit layer's copy and catchup rows, and write
+    generation of our full depth, of the first exit layer's copy and catchup rows and of the first
+    fixed-k speculate row, and write
     their kernel tables there (kernel_profile.py). With `speculate` in `policies`: its rows per
     exit point, per `draft_tokens` entry (a number or 'auto') and per injected acceptance in
     `inject` (speculate_bench.py). `prompts`: how many of PROMPTS each case decodes per run (with
@@ -348,7 +349,8 @@ def _mean(summaries, key):
 
 
 def _write_profiles(path, bb, ids, tokens, opts, decs):
-    """Kernel tables of our full depth and the first exit layer's copy / catchup rows.
+    """Kernel tables of our full depth, the first exit layer's copy / catchup rows and the first
+    fixed-k speculate row.
 
     CUPTI cannot be trusted on CUDA-graph replays (an illegal memory access on the 2026-12-02 run,
     pytorch#75504; kineto#1165: misattributed kernels before CUDA 13.1), so the profiled decoders
@@ -358,12 +360,18 @@ def _write_profiles(path, bb, ids, tokens, opts, decs):
     from meestral.tools.kernel_profile import format_table, kernel_table
 
     first_exit = next((n for n, _, _ in decs if n.startswith("exit@")), None)
+    # The first fixed-k speculate row too: where a cycle's time goes (drafts, deep pass, the state
+    # history and its restore on a Mamba) against the bytes it reads.
+    first_spec = next((n for n, p, d in decs if p == "speculate" and not d.config.adaptive), None)
     tables = {}
     for name, policy, dec in decs:
-        if not ((name == "full" and dec is decs[0][2]) or (name == first_exit and policy in ("copy", "catchup"))):
+        if not ((name == "full" and dec is decs[0][2]) or (name == first_exit and policy in ("copy", "catchup"))
+                or (name == first_spec and policy == "speculate")):
             continue
         engine = "compiled" if bb.device.type == "cuda" and type(dec.engine).__name__ == "GraphEngine" else "eager"
         prof = EarlyExitDecoder(bb, config=dec.config, engine=engine)
+        if policy == "speculate":
+            prof.policy.inject = dec.policy.inject  # the same acceptance as the timed row
         prof.generate([ids], SamplingOptions(max_new_tokens=min(tokens, 8)))  # compile / warm up outside the profile
         tables[f"{name} {policy} ({engine} kernels)"] = kernel_table(lambda: prof.generate([ids], opts), bb.device,
                                                                      per=tokens)
