@@ -19,6 +19,7 @@ from meestral.backbones.base import Step
 
 class EagerEngine:
     capture = False  # whether calls are captured as CUDA graphs (the graph engine on CUDA)
+    chunk_steps = False  # whether full-depth greedy steps run in chunks (full_chunk.py): where capturing
     first_calls = 0  # the graph engine counts its first calls of a shape (compile, capture); none here
 
     def __init__(self, backbone, skip=frozenset()):

@@ -143,6 +143,7 @@ class GraphEngine(EagerEngine):
                  compile: bool | None = None, max_calls: int = 256, max_states: int = 4):
         super().__init__(backbone, skip)
         self.capture = (backbone.device.type == "cuda") if capture is None else capture
+        self.chunk_steps = self.capture  # a captured chunk replaces n launches and n reads by one
         # Inside a graph the launches are free but each kernel still costs its few microseconds
         # and its own pass over memory: compiling the per-layer functions fuses the ~50 small
         # kernels of a block into a handful (benchmarks/NOTES.md). Compiled on the first call of

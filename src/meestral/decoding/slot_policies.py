@@ -4,7 +4,9 @@
 segment after segment, ask each exit point's head about the rows still running, and give the
 layers an exited row skips what the policy says: `copy` (Transformer: the previous slot's K/V;
 Mamba: the state untouched) or `propagate` (the exit hidden state fed to each skipped layer, only
-to make its state). `step` adds the sampling and the step's one read of the emitted tokens.
+to make its state). `step` adds the sampling and the step's one read of the emitted tokens. With
+no exit point (plain full depth), greedy, on a capturing engine, `step` runs several steps as one
+device run instead (full_chunk.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from meestral.decoding.accounting import StepLog
 from meestral.decoding.exit_rule import exits_here
+from meestral.decoding.full_chunk import chunk_length, chunkable, run_chunk, tokens_wanted
 from meestral.decoding.policy import Outcome, Policy
 from meestral.decoding.sampling import sample
 
@@ -32,11 +35,26 @@ class SlotPolicy(Policy):
         self.through = config.exit_output == "through_last_layer"
 
     def step(self, batch, opts, gen):
+        if not self.points and chunkable(self.engine, opts):  # plain full depth: steps in chunks
+            n = chunk_length(tokens_wanted(batch, opts))
+            if n > 1:
+                return self.chunk(batch, n)
         logits, logs = self.forward(batch, batch.fed, batch.slot)
         tok = sample(logits, opts, gen)
         toks = tok.tolist()  # the step's one read of what it emits
         batch.fed, batch.slot = tok, batch.slot + 1
         return [Outcome("emit", logs[b], token=toks[b]) if logs[b] is not None else None for b in range(batch.B)], logits
+
+    def chunk(self, batch, n: int):
+        """n full-depth steps as one device run (full_chunk.py): per row n outcomes, each with the
+        log of its own step."""
+        s, rows = batch.slot, [b for b in range(batch.B) if batch.active[b]]
+        toks, logits = run_chunk(self.engine, batch, n)
+        logs = [self._logs(batch, rows, {}, {}, s + t) for t in range(n)]
+        out = [None] * batch.B
+        for b in rows:
+            out[b] = [Outcome("emit", logs[t][b], token=toks[b][t]) for t in range(n)]
+        return out, logits
 
     @torch.no_grad()
     def forward(self, batch, fed, slot, observe=None, emit=True):

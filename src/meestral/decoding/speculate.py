@@ -52,6 +52,7 @@ import weakref
 import torch
 
 from meestral.decoding.accounting import StepLog
+from meestral.decoding.full_chunk import CHUNK, chunk_length, chunkable, run_chunk, tokens_wanted
 from meestral.decoding.policy import Outcome, Policy
 from meestral.decoding.sampling import draw, probabilities
 from meestral.decoding.speculation_control import Choice, SpeculationController
@@ -154,8 +155,10 @@ class SpeculatePolicy(Policy):
         t0, firsts = self.timer(), self.engine.first_calls
         choice = self.choose(batch, opts)
         self.last_choice = choice
+        n = 1  # tokens the step emits per row when it is full depth
         if choice.k == 0:
-            out, logits, accepted, rejected = self.full_step(batch, opts, gen)
+            n = self.full_chunk(batch, opts)
+            out, logits, accepted, rejected = self.full_step(batch, opts, gen, n)
         else:
             out, logits, accepted, rejected = self.cycle(batch, opts, gen, choice.j, choice.k)
         if self.control is not None:  # the step ended with a read: its device work is done
@@ -163,12 +166,12 @@ class SpeculatePolicy(Policy):
                 cost = 1.0 if choice.k == 0 else self.prior_cost(choice.j, choice.k)
             elif self.engine.first_calls != firsts:  # it ran a shape for the first time (compile, capture)
                 cost = None
-            else:
-                cost = (self.timer() - t0) * 1000
+            else:  # a full-depth chunk is timed per token: what falling back yields per step
+                cost = (self.timer() - t0) * 1000 / n
             self.control.observe(choice, cost, accepted, rejected)
         c = self.counts
         if choice.k == 0:
-            c["full_steps"] += 1
+            c["full_steps"] += n
         else:  # drafts checked until the first rejection (the geometric model's acceptance)
             c["cycles"] += 1
             c["accepted"] += accepted
@@ -182,8 +185,31 @@ class SpeculatePolicy(Policy):
         old, self.counts = getattr(self, "counts", None), dict.fromkeys(COUNTS, 0)
         return old
 
-    # ---- a plain full-depth step (the controller's fallback) ---------------------------------
-    def full_step(self, batch, opts, gen):
+    # ---- plain full-depth steps (the controller's fallback) -----------------------------------
+    def full_chunk(self, batch, opts) -> int:
+        """How many full-depth steps to run now as one device run (full_chunk.py): on a capturing
+        engine, greedy, the rest of the controller's pause (this step included) or, when it
+        re-times full depth or starts, up to CHUNK; never past the tokens still wanted. The pause
+        is consumed by as many steps. Otherwise 1."""
+        if not chunkable(self.engine, opts):
+            return 1
+        want = CHUNK
+        if self.control is not None and self.control.pause > 0:
+            want = self.control.pause + 1
+        n = chunk_length(min(want, tokens_wanted(batch, opts)))
+        if self.control is not None:
+            self.control.pause = max(0, self.control.pause - (n - 1))
+        return n
+
+    def full_step(self, batch, opts, gen, n: int = 1):
+        if n > 1:
+            s, rows = batch.slot, [b for b in range(batch.B) if batch.active[b]]
+            toks, logits = run_chunk(self.engine, batch, n)
+            out = [None] * batch.B
+            for b in rows:
+                out[b] = [Outcome("emit", StepLog(self.L - 1, tuple(self.engine.kept), s + t + 1 - batch.pad_host[b],
+                                                  verified=True), token=toks[b][t]) for t in range(n)]
+            return out, logits, 0, False
         eng, s = self.engine, batch.slot
         step = eng.make_step(s, 1, batch.pad, write=batch.active_dev[:, None])
         h, _, _ = eng.run(eng.kept, eng.embed(batch.fed[:, None]), batch.state, step)

@@ -1,0 +1,69 @@
+"""Full-depth steps in chunks: n greedy steps as one device run, one host read per chunk.
+
+At batch 1 a step's device work is short (SmolLM2 on an H100: ~1.5 ms a token; a 7B model: a few
+ms), and between two steps the device waits for the host: the read of the emitted token, then the
+Python that prepares and launches the next step (on the Mistral-7B shape ~0.8 ms a token of device
+idle time, kernel profile of 2026-12-02 in benchmarks/NOTES.md). Where nothing between two steps
+needs the host, n steps can run back to back on the device, each step's argmax written straight
+into the next step's input: on a capturing engine the n steps are one CUDA graph (`sequence`), and
+the host reads the n tokens once.
+
+Where it applies: full depth (no exit point, so no exit decision is read), greedy (a draw would
+need the host-side generator), and a capturing engine (eager steps gain nothing from it and keep
+their per-step views). Chunk lengths are powers of two up to `CHUNK`, never more than the tokens
+still wanted: each length is captured once per key range, and no token is computed past the end.
+A row that ends inside a chunk (EOS, a stop string) has the rest of the chunk charged as spent work
+(the decoder's rule for tokens after a row's end), at most CHUNK - 1 steps.
+
+Used by `copy`/`propagate` with no exit point (plain full depth) and by `speculate`'s controller
+when it falls back to full depth.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK = 8
+
+
+def chunk_length(limit: int, most: int = CHUNK) -> int:
+    """The largest power of two that is at most min(limit, most), and at least 1."""
+    n = max(1, min(int(limit), most))
+    return 1 << (n.bit_length() - 1)
+
+
+def tokens_wanted(batch, opts) -> int:
+    """Tokens each row may still emit (the prefill emitted the first at slot P-1)."""
+    return opts.max_new_tokens - (batch.slot - batch.P + 1)
+
+
+def chunkable(engine, opts) -> bool:
+    """Whether full-depth steps run in chunks: greedy, on an engine that chunks (`chunk_steps`: the
+    graph engine where it captures; tests turn it on elsewhere to check the same data flow)."""
+    return bool(engine.chunk_steps) and opts.greedy
+
+
+@torch.no_grad()
+def run_chunk(engine, batch, n: int):
+    """n full-depth greedy steps from batch.slot: (tokens [B][n] on the host, the last step's
+    logits [B, V]: an output buffer, valid until the same chunk runs again). Advances batch.fed and
+    batch.slot by n; inactive rows write nothing."""
+    eng, state, s = engine, batch.state, batch.slot
+    inputs = {"fed": batch.fed, "at": batch.tensor([s], torch.long), "pad": batch.pad, "active": batch.active_dev}
+
+    def device_part(x):
+        fed, toks, logits = x["fed"], [], None
+        write = x["active"][:, None]
+        for t in range(n):
+            step = eng.make_step(s + t, 1, x["pad"], write=write, at=x["at"] + t)
+            h, _, _ = eng.run(eng.kept, eng.embed(fed[:, None]), state, step)
+            logits = eng.logits(h[:, -1])
+            fed = logits.argmax(-1)
+            toks.append(fed)
+        return torch.stack(toks, 1), logits
+
+    toks_t, logits = eng.sequence(("full-chunk", n, batch.B, id(state)), device_part, inputs, start=s, length=n)
+    toks = toks_t.tolist()  # the chunk's one read
+    batch.fed = toks_t[:, -1].clone()  # the graph's output buffer is rewritten by the next replay
+    batch.slot = s + n
+    return toks, logits

@@ -1,0 +1,137 @@
+"""Full-depth steps in chunks (decoding/full_chunk.py): the same tokens, accounting and state as
+one step at a time, on every architecture, batch 1 and 3, eager and fixed-shape engines (chunking
+turned on where a CUDA engine would have it), rows that end inside a chunk, and speculate's
+fallback."""
+
+import pytest
+import torch
+
+from meestral.decoding.config import ExitConfig
+from meestral.decoding.decoder import EarlyExitDecoder
+from meestral.decoding.full_chunk import chunk_length
+from meestral.decoding.heads import ExitHeads
+from meestral.decoding.sampling import SamplingOptions
+
+ARCHS = ["mistral", "llama", "mamba2", "mamba", "mistral-sw"]
+PROMPTS = [[1, 20, 30, 40], [1, 50, 60, 70, 80, 90, 100], [1, 7, 8]]
+
+
+def chunked(bb, engine, config=None):
+    dec = EarlyExitDecoder(bb, config, engine=engine)
+    dec.engine.chunk_steps = True
+    sizes = []
+    step = dec.policy.step
+
+    def recording(batch, opts, gen):  # tokens per row each step emitted
+        out, logits = step(batch, opts, gen)
+        first = next(o for o in out if o is not None)
+        sizes.append(len(first) if isinstance(first, list) else 1)
+        return out, logits
+
+    dec.policy.step = recording
+    return dec, sizes
+
+
+def test_chunk_lengths_are_powers_of_two_within_the_limit():
+    assert [chunk_length(n) for n in (0, 1, 2, 3, 5, 7, 8, 9, 100)] == [1, 1, 2, 2, 4, 4, 8, 8, 8]
+    assert chunk_length(100, most=4) == 4
+
+
+@pytest.mark.parametrize("engine", ["eager", "graph"])
+@pytest.mark.parametrize("shape", ARCHS)
+def test_chunked_full_depth_equals_one_step_at_a_time(tiny, shape, engine):
+    bb = tiny(shape)
+    opts = SamplingOptions(max_new_tokens=14)  # 13 after the prefill's: chunks of 8, 4, 1
+    ref_dec = EarlyExitDecoder(bb, engine="eager")
+    dec, sizes = chunked(bb, engine)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        ref = ref_dec.generate(prompts, opts)
+        sizes.clear()
+        got = dec.generate(prompts, opts)
+        assert sizes == [8, 4, 1]
+        assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+        for g, r in zip(got, ref):
+            a, b = dec.summary(g), ref_dec.summary(r)
+            for k in ("tokens", "mean_layers_run", "weight_bytes_per_token", "flops_per_token", "deep_passes_per_token"):
+                assert a[k] == pytest.approx(b[k]), k
+            assert g.discarded == [] and g.finish_reason == r.finish_reason == "length"
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_a_row_that_ends_inside_a_chunk_stops_there_and_the_rest_is_spent(tiny, shape, monkeypatch):
+    bb = tiny(shape)
+    opts = SamplingOptions(max_new_tokens=14)
+    ref = EarlyExitDecoder(bb, engine="eager").generate(PROMPTS[1:2], opts)[0].token_ids
+    eos = ref[4]  # emitted by the first chunk's 4th step (the prefill made ref[0])
+    assert eos not in ref[:4]
+    monkeypatch.setattr(bb.tokenizer, "eos_ids", {eos})
+    want = EarlyExitDecoder(bb, engine="eager").generate(PROMPTS[1:2], opts)[0]
+    dec, sizes = chunked(bb, "graph")
+    got = dec.generate(PROMPTS[1:2], opts)[0]
+    assert got.token_ids == want.token_ids == ref[:5] and got.finish_reason == "eos"
+    assert sizes == [8] and len(got.discarded) == 4  # the chunk's steps after the end: spent
+    assert want.discarded == []
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba"])
+def test_state_after_chunks_is_the_full_models(tiny, shape):
+    from test_catchup import assert_state_close, reference_states
+
+    bb = tiny(shape)
+    dec, sizes = chunked(bb, "graph")
+    views = []
+    gen = dec.generate([PROMPTS[1]], SamplingOptions(max_new_tokens=13), inspect=views.append)[0]
+    assert sizes == [8, 4]
+    tokens = PROMPTS[1] + gen.token_ids[:-1]  # the newest token is fed by the next step, not yet run
+    n = len(tokens)
+    want = reference_states(bb, tokens, [n])[n]
+    for i in range(bb.num_layers):
+        for got, ref in zip(bb.layer_tensors(views[-1].state, i), want[i]):
+            if bb.can_truncate:  # K/V [1, H, cap, D] and valid [1, cap]: the kept slots
+                got, ref = (got[:, :, :n], ref[:, :, :n]) if got.dim() == 4 else (got[:, :n], ref[:, :n])
+            if got.dtype == torch.bool:
+                assert torch.equal(got, ref)
+            else:
+                assert_state_close(got, ref)
+
+
+def test_sampling_and_exits_are_not_chunked(tiny):
+    bb = tiny("mistral")
+    dec, sizes = chunked(bb, "eager")
+    dec.generate(PROMPTS[:1], SamplingOptions(max_new_tokens=6, temperature=0.8, seed=1))
+    assert set(sizes) == {1}
+    heads = ExitHeads("softmax", [1], bb)
+    dec, sizes = chunked(bb, "eager", ExitConfig(heads=heads, thresholds=0.5))
+    dec.generate(PROMPTS[:1], SamplingOptions(max_new_tokens=6))
+    assert set(sizes) == {1}
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_speculate_falls_back_in_chunks_and_equals_full_depth(tiny, shape):
+    """The controller on drafts that are never accepted (injected 0): its full-depth fallback runs
+    its pauses in chunks, the output is full depth's, batch 1 and 3, and every full-depth token is
+    counted."""
+    bb = tiny(shape)
+    cfg = ExitConfig(heads=ExitHeads("softmax", [1], bb), thresholds=0.0, policy="speculate", draft_tokens=4,
+                     adaptive=True)
+    opts = SamplingOptions(max_new_tokens=60)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        ref = EarlyExitDecoder(bb).generate(prompts, opts)
+        dec = EarlyExitDecoder(bb, cfg, engine="graph")
+        dec.engine.chunk_steps = True
+        dec.policy.clock = "bytes"  # deterministic costs: at acceptance 0 no cycle pays
+        dec.policy.inject = 0.0
+        rec, step = [], dec.policy.step
+
+        def recording(batch, o, gen):
+            out, logits = step(batch, o, gen)
+            first = next(x for x in out if x is not None)
+            rec.append((dec.policy.last_choice.k, len(first) if isinstance(first, list) else 1))
+            return out, logits
+
+        dec.policy.step = recording
+        got = dec.generate(prompts, opts)
+        assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+        full = [n for k, n in rec if k == 0]
+        assert max(full) == 8 and sum(full) == dec.policy.counts["full_steps"] > len(full)
+        assert dec.policy.counts["cycles"] == sum(1 for k, _ in rec if k)
