@@ -143,6 +143,21 @@ def test_profile_covers_full_depth_the_first_exit_and_a_speculate_cycle(tiny, mo
     assert all(t["kernels"] > 0 for t in tables.values())
 
 
+def test_bench_gives_full_depth_one_step_at_a_time_beside_chunks(tiny, monkeypatch):
+    """Where full depth runs in chunks, a row of it one step at a time: the same tokens' cost."""
+    import io
+
+    from meestral.decoding.engine import EagerEngine
+    from meestral.tools import bench
+
+    bb = tiny("mistral")
+    monkeypatch.setattr(bench, "load_backbone", lambda *a, **kw: bb)
+    monkeypatch.setattr(EagerEngine, "chunk_steps", True)
+    rows = bench.run_bench("tiny", exits=[2], tokens=6, repeats=1, out=io.StringIO(), policies=("copy",), peers=())
+    assert [r["case"] for r in rows[:2]] == ["full", "full_one_step_at_a_time"]
+    assert rows[0]["weight_bytes_per_token"] == rows[1]["weight_bytes_per_token"]
+
+
 def test_bench_refuses_a_prompt_count_it_does_not_have(capsys):
     from meestral.cli.main import main
 

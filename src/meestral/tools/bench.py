@@ -237,6 +237,10 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     kind = type(decs[0][2].engine).__name__
     if kind != "EagerEngine":  # the eager engine's full depth beside it: what the fixed path gains
         decs.insert(1, ("full", "-", EarlyExitDecoder(bb, engine="eager")))
+    if decs[0][2].engine.chunk_steps:  # and full depth one step at a time: what chunks gain (full_chunk.py)
+        one = EarlyExitDecoder(bb, engine=engine)
+        one.engine.chunk_steps = False
+        decs.insert(1, ("full_one_step_at_a_time", "-", one))
     for name, policy, dec in decs:
         # Warm-up (allocator, compile, capture). A capturing engine meets a new shape at each key
         # range and each cycle length up to the last token: it warms up on the whole length, so the
