@@ -160,10 +160,14 @@ def test_bench_gives_full_depth_one_step_at_a_time_beside_chunks(tiny, monkeypat
 
 def test_bench_refuses_a_prompt_count_it_does_not_have(capsys):
     from meestral.cli.main import main
+    from meestral.tools.bench import PROMPTS
+    from meestral.validation import RULES
+
+    assert RULES["prompts"].high == len(PROMPTS)  # the option's rule knows how many there are
 
     rc = main(["bench", "--backbone", "random:llama", "--tokens", "2", "--prompts", "7"])
     err = capsys.readouterr().err
-    assert rc != 0 and "--prompts 7" in err and "1 to 6" in err
+    assert rc != 0 and "--prompts is 7" in err and "[1, 6]" in err and len(err.strip().splitlines()) == 1
 
 
 TRAIN_DIST = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train_dist.py"

@@ -130,6 +130,7 @@ RULES = {
     "shuffle_buffer": Number(int, 1),
     # bench
     "repeats": Number(int, 1), "prompt_tokens": Number(int, 1),
+    "prompts": Number(int, 1, 6, hint="the benchmark has six prompts"),
     "peers": Items(unique=True, example="hf,hf-static,hf-compiled"),
     # distill
     "shards": Number(int, 1), "seconds": Number(float, 0, low_open=True), "corpus_share": Number(float, 0, 1),
