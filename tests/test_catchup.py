@@ -44,6 +44,21 @@ def assert_state_close(got, want):
     torch.testing.assert_close(got, want, atol=1e-5 * scale, rtol=1e-4)
 
 
+def assert_state_is_full_models(bb, state, tokens):
+    """Every layer of a batch-1 `state` equals the full model's after `tokens` (Transformer: the
+    kept slots of its K/V and valid mask; Mamba: the whole conv window and SSM state)."""
+    n = len(tokens)
+    want = reference_states(bb, tokens, [n])[n]
+    for i in range(bb.num_layers):
+        for got, ref in zip(bb.layer_tensors(state, i), want[i]):
+            if bb.can_truncate:  # K/V [1, H, cap, D] and valid [1, cap]: the kept slots
+                got, ref = (got[:, :, :n], ref[:, :, :n]) if got.dim() == 4 else (got[:, :n], ref[:, :n])
+            if got.dtype == torch.bool:
+                assert torch.equal(got, ref)
+            else:
+                assert_state_close(got, ref)
+
+
 def generate_seen(dec, prompts, opts):
     """Generations and the decoder's last StepView (its public inspection hook)."""
     views = []

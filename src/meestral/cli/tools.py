@@ -28,7 +28,6 @@ def cmd_demo(args):
 
 def cmd_bench(args):
     from meestral.tools.bench import ALL_POLICIES, PEERS, POLICIES, run_bench
-    from meestral.tools.bench import PROMPTS as BENCH_PROMPTS
     from meestral.validation import check_output
 
     if args.profile:  # before the run, not after it
@@ -38,8 +37,6 @@ def cmd_bench(args):
         bad = [x for x in given or () if x not in known]
         if bad:
             raise MeestralError(f"{option}: unknown {', '.join(bad)}; use some of {', '.join(known)}")
-    if not 1 <= args.prompts <= len(BENCH_PROMPTS):  # validation.RULES says the same first; this keeps them in step
-        raise MeestralError(f"--prompts is {args.prompts}: it must be a whole number in [1, {len(BENCH_PROMPTS)}]")
     run_bench(args.backbone, exits=args.exits, tokens=args.tokens, device=args.device, dtype=args.dtype,
               repeats=args.repeats, max_backlog=args.max_backlog, prompt_tokens=args.prompt_tokens,
               engine=args.engine, policies=tuple(args.policies or POLICIES), peers=tuple(args.peers or ("hf",)),

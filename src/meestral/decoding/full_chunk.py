@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from meestral.decoding.policy import Outcome
+
 CHUNK = 8
 
 
@@ -67,3 +69,16 @@ def run_chunk(engine, batch, n: int):
     batch.fed = toks_t[:, -1].clone()  # the graph's output buffer is rewritten by the next replay
     batch.slot = s + n
     return toks, logits
+
+
+def chunk_outcomes(engine, batch, n: int, logs_at):
+    """`run_chunk`, then per active row n emit outcomes, each with the log of its own step:
+    `logs_at(slot)` gives every row's StepLog of the step that fed `slot` (the policy's own
+    full-depth log). Returns (per row a list of outcomes or None, the last step's logits)."""
+    s, rows = batch.slot, [b for b in range(batch.B) if batch.active[b]]
+    toks, logits = run_chunk(engine, batch, n)
+    logs = [logs_at(s + t) for t in range(n)]
+    out = [None] * batch.B
+    for b in rows:
+        out[b] = [Outcome("emit", logs[t][b], token=toks[b][t]) for t in range(n)]
+    return out, logits

@@ -15,7 +15,7 @@ import torch
 
 from meestral.decoding.accounting import StepLog
 from meestral.decoding.exit_rule import exits_here
-from meestral.decoding.full_chunk import chunk_length, chunkable, run_chunk, tokens_wanted
+from meestral.decoding.full_chunk import chunk_length, chunk_outcomes, chunkable, tokens_wanted
 from meestral.decoding.policy import Outcome, Policy
 from meestral.decoding.sampling import sample
 
@@ -38,23 +38,13 @@ class SlotPolicy(Policy):
         if not self.points and chunkable(self.engine, opts):  # plain full depth: steps in chunks
             n = chunk_length(tokens_wanted(batch, opts))
             if n > 1:
-                return self.chunk(batch, n)
+                rows = [b for b in range(batch.B) if batch.active[b]]
+                return chunk_outcomes(self.engine, batch, n, lambda slot: self._logs(batch, rows, {}, {}, slot))
         logits, logs = self.forward(batch, batch.fed, batch.slot)
         tok = sample(logits, opts, gen)
         toks = tok.tolist()  # the step's one read of what it emits
         batch.fed, batch.slot = tok, batch.slot + 1
         return [Outcome("emit", logs[b], token=toks[b]) if logs[b] is not None else None for b in range(batch.B)], logits
-
-    def chunk(self, batch, n: int):
-        """n full-depth steps as one device run (full_chunk.py): per row n outcomes, each with the
-        log of its own step."""
-        s, rows = batch.slot, [b for b in range(batch.B) if batch.active[b]]
-        toks, logits = run_chunk(self.engine, batch, n)
-        logs = [self._logs(batch, rows, {}, {}, s + t) for t in range(n)]
-        out = [None] * batch.B
-        for b in rows:
-            out[b] = [Outcome("emit", logs[t][b], token=toks[b][t]) for t in range(n)]
-        return out, logits
 
     @torch.no_grad()
     def forward(self, batch, fed, slot, observe=None, emit=True):

@@ -52,7 +52,7 @@ import weakref
 import torch
 
 from meestral.decoding.accounting import StepLog
-from meestral.decoding.full_chunk import CHUNK, chunk_length, chunkable, run_chunk, tokens_wanted
+from meestral.decoding.full_chunk import CHUNK, chunk_length, chunk_outcomes, chunkable, tokens_wanted
 from meestral.decoding.policy import Outcome, Policy
 from meestral.decoding.sampling import draw, probabilities
 from meestral.decoding.speculation_control import Choice, SpeculationController
@@ -147,8 +147,7 @@ class SpeculatePolicy(Policy):
             # drafted past the end are charged as spent work.
             return c
         # A cycle emits at most k+1 tokens: near the end, fewer drafts waste less.
-        remaining = opts.max_new_tokens - (batch.slot - batch.P + 1)  # tokens still wanted per row
-        return Choice(c.j, max(0, min(c.k, remaining - 1)), c.probe)
+        return Choice(c.j, max(0, min(c.k, tokens_wanted(batch, opts) - 1)), c.probe)
 
     @torch.no_grad()
     def step(self, batch, opts, gen):
@@ -201,14 +200,14 @@ class SpeculatePolicy(Policy):
             self.control.pause = max(0, self.control.pause - (n - 1))
         return n
 
+    def _full_logs(self, batch, slot):
+        """Every row's log of a full-depth step that fed `slot`."""
+        kept = tuple(self.engine.kept)
+        return [StepLog(self.L - 1, kept, slot + 1 - pad, verified=True) for pad in batch.pad_host]
+
     def full_step(self, batch, opts, gen, n: int = 1):
         if n > 1:
-            s, rows = batch.slot, [b for b in range(batch.B) if batch.active[b]]
-            toks, logits = run_chunk(self.engine, batch, n)
-            out = [None] * batch.B
-            for b in rows:
-                out[b] = [Outcome("emit", StepLog(self.L - 1, tuple(self.engine.kept), s + t + 1 - batch.pad_host[b],
-                                                  verified=True), token=toks[b][t]) for t in range(n)]
+            out, logits = chunk_outcomes(self.engine, batch, n, lambda slot: self._full_logs(batch, slot))
             return out, logits, 0, False
         eng, s = self.engine, batch.slot
         step = eng.make_step(s, 1, batch.pad, write=batch.active_dev[:, None])
@@ -217,11 +216,8 @@ class SpeculatePolicy(Policy):
         tok = draw(probabilities(logits, opts), opts, gen) if not opts.greedy else logits.argmax(-1)
         toks = tok.tolist()  # the step's one read
         batch.fed, batch.slot = tok, s + 1
-        out = [None] * batch.B
-        for b in range(batch.B):
-            if batch.active[b]:
-                log = StepLog(self.L - 1, tuple(eng.kept), s + 1 - batch.pad_host[b], verified=True)
-                out[b] = [Outcome("emit", log, token=toks[b])]
+        logs = self._full_logs(batch, s)
+        out = [[Outcome("emit", logs[b], token=toks[b])] if batch.active[b] else None for b in range(batch.B)]
         return out, logits, 0, False
 
     # ---- a speculation cycle ------------------------------------------------------------------
