@@ -125,3 +125,55 @@ def test_speculate_falls_back_in_chunks_and_equals_full_depth(tiny, shape):
         full = [n for k, n in rec if k == 0]
         assert max(full) == 8 and sum(full) == dec.policy.counts["full_steps"] > len(full)
         assert dec.policy.counts["cycles"] == sum(1 for k, _ in rec if k)
+
+
+STATIC_CASES = [  # (exit points as fractions of depth, thresholds, exit output, steps per chunk)
+    ((1 / 3,), 0.5, "hidden", [8, 4, 1]),  # every token leaves at the one exit point
+    ((1 / 4, 1 / 2), [1.0, 0.3], "hidden", [8, 4, 1]),  # the first threshold cannot be passed: the second point
+    ((1 / 4, 1 / 2), 0.3, "hidden", [8, 4, 1]),  # the first of two: the second head is never asked
+    ((1 / 3,), 0.5, "through_last_layer", [8, 4, 1]),
+    ((1 / 4, 1 / 2), 1.0, "hidden", [8, 4, 1]),  # no token ever leaves, every head is still asked
+]
+
+
+@pytest.mark.parametrize("policy", ["copy", "propagate"])
+@pytest.mark.parametrize("shape", ARCHS)
+def test_static_exits_run_in_chunks_equal_to_one_step_at_a_time(tiny, shape, policy):
+    """The static exit-at-layer baseline under copy/propagate: its exit decision is known before
+    a step runs, so its steps run in chunks; tokens, accounting (layers, probes, bytes) and every
+    layer's state equal the same configuration one step at a time, batch 1 and 3."""
+    from test_graph_engine import assert_states_equal, layer_states
+
+    bb = tiny(shape)
+    L = bb.num_layers
+    opts = SamplingOptions(max_new_tokens=14)
+    for fractions, thr, output, want_sizes in STATIC_CASES:
+        points = sorted({max(0, min(L - 2, int(f * L))) for f in fractions})
+        if len(points) < len(fractions):
+            continue
+        cfg = ExitConfig(heads=ExitHeads("static", points, bb), thresholds=thr, policy=policy, exit_output=output)
+        ref_dec = EarlyExitDecoder(bb, cfg, engine="eager")
+        dec, sizes = chunked(bb, "graph", cfg)
+        for prompts in (PROMPTS[:1], PROMPTS):
+            states = {}
+            ref = ref_dec.generate(prompts, opts, inspect=lambda v: states.__setitem__("ref", layer_states(bb, v.state)))
+            sizes.clear()
+            got = dec.generate(prompts, opts, inspect=lambda v: states.__setitem__("got", layer_states(bb, v.state)))
+            assert sizes == want_sizes, (points, thr, output)
+            assert [g.token_ids for g in got] == [r.token_ids for r in ref], (points, thr, output)
+            for g, r in zip(got, ref):
+                a, b = dec.summary(g), ref_dec.summary(r)
+                for k in ("tokens", "mean_layers_run", "weight_bytes_per_token", "flops_per_token",
+                          "exit_rate", "mean_exit_layer", "mean_probes"):
+                    assert a[k] == pytest.approx(b[k]), (k, points, thr, output)
+            assert_states_equal(bb, states["ref"], states["got"], 1e-5)
+
+
+def test_static_exits_leave_at_the_first_threshold_below_one(tiny):
+    bb = tiny("mistral")
+    L = bb.num_layers
+    for thr, known in ((0.0, 0), ([1.0, 0.2], 1), (1.0, 2)):
+        cfg = ExitConfig(heads=ExitHeads("static", [0, L // 2], bb), thresholds=thr, policy="copy")
+        assert EarlyExitDecoder(bb, cfg).policy.known == known
+    soft = ExitConfig(heads=ExitHeads("softmax", [0], bb), thresholds=0.0, policy="copy")
+    assert EarlyExitDecoder(bb, soft).policy.known is None  # depends on the data: read back per step

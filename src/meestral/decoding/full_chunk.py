@@ -8,18 +8,21 @@ needs the host, n steps can run back to back on the device, each step's argmax w
 into the next step's input: on a capturing engine the n steps are one CUDA graph (`sequence`), and
 the host reads the n tokens once.
 
-Where it applies: full depth (no exit point, so no exit decision is read), greedy (a draw would
-need the host-side generator), and a capturing engine (eager steps gain nothing from it and keep
-their per-step views). Chunk lengths are powers of two up to `CHUNK`, never more than the tokens
+Where it applies: steps whose exit decisions are known before they run (full depth: no exit
+point; the static exit-at-layer baseline under copy/propagate: every token leaves at the same exit
+point, slot_policies.py), greedy (a draw would need the host-side generator), and a capturing
+engine (eager steps gain nothing from it and keep their per-step views). Chunk lengths are powers of two up to `CHUNK`, never more than the tokens
 still wanted: each length is captured once per key range, and no token is computed past the end.
 A row that ends inside a chunk (EOS, a stop string) has the rest of the chunk charged as spent work
 (the decoder's rule for tokens after a row's end), at most CHUNK - 1 steps.
 
-Used by `copy`/`propagate` with no exit point (plain full depth) and by `speculate`'s controller
-when it falls back to full depth.
+Used by `copy`/`propagate` (plain full depth, and their static exits: `run_chunk` takes the
+policy's own step as `forward`) and by `speculate`'s controller when it falls back to full depth.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -46,37 +49,48 @@ def chunkable(engine, opts) -> bool:
 
 
 @torch.no_grad()
-def run_chunk(engine, batch, n: int):
-    """n full-depth greedy steps from batch.slot: (tokens [B][n] on the host, the last step's
-    logits [B, V]: an output buffer, valid until the same chunk runs again). Advances batch.fed and
-    batch.slot by n; inactive rows write nothing."""
+def run_chunk(engine, batch, n: int, forward=None, key=("full",)):
+    """n greedy steps from batch.slot: (tokens [B][n] on the host, the last step's logits [B, V]:
+    an output buffer, valid until the same chunk runs again). Advances batch.fed and batch.slot by
+    n; inactive rows write nothing.
+
+    Each step is full depth, or `forward(view, fed, slot, at)` -> logits [B, V]: a policy's step
+    with no host read in it, where `view` is the batch whose `pad` and `active_dev` are the chunk's
+    inputs (a graph must read them from its own buffers) and `at` [1] the step's slot on the
+    device. `key` names the step for the chunk's captured graph."""
     eng, state, s = engine, batch.state, batch.slot
     inputs = {"fed": batch.fed, "at": batch.tensor([s], torch.long), "pad": batch.pad, "active": batch.active_dev}
 
+    def full_depth(view, fed, slot, at):
+        step = eng.make_step(slot, 1, view.pad, write=view.active_dev[:, None], at=at)
+        h, _, _ = eng.run(eng.kept, eng.embed(fed[:, None]), state, step)
+        return eng.logits(h[:, -1])
+
+    one = forward or full_depth
+
     def device_part(x):
+        view = copy.copy(batch)
+        view.pad, view.active_dev = x["pad"], x["active"]
         fed, toks, logits = x["fed"], [], None
-        write = x["active"][:, None]
         for t in range(n):
-            step = eng.make_step(s + t, 1, x["pad"], write=write, at=x["at"] + t)
-            h, _, _ = eng.run(eng.kept, eng.embed(fed[:, None]), state, step)
-            logits = eng.logits(h[:, -1])
+            logits = one(view, fed, s + t, x["at"] + t)
             fed = logits.argmax(-1)
             toks.append(fed)
         return torch.stack(toks, 1), logits
 
-    toks_t, logits = eng.sequence(("full-chunk", n, batch.B, id(state)), device_part, inputs, start=s, length=n)
+    toks_t, logits = eng.sequence(("chunk", n, batch.B, id(state)) + tuple(key), device_part, inputs, start=s, length=n)
     toks = toks_t.tolist()  # the chunk's one read
     batch.fed = toks_t[:, -1].clone()  # the graph's output buffer is rewritten by the next replay
     batch.slot = s + n
     return toks, logits
 
 
-def chunk_outcomes(engine, batch, n: int, logs_at):
+def chunk_outcomes(engine, batch, n: int, logs_at, forward=None, key=("full",)):
     """`run_chunk`, then per active row n emit outcomes, each with the log of its own step:
-    `logs_at(slot)` gives every row's StepLog of the step that fed `slot` (the policy's own
-    full-depth log). Returns (per row a list of outcomes or None, the last step's logits)."""
+    `logs_at(slot)` gives every row's StepLog of the step that fed `slot` (the policy's own log of
+    that step). Returns (per row a list of outcomes or None, the last step's logits)."""
     s, rows = batch.slot, [b for b in range(batch.B) if batch.active[b]]
-    toks, logits = run_chunk(engine, batch, n)
+    toks, logits = run_chunk(engine, batch, n, forward, key)
     logs = [logs_at(s + t) for t in range(n)]
     out = [None] * batch.B
     for b in rows:

@@ -4,9 +4,13 @@
 segment after segment, ask each exit point's head about the rows still running, and give the
 layers an exited row skips what the policy says: `copy` (Transformer: the previous slot's K/V;
 Mamba: the state untouched) or `propagate` (the exit hidden state fed to each skipped layer, only
-to make its state). `step` adds the sampling and the step's one read of the emitted tokens. With
-no exit point (plain full depth), greedy, on a capturing engine, `step` runs several steps as one
-device run instead (full_chunk.py).
+to make its state). `step` adds the sampling and the step's one read of the emitted tokens.
+
+Where every exit decision is known before the step runs (no exit point: plain full depth; static
+heads: confidence 1 everywhere, so every token leaves at the first exit point whose threshold is
+below 1, the static exit-at-layer baseline), no step needs the host between two others: greedy, on
+a capturing engine, `step` runs several steps as one device run instead (full_chunk.py), each the
+same `forward` with the decision taken on the host in advance instead of read back.
 """
 
 from __future__ import annotations
@@ -33,28 +37,55 @@ class SlotPolicy(Policy):
     def __init__(self, config, engine):
         super().__init__(config, engine)
         self.through = config.exit_output == "through_last_layer"
+        self.known = self._known_exit()
+
+    def _known_exit(self):
+        """The exit point (index) every token leaves at when that is known before any step runs,
+        len(points) when no token ever leaves; None when the decision depends on the data. Known:
+        no exit point, or static heads (confidence 1 everywhere: the exit rule's strict `>` leaves
+        at the first threshold below 1)."""
+        if not self.points:
+            return 0
+        if self.heads is None or self.heads.kind != "static":
+            return None
+        return next((j for j, thr in enumerate(self.thresholds) if 1.0 > thr), len(self.points))
 
     def step(self, batch, opts, gen):
-        if not self.points and chunkable(self.engine, opts):  # plain full depth: steps in chunks
+        if self.known is not None and chunkable(self.engine, opts):  # no host decision: steps in chunks
             n = chunk_length(tokens_wanted(batch, opts))
             if n > 1:
                 rows = [b for b in range(batch.B) if batch.active[b]]
-                return chunk_outcomes(self.engine, batch, n, lambda slot: self._logs(batch, rows, {}, {}, slot))
+                exit_layer, probes = self._known_logs(rows)
+                return chunk_outcomes(
+                    self.engine, batch, n, lambda slot: self._logs(batch, rows, exit_layer, probes, slot),
+                    forward=None if not self.points else
+                    (lambda view, fed, slot, at: self.forward(view, fed, slot, at=at)[0]),
+                    key=(self.name, tuple(self.points), self.known, self.through))
         logits, logs = self.forward(batch, batch.fed, batch.slot)
         tok = sample(logits, opts, gen)
         toks = tok.tolist()  # the step's one read of what it emits
         batch.fed, batch.slot = tok, batch.slot + 1
         return [Outcome("emit", logs[b], token=toks[b]) if logs[b] is not None else None for b in range(batch.B)], logits
 
+    def _known_logs(self, rows):
+        """(exit_layer, probes) per row as `forward` finds them when the decision is `known`."""
+        if not self.points:
+            return {}, {}
+        j = self.known
+        probes = {b: min(j + 1, len(self.points)) for b in rows}
+        return ({b: self.points[j] for b in rows} if j < len(self.points) else {}), probes
+
     @torch.no_grad()
-    def forward(self, batch, fed, slot, observe=None, emit=True):
+    def forward(self, batch, fed, slot, observe=None, emit=True, at=None):
         """Feed fed [B] at `slot` for every active row: (next-token logits [B, V], per-row StepLog or
         None). `observe(j, h, conf, logits)`, if given, sees every exit point's hidden states [B, d],
         confidences and probe logits (or None) as they are computed; with `emit` False the final
-        LM head is not run and the logits are None (evaluation reads only what it observed)."""
+        LM head is not run and the logits are None (evaluation reads only what it observed).
+        Where the decision is `known`, nothing is read back: the step can be captured with
+        others, its slot then given on the device as `at` [1] (full_chunk.run_chunk)."""
         eng, L = self.engine, self.L
         state, active = batch.state, batch.active_dev
-        step = eng.make_step(slot, 1, batch.pad, write=active[:, None])
+        step = eng.make_step(slot, 1, batch.pad, write=active[:, None], at=at)
         h = eng.embed(fed[:, None])
         running, running_rows = active, [b for b in range(batch.B) if batch.active[b]]
         served = list(running_rows)
@@ -82,7 +113,10 @@ class SlotPolicy(Policy):
             if observe is not None:
                 observe(j, h[:, -1], conf, lg)
             newly = exits_here(conf, self.thresholds[j], running)
-            leaves = newly.tolist()  # the exit decision: this exit point's one host read
+            if self.known is None:
+                leaves = newly.tolist()  # the exit decision: this exit point's one host read
+            else:  # decided before the step: every running row leaves here, or none does
+                leaves = [j == self.known] * batch.B
             for b in running_rows:
                 probes[b] = j + 1
                 if leaves[b]:
