@@ -12,6 +12,7 @@
 #   ARCH     compute capability to build for, without the dot (default 90: H100 / H200)
 #   MAX_JOBS parallel nvcc jobs (default: the CPU count)
 #   MAMBA, CONV  versions (default 2.3.2.post1, 1.7.0)
+#   CUDA_HOME the CUDA toolkit (default: found from nvcc)
 # Timings seen: on the 16-core H200 box ~7 min and ~3 min; on a 2-core CPU machine with CUDA 13.0,
 # see benchmarks/NOTES.md.
 set -euo pipefail
@@ -29,6 +30,10 @@ if [ -n "${TORCH:-}" ]; then
   "$PY" -m pip install -q "$TORCH" ninja packaging setuptools wheel
 fi
 "$PY" -c 'import torch; print("building against torch", torch.__version__, "CUDA", torch.version.cuda)'
+# torch finds the toolkit from CUDA_HOME, else from `which nvcc`: a wrapper script on the PATH
+# (as on some machines) then points it at a folder without CUDA's headers.
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(ls -d /usr/local/cuda/bin/nvcc 2>/dev/null || command -v nvcc)")")")}
+echo "CUDA_HOME=$CUDA_HOME"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE
 for spec in "causal-conv1d==$CONV" "mamba-ssm==$MAMBA"; do

@@ -148,40 +148,57 @@ def _cuda_backbone(shape):
     from meestral.backbones.loading import load_backbone, random_backbone
     from meestral.errors import MeestralError
 
-    if shape != "smollm2":
+    if not shape.startswith("smollm2"):
         return random_backbone(shape, device="cuda")
     try:
-        return load_backbone("smollm2", device="cuda")
+        return load_backbone("smollm2", device="cuda", dtype="bfloat16" if shape.endswith("bf16") else None)
     except MeestralError as e:
         pytest.skip(f"smollm2 not installed here: {e}")
 
 
+def _all_captured(dec):
+    """Every call the decoder's engine made is a graph: none fell back to eager after a failed
+    capture (which would still give the right tokens, only slowly: hence its own check)."""
+    eng = dec.engine
+    assert eng.capture and eng.failed_captures == 0
+    assert all(c.graph is not None for c in eng.calls.values())
+
+
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba", "smollm2"])
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba", "smollm2", "smollm2-bf16"])
 @pytest.mark.parametrize("threshold", [0.05, 0.5])
 def test_cuda_graphs_verify_equals_full_and_hf_greedy(shape, threshold):
-    """On CUDA, with real graph capture (and the compiled per-layer functions): verify (random
+    """On CUDA, with real graph capture (and the compiled per-layer functions): verify (softmax
     heads) is token-identical to our full depth and to HF greedy generate, batch 1 and 3; catch-up
-    and copy match the eager engine."""
+    and copy match the eager engine; no capture of any of them failed (real SmolLM2 in float32 and
+    bfloat16 included: where the failures of 2026-12-04 were seen)."""
     from test_decoding import hf_greedy
 
     bb = _cuda_backbone(shape)
     L = bb.num_layers
     heads = ExitHeads("softmax", [L // 3, 2 * L // 3], bb).to("cuda")
     opts = SamplingOptions(max_new_tokens=12)
+    exact = bb.dtype == torch.float32  # in bf16 a window's matmuls round differently from one token's
     full = EarlyExitDecoder(bb, engine="graph")
     for prompts in (PROMPTS[:1], PROMPTS):
         ref = [g.token_ids for g in full.generate(prompts, opts)]
-        got = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=threshold, policy="verify", max_backlog=4), engine="graph").generate(prompts, opts)
-        assert [g.token_ids for g in got] == ref
-        for p, r in zip(prompts, ref):
-            assert hf_greedy(bb, p, 12) == r
+        ver = EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=threshold, policy="verify", max_backlog=4), engine="graph")
+        got = ver.generate(prompts, opts)
+        assert [len(g.token_ids) for g in got] == [len(r) for r in ref]
+        _all_captured(ver)
+        if exact:
+            assert [g.token_ids for g in got] == ref
+            for p, r in zip(prompts, ref):
+                assert hf_greedy(bb, p, 12) == r
         for policy in ("copy", "catchup"):
             eager, graph = (EarlyExitDecoder(bb, ExitConfig(heads=heads, thresholds=threshold, policy=policy, max_backlog=4), engine=e)
                             for e in ("eager", "graph"))
-            assert [g.token_ids for g in graph.generate(prompts, opts)] == [g.token_ids for g in eager.generate(prompts, opts)]
-        assert full.engine.capture and all(c.graph is not None for c in full.engine.calls.values())
+            got = [g.token_ids for g in graph.generate(prompts, opts)]
+            _all_captured(graph)
+            if exact:
+                assert got == [g.token_ids for g in eager.generate(prompts, opts)]
+        _all_captured(full)
 
 
 @pytest.mark.cuda

@@ -99,7 +99,8 @@ def add_tool_parsers(sub):
     b.add_argument("--policies", type=names, help="policies of the forced-exit rows: copy, propagate, catchup, verify "
                    "(default: these four), speculate")
     b.add_argument("--peers", type=names, help="peers: hf (default), hf-static, hf-compiled (full depth), hf-assisted "
-                   "(HF's self-speculation, assistant_early_exit, from each exit point)")
+                   "(HF's self-speculation, assistant_early_exit, from each exit point), mamba-ssm (its generate(cg=True), Mamba "
+                   "models; wheels: benchmarks/build_mamba_ssm.sh)")
     b.add_argument("--profile", help="also write kernel tables (where device time goes) to this JSON file")
     b.add_argument("--draft-tokens", default="4",
                    help="speculate rows (with speculate in --policies): drafts per cycle, e.g. 2,4,auto (default 4)")

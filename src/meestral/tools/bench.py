@@ -12,8 +12,10 @@ each row gives the weight bytes it read per second and their share of it.
 Peers (`peers`): `hf` = HF `generate` with its default (dynamic) cache; `hf-static` = HF
 `generate(cache_implementation="static")`, which compiles its forward itself; `hf-compiled` = a
 `StaticCache` and one-token steps over HF's modules through `torch.compile(mode="reduce-overhead")`
-(the gpt-fast recipe, the strongest full-depth peer we can build from HF). The compiling peers
-take minutes to compile: ask for them where the time is there.
+(the gpt-fast recipe, the strongest full-depth peer we can build from HF); `mamba-ssm` = mamba-ssm's
+own `generate(cg=True)` on the same weights, Mamba models only, where mamba-ssm imports
+(tools/mamba_ssm_peer.py; wheels: benchmarks/build_mamba_ssm.sh). The compiling peers take minutes
+to compile: ask for them where the time is there.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ PROMPTS = (
 )
 POLICIES = ("copy", "propagate", "catchup", "verify")  # the default rows; speculate is asked for
 ALL_POLICIES = POLICIES + ("speculate",)
-PEERS = ("hf", "hf-static", "hf-compiled", "hf-assisted")
+PEERS = ("hf", "hf-static", "hf-compiled", "hf-assisted", "mamba-ssm")
 PEER_CASES = {"hf": "hf_generate", "hf-static": "hf_generate_static", "hf-compiled": "hf_compiled_step"}
 
 
@@ -188,6 +190,10 @@ def _peer_ms(name, bb, ids, tokens, repeats):
             return _hf_generate_ms(bb, ids, tokens, repeats, cache_implementation="static")
         if name == "hf-compiled":
             return _hf_compiled_ms(bb, ids, tokens, repeats)
+        if name == "mamba-ssm":
+            from meestral.tools.mamba_ssm_peer import mamba_ssm_ms
+
+            return mamba_ssm_ms(bb, ids, tokens, repeats)
     except Exception as e:  # a peer that cannot run this backbone is reported, not fatal
         print(f"peer {name} skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return None
