@@ -177,3 +177,47 @@ def test_static_exits_leave_at_the_first_threshold_below_one(tiny):
         assert EarlyExitDecoder(bb, cfg).policy.known == known
     soft = ExitConfig(heads=ExitHeads("softmax", [0], bb), thresholds=0.0, policy="copy")
     assert EarlyExitDecoder(bb, soft).policy.known is None  # depends on the data: read back per step
+
+
+@pytest.mark.parametrize("shape", ARCHS)
+def test_static_catchup_runs_whole_cycles_equal_to_one_step_at_a_time(tiny, shape):
+    """Catch-up under static exits: every token leaves at the known exit point until the backlog
+    is full, then one goes deep, so a whole cycle (max_backlog exits and the deep pass) runs as one
+    device run. Tokens, accounting (layers, positions run, deep passes) and every layer's state
+    equal one step at a time, batch 1 and 3; the steps after the last whole cycle run one by one."""
+    from test_graph_engine import assert_states_equal, layer_states
+
+    bb = tiny(shape)
+    L = bb.num_layers
+    opts = SamplingOptions(max_new_tokens=14)  # 13 steps: two cycles of 5, then 3 single steps
+    for points, thr in (([L // 3], 0.5), ([0, L // 2], [1.0, 0.2])):
+        cfg = ExitConfig(heads=ExitHeads("static", points, bb), thresholds=thr, policy="catchup", max_backlog=4)
+        ref_dec = EarlyExitDecoder(bb, cfg, engine="eager")
+        dec, sizes = chunked(bb, "graph", cfg)
+        for prompts in (PROMPTS[:1], PROMPTS):
+            states = {}
+            ref = ref_dec.generate(prompts, opts, inspect=lambda v: states.__setitem__("ref", layer_states(bb, v.state)))
+            sizes.clear()
+            got = dec.generate(prompts, opts, inspect=lambda v: states.__setitem__("got", layer_states(bb, v.state)))
+            assert sizes == [5, 5, 1, 1, 1], points
+            assert [g.token_ids for g in got] == [r.token_ids for r in ref], points
+            for g, r in zip(got, ref):
+                a, b = dec.summary(g), ref_dec.summary(r)
+                for k in ("tokens", "mean_layers_run", "weight_bytes_per_token", "flops_per_token", "exit_rate",
+                          "mean_exit_layer", "mean_probes", "deep_passes_per_token", "caught_up_per_token"):
+                    assert a[k] == pytest.approx(b[k]), (k, points)
+            assert_states_equal(bb, states["ref"], states["got"], 1e-5)
+        # a second generation on the same engine reuses the captured cycle and the backlog's buffers
+        again = dec.generate(PROMPTS, opts)
+        assert [g.token_ids for g in again] == [r.token_ids for r in ref_dec.generate(PROMPTS, opts)]
+
+
+def test_catchup_cycles_only_where_decisions_are_known(tiny):
+    bb = tiny("mistral")
+    for heads, thr in ((ExitHeads("softmax", [1], bb), 0.0), (ExitHeads("static", [1], bb), 1.0)):
+        dec, sizes = chunked(bb, "eager", ExitConfig(heads=heads, thresholds=thr, policy="catchup"))
+        dec.generate(PROMPTS[:1], SamplingOptions(max_new_tokens=12))
+        assert set(sizes) == {1}
+    dec, sizes = chunked(bb, "eager", ExitConfig(heads=ExitHeads("static", [1], bb), thresholds=0.5, policy="verify"))
+    dec.generate(PROMPTS[:1], SamplingOptions(max_new_tokens=12))
+    assert all(s == 1 for s in sizes)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from meestral.decoding.exit_rule import exits_here
+from meestral.decoding.full_chunk import chunkable
 from meestral.decoding.policy import Outcome, Policy
 from meestral.decoding.sampling import sample
 from meestral.decoding.schedule import BacklogSchedule
@@ -31,17 +32,20 @@ from meestral.decoding.schedule import BacklogSchedule
 
 class Backlog:
     """The device side of a catch-up generation: per row and slot, token, depth, hidden state;
-    and on the host, per row, its newest slot and its schedule."""
+    and on the host, per row, its newest slot and its schedule. The device buffers come from the
+    engine (`scratch`): a fixed-shape engine keeps them with the generation's state, so a captured
+    catch-up cycle (`CatchupPolicy.cycle`) finds them at the same addresses in every generation."""
 
-    def __init__(self, batch, first: torch.Tensor, num_layers: int, max_backlog: int, hidden_size: int,
+    def __init__(self, engine, batch, first: torch.Tensor, num_layers: int, max_backlog: int, hidden_size: int,
                  hidden_dtype: torch.dtype):
-        B, P, cap, dev = batch.B, batch.P, batch.capacity, batch.pad.device
-        self.tokens = torch.zeros(B, cap, dtype=torch.long, device=dev)
+        B, P, cap = batch.B, batch.P, batch.capacity
+        st = batch.state
+        self.tokens = engine.scratch(st, "backlog-tokens", (B, cap), torch.long, 0)
         self.tokens[:, :P] = batch.ids
         self.tokens[:, P] = first
-        self.depth = torch.full((B, cap), num_layers - 1, dtype=torch.long, device=dev)
+        self.depth = engine.scratch(st, "backlog-depth", (B, cap), torch.long, num_layers - 1)
         self.depth[:, P] = -1
-        self.hidden = torch.zeros(B, cap, hidden_size, dtype=hidden_dtype, device=dev)
+        self.hidden = engine.scratch(st, "backlog-hidden", (B, cap, hidden_size), hidden_dtype, 0)
         self.cur = [P] * B  # host: each row's newest slot (what the next step feeds)
         self.schedule = [BacklogSchedule(max_backlog, num_layers) for _ in range(B)]
         # verify (verify.py)
@@ -69,12 +73,32 @@ class CatchupPolicy(Policy):
 
     def start(self, batch, first, hidden_dtype):
         super().start(batch, first, hidden_dtype)
-        batch.backlog = Backlog(batch, first, self.L, self.cfg.max_backlog, self.engine.hidden_size, hidden_dtype)
+        batch.backlog = Backlog(self.engine, batch, first, self.L, self.cfg.max_backlog, self.engine.hidden_size,
+                                hidden_dtype)
+
+    def __init__(self, config, engine):
+        super().__init__(config, engine)
+        self.known = self._known_exit()
+
+    def _known_exit(self):
+        """The exit point (index) every token that may leave does leave at, when that is known before
+        any step runs: static heads (confidence 1, so the first threshold below 1); None otherwise
+        (the decision depends on the data, no token ever leaves, or verify, which reads its checks)."""
+        if self.cfg.verify or self.heads is None or self.heads.kind != "static":
+            return None
+        return next((j for j, thr in enumerate(self.thresholds) if 1.0 > thr), None)
 
     @torch.no_grad()
     def step(self, batch, opts, gen):
         bl = batch.backlog
         rows = [b for b in range(batch.B) if batch.active[b]]
+        if self.known is not None and chunkable(self.engine, opts):
+            n = self.cfg.max_backlog + 1
+            c = {bl.cur[b] for b in rows}
+            # rows in step (they started together and every decision is known), at a cycle's start
+            if len(c) == 1 and all(not bl.schedule[b].depths for b in rows) \
+                    and opts.max_new_tokens - (c.pop() - batch.P + 1) >= n:
+                return self.cycle(batch, rows, n)
         forced = {b for b in rows if bl.schedule[b].full}
         win = self.window_pass(batch, rows, forced)
         toks = sample(win.logits, opts, gen).tolist()  # the step's one read: the tokens to emit
@@ -83,6 +107,57 @@ class CatchupPolicy(Policy):
             out[b] = Outcome("emit", self.row_log(batch, b, win, forced), token=toks[b])
         self.push(batch, {b: toks[b] for b in rows})
         return out, win.logits
+
+    @torch.no_grad()
+    def cycle(self, batch, rows, n: int):
+        """One catch-up cycle as ONE device run, where every decision is known (`known`): n - 1
+        tokens leave at the known exit point, each joining the backlog, then the backlog is full
+        and the n-th token goes deep, carrying them (n = max_backlog + 1). The same windows, writes
+        and logits as n `step`s, with each argmax written on the device as the next step's token;
+        one host read for the n tokens. Rows must be in step, with empty backlogs."""
+        eng, bl, L, j = self.engine, batch.backlog, self.L, self.known
+        c0 = bl.cur[rows[0]]
+        inputs = {"at": batch.tensor([c0], torch.long), "pad": batch.pad, "active": batch.active_dev}
+        state = batch.state
+
+        def device_part(x):
+            at, active = x["at"], x["active"]
+            B = active.shape[0]
+            toks, logits = [], None
+            for t in range(n):
+                W, deep = t + 1, t == n - 1
+                idx = at + torch.arange(W, device=at.device)  # the backlog and the newest token
+                depth = bl.depth.index_select(1, idx)
+                in_row = active[:, None].expand(B, W)
+                xw = torch.where((in_row & (depth == -1))[..., None],
+                                 eng.embed(bl.tokens.index_select(1, idx)).to(bl.hidden.dtype), bl.hidden.index_select(1, idx))
+                step = eng.make_step(c0, W, x["pad"], write=in_row, at=at)
+                for layers in (self.segments if deep else self.segments[: j + 1]):
+                    xw, _, _ = eng.window(layers, xw, state, step, depth, in_row)
+                e = L - 1 if deep else self.points[j]
+                bl.hidden.index_copy_(1, idx, xw)
+                bl.depth.index_copy_(1, idx, torch.where(in_row, depth.clamp(min=e), depth))
+                logits = eng.logits(xw[:, W - 1])
+                tok = logits.argmax(-1)
+                nxt = at + W  # `push`: the emitted token is the next step's newest slot
+                bl.tokens.index_copy_(1, nxt, torch.where(active, tok, bl.tokens.index_select(1, nxt)[:, 0])[:, None])
+                bl.depth.index_copy_(1, nxt, torch.where(active, -1, bl.depth.index_select(1, nxt)[:, 0])[:, None])
+                toks.append(tok)
+            return torch.stack(toks, 1), logits
+
+        key = ("catchup-cycle", n, batch.B, id(state), tuple(self.points), j)
+        toks_t, logits = eng.sequence(key, device_part, inputs, start=c0, length=n)
+        toks = toks_t.tolist()  # the cycle's one read
+        out = [None] * batch.B
+        for b in rows:
+            out[b] = []
+            for t in range(n):
+                deep = t == n - 1
+                win = Window({} if deep else {b: self.points[j]}, {} if deep else {b: j + 1}, None, None, c0, deep)
+                out[b].append(Outcome("emit", self.row_log(batch, b, win, {b} if deep else set()), token=toks[b][t]))
+                bl.cur[b] += 1
+        batch.fed = bl.tokens[torch.arange(batch.B, device=bl.tokens.device), batch.index(bl.cur)]
+        return out, logits.clone()
 
     def window_pass(self, batch, rows, forced) -> Window:
         """The window step on the device: every active row's newest token, with the backlog

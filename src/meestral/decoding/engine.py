@@ -96,6 +96,11 @@ class EagerEngine:
     def restore_history(self, state, history, index: torch.Tensor) -> None:
         self.bb.restore_history(state, history, index)
 
+    def scratch(self, state, name: str, shape, dtype, fill) -> torch.Tensor:
+        """A generation's own device buffer, filled with `fill` (catch-up's backlog). A fixed-shape
+        engine keeps one per (state, name), so that captured work finds it at the same address."""
+        return torch.full(tuple(shape), fill, dtype=dtype, device=self.device)
+
     # ---- running blocks ----------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.bb.embed(ids)

@@ -153,7 +153,7 @@ class GraphEngine(EagerEngine):
         self.max_calls, self.max_states = max_calls, max_states
         self.states: OrderedDict = OrderedDict()  # (batch size, capacity) -> the state such generations reuse
         self.calls: OrderedDict = OrderedDict()  # shape key -> CapturedCall
-        self.histories: dict = {}  # ("history", id(state), positions) -> that state's per-slot history
+        self.histories: dict = {}  # ("history" | "scratch", id(state), ...) -> that state's history / buffer
         self.stream = torch.cuda.Stream(device=backbone.device) if self.capture else None
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.first_calls = 0  # calls run for the first time (eager run, compile, capture): a step that made one is not timed
@@ -184,6 +184,17 @@ class GraphEngine(EagerEngine):
         if key not in self.histories:
             self.histories[key] = self.bb.new_history(batch_size, positions)
         return self.histories[key]
+
+    def scratch(self, state, name, shape, dtype, fill):
+        """One buffer per (state, name, shape, dtype), kept with the state like its histories,
+        refilled for each generation."""
+        key = ("scratch", id(state), name, tuple(shape), dtype)
+        buf = self.histories.get(key)
+        if buf is None:
+            buf = self.histories[key] = torch.full(tuple(shape), fill, dtype=dtype, device=self.device)
+        else:
+            buf.fill_(fill)
+        return buf
 
     def restore_history(self, state, history, index):
         if history is None:

@@ -2,7 +2,11 @@
 against the full-depth decoders a user could take instead (the peers), in one run.
 
 Exits are forced with `static` heads (confidence 1, no probe cost), so the numbers isolate the
-mechanism: what skipping layers and filling their state costs and saves. Each case is timed
+mechanism: what skipping layers and filling their state costs and saves. Their decisions are known
+before a step runs, so on a capturing engine their steps run several to a device run (copy /
+propagate: chunks of up to 8 steps; catchup: a whole backlog cycle), as full depth's do: the rows
+show the cost of the layers, not of host round trips. Exits decided by a confidence read each
+decision back, once per exit point asked. Each case is timed
 `repeats` times, round-robin across cases so drift hits all of them alike; the median is kept.
 Every ratio is taken within the run: to our full depth (`speedup_vs_full`, on the engine the
 exits run on) and to the fastest peer (`speedup_vs_best_peer`). On CUDA the run also measures a
