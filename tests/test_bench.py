@@ -153,8 +153,16 @@ def test_bench_gives_full_depth_one_step_at_a_time_beside_chunks(tiny, monkeypat
     bb = tiny("mistral")
     monkeypatch.setattr(bench, "load_backbone", lambda *a, **kw: bb)
     monkeypatch.setattr(EagerEngine, "chunk_steps", True)
-    rows = bench.run_bench("tiny", exits=[2], tokens=6, repeats=1, out=io.StringIO(), policies=("copy",), peers=())
-    assert [r["case"] for r in rows[:2]] == ["full", "full_one_step_at_a_time"]
+    rows = bench.run_bench("tiny", exits=[2], tokens=6, repeats=1, out=io.StringIO(), policies=("copy", "catchup"), peers=())
+    cases = [(r["case"], r["policy"]) for r in rows]
+    assert cases[:2] == [("full", "-"), ("full_one_step_at_a_time", "-")]
+    # the forced exits run in chunks too (their decision is known): each beside its one-step twin
+    assert cases[-2:] == [("exit@2_one_step_at_a_time", "copy"), ("exit@2_one_step_at_a_time", "catchup")]
+    by = {c: r for c, r in zip(cases, rows)}
+    for policy in ("copy", "catchup"):
+        a, b = by[("exit@2", policy)], by[("exit@2_one_step_at_a_time", policy)]
+        assert a["weight_bytes_per_token"] == b["weight_bytes_per_token"]
+        assert a["speedup_of_byte_ratio"] == pytest.approx(a["speedup_vs_full"] * a["weight_bytes_ratio"])
     assert rows[0]["weight_bytes_per_token"] == rows[1]["weight_bytes_per_token"]
 
 

@@ -54,7 +54,8 @@ PROMPTS = (
 POLICIES = ("copy", "propagate", "catchup", "verify")  # the default rows; speculate is asked for
 ALL_POLICIES = POLICIES + ("speculate",)
 PEERS = ("hf", "hf-static", "hf-compiled", "hf-assisted", "mamba-ssm")
-PEER_CASES = {"hf": "hf_generate", "hf-static": "hf_generate_static", "hf-compiled": "hf_compiled_step"}
+PEER_CASES = {"hf": "hf_generate", "hf-static": "hf_generate_static", "hf-compiled": "hf_compiled_step",
+              "mamba-ssm": "mamba_ssm_generate_cg"}
 
 
 def prompt_ids(bb, n: int | None, text: str = PROMPT, chat: bool = False) -> list[int]:
@@ -247,10 +248,15 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     kind = type(decs[0][2].engine).__name__
     if kind != "EagerEngine":  # the eager engine's full depth beside it: what the fixed path gains
         decs.insert(1, ("full", "-", EarlyExitDecoder(bb, engine="eager")))
-    if decs[0][2].engine.chunk_steps:  # and full depth one step at a time: what chunks gain (full_chunk.py)
-        one = EarlyExitDecoder(bb, engine=engine)
-        one.engine.chunk_steps = False
-        decs.insert(1, ("full_one_step_at_a_time", "-", one))
+    if decs[0][2].engine.chunk_steps:  # and one step at a time: what chunks gain (full_chunk.py)
+        twins = []
+        for name, policy, dec in decs:  # every case whose steps run several to a device run
+            if dec.engine.chunk_steps and getattr(dec.policy, "known", None) is not None:
+                one = EarlyExitDecoder(bb, config=dec.config, engine=engine)
+                one.engine.chunk_steps = False
+                twins.append((f"{name}_one_step_at_a_time", "-" if name == "full" else policy, one))
+        decs[1:1] = twins[:1]
+        decs.extend(twins[1:])
     for name, policy, dec in decs:
         # Warm-up (allocator, compile, capture). A capturing engine meets a new shape at each key
         # range and each cycle length up to the last token: it warms up on the whole length, so the
@@ -313,10 +319,10 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         if per is not None:
             case = PEER_CASES.get(p) or p.replace("hf-assisted", "hf_assisted")
             ms = statistics.mean(per)
-            rows.append(dict(full, case=case, policy="-", engine="hf", ms_per_token=ms, tokens_per_s=1000.0 / ms,
-                             ms_per_token_by_prompt=per))
+            rows.append(dict(full, case=case, policy="-", engine="mamba-ssm" if p == "mamba-ssm" else "hf",
+                             ms_per_token=ms, tokens_per_s=1000.0 / ms, ms_per_token_by_prompt=per))
     # The assisted peer is a lossless early-exit decoder, not a full-depth one: kept out of "best peer".
-    peer_rows = [r for r in rows if r["engine"] == "hf" and not r["case"].startswith("hf_assisted")]
+    peer_rows = [r for r in rows if r["engine"] in ("hf", "mamba-ssm") and not r["case"].startswith("hf_assisted")]
     best_peer = min((r["ms_per_token"] for r in peer_rows), default=None)
     for r in rows:
         r["speedup_vs_full"] = full["ms_per_token"] / r["ms_per_token"]
@@ -326,6 +332,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             r["of_predicted"] = r["speedup_vs_full"] / r["predicted_speedup"]
         r["speedup_vs_best_peer"] = None if best_peer is None else best_peer / r["ms_per_token"]
         r["weight_bytes_ratio"] = r["weight_bytes_per_token"] / full["weight_bytes_per_token"]
+        # What an exit gains against what its bytes allow (1.0: every byte saved is time saved).
+        r["speedup_of_byte_ratio"] = r["speedup_vs_full"] * r["weight_bytes_ratio"]
         r["weight_gbps"] = r["weight_bytes_per_token"] * r["tokens_per_s"] / 1e9
         r["copy_gbps"] = gbps
         r["pct_of_copy_bandwidth"] = None if gbps is None else 100.0 * r["weight_gbps"] / gbps
@@ -337,8 +345,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         print(json.dumps(r), file=out, flush=True)
     if profile:
         _write_profiles(profile, bb, ids, tokens, opts, decs)
-    print(f"\n{'case':<22} {'policy':<10} {'engine':<12} {'layers':>7} {'deep':>5} {'tok/s':>8} {'vs full':>8} "
-          f"{'vs peer':>8} {'GB/s':>7} {'bytes':>6}", file=sys.stderr)
+    print(f"\n{'case':<32} {'policy':<10} {'engine':<12} {'layers':>7} {'deep':>5} {'tok/s':>8} {'vs full':>8} "
+          f"{'vs peer':>8} {'GB/s':>7} {'bytes':>6} {'of bytes':>8}", file=sys.stderr)
     for r in rows:
         vp = "" if r["speedup_vs_best_peer"] is None else f"{r['speedup_vs_best_peer']:.2f}x"
         spec = ""
@@ -350,9 +358,10 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
                 spec += f", from times {r['predicted_speedup_time']:.2f}x ({r['of_predicted_time']:.2f})"
         if prompts > 1:
             spec += f"  worst prompt {r['worst_prompt_speedup_vs_full']:.2f}x"
-        print(f"{r['case']:<22} {r['policy']:<10} {r['engine']:<12} {r['mean_layers_run']:>7.1f} "
+        print(f"{r['case']:<32} {r['policy']:<10} {r['engine']:<12} {r['mean_layers_run']:>7.1f} "
               f"{r['deep_passes_per_token']:>5.2f} {r['tokens_per_s']:>8.1f} {r['speedup_vs_full']:>7.2f}x {vp:>8} "
-              f"{r['weight_gbps']:>7.1f} {r['weight_bytes_ratio']:>5.2f}x{spec}", file=sys.stderr)
+              f"{r['weight_gbps']:>7.1f} {r['weight_bytes_ratio']:>5.2f}x {r['speedup_of_byte_ratio']:>8.2f}{spec}",
+              file=sys.stderr)
     return rows
 
 
