@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The fixed-shape engine on the H200 box: its CUDA tests, then the decode benchmark (bf16, batch 1,
-# prompt 128, 128 new tokens) on the given 7B shapes with every peer and a kernel profile. Each part
-# has its own time limit and writes under $OUT as it goes, so a cut-short call still returns what ran.
+# The fixed-shape engine on the GPU box: its CUDA tests, the GEMV roofline, then the decode benchmark
+# (bf16, batch 1, prompt 128, 128 new tokens) on the given 7B shapes with the peers and a kernel
+# profile. Each part has its own time limit and writes under $OUT as it goes, so a cut-short call
+# still returns what ran.
 #   bash benchmarks/h200_graph_engine.sh [SHAPES]     (repository root; default: both shapes; - none)
 # Env: T_TESTS (s, 0 skips the tests), T_WORKERS (test processes: each compiles its own shapes, so
-# they run side by side on the box's CPUs), T_BENCH (s per shape), PEERS, REPEATS, POLICIES.
+# they run side by side on the box's CPUs), T_GEMV (s, 0 skips benchmarks/gemv_roofline.py), T_BENCH
+# (s per shape), PEERS (default: hf-static,hf-compiled; Mamba shapes: mamba-ssm,hf-compiled),
+# REPEATS, POLICIES, WHEELS (a folder of wheels to install first, e.g. mamba-ssm's and causal-conv1d's
+# from benchmarks/build_mamba_ssm.sh).
 set -u
 OUT=${OUT:-out/h200}; mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
@@ -12,18 +16,32 @@ PY=${PY:-python3}
 D=$(date +%F)
 SHAPES=${1:-mistral-7b,codestral-mamba-7b}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$OUT/gpu.txt" 2>&1
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]*' | tr A-Z a-z)
+GPU=${GPU:-gpu}
+if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl 2>&1 | tail -2
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+  $PY -c 'import mamba_ssm, causal_conv1d; print("mamba-ssm", mamba_ssm.__version__, "causal-conv1d", causal_conv1d.__version__)' 2>&1 | tail -1
+fi
 if [ "${T_TESTS:-150}" != 0 ]; then
-  timeout ${T_TESTS:-150} $PY -m pytest -m cuda tests/test_graph_engine.py -q -p no:cacheprovider -n ${T_WORKERS:-6} > "$OUT/cuda-tests.log" 2>&1
+  timeout ${T_TESTS:-150} $PY -m pytest -m cuda tests/test_graph_engine.py tests/test_mamba_ssm_peer.py -q -p no:cacheprovider \
+    -n ${T_WORKERS:-6} > "$OUT/cuda-tests.log" 2>&1
   echo "cuda tests rc=$?" | tee -a "$OUT/cuda-tests.log"
-  tail -3 "$OUT/cuda-tests.log"
+  grep -E "passed|failed|FAILED|skipped" "$OUT/cuda-tests.log" | tail -12
+fi
+if [ "${T_GEMV:-0}" != 0 ]; then
+  timeout $T_GEMV $PY benchmarks/gemv_roofline.py --shapes ${GEMV_SHAPES:-mistral-7b,codestral-mamba-7b} --json "$OUT/$D-$GPU-gemv.jsonl" 2> "$OUT/gemv.err"
+  echo "gemv rc=$?" >> "$OUT/gemv.err"
+  cat "$OUT/gemv.err"
 fi
 [ "$SHAPES" = - ] && SHAPES=
 for shape in ${SHAPES//,/ }; do
   L=$([ $shape = mistral-7b ] && echo 10,21 || echo 21,42)
+  peers=${PEERS:-$([ $shape = mistral-7b ] && echo hf-static,hf-compiled || echo mamba-ssm,hf-compiled)}
   timeout ${T_BENCH:-400} $PY benchmarks/bench_decode.py --backbone random:$shape --device cuda --dtype bfloat16 \
     --prompt-tokens 128 --tokens 128 --repeats ${REPEATS:-1} --exits $L --policies ${POLICIES:-copy,propagate,catchup} \
-    --peers ${PEERS:-hf,hf-static,hf-compiled} --profile "$OUT/$D-h200-$shape-profile.json" \
-    > "$OUT/$D-h200-$shape-graph.jsonl" 2> "$OUT/$shape.err"
+    --peers $peers --profile "$OUT/$D-$GPU-$shape-profile.json" \
+    > "$OUT/$D-$GPU-$shape-graph.jsonl" 2> "$OUT/$shape.err"
   echo "$shape rc=$?" >> "$OUT/$shape.err"
-  grep -v "^\s*[0-9.]* ms " "$OUT/$shape.err" | tail -25
+  grep -v "^\s*[0-9.]* ms " "$OUT/$shape.err" | tail -40
 done
