@@ -480,3 +480,60 @@ def test_graph_engine_compiled_mamba2_equals_eager():
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         assert [g.exit_layers for g in got] == [w.exit_layers for w in want]
     assert counters["stats"]["unique_graphs"] > graphs  # compiled code really ran
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_triton_gemv_equals_cublas_and_captures():
+    """backbones/gemv.py: one row in bf16 / fp16, the 7B shapes' weights and odd sizes, with a bias,
+    equal to F.linear within the dtype's rounding; captured in a CUDA graph it replays on new input."""
+    import torch.nn.functional as F
+
+    from meestral.backbones import gemv
+
+    for dtype in (torch.bfloat16, torch.float16):
+        for N, K in ((6144, 4096), (4096, 14336), (18560, 4096), (1000, 777), (3, 64)):
+            w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
+            x, b = torch.randn(1, 1, K, device="cuda").to(dtype), torch.randn(N, device="cuda").to(dtype)
+            assert gemv.applies(x, w)
+            torch.testing.assert_close(gemv.linear(x, w, b).float(), F.linear(x, w, b).float(), atol=2e-2, rtol=2e-2)
+    assert not gemv.applies(torch.randn(2, K, device="cuda").to(dtype), w)  # several rows: cuBLAS
+    assert not gemv.applies(x.float(), w.float())  # float32: cuBLAS
+    g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        gemv.linear(x, w)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        y = gemv.linear(x, w)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.testing.assert_close(y.float(), F.linear(x, w).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_cuda_bf16_layers_on_the_triton_gemv_equal_cublas(shape, monkeypatch):
+    """A bf16 decode step of every block, compiled as the graph engine runs it, with the Triton GEMV
+    and with cuBLAS: the same hidden states and states within bf16 rounding."""
+    from meestral.backbones import gemv
+    from meestral.backbones.base import compiled
+    from meestral.backbones.loading import random_backbone
+
+    bb = random_backbone(shape, device="cuda", dtype="bfloat16")
+    step = bb.make_step(5, 1, torch.zeros(1, dtype=torch.long, device="cuda"))
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(gemv, "ENABLED", on)
+        state = bb.new_state(1, 8)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        h = torch.randn(1, 1, bb.hidden_size, device="cuda", generator=gen).to(bb.dtype)
+        keys = bb.state_keys(state)
+        for i in range(bb.num_layers):
+            h, _ = bb.forward_layer_fixed(i, h, state, step, keys, kernel=compiled)
+        outs[on] = (h.float(), [[t.float() for t in bb.layer_tensors(state, i)] for i in range(bb.num_layers)])
+    torch.testing.assert_close(outs[True][0], outs[False][0], atol=5e-2, rtol=5e-2)
+    for a, b in zip(outs[True][1], outs[False][1]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=5e-2, rtol=5e-2)

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from meestral.backbones.gemv import module_linear  # one decoded row: a Triton GEMV on CUDA
+
 
 @dataclass
 class StepShared:
@@ -216,7 +218,7 @@ class Backbone(ABC):
         return self.norm_module(h.to(self.dtype) if h.dtype != self.norm_module.weight.dtype else h)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head_module(h.to(self.lm_head_module.weight.dtype))
+        return module_linear(self.lm_head_module, h.to(self.lm_head_module.weight.dtype))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on any layer's hidden state (the 'logit lens')."""

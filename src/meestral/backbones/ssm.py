@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from meestral.backbones import gemv
 from meestral.backbones.base import Backbone, LayerCost, plain, rms_norm
 
 # Windows longer than this take the per-module path even on the fixed path: the fused step unrolls
@@ -43,9 +44,9 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     u = rms_norm(h.to(norm_w.dtype), norm_w, eps)  # the block's Mamba2RMSNorm
     I, H, P, G, N = intermediate, n_heads, head_dim, n_groups, state_size
     if output:
-        gate, xbc, dt = F.linear(u, in_w, in_b).split([I, conv_dim, H], dim=-1)
+        gate, xbc, dt = gemv.linear(u, in_w, in_b).split([I, conv_dim, H], dim=-1)
     else:  # the gate rows are a third of in_proj and only the output needs them
-        xbc, dt = F.linear(u, in_w[I:], None if in_b is None else in_b[I:]).split([conv_dim, H], dim=-1)
+        xbc, dt = gemv.linear(u, in_w[I:], None if in_b is None else in_b[I:]).split([conv_dim, H], dim=-1)
     kernel = conv_w[:, 0, :]
     A = -torch.exp(A_log.float())
     Df = D.float()
@@ -84,7 +85,7 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     yg = yf.view(Bsz, T, I // group_size, group_size)
     yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + gnorm_eps)
     y = gnorm_w * yg.view(Bsz, T, I).to(y.dtype)
-    mixed = F.linear(y.to(u.dtype), out_w, out_b)
+    mixed = gemv.linear(y.to(u.dtype), out_w, out_b)
     residual = h.float() if residual_in_fp32 else h
     return residual + mixed, mixed
 

@@ -14,6 +14,7 @@ import inspect
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from meestral.backbones import gemv
 from meestral.backbones.base import Backbone, LayerCost, Step, plain, rms_norm
 
 
@@ -95,20 +96,20 @@ def _decoder_fixed(h, ln1, w_qkv, w_o, ln2, w_gu, w_down, kbuf, vbuf, valid, slo
     B, T, _ = h.shape
     D = head_dim
     x = rms_norm(h, ln1, eps)
-    q, k, v = torch.nn.functional.linear(x, w_qkv).split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
+    q, k, v = gemv.linear(x, w_qkv).split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
     q = _rotate(q.view(B, T, n_heads, D).transpose(1, 2), cos, sin)
     k = _rotate(k.view(B, T, n_kv, D).transpose(1, 2), cos, sin)
     v = v.view(B, T, n_kv, D).transpose(1, 2)
     o = _attend(q, k, v, kbuf, vbuf, valid, slots, write, shown, causal, own, scaling)
-    h = h + torch.nn.functional.linear(o, w_o)
-    gate, up = torch.nn.functional.linear(rms_norm(h, ln2, eps), w_gu).chunk(2, dim=-1)
-    return h + torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w_down)
+    h = h + gemv.linear(o, w_o)
+    gate, up = gemv.linear(rms_norm(h, ln2, eps), w_gu).chunk(2, dim=-1)
+    return h + gemv.linear(torch.nn.functional.silu(gate) * up, w_down)
 
 
 def _propagate_fixed(h, ln1, w_kv, kbuf, vbuf, valid, slots, write, cos, sin, eps: float, n_kv: int, head_dim: int):
     """The `propagate` policy's state-only step of one layer: K/V of h written at the slots."""
     B, T, _ = h.shape
-    k, v = torch.nn.functional.linear(rms_norm(h, ln1, eps), w_kv).chunk(2, dim=-1)
+    k, v = gemv.linear(rms_norm(h, ln1, eps), w_kv).chunk(2, dim=-1)
     k = _rotate(k.view(B, T, n_kv, head_dim).transpose(1, 2), cos, sin)
     v = v.view(B, T, n_kv, head_dim).transpose(1, 2)
     _write_kv(kbuf, vbuf, valid, k, v, slots, write)

@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from meestral.backbones import gemv
 from meestral.backbones.loading import load_backbone
 from meestral.decoding.decoder import EarlyExitDecoder
 from meestral.decoding.config import ExitConfig
@@ -77,6 +78,21 @@ def cases(bb, exits, max_backlog, policies=POLICIES):
         for policy in policies:
             if policy != "speculate":  # its rows: speculate_bench.speculate_cases
                 yield f"exit@{e}", ExitConfig(heads=heads, thresholds=0.0, policy=policy, max_backlog=max_backlog)
+
+
+def _cublas_only(dec):
+    """dec, its every generation run with the Triton GEMV off (its graphs are captured that way)."""
+    generate = dec.generate
+
+    def on_cublas(*args, **kwargs):
+        gemv.ENABLED = False
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            gemv.ENABLED = True
+
+    dec.generate = on_cublas
+    return dec
 
 
 def _sync(dev):
@@ -257,6 +273,10 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
                 twins.append((f"{name}_one_step_at_a_time", "-" if name == "full" else policy, one))
         decs[1:1] = twins[:1]
         decs.extend(twins[1:])
+    if decs[0][2].engine.capture and gemv.applies(torch.zeros(1, 8, device=bb.device, dtype=bb.dtype),
+                                                   torch.zeros(8, 8, device=bb.device, dtype=bb.dtype)):
+        # and full depth on cuBLAS's matmuls: what the Triton GEMV gains (backbones/gemv.py)
+        decs.insert(1, ("full_cublas_matmuls", "-", _cublas_only(EarlyExitDecoder(bb, engine=engine))))
     for name, policy, dec in decs:
         # Warm-up (allocator, compile, capture). A capturing engine meets a new shape at each key
         # range and each cycle length up to the last token: it warms up on the whole length, so the
