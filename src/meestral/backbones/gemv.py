@@ -65,10 +65,11 @@ def _make_op():
 # Made at import, not at the first call: the first call is usually inside a function torch.compile
 # traces, where registering an op would break the graph. Off CUDA there is nothing to make.
 _OP = _make_op() if torch.cuda.is_available() else False
+_HAVE_OP = _OP is not False  # a plain bool: torch.compile cannot take the truth of an op object
 
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (bool(_OP) and ENABLED and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+    return (_HAVE_OP and ENABLED and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
             and x.numel() == x.shape[-1] and w.is_contiguous() and not (x.requires_grad or w.requires_grad))
 
 

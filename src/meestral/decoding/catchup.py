@@ -112,9 +112,13 @@ class CatchupPolicy(Policy):
     def cycle(self, batch, rows, n: int):
         """One catch-up cycle as ONE device run, where every decision is known (`known`): n - 1
         tokens leave at the known exit point, each joining the backlog, then the backlog is full
-        and the n-th token goes deep, carrying them (n = max_backlog + 1). The same windows, writes
+        and the n-th token goes deep, carrying them (n = max_backlog + 1). The same state writes
         and logits as n `step`s, with each argmax written on the device as the next step's token;
-        one host read for the n tokens. Rows must be in step, with empty backlogs."""
+        one host read for the n tokens. Where `step`'s window spans the backlog in every block and
+        masks the positions a block does not need, here each step runs exactly the positions its
+        log charges: the newest token alone through the shallow blocks, all n through the deep
+        ones (a Mamba block's masked positions still cost their state's traffic). Rows must be in
+        step, with empty backlogs."""
         eng, bl, L, j = self.engine, batch.backlog, self.L, self.known
         c0 = bl.cur[rows[0]]
         inputs = {"at": batch.tensor([c0], torch.long), "pad": batch.pad, "active": batch.active_dev}
@@ -122,24 +126,35 @@ class CatchupPolicy(Policy):
 
         def device_part(x):
             at, active = x["at"], x["active"]
-            B = active.shape[0]
+            B, dev = active.shape[0], at.device
+            one = active[:, None]
             toks, logits = [], None
             for t in range(n):
-                W, deep = t + 1, t == n - 1
-                idx = at + torch.arange(W, device=at.device)  # the backlog and the newest token
-                depth = bl.depth.index_select(1, idx)
-                in_row = active[:, None].expand(B, W)
-                xw = torch.where((in_row & (depth == -1))[..., None],
-                                 eng.embed(bl.tokens.index_select(1, idx)).to(bl.hidden.dtype), bl.hidden.index_select(1, idx))
-                step = eng.make_step(c0, W, x["pad"], write=in_row, at=at)
-                for layers in (self.segments if deep else self.segments[: j + 1]):
-                    xw, _, _ = eng.window(layers, xw, state, step, depth, in_row)
-                e = L - 1 if deep else self.points[j]
-                bl.hidden.index_copy_(1, idx, xw)
-                bl.depth.index_copy_(1, idx, torch.where(in_row, depth.clamp(min=e), depth))
-                logits = eng.logits(xw[:, W - 1])
+                # The newest token through the shallow segments, alone: every backlog token already
+                # holds them (its depth is the exit layer), which is also what the accounting charges.
+                s = at + t
+                xw = eng.embed(bl.tokens.index_select(1, s)).to(bl.hidden.dtype)
+                step = eng.make_step(c0 + t, 1, x["pad"], write=one, at=s)
+                minus = torch.full((B, 1), -1, dtype=torch.long, device=dev)
+                for layers in self.segments[: j + 1]:
+                    xw, _, _ = eng.window(layers, xw, state, step, minus, one)
+                bl.hidden.index_copy_(1, s, torch.where(one[..., None], xw, bl.hidden.index_select(1, s)))
+                if t < n - 1:  # it leaves: it joins the backlog at the exit layer
+                    bl.depth.index_copy_(1, s, torch.where(one, self.points[j], bl.depth.index_select(1, s)))
+                    logits = eng.logits(xw[:, 0])
+                else:  # the backlog is full: this token goes deep and carries the n - 1 waiting ones
+                    idx = at + torch.arange(n, device=dev)
+                    depth = torch.full((B, n), self.points[j], dtype=torch.long, device=dev)
+                    live = one.expand(B, n)
+                    xw = bl.hidden.index_select(1, idx)  # the n - 1 waiting at the exit layer, the newest too
+                    step = eng.make_step(c0, n, x["pad"], write=live, at=at)
+                    for layers in self.segments[j + 1:]:
+                        xw, _, _ = eng.window(layers, xw, state, step, depth, live)
+                    bl.hidden.index_copy_(1, idx, torch.where(live[..., None], xw, bl.hidden.index_select(1, idx)))
+                    bl.depth.index_copy_(1, idx, torch.where(live, L - 1, bl.depth.index_select(1, idx)))
+                    logits = eng.logits(xw[:, n - 1])
                 tok = logits.argmax(-1)
-                nxt = at + W  # `push`: the emitted token is the next step's newest slot
+                nxt = s + 1  # `push`: the emitted token is the next step's newest slot
                 bl.tokens.index_copy_(1, nxt, torch.where(active, tok, bl.tokens.index_select(1, nxt)[:, 0])[:, None])
                 bl.depth.index_copy_(1, nxt, torch.where(active, -1, bl.depth.index_select(1, nxt)[:, 0])[:, None])
                 toks.append(tok)
