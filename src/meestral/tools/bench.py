@@ -80,19 +80,27 @@ def cases(bb, exits, max_backlog, policies=POLICIES):
                 yield f"exit@{e}", ExitConfig(heads=heads, thresholds=0.0, policy=policy, max_backlog=max_backlog)
 
 
-def _cublas_only(dec):
-    """dec, its every generation run with the Triton GEMV off (its graphs are captured that way)."""
+def _with_gemv(dec, **flags):
+    """dec, its every generation run with backbones/gemv.py's switches set so (its graphs are
+    captured that way): e.g. ENABLED=False, cuBLAS for every matmul."""
     generate = dec.generate
 
-    def on_cublas(*args, **kwargs):
-        gemv.ENABLED = False
+    def run(*args, **kwargs):
+        old = {k: getattr(gemv, k) for k in flags}
+        for k, v in flags.items():
+            setattr(gemv, k, v)
         try:
             return generate(*args, **kwargs)
         finally:
-            gemv.ENABLED = True
+            for k, v in old.items():
+                setattr(gemv, k, v)
 
-    dec.generate = on_cublas
+    dec.generate = run
     return dec
+
+
+def _cublas_only(dec):
+    return _with_gemv(dec, ENABLED=False)
 
 
 def _sync(dev):
@@ -277,6 +285,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
                                                    torch.zeros(8, 8, device=bb.device, dtype=bb.dtype)):
         # and full depth on cuBLAS's matmuls: what the Triton GEMV gains (backbones/gemv.py)
         decs.insert(1, ("full_cublas_matmuls", "-", _cublas_only(EarlyExitDecoder(bb, engine=engine))))
+        if not gemv.FUSED:  # and with the norms, gate and residual adds inside the GEMV (gemv.FUSED)
+            decs.insert(1, ("full_fused_gemv", "-", _with_gemv(EarlyExitDecoder(bb, engine=engine), FUSED=True)))
     for name, policy, dec in decs:
         # Warm-up (allocator, compile, capture). A capturing engine meets a new shape at each key
         # range and each cycle length up to the last token: it warms up on the whole length, so the

@@ -1,0 +1,72 @@
+"""backbones/gemv.py: the Triton GEMV of one-row matmuls, run on the CPU by Triton's interpreter
+(skipped where Triton is not installed): plain, with the RMS norm before it, with the SwiGLU gate
+before it and the residual add after it, each equal to the torch code it replaces within the
+dtype's rounding; where it does not apply (the CPU, several rows, float32, gradients) everything
+stays F.linear. On CUDA the cuda-marked tests in test_graph_engine.py run it for real."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meestral.backbones import gemv
+from meestral.backbones.base import rms_norm
+
+
+# Run in a fresh process: the interpreter must be on before Triton is imported (its library
+# functions are made then), and must stay off in this one (on a GPU machine torch.compile uses Triton).
+CHECK = r"""
+import sys
+import torch
+import torch.nn.functional as F
+from meestral.backbones import gemv
+from meestral.backbones.base import rms_norm
+
+launch = gemv.kernels(tune=False)
+for dtype in (torch.bfloat16, torch.float16):
+    for N, K in ((37, 200), (8, 64), (130, 96)):
+        g = torch.Generator().manual_seed(N * K)
+        w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+        x = torch.randn(K, generator=g).to(dtype) * 3
+        nw = (1 + 0.1 * torch.randn(K, generator=g)).to(dtype)
+        res = torch.randn(N, generator=g).to(dtype)
+        gu = torch.randn(2 * K, generator=g).to(dtype)
+        gate, up = gu.chunk(2)
+        cases = {
+            "plain": (launch(x, w), F.linear(x, w)),
+            "norm": (launch(x, w, norm_w=nw, eps=1e-5), F.linear(rms_norm(x, nw, 1e-5), w)),
+            "residual": (launch(x, w, res=res), res + F.linear(x, w)),
+            "gate+residual": (launch(gu, w, act=True, res=res), res + F.linear(F.silu(gate) * up, w)),
+            "gate": (launch(gu, w, act=True), F.linear(F.silu(gate) * up, w)),
+        }
+        for name, (a, b) in cases.items():
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name} {dtype} {N}x{K}: {m}")
+        x2 = x.clone()  # the norm's statistic spans all of x: one far element moves every output
+        x2[-1] += 40
+        assert not torch.allclose(launch(x2, w, norm_w=nw, eps=1e-5).float(), cases["norm"][0].float())
+print("ok")
+"""
+
+
+def test_every_variant_equals_the_torch_code_it_replaces():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_where_it_does_not_apply_the_helpers_are_the_torch_code(monkeypatch):
+    """Off CUDA (and with FUSED on) each helper is exactly the composition it stands for."""
+    monkeypatch.setattr(gemv, "FUSED", True)
+    g = torch.Generator().manual_seed(0)
+    h, w, nw = torch.randn(1, 1, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(16, generator=g)
+    gu, wd = torch.randn(1, 1, 32, generator=g), torch.randn(16, 16, generator=g)
+    assert not gemv.applies(h, w)
+    assert torch.equal(gemv.linear(h, w), F.linear(h, w))
+    assert torch.equal(gemv.norm_linear(h, nw, 1e-6, w, rms_norm), F.linear(rms_norm(h, nw, 1e-6), w))
+    assert torch.equal(gemv.linear_residual(h, wd, h), h + F.linear(h, wd))
+    gate, up = gu.chunk(2, dim=-1)
+    assert torch.equal(gemv.gated_linear_residual(gu, wd, h), h + F.linear(F.silu(gate) * up, wd))
