@@ -41,12 +41,18 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     is also kept there, at position `hist_at[t]` (its slot modulo the history's length).
     """
     Bsz, T, _ = h.shape
-    u = rms_norm(h.to(norm_w.dtype), norm_w, eps)  # the block's Mamba2RMSNorm
     I, H, P, G, N = intermediate, n_heads, head_dim, n_groups, state_size
+    udt = norm_w.dtype  # the block's Mamba2RMSNorm output dtype
+    # the gate rows are a third of in_proj and only the output needs them
+    w_in, b_in = (in_w, in_b) if output else (in_w[I:], None if in_b is None else in_b[I:])
+    if b_in is None:  # the norm may run inside the GEMV (gemv.FUSED)
+        proj = gemv.norm_linear(h.to(udt), norm_w, eps, w_in, rms_norm)
+    else:
+        proj = gemv.linear(rms_norm(h.to(udt), norm_w, eps), w_in, b_in)
     if output:
-        gate, xbc, dt = gemv.linear(u, in_w, in_b).split([I, conv_dim, H], dim=-1)
-    else:  # the gate rows are a third of in_proj and only the output needs them
-        xbc, dt = gemv.linear(u, in_w[I:], None if in_b is None else in_b[I:]).split([conv_dim, H], dim=-1)
+        gate, xbc, dt = proj.split([I, conv_dim, H], dim=-1)
+    else:
+        xbc, dt = proj.split([conv_dim, H], dim=-1)
     kernel = conv_w[:, 0, :]
     A = -torch.exp(A_log.float())
     Df = D.float()
@@ -79,13 +85,13 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
         _keep(hist_ssm, hist_at, torch.stack(kept_s, 1))
     if not output:
         return None
-    y = torch.stack(ys, 1).reshape(Bsz, T, I).to(u.dtype)
+    y = torch.stack(ys, 1).reshape(Bsz, T, I).to(udt)
     # MambaRMSNormGated: gate in float32, then an RMS norm per group of `group_size` channels.
     yf = y.float() * F.silu(gate.float())
     yg = yf.view(Bsz, T, I // group_size, group_size)
     yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + gnorm_eps)
     y = gnorm_w * yg.view(Bsz, T, I).to(y.dtype)
-    mixed = gemv.linear(y.to(u.dtype), out_w, out_b)
+    mixed = gemv.linear(y.to(udt), out_w, out_b)
     residual = h.float() if residual_in_fp32 else h
     return residual + mixed, mixed
 

@@ -109,7 +109,7 @@ def _decoder_fixed(h, ln1, w_qkv, w_o, ln2, w_gu, w_down, kbuf, vbuf, valid, slo
 def _propagate_fixed(h, ln1, w_kv, kbuf, vbuf, valid, slots, write, cos, sin, eps: float, n_kv: int, head_dim: int):
     """The `propagate` policy's state-only step of one layer: K/V of h written at the slots."""
     B, T, _ = h.shape
-    k, v = gemv.linear(rms_norm(h, ln1, eps), w_kv).chunk(2, dim=-1)
+    k, v = gemv.norm_linear(h, ln1, eps, w_kv, rms_norm).chunk(2, dim=-1)
     k = _rotate(k.view(B, T, n_kv, head_dim).transpose(1, 2), cos, sin)
     v = v.view(B, T, n_kv, head_dim).transpose(1, 2)
     _write_kv(kbuf, vbuf, valid, k, v, slots, write)
