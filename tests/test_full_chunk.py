@@ -127,6 +127,33 @@ def test_speculate_falls_back_in_chunks_and_equals_full_depth(tiny, shape):
         assert dec.policy.counts["cycles"] == sum(1 for k, _ in rec if k)
 
 
+SUMMARY_KEYS = ("tokens", "mean_layers_run", "weight_bytes_per_token", "flops_per_token", "exit_rate",
+                "mean_exit_layer", "mean_probes", "deep_passes_per_token", "caught_up_per_token")
+
+
+def assert_chunks_equal_one_step(bb, cfg, opts, want_sizes, label):
+    """cfg's decoder with chunking on (graph engine) against the same configuration one step at a
+    time (eager), batch 1 and 3: chunk sizes, tokens, accounting and every layer's state.
+    Returns the two decoders."""
+    from test_graph_engine import assert_states_equal, layer_states
+
+    ref_dec = EarlyExitDecoder(bb, cfg, engine="eager")
+    dec, sizes = chunked(bb, "graph", cfg)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        states = {}
+        ref = ref_dec.generate(prompts, opts, inspect=lambda v: states.__setitem__("ref", layer_states(bb, v.state)))
+        sizes.clear()
+        got = dec.generate(prompts, opts, inspect=lambda v: states.__setitem__("got", layer_states(bb, v.state)))
+        assert sizes == want_sizes, label
+        assert [g.token_ids for g in got] == [r.token_ids for r in ref], label
+        for g, r in zip(got, ref):
+            a, b = dec.summary(g), ref_dec.summary(r)
+            for k in SUMMARY_KEYS:
+                assert a[k] == pytest.approx(b[k]), (k, label)
+        assert_states_equal(bb, states["ref"], states["got"], 1e-5)
+    return dec, ref_dec
+
+
 STATIC_CASES = [  # (exit points as fractions of depth, thresholds, exit output, steps per chunk)
     ((1 / 3,), 0.5, "hidden", [8, 4, 1]),  # every token leaves at the one exit point
     ((1 / 4, 1 / 2), [1.0, 0.3], "hidden", [8, 4, 1]),  # the first threshold cannot be passed: the second point
@@ -142,8 +169,6 @@ def test_static_exits_run_in_chunks_equal_to_one_step_at_a_time(tiny, shape, pol
     """The static exit-at-layer baseline under copy/propagate: its exit decision is known before
     a step runs, so its steps run in chunks; tokens, accounting (layers, probes, bytes) and every
     layer's state equal the same configuration one step at a time, batch 1 and 3."""
-    from test_graph_engine import assert_states_equal, layer_states
-
     bb = tiny(shape)
     L = bb.num_layers
     opts = SamplingOptions(max_new_tokens=14)
@@ -152,21 +177,7 @@ def test_static_exits_run_in_chunks_equal_to_one_step_at_a_time(tiny, shape, pol
         if len(points) < len(fractions):
             continue
         cfg = ExitConfig(heads=ExitHeads("static", points, bb), thresholds=thr, policy=policy, exit_output=output)
-        ref_dec = EarlyExitDecoder(bb, cfg, engine="eager")
-        dec, sizes = chunked(bb, "graph", cfg)
-        for prompts in (PROMPTS[:1], PROMPTS):
-            states = {}
-            ref = ref_dec.generate(prompts, opts, inspect=lambda v: states.__setitem__("ref", layer_states(bb, v.state)))
-            sizes.clear()
-            got = dec.generate(prompts, opts, inspect=lambda v: states.__setitem__("got", layer_states(bb, v.state)))
-            assert sizes == want_sizes, (points, thr, output)
-            assert [g.token_ids for g in got] == [r.token_ids for r in ref], (points, thr, output)
-            for g, r in zip(got, ref):
-                a, b = dec.summary(g), ref_dec.summary(r)
-                for k in ("tokens", "mean_layers_run", "weight_bytes_per_token", "flops_per_token",
-                          "exit_rate", "mean_exit_layer", "mean_probes"):
-                    assert a[k] == pytest.approx(b[k]), (k, points, thr, output)
-            assert_states_equal(bb, states["ref"], states["got"], 1e-5)
+        assert_chunks_equal_one_step(bb, cfg, opts, want_sizes, (points, thr, output))
 
 
 def test_static_exits_leave_at_the_first_threshold_below_one(tiny):
@@ -185,28 +196,12 @@ def test_static_catchup_runs_whole_cycles_equal_to_one_step_at_a_time(tiny, shap
     is full, then one goes deep, so a whole cycle (max_backlog exits and the deep pass) runs as one
     device run. Tokens, accounting (layers, positions run, deep passes) and every layer's state
     equal one step at a time, batch 1 and 3; the steps after the last whole cycle run one by one."""
-    from test_graph_engine import assert_states_equal, layer_states
-
     bb = tiny(shape)
     L = bb.num_layers
     opts = SamplingOptions(max_new_tokens=14)  # 13 steps: two cycles of 5, then 3 single steps
     for points, thr in (([L // 3], 0.5), ([0, L // 2], [1.0, 0.2])):
         cfg = ExitConfig(heads=ExitHeads("static", points, bb), thresholds=thr, policy="catchup", max_backlog=4)
-        ref_dec = EarlyExitDecoder(bb, cfg, engine="eager")
-        dec, sizes = chunked(bb, "graph", cfg)
-        for prompts in (PROMPTS[:1], PROMPTS):
-            states = {}
-            ref = ref_dec.generate(prompts, opts, inspect=lambda v: states.__setitem__("ref", layer_states(bb, v.state)))
-            sizes.clear()
-            got = dec.generate(prompts, opts, inspect=lambda v: states.__setitem__("got", layer_states(bb, v.state)))
-            assert sizes == [5, 5, 1, 1, 1], points
-            assert [g.token_ids for g in got] == [r.token_ids for r in ref], points
-            for g, r in zip(got, ref):
-                a, b = dec.summary(g), ref_dec.summary(r)
-                for k in ("tokens", "mean_layers_run", "weight_bytes_per_token", "flops_per_token", "exit_rate",
-                          "mean_exit_layer", "mean_probes", "deep_passes_per_token", "caught_up_per_token"):
-                    assert a[k] == pytest.approx(b[k]), (k, points)
-            assert_states_equal(bb, states["ref"], states["got"], 1e-5)
+        dec, ref_dec = assert_chunks_equal_one_step(bb, cfg, opts, [5, 5, 1, 1, 1], points)
         # a second generation on the same engine reuses the captured cycle and the backlog's buffers
         again = dec.generate(PROMPTS, opts)
         assert [g.token_ids for g in again] == [r.token_ids for r in ref_dec.generate(PROMPTS, opts)]

@@ -84,9 +84,8 @@ class CatchupPolicy(Policy):
         """The exit point (index) every token that may leave does leave at, when that is known before
         any step runs: static heads (confidence 1, so the first threshold below 1); None otherwise
         (the decision depends on the data, no token ever leaves, or verify, which reads its checks)."""
-        if self.cfg.verify or self.heads is None or self.heads.kind != "static":
-            return None
-        return next((j for j, thr in enumerate(self.thresholds) if 1.0 > thr), None)
+        j = None if self.cfg.verify else self.static_exit()
+        return None if j == len(self.points) else j
 
     @torch.no_grad()
     def step(self, batch, opts, gen):
@@ -128,6 +127,7 @@ class CatchupPolicy(Policy):
             at, active = x["at"], x["active"]
             B, dev = active.shape[0], at.device
             one = active[:, None]
+            minus = torch.full((B, 1), -1, dtype=torch.long, device=dev)  # the newest token: no block yet
             toks, logits = [], None
             for t in range(n):
                 # The newest token through the shallow segments, alone: every backlog token already
@@ -135,7 +135,6 @@ class CatchupPolicy(Policy):
                 s = at + t
                 xw = eng.embed(bl.tokens.index_select(1, s)).to(bl.hidden.dtype)
                 step = eng.make_step(c0 + t, 1, x["pad"], write=one, at=s)
-                minus = torch.full((B, 1), -1, dtype=torch.long, device=dev)
                 for layers in self.segments[: j + 1]:
                     xw, _, _ = eng.window(layers, xw, state, step, minus, one)
                 bl.hidden.index_copy_(1, s, torch.where(one[..., None], xw, bl.hidden.index_select(1, s)))

@@ -115,6 +115,15 @@ class Policy:
         """Row b's newest token ends its output; True when the row may stop now."""
         return True
 
+    def static_exit(self):
+        """Where every token leaves when static heads decide it (confidence 1 everywhere, so the
+        exit rule's strict `>` leaves at the first exit point whose threshold is below 1): that
+        exit point's index, len(points) when no threshold is below 1; None for heads whose
+        decision depends on the data (or no heads)."""
+        if self.heads is None or self.heads.kind != "static":
+            return None
+        return next((j for j, thr in enumerate(self.thresholds) if 1.0 > thr), len(self.points))
+
     def confidence(self, j, h, aux, prev):
         """Exit point j's confidence for hidden states h [B, d] (and the probe's logits, or None)."""
         lg = self.engine.logits(h) if self.needs_logits else None

@@ -42,13 +42,8 @@ class SlotPolicy(Policy):
     def _known_exit(self):
         """The exit point (index) every token leaves at when that is known before any step runs,
         len(points) when no token ever leaves; None when the decision depends on the data. Known:
-        no exit point, or static heads (confidence 1 everywhere: the exit rule's strict `>` leaves
-        at the first threshold below 1)."""
-        if not self.points:
-            return 0
-        if self.heads is None or self.heads.kind != "static":
-            return None
-        return next((j for j, thr in enumerate(self.thresholds) if 1.0 > thr), len(self.points))
+        no exit point, or static heads (`static_exit`)."""
+        return 0 if not self.points else self.static_exit()
 
     def step(self, batch, opts, gen):
         if self.known is not None and chunkable(self.engine, opts):  # no host decision: steps in chunks
