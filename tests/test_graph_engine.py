@@ -539,3 +539,78 @@ def test_cuda_bf16_layers_on_the_triton_gemv_equal_cublas(shape, monkeypatch):
     for a, b in zip(outs[True][1], outs[False][1]):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, atol=5e-2, rtol=5e-2)
+
+
+def _codestral_heads():
+    """A Mamba-2 with Codestral Mamba's per-head shapes (head_dim 64, state 128, 8 groups), small."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    from meestral.backbones.loading import wrap
+    from meestral.backbones.tokenizer import ByteTokenizer
+
+    cfg = Mamba2Config(hidden_size=1024, num_hidden_layers=2, vocab_size=259, state_size=128, expand=2, head_dim=64,
+                       num_heads=32, n_groups=8, conv_kernel=4, chunk_size=64, residual_in_fp32=True,
+                       tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = Mamba2ForCausalLM(cfg)
+    return wrap(model, ByteTokenizer(), "mamba2-codestral-heads")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shape", ["mamba2", "variant", "codestral-heads"])
+def test_cuda_mamba2_step_kernels_equal_the_compiled_torch_step(shape, monkeypatch):
+    """backbones/mamba2_step.py on the GPU: bf16 decode steps of every block (output and state-only),
+    batch 2 with one row masked, three steps in a row, compiled as the graph engine runs them: the
+    same hidden states and states as inductor's code for the torch step within bf16 rounding, the
+    masked row's state untouched; captured in a CUDA graph, a step replays on new input."""
+    from meestral.backbones import mamba2_step
+    from meestral.backbones.base import compiled
+    from meestral.backbones.loading import random_backbone
+
+    bb = {"mamba2": lambda: random_backbone("mamba2", seed=6), "variant": _mamba2_variant,
+          "codestral-heads": _codestral_heads}[shape]()
+    bb.model.to(device="cuda", dtype=torch.bfloat16)
+    write = torch.tensor([[True], [False]], device="cuda")
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(mamba2_step, "ENABLED", on)
+        state = [t for t in _filled_states(bb, 1)][0]
+        state.conv, state.ssm = [t.cuda() for t in state.conv], [t.cuda() for t in state.ssm]
+        before = [t.clone() for t in state.conv + state.ssm]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        hs = []
+        for t in range(3):
+            step = Step(5 + t, torch.full((2, 1), 5 + t, device="cuda"), write)
+            h = torch.randn(2, 1, bb.hidden_size, device="cuda", generator=gen).to(bb.dtype)
+            assert mamba2_step.applies(h, state.conv[0], state.ssm[0]) == on
+            for i in range(bb.num_layers):
+                bb.fill_propagate_fixed(i, h * 0.5, state, step, None, kernel=compiled)
+                h, _ = bb.forward_layer_fixed(i, h, state, step, None, kernel=compiled)
+            hs.append(h.float())
+        for a, b in zip(state.conv + state.ssm, before):
+            assert torch.equal(a[1], b[1]) and not torch.equal(a[0], b[0])
+        outs[on] = (hs, [t.float() for t in state.conv + state.ssm])
+    for a, b in zip(outs[True][0] + outs[True][1], outs[False][0] + outs[False][1]):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+    # captured: the graph reads its input buffer and writes the state buffers at every replay
+    monkeypatch.setattr(mamba2_step, "ENABLED", True)
+    state = bb.new_state(2)
+    step = Step(5, torch.full((2, 1), 5, device="cuda"), write)
+    h = torch.randn(2, 1, bb.hidden_size, device="cuda").to(bb.dtype)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        bb.forward_layer_fixed(0, h, bb.new_state(2), step, None, kernel=compiled)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, _ = bb.forward_layer_fixed(0, h, state, step, None, kernel=compiled)
+    h.copy_(torch.randn_like(h))
+    state.ssm[0].zero_(), state.conv[0].zero_()
+    g.replay()
+    ref = bb.new_state(2)
+    want, _ = bb.forward_layer_fixed(0, h, ref, step, None, kernel=compiled)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(state.ssm[0], ref.ssm[0])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from meestral.backbones import gemv
+from meestral.backbones import gemv, mamba2_step
 from meestral.backbones.base import Backbone, LayerCost, plain, rms_norm
 
 # Windows longer than this take the per-module path even on the fixed path: the fused step unrolls
@@ -54,6 +54,18 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     else:
         xbc, dt = proj.split([conv_dim, H], dim=-1)
     kernel = conv_w[:, 0, :]
+    if mamba2_step.applies(proj, conv_state, ssm_state):
+        # On the GPU: conv, scan and gated norm as two Triton kernels a token (mamba2_step.py)
+        ys = []
+        for t in range(T):
+            ys.append(mamba2_step.step(proj[:, t], conv_state, ssm_state, write[:, t], kernel, conv_b, dt_bias, A_log,
+                                       D, gnorm_w if output else None, n_heads=H, head_dim=P, n_groups=G,
+                                       state_size=N, intermediate=I, group_size=group_size, gnorm_eps=gnorm_eps,
+                                       dt_min=dt_min, dt_max=dt_max))
+            if hist_conv is not None:
+                _keep(hist_conv, hist_at[t:t + 1], conv_state[:, None])
+                _keep(hist_ssm, hist_at[t:t + 1], ssm_state[:, None])
+        return _out_proj(h, torch.stack(ys, 1), out_w, out_b, residual_in_fp32) if output else None
     A = -torch.exp(A_log.float())
     Df = D.float()
     cs, ss, ys, kept_c, kept_s = conv_state, ssm_state, [], [], []
@@ -91,7 +103,12 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     yg = yf.view(Bsz, T, I // group_size, group_size)
     yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + gnorm_eps)
     y = gnorm_w * yg.view(Bsz, T, I).to(y.dtype)
-    mixed = gemv.linear(y.to(udt), out_w, out_b)
+    return _out_proj(h, y.to(udt), out_w, out_b, residual_in_fp32)
+
+
+def _out_proj(h, y, out_w, out_b, residual_in_fp32):
+    """The block's end: out_proj of the normed y, added to the residual stream h."""
+    mixed = gemv.linear(y, out_w, out_b)
     residual = h.float() if residual_in_fp32 else h
     return residual + mixed, mixed
 

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from meestral.backbones import gemv
+from meestral.backbones import gemv, mamba2_step
 from meestral.backbones.loading import load_backbone
 from meestral.decoding.decoder import EarlyExitDecoder
 from meestral.decoding.config import ExitConfig
@@ -80,27 +80,24 @@ def cases(bb, exits, max_backlog, policies=POLICIES):
                 yield f"exit@{e}", ExitConfig(heads=heads, thresholds=0.0, policy=policy, max_backlog=max_backlog)
 
 
-def _with_gemv(dec, **flags):
-    """dec, its every generation run with backbones/gemv.py's switches set so (its graphs are
-    captured that way): e.g. ENABLED=False, cuBLAS for every matmul."""
+def _with_switches(dec, module, **flags):
+    """dec, its every generation run with a kernel module's switches set so (its graphs are captured
+    that way): e.g. gemv ENABLED=False, cuBLAS for every matmul; mamba2_step ENABLED=False, inductor's
+    code for the Mamba-2 step."""
     generate = dec.generate
 
     def run(*args, **kwargs):
-        old = {k: getattr(gemv, k) for k in flags}
+        old = {k: getattr(module, k) for k in flags}
         for k, v in flags.items():
-            setattr(gemv, k, v)
+            setattr(module, k, v)
         try:
             return generate(*args, **kwargs)
         finally:
             for k, v in old.items():
-                setattr(gemv, k, v)
+                setattr(module, k, v)
 
     dec.generate = run
     return dec
-
-
-def _cublas_only(dec):
-    return _with_gemv(dec, ENABLED=False)
 
 
 def _sync(dev):
@@ -284,9 +281,14 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     if decs[0][2].engine.capture and gemv.applies(torch.zeros(1, 8, device=bb.device, dtype=bb.dtype),
                                                    torch.zeros(8, 8, device=bb.device, dtype=bb.dtype)):
         # and full depth on cuBLAS's matmuls: what the Triton GEMV gains (backbones/gemv.py)
-        decs.insert(1, ("full_cublas_matmuls", "-", _cublas_only(EarlyExitDecoder(bb, engine=engine))))
+        decs.insert(1, ("full_cublas_matmuls", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
+                                                                    ENABLED=False)))
         if not gemv.FUSED:  # and with the norms, gate and residual adds inside the GEMV (gemv.FUSED)
-            decs.insert(1, ("full_fused_gemv", "-", _with_gemv(EarlyExitDecoder(bb, engine=engine), FUSED=True)))
+            decs.insert(1, ("full_fused_gemv", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
+                                                                FUSED=True)))
+        if getattr(bb, "v2", False) and mamba2_step.ENABLED:  # and the Mamba-2 step as inductor compiles it
+            decs.insert(1, ("full_compiled_ssm_step", "-", _with_switches(EarlyExitDecoder(bb, engine=engine),
+                                                                       mamba2_step, ENABLED=False)))
     for name, policy, dec in decs:
         # Warm-up (allocator, compile, capture). A capturing engine meets a new shape at each key
         # range and each cycle length up to the last token: it warms up on the whole length, so the
