@@ -8,7 +8,10 @@ issue's bar) the whole step has 4.0 ms. Whether a GEMV can read faster decides w
 win in the matmuls. Each timing replays a CUDA graph of calls that cycle through enough copies of
 the weight to leave the L2 cache cold (a 4096 x 4096 bf16 weight fits in an H200's L2).
 
-    python benchmarks/gemv_roofline.py [--shapes mistral-7b,codestral-mamba-7b] [--json out.jsonl]
+With --rows M,... it also times windows of M rows (catch-up and verify windows, speculate cycles):
+cuBLAS against the package's own kernel for them (backbones/gemv.py, `linear`, autotuned).
+
+    python benchmarks/gemv_roofline.py [--shapes mistral-7b,codestral-mamba-7b] [--rows 5,8] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -89,12 +92,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="mistral-7b,codestral-mamba-7b")
     ap.add_argument("--json", help="write one JSON row per (shape, kernel) here")
+    ap.add_argument("--rows", default="", help="also time windows of these many rows, e.g. 2,5,8")
     ap.add_argument("--cold-bytes", type=float, default=1.0, help="GB of weight copies cycled through (default 1)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     copy = copy_gbps()
     print(f"{torch.cuda.get_device_name()}: copy {copy:,.0f} GB/s (read + write)", file=sys.stderr)
     gemv = triton_gemv()
+    from meestral.backbones import gemv as package  # the kernels the decoder uses
     grid = list(itertools.product((4, 8, 16, 32), (512, 1024), (4, 8), (3,)))
     rows = []
     for model in args.shapes.split(","):
@@ -120,15 +125,21 @@ def main(argv=None):
                 except Exception as e:  # a tiling that does not compile is skipped
                     print(f"  {name} triton {bn}x{bk}: {type(e).__name__}", file=sys.stderr)
             best = min((k for k in results if k != "cublas"), key=results.get, default=None)
-            for kname in ("cublas", best):
-                if kname is None:
+            timed = [(1, k, results[k]) for k in ("cublas", best) if k is not None]
+            for M in (int(m) for m in args.rows.split(",") if m):
+                xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                got, want = package.linear(xm, ws[0]).float(), F.linear(xm, ws[0]).float()
+                if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
+                    print(f"  {name} {M} rows: the package's kernel is wrong", file=sys.stderr)
                     continue
-                ms = results[kname]
+                timed.append((M, "cublas", graph_time_ms(lambda i: F.linear(xm, ws[i % copies]), copies)))
+                timed.append((M, "meestral rows", graph_time_ms(lambda i: package.linear(xm, ws[i % copies]), copies)))
+            for M, kname, ms in timed:
                 gbps = nbytes / ms / 1e6
-                row = {"model": model, "weight": name, "N": N, "K": K, "MB": nbytes / 1e6, "kernel": kname,
+                row = {"model": model, "weight": name, "N": N, "K": K, "M": M, "MB": nbytes / 1e6, "kernel": kname,
                        "us": ms * 1000, "GB/s": gbps, "of_copy": gbps / copy, "device": torch.cuda.get_device_name()}
                 rows.append(row)
-                print(f"{model:>20} {name:>8} {N:>6}x{K:<6} {kname:<28} {ms * 1000:8.1f} us {gbps:8.0f} GB/s "
+                print(f"{model:>20} {name:>8} {M:>2}x{N:>6}x{K:<6} {kname:<28} {ms * 1000:8.1f} us {gbps:8.0f} GB/s "
                       f"{gbps / copy:6.1%} of copy", file=sys.stderr)
             del ws
             torch.cuda.empty_cache()

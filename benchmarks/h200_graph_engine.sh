@@ -5,7 +5,7 @@
 # still returns what ran.
 #   bash benchmarks/h200_graph_engine.sh [SHAPES]     (repository root; default: both shapes; - none)
 # Env: T_TESTS (s, 0 skips the tests), T_WORKERS (test processes: each compiles its own shapes, so
-# they run side by side on the box's CPUs), T_GEMV (s, 0 skips benchmarks/gemv_roofline.py), T_BENCH
+# they run side by side on the box's CPUs), T_GEMV (s, 0 skips benchmarks/gemv_roofline.py; GEMV_ROWS its --rows), T_BENCH
 # (s per shape), PEERS (default: hf-static,hf-compiled; Mamba shapes: mamba-ssm,hf-compiled),
 # REPEATS, POLICIES, PROFILE (0: no kernel profile), WHEELS (a folder of wheels to install first, e.g. mamba-ssm's and causal-conv1d's
 # from benchmarks/build_mamba_ssm.sh).
@@ -30,7 +30,7 @@ if [ "${T_TESTS:-150}" != 0 ]; then
   grep -E "passed|failed|FAILED|skipped" "$OUT/cuda-tests.log" | tail -12
 fi
 if [ "${T_GEMV:-0}" != 0 ]; then
-  timeout $T_GEMV $PY benchmarks/gemv_roofline.py --shapes ${GEMV_SHAPES:-mistral-7b,codestral-mamba-7b} --json "$OUT/$D-$GPU-gemv.jsonl" 2> "$OUT/gemv.err"
+  timeout $T_GEMV $PY benchmarks/gemv_roofline.py --shapes ${GEMV_SHAPES:-mistral-7b,codestral-mamba-7b} --rows ${GEMV_ROWS:-2,5,8} --json "$OUT/$D-$GPU-gemv.jsonl" 2> "$OUT/gemv.err"
   echo "gemv rc=$?" >> "$OUT/gemv.err"
   cat "$OUT/gemv.err"
 fi

@@ -1,7 +1,7 @@
 """backbones/gemv.py: the Triton GEMV of one-row matmuls, run on the CPU by Triton's interpreter
 (skipped where Triton is not installed): plain, with the RMS norm before it, with the SwiGLU gate
-before it and the residual add after it, each equal to the torch code it replaces within the
-dtype's rounding; where it does not apply (the CPU, several rows, float32, gradients) everything
+before it and the residual add after it, and the kernel for windows of up to gemv.ROWS rows, each equal to the torch code it replaces within the
+dtype's rounding; where it does not apply (the CPU, more rows, float32, gradients) everything
 stays F.linear. On CUDA the cuda-marked tests in test_graph_engine.py run it for real."""
 
 import pytest
@@ -40,6 +40,12 @@ for dtype in (torch.bfloat16, torch.float16):
         }
         for name, (a, b) in cases.items():
             torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name} {dtype} {N}x{K}: {m}")
+        # A window of rows: the several-row kernel. In float16 only: Triton 3.6's interpreter gets
+        # tl.dot of bfloat16 operands wrong (garbage on the CPU); the cuda tests check bf16 on a GPU.
+        for M in (2, 5, gemv.ROWS) if dtype == torch.float16 else ():
+            xm = torch.randn(M, K, generator=g).to(dtype)
+            torch.testing.assert_close(launch(xm, w).float(), F.linear(xm, w).float(), atol=2e-2, rtol=2e-2,
+                                       msg=lambda m: f"{M} rows {dtype} {N}x{K}: {m}")
         x2 = x.clone()  # the norm's statistic spans all of x: one far element moves every output
         x2[-1] += 40
         assert not torch.allclose(launch(x2, w, norm_w=nw, eps=1e-5).float(), cases["norm"][0].float())

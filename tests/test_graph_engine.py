@@ -485,8 +485,8 @@ def test_graph_engine_compiled_mamba2_equals_eager():
 @pytest.mark.cuda
 @cuda
 def test_cuda_triton_gemv_equals_cublas_and_captures():
-    """backbones/gemv.py: one row in bf16 / fp16, the 7B shapes' weights and odd sizes, with a bias,
-    equal to F.linear within the dtype's rounding; captured in a CUDA graph it replays on new input."""
+    """backbones/gemv.py: one row and windows of rows in bf16 / fp16, the 7B shapes' weights and odd
+    sizes, with a bias, equal to F.linear within the dtype's rounding; captured in a CUDA graph it replays on new input."""
     import torch.nn.functional as F
 
     from meestral.backbones import gemv
@@ -497,7 +497,11 @@ def test_cuda_triton_gemv_equals_cublas_and_captures():
             x, b = torch.randn(1, 1, K, device="cuda").to(dtype), torch.randn(N, device="cuda").to(dtype)
             assert gemv.applies(x, w)
             torch.testing.assert_close(gemv.linear(x, w, b).float(), F.linear(x, w, b).float(), atol=2e-2, rtol=2e-2)
-    assert not gemv.applies(torch.randn(2, K, device="cuda").to(dtype), w)  # several rows: cuBLAS
+        for M in (2, 5, gemv.ROWS):  # a window of rows: the several-row kernel
+            xm = torch.randn(1, M, K, device="cuda").to(dtype)
+            assert gemv.applies(xm, w, gemv.ROWS) and not gemv.applies(xm, w)
+            torch.testing.assert_close(gemv.linear(xm, w, b).float(), F.linear(xm, w, b).float(), atol=2e-2, rtol=2e-2)
+    assert not gemv.applies(torch.randn(gemv.ROWS + 1, K, device="cuda").to(dtype), w, gemv.ROWS)  # more: cuBLAS
     assert not gemv.applies(x.float(), w.float())  # float32: cuBLAS
     g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -6,9 +6,11 @@ cuBLAS reads the 7B shapes' weights at 2.0-2.7 TB/s, a plain Triton kernel at 2.
 faster per shape: each program owns a few rows of W and walks K in long contiguous runs, so every
 weight byte is read once, streamed (evict-first), with enough loads in flight to cover the latency.
 
-`linear(x, w, b)` takes that kernel where it applies (a CUDA tensor of one row, bf16 or fp16) and
-F.linear everywhere else: more than one row (catch-up windows, verify, batches: cuBLAS's tiles
-then share each weight read between rows), float32 (the exactness tests compare against HF in
+`linear(x, w, b)` takes that kernel where it applies (a CUDA tensor of one row, bf16 or fp16), a
+second one for up to ROWS rows (catch-up and verify windows, speculate cycles: each weight byte read
+once and multiplied into every row on the tensor cores, where cuBLAS's small-M kernels read them
+slower) and F.linear everywhere else: more rows (cuBLAS's tiles then share each weight read well),
+float32 (the exactness tests compare against HF in
 float32, and the kernel's summation order differs from cuBLAS's), gradients (training: the op has
 no backward), the CPU, or no Triton. The
 kernel is a custom op (`meestral::gemv`), so torch.compile keeps it whole inside the compiled
@@ -28,6 +30,9 @@ ENABLED = True  # benchmarks switch it off to time cuBLAS in the same run
 # the GEMV (each one kernel fewer per use, four a Transformer layer). Off until measured on a GPU:
 # the bench's `full_fused_gemv` row times it beside the plain GEMV (benchmarks/NOTES.md).
 FUSED = False
+# Up to this many rows (catch-up and verify windows, speculate cycles, small batches) take the
+# several-row kernel; more rows are cuBLAS's (its tiles then share each weight read between rows).
+ROWS = 16
 
 
 def kernels(tune: bool = True):
@@ -38,7 +43,8 @@ def kernels(tune: bool = True):
     launch(x, w, norm_w=None, eps=0.0, act=False, res=None) -> y [N] computes, with each rounding
     where the unfused torch code rounds (in x's dtype): y = W @ x, where x is first
     `rms_norm(x, norm_w, eps)` (norm_w given) or `silu(x[:K]) * x[K:]` (act: x holds gate then up),
-    and y becomes `res + y` (res given)."""
+    and y becomes `res + y` (res given). x [M, K] of up to ROWS rows gives y [M, N] = x W^T (no
+    fusions: a separate kernel on the tensor cores)."""
     try:
         import triton
         import triton.language as tl
@@ -87,8 +93,39 @@ def kernels(tune: bool = True):
 
     tuned = triton.autotune(configs=configs, key=["N", "K", "NORM", "ACT", "RES"])(_gemv)
 
+    @triton.jit
+    def _rows(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # A few rows (M <= BLOCK_M): each program owns BLOCK_N rows of w, reads each weight byte once
+        # (streamed) and multiplies it into every row of x on the tensor cores; x's padding rows are
+        # zeros and never stored.
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + m[:, None] * K + cols[None, :], mask=(m[:, None] < M) & (cols[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=(n[:, None] < N) & (cols[None, :] < K),
+                        other=0.0, eviction_policy="evict_first")
+            acc += tl.dot(xv, tl.trans(w))
+        tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(m[:, None] < M) & (n[None, :] < N))
+
+    row_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+                   for n, k, w, st in ((16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3),
+                                       (16, 512, 4, 3), (64, 256, 8, 3))]
+    tuned_rows = triton.autotune(configs=row_configs, key=["N", "K"])(_rows)
+
     def launch(x, w, norm_w=None, eps=0.0, act=False, res=None):
         N, K = w.shape
+        if x.dim() == 2:  # several rows: plain y = x W^T (no fusions)
+            M = x.shape[0]
+            y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+            if tune:
+                tuned_rows[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, y, M, N, K, BLOCK_M=ROWS)
+            else:
+                _rows[(triton.cdiv(N, 16),)](x, w, y, M, N, K, BLOCK_M=ROWS, BLOCK_N=16, BLOCK_K=32)
+            return y
         y = torch.empty(N, dtype=x.dtype, device=x.device)
         args = (x, w, y, x if norm_w is None else norm_w, x if res is None else res, N, K, float(eps))
         flags = dict(NORM=norm_w is not None, ACT=bool(act), RES=res is not None)
@@ -113,7 +150,7 @@ def _make_op():
 
     @gemv.register_fake
     def _(x, w, norm_w, eps, act, res):
-        return x.new_empty(w.shape[0])
+        return x.new_empty(*x.shape[:-1], w.shape[0])
 
     return gemv
 
@@ -124,9 +161,11 @@ _OP = _make_op() if torch.cuda.is_available() else False
 _HAVE_OP = _OP is not False  # a plain bool: torch.compile cannot take the truth of an op object
 
 
-def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+def applies(x: torch.Tensor, w: torch.Tensor, rows: int = 1) -> bool:
+    """Whether the Triton kernels take x @ w.T: up to `rows` rows of x (1: the one-row GEMV, whose
+    fusions need one row), CUDA, bf16 / fp16, no gradients."""
     return (_HAVE_OP and ENABLED and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
-            and x.numel() == x.shape[-1] and w.is_contiguous() and not (x.requires_grad or w.requires_grad))
+            and x.numel() <= rows * x.shape[-1] and w.is_contiguous() and not (x.requires_grad or w.requires_grad))
 
 
 def _flat(t):
@@ -135,8 +174,9 @@ def _flat(t):
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, b), through the Triton GEMV where it applies (see the module docstring)."""
-    if applies(x, w):
-        y = _OP(_flat(x), w, None, 0.0, False, None).view(*x.shape[:-1], w.shape[0])
+    if applies(x, w, ROWS):
+        flat = _flat(x) if x.numel() == x.shape[-1] else x.reshape(-1, x.shape[-1]).contiguous()
+        y = _OP(flat, w, None, 0.0, False, None).view(*x.shape[:-1], w.shape[0])
         return y if b is None else y + b
     return F.linear(x, w, b)
 
