@@ -618,3 +618,28 @@ def test_cuda_mamba2_step_kernels_equal_the_compiled_torch_step(shape, monkeypat
     want, _ = bb.forward_layer_fixed(0, h, ref, step, None, kernel=compiled)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(state.ssm[0], ref.ssm[0])
+
+
+@pytest.mark.parametrize("kernel", [plain, pytest.param(compiled, marks=pytest.mark.slow)])
+def test_copy_fill_of_a_run_of_layers_equals_one_layer_at_a_time(kernel):
+    """The `copy` fill of consecutive skipped layers in one call over the stacked K/V buffers equals
+    filling them one by one (batch 2, one row not written), and leaves the other layers alone."""
+    from meestral.backbones.loading import random_backbone
+
+    bb = random_backbone("mistral")
+    got, ref = bb.new_state(2, 16), bb.new_state(2, 16)
+    gen = torch.Generator().manual_seed(0)
+    for a, b in zip((got.k_all, got.v_all), (ref.k_all, ref.v_all)):
+        a.copy_(torch.randn(a.shape, generator=gen))
+        b.copy_(a)
+    got.valid.copy_(torch.rand(got.valid.shape, generator=gen) < 0.5)
+    ref.valid.copy_(got.valid)
+    before = got.k_all.clone()
+    step = Step(5, torch.full((2, 1), 5), torch.tensor([[True], [False]]))
+    bb.fill_copy_layers_fixed((1, 2, 3), got, step, kernel)
+    for i in (1, 2, 3):
+        bb.fill_copy_fixed(i, ref, step)
+    for a, b in zip((got.k_all, got.v_all, got.valid), (ref.k_all, ref.v_all, ref.valid)):
+        assert torch.equal(a, b)
+    assert not torch.equal(got.k_all[1:4, 0, :, 5], before[1:4, 0, :, 5])  # the fill did something
+    assert torch.equal(got.k_all[[0, 4, 5]], before[[0, 4, 5]]) and torch.equal(got.k_all[:, 1], before[:, 1])

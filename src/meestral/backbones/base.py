@@ -264,6 +264,11 @@ class Backbone(ABC):
     def fill_copy_fixed(self, i: int, state, step: Step, kernel=plain) -> None:
         self.fill_copy(i, state, step)
 
+    def fill_copy_layers_fixed(self, layers, state, step: Step, kernel=plain) -> None:
+        """`fill_copy_fixed` of each of `layers`; an adapter may fill them all in one call."""
+        for i in layers:
+            self.fill_copy_fixed(i, state, step, kernel)
+
     def fill_propagate_fixed(self, i: int, h: torch.Tensor, state, step: Step, keys: int | None, ctx=None,
                              kernel=plain) -> None:
         self.fill_propagate(i, h, state, step)

@@ -22,9 +22,12 @@ class KVState:
     """Per-layer K/V slot buffers: k[i], v[i] are [B, Hkv, capacity, D]; valid[i] is [B, capacity]."""
 
     def __init__(self, num_layers, batch_size, capacity, n_kv, head_dim, dtype, device):
-        shape = (batch_size, n_kv, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (num_layers, batch_size, n_kv, capacity, head_dim)
+        # Every layer's buffer is a view into one tensor per K and V: the `copy` fill of a run of
+        # skipped layers is then one kernel over all of them (`_copy_layers_fixed`), not one each.
+        self.k_all = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_all = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
         self.valid = torch.zeros(num_layers, batch_size, capacity, dtype=torch.bool, device=device)
 
     @property
@@ -123,6 +126,20 @@ def _copy_fixed(kbuf, vbuf, valid, slots, w):
     kbuf.index_copy_(2, slots, torch.where(w4, kbuf.index_select(2, prev), kbuf.index_select(2, slots)))
     vbuf.index_copy_(2, slots, torch.where(w4, vbuf.index_select(2, prev), vbuf.index_select(2, slots)))
     valid.index_copy_(1, slots, valid.index_select(1, slots) | (w[:, None] & valid.index_select(1, prev)))
+
+
+def _copy_layers_fixed(k_all, v_all, valid, slots, w, lo: int, hi: int):
+    """`_copy_fixed` for the layers lo..hi-1 at once (k_all / v_all [L, B, Hkv, capacity, D], valid
+    [L, B, capacity]): one kernel for the whole run of skipped layers. Every layer's slot is read
+    and rewritten, the others' unchanged (a few KB): a slice of the layers, written through a view,
+    would make inductor copy that whole slice of the cache first."""
+    prev = slots - 1
+    layer = torch.arange(k_all.shape[0], device=w.device)
+    fill = ((layer >= lo) & (layer < hi))[:, None] & w[None, :]  # [L, B]
+    f5 = fill[:, :, None, None, None]
+    for buf in (k_all, v_all):
+        buf.index_copy_(3, slots, torch.where(f5, buf.index_select(3, prev), buf.index_select(3, slots)))
+    valid.index_copy_(2, slots, valid.index_select(2, slots) | (fill[:, :, None] & valid.index_select(2, prev)))
 
 
 def _fuse_rows(linears):
@@ -340,6 +357,14 @@ class TransformerBackbone(Backbone):
 
     def fill_copy_fixed(self, i, state, step, kernel=plain):
         kernel(_copy_fixed)(state.k[i], state.v[i], state.valid[i], step.slots, step.write[:, 0])
+
+    def fill_copy_layers_fixed(self, layers, state, step, kernel=plain):
+        # a run of consecutive layers (what an exit skips) in one call over the stacked buffers
+        if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)):
+            kernel(_copy_layers_fixed)(state.k_all, state.v_all, state.valid, step.slots, step.write[:, 0],
+                                       layers[0], layers[-1] + 1)
+        else:
+            super().fill_copy_layers_fixed(layers, state, step, kernel)
 
     def fill_propagate_fixed(self, i, h, state, step, keys, ctx=None, kernel=plain):
         rope = self.model.model.rotary_emb(h, step.positions) if ctx is None else ctx["rope"]

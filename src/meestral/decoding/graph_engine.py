@@ -307,8 +307,7 @@ class GraphEngine(EagerEngine):
         bb, layers, kernel = self.bb, tuple(layers), self.kernel
 
         def body(_inp, st):
-            for i in layers:
-                bb.fill_copy_fixed(i, state, st, kernel)
+            bb.fill_copy_layers_fixed(layers, state, st, kernel)
             return ()
 
         self._call(("copy", layers, id(state), step.batch_size), body, {}, step)
