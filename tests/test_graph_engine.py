@@ -643,3 +643,76 @@ def test_copy_fill_of_a_run_of_layers_equals_one_layer_at_a_time(kernel):
         assert torch.equal(a, b)
     assert not torch.equal(got.k_all[1:4, 0, :, 5], before[1:4, 0, :, 5])  # the fill did something
     assert torch.equal(got.k_all[[0, 4, 5]], before[[0, 4, 5]]) and torch.equal(got.k_all[:, 1], before[:, 1])
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shape", ["mistral", "mistral-sw", "llama", "mistral-7b-heads"])
+def test_cuda_decode_attention_kernel_equals_the_compiled_torch_attention(shape, monkeypatch):
+    """backbones/decode_attention.py on the GPU: bf16 one-token layers compiled as the graph engine
+    runs them, batch 2 with one row not written, a cache with holes, slots 5 and 100 (a sliding
+    window that bites on mistral-sw; Mistral-7B's head_dim 128 and 4 query heads per K/V head): the
+    same outputs, K/V and validity as inductor's code for `_attend` within bf16 rounding; captured
+    in a CUDA graph, a layer replays on new input at the slot the step names."""
+    from meestral.backbones import decode_attention
+    from meestral.backbones.base import compiled
+    from meestral.backbones.loading import random_backbone
+
+    if shape == "mistral-7b-heads":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        from meestral.backbones.loading import wrap
+        from meestral.backbones.tokenizer import ByteTokenizer
+
+        cfg = MistralConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+                            num_key_value_heads=2, head_dim=128, vocab_size=259, sliding_window=None)
+        bb = wrap(MistralForCausalLM(cfg), ByteTokenizer(), "mistral-7b-heads")
+        bb.model.to(device="cuda", dtype=torch.bfloat16)
+    else:
+        bb = random_backbone(shape, device="cuda", dtype="bfloat16")
+    write = torch.tensor([[True], [False]], device="cuda")
+    for slot in (5, 100):
+        outs = {}
+        for on in (True, False):
+            monkeypatch.setattr(decode_attention, "ENABLED", on)
+            state = bb.new_state(2, 128)
+            g = torch.Generator(device="cuda").manual_seed(slot)
+            state.k_all.copy_(torch.randn(state.k_all.shape, device="cuda", generator=g))
+            state.v_all.copy_(torch.randn(state.v_all.shape, device="cuda", generator=g))
+            state.valid[:, :, :slot] = torch.rand(state.valid[:, :, :slot].shape, device="cuda", generator=g) < 0.8
+            step = Step(slot, torch.full((2, 1), slot, device="cuda"), write)
+            h = torch.randn(2, 1, bb.hidden_size, device="cuda", generator=g).to(bb.dtype)
+            keys = bb.state_keys(state)
+            assert decode_attention.applies(h, state.k[0]) == on
+            res = []
+            for i in range(bb.num_layers):
+                h, _ = bb.forward_layer_fixed(i, h, state, step, keys, kernel=compiled)
+                res.append(h.float())
+            outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
+        for a, b in zip(outs[True], outs[False]):
+            if a.dtype == torch.bool:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+    monkeypatch.setattr(decode_attention, "ENABLED", True)
+    state, ref = bb.new_state(2, 128), bb.new_state(2, 128)
+    slot = torch.full((2, 1), 7, device="cuda")
+    step = Step(7, slot, write)
+    step.shared.slots = torch.tensor([7], device="cuda")
+    h = torch.randn(2, 1, bb.hidden_size, device="cuda").to(bb.dtype)
+    keys = bb.state_keys(state)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        bb.forward_layer_fixed(0, h, bb.new_state(2, 128), step, keys, kernel=compiled)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = bb.forward_layer_fixed(0, h, state, step, keys, kernel=compiled)
+    h.copy_(torch.randn_like(h))
+    step.shared.slots.fill_(9)  # the graph reads the slot from the device
+    slot.fill_(9)
+    graph.replay()
+    want, _ = bb.forward_layer_fixed(0, h, ref, Step(9, slot, write), keys, kernel=compiled)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(state.k[0], ref.k[0])

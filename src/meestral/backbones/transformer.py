@@ -14,7 +14,7 @@ import inspect
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from meestral.backbones import gemv
+from meestral.backbones import decode_attention, gemv
 from meestral.backbones.base import Backbone, LayerCost, Step, plain, rms_norm
 
 
@@ -89,7 +89,7 @@ def _attend(q, k, v, kbuf, vbuf, valid, slots, write, shown, causal, own, scalin
 
 
 def _decoder_fixed(h, ln1, w_qkv, w_o, ln2, w_gu, w_down, kbuf, vbuf, valid, slots, write, shown, causal, own,
-                   cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int, scaling: float):
+                   cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int, scaling: float, window: int = 0):
     """One Mistral/Llama decoder layer (SiLU MLP, no biases) over the first `keys` cache slots
     (keys = causal.shape[-1]), as a pure function of tensors: the graph engine compiles it once
     for every layer of a shape, and inductor fuses what lies between the four matmuls.
@@ -100,11 +100,17 @@ def _decoder_fixed(h, ln1, w_qkv, w_o, ln2, w_gu, w_down, kbuf, vbuf, valid, slo
     the residual adds into themselves (`gemv.FUSED`)."""
     B, T, _ = h.shape
     D = head_dim
-    q, k, v = gemv.norm_linear(h, ln1, eps, w_qkv, rms_norm).split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
-    q = _rotate(q.view(B, T, n_heads, D).transpose(1, 2), cos, sin)
-    k = _rotate(k.view(B, T, n_kv, D).transpose(1, 2), cos, sin)
-    v = v.view(B, T, n_kv, D).transpose(1, 2)
-    o = _attend(q, k, v, kbuf, vbuf, valid, slots, write, shown, causal, own, scaling)
+    qkv = gemv.norm_linear(h, ln1, eps, w_qkv, rms_norm)
+    if T == 1 and decode_attention.applies(qkv, kbuf):
+        # one token on the GPU: rotary, the K/V write and the attention in one kernel
+        o = decode_attention.attend(qkv[:, 0], cos[:, 0], sin[:, 0], kbuf, vbuf, valid, slots, write[:, 0], scaling,
+                                    n_heads, window).view(B, 1, n_heads * D)
+    else:
+        q, k, v = qkv.split([n_heads * D, n_kv * D, n_kv * D], dim=-1)
+        q = _rotate(q.view(B, T, n_heads, D).transpose(1, 2), cos, sin)
+        k = _rotate(k.view(B, T, n_kv, D).transpose(1, 2), cos, sin)
+        v = v.view(B, T, n_kv, D).transpose(1, 2)
+        o = _attend(q, k, v, kbuf, vbuf, valid, slots, write, shown, causal, own, scaling)
     h = gemv.linear_residual(o, w_o, h)
     return gemv.gated_linear_residual(gemv.norm_linear(h, ln2, eps, w_gu, rms_norm), w_down, h)
 
@@ -342,7 +348,7 @@ class TransformerBackbone(Backbone):
                       fused[1], block.mlp.down_proj.weight, state.k[i], state.v[i], state.valid[i], step.slots,
                       step.write, ctx["shown"], ctx["causal"], ctx["own"], cos, sin,
                       float(block.input_layernorm.variance_epsilon), self.n_heads, self.n_kv, self.head_dim,
-                      float(attn.scaling)), None
+                      float(attn.scaling), int(self.sliding_window or 0)), None
         B, T, _ = h.shape
         D = self.head_dim
         x = block.input_layernorm(h)

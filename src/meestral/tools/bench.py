@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from meestral.backbones import gemv, mamba2_step
+from meestral.backbones import decode_attention, gemv, mamba2_step
 from meestral.backbones.loading import load_backbone
 from meestral.decoding.decoder import EarlyExitDecoder
 from meestral.decoding.config import ExitConfig
@@ -82,8 +82,8 @@ def cases(bb, exits, max_backlog, policies=POLICIES):
 
 def _with_switches(dec, module, **flags):
     """dec, its every generation run with a kernel module's switches set so (its graphs are captured
-    that way): e.g. gemv ENABLED=False, cuBLAS for every matmul; mamba2_step ENABLED=False, inductor's
-    code for the Mamba-2 step."""
+    that way): e.g. gemv ENABLED=False, cuBLAS for every matmul; mamba2_step / decode_attention
+    ENABLED=False, inductor's code for the Mamba-2 step / the attention."""
     generate = dec.generate
 
     def run(*args, **kwargs):
@@ -289,6 +289,9 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         if getattr(bb, "v2", False) and mamba2_step.ENABLED:  # and the Mamba-2 step as inductor compiles it
             decs.insert(1, ("full_compiled_ssm_step", "-", _with_switches(EarlyExitDecoder(bb, engine=engine),
                                                                        mamba2_step, ENABLED=False)))
+        if bb.family == "transformer" and decode_attention.ENABLED:  # and attention as inductor compiles it
+            decs.insert(1, ("full_compiled_attention", "-", _with_switches(EarlyExitDecoder(bb, engine=engine),
+                                                                        decode_attention, ENABLED=False)))
     for name, policy, dec in decs:
         # Warm-up (allocator, compile, capture). A capturing engine meets a new shape at each key
         # range and each cycle length up to the last token: it warms up on the whole length, so the

@@ -1,0 +1,96 @@
+"""backbones/decode_attention.py: one token's grouped attention (rotary, K/V write, masked softmax,
+PV) as one Triton kernel, run on the CPU by Triton's interpreter (skipped where Triton is not
+installed). Through the Transformer's fixed path, batch 2 with one row not written, a cache with
+holes in its validity, slots in the first block and past several blocks, a sliding window that
+bites: every layer's output and K/V buffers and validity equal the torch code (`_attend`) within the
+dtype's rounding, in bfloat16 and float16, on Mistral (grouped K/V), Mistral with a sliding window
+and Llama. A kernel that ignores the mask fails the same check."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from meestral.backbones import decode_attention
+
+CHECK = r"""
+import sys
+import pytest
+import torch
+from meestral.backbones import decode_attention
+from meestral.backbones.base import Step
+from meestral.backbones.loading import random_backbone
+
+launch = decode_attention.kernels()
+calls = []
+def op(*a, **k):
+    calls.append(1)
+    return launch(*a, **k)
+mp = pytest.MonkeyPatch()
+mp.setattr(decode_attention, "_OP", op)
+for dtype in (torch.bfloat16, torch.float16):
+    for shape in ("mistral", "mistral-sw", "llama"):
+        bb = random_backbone(shape, dtype=dtype)
+        for slot in (5, 100):
+            outs = {}
+            for on in (True, False):
+                mp.setattr(decode_attention, "applies", lambda qkv, kb, on=on: on)
+                state = bb.new_state(2, 128)
+                g = torch.Generator().manual_seed(slot)
+                state.k_all.copy_(torch.randn(state.k_all.shape, generator=g))
+                state.v_all.copy_(torch.randn(state.v_all.shape, generator=g))
+                state.valid[:, :, :slot] = torch.rand(state.valid[:, :, :slot].shape, generator=g) < 0.8
+                step = Step(slot, torch.full((2, 1), slot), torch.tensor([[True], [False]]))
+                h = torch.randn(2, 1, bb.hidden_size, generator=g).to(dtype)
+                keys = bb.state_keys(state)
+                n = len(calls)
+                res = []
+                for i in range(bb.num_layers):
+                    h, _ = bb.forward_layer_fixed(i, h, state, step, keys)
+                    res.append(h.float())
+                assert (len(calls) - n == bb.num_layers) == on
+                outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
+            for a, b in zip(outs[True], outs[False]):
+                if a.dtype == torch.bool:
+                    assert torch.equal(a, b)
+                else:
+                    torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+print("ok")
+"""
+
+
+def _run(script):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_kernel_equals_the_torch_attention():
+    out = _run(CHECK)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_a_kernel_that_ignores_the_mask_is_caught():
+    src = decode_attention.__file__
+    with open(src) as f:
+        assert 's = tl.where(seen | own, s, -float("inf"))' in f.read()
+    # Triton's jit compiles a kernel from its source file: the broken copy gets a file of its own
+    broken = CHECK.replace("from meestral.backbones import decode_attention\n", f"""
+import importlib.util, tempfile
+path = tempfile.mktemp(suffix="_decode_attention.py")
+open(path, "w").write(open({src!r}).read().replace('s = tl.where(seen | own, s, -float("inf"))', 's = s + 0.0'))
+spec = importlib.util.spec_from_file_location("meestral.backbones.decode_attention", path)
+decode_attention = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = decode_attention
+spec.loader.exec_module(decode_attention)
+import meestral.backbones.transformer as tr
+tr.decode_attention = decode_attention
+""", 1)
+    out = _run(broken)
+    assert out.returncode != 0 and "Mismatched elements" in out.stderr, out.stdout + out.stderr[-2000:]
+
+
+def test_off_cuda_the_attention_is_the_torch_code():
+    assert not decode_attention.applies(torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 8, 16))
