@@ -41,7 +41,8 @@ def cmd_bench(args):
               repeats=args.repeats, max_backlog=args.max_backlog, prompt_tokens=args.prompt_tokens,
               engine=args.engine, policies=tuple(args.policies or POLICIES), peers=tuple(args.peers or ("hf",)),
               profile=args.profile, draft_tokens=_draft_tokens(args.draft_tokens), inject=args.inject or (),
-              draft_vocab=tuple(args.draft_vocabs or (0,)), prompts=args.prompts, chat=args.chat)
+              draft_vocab=tuple(args.draft_vocabs or (0,)), prompts=args.prompts, chat=args.chat,
+              one_step=not args.no_one_step)
     return 0
 
 
@@ -109,5 +110,7 @@ def add_tool_parsers(sub):
                    "weights never agree with themselves; default: the drafts' own acceptance)")
     b.add_argument("--draft-vocab", dest="draft_vocabs", type=_draft_vocabs, help="speculate rows: trimmed draft heads, rows of the LM head, "
                    "e.g. 0,8192 (0: the whole head; default 0)")
+    b.add_argument("--no-one-step", action="store_true", help="skip the one-step-at-a-time twins of the rows whose "
+                   "steps run several to a device run (what chunks gain): a shorter run")
     add_engine_arg(b)
     b.set_defaults(func=cmd_bench)

@@ -235,7 +235,7 @@ def _progress(label, ms):
 
 def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None,
               max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",), profile=None,
-              draft_tokens=(4,), inject=(), draft_vocab=(0,), prompts=1, chat=False):
+              draft_tokens=(4,), inject=(), draft_vocab=(0,), prompts=1, chat=False, one_step=True):
     """Rows of JSON per case (see the module's docstring). `profile` (a path): also profile one
     generation of our full depth, of the first exit layer's copy and catchup rows and of the first
     fixed-k speculate row, and write
@@ -244,7 +244,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     `inject` (speculate_bench.py). `prompts`: how many of PROMPTS each case decodes per run (with
     `chat`, in the chat template); a row's ms/token is the mean over them of each prompt's median,
     and with several it also gives each prompt's ratio to our full depth. The full-depth peers are
-    timed on every prompt too; hf-assisted (10-50x slower) on the first."""
+    timed on every prompt too; hf-assisted (10-50x slower) on the first. `one_step` False: no
+    one-step-at-a-time twins of the chunked rows (a shorter run)."""
     from meestral.tools.speculate_bench import (add_time_predictions, assisted_peer_ms, speculate_cases,
                                                 speculate_fields)
 
@@ -269,7 +270,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     kind = type(decs[0][2].engine).__name__
     if kind != "EagerEngine":  # the eager engine's full depth beside it: what the fixed path gains
         decs.insert(1, ("full", "-", EarlyExitDecoder(bb, engine="eager")))
-    if decs[0][2].engine.chunk_steps:  # and one step at a time: what chunks gain (full_chunk.py)
+    if one_step and decs[0][2].engine.chunk_steps:  # and one step at a time: what chunks gain (full_chunk.py)
         twins = []
         for name, policy, dec in decs:  # every case whose steps run several to a device run
             if dec.engine.chunk_steps and getattr(dec.policy, "known", None) is not None:
