@@ -1,5 +1,5 @@
 """backbones/decode_attention.py: one token's grouped attention (rotary, K/V write, masked softmax,
-PV) as one Triton kernel, run on the CPU by Triton's interpreter (skipped where Triton is not
+PV) as two Triton kernels (parts over chunks of keys, then their combination), run on the CPU by Triton's interpreter (skipped where Triton is not
 installed). Through the Transformer's fixed path, batch 2 with one row not written, a cache with
 holes in its validity, slots in the first block and past several blocks, a sliding window that
 bites: every layer's output and K/V buffers and validity equal the torch code (`_attend`) within the
@@ -75,12 +75,12 @@ def test_kernel_equals_the_torch_attention():
 def test_a_kernel_that_ignores_the_mask_is_caught():
     src = decode_attention.__file__
     with open(src) as f:
-        assert 's = tl.where(seen | own, s, -float("inf"))' in f.read()
+        assert 'sc = tl.where((seen & inside) | own, sc, -float("inf"))' in f.read()
     # Triton's jit compiles a kernel from its source file: the broken copy gets a file of its own
     broken = CHECK.replace("from meestral.backbones import decode_attention\n", f"""
 import importlib.util, tempfile
 path = tempfile.mktemp(suffix="_decode_attention.py")
-open(path, "w").write(open({src!r}).read().replace('s = tl.where(seen | own, s, -float("inf"))', 's = s + 0.0'))
+open(path, "w").write(open({src!r}).read().replace('sc = tl.where((seen & inside) | own, sc, -float("inf"))', 'sc = sc + 0.0'))
 spec = importlib.util.spec_from_file_location("meestral.backbones.decode_attention", path)
 decode_attention = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = decode_attention

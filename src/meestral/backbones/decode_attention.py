@@ -1,10 +1,12 @@
-"""One token's grouped attention over the K/V cache as one Triton kernel (Mistral / Llama decode).
+"""One token's grouped attention over the K/V cache in two Triton kernels (Mistral / Llama decode).
 
 At batch 1 a decode step's attention moves little (K and V of the keys so far, a few hundred KB a
 layer at short contexts), yet as torch code it is seven kernels a layer once inductor has fused
 what it can: rotary, the K/V write into the slot buffers, the mask, QK^T, the float32 softmax, PV
 and a transpose before o_proj. Between graph launches that cost is per kernel, not per byte. Here
-it is one kernel, one program per (row, query head):
+it is two kernels (flash-decoding): one program per (row, query head, chunk of 64 keys) makes its
+part of the softmax, a second kernel per (row, query head) rescales and sums the parts. (One
+program per head walking all keys was latency-bound: 18 us a layer at 256 keys on an H100.)
 
 - q and k rotated from the qkv projection's output (cos / sin of the step's position);
 - the new K and V written at the step's slot by the first query head of each K/V head (rows whose
@@ -13,7 +15,7 @@ it is one kernel, one program per (row, query head):
   writing;
 - scores over the keys up to the slot (the sliding window's start, if any), masked by the layer's
   validity before the write, the own slot always seen (as `transformer._attend` builds its mask);
-  softmax in float32 online over blocks of keys (flash-decoding without the split);
+  softmax in float32, each chunk's part (its maximum, sum and weighted V) combined by the second;
 - the output in the layout o_proj reads ([B, heads * head_dim]).
 
 Roundings follow the compiled torch code where it has them (the rotated K/V and the scores in the
@@ -27,7 +29,7 @@ from __future__ import annotations
 import torch
 
 ENABLED = True  # the bench switches it off to time the torch code's kernels in the same run
-MAX_KEYS = 2048  # one program walks all keys of its head: for longer caches a split over keys would pay
+MAX_KEYS = 1 << 15  # the parts of one head: [capacity / 64, head_dim] float32 a row and query head
 
 
 def kernels():
@@ -44,14 +46,16 @@ def kernels():
         return None
 
     @triton.jit
-    def _attend(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, wr_ptr, o_ptr, scaling, H, HKV,
-                cap, window, D: tl.constexpr, BLOCK: tl.constexpr):
+    def _attend(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, wr_ptr, ml_ptr, acc_ptr, scaling, H,
+                HKV, cap, window, S, D: tl.constexpr, CHUNK: tl.constexpr):
+        # program (row b, query head h, chunk c of CHUNK keys): its part of the softmax
         b = tl.program_id(0)
         h = tl.program_id(1)
+        c = tl.program_id(2)
         G = H // HKV
         kvh = h // G
         half: tl.constexpr = D // 2
-        dt = o_ptr.dtype.element_ty
+        dt = qkv_ptr.dtype.element_ty
         slot = tl.load(slot_ptr)
         write = tl.load(wr_ptr + b) != 0
         d = tl.arange(0, D)
@@ -66,45 +70,59 @@ def kernels():
         kn = (kn * cos + sign * tl.load(row + (H + kvh) * D + rot).to(tl.float32) * sin).to(dt)
         vn = tl.load(row + (H + HKV + kvh) * D + d).to(dt)
         base = (b * HKV + kvh) * cap * D
-        if h % G == 0:  # one program per K/V head writes the slot
+        if (h % G == 0) & (c == 0):  # one program per K/V head writes the slot
             tl.store(k_ptr + base + slot * D + d, kn, mask=write & (d < D))
             tl.store(v_ptr + base + slot * D + d, vn, mask=write & (d < D))
             if h == 0:
                 old = tl.load(valid_ptr + b * cap + slot)
                 tl.store(valid_ptr + b * cap + slot, (old != 0) | write)
-        lo = tl.where(window > 0, tl.maximum(slot - window + 1, 0), 0)
-        lo = (lo // BLOCK) * BLOCK
-        m = tl.max(tl.full((BLOCK,), -float("inf"), tl.float32), axis=0)
-        l = tl.sum(tl.zeros((BLOCK,), tl.float32), axis=0)
-        acc = tl.zeros((D,), tl.float32)
-        for start in range(lo, slot + 1, BLOCK):
-            key = start + tl.arange(0, BLOCK)
-            inside = key <= slot
-            kb = tl.load(k_ptr + base + key[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
-            vb = tl.load(v_ptr + base + key[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
-            own = key == slot
-            new = own & write
-            kb = tl.where(new[:, None], kn[None, :], kb).to(tl.float32)
-            vb = tl.where(new[:, None], vn[None, :], vb).to(tl.float32)
-            s = tl.sum(kb * q[None, :], axis=1).to(dt).to(tl.float32)
-            s = (s * scaling).to(dt).to(tl.float32)
-            seen = tl.load(valid_ptr + b * cap + key, mask=inside & ~own, other=0) != 0
-            seen = seen & ((window <= 0) | (key > slot - window))
-            s = tl.where(seen | own, s, -float("inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)  # a block with no key seen yet
-            p = tl.exp(s - m_sub)
-            scale = tl.exp(m - m_sub)
-            l = l * scale + tl.sum(p, axis=0)
-            acc = acc * scale + tl.sum(p[:, None] * vb, axis=0)
-            m = m_new
-        tl.store(o_ptr + (b * H + h) * D + d, (acc / l).to(dt))
+        key = c * CHUNK + tl.arange(0, CHUNK)
+        lo = tl.where(window > 0, slot - window + 1, 0)
+        inside = (key <= slot) & (key >= lo)
+        own = key == slot
+        kb = tl.load(k_ptr + base + key[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
+        vb = tl.load(v_ptr + base + key[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
+        # the slot's new K/V from registers: the writing program may not have stored them yet
+        new = own & write
+        kb = tl.where(new[:, None], kn[None, :], kb).to(tl.float32)
+        vb = tl.where(new[:, None], vn[None, :], vb).to(tl.float32)
+        sc = tl.sum(kb * q[None, :], axis=1).to(dt).to(tl.float32)
+        sc = (sc * scaling).to(dt).to(tl.float32)
+        seen = tl.load(valid_ptr + b * cap + key, mask=inside & ~own, other=0) != 0
+        sc = tl.where((seen & inside) | own, sc, -float("inf"))
+        m = tl.max(sc, axis=0)
+        p = tl.exp(sc - tl.where(m == -float("inf"), 0.0, m))  # a chunk with no key seen: all zero
+        part = (b * H + h) * S + c
+        tl.store(ml_ptr + part * 2, m)
+        tl.store(ml_ptr + part * 2 + 1, tl.sum(p, axis=0))
+        tl.store(acc_ptr + part * D + d, tl.sum(p[:, None] * vb, axis=0))
+
+    @triton.jit
+    def _combine(ml_ptr, acc_ptr, o_ptr, H, S, D: tl.constexpr, SP: tl.constexpr):
+        # program (row, query head): the chunks' parts rescaled to their common maximum
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        c = tl.arange(0, SP)
+        d = tl.arange(0, D)
+        part = (b * H + h) * S + c
+        m = tl.load(ml_ptr + part * 2, mask=c < S, other=-float("inf"))
+        l = tl.load(ml_ptr + part * 2 + 1, mask=c < S, other=0.0)
+        top = tl.max(m, axis=0)
+        w = tl.where(m == -float("inf"), 0.0, tl.exp(m - top))
+        acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=(c < S)[:, None], other=0.0)
+        o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+        tl.store(o_ptr + (b * H + h) * D + d, o.to(o_ptr.dtype.element_ty))
 
     def launch(qkv, cos, sin, kbuf, vbuf, valid, slot, write, scaling, n_heads, window):
         B, HKV, cap, D = kbuf.shape
+        chunk = 64 if D <= 128 else 32
+        S = triton.cdiv(cap, chunk)
+        ml = torch.empty(B, n_heads, S, 2, dtype=torch.float32, device=qkv.device)
+        acc = torch.empty(B, n_heads, S, D, dtype=torch.float32, device=qkv.device)
         o = torch.empty(B, n_heads * D, dtype=qkv.dtype, device=qkv.device)
-        _attend[(B, n_heads)](qkv, cos, sin, kbuf, vbuf, valid, slot, write, o, float(scaling), n_heads, HKV, cap,
-                              int(window or 0), D=D, BLOCK=32 if D > 64 else 64, num_warps=4)
+        _attend[(B, n_heads, S)](qkv, cos, sin, kbuf, vbuf, valid, slot, write, ml, acc, float(scaling), n_heads, HKV,
+                                 cap, int(window or 0), S, D=D, CHUNK=chunk, num_warps=4)
+        _combine[(B, n_heads)](ml, acc, o, n_heads, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
         return o
 
     return launch

@@ -13,11 +13,15 @@ us a block (benchmarks/NOTES.md, 2026-12-06). Here it is two kernels:
    weight; and the B / C channels' conv windows of the group, shifted here because every head of the
    group reads their old window in kernel 1 (no program may overwrite it before all have read it).
 
+Both take a window of tokens at once (catch-up's deep pass, verify windows, speculate cycles): the
+conv taps and the state stay in registers between tokens, so the 4 MB state is read and written
+once per window instead of once per token.
+
 Rows whose `write` is False keep their conv window and state (padding, rows that already left), as
 the torch code does. Each rounding sits where the torch code (ssm.py's `_mamba2_fixed`) rounds, so
 the two agree to the dtype's rounding (tests, under Triton's CPU interpreter; on CUDA against the
-torch code in the cuda tests). A window of several tokens (catch-up, verify, speculate cycles) runs
-them once per token; float32 and the CPU take the torch code.
+torch code in the cuda tests). A step that keeps every token's state (self-speculation's history)
+runs them once per token; float32, a conv of other than four taps and the CPU take the torch code.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ def kernels():
     """The launcher of the two kernels (mamba2_kernels.py), or None without Triton.
 
     launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, *, dims...)
-    -> y [B, I] in proj's dtype, or None when gnorm_w is None (a state-only step: `propagate`).
-    proj [B, Dp] is in_proj's output: [gate I | x B C (conv_dim) | dt H], or without the gate when
-    gnorm_w is None. conv_state [B, conv_dim, K] and ssm_state [B, H, P, N] (float32) change in place."""
+    -> y [B, T, I] in proj's dtype, or None when gnorm_w is None (a state-only step: `propagate`).
+    proj [B, T, Dp] is in_proj's output for a window of T tokens: [gate I | x B C (conv_dim) | dt H],
+    or without the gate when gnorm_w is None; write [B, T] says which (row, token) pairs change the
+    state. conv_state [B, conv_dim, 4] and ssm_state [B, H, P, N] (float32) change in place."""
     try:
         from meestral.backbones import mamba2_kernels
     except ImportError:
@@ -63,7 +68,7 @@ def _make_op():
     @mamba2_step.register_fake
     def _(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, n_heads, head_dim,
           n_groups, state_size, intermediate, group_size, gnorm_eps, dt_min, dt_max):
-        return proj.new_empty(proj.shape[0], intermediate) if gnorm_w is not None else proj.new_empty(0)
+        return proj.new_empty(*proj.shape[:2], intermediate) if gnorm_w is not None else proj.new_empty(0)
 
     return mamba2_step
 
@@ -74,16 +79,16 @@ _HAVE_OP = _OP is not False
 
 
 def applies(proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> bool:
-    """Whether the kernels take this step: one token, CUDA, bf16 / fp16 activations, float32 state,
-    contiguous buffers, no gradients (training steps the torch code)."""
+    """Whether the kernels take this step: CUDA, bf16 / fp16 activations, float32 state, a conv of
+    four taps (the kernels hold them in registers), contiguous buffers, no gradients (training steps
+    the torch code)."""
     return (_HAVE_OP and ENABLED and proj.is_cuda and proj.dtype in (torch.bfloat16, torch.float16)
-            and ssm_state.dtype == torch.float32 and conv_state.is_contiguous() and ssm_state.is_contiguous()
-            and not proj.requires_grad)
+            and ssm_state.dtype == torch.float32 and conv_state.shape[-1] == 4 and conv_state.is_contiguous()
+            and ssm_state.is_contiguous() and not proj.requires_grad)
 
 
 def step(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, **dims):
-    """The kernels' step (see `kernels`); only where `applies` says so."""
-    # proj [B, Dp] may be one token of a window (rows strided): the kernels take the row stride
+    """The kernels over a window of tokens (see `kernels`); only where `applies` says so."""
     proj = proj if proj.stride(-1) == 1 else proj.contiguous()
     out = _OP(proj, conv_state, ssm_state, write.contiguous(), conv_w.contiguous(), conv_b, dt_bias, A_log, D,
               gnorm_w, **dims)

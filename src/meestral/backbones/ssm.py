@@ -45,27 +45,30 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     udt = norm_w.dtype  # the block's Mamba2RMSNorm output dtype
     # the gate rows are a third of in_proj and only the output needs them
     w_in, b_in = (in_w, in_b) if output else (in_w[I:], None if in_b is None else in_b[I:])
-    if b_in is None:  # the norm may run inside the GEMV (gemv.FUSED)
-        proj = gemv.norm_linear(h.to(udt), norm_w, eps, w_in, rms_norm)
-    else:
-        proj = gemv.linear(rms_norm(h.to(udt), norm_w, eps), w_in, b_in)
+    # not gemv.norm_linear: the norm inside in_proj's GEMV was slower here (gemv.FUSED's comment)
+    proj = gemv.linear(rms_norm(h.to(udt), norm_w, eps), w_in, b_in)
     if output:
         gate, xbc, dt = proj.split([I, conv_dim, H], dim=-1)
     else:
         xbc, dt = proj.split([conv_dim, H], dim=-1)
     kernel = conv_w[:, 0, :]
     if mamba2_step.applies(proj, conv_state, ssm_state):
-        # On the GPU: conv, scan and gated norm as two Triton kernels a token (mamba2_step.py)
-        ys = []
-        for t in range(T):
-            ys.append(mamba2_step.step(proj[:, t], conv_state, ssm_state, write[:, t], kernel, conv_b, dt_bias, A_log,
-                                       D, gnorm_w if output else None, n_heads=H, head_dim=P, n_groups=G,
-                                       state_size=N, intermediate=I, group_size=group_size, gnorm_eps=gnorm_eps,
-                                       dt_min=dt_min, dt_max=dt_max))
-            if hist_conv is not None:
+        # On the GPU: conv, scan and gated norm as two Triton kernels (mamba2_step.py), the whole
+        # window at once, or token by token where each token's state is kept
+        dims = dict(n_heads=H, head_dim=P, n_groups=G, state_size=N, intermediate=I, group_size=group_size,
+                    gnorm_eps=gnorm_eps, dt_min=dt_min, dt_max=dt_max)
+        gw = gnorm_w if output else None
+        if hist_conv is None:
+            y = mamba2_step.step(proj, conv_state, ssm_state, write, kernel, conv_b, dt_bias, A_log, D, gw, **dims)
+        else:
+            ys = []
+            for t in range(T):
+                ys.append(mamba2_step.step(proj[:, t:t + 1], conv_state, ssm_state, write[:, t:t + 1], kernel, conv_b,
+                                           dt_bias, A_log, D, gw, **dims))
                 _keep(hist_conv, hist_at[t:t + 1], conv_state[:, None])
                 _keep(hist_ssm, hist_at[t:t + 1], ssm_state[:, None])
-        return _out_proj(h, torch.stack(ys, 1), out_w, out_b, residual_in_fp32) if output else None
+            y = torch.cat(ys, 1) if output else None
+        return _out_proj(h, y, out_w, out_b, residual_in_fp32) if output else None
     A = -torch.exp(A_log.float())
     Df = D.float()
     cs, ss, ys, kept_c, kept_s = conv_state, ssm_state, [], [], []

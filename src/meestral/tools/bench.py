@@ -284,9 +284,10 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         # and full depth on cuBLAS's matmuls: what the Triton GEMV gains (backbones/gemv.py)
         decs.insert(1, ("full_cublas_matmuls", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
                                                                     ENABLED=False)))
-        if not gemv.FUSED:  # and with the norms, gate and residual adds inside the GEMV (gemv.FUSED)
-            decs.insert(1, ("full_fused_gemv", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
-                                                                FUSED=True)))
+        if bb.family == "transformer":  # and the norms, gate and residual adds inside the GEMV or not
+            fused = "unfused" if gemv.FUSED else "fused"
+            decs.insert(1, (f"full_{fused}_gemv", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
+                                                                   FUSED=not gemv.FUSED)))
         if getattr(bb, "v2", False) and mamba2_step.ENABLED:  # and the Mamba-2 step as inductor compiles it
             decs.insert(1, ("full_compiled_ssm_step", "-", _with_switches(EarlyExitDecoder(bb, engine=engine),
                                                                        mamba2_step, ENABLED=False)))
