@@ -599,8 +599,9 @@ def test_cuda_mamba2_step_kernels_equal_the_compiled_torch_step(shape, monkeypat
     for a, b in zip(outs[True][0] + outs[True][1], outs[False][0] + outs[False][1]):
         # In norm: an element where the decay and the input nearly cancel can differ by 10% (one
         # bf16 rounding of x apart: inductor keeps the conv's products in float32, the kernel
-        # rounds them as the eager torch code does); a wrong kernel is off by O(1) in norm.
-        assert (a - b).norm() <= 1e-2 * b.norm(), ((a - b).norm() / b.norm()).item()
+        # rounds them as the eager torch code does), and a bf16 residual stream carries 1% after
+        # three steps of three blocks (the variant, 2026-12-06); a wrong kernel is off by O(1).
+        assert (a - b).norm() <= 3e-2 * b.norm(), ((a - b).norm() / b.norm()).item()
     # captured: the graph reads its input buffer and writes the state buffers at every replay
     monkeypatch.setattr(mamba2_step, "ENABLED", True)
     state = bb.new_state(2)
