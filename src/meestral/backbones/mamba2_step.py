@@ -3,8 +3,9 @@
 At batch 1 a Mamba-2 block reads ~220 MB of weights (Codestral Mamba's shape) through in_proj and
 out_proj, ~75 us at the H100's copy bandwidth; everything between them (the causal conv's window
 shift, SiLU, softplus of dt, the SSM state update and read-out, the gated group RMS norm) moves only
-the 4 MB float32 state twice, yet compiled by inductor it ran as several small kernels and took ~25
-us a block (benchmarks/NOTES.md, 2026-12-06). Here it is two kernels:
+the 4 MB float32 state twice, yet compiled by inductor it ran as several small kernels, ~25 us a
+block by the morning's estimate; with these two kernels instead full depth is 6% faster on an H100
+(benchmarks/NOTES.md, 2026-12-06, row full_compiled_ssm_step). The two kernels:
 
 1. `_scan`, one program per (row, head, block of head channels): the conv of its own x channels and
    of its group's B and C channels, dt's softplus, the state update `s = s * exp(dt A) + dt x B` and
