@@ -430,6 +430,9 @@ def _write_profiles(path, bb, ids, tokens, opts, decs):
             continue
         engine = "compiled" if bb.device.type == "cuda" and type(dec.engine).__name__ == "GraphEngine" else "eager"
         prof = EarlyExitDecoder(bb, config=dec.config, engine=engine)
+        # the timed row's device runs (chunks, catch-up cycles), not the one-step path: the kernels
+        # and window lengths it times (the compiled engine runs the same bodies without capture)
+        prof.engine.chunk_steps = dec.engine.chunk_steps
         if policy == "speculate":
             prof.policy.inject = dec.policy.inject  # the same acceptance as the timed row
         prof.generate([ids], SamplingOptions(max_new_tokens=min(tokens, 8)))  # compile / warm up outside the profile
