@@ -140,8 +140,8 @@ def test_sweep_refuses_a_results_file_of_another_configuration(tmp_path, capsys)
     (["lm-eval", "--model", "meestral", "--model_args", "backbone=random:mistral", "--tasks", "nope_task"],
      "unknown task(s) nope_task"),
 ])
-def test_bad_input_is_one_line(argv, needle, capsys, tmp_path):
-    os.chdir(tmp_path)
+def test_bad_input_is_one_line(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # restored after: later tests run from the repository root
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("meestral: error:") and needle in err[0], err

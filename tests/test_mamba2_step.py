@@ -19,7 +19,7 @@ CHECK = r"""
 import sys
 import pytest
 import torch
-sys.path.insert(0, "tests")
+sys.path.insert(0, TESTS)
 from meestral.backbones import mamba2_step
 from meestral.backbones.base import Step
 from meestral.backbones.loading import random_backbone
@@ -71,6 +71,8 @@ print("ok")
 def _run(script):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
+    # the tests folder by absolute path: the check must not depend on the directory pytest runs from
+    script = f"TESTS = {os.path.dirname(os.path.abspath(__file__))!r}\n" + script
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
 
 
