@@ -132,6 +132,81 @@ def test_chunked_loss_equals_the_whole_batch_loss():
     torch.testing.assert_close(head.weight.grad, gw)
 
 
+
+# ---- KD over the teacher's top-k and the rest (--kd-topk) ----------------------------------------
+def _coarse_kl(s, t, idx):
+    """KL(teacher || student) of the two distributions coarsened to the k tokens `idx` and "any
+    other token", written out naively from full probability vectors."""
+    p, q = F.softmax(t.double(), -1), F.softmax(s.double(), -1)
+    pk, qk = p.gather(-1, idx), q.gather(-1, idx)
+    P = torch.cat([pk, (1 - pk.sum(-1, keepdim=True)).clamp(min=0)], -1)
+    Q = torch.cat([qk, 1 - qk.sum(-1, keepdim=True)], -1)
+    return torch.where(P > 0, P * (P.log() - Q.log()), torch.zeros_like(P)).sum(-1).mean()
+
+
+def test_topk_loss_over_the_whole_vocabulary_is_the_full_loss():
+    from meestral.training.kd import teacher_topk, topk_kd_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True), torch.randn(2, 5, 11)
+    y = torch.randint(0, 11, (2, 5))
+    full = kd_loss(s, t, y, 0.3)
+    g_full, = torch.autograd.grad(full[0], s)
+    top = topk_kd_loss(s, teacher_topk(t, 11), y, 0.3)
+    g_top, = torch.autograd.grad(top[0], s)
+    for a, b in zip(top, full):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_top, g_full.to(g_top.dtype), rtol=1e-5, atol=1e-7)
+
+
+def test_topk_loss_is_the_kl_of_the_coarsened_distributions():
+    """Value and gradient against the naive k + 1 outcome KL, a lower bound of the full KL; with a
+    teacher so sure that its tail underflows to 0 (0 log 0) the gradient stays finite."""
+    from meestral.training.kd import teacher_topk, topk_kd_loss
+
+    torch.manual_seed(1)
+    s = torch.randn(3, 4, 50, requires_grad=True)
+    t = torch.randn(3, 4, 50) * 3
+    t[0, 0, 7] = 200.0  # every other token's probability underflows in float32
+    y = torch.randint(0, 50, (3, 4))
+    top = teacher_topk(t, 5)
+    assert top.tail[0, 0] == 0 and bool((top.tail[1:] > 0).all())
+    torch.testing.assert_close(top.logp.exp().sum(-1) + top.tail, torch.ones(3, 4))
+    loss, kl, ce = topk_kd_loss(s, top, y, 0.2)
+    ref = _coarse_kl(s, t, top.idx)
+    torch.testing.assert_close(kl.double(), ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ce, F.cross_entropy(s.reshape(-1, 50), y.reshape(-1)))
+    assert float(kl) < float(kd_loss(s, t, y, 0.2)[1])  # coarsening loses information: a lower bound
+    g, = torch.autograd.grad(loss, s)
+    g_ref, = torch.autograd.grad(ref + 0.2 * F.cross_entropy(s.double().reshape(-1, 50), y.reshape(-1)), s)
+    assert bool(torch.isfinite(g).all())
+    torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-6)
+    # a student equal to the teacher has nothing left to learn from it
+    assert float(topk_kd_loss(t, top, y, 0.0)[1]) < 1e-5
+
+
+def test_chunked_topk_loss_equals_the_whole_batch_loss():
+    from meestral.training.kd import chunked_kd_loss, teacher_topk, teacher_topk_chunks, topk_kd_loss
+
+    torch.manual_seed(0)
+    head, t_head = torch.nn.Linear(8, 13, bias=False), torch.nn.Linear(6, 13, bias=False)
+    h, th = torch.randn(5, 4, 8, requires_grad=True), torch.randn(5, 4, 6)
+    y = torch.randint(0, 13, (5, 4))
+    top = teacher_topk(t_head(th), 3)
+    chunks = teacher_topk_chunks(t_head, th, 3, rows=2)  # the teacher's side a few rows at a time
+    for a, b in zip(chunks, top):
+        torch.testing.assert_close(a, b)
+    whole = topk_kd_loss(head(h), top, y, 0.2)
+    whole[0].backward()
+    gh, gw = h.grad.clone(), head.weight.grad.clone()
+    h.grad, head.weight.grad = None, None
+    parts = chunked_kd_loss(head, h, chunks, y, 0.2, rows=2)
+    for a, b in zip(parts, whole):
+        torch.testing.assert_close(a, b)
+    parts[0].backward()
+    torch.testing.assert_close(h.grad, gh)
+    torch.testing.assert_close(head.weight.grad, gw)
+
 # ---- continuing from existing weights (--init) ---------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
@@ -200,6 +275,23 @@ def test_init_continues_from_the_given_weights_and_resume_takes_precedence(tiny_
 
     again = export(DistillConfig(out=str(out), device="cpu"), log=lambda *_: None)
     assert again["heldout_ppl_float"] == pytest.approx(last["heldout_ppl_float"], rel=1e-5)
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
+def test_topk_run_at_the_whole_vocabulary_trains_as_the_full_kl_run(tiny_teacher, tmp_path):
+    """--kd-topk takes the teacher's side through its hidden states and head a chunk at a time:
+    at k = the vocabulary the run's losses are the full-vocabulary run's, step by step."""
+    from meestral.training.distill import distill
+
+    runs = {}
+    for k in (0, 49152, 64):
+        distill(_run(tiny_teacher, tmp_path / str(k), shape=TINY_STUDENT, steps=3, warmup=2, kd_topk=k),
+                log=lambda *_: None)
+        runs[k] = [r for r in _log(tmp_path / str(k)) if "loss" in r]
+    for a, b in zip(runs[49152], runs[0]):
+        assert (a["loss"], a["kl"], a["ce"]) == pytest.approx((b["loss"], b["kl"], b["ce"]), rel=2e-3, abs=2e-3)
+    # 64 of 49,152 tokens: a smaller KL (a lower bound), the same cross-entropy at the first step
+    assert runs[64][0]["kl"] < runs[0][0]["kl"] and runs[64][0]["ce"] == pytest.approx(runs[0][0]["ce"], rel=1e-3)
 
 
 def distill_killed_at(cfg, step: int, monkeypatch):

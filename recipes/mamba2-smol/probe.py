@@ -1,8 +1,10 @@
 """Throughput probe for the distillation recipe (random weights in the real shapes): how fast one
 training step (teacher forward + student forward/backward) and teacher sampling run on this GPU,
-to size the run. One JSON line per case.
+to size the run, and where a step's time goes. One JSON line per case.
 
-    PYTHONPATH=src python3 recipes/mamba2-smol/probe.py
+    PYTHONPATH=src python3 recipes/mamba2-smol/probe.py                       # the default cases
+    PYTHONPATH=src python3 recipes/mamba2-smol/probe.py train:64:512:0:0:1 train:64:512:1:64:1
+      # train:BATCH:SEQ:COMPILE:KD_TOPK:PROFILE (KD_TOPK 0: whole-vocabulary KL; PROFILE 1: kernels)
 """
 
 import json
@@ -12,9 +14,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Mamba2ForCausalLM
 
-from meestral.backbones.ssd import forward_logits
+from meestral.backbones.ssd import forward_collect
 from meestral.training.distill import student_config
-from meestral.training.kd import kd_loss
+from meestral.training.kd import chunked_kd_loss, teacher_topk_chunks
 from meestral.training.teacher_text import sample_batch
 
 # SmolLM2-135M's shape (config.json of the embedded backbone).
@@ -27,35 +29,75 @@ def sync():
     torch.cuda.synchronize()
 
 
-def train_case(teacher, batch, seq, compile_):
+def train_case(teacher, batch, seq, compile_, topk=0, profile=False):
+    """Steps of the trainer's own loop (distill._distill): teacher forward (whole logits, or their
+    top-k a chunk at a time with --kd-topk), student forward through the chunked scan, the chunked
+    KD loss, backward, AdamW. Median step time, and where it goes: each phase timed between
+    synchronisations, and with `profile` the heaviest kernels of one step (torch.profiler)."""
     torch.manual_seed(0)
     student = Mamba2ForCausalLM(student_config(TEACHER)).cuda()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
-    fwd = torch.compile(forward_logits) if compile_ else forward_logits
+    fwd = torch.compile(final_hidden) if compile_ else final_hidden
     x = torch.randint(0, 49152, (batch, seq), device="cuda")
-    times = []
+    times, phases = [], []
+
+    def step():
+        marks = [time.time()]
+
+        def mark():
+            sync()
+            marks.append(time.time())
+
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad():
+                if topk:
+                    th = teacher.base_model(x).last_hidden_state[:, :-1]
+                    tl = teacher_topk_chunks(teacher.get_output_embeddings(), th, topk)
+                else:
+                    tl = teacher(x).logits[:, :-1]
+            mark()
+            hidden = fwd(student, x)[:, :-1]
+            mark()
+            loss, _, _ = chunked_kd_loss(student.lm_head, hidden, tl, x[:, 1:], 0.2)
+            mark()
+        opt.zero_grad()
+        loss.backward()
+        mark()
+        opt.step()
+        mark()
+        return [b - a for a, b in zip(marks, marks[1:])]
+
     t_first = time.time()
     for i in range(8):
         t = time.time()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            with torch.no_grad():
-                tl = teacher(x).logits[:, :-1]
-            sl = fwd(student, x)[:, :-1]
-            loss, _, _ = kd_loss(sl, tl, x[:, 1:], 0.2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sync()
+        phases.append(step())
         times.append(time.time() - t)
         if i == 0:
             first = time.time() - t_first
-    step = sorted(times[2:])[len(times[2:]) // 2]
-    print(json.dumps({"case": "train", "batch": batch, "seq": seq, "compile": compile_, "first_step_s": round(first, 1),
-                      "step_s": round(step, 4), "tok_per_s": round(batch * seq / step),
-                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}), flush=True)
+    mid = sorted(range(2, 8), key=lambda j: times[j])[3]
+    names = ("teacher", "student_fwd", "kd_loss_fwd", "backward", "adamw")
+    row = {"case": "train", "batch": batch, "seq": seq, "compile": compile_, "kd_topk": topk,
+           "first_step_s": round(first, 1), "step_s": round(times[mid], 4), "tok_per_s": round(batch * seq / times[mid]),
+           "phase_ms": {n: round(1e3 * v, 1) for n, v in zip(names, phases[mid])},
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            step()
+        ev = sorted(p.key_averages(), key=lambda e: -e.device_time_total)
+        busy = sum(e.device_time_total for e in ev)
+        row["kernels"] = [{"name": e.key[:90], "ms": round(e.device_time_total / 1e3, 2), "calls": e.count,
+                           "share": round(e.device_time_total / busy, 3)} for e in ev[:20]]
+        row["device_busy_ms"] = round(busy / 1e3, 1)
+    print(json.dumps(row), flush=True)
     del student, opt, fwd
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+
+
+def final_hidden(model, ids):
+    return forward_collect(model, ids)[2]
 
 
 @torch.inference_mode()
@@ -79,8 +121,9 @@ def main():
     for args in sys.argv[1:] or ["train:64:512:0", "train:32:512:0", "gen:1024:64", "gen:2048:64", "gen:4096:64"]:
         kind, *rest = args.split(":")
         try:
-            if kind == "train":
-                train_case(teacher, int(rest[0]), int(rest[1]), bool(int(rest[2])))
+            if kind == "train":  # train:BATCH:SEQ:COMPILE[:TOPK[:PROFILE]]
+                rest += ["0"] * (5 - len(rest))
+                train_case(teacher, int(rest[0]), int(rest[1]), bool(int(rest[2])), int(rest[3]), bool(int(rest[4])))
             else:
                 gen_case(teacher, int(rest[0]), int(rest[1]))
         except Exception as e:  # a probe that fails says so and the next one runs

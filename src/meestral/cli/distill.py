@@ -66,6 +66,8 @@ def add_distill_parser(sub):
     t.add_argument("--lr", type=float, help="peak learning rate (default 3e-3; with --init 1.5e-3); the decay ends at lr/10")
     t.add_argument("--warmup", type=int, help="warm-up steps (default 200; with --init 50)")
     t.add_argument("--ce-weight", type=float, default=0.2, help="cross-entropy on the tokens, added to the KL")
+    t.add_argument("--kd-topk", type=int, default=0,
+                   help="KL over the teacher's k most likely tokens and the rest as one outcome (0: whole vocabulary)")
     t.add_argument("--eval-every", type=int, default=250, help="steps between held-out measurements")
     t.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints")
     t.add_argument("--compile", action="store_true", help="torch.compile the student")
@@ -112,7 +114,7 @@ def cmd_train(args):
                         **share, out=args.out, shape=args.shape, init=args.init,
                         steps=args.steps, seconds=args.seconds, batch=args.batch, seq_len=args.seq_len,
                         lr=args.lr, warmup=args.warmup,
-                        ce_weight=args.ce_weight, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                        ce_weight=args.ce_weight, kd_topk=args.kd_topk, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                         compile=args.compile, resume=not args.no_resume, seed=args.seed, device=args.device)
     print(dumps(distill(cfg)))
     return 0

@@ -37,7 +37,7 @@ from meestral.errors import MeestralError
 from meestral.files import FolderLock, append_line, atomic_folder, write_json
 from meestral.training.checkpoint import CHECKPOINT, check_kind, check_out, prepare_out, read_checkpoint, save_checkpoint
 from meestral.training.interrupt import StopRequests
-from meestral.training.kd import chunked_kd_loss, heldout_ppl
+from meestral.training.kd import chunked_kd_loss, heldout_ppl, teacher_topk_chunks
 from meestral.training.optim import warmup_stable_decay
 from meestral.training.row_pool import RowPool
 from meestral.training.run_log import LOG, RunLog, dumps
@@ -106,6 +106,9 @@ class DistillConfig:
     decay_share: float = 0.25  # warm-up, constant, then linear decay over the last share of steps
     weight_decay: float = 0.1
     ce_weight: float = 0.2
+    # 0: KL over the whole vocabulary. k > 0: over the teacher's k most likely tokens and the rest
+    # as one outcome (`kd.topk_kd_loss`): the teacher's full logits never exist beyond one chunk.
+    kd_topk: int = 0
     clip: float = 1.0
     min_rows: int = 256  # wait for this many sampled rows before training on them,
     wait_seconds: float = 120  # but no longer than this
@@ -395,7 +398,11 @@ def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests
             g["lr"] = lr
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             with torch.no_grad():
-                t_logits = teacher(x).logits[:, :-1]
+                if cfg.kd_topk:
+                    t_hidden = teacher.base_model(x).last_hidden_state[:, :-1]
+                    t_logits = teacher_topk_chunks(teacher.get_output_embeddings(), t_hidden, cfg.kd_topk)
+                else:
+                    t_logits = teacher(x).logits[:, :-1]
             hidden = fwd(student, x)[:, :-1]
             loss, kl, ce = chunked_kd_loss(student.lm_head, hidden, t_logits, x[:, 1:], cfg.ce_weight)
         opt.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ time, and held-out perplexity, the measure both report beside it."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,60 @@ def kd_loss(student_logits, teacher_logits, targets, ce_weight: float):
     return kl + ce_weight * ce, kl, ce
 
 
+class TeacherTopK(NamedTuple):
+    """The teacher's distribution kept as its k most likely tokens and the mass left over: what
+    `topk_kd_loss` needs, 12k + 4 bytes a position instead of the whole vocabulary's logits."""
+
+    logp: torch.Tensor  # [..., k] float32 log-probabilities of the k most likely tokens
+    idx: torch.Tensor  # [..., k] int64 their token ids
+    tail: torch.Tensor  # [...] float32 probability of every other token together (>= 0)
+
+
+def teacher_topk(teacher_logits, k: int) -> TeacherTopK:
+    """The top-k summary of a teacher's logits (a full float32 log-softmax of this chunk only)."""
+    lp = F.log_softmax(teacher_logits.float(), -1)
+    logp, idx = lp.topk(min(k, lp.shape[-1]), -1)
+    # 1 - sum(p_top) cancels when the top-k hold nearly all the mass: sum the rest directly instead
+    tail = lp.exp().scatter(-1, idx, 0.0).sum(-1)
+    return TeacherTopK(logp, idx, tail)
+
+
+@torch.no_grad()
+def teacher_topk_chunks(lm_head, hidden, k: int, rows: int = 8) -> TeacherTopK:
+    """`teacher_topk(lm_head(hidden), k)` a few rows at a time: the teacher's full logits exist for
+    one chunk only (a 64 x 512 batch's are 3.2 GB in bf16, 6.4 GB again as a float32 softmax)."""
+    parts = [teacher_topk(lm_head(hidden[i:i + rows]), k) for i in range(0, hidden.shape[0], rows)]
+    return TeacherTopK(*(torch.cat(f) for f in zip(*parts)))
+
+
+def topk_kd_loss(student_logits, top: TeacherTopK, targets, ce_weight: float):
+    """(loss, kl, ce) as `kd_loss`, with the KL taken between the two distributions coarsened to
+    k + 1 outcomes: the teacher's k most likely tokens and "any other token". Both sides are exact
+    probabilities of those outcomes (the student's over its whole vocabulary), so this is a true KL;
+    it is at most the full-vocabulary one and equals it when k is the vocabulary. What it saves is
+    the teacher's side: no full-vocabulary teacher tensor is kept, exponentiated or multiplied.
+
+    The "other token" bucket matters: top-k KD without it (the teacher's top-k renormalised, the rest
+    ignored) says nothing about where the student's remaining mass goes, and lets it pile
+    probability on tokens the teacher rules out."""
+    s = student_logits.float()
+    lse = s.logsumexp(-1)
+    s_top = s.gather(-1, top.idx) - lse[..., None]
+    kl = (top.logp.exp() * (top.logp - s_top)).sum(-1)
+    if top.idx.shape[-1] < s.shape[-1]:  # k = vocabulary: no other token, and no empty logsumexp
+        # the student's own mass outside the teacher's top-k, from its logits (stable near 0 and 1)
+        s_tail = s.scatter(-1, top.idx, float("-inf")).logsumexp(-1) - lse
+        # 0 log 0 = 0 where the teacher's tail underflows
+        t_log = torch.where(top.tail > 0, top.tail, torch.ones_like(top.tail)).log()
+        kl = kl + top.tail * (t_log - s_tail)
+    ce = (lse - s.gather(-1, targets[..., None]).squeeze(-1)).mean()
+    kl = kl.mean()
+    return kl + ce_weight * ce, kl, ce
+
+
 def chunked_kd_loss(lm_head, hidden, teacher_logits, targets, ce_weight: float, rows: int = 8):
-    """`kd_loss(lm_head(hidden), ...)` with the same value and gradients, a few rows at a time.
+    """`kd_loss(lm_head(hidden), ...)` with the same value and gradients, a few rows at a time;
+    with a `TeacherTopK` in place of the logits, `topk_kd_loss` the same way.
 
     Full-vocabulary float32 log-softmaxes of a 64 x 512 batch are ~6 GB each and the loss keeps
     several for backward: at batch 64 they were 85 GiB of peak memory on an H200, and the trainer
@@ -29,15 +82,19 @@ def chunked_kd_loss(lm_head, hidden, teacher_logits, targets, ce_weight: float, 
     (activation checkpointing), so only one chunk's logits are alive at a time."""
     from torch.utils.checkpoint import checkpoint
 
-    def part(h, t, y):
-        return torch.stack(kd_loss(lm_head(h), t, y, ce_weight))
+    top = isinstance(teacher_logits, TeacherTopK)
+
+    def part(h, y, *t):
+        return torch.stack(topk_kd_loss(lm_head(h), TeacherTopK(*t), y, ce_weight) if top
+                           else kd_loss(lm_head(h), t[0], y, ce_weight))
 
     n = hidden.shape[0]
     total = hidden.new_zeros(3, dtype=torch.float32)
+    teacher = tuple(teacher_logits) if top else (teacher_logits,)
     for i in range(0, n, rows):
         sl = slice(i, min(n, i + rows))
         w = (sl.stop - sl.start) / n  # kd_loss averages over tokens: weigh chunks by their size
-        total = total + w * checkpoint(part, hidden[sl], teacher_logits[sl], targets[sl], use_reentrant=False)
+        total = total + w * checkpoint(part, hidden[sl], targets[sl], *(t[sl] for t in teacher), use_reentrant=False)
     return total[0], total[1], total[2]
 
 
