@@ -207,6 +207,29 @@ def test_chunked_topk_loss_equals_the_whole_batch_loss():
     torch.testing.assert_close(h.grad, gh)
     torch.testing.assert_close(head.weight.grad, gw)
 
+
+@pytest.mark.slow  # inductor compiles two losses, forward and backward, on the CPU
+@pytest.mark.parametrize("k", [0, 4])
+def test_compiled_loss_equals_the_eager_loss(k):
+    """--compile puts the loss after the LM head through torch.compile: same values and gradients
+    as the eager loss, full-vocabulary (k = 0) and top-k, inside the chunks' checkpointing."""
+    from meestral.training.kd import chunked_kd_loss, teacher_topk
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=False)
+    h = torch.randn(4, 4, 8, requires_grad=True)
+    t = torch.randn(4, 4, 13) * 2
+    y = torch.randint(0, 13, (4, 4))
+    teacher = teacher_topk(t, k) if k else t
+    out = {}
+    for compiled in (False, True):
+        h.grad, head.weight.grad = None, None
+        parts = chunked_kd_loss(head, h, teacher, y, 0.2, rows=2, compiled=compiled)
+        parts[0].backward()
+        out[compiled] = (*parts, h.grad.clone(), head.weight.grad.clone())
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
 # ---- continuing from existing weights (--init) ---------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):

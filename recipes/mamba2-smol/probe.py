@@ -58,7 +58,7 @@ def train_case(teacher, batch, seq, compile_, topk=0, profile=False):
             mark()
             hidden = fwd(student, x)[:, :-1]
             mark()
-            loss, _, _ = chunked_kd_loss(student.lm_head, hidden, tl, x[:, 1:], 0.2)
+            loss, _, _ = chunked_kd_loss(student.lm_head, hidden, tl, x[:, 1:], 0.2, compiled=compile_)
             mark()
         opt.zero_grad()
         loss.backward()

@@ -70,7 +70,7 @@ def add_distill_parser(sub):
                    help="KL over the teacher's k most likely tokens and the rest as one outcome (0: whole vocabulary)")
     t.add_argument("--eval-every", type=int, default=250, help="steps between held-out measurements")
     t.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints")
-    t.add_argument("--compile", action="store_true", help="torch.compile the student")
+    t.add_argument("--compile", action="store_true", help="torch.compile the student and the KD loss")
     t.add_argument("--no-resume", action="store_true", help="start over instead of continuing the run in --out")
     t.add_argument("--seed", type=int, default=0, help="seed of the student and the data order")
     t.add_argument("--device", help=DEVICE_HELP)

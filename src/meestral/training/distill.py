@@ -116,7 +116,7 @@ class DistillConfig:
     eval_every: int = 250
     ckpt_every: int = 200
     heldout_tokens: int = 65536
-    compile: bool = False
+    compile: bool = False  # torch.compile the student's forward and the loss after its LM head
     resume: bool = True
     seed: int = 0
     device: str | None = None  # None: cuda when a GPU is visible, else cpu (as every command's --device)
@@ -404,7 +404,8 @@ def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests
                 else:
                     t_logits = teacher(x).logits[:, :-1]
             hidden = fwd(student, x)[:, :-1]
-            loss, kl, ce = chunked_kd_loss(student.lm_head, hidden, t_logits, x[:, 1:], cfg.ce_weight)
+            loss, kl, ce = chunked_kd_loss(student.lm_head, hidden, t_logits, x[:, 1:], cfg.ce_weight,
+                                           compiled=cfg.compile)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)

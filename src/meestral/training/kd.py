@@ -72,21 +72,39 @@ def topk_kd_loss(student_logits, top: TeacherTopK, targets, ce_weight: float):
     return kl + ce_weight * ce, kl, ce
 
 
-def chunked_kd_loss(lm_head, hidden, teacher_logits, targets, ce_weight: float, rows: int = 8):
+_COMPILED: dict = {}
+
+
+def _loss_fn(top: bool, compiled: bool):
+    """The loss of one chunk, eager or through torch.compile: compiled, the casts, softmaxes,
+    gathers and products over the vocabulary (each a full pass over a chunk's logits in eager
+    mode, forward, recomputation and backward) fuse into a few kernels. One compiled function per
+    loss for the whole process (a chunk of another size compiles once more)."""
+    fn = topk_kd_loss if top else kd_loss
+    if not compiled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+def chunked_kd_loss(lm_head, hidden, teacher_logits, targets, ce_weight: float, rows: int = 8,
+                    compiled: bool = False):
     """`kd_loss(lm_head(hidden), ...)` with the same value and gradients, a few rows at a time;
     with a `TeacherTopK` in place of the logits, `topk_kd_loss` the same way.
 
     Full-vocabulary float32 log-softmaxes of a 64 x 512 batch are ~6 GB each and the loss keeps
     several for backward: at batch 64 they were 85 GiB of peak memory on an H200, and the trainer
     ran out of memory beside the sampler (2026-12-01). Each chunk's loss is recomputed in backward
-    (activation checkpointing), so only one chunk's logits are alive at a time."""
+    (activation checkpointing), so only one chunk's logits are alive at a time. `compiled`: the
+    loss after the LM head through torch.compile (`_loss_fn`)."""
     from torch.utils.checkpoint import checkpoint
 
     top = isinstance(teacher_logits, TeacherTopK)
+    loss = _loss_fn(top, compiled)
 
     def part(h, y, *t):
-        return torch.stack(topk_kd_loss(lm_head(h), TeacherTopK(*t), y, ce_weight) if top
-                           else kd_loss(lm_head(h), t[0], y, ce_weight))
+        return torch.stack(loss(lm_head(h), TeacherTopK(*t) if top else t[0], y, ce_weight))
 
     n = hidden.shape[0]
     total = hidden.new_zeros(3, dtype=torch.float32)
