@@ -97,3 +97,70 @@ def test_prompt_pass_through_the_chunked_scan_equals_stepping(tiny, monkeypatch)
         torch.testing.assert_close(fast.state.conv[i], slow.state.conv[i], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fast.state.ssm[i], slow.state.ssm[i], atol=1e-5, rtol=1e-5)
     assert float(fast.state.ssm[0].abs().sum()) > 0  # the scan really filled it
+
+
+def _documented_chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False):
+    """mamba-ssm's `mamba_chunk_scan_combined` as its docstring defines it, token by token (no
+    chunks): S_t = exp(A dt_t) S_{t-1} + dt_t x_t (x) B_t, y_t = C_t . S_t + D x_t."""
+    b, l, h, p = x.shape
+    g = B.shape[2]
+    s = x.new_zeros(b, h, p, B.shape[-1]) if initial_states is None else initial_states
+    Bh, Ch = B.repeat_interleave(h // g, 2), C.repeat_interleave(h // g, 2)
+    ys = []
+    for t in range(l):
+        s = s * (A * dt[:, t]).exp()[..., None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        ys.append((s * Ch[:, t, :, None, :]).sum(-1) + D[:, None] * x[:, t])
+    y = torch.stack(ys, 1)
+    return (y, s) if return_final_states else y
+
+
+def test_the_fused_scan_is_called_as_mamba_ssm_defines_it(monkeypatch):
+    """Where mamba-ssm's kernels run (CUDA), mixer_forward hands them x, dt, A, B, C, D and the
+    initial state in mamba-ssm's own terms: with a stand-in that computes exactly what its
+    docstring says, outputs, final states and gradients equal the torch scan's."""
+    from meestral.backbones import ssd
+
+    m = mamba2(groups=2, chunk=8)
+    block = m.backbone.layers[1].mixer
+    u = torch.randn(2, 19, 64)
+    s0 = torch.randn(2, 8, 16, 16)
+    calls = []
+
+    def stand_in(*a, **k):
+        calls.append(k)
+        return _documented_chunk_scan(*a, **k)
+
+    results = {}
+    for fused in (False, True):
+        monkeypatch.setattr(ssd, "_fused_scan_for", (lambda x: stand_in) if fused else (lambda x: None))
+        m.zero_grad()
+        out, window, state = ssd.mixer_forward(block, u, initial_state=s0, states=True)
+        (out.pow(2).mean() + state.pow(2).mean()).backward()
+        results[fused] = (out, window, state, *(p.grad.clone() for p in block.parameters()))
+    assert len(calls) == 1 and calls[0]["return_final_states"]
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("groups,length", [(1, 200), (2, 37)])
+def test_mamba_ssm_kernels_equal_the_torch_scan_on_cuda(groups, length, monkeypatch):
+    """With mamba-ssm installed, training goes through its fused SSD kernels: logits and every
+    gradient equal the torch scan's (relative error in norm: Triton's float32 products round
+    through TF32)."""
+    pytest.importorskip("mamba_ssm")
+    from meestral.backbones import ssd
+
+    assert ssd._mamba_ssm_scan() is not None, "mamba_ssm imports but its chunk scan does not"
+    m = mamba2(groups, chunk=64).cuda()
+    ids = torch.randint(0, 300, (2, length), device="cuda")
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(ssd, "FUSED_SCAN", fused)
+        m.zero_grad()
+        logits = forward_logits(m, ids)
+        logits.pow(2).mean().backward()
+        results[fused] = [logits.detach()] + [p.grad.clone() for p in m.parameters()]
+    for a, b in zip(results[True], results[False]):
+        assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 1e-2

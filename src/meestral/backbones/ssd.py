@@ -10,12 +10,37 @@ one short recurrence over chunks) needs only [batch, chunks, heads, L, L] interm
 `mixer_forward` is one block's mixer on a whole sequence (from a zero state, or from an initial
 SSM state with no conv history), `forward_logits` the whole model; both equal HF's forward (tests)
 and are what distillation trains through. The weights stay HF's modules: nothing is re-declared.
+
+On a GPU where mamba-ssm imports (benchmarks/build_mamba_ssm.sh builds it), the scan is its fused
+Triton SSD kernels instead (`mamba_chunk_scan_combined`, forward and backward, with the D skip):
+the same arithmetic without the [chunks, L, L] intermediates in memory, the biggest cost of a
+distillation step on the torch scan. `FUSED_SCAN = False` keeps the torch scan everywhere.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+FUSED_SCAN = True
+
+
+@functools.cache
+def _mamba_ssm_scan():
+    """mamba-ssm's `mamba_chunk_scan_combined`, or None where it does not import (no mamba-ssm, or
+    a build for another torch / GPU): the torch scan then runs."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # ImportError, or an extension built against another torch
+        return None
+    return mamba_chunk_scan_combined
+
+
+def _fused_scan_for(x):
+    """The fused scan for this input, or None: mamba-ssm's kernels run on CUDA tensors only."""
+    return _mamba_ssm_scan() if FUSED_SCAN and x.is_cuda else None
 
 
 def ssd_scan(x, a, B, C, chunk: int, initial_state=None):
@@ -98,9 +123,16 @@ def mixer_forward(m, u, initial_state=None, mask=None, states=False):
     dt = dt.clamp(min=m.time_step_limit[0], max=m.time_step_limit[1])
     A = -torch.exp(m.A_log.float())
     x = x.float().reshape(b, l, H, m.head_dim)
-    y, state = ssd_scan(x * dt[..., None], A * dt, Bm.float().reshape(b, l, g, n), Cm.float().reshape(b, l, g, n),
-                        m.chunk_size, initial_state)
-    y = y + m.D.float()[None, None, :, None] * x
+    Bm, Cm = Bm.float().reshape(b, l, g, n), Cm.float().reshape(b, l, g, n)
+    fused = _fused_scan_for(x)
+    if fused is not None:
+        # the same scan in mamba-ssm's terms: it scales x by dt and A by dt itself, adds D x
+        y, state = fused(x, dt, A, Bm, Cm, m.chunk_size, D=m.D.float(),
+                         initial_states=None if initial_state is None else initial_state.float(),
+                         return_final_states=True)
+    else:
+        y, state = ssd_scan(x * dt[..., None], A * dt, Bm, Cm, m.chunk_size, initial_state)
+        y = y + m.D.float()[None, None, :, None] * x
     y = m.norm(y.reshape(b, l, I).to(u.dtype), gate)
     out = m.out_proj(y.to(u.dtype))
     return (out, window, state) if states else out
