@@ -132,7 +132,7 @@ def test_the_fused_scan_is_called_as_mamba_ssm_defines_it(monkeypatch):
 
     results = {}
     for fused in (False, True):
-        monkeypatch.setattr(ssd, "_fused_scan_for", (lambda x: stand_in) if fused else (lambda x: None))
+        monkeypatch.setattr(ssd, "_fused_scan_for", (lambda x, precision: stand_in) if fused else (lambda x, precision: None))
         m.zero_grad()
         out, window, state = ssd.mixer_forward(block, u, initial_state=s0, states=True)
         (out.pow(2).mean() + state.pow(2).mean()).backward()
@@ -146,9 +146,9 @@ def test_the_fused_scan_is_called_as_mamba_ssm_defines_it(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("groups,length", [(1, 200), (2, 37)])
 def test_mamba_ssm_kernels_equal_the_torch_scan_on_cuda(groups, length, monkeypatch):
-    """With mamba-ssm installed, training goes through its fused SSD kernels: logits and every
-    gradient equal the torch scan's (relative error in norm: Triton's float32 products round
-    through TF32)."""
+    """With mamba-ssm installed, training under bf16 autocast goes through its fused SSD kernels:
+    logits and every gradient equal the torch scan's (relative error in norm: Triton's float32
+    products round through TF32); a float32 forward keeps the torch scan."""
     pytest.importorskip("mamba_ssm")
     from meestral.backbones import ssd
 
@@ -159,8 +159,10 @@ def test_mamba_ssm_kernels_equal_the_torch_scan_on_cuda(groups, length, monkeypa
     for fused in (True, False):
         monkeypatch.setattr(ssd, "FUSED_SCAN", fused)
         m.zero_grad()
-        logits = forward_logits(m, ids)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = forward_logits(m, ids).float()
         logits.pow(2).mean().backward()
         results[fused] = [logits.detach()] + [p.grad.clone() for p in m.parameters()]
+    assert ssd._fused_scan_for(torch.zeros(1, device="cuda"), torch.float32) is None
     for a, b in zip(results[True], results[False]):
         assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 1e-2

@@ -14,7 +14,8 @@ and are what distillation trains through. The weights stay HF's modules: nothing
 On a GPU where mamba-ssm imports (benchmarks/build_mamba_ssm.sh builds it), the scan is its fused
 Triton SSD kernels instead (`mamba_chunk_scan_combined`, forward and backward, with the D skip):
 the same arithmetic without the [chunks, L, L] intermediates in memory, the biggest cost of a
-distillation step on the torch scan. `FUSED_SCAN = False` keeps the torch scan everywhere.
+distillation step on the torch scan. Only for blocks computing in half precision (a float32
+model keeps the float32 torch scan); `FUSED_SCAN = False` keeps the torch scan everywhere.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ def _mamba_ssm_scan():
     return mamba_chunk_scan_combined
 
 
-def _fused_scan_for(x):
-    """The fused scan for this input, or None: mamba-ssm's kernels run on CUDA tensors only."""
-    return _mamba_ssm_scan() if FUSED_SCAN and x.is_cuda else None
+def _fused_scan_for(x, precision):
+    """The fused scan for this input, or None. mamba-ssm's kernels run on CUDA tensors only, and
+    their float32 products round through TF32: they serve a block computing in half precision (a
+    bf16 model, or training under autocast: `precision` is the in_proj output's dtype), whose inputs
+    are coarser than that; a float32 model keeps the float32 torch scan (exactness tests)."""
+    return _mamba_ssm_scan() if FUSED_SCAN and x.is_cuda and precision != torch.float32 else None
 
 
 def ssd_scan(x, a, B, C, chunk: int, initial_state=None):
@@ -124,7 +128,7 @@ def mixer_forward(m, u, initial_state=None, mask=None, states=False):
     A = -torch.exp(m.A_log.float())
     x = x.float().reshape(b, l, H, m.head_dim)
     Bm, Cm = Bm.float().reshape(b, l, g, n), Cm.float().reshape(b, l, g, n)
-    fused = _fused_scan_for(x)
+    fused = _fused_scan_for(x, proj.dtype)
     if fused is not None:
         # the same scan in mamba-ssm's terms: it scales x by dt and A by dt itself, adds D x
         y, state = fused(x, dt, A, Bm, Cm, m.chunk_size, D=m.D.float(),
