@@ -230,6 +230,66 @@ def test_compiled_loss_equals_the_eager_loss(k):
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
+
+def test_row_ids_name_rows_and_leave_the_draws_unchanged(tmp_path):
+    torch.save({"docs": [torch.arange(3, 30, dtype=torch.int32)]}, tmp_path / "shard-000-00000.pt")
+    corpus = torch.arange(100, 124, dtype=torch.int32).view(6, 4)
+    a = RowPool(str(tmp_path), corpus, seq_len=4, eos=2, corpus_share=0.5, seed=3)
+    b = RowPool(str(tmp_path), corpus, seq_len=4, eos=2, corpus_share=0.5, seed=3)
+    a.refresh(), b.refresh()
+    for _ in range(3):
+        rows, ids = a.batch_with_ids(6)
+        assert torch.equal(rows, b.batch(6))  # the same draws with or without ids
+        for r, i in zip(rows, ids.tolist()):
+            assert torch.equal(r, (a.rows[i] if i >= 0 else corpus[-1 - i]).long())
+        assert bool((ids < 0).any()) and bool((ids >= 0).any())
+
+
+def _fake_teacher(calls):
+    """A deterministic 'teacher' summary of rows, recording which rows it was asked for."""
+    from meestral.training.kd import teacher_topk
+
+    def compute(rows):
+        calls.append(rows[:, 0].tolist())
+        g = torch.Generator().manual_seed(0)
+        table = torch.randn(50, 11, generator=g)
+        return teacher_topk(table[rows[:, :-1] % 50], 3)
+    return compute
+
+
+def test_teacher_cache_computes_each_row_once_and_returns_what_the_teacher_gave():
+    from meestral.training.teacher_cache import TeacherCache
+
+    calls = []
+    compute = _fake_teacher(calls)
+    cache = TeacherCache(3, positions=4, max_bytes=1e6, device="cpu")
+    data = {i: torch.arange(5) * 7 + i for i in range(-2, 6)}  # row id -> row (first token = id)
+    for ids in ([0, 1, 1, -2], [1, 2, -2, 0], [3, 3, 2, -1]):
+        rows = torch.stack([data[i] for i in ids])
+        got = cache.get(rows, torch.tensor(ids), compute)
+        for a, b in zip(got, compute(rows)):
+            assert torch.equal(a, b) and a.dtype == b.dtype
+        calls.pop()  # the reference call above
+    # each row computed once, a row drawn twice in a batch once
+    assert calls == [[0, 1, -2], [2], [3, -1]]
+    assert cache.hits == 4 and cache.misses == 8  # read back / computed (a repeat within a batch: computed)
+
+
+def test_a_full_teacher_cache_keeps_what_fits_and_computes_the_rest_every_time():
+    from meestral.training.teacher_cache import TeacherCache
+
+    calls = []
+    compute = _fake_teacher(calls)
+    cache = TeacherCache(3, positions=4, max_bytes=2.5 * 4 * (8 * 3 + 4), device="cpu")  # two rows
+    assert cache.capacity == 2
+    rows = torch.stack([torch.arange(5) + i for i in range(3)])
+    for _ in range(2):
+        got = cache.get(rows, torch.arange(3), compute)
+        for a, b in zip(got, compute(rows)):
+            assert torch.equal(a, b)
+        calls.pop()
+    assert calls == [[0, 1, 2], [2]] and len(cache.slot) == 2
+
 # ---- continuing from existing weights (--init) ---------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
@@ -315,6 +375,27 @@ def test_topk_run_at_the_whole_vocabulary_trains_as_the_full_kl_run(tiny_teacher
         assert (a["loss"], a["kl"], a["ce"]) == pytest.approx((b["loss"], b["kl"], b["ce"]), rel=2e-3, abs=2e-3)
     # 64 of 49,152 tokens: a smaller KL (a lower bound), the same cross-entropy at the first step
     assert runs[64][0]["kl"] < runs[0][0]["kl"] and runs[64][0]["ce"] == pytest.approx(runs[0][0]["ce"], rel=1e-3)
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
+def test_a_run_with_the_teacher_cache_trains_as_one_without(tiny_teacher, tmp_path):
+    """Rows drawn again take the teacher's top-k from the cache: the losses are the uncached run's,
+    step by step, and the log says how often the cache answered."""
+    from meestral.errors import MeestralError
+    from meestral.training.distill import distill
+
+    runs = {}
+    for gb in (0.0, 1.0):
+        distill(_run(tiny_teacher, tmp_path / str(gb), shape=TINY_STUDENT, steps=6, warmup=2, batch=8, kd_topk=16,
+                     teacher_cache_gb=gb), log=lambda *_: None)
+        runs[gb] = [r for r in _log(tmp_path / str(gb)) if "loss" in r]
+    for a, b in zip(runs[1.0], runs[0.0]):
+        assert (a["loss"], a["kl"], a["ce"]) == pytest.approx((b["loss"], b["kl"], b["ce"]), rel=2e-3, abs=2e-3)
+    assert "teacher_hit_rate" not in runs[0.0][-1]
+    assert 0 < runs[1.0][-1]["teacher_hit_rate"] < 1 and runs[1.0][-1]["teacher_cached_rows"] > 0
+    with pytest.raises(MeestralError, match="give --kd-topk"):
+        distill(_run(tiny_teacher, tmp_path / "bad", teacher_cache_gb=1.0), log=lambda *_: None)
+    assert not (tmp_path / "bad").exists()
 
 
 def distill_killed_at(cfg, step: int, monkeypatch):

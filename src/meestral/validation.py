@@ -135,6 +135,7 @@ RULES = {
     # distill
     "shards": Number(int, 1), "seconds": Number(float, 0, low_open=True), "corpus_share": Number(float, 0, 1),
     "ce_weight": Number(float, 0), "eval_every": Number(int, 1), "kd_topk": Number(int, 0, hint="0: the whole vocabulary"),
+    "teacher_cache_gb": Number(float, 0, hint="0: off"),
     # adapt
     "rank": Number(int, 1), "alpha": Number(float, 0, low_open=True), "final_weight": Number(float, 0),
     "exit_weights": Items(Number(float, 0), example="1,1,2"), "rotation": Number(int, 1),

@@ -68,6 +68,8 @@ def add_distill_parser(sub):
     t.add_argument("--ce-weight", type=float, default=0.2, help="cross-entropy on the tokens, added to the KL")
     t.add_argument("--kd-topk", type=int, default=0,
                    help="KL over the teacher's k most likely tokens and the rest as one outcome (0: whole vocabulary)")
+    t.add_argument("--teacher-cache-gb", type=float, default=0.0,
+                   help="with --kd-topk: GiB of device memory keeping the teacher's top-k of rows seen (0: off)")
     t.add_argument("--eval-every", type=int, default=250, help="steps between held-out measurements")
     t.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints")
     t.add_argument("--compile", action="store_true", help="torch.compile the student and the KD loss")
@@ -114,7 +116,8 @@ def cmd_train(args):
                         **share, out=args.out, shape=args.shape, init=args.init,
                         steps=args.steps, seconds=args.seconds, batch=args.batch, seq_len=args.seq_len,
                         lr=args.lr, warmup=args.warmup,
-                        ce_weight=args.ce_weight, kd_topk=args.kd_topk, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                        ce_weight=args.ce_weight, kd_topk=args.kd_topk,
+                        teacher_cache_gb=args.teacher_cache_gb, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                         compile=args.compile, resume=not args.no_resume, seed=args.seed, device=args.device)
     print(dumps(distill(cfg)))
     return 0

@@ -40,6 +40,7 @@ from meestral.training.interrupt import StopRequests
 from meestral.training.kd import chunked_kd_loss, heldout_ppl, teacher_topk_chunks
 from meestral.training.optim import warmup_stable_decay
 from meestral.training.row_pool import RowPool
+from meestral.training.teacher_cache import TeacherCache
 from meestral.training.run_log import LOG, RunLog, dumps
 from meestral.training.teacher_text import load_teacher
 
@@ -109,6 +110,9 @@ class DistillConfig:
     # 0: KL over the whole vocabulary. k > 0: over the teacher's k most likely tokens and the rest
     # as one outcome (`kd.topk_kd_loss`): the teacher's full logits never exist beyond one chunk.
     kd_topk: int = 0
+    # With kd_topk: GiB of device memory for the teacher's top-k of rows already seen
+    # (`teacher_cache.TeacherCache`): a row drawn again skips the teacher's forward. 0: off.
+    teacher_cache_gb: float = 0.0
     clip: float = 1.0
     min_rows: int = 256  # wait for this many sampled rows before training on them,
     wait_seconds: float = 120  # but no longer than this
@@ -176,6 +180,9 @@ def check_config(cfg: DistillConfig) -> None:
     check_fields(cfg)
     check_shape(cfg.shape)
     check_device(cfg.device)
+    if cfg.teacher_cache_gb and not cfg.kd_topk:
+        raise MeestralError("--teacher-cache-gb keeps the teacher's top-k of each row: give --kd-topk K too "
+                            "(e.g. --kd-topk 32), or drop --teacher-cache-gb")
     if cfg.init and cfg.init != "mamba2-smol":
         path = Path(cfg.init).expanduser()
         if not (path.is_file() or (path / "config.json").is_file()):
@@ -388,19 +395,29 @@ def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests
             break
     deadline = _Deadline(cfg, dev)
     t_win, tok_win = time.time(), 0
+
+    def teacher_top(rows):
+        t_hidden = teacher.base_model(rows).last_hidden_state[:, :-1]
+        return teacher_topk_chunks(teacher.get_output_embeddings(), t_hidden, cfg.kd_topk)
+
+    # not in the checkpoint: a resumed run fills it again as rows come back
+    cache = (TeacherCache(min(cfg.kd_topk, teacher.config.vocab_size), cfg.seq_len - 1, cfg.teacher_cache_gb * 2**30, dev)
+             if cfg.teacher_cache_gb else None)
     while total is None or step < total:
         stop.check()
         if step % 20 == 0:
             pool.refresh()
-        x = pool.batch(cfg.batch).to(dev, non_blocking=True)
+        x, ids = pool.batch_with_ids(cfg.batch)
+        x = x.to(dev, non_blocking=True)
         lr = warmup_stable_decay(step, total or 10**9, cfg.lr, cfg.min_lr, cfg.warmup, cfg.decay_share)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             with torch.no_grad():
-                if cfg.kd_topk:
-                    t_hidden = teacher.base_model(x).last_hidden_state[:, :-1]
-                    t_logits = teacher_topk_chunks(teacher.get_output_embeddings(), t_hidden, cfg.kd_topk)
+                if cache is not None:
+                    t_logits = cache.get(x, ids, teacher_top)
+                elif cfg.kd_topk:
+                    t_logits = teacher_top(x)
                 else:
                     t_logits = teacher(x).logits[:, :-1]
             hidden = fwd(student, x)[:, :-1]
@@ -421,7 +438,9 @@ def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests
             record({"step": step, "loss": round(loss.item(), 4), "kl": round(kl.item(), 4), "ce": round(ce.item(), 4),
                     "lr": lr, "grad_norm": round(float(gnorm), 3), "tokens": tokens_seen,
                     "tok_per_s": round(tok_win / dt), "pool_rows": len(pool.rows),
-                    "epochs": round(tokens_seen / max(1, pool_tokens), 2), "elapsed_s": round(elapsed)})
+                    "epochs": round(tokens_seen / max(1, pool_tokens), 2), "elapsed_s": round(elapsed),
+                    **({} if cache is None else {"teacher_cached_rows": len(cache.slot),
+                                                 "teacher_hit_rate": round(cache.hits / max(1, cache.hits + cache.misses), 3)})})
             t_win, tok_win = time.time(), 0
         if step % cfg.eval_every == 0 or step == total:
             evaluate()

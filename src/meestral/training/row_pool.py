@@ -61,12 +61,22 @@ class RowPool:
         return self.buf[: self.n]
 
     def batch(self, n: int) -> torch.Tensor:
+        return self.batch_with_ids(n)[0]
+
+    def batch_with_ids(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [n, seq_len] int64, ids [n] int64): a row's id names it for the whole run (shard
+        rows 0, 1, ... in the order they were packed, never moved; corpus rows -1, -2, ...), so
+        what was computed on a row once (the teacher's top-k) can be kept by id."""
         n_corpus = 0
         if self.corpus is not None and len(self.corpus):
             n_corpus = n if not len(self.rows) else int(round(n * self.share))
-        parts = []
+        parts, ids = [], []
         if n_corpus:
-            parts.append(self.corpus[torch.randint(len(self.corpus), (n_corpus,), generator=self.gen)])
+            i = torch.randint(len(self.corpus), (n_corpus,), generator=self.gen)
+            parts.append(self.corpus[i])
+            ids.append(-1 - i)
         if n - n_corpus:
-            parts.append(self.rows[torch.randint(len(self.rows), (n - n_corpus,), generator=self.gen)])
-        return torch.cat(parts).long()
+            i = torch.randint(len(self.rows), (n - n_corpus,), generator=self.gen)
+            parts.append(self.rows[i])
+            ids.append(i)
+        return torch.cat(parts).long(), torch.cat(ids)
