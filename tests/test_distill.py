@@ -403,7 +403,7 @@ def distill_killed_at(cfg, step: int, monkeypatch):
     (nothing more is written)."""
     from meestral.training.distill import distill
 
-    batch, calls = RowPool.batch, []
+    batch, calls = RowPool.batch_with_ids, []  # the trainer's one call for a step's rows
 
     def killed(pool, n):
         calls.append(n)
@@ -411,10 +411,10 @@ def distill_killed_at(cfg, step: int, monkeypatch):
             raise KeyboardInterrupt
         return batch(pool, n)
 
-    monkeypatch.setattr(RowPool, "batch", killed)
+    monkeypatch.setattr(RowPool, "batch_with_ids", killed)
     with pytest.raises(KeyboardInterrupt):
         distill(cfg, log=lambda *_: None)
-    monkeypatch.setattr(RowPool, "batch", batch)
+    monkeypatch.setattr(RowPool, "batch_with_ids", batch)
 
 
 @pytest.mark.slow  # SmolLM2's tokenizer: the embedded backbone's cache
@@ -477,7 +477,7 @@ def test_a_seconds_run_refixes_its_step_count_and_ends_on_it(tiny_teacher, tmp_p
     import meestral.training.distill as d
 
     monkeypatch.setattr(d, "RETIME", 10)
-    clock, batch = [1000.0], RowPool.batch
+    clock, batch = [1000.0], RowPool.batch_with_ids
 
     def step(pool, n):  # one batch a step: the step's time passes
         clock[0] += 0.125 if len(steps) < 20 else 0.1875
@@ -485,7 +485,7 @@ def test_a_seconds_run_refixes_its_step_count_and_ends_on_it(tiny_teacher, tmp_p
         return batch(pool, n)
 
     steps = []
-    monkeypatch.setattr(RowPool, "batch", step)
+    monkeypatch.setattr(RowPool, "batch_with_ids", step)
     monkeypatch.setattr(d._Deadline, "clock", staticmethod(lambda: clock[0]))
     d.distill(_run(tiny_teacher, tmp_path / "s", shape=TINY_STUDENT, seconds=10.0, warmup=2, log_every=5),
               log=lambda *_: None)
