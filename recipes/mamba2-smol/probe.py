@@ -14,9 +14,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Mamba2ForCausalLM
 
-from meestral.backbones.ssd import forward_collect
-from meestral.training.distill import student_config
-from meestral.training.kd import chunked_kd_loss, teacher_topk_chunks
+from meestral.training.distill import final_hidden, student_config
+from meestral.training.kd import chunked_kd_loss, teacher_targets
 from meestral.training.teacher_text import sample_batch
 
 # SmolLM2-135M's shape (config.json of the embedded backbone).
@@ -49,12 +48,7 @@ def train_case(teacher, batch, seq, compile_, topk=0, profile=False):
             marks.append(time.time())
 
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            with torch.no_grad():
-                if topk:
-                    th = teacher.base_model(x).last_hidden_state[:, :-1]
-                    tl = teacher_topk_chunks(teacher.get_output_embeddings(), th, topk)
-                else:
-                    tl = teacher(x).logits[:, :-1]
+            tl = teacher_targets(teacher, x, topk)
             mark()
             hidden = fwd(student, x)[:, :-1]
             mark()
@@ -94,10 +88,6 @@ def train_case(teacher, batch, seq, compile_, topk=0, profile=False):
     del student, opt, fwd
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-
-
-def final_hidden(model, ids):
-    return forward_collect(model, ids)[2]
 
 
 @torch.inference_mode()

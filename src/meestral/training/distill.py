@@ -37,7 +37,7 @@ from meestral.errors import MeestralError
 from meestral.files import FolderLock, append_line, atomic_folder, write_json
 from meestral.training.checkpoint import CHECKPOINT, check_kind, check_out, prepare_out, read_checkpoint, save_checkpoint
 from meestral.training.interrupt import StopRequests
-from meestral.training.kd import chunked_kd_loss, heldout_ppl, teacher_topk_chunks
+from meestral.training.kd import chunked_kd_loss, heldout_ppl, teacher_targets
 from meestral.training.optim import warmup_stable_decay
 from meestral.training.row_pool import RowPool
 from meestral.training.teacher_cache import TeacherCache
@@ -325,8 +325,14 @@ def distill(cfg: DistillConfig, log=print) -> dict:
                                     "checkpoint (resuming is the default)") from None
 
 
-def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests, log) -> dict:
+def final_hidden(model, ids):
+    """The student's final-normed hidden states through the chunked scan (what the loss's LM head reads)."""
     from meestral.backbones.ssd import forward_collect
+
+    return forward_collect(model, ids)[2]
+
+
+def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests, log) -> dict:
     from meestral.backbones.tokenizer import HFTokenizer
     from meestral.data import heldout_rows
 
@@ -361,9 +367,6 @@ def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests
                     "heldout_rows": len(held)}))
     teacher_ppl = heldout_ppl(teacher, held)
 
-    def final_hidden(model, ids):
-        return forward_collect(model, ids)[2]
-
     fwd = torch.compile(final_hidden) if cfg.compile else final_hidden
     run_log = RunLog(out, step if state is not None else None)
 
@@ -396,10 +399,6 @@ def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests
     deadline = _Deadline(cfg, dev)
     t_win, tok_win = time.time(), 0
 
-    def teacher_top(rows):
-        t_hidden = teacher.base_model(rows).last_hidden_state[:, :-1]
-        return teacher_topk_chunks(teacher.get_output_embeddings(), t_hidden, cfg.kd_topk)
-
     # not in the checkpoint: a resumed run fills it again as rows come back
     cache = (TeacherCache(min(cfg.kd_topk, teacher.config.vocab_size), cfg.seq_len - 1, cfg.teacher_cache_gb * 2**30, dev)
              if cfg.teacher_cache_gb else None)
@@ -415,11 +414,9 @@ def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             with torch.no_grad():
                 if cache is not None:
-                    t_logits = cache.get(x, ids, teacher_top)
-                elif cfg.kd_topk:
-                    t_logits = teacher_top(x)
+                    t_logits = cache.get(x, ids, lambda rows: teacher_targets(teacher, rows, cfg.kd_topk))
                 else:
-                    t_logits = teacher(x).logits[:, :-1]
+                    t_logits = teacher_targets(teacher, x, cfg.kd_topk)
             hidden = fwd(student, x)[:, :-1]
             loss, kl, ce = chunked_kd_loss(student.lm_head, hidden, t_logits, x[:, 1:], cfg.ce_weight,
                                            compiled=cfg.compile)

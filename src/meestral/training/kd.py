@@ -4,6 +4,7 @@ time, and held-out perplexity, the measure both report beside it."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -47,6 +48,17 @@ def teacher_topk_chunks(lm_head, hidden, k: int, rows: int = 8) -> TeacherTopK:
     return TeacherTopK(*(torch.cat(f) for f in zip(*parts)))
 
 
+@torch.no_grad()
+def teacher_targets(teacher, ids, k: int):
+    """What the KD loss compares the student with on rows `ids`: an HF causal LM teacher's logits
+    at every position but the last, or with k > 0 their top-k summary (`teacher_topk_chunks` on
+    its final hidden states: the full logits never exist beyond one chunk)."""
+    if not k:
+        return teacher(ids).logits[:, :-1]
+    hidden = teacher.base_model(ids).last_hidden_state[:, :-1]
+    return teacher_topk_chunks(teacher.get_output_embeddings(), hidden, k)
+
+
 def topk_kd_loss(student_logits, top: TeacherTopK, targets, ce_weight: float):
     """(loss, kl, ce) as `kd_loss`, with the KL taken between the two distributions coarsened to
     k + 1 outcomes: the teacher's k most likely tokens and "any other token". Both sides are exact
@@ -72,20 +84,13 @@ def topk_kd_loss(student_logits, top: TeacherTopK, targets, ce_weight: float):
     return kl + ce_weight * ce, kl, ce
 
 
-_COMPILED: dict = {}
-
-
-def _loss_fn(top: bool, compiled: bool):
-    """The loss of one chunk, eager or through torch.compile: compiled, the casts, softmaxes,
-    gathers and products over the vocabulary (each a full pass over a chunk's logits in eager
-    mode, forward, recomputation and backward) fuse into a few kernels. One compiled function per
-    loss for the whole process (a chunk of another size compiles once more)."""
-    fn = topk_kd_loss if top else kd_loss
-    if not compiled:
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn]
+@functools.cache
+def _compiled(fn):
+    """A loss through torch.compile: the casts, softmaxes, gathers and products over the vocabulary
+    (each a full pass over a chunk's logits in eager mode, forward, recomputation and backward)
+    fuse into a few kernels. One compiled function per loss for the whole process (a chunk of
+    another size compiles once more)."""
+    return torch.compile(fn, dynamic=False)
 
 
 def chunked_kd_loss(lm_head, hidden, teacher_logits, targets, ce_weight: float, rows: int = 8,
@@ -97,11 +102,12 @@ def chunked_kd_loss(lm_head, hidden, teacher_logits, targets, ce_weight: float, 
     several for backward: at batch 64 they were 85 GiB of peak memory on an H200, and the trainer
     ran out of memory beside the sampler (2026-12-01). Each chunk's loss is recomputed in backward
     (activation checkpointing), so only one chunk's logits are alive at a time. `compiled`: the
-    loss after the LM head through torch.compile (`_loss_fn`)."""
+    loss after the LM head through torch.compile (`_compiled`)."""
     from torch.utils.checkpoint import checkpoint
 
     top = isinstance(teacher_logits, TeacherTopK)
-    loss = _loss_fn(top, compiled)
+    loss = topk_kd_loss if top else kd_loss
+    loss = _compiled(loss) if compiled else loss
 
     def part(h, y, *t):
         return torch.stack(loss(lm_head(h), TeacherTopK(*t) if top else t[0], y, ce_weight))
