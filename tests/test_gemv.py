@@ -1,8 +1,8 @@
 """backbones/gemv.py: the Triton GEMV of one-row matmuls, run on the CPU by Triton's interpreter
 (skipped where Triton is not installed): plain, with the RMS norm before it, with the SwiGLU gate
-before it and the residual add after it, and the kernel for windows of up to gemv.ROWS rows, each equal to the torch code it replaces within the
-dtype's rounding; where it does not apply (the CPU, more rows, float32, gradients) everything
-stays F.linear. On CUDA the cuda-marked tests in test_graph_engine.py run it for real."""
+before it and the residual add after it, and the kernel for windows of up to gemv.ROWS rows with the
+same fusions row by row, each equal to the torch code it replaces within the dtype's rounding;
+where it does not apply (the CPU, more rows, float32, gradients) everything stays F.linear. On CUDA the cuda-marked tests in test_graph_engine.py run it for real."""
 
 import pytest
 import torch
@@ -42,10 +42,25 @@ for dtype in (torch.bfloat16, torch.float16):
             torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name} {dtype} {N}x{K}: {m}")
         # A window of rows: the several-row kernel. In float16 only: Triton 3.6's interpreter gets
         # tl.dot of bfloat16 operands wrong (garbage on the CPU); the cuda tests check bf16 on a GPU.
+        # Each fusion row by row, as the torch code computes it for the whole window.
         for M in (2, 5, gemv.ROWS) if dtype == torch.float16 else ():
-            xm = torch.randn(M, K, generator=g).to(dtype)
-            torch.testing.assert_close(launch(xm, w).float(), F.linear(xm, w).float(), atol=2e-2, rtol=2e-2,
-                                       msg=lambda m: f"{M} rows {dtype} {N}x{K}: {m}")
+            xm = torch.randn(M, K, generator=g).to(dtype) * 3
+            rm = torch.randn(M, N, generator=g).to(dtype)
+            gum = torch.randn(M, 2 * K, generator=g).to(dtype)
+            gm, um = gum.chunk(2, dim=-1)
+            rows = {
+                "plain": (launch(xm, w), F.linear(xm, w)),
+                "norm": (launch(xm, w, norm_w=nw, eps=1e-5), F.linear(rms_norm(xm, nw, 1e-5), w)),
+                "residual": (launch(xm, w, res=rm), rm + F.linear(xm, w)),
+                "gate+residual": (launch(gum, w, act=True, res=rm), rm + F.linear(F.silu(gm) * um, w)),
+            }
+            for name, (a, b) in rows.items():
+                torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2,
+                                           msg=lambda m: f"{M} rows {name} {dtype} {N}x{K}: {m}")
+            xm2 = xm.clone()  # each row's statistic is its own: a far element moves its row only
+            xm2[1, -1] += 40
+            moved = (launch(xm2, w, norm_w=nw, eps=1e-5) != rows["norm"][0]).any(-1).tolist()
+            assert moved[1] and not any(moved[:1] + moved[2:]), moved
         x2 = x.clone()  # the norm's statistic spans all of x: one far element moves every output
         x2[-1] += 40
         assert not torch.allclose(launch(x2, w, norm_w=nw, eps=1e-5).float(), cases["norm"][0].float())

@@ -517,24 +517,26 @@ def test_cuda_triton_gemv_equals_cublas_and_captures():
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mistral-fused"])
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mistral-fused", "mistral-fused-window"])
 def test_cuda_bf16_layers_on_the_triton_gemv_equal_cublas(shape, monkeypatch):
     """A bf16 decode step of every block, compiled as the graph engine runs it, with the Triton GEMV
-    (mistral-fused: with the norms, gate and residual adds inside it, gemv.FUSED) and with cuBLAS:
-    the same hidden states and states within bf16 rounding."""
+    (mistral-fused: with the norms, gate and residual adds inside it, gemv.FUSED; -window: a window of
+    five positions, as catch-up's deep pass, on the several-row kernel with the same fusions) and
+    with cuBLAS: the same hidden states and states within bf16 rounding."""
     from meestral.backbones import gemv
     from meestral.backbones.base import compiled
     from meestral.backbones.loading import random_backbone
 
-    bb = random_backbone(shape.removesuffix("-fused"), device="cuda", dtype="bfloat16")
-    step = bb.make_step(5, 1, torch.zeros(1, dtype=torch.long, device="cuda"))
+    T = 5 if shape.endswith("-window") else 1
+    bb = random_backbone(shape.split("-")[0], device="cuda", dtype="bfloat16")
+    step = bb.make_step(5, T, torch.zeros(1, dtype=torch.long, device="cuda"))
     outs = {}
     for on in (True, False):
         monkeypatch.setattr(gemv, "ENABLED", on)
-        monkeypatch.setattr(gemv, "FUSED", on and shape.endswith("-fused"))
-        state = bb.new_state(1, 8)
+        monkeypatch.setattr(gemv, "FUSED", on and "-fused" in shape)
+        state = bb.new_state(1, 16)
         gen = torch.Generator(device="cuda").manual_seed(0)
-        h = torch.randn(1, 1, bb.hidden_size, device="cuda", generator=gen).to(bb.dtype)
+        h = torch.randn(1, T, bb.hidden_size, device="cuda", generator=gen).to(bb.dtype)
         keys = bb.state_keys(state)
         for i in range(bb.num_layers):
             h, _ = bb.forward_layer_fixed(i, h, state, step, keys, kernel=compiled)

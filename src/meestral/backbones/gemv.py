@@ -9,10 +9,10 @@ weight byte is read once, streamed (evict-first), with enough loads in flight to
 `linear(x, w, b)` takes that kernel where it applies (a CUDA tensor of one row, bf16 or fp16), a
 second one for up to ROWS rows (catch-up and verify windows, speculate cycles: each weight byte read
 once and multiplied into every row on the tensor cores, where cuBLAS's small-M kernels read them
-slower) and F.linear everywhere else: more rows (cuBLAS's tiles then share each weight read well),
-float32 (the exactness tests compare against HF in
-float32, and the kernel's summation order differs from cuBLAS's), gradients (training: the op has
-no backward), the CPU, or no Triton. The
+slower; the same norm / gate / residual fusions as the one-row kernel, so a window's layer is as few
+kernels as a token's) and F.linear everywhere else: more rows (cuBLAS's tiles then share each weight
+read well), float32 (the exactness tests compare against HF in float32, and the kernel's summation
+order differs from cuBLAS's), gradients (training: the op has no backward), the CPU, or no Triton. The
 kernel is a custom op (`meestral::gemv`), so torch.compile keeps it whole inside the compiled
 per-layer functions and CUDA graphs capture it like any kernel; its tiling is autotuned per (N, K)
 on the first call, which the graph engine makes eagerly before capturing.
@@ -32,6 +32,9 @@ ENABLED = True  # benchmarks switch it off to time cuBLAS in the same run
 # `full_unfused_gemv` row times it off in the same run). The Mamba-2 block does not use it: its
 # norm inside in_proj's GEMV measured 0.8% slower (every program recomputes the statistic).
 FUSED = True
+# The same fusions in the several-row kernel (catch-up's deep passes, verify windows, speculate
+# cycles); the bench's `..._unfused_window_gemv` row times it off in the same run.
+FUSED_ROWS = True
 # Up to this many rows (catch-up and verify windows, speculate cycles, small batches) take the
 # several-row kernel; more rows are cuBLAS's (its tiles then share each weight read between rows).
 ROWS = 16
@@ -45,8 +48,8 @@ def kernels(tune: bool = True):
     launch(x, w, norm_w=None, eps=0.0, act=False, res=None) -> y [N] computes, with each rounding
     where the unfused torch code rounds (in x's dtype): y = W @ x, where x is first
     `rms_norm(x, norm_w, eps)` (norm_w given) or `silu(x[:K]) * x[K:]` (act: x holds gate then up),
-    and y becomes `res + y` (res given). x [M, K] of up to ROWS rows gives y [M, N] = x W^T (no
-    fusions: a separate kernel on the tensor cores)."""
+    and y becomes `res + y` (res given). x [M, K] (act: [M, 2K]) of up to ROWS rows gives y [M, N]
+    = x W^T with the same fusions row by row (a separate kernel, on the tensor cores)."""
     try:
         import triton
         import triton.language as tl
@@ -96,41 +99,71 @@ def kernels(tune: bool = True):
     tuned = triton.autotune(configs=configs, key=["N", "K", "NORM", "ACT", "RES"])(_gemv)
 
     @triton.jit
-    def _gemv_rows(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_rows(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, M, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
+                   RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # A few rows (M <= BLOCK_M): each program owns BLOCK_N rows of w, reads each weight byte once
         # (streamed) and multiplies it into every row of x on the tensor cores; x's padding rows are
-        # zeros and never stored. ("gemv" in the name: the kernel profile classes it as a matmul.)
+        # zeros and never stored. The same fusions as the one-row kernel, row by row, each rounding
+        # where the torch code rounds (so the operands of the dot are what F.linear would be given).
+        # ("gemv" in the name: the kernel profile classes it as a matmul.)
+        dt = y_ptr.dtype.element_ty
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
+        XK = 2 * K if ACT else K  # x's row stride: gate then up for ACT
+        rstd = tl.full((BLOCK_M,), 1.0, tl.float32)
+        if NORM:  # each row's RMS statistic first (the rows are a few KB each, from L2)
+            ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                xv = tl.load(x_ptr + m[:, None] * XK + cols[None, :], mask=(m[:, None] < M) & (cols[None, :] < K),
+                             other=0.0).to(tl.float32)
+                ss += xv * xv
+            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_ptr + m[:, None] * K + cols[None, :], mask=(m[:, None] < M) & (cols[None, :] < K), other=0.0)
+            xm = (m[:, None] < M) & (cols[None, :] < K)
+            if ACT:
+                g = tl.load(x_ptr + m[:, None] * XK + cols[None, :], mask=xm, other=0.0).to(tl.float32)
+                u = tl.load(x_ptr + m[:, None] * XK + K + cols[None, :], mask=xm, other=0.0).to(tl.float32)
+                s = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
+                xv = (s * u).to(dt)
+            else:
+                xv = tl.load(x_ptr + m[:, None] * XK + cols[None, :], mask=xm, other=0.0)
+                if NORM:
+                    nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                    xv = (nw[None, :] * (xv.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32)).to(dt)
             w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=(n[:, None] < N) & (cols[None, :] < K),
                         other=0.0, eviction_policy="evict_first")
             acc += tl.dot(xv, tl.trans(w))
-        tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(m[:, None] < M) & (n[None, :] < N))
+        y = acc.to(dt)
+        ym = (m[:, None] < M) & (n[None, :] < N)
+        if RES:
+            r = tl.load(r_ptr + m[:, None] * N + n[None, :], mask=ym, other=0.0).to(tl.float32)
+            y = (r + y.to(tl.float32)).to(dt)
+        tl.store(y_ptr + m[:, None] * N + n[None, :], y, mask=ym)
 
     row_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
                    for n, k, w, st in ((16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3),
                                        (16, 512, 4, 3), (64, 256, 8, 3))]
-    tuned_rows = triton.autotune(configs=row_configs, key=["N", "K"])(_gemv_rows)
+    tuned_rows = triton.autotune(configs=row_configs, key=["N", "K", "NORM", "ACT", "RES"])(_gemv_rows)
 
     def launch(x, w, norm_w=None, eps=0.0, act=False, res=None):
         N, K = w.shape
-        if x.dim() == 2:  # several rows: plain y = x W^T (no fusions)
+        flags = dict(NORM=norm_w is not None, ACT=bool(act), RES=res is not None)
+        nw, r = x if norm_w is None else norm_w, x if res is None else res  # unused pointers: any tensor
+        if x.dim() == 2:  # several rows: the tensor-core kernel
             M = x.shape[0]
             y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+            args = (x, w, y, nw, r, M, N, K, float(eps))
             if tune:
-                tuned_rows[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, y, M, N, K, BLOCK_M=ROWS)
+                tuned_rows[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags, BLOCK_M=ROWS)
             else:
-                _gemv_rows[(triton.cdiv(N, 16),)](x, w, y, M, N, K, BLOCK_M=ROWS, BLOCK_N=16, BLOCK_K=32)
+                _gemv_rows[(triton.cdiv(N, 16),)](*args, **flags, BLOCK_M=ROWS, BLOCK_N=16, BLOCK_K=32)
             return y
         y = torch.empty(N, dtype=x.dtype, device=x.device)
-        args = (x, w, y, x if norm_w is None else norm_w, x if res is None else res, N, K, float(eps))
-        flags = dict(NORM=norm_w is not None, ACT=bool(act), RES=res is not None)
+        args = (x, w, y, nw, r, N, K, float(eps))
         if tune:
             tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
         else:
@@ -170,35 +203,35 @@ def applies(x: torch.Tensor, w: torch.Tensor, rows: int = 1) -> bool:
             and x.numel() <= rows * x.shape[-1] and w.is_contiguous() and not (x.requires_grad or w.requires_grad))
 
 
-def _flat(t):
-    return t.reshape(-1).contiguous()
+def _rows(t):
+    """t as the kernels take it: one row flat [K], several [M, K], contiguous."""
+    return t.reshape(-1).contiguous() if t.numel() == t.shape[-1] else t.reshape(-1, t.shape[-1]).contiguous()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, b), through the Triton GEMV where it applies (see the module docstring)."""
     if applies(x, w, ROWS):
-        flat = _flat(x) if x.numel() == x.shape[-1] else x.reshape(-1, x.shape[-1]).contiguous()
-        y = _OP(flat, w, None, 0.0, False, None).view(*x.shape[:-1], w.shape[0])
+        y = _OP(_rows(x), w, None, 0.0, False, None).view(*x.shape[:-1], w.shape[0])
         return y if b is None else y + b
     return F.linear(x, w, b)
 
 
 def _fuses(x, w) -> bool:
-    return FUSED and applies(x, w)
+    return FUSED and (applies(x, w) or (FUSED_ROWS and applies(x, w, ROWS)))
 
 
 def norm_linear(h: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, rms_norm) -> torch.Tensor:
     """linear(rms_norm(h, norm_w, eps), w): the norm inside the GEMV where it fuses (`rms_norm` is
     the backbone's, base.rms_norm, whose roundings the kernel repeats)."""
     if _fuses(h, w) and norm_w.dtype == h.dtype:
-        return _OP(_flat(h), w, norm_w, float(eps), False, None).view(*h.shape[:-1], w.shape[0])
+        return _OP(_rows(h), w, norm_w, float(eps), False, None).view(*h.shape[:-1], w.shape[0])
     return linear(rms_norm(h, norm_w, eps), w)
 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     """res + linear(x, w): the residual add in the GEMV where it fuses."""
-    if _fuses(x, w) and res.dtype == x.dtype:
-        return _OP(_flat(x), w, None, 0.0, False, _flat(res)).view(res.shape)
+    if _fuses(x, w) and res.dtype == x.dtype and res.shape[:-1] == x.shape[:-1]:
+        return _OP(_rows(x), w, None, 0.0, False, _rows(res)).view(res.shape)
     return res + linear(x, w)
 
 
@@ -206,8 +239,8 @@ def gated_linear_residual(gu: torch.Tensor, w: torch.Tensor, res: torch.Tensor) 
     """res + linear(silu(gate) * up, w) for gu = [gate, up] (the SwiGLU MLP's down projection):
     the gate and the residual add in the GEMV where it fuses."""
     gate, up = gu.chunk(2, dim=-1)
-    if _fuses(gate, w) and res.dtype == gu.dtype:
-        return _OP(_flat(gu), w, None, 0.0, True, _flat(res)).view(res.shape)
+    if _fuses(gate, w) and res.dtype == gu.dtype and res.shape[:-1] == gu.shape[:-1]:
+        return _OP(_rows(gu), w, None, 0.0, True, _rows(res)).view(res.shape)
     return res + linear(F.silu(gate) * up, w)
 
 

@@ -288,6 +288,12 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             fused = "unfused" if gemv.FUSED else "fused"
             decs.insert(1, (f"full_{fused}_gemv", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
                                                                    FUSED=not gemv.FUSED)))
+            # and the same for the several-row kernel, where windows run (the first catch-up case)
+            win = next(((n, c) for n, c in cases(bb, exits, max_backlog, policies) if c.policy == "catchup"), None)
+            if win is not None and gemv.FUSED:
+                fused = "unfused" if gemv.FUSED_ROWS else "fused"
+                decs.append((f"{win[0]}_{fused}_window_gemv", "catchup", _with_switches(
+                    EarlyExitDecoder(bb, config=win[1], engine=engine), gemv, FUSED_ROWS=not gemv.FUSED_ROWS)))
         if getattr(bb, "v2", False) and mamba2_step.ENABLED:  # and the Mamba-2 step as inductor compiles it
             decs.insert(1, ("full_compiled_ssm_step", "-", _with_switches(EarlyExitDecoder(bb, engine=engine),
                                                                        mamba2_step, ENABLED=False)))
