@@ -5,7 +5,7 @@
 # still returns what ran.
 #   bash benchmarks/h200_graph_engine.sh [SHAPES]     (repository root; default: both shapes; - none)
 # Env: T_TESTS (s, 0 skips the tests), T_WORKERS (test processes: each compiles its own shapes, so
-# they run side by side on the box's CPUs), T_GEMV (s, 0 skips benchmarks/gemv_roofline.py; GEMV_ROWS its --rows), T_BENCH
+# they run side by side on the box's CPUs), T_K (a pytest -k expression: some of the tests), T_GEMV (s, 0 skips benchmarks/gemv_roofline.py; GEMV_ROWS its --rows), T_BENCH
 # (s per shape), PEERS (default: hf-static,hf-compiled; Mamba shapes: mamba-ssm,hf-compiled),
 # REPEATS, POLICIES, PROFILE (0: no kernel profile), ONE_STEP (0: no one-step-at-a-time twin rows), WHEELS (a folder of wheels to install first, e.g. mamba-ssm's and causal-conv1d's
 # from benchmarks/build_mamba_ssm.sh).
@@ -25,7 +25,7 @@ if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl > /dev/null 2>&1; then
 fi
 if [ "${T_TESTS:-150}" != 0 ]; then
   timeout ${T_TESTS:-150} $PY -m pytest -m cuda tests/test_graph_engine.py tests/test_mamba_ssm_peer.py tests/test_gemv.py tests/test_ssd.py -q -p no:cacheprovider \
-    -n ${T_WORKERS:-6} > "$OUT/cuda-tests.log" 2>&1
+    -n ${T_WORKERS:-6} ${T_K:+-k "$T_K"} > "$OUT/cuda-tests.log" 2>&1
   echo "cuda tests rc=$?" | tee -a "$OUT/cuda-tests.log"
   grep -E "passed|failed|FAILED|skipped" "$OUT/cuda-tests.log" | tail -12
 fi

@@ -61,6 +61,61 @@ print("ok")
 """
 
 
+# Windows of several positions: the window kernel (products and softmax; rotary, write and mask in
+# torch) against the torch attention. Batch 2, positions some rows do not write in some layers
+# (catch-up's `written`) while still visible, a cache with holes, windows in the first block and
+# past several, a sliding window that bites. Float16 only: Triton 3.6's interpreter gets tl.dot of
+# bfloat16 operands wrong on the CPU (the cuda test checks bf16).
+WINDOW_CHECK = r"""
+import pytest
+import torch
+from meestral.backbones import decode_attention
+from meestral.backbones.base import Step
+from meestral.backbones.loading import random_backbone
+
+launch = decode_attention.kernels()
+calls = []
+def op(*a, **k):
+    calls.append(1)
+    return launch.rows(*a, **k)
+mp = pytest.MonkeyPatch()
+mp.setattr(decode_attention, "_WINDOW_OP", op)
+mp.setattr(decode_attention, "applies", lambda *a: False)
+dtype = torch.float16
+for shape in ("mistral", "mistral-sw", "llama"):
+    bb = random_backbone(shape, dtype=dtype)
+    for start, T in ((3, 5), (97, 3), (40, 16)):
+        outs = {}
+        for on in (True, False):
+            mp.setattr(decode_attention, "applies_window", lambda q, kb, on=on: on and q.shape[2] > 1)
+            state = bb.new_state(2, 128)
+            g = torch.Generator().manual_seed(start)
+            state.k_all.copy_(torch.randn(state.k_all.shape, generator=g))
+            state.v_all.copy_(torch.randn(state.v_all.shape, generator=g))
+            state.valid[:, :, :start] = torch.rand(state.valid[:, :, :start].shape, generator=g) < 0.8
+            visible = torch.ones(2, T, dtype=torch.bool)
+            visible[1, T - 1] = False  # row 1's last position is not part of the call
+            step = Step(start, (torch.arange(T) + start).repeat(2, 1), visible)
+            h = torch.randn(2, T, bb.hidden_size, generator=g).to(dtype)
+            keys = bb.state_keys(state)
+            n = len(calls)
+            res = []
+            for i in range(bb.num_layers):
+                need = visible.clone()
+                need[0, : i % 3] = False  # row 0's first positions already hold layer i (catch-up)
+                h, _ = bb.forward_layer_fixed(i, h, state, step.written(need), keys)
+                res.append(h.float())
+            assert (len(calls) - n == bb.num_layers) == on
+            outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
+        for a, b in zip(outs[True], outs[False]):
+            if a.dtype == torch.bool:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+print("ok")
+"""
+
+
 def _run(script):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -70,6 +125,31 @@ def _run(script):
 def test_kernel_equals_the_torch_attention():
     out = _run(CHECK)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_window_kernel_equals_the_torch_attention():
+    out = _run(WINDOW_CHECK)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_a_window_kernel_that_ignores_the_mask_is_caught():
+    src = decode_attention.__file__
+    line = 'sc = tl.where(al != 0, sc, -float("inf"))'
+    with open(src) as f:
+        assert line in f.read()
+    broken = WINDOW_CHECK.replace("from meestral.backbones import decode_attention\n", f"""
+import importlib.util, sys, tempfile
+path = tempfile.mktemp(suffix="_decode_attention.py")
+open(path, "w").write(open({src!r}).read().replace({line!r}, 'sc = sc + 0.0'))
+spec = importlib.util.spec_from_file_location("meestral.backbones.decode_attention", path)
+decode_attention = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = decode_attention
+spec.loader.exec_module(decode_attention)
+import meestral.backbones.transformer as tr
+tr.decode_attention = decode_attention
+""", 1)
+    out = _run(broken)
+    assert out.returncode != 0 and "Mismatched elements" in out.stderr, out.stdout + out.stderr[-2000:]
 
 
 def test_a_kernel_that_ignores_the_mask_is_caught():

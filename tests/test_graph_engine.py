@@ -547,6 +547,61 @@ def test_cuda_bf16_layers_on_the_triton_gemv_equal_cublas(shape, monkeypatch):
             torch.testing.assert_close(x, y, atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shape", ["mistral", "mistral-sw", "mistral-7b-heads"])
+def test_cuda_window_attention_kernel_equals_the_compiled_torch_attention(shape, monkeypatch):
+    """backbones/decode_attention.py's window kernel on the GPU: bf16 windows of 5 and 16 positions
+    through layers compiled as the graph engine runs them (catch-up's deep pass), batch 2, a cache
+    with holes, positions a row does not write in a layer but still sees, a sliding window that
+    bites on mistral-sw, Mistral-7B's head shape: the same outputs, K/V and validity as inductor's
+    code for `_attend` within bf16 rounding."""
+    from meestral.backbones import decode_attention
+    from meestral.backbones.base import compiled
+    from meestral.backbones.loading import random_backbone
+
+    if shape == "mistral-7b-heads":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        from meestral.backbones.loading import wrap
+        from meestral.backbones.tokenizer import ByteTokenizer
+
+        cfg = MistralConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+                            num_key_value_heads=2, head_dim=128, vocab_size=259, sliding_window=None)
+        bb = wrap(MistralForCausalLM(cfg), ByteTokenizer(), "mistral-7b-heads")
+        bb.model.to(device="cuda", dtype=torch.bfloat16)
+    else:
+        bb = random_backbone(shape, device="cuda", dtype="bfloat16")
+    for start, T in ((3, 5), (97, 16)):
+        outs = {}
+        for on in (True, False):
+            monkeypatch.setattr(decode_attention, "WINDOW", on)
+            state = bb.new_state(2, 128)
+            g = torch.Generator(device="cuda").manual_seed(start)
+            state.k_all.copy_(torch.randn(state.k_all.shape, device="cuda", generator=g))
+            state.v_all.copy_(torch.randn(state.v_all.shape, device="cuda", generator=g))
+            state.valid[:, :, :start] = torch.rand(state.valid[:, :, :start].shape, device="cuda", generator=g) < 0.8
+            visible = torch.ones(2, T, dtype=torch.bool, device="cuda")
+            visible[1, T - 1] = False
+            step = Step(start, (torch.arange(T, device="cuda") + start).repeat(2, 1), visible)
+            h = torch.randn(2, T, bb.hidden_size, device="cuda", generator=g).to(bb.dtype)
+            keys = bb.state_keys(state)
+            q = torch.zeros(2, bb.n_heads, T, bb.head_dim, device="cuda", dtype=bb.dtype)
+            assert decode_attention.applies_window(q, state.k[0]) == on
+            res = []
+            for i in range(bb.num_layers):
+                need = visible.clone()
+                need[0, : i % 3] = False
+                h, _ = bb.forward_layer_fixed(i, h, state, step.written(need), keys, kernel=compiled)
+                res.append(h.float())
+            outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
+        for a, b in zip(outs[True], outs[False]):
+            if a.dtype == torch.bool:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
 def _codestral_heads():
     """A Mamba-2 with Codestral Mamba's per-head shapes (head_dim 64, state 128, 8 groups), small."""
     from transformers import Mamba2Config, Mamba2ForCausalLM

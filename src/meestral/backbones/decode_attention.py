@@ -20,8 +20,13 @@ program per head walking all keys was latency-bound: 18 us a layer at 256 keys o
 
 Roundings follow the compiled torch code where it has them (the rotated K/V and the scores in the
 model's dtype); the probabilities stay float32 until PV (the torch code rounds them first): within
-the dtype's rounding of `_attend` (tests: under Triton's CPU interpreter, and on CUDA). One token a
-call; windows (catch-up, verify), float32 and the CPU take the torch code.
+the dtype's rounding of `_attend` (tests: under Triton's CPU interpreter, and on CUDA).
+
+Windows of several positions (catch-up's deep passes, verify, speculate cycles) take a third
+kernel for the products and softmax (`attend_window`): per (row, K/V head, chunk of keys) the G
+query heads x T positions as one tile, so each K/V chunk is read once and QK^T and PV run on the
+tensor cores; rotary, the K/V write and the mask stay the torch code's (inductor fuses them), and
+the parts combine as one token's do. Float32 and the CPU take the torch code.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import torch
 
 ENABLED = True  # the bench switches it off to time the torch code's kernels in the same run
+WINDOW = True  # the window kernel (several positions); the bench's `..._compiled_window_attention` row times it off
 MAX_KEYS = 1 << 15  # the parts of one head: [capacity / 64, head_dim] float32 a row and query head
 
 
@@ -113,6 +119,57 @@ def kernels():
         o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
         tl.store(o_ptr + (b * H + h) * D + d, o.to(o_ptr.dtype.element_ty))
 
+    @triton.jit
+    def _attend_rows(q_ptr, k_ptr, v_ptr, al_ptr, ml_ptr, acc_ptr, scaling, H, HKV, T, cap, keys, S,
+                     D: tl.constexpr, CHUNK: tl.constexpr, BQ: tl.constexpr):
+        # A window of T positions (catch-up / verify / speculate): program (row b, K/V head, chunk c
+        # of CHUNK keys) takes the G query heads x T positions of its K/V head as one [G*T, D] tile,
+        # so each K/V chunk is read once for all of them and both products run on the tensor cores.
+        # Rotary, the K/V write and the mask are the torch code's (`allowed`, made before the write).
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        c = tl.program_id(2)
+        G = H // HKV
+        dt = q_ptr.dtype.element_ty
+        r = tl.arange(0, BQ)  # tile row r: query head kvh * G + r // T, position r % T
+        rin = r < G * T
+        h = kvh * G + r // T
+        t = r % T
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + ((b * H + h) * T + t)[:, None] * D + d[None, :], mask=rin[:, None], other=0.0)
+        key = c * CHUNK + tl.arange(0, CHUNK)
+        kin = key < keys
+        base = (b * HKV + kvh) * cap * D
+        kb = tl.load(k_ptr + base + key[:, None] * D + d[None, :], mask=kin[:, None], other=0.0)
+        vb = tl.load(v_ptr + base + key[:, None] * D + d[None, :], mask=kin[:, None], other=0.0)
+        sc = tl.dot(q, tl.trans(kb)).to(dt).to(tl.float32)  # [BQ, CHUNK], rounded as torch's matmul
+        sc = (sc * scaling).to(dt).to(tl.float32)
+        al = tl.load(al_ptr + (b * T + t)[:, None] * keys + key[None, :], mask=rin[:, None] & kin[None, :], other=0)
+        sc = tl.where(al != 0, sc, -float("inf"))
+        m = tl.max(sc, axis=1)
+        p = tl.exp(sc - tl.where(m == -float("inf"), 0.0, m)[:, None])  # a row with no key seen: all zero
+        part = ((b * H + h) * T + t) * S + c
+        tl.store(ml_ptr + part * 2, m, mask=rin)
+        tl.store(ml_ptr + part * 2 + 1, tl.sum(p, axis=1), mask=rin)
+        acc = tl.dot(p.to(dt), vb)  # [BQ, D]
+        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=rin[:, None])
+
+    def launch_rows(q, kbuf, vbuf, allowed, scaling):
+        B, H, T, D = q.shape
+        HKV, cap = kbuf.shape[1], kbuf.shape[2]
+        keys = allowed.shape[-1]
+        chunk = 64 if D <= 128 else 32
+        S = triton.cdiv(keys, chunk)
+        ml = torch.empty(B, H, T, S, 2, dtype=torch.float32, device=q.device)
+        acc = torch.empty(B, H, T, S, D, dtype=torch.float32, device=q.device)
+        o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+        BQ = max(16, triton.next_power_of_2((H // HKV) * T))
+        _attend_rows[(B, HKV, S)](q, kbuf, vbuf, allowed, ml, acc, float(scaling), H, HKV, T, cap, keys, S,
+                                  D=D, CHUNK=chunk, BQ=BQ, num_warps=4)
+        # the same combination as one token's, over (row, query head x position)
+        _combine[(B, H * T)](ml, acc, o, H * T, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
+        return o
+
     def launch(qkv, cos, sin, kbuf, vbuf, valid, slot, write, scaling, n_heads, window):
         B, HKV, cap, D = kbuf.shape
         chunk = 64 if D <= 128 else 32
@@ -125,13 +182,14 @@ def kernels():
         _combine[(B, n_heads)](ml, acc, o, n_heads, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
         return o
 
+    launch.rows = launch_rows
     return launch
 
 
 def _make_op():
     launch = kernels()
     if launch is None:
-        return False
+        return False, False
 
     @torch.library.custom_op("meestral::decode_attention", mutates_args=("kbuf", "vbuf", "valid"))
     def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kbuf: torch.Tensor,
@@ -143,11 +201,20 @@ def _make_op():
     def _(qkv, cos, sin, kbuf, vbuf, valid, slot, write, scaling, n_heads, window):
         return qkv.new_empty(qkv.shape[0], n_heads * kbuf.shape[-1])
 
-    return decode_attention
+    @torch.library.custom_op("meestral::window_attention", mutates_args=())
+    def window_attention(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, allowed: torch.Tensor,
+                         scaling: float) -> torch.Tensor:
+        return launch.rows(q, kbuf, vbuf, allowed, scaling)
+
+    @window_attention.register_fake
+    def _(q, kbuf, vbuf, allowed, scaling):
+        return torch.empty_like(q)
+
+    return decode_attention, window_attention
 
 
 # Made at import, as backbones/gemv.py's op (a registration inside a traced function breaks its graph).
-_OP = _make_op() if torch.cuda.is_available() else False
+_OP, _WINDOW_OP = _make_op() if torch.cuda.is_available() else (False, False)
 _HAVE_OP = _OP is not False
 
 
@@ -158,6 +225,26 @@ def applies(qkv: torch.Tensor, kbuf: torch.Tensor) -> bool:
     return (_HAVE_OP and ENABLED and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)
             and kbuf.dtype == qkv.dtype and kbuf.is_contiguous() and D & (D - 1) == 0 and D >= 16
             and kbuf.shape[2] <= MAX_KEYS and not qkv.requires_grad)
+
+
+# Windows up to this many query rows per K/V head (query heads per K/V head x positions) take the
+# window kernel: one tile of them per K/V head and chunk of keys.
+MAX_TILE = 128
+
+
+def applies_window(q: torch.Tensor, kbuf: torch.Tensor) -> bool:
+    """Whether the window kernel takes the attention of q [B, H, T, D] (T > 1, rotated) over kbuf:
+    as `applies`, for a window whose query heads x positions per K/V head fit one tile."""
+    B, H, T, D = q.shape
+    return (T > 1 and WINDOW and _HAVE_OP and ENABLED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and kbuf.dtype == q.dtype and kbuf.is_contiguous() and D & (D - 1) == 0 and D >= 16
+            and H // kbuf.shape[1] * T <= MAX_TILE and kbuf.shape[2] <= MAX_KEYS and not q.requires_grad)
+
+
+def attend_window(q, kbuf, vbuf, allowed, scaling):
+    """softmax(q K^T * scaling, masked to `allowed` [B, T, keys]) V over the first keys slots of the
+    (already written) buffers, for q [B, H, T, D]: -> [B, H, T, D]; only where `applies_window`."""
+    return _WINDOW_OP(q.contiguous(), kbuf, vbuf, allowed.contiguous(), float(scaling))
 
 
 def attend(qkv, cos, sin, kbuf, vbuf, valid, slot, write, scaling, n_heads, window):

@@ -80,8 +80,10 @@ def _attend(q, k, v, kbuf, vbuf, valid, slots, write, shown, causal, own, scalin
     n_kv = kbuf.shape[1]
     G, keys = H // n_kv, causal.shape[-1]
     allowed = ((valid[:, :keys] | shown)[:, None, :] & causal) | own  # [B, T, keys]
-    allowed = allowed.repeat(1, G, 1)[:, None]  # [B, 1, G*T, keys]: row g*T + t
     _write_kv(kbuf, vbuf, valid, k, v, slots, write)
+    if decode_attention.applies_window(q, kbuf):  # a window on the GPU: products and softmax in Triton
+        return decode_attention.attend_window(q, kbuf, vbuf, allowed, scaling).transpose(1, 2).reshape(B, T, -1)
+    allowed = allowed.repeat(1, G, 1)[:, None]  # [B, 1, G*T, keys]: row g*T + t
     scores = torch.matmul(q.reshape(B, n_kv, G * T, D), kbuf[:, :, :keys].transpose(-1, -2)) * scaling
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)

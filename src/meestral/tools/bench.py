@@ -294,6 +294,9 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
                 fused = "unfused" if gemv.FUSED_ROWS else "fused"
                 decs.append((f"{win[0]}_{fused}_window_gemv", "catchup", _with_switches(
                     EarlyExitDecoder(bb, config=win[1], engine=engine), gemv, FUSED_ROWS=not gemv.FUSED_ROWS)))
+            if win is not None and decode_attention.ENABLED and decode_attention.WINDOW:  # and the window's attention
+                decs.append((f"{win[0]}_compiled_window_attention", "catchup", _with_switches(
+                    EarlyExitDecoder(bb, config=win[1], engine=engine), decode_attention, WINDOW=False)))
         if getattr(bb, "v2", False) and mamba2_step.ENABLED:  # and the Mamba-2 step as inductor compiles it
             decs.insert(1, ("full_compiled_ssm_step", "-", _with_switches(EarlyExitDecoder(bb, engine=engine),
                                                                        mamba2_step, ENABLED=False)))
