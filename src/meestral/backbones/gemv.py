@@ -144,9 +144,12 @@ def kernels(tune: bool = True):
             y = (r + y.to(tl.float32)).to(dt)
         tl.store(y_ptr + m[:, None] * N + n[None, :], y, mask=ym)
 
+    # The one-row kernel's best tilings walk K in runs of 1024 (benchmarks/NOTES.md): longer runs
+    # here too, where the several-row kernel read 4-10% slower than the one-row one on an H100.
     row_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
                    for n, k, w, st in ((16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3),
-                                       (16, 512, 4, 3), (64, 256, 8, 3))]
+                                       (16, 512, 4, 3), (64, 256, 8, 3), (16, 1024, 8, 3), (32, 512, 8, 3),
+                                       (16, 1024, 4, 2), (32, 512, 4, 4))]
     tuned_rows = triton.autotune(configs=row_configs, key=["N", "K", "NORM", "ACT", "RES"])(_gemv_rows)
 
     def launch(x, w, norm_w=None, eps=0.0, act=False, res=None):
