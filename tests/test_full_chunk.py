@@ -216,3 +216,23 @@ def test_catchup_cycles_only_where_decisions_are_known(tiny):
     dec, sizes = chunked(bb, "eager", ExitConfig(heads=ExitHeads("static", [1], bb), thresholds=0.5, policy="verify"))
     dec.generate(PROMPTS[:1], SamplingOptions(max_new_tokens=12))
     assert all(s == 1 for s in sizes)
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_catchup_cycles_of_a_later_generation_on_the_same_state_use_its_backlog(tiny, shape):
+    """Catch-up's cycles, captured once per state, close over the backlog's buffers: a second
+    generation of another length that shares the (rounded) state must find the same buffers, so
+    its tokens equal a fresh decoder's. (Buffers sized by the first generation's length made the
+    second read its predecessor's backlog and index past it: seen in the kernel profile of
+    2026-12-06, a warm-up of 8 tokens then 128.)"""
+    bb = tiny(shape)
+    cfg = ExitConfig(heads=ExitHeads("static", [1], bb), thresholds=0.0, policy="catchup", max_backlog=2)
+    dec, sizes = chunked(bb, "graph", cfg)
+    short, long = SamplingOptions(max_new_tokens=5), SamplingOptions(max_new_tokens=14)
+    assert dec.engine.state_capacity(len(PROMPTS[1]) + 5) == dec.engine.state_capacity(len(PROMPTS[1]) + 14)
+    dec.generate([PROMPTS[1]], short)
+    got = dec.generate([PROMPTS[1]], long)[0]
+    fresh, _ = chunked(bb, "graph", cfg)
+    want = fresh.generate([PROMPTS[1]], long)[0]
+    assert 3 in sizes  # the second generation ran in cycles
+    assert got.token_ids == want.token_ids and got.exit_layers == want.exit_layers

@@ -534,6 +534,7 @@ def test_cuda_bf16_layers_on_the_triton_gemv_equal_cublas(shape, monkeypatch):
     for on in (True, False):
         monkeypatch.setattr(gemv, "ENABLED", on)
         monkeypatch.setattr(gemv, "FUSED", on and "-fused" in shape)
+        monkeypatch.setattr(gemv, "FUSED_ROWS", on and "-fused" in shape)
         state = bb.new_state(1, 16)
         gen = torch.Generator(device="cuda").manual_seed(0)
         h = torch.randn(1, T, bb.hidden_size, device="cuda", generator=gen).to(bb.dtype)

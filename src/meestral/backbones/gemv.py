@@ -9,8 +9,8 @@ weight byte is read once, streamed (evict-first), with enough loads in flight to
 `linear(x, w, b)` takes that kernel where it applies (a CUDA tensor of one row, bf16 or fp16), a
 second one for up to ROWS rows (catch-up and verify windows, speculate cycles: each weight byte read
 once and multiplied into every row on the tensor cores, where cuBLAS's small-M kernels read them
-slower; the same norm / gate / residual fusions as the one-row kernel, so a window's layer is as few
-kernels as a token's) and F.linear everywhere else: more rows (cuBLAS's tiles then share each weight
+slower; it can take the same norm / gate / residual fusions as the one-row kernel, off by default:
+`FUSED_ROWS`) and F.linear everywhere else: more rows (cuBLAS's tiles then share each weight
 read well), float32 (the exactness tests compare against HF in float32, and the kernel's summation
 order differs from cuBLAS's), gradients (training: the op has no backward), the CPU, or no Triton. The
 kernel is a custom op (`meestral::gemv`), so torch.compile keeps it whole inside the compiled
@@ -33,8 +33,12 @@ ENABLED = True  # benchmarks switch it off to time cuBLAS in the same run
 # norm inside in_proj's GEMV measured 0.8% slower (every program recomputes the statistic).
 FUSED = True
 # The same fusions in the several-row kernel (catch-up's deep passes, verify windows, speculate
-# cycles); the bench's `..._unfused_window_gemv` row times it off in the same run.
-FUSED_ROWS = True
+# cycles). Off: on an H100 (benchmarks/NOTES.md 2026-12-06, third session) catch-up at 1/3 depth
+# ran 2.90 ms a token without them and 3.58 ms with them: every program of the several-row kernel
+# re-reads all the window's rows of x for the norm's statistic and the gate (tens of MB of L2
+# traffic a matmul), where the kernels they save cost a few microseconds. The bench's
+# `..._fused_window_gemv` row times them on in the same run.
+FUSED_ROWS = False
 # Up to this many rows (catch-up and verify windows, speculate cycles, small batches) take the
 # several-row kernel; more rows are cuBLAS's (its tiles then share each weight read between rows).
 ROWS = 16

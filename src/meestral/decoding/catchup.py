@@ -38,7 +38,9 @@ class Backlog:
 
     def __init__(self, engine, batch, first: torch.Tensor, num_layers: int, max_backlog: int, hidden_size: int,
                  hidden_dtype: torch.dtype):
-        B, P, cap = batch.B, batch.P, batch.capacity
+        # As many slots as the state: a captured cycle closes over these buffers, and a later
+        # generation on the same state (another length, same rounded capacity) must find the same ones.
+        B, P, cap = batch.B, batch.P, engine.state_capacity(batch.capacity)
         st = batch.state
         self.tokens = engine.scratch(st, "backlog-tokens", (B, cap), torch.long, 0)
         self.tokens[:, :P] = batch.ids

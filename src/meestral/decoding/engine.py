@@ -96,6 +96,12 @@ class EagerEngine:
     def restore_history(self, state, history, index: torch.Tensor) -> None:
         self.bb.restore_history(state, history, index)
 
+    def state_capacity(self, capacity: int) -> int:
+        """The slots a state made for `capacity` holds (a fixed-shape engine rounds up, so that
+        nearby lengths share a state and its graphs): what per-slot buffers kept with the state
+        must hold too, so that every generation on that state finds them at the same shape."""
+        return capacity
+
     def scratch(self, state, name: str, shape, dtype, fill) -> torch.Tensor:
         """A generation's own device buffer, filled with `fill` (catch-up's backlog). A fixed-shape
         engine keeps one per (state, name), so that captured work finds it at the same address."""

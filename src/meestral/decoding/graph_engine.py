@@ -162,8 +162,11 @@ class GraphEngine(EagerEngine):
         self._inline_keys = None  # set while a sequence records: its calls run inline (`sequence`)
 
     # ---- state -----------------------------------------------------------------------------
+    def state_capacity(self, capacity: int) -> int:
+        return _pow2(capacity, self.min_keys)  # nearby lengths share a state and its graphs
+
     def new_state(self, batch_size: int, capacity: int):
-        cap = _pow2(capacity, self.min_keys)  # nearby lengths share a state and its graphs
+        cap = self.state_capacity(capacity)
         key = (batch_size, cap)
         if key in self.states:
             self.states.move_to_end(key)
