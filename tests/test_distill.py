@@ -67,6 +67,26 @@ def test_sampler_at_low_temperature_is_hf_greedy_on_left_padded_prompts(llama):
         assert n >= 6 and got[r, :n].tolist() == ref[:n].tolist()
 
 
+def test_sampler_with_a_static_cache_draws_what_the_dynamic_cache_draws(llama):
+    """The fixed-size K/V cache (the default for an attention teacher) against HF's DynamicCache:
+    the same samples from the same seed on left-padded prompts of different lengths, rows ending
+    at an EOS on the way; a cache that dropped or misplaced a step's K/V would change them."""
+    from meestral.training.teacher_text import _static_cache_fits
+
+    assert _static_cache_fits(llama)
+    inp = torch.tensor([[0, 0, 5, 6, 7], [9, 8, 7, 6, 5], [0, 0, 0, 0, 4]])
+    att = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    outs = {}
+    for static in (True, False):
+        torch.manual_seed(3)
+        outs[static] = sample_batch(llama, inp, att, 24, 1.0, 20, [11, 12], 0, static_cache=static)
+    assert torch.equal(outs[True], outs[False])
+    assert len(set(map(tuple, outs[True].tolist()))) == 3  # sampled, not one row copied
+    torch.manual_seed(3)
+    other = sample_batch(llama, inp, att, 24, 1.0, 20, [11, 12], 0, static_cache=True)
+    assert torch.equal(other, outs[True])
+
+
 def test_sampler_pads_after_eos(llama):
     inp = torch.tensor([[5, 6, 7], [9, 8, 7]])
     out = sample_batch(llama, inp, torch.ones_like(inp), 40, 1.0, 20, list(range(97)), pad=3)

@@ -5,6 +5,8 @@ to size the run, and where a step's time goes. One JSON line per case.
     PYTHONPATH=src python3 recipes/mamba2-smol/probe.py                       # the default cases
     PYTHONPATH=src python3 recipes/mamba2-smol/probe.py train:64:512:0:0:1 train:64:512:1:64:1
       # train:BATCH:SEQ:COMPILE:KD_TOPK:PROFILE (KD_TOPK 0: whole-vocabulary KL; PROFILE 1: kernels)
+    PYTHONPATH=src python3 recipes/mamba2-smol/probe.py gen:4096:256:1 gen:4096:256:0
+      # gen:BATCH:NEW_TOKENS[:STATIC] (the sampler with HF's StaticCache, 1, or DynamicCache, 0)
 """
 
 import json
@@ -91,17 +93,19 @@ def train_case(teacher, batch, seq, compile_, topk=0, profile=False):
 
 
 @torch.inference_mode()
-def gen_case(teacher, batch, new):
+def gen_case(teacher, batch, new, static=None):
+    """The sampler (teacher_text.sample_batch) at this batch: its K/V cache static (HF's
+    StaticCache, the default for an attention teacher) or dynamic (static 0)."""
     x = torch.randint(3, 49152, (batch, 48), device="cuda")
     att = torch.ones_like(x)
-    sample_batch(teacher, x[:, :8], att[:, :8], 4, 1.0, 200, [-1], 2)
+    sample_batch(teacher, x[:, :8], att[:, :8], 4, 1.0, 200, [-1], 2, static_cache=static)
     sync()
     t = time.time()
-    out = sample_batch(teacher, x, att, new, 1.0, 200, [-1], 2)  # no EOS: every row runs `new` steps
+    out = sample_batch(teacher, x, att, new, 1.0, 200, [-1], 2, static_cache=static)  # no EOS: `new` steps a row
     sync()
     dt = time.time() - t
-    print(json.dumps({"case": "sample", "batch": batch, "new_tokens": out.shape[1], "s": round(dt, 2),
-                      "tok_per_s": round(batch * out.shape[1] / dt)}), flush=True)
+    print(json.dumps({"case": "sample", "batch": batch, "new_tokens": out.shape[1], "static_cache": static,
+                      "s": round(dt, 2), "tok_per_s": round(batch * out.shape[1] / dt)}), flush=True)
 
 
 def main():
@@ -114,8 +118,8 @@ def main():
             if kind == "train":  # train:BATCH:SEQ:COMPILE[:TOPK[:PROFILE]]
                 rest += ["0"] * (5 - len(rest))
                 train_case(teacher, int(rest[0]), int(rest[1]), bool(int(rest[2])), int(rest[3]), bool(int(rest[4])))
-            else:
-                gen_case(teacher, int(rest[0]), int(rest[1]))
+            else:  # gen:BATCH:NEW[:STATIC] (STATIC 0: HF's DynamicCache; default: the sampler's choice)
+                gen_case(teacher, int(rest[0]), int(rest[1]), bool(int(rest[2])) if len(rest) > 2 else None)
         except Exception as e:  # a probe that fails says so and the next one runs
             print(json.dumps({"case": args, "error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
             torch.cuda.empty_cache()
