@@ -206,3 +206,35 @@ def test_train_dist_relays_a_failed_case_s_own_error(tmp_path):
     assert p.stderr.strip().splitlines() == [p.stderr.strip()]
     assert "case one exited with 2: meestral: error:" in p.stderr
     assert "no-such-shape" in p.stderr and str(tmp_path / "one.stderr") in p.stderr
+
+
+def test_bench_stopped_while_timing_a_peer_still_writes_its_rows(tiny, monkeypatch):
+    """SIGTERM (a time limit's `timeout`) inside a peer: the rows of every case already measured
+    are written (without that peer), the run ends as a terminated process would (143), and the
+    previous SIGTERM handler is back."""
+    import io
+    import json
+    import os
+    import signal
+    import time
+
+    from meestral.tools import bench
+
+    bb = tiny("mistral")
+    monkeypatch.setattr(bench, "load_backbone", lambda *a, **kw: bb)
+
+    def slow_peer(*a, **kw):  # the signal arrives while the peer runs
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 1.0
+
+    monkeypatch.setattr(bench, "_peer_ms", slow_peer)
+    before = signal.getsignal(signal.SIGTERM)
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as stop:
+        bench.run_bench("tiny", exits=[2], tokens=4, repeats=1, out=out, policies=("copy",), peers=("hf-static",))
+    assert stop.value.code == 143
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["case"] for r in rows] == ["full", "exit@2"]
+    assert all(r["speedup_vs_best_peer"] is None and r["tokens_per_s"] > 0 for r in rows)
+    assert signal.getsignal(signal.SIGTERM) == before

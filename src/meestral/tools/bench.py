@@ -24,11 +24,14 @@ to compile: ask for them where the time is there.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import platform
+import signal
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -226,6 +229,29 @@ def _peer_ms(name, bb, ids, tokens, repeats):
     raise ValueError(f"unknown peer {name!r}: use {', '.join(PEERS)}")
 
 
+class _Stopped(Exception):
+    """SIGTERM while the peers run (see `_term_stops`)."""
+
+
+@contextlib.contextmanager
+def _term_stops():
+    """While the peers run, SIGTERM (what `timeout` sends at a time limit) raises _Stopped, so that
+    the rows of the cases already measured are still written (a peer's warm-up or compile can take
+    minutes: a GPU call cut off inside mamba-ssm's lost a whole table this way). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _Stopped()
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _progress(label, ms):
     """One stderr line per measured case as it comes: a run cut short by a time limit still shows
     what it measured (the JSON rows, with their in-run ratios, are written at the end)."""
@@ -328,19 +354,26 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
                 _progress(f"{name} {policy} {type(dec.engine).__name__}" + (f" prompt {p}" if prompts > 1 else ""),
                           runs[i][p][-1]["ms_per_token"])
     peer_ms = {}  # peer -> ms/token per prompt (None: it could not run)
-    for p in peers:
-        if p == "hf-assisted":
-            for e, ms in assisted_peer_ms(bb, ids, tokens, repeats, exits).items():
-                peer_ms[f"hf-assisted@{e}"] = None if ms is None else [ms]
-                _progress(f"peer hf-assisted@{e}", ms)
-            continue
-        per = []
-        for p_ids in prompt_set:
-            per.append(_peer_ms(p, bb, p_ids, tokens, repeats))
-            _progress(f"peer {p}", per[-1])
-            if per[-1] is None:
-                break
-        peer_ms[p] = None if None in per else per
+    stopped = False
+    try:
+        with _term_stops():
+            for p in peers:
+                if p == "hf-assisted":
+                    for e, ms in assisted_peer_ms(bb, ids, tokens, repeats, exits).items():
+                        peer_ms[f"hf-assisted@{e}"] = None if ms is None else [ms]
+                        _progress(f"peer hf-assisted@{e}", ms)
+                    continue
+                per = []
+                for p_ids in prompt_set:
+                    per.append(_peer_ms(p, bb, p_ids, tokens, repeats))
+                    _progress(f"peer {p}", per[-1])
+                    if per[-1] is None:
+                        break
+                peer_ms[p] = None if None in per else per
+    except _Stopped:
+        stopped = True
+        print(f"stopped (SIGTERM) while timing the peers: rows written with the peers measured so far "
+              f"({', '.join(k for k, v in peer_ms.items() if v is not None) or 'none'})", file=sys.stderr, flush=True)
     gbps = copy_gbps(bb.device)
     rows = []
     for i, (name, policy, dec) in enumerate(decs):
@@ -389,6 +422,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     add_time_predictions(rows, full["ms_per_token"])
     for r in rows:
         print(json.dumps(r), file=out, flush=True)
+    if stopped:
+        raise SystemExit(143)  # as a process ended by SIGTERM: the caller's time limit still shows
     if profile:
         _write_profiles(profile, bb, ids, tokens, opts, decs)
     print(f"\n{'case':<32} {'policy':<10} {'engine':<12} {'layers':>7} {'deep':>5} {'tok/s':>8} {'vs full':>8} "
