@@ -15,7 +15,8 @@ import torch
 
 from meestral.backbones import decode_attention
 
-CHECK = r"""
+# What both interpreter scripts share: the imports, a cache with holes, the comparison.
+PRELUDE = r"""
 import sys
 import pytest
 import torch
@@ -23,6 +24,22 @@ from meestral.backbones import decode_attention
 from meestral.backbones.base import Step
 from meestral.backbones.loading import random_backbone
 
+def random_cache(state, upto, g):
+    # random K/V everywhere, validity with holes (80% valid) below `upto`
+    state.k_all.copy_(torch.randn(state.k_all.shape, generator=g))
+    state.v_all.copy_(torch.randn(state.v_all.shape, generator=g))
+    state.valid[:, :, :upto] = torch.rand(state.valid[:, :, :upto].shape, generator=g) < 0.8
+
+def assert_same(a_run, b_run):
+    # every layer's output and the K/V buffers within rounding; validity exactly
+    for a, b in zip(a_run, b_run):
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+"""
+
+CHECK = PRELUDE + r"""
 launch = decode_attention.kernels()
 calls = []
 def op(*a, **k):
@@ -39,9 +56,7 @@ for dtype in (torch.bfloat16, torch.float16):
                 mp.setattr(decode_attention, "applies", lambda qkv, kb, on=on: on)
                 state = bb.new_state(2, 128)
                 g = torch.Generator().manual_seed(slot)
-                state.k_all.copy_(torch.randn(state.k_all.shape, generator=g))
-                state.v_all.copy_(torch.randn(state.v_all.shape, generator=g))
-                state.valid[:, :, :slot] = torch.rand(state.valid[:, :, :slot].shape, generator=g) < 0.8
+                random_cache(state, slot, g)
                 step = Step(slot, torch.full((2, 1), slot), torch.tensor([[True], [False]]))
                 h = torch.randn(2, 1, bb.hidden_size, generator=g).to(dtype)
                 keys = bb.state_keys(state)
@@ -52,11 +67,7 @@ for dtype in (torch.bfloat16, torch.float16):
                     res.append(h.float())
                 assert (len(calls) - n == bb.num_layers) == on
                 outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
-            for a, b in zip(outs[True], outs[False]):
-                if a.dtype == torch.bool:
-                    assert torch.equal(a, b)
-                else:
-                    torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+            assert_same(outs[True], outs[False])
 print("ok")
 """
 
@@ -66,13 +77,7 @@ print("ok")
 # (catch-up's `written`) while still visible, a cache with holes, windows in the first block and
 # past several, a sliding window that bites. Float16 only: Triton 3.6's interpreter gets tl.dot of
 # bfloat16 operands wrong on the CPU (the cuda test checks bf16).
-WINDOW_CHECK = r"""
-import pytest
-import torch
-from meestral.backbones import decode_attention
-from meestral.backbones.base import Step
-from meestral.backbones.loading import random_backbone
-
+WINDOW_CHECK = PRELUDE + r"""
 launch = decode_attention.kernels()
 calls = []
 def op(*a, **k):
@@ -90,9 +95,7 @@ for shape in ("mistral", "mistral-sw", "llama"):
             mp.setattr(decode_attention, "applies_window", lambda q, kb, on=on: on and q.shape[2] > 1)
             state = bb.new_state(2, 128)
             g = torch.Generator().manual_seed(start)
-            state.k_all.copy_(torch.randn(state.k_all.shape, generator=g))
-            state.v_all.copy_(torch.randn(state.v_all.shape, generator=g))
-            state.valid[:, :, :start] = torch.rand(state.valid[:, :, :start].shape, generator=g) < 0.8
+            random_cache(state, start, g)
             visible = torch.ones(2, T, dtype=torch.bool)
             visible[1, T - 1] = False  # row 1's last position is not part of the call
             step = Step(start, (torch.arange(T) + start).repeat(2, 1), visible)
@@ -107,11 +110,7 @@ for shape in ("mistral", "mistral-sw", "llama"):
                 res.append(h.float())
             assert (len(calls) - n == bb.num_layers) == on
             outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
-        for a, b in zip(outs[True], outs[False]):
-            if a.dtype == torch.bool:
-                assert torch.equal(a, b)
-            else:
-                torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+        assert_same(outs[True], outs[False])
 print("ok")
 """
 
@@ -132,13 +131,15 @@ def test_window_kernel_equals_the_torch_attention():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
-def test_a_window_kernel_that_ignores_the_mask_is_caught():
+def _fails_without(check, line):
+    """`check` run against a copy of decode_attention.py whose kernel line `line` (its masking)
+    is replaced by a no-op: it must fail on a mismatch. Triton's jit compiles a kernel from its
+    source file, so the broken copy gets a file of its own."""
     src = decode_attention.__file__
-    line = 'sc = tl.where(al != 0, sc, -float("inf"))'
     with open(src) as f:
         assert line in f.read()
-    broken = WINDOW_CHECK.replace("from meestral.backbones import decode_attention\n", f"""
-import importlib.util, sys, tempfile
+    broken = check.replace("from meestral.backbones import decode_attention\n", f"""
+import importlib.util, tempfile
 path = tempfile.mktemp(suffix="_decode_attention.py")
 open(path, "w").write(open({src!r}).read().replace({line!r}, 'sc = sc + 0.0'))
 spec = importlib.util.spec_from_file_location("meestral.backbones.decode_attention", path)
@@ -152,24 +153,12 @@ tr.decode_attention = decode_attention
     assert out.returncode != 0 and "Mismatched elements" in out.stderr, out.stdout + out.stderr[-2000:]
 
 
+def test_a_window_kernel_that_ignores_the_mask_is_caught():
+    _fails_without(WINDOW_CHECK, 'sc = tl.where(al != 0, sc, -float("inf"))')
+
+
 def test_a_kernel_that_ignores_the_mask_is_caught():
-    src = decode_attention.__file__
-    with open(src) as f:
-        assert 'sc = tl.where((seen & inside) | own, sc, -float("inf"))' in f.read()
-    # Triton's jit compiles a kernel from its source file: the broken copy gets a file of its own
-    broken = CHECK.replace("from meestral.backbones import decode_attention\n", f"""
-import importlib.util, tempfile
-path = tempfile.mktemp(suffix="_decode_attention.py")
-open(path, "w").write(open({src!r}).read().replace('sc = tl.where((seen & inside) | own, sc, -float("inf"))', 'sc = sc + 0.0'))
-spec = importlib.util.spec_from_file_location("meestral.backbones.decode_attention", path)
-decode_attention = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = decode_attention
-spec.loader.exec_module(decode_attention)
-import meestral.backbones.transformer as tr
-tr.decode_attention = decode_attention
-""", 1)
-    out = _run(broken)
-    assert out.returncode != 0 and "Mismatched elements" in out.stderr, out.stdout + out.stderr[-2000:]
+    _fails_without(CHECK, 'sc = tl.where((seen & inside) | own, sc, -float("inf"))')
 
 
 def test_off_cuda_the_attention_is_the_torch_code():

@@ -548,6 +548,41 @@ def test_cuda_bf16_layers_on_the_triton_gemv_equal_cublas(shape, monkeypatch):
             torch.testing.assert_close(x, y, atol=5e-2, rtol=5e-2)
 
 
+def _attention_backbone(shape):
+    """A bf16 Transformer on the GPU for the attention kernels' tests: a random tiny shape, or
+    Mistral-7B's heads (head_dim 128, 4 query heads per K/V head) in two small layers."""
+    from meestral.backbones.loading import random_backbone
+
+    if shape != "mistral-7b-heads":
+        return random_backbone(shape, device="cuda", dtype="bfloat16")
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from meestral.backbones.loading import wrap
+    from meestral.backbones.tokenizer import ByteTokenizer
+
+    cfg = MistralConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+                        num_key_value_heads=2, head_dim=128, vocab_size=259, sliding_window=None)
+    bb = wrap(MistralForCausalLM(cfg), ByteTokenizer(), "mistral-7b-heads")
+    bb.model.to(device="cuda", dtype=torch.bfloat16)
+    return bb
+
+
+def _random_cache(state, upto, g):
+    """Random K/V everywhere, validity with holes (80% valid) below slot `upto`."""
+    state.k_all.copy_(torch.randn(state.k_all.shape, device="cuda", generator=g))
+    state.v_all.copy_(torch.randn(state.v_all.shape, device="cuda", generator=g))
+    state.valid[:, :, :upto] = torch.rand(state.valid[:, :, :upto].shape, device="cuda", generator=g) < 0.8
+
+
+def _assert_same(a_run, b_run):
+    """Every layer's output and the K/V buffers within bf16 rounding; validity exactly."""
+    for a, b in zip(a_run, b_run):
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("shape", ["mistral", "mistral-sw", "mistral-7b-heads"])
@@ -559,29 +594,15 @@ def test_cuda_window_attention_kernel_equals_the_compiled_torch_attention(shape,
     code for `_attend` within bf16 rounding."""
     from meestral.backbones import decode_attention
     from meestral.backbones.base import compiled
-    from meestral.backbones.loading import random_backbone
 
-    if shape == "mistral-7b-heads":
-        from transformers import MistralConfig, MistralForCausalLM
-
-        from meestral.backbones.loading import wrap
-        from meestral.backbones.tokenizer import ByteTokenizer
-
-        cfg = MistralConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
-                            num_key_value_heads=2, head_dim=128, vocab_size=259, sliding_window=None)
-        bb = wrap(MistralForCausalLM(cfg), ByteTokenizer(), "mistral-7b-heads")
-        bb.model.to(device="cuda", dtype=torch.bfloat16)
-    else:
-        bb = random_backbone(shape, device="cuda", dtype="bfloat16")
+    bb = _attention_backbone(shape)
     for start, T in ((3, 5), (97, 16)):
         outs = {}
         for on in (True, False):
             monkeypatch.setattr(decode_attention, "WINDOW", on)
             state = bb.new_state(2, 128)
             g = torch.Generator(device="cuda").manual_seed(start)
-            state.k_all.copy_(torch.randn(state.k_all.shape, device="cuda", generator=g))
-            state.v_all.copy_(torch.randn(state.v_all.shape, device="cuda", generator=g))
-            state.valid[:, :, :start] = torch.rand(state.valid[:, :, :start].shape, device="cuda", generator=g) < 0.8
+            _random_cache(state, start, g)
             visible = torch.ones(2, T, dtype=torch.bool, device="cuda")
             visible[1, T - 1] = False
             step = Step(start, (torch.arange(T, device="cuda") + start).repeat(2, 1), visible)
@@ -596,11 +617,7 @@ def test_cuda_window_attention_kernel_equals_the_compiled_torch_attention(shape,
                 h, _ = bb.forward_layer_fixed(i, h, state, step.written(need), keys, kernel=compiled)
                 res.append(h.float())
             outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
-        for a, b in zip(outs[True], outs[False]):
-            if a.dtype == torch.bool:
-                assert torch.equal(a, b)
-            else:
-                torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+        _assert_same(outs[True], outs[False])
 
 
 def _codestral_heads():
@@ -718,20 +735,8 @@ def test_cuda_decode_attention_kernel_equals_the_compiled_torch_attention(shape,
     in a CUDA graph, a layer replays on new input at the slot the step names."""
     from meestral.backbones import decode_attention
     from meestral.backbones.base import compiled
-    from meestral.backbones.loading import random_backbone
 
-    if shape == "mistral-7b-heads":
-        from transformers import MistralConfig, MistralForCausalLM
-
-        from meestral.backbones.loading import wrap
-        from meestral.backbones.tokenizer import ByteTokenizer
-
-        cfg = MistralConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
-                            num_key_value_heads=2, head_dim=128, vocab_size=259, sliding_window=None)
-        bb = wrap(MistralForCausalLM(cfg), ByteTokenizer(), "mistral-7b-heads")
-        bb.model.to(device="cuda", dtype=torch.bfloat16)
-    else:
-        bb = random_backbone(shape, device="cuda", dtype="bfloat16")
+    bb = _attention_backbone(shape)
     write = torch.tensor([[True], [False]], device="cuda")
     for slot in (5, 100):
         outs = {}
@@ -739,9 +744,7 @@ def test_cuda_decode_attention_kernel_equals_the_compiled_torch_attention(shape,
             monkeypatch.setattr(decode_attention, "ENABLED", on)
             state = bb.new_state(2, 128)
             g = torch.Generator(device="cuda").manual_seed(slot)
-            state.k_all.copy_(torch.randn(state.k_all.shape, device="cuda", generator=g))
-            state.v_all.copy_(torch.randn(state.v_all.shape, device="cuda", generator=g))
-            state.valid[:, :, :slot] = torch.rand(state.valid[:, :, :slot].shape, device="cuda", generator=g) < 0.8
+            _random_cache(state, slot, g)
             step = Step(slot, torch.full((2, 1), slot, device="cuda"), write)
             h = torch.randn(2, 1, bb.hidden_size, device="cuda", generator=g).to(bb.dtype)
             keys = bb.state_keys(state)
@@ -751,11 +754,7 @@ def test_cuda_decode_attention_kernel_equals_the_compiled_torch_attention(shape,
                 h, _ = bb.forward_layer_fixed(i, h, state, step, keys, kernel=compiled)
                 res.append(h.float())
             outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
-        for a, b in zip(outs[True], outs[False]):
-            if a.dtype == torch.bool:
-                assert torch.equal(a, b)
-            else:
-                torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+        _assert_same(outs[True], outs[False])
     monkeypatch.setattr(decode_attention, "ENABLED", True)
     state, ref = bb.new_state(2, 128), bb.new_state(2, 128)
     slot = torch.full((2, 1), 7, device="cuda")

@@ -218,13 +218,19 @@ _OP, _WINDOW_OP = _make_op() if torch.cuda.is_available() else (False, False)
 _HAVE_OP = _OP is not False
 
 
-def applies(qkv: torch.Tensor, kbuf: torch.Tensor) -> bool:
-    """Whether the kernel takes this step's attention: one token, CUDA, bf16 / fp16, contiguous
-    buffers, a power-of-two head_dim, no gradients, a cache it can walk in one program per head."""
+def _kernels_take(x: torch.Tensor, kbuf: torch.Tensor) -> bool:
+    """What both kernels need: CUDA, bf16 / fp16, contiguous buffers, a power-of-two head_dim, no
+    gradients, a cache whose parts per head fit (MAX_KEYS)."""
     D = kbuf.shape[-1]
-    return (_HAVE_OP and ENABLED and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)
-            and kbuf.dtype == qkv.dtype and kbuf.is_contiguous() and D & (D - 1) == 0 and D >= 16
-            and kbuf.shape[2] <= MAX_KEYS and not qkv.requires_grad)
+    return (_HAVE_OP and ENABLED and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and kbuf.dtype == x.dtype and kbuf.is_contiguous() and D & (D - 1) == 0 and D >= 16
+            and kbuf.shape[2] <= MAX_KEYS and not x.requires_grad)
+
+
+def applies(qkv: torch.Tensor, kbuf: torch.Tensor) -> bool:
+    """Whether the kernel takes this step's attention: one token (the caller's test), and
+    `_kernels_take`."""
+    return _kernels_take(qkv, kbuf)
 
 
 # Windows up to this many query rows per K/V head (query heads per K/V head x positions) take the
@@ -236,9 +242,7 @@ def applies_window(q: torch.Tensor, kbuf: torch.Tensor) -> bool:
     """Whether the window kernel takes the attention of q [B, H, T, D] (T > 1, rotated) over kbuf:
     as `applies`, for a window whose query heads x positions per K/V head fit one tile."""
     B, H, T, D = q.shape
-    return (T > 1 and WINDOW and _HAVE_OP and ENABLED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-            and kbuf.dtype == q.dtype and kbuf.is_contiguous() and D & (D - 1) == 0 and D >= 16
-            and H // kbuf.shape[1] * T <= MAX_TILE and kbuf.shape[2] <= MAX_KEYS and not q.requires_grad)
+    return T > 1 and WINDOW and H // kbuf.shape[1] * T <= MAX_TILE and _kernels_take(q, kbuf)
 
 
 def attend_window(q, kbuf, vbuf, allowed, scaling):

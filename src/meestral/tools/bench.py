@@ -315,7 +315,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             decs.insert(1, (f"full_{fused}_gemv", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
                                                                    FUSED=not gemv.FUSED)))
             # and the same for the several-row kernel, where windows run (the first catch-up case)
-            win = next(((n, c) for n, c in cases(bb, exits, max_backlog, policies) if c.policy == "catchup"), None)
+            win = next(((n, d.config) for n, pol, d in decs if pol == "catchup"), None)
             if win is not None and gemv.FUSED:
                 fused = "unfused" if gemv.FUSED_ROWS else "fused"
                 decs.append((f"{win[0]}_{fused}_window_gemv", "catchup", _with_switches(

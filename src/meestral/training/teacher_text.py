@@ -82,14 +82,16 @@ def sample_batch(model, inp, att, max_new_tokens: int, temperature: float, top_k
 
     from transformers import DynamicCache, StaticCache
 
-    params = inspect.signature(type(model).forward).parameters
     # HF renamed the cache keyword (past_key_values -> cache) during 5.x and warns on the old one.
-    kw = "cache" if "cache" in params else "past_key_values"
+    kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     static = _static_cache_fits(model) if static_cache is None else static_cache
     P = inp.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens) if static else DynamicCache()
-    # the static cache writes at the slots `cache_position` names (the dynamic one appends)
-    at = (lambda lo, n: {"cache_position": torch.arange(lo, lo + n, device=inp.device)}) if static else (lambda lo, n: {})
+
+    def at(lo, n):
+        """The slots a call writes, for the static cache (the dynamic one appends)."""
+        return {"cache_position": torch.arange(lo, lo + n, device=inp.device)} if static else {}
+
     # the padding mask of every position the loop will reach; step t sees its first P + t + 1 columns
     att = torch.cat([att, att.new_ones(att.shape[0], max_new_tokens)], dim=1)
     pos = (att[:, :P].cumsum(-1) - 1).clamp(min=0)
