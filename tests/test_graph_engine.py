@@ -777,3 +777,49 @@ def test_cuda_decode_attention_kernel_equals_the_compiled_torch_attention(shape,
     want, _ = bb.forward_layer_fixed(0, h, ref, Step(9, slot, write), keys, kernel=compiled)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(state.k[0], ref.k[0])
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("shape", ["mistral-7b-heads", "codestral-heads"])
+@pytest.mark.parametrize("policy", ["full", "catchup"])
+def test_cuda_dependent_launches_equal_serial_launches(shape, policy, monkeypatch):
+    """Our kernels launched dependent (backbones/pdl.py: each one launched while its predecessor
+    runs, reading weights but nothing else before its wait) give the graph engine the same tokens,
+    the same logits at every step and the same final state, bit for bit, as serial launches: full
+    depth (steps in chunks: the one-row GEMV, one token's attention, the Mamba-2 step kernels) and
+    catch-up (windows: the several-row GEMV, the window attention). A kernel that read an
+    activation or wrote anything before its wait would race its predecessor, and differ."""
+    from meestral.backbones import pdl
+
+    if not pdl.on(torch.zeros(1, device="cuda")):
+        pytest.skip("programmatic dependent launch needs a Hopper or later GPU and Triton's griddepcontrol calls")
+    if shape == "codestral-heads":
+        bb = _codestral_heads()
+        bb.model.to(device="cuda", dtype=torch.bfloat16)
+    else:
+        bb = _attention_backbone(shape)
+    cfg = ExitConfig() if policy == "full" else ExitConfig(
+        heads=ExitHeads("static", [1], bb), thresholds=0.0, policy="catchup", max_backlog=4)
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        seen = {"logits": []}
+
+        def keep(view, seen=seen):
+            seen["logits"].append(view.logits.clone())
+            seen["state"] = layer_states(bb, view.state)
+
+        dec = EarlyExitDecoder(bb, cfg, engine="graph")
+        for _ in range(2):  # the second generation replays every graph the first one captured
+            seen["logits"].clear()
+            seen["tokens"] = [g.token_ids for g in dec.generate(PROMPTS, SamplingOptions(max_new_tokens=40), inspect=keep)]
+        _all_captured(dec)
+        runs[on] = seen
+    assert runs[True]["tokens"] == runs[False]["tokens"]
+    assert len(runs[True]["logits"]) == len(runs[False]["logits"])
+    for a, b in zip(runs[True]["logits"], runs[False]["logits"]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[True]["state"], runs[False]["state"]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from meestral.backbones import pdl
+
 ENABLED = True  # the bench switches it off to time the torch code's kernels in the same run
 WINDOW = True  # the window kernel (several positions); the bench's `..._compiled_window_attention` row times it off
 MAX_KEYS = 1 << 15  # the parts of one head: [capacity / 64, head_dim] float32 a row and query head
@@ -53,8 +55,11 @@ def kernels():
 
     @triton.jit
     def _attend(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, wr_ptr, ml_ptr, acc_ptr, scaling, H,
-                HKV, cap, window, S, D: tl.constexpr, CHUNK: tl.constexpr):
+                HKV, cap, window, S, D: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
         # program (row b, query head h, chunk c of CHUNK keys): its part of the softmax
+        if PDL:  # launched while the previous kernel runs (pdl.py): nothing is touched before it is done
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         c = tl.program_id(2)
@@ -104,8 +109,11 @@ def kernels():
         tl.store(acc_ptr + part * D + d, tl.sum(p[:, None] * vb, axis=0))
 
     @triton.jit
-    def _combine(ml_ptr, acc_ptr, o_ptr, H, S, D: tl.constexpr, SP: tl.constexpr):
+    def _combine(ml_ptr, acc_ptr, o_ptr, H, S, D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
         # program (row, query head): the chunks' parts rescaled to their common maximum
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         c = tl.arange(0, SP)
@@ -121,11 +129,14 @@ def kernels():
 
     @triton.jit
     def _attend_rows(q_ptr, k_ptr, v_ptr, al_ptr, ml_ptr, acc_ptr, scaling, H, HKV, T, cap, keys, S,
-                     D: tl.constexpr, CHUNK: tl.constexpr, BQ: tl.constexpr):
+                     D: tl.constexpr, CHUNK: tl.constexpr, BQ: tl.constexpr, PDL: tl.constexpr):
         # A window of T positions (catch-up / verify / speculate): program (row b, K/V head, chunk c
         # of CHUNK keys) takes the G query heads x T positions of its K/V head as one [G*T, D] tile,
         # so each K/V chunk is read once for all of them and both products run on the tensor cores.
         # Rotary, the K/V write and the mask are the torch code's (`allowed`, made before the write).
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         c = tl.program_id(2)
@@ -165,9 +176,10 @@ def kernels():
         o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
         BQ = max(16, triton.next_power_of_2((H // HKV) * T))
         _attend_rows[(B, HKV, S)](q, kbuf, vbuf, allowed, ml, acc, float(scaling), H, HKV, T, cap, keys, S,
-                                  D=D, CHUNK=chunk, BQ=BQ, num_warps=4)
+                                  D=D, CHUNK=chunk, BQ=BQ, num_warps=4, **pdl.launch_kw(q))
         # the same combination as one token's, over (row, query head x position)
-        _combine[(B, H * T)](ml, acc, o, H * T, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
+        _combine[(B, H * T)](ml, acc, o, H * T, S, D=D, SP=triton.next_power_of_2(S), num_warps=4,
+                             **pdl.launch_kw(q))
         return o
 
     def launch(qkv, cos, sin, kbuf, vbuf, valid, slot, write, scaling, n_heads, window):
@@ -178,8 +190,9 @@ def kernels():
         acc = torch.empty(B, n_heads, S, D, dtype=torch.float32, device=qkv.device)
         o = torch.empty(B, n_heads * D, dtype=qkv.dtype, device=qkv.device)
         _attend[(B, n_heads, S)](qkv, cos, sin, kbuf, vbuf, valid, slot, write, ml, acc, float(scaling), n_heads, HKV,
-                                 cap, int(window or 0), S, D=D, CHUNK=chunk, num_warps=4)
-        _combine[(B, n_heads)](ml, acc, o, n_heads, S, D=D, SP=triton.next_power_of_2(S), num_warps=4)
+                                 cap, int(window or 0), S, D=D, CHUNK=chunk, num_warps=4, **pdl.launch_kw(qkv))
+        _combine[(B, n_heads)](ml, acc, o, n_heads, S, D=D, SP=triton.next_power_of_2(S), num_warps=4,
+                               **pdl.launch_kw(qkv))
         return o
 
     launch.rows = launch_rows

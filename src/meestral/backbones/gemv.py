@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from meestral.backbones import pdl
+
 ENABLED = True  # benchmarks switch it off to time cuBLAS in the same run
 # The norm before a matmul, and the SiLU gate before and the residual add after one, computed inside
 # the GEMV (each one kernel fewer per use, four a Transformer layer). On: full depth on the
@@ -56,125 +58,30 @@ def kernels(tune: bool = True):
     = x W^T with the same fusions row by row (a separate kernel, on the tensor cores)."""
     try:
         import triton
-        import triton.language as tl
+
+        from meestral.backbones import gemv_kernels as gk
     except ImportError:
         return None
 
-    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=3)
-               for n, k, w in ((4, 1024, 8), (8, 1024, 8), (16, 1024, 8), (4, 512, 4), (8, 512, 4), (16, 512, 8))]
-
-    @triton.jit
-    def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
-              RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # Each program owns BLOCK_N rows of w and walks K in runs of BLOCK_K contiguous elements:
-        # every weight byte is read once, streamed past the cache (evict-first).
-        dt = y_ptr.dtype.element_ty
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rstd = 1.0
-        if NORM:  # the RMS statistic of x first: every program reads x (a few KB, from L2)
-            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-                ss += xv * xv
-            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K),
-                        other=0.0, eviction_policy="evict_first")
-            if ACT:
-                g = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-                u = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
-                s = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
-                xv = (s * u).to(dt).to(tl.float32)
-            else:
-                xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-                if NORM:
-                    nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-                    xv = (nw * (xv * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-            acc += w.to(tl.float32) * xv[None, :]
-        y = tl.sum(acc, axis=1).to(dt)
-        if RES:
-            y = (tl.load(r_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
-        tl.store(y_ptr + rows, y, mask=rows < N)
-
-    tuned = triton.autotune(configs=configs, key=["N", "K", "NORM", "ACT", "RES"])(_gemv)
-
-    @triton.jit
-    def _gemv_rows(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, M, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
-                   RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # A few rows (M <= BLOCK_M): each program owns BLOCK_N rows of w, reads each weight byte once
-        # (streamed) and multiplies it into every row of x on the tensor cores; x's padding rows are
-        # zeros and never stored. The same fusions as the one-row kernel, row by row, each rounding
-        # where the torch code rounds (so the operands of the dot are what F.linear would be given).
-        # ("gemv" in the name: the kernel profile classes it as a matmul.)
-        dt = y_ptr.dtype.element_ty
-        pid = tl.program_id(0)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, BLOCK_M)
-        XK = 2 * K if ACT else K  # x's row stride: gate then up for ACT
-        rstd = tl.full((BLOCK_M,), 1.0, tl.float32)
-        if NORM:  # each row's RMS statistic first (the rows are a few KB each, from L2)
-            ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                xv = tl.load(x_ptr + m[:, None] * XK + cols[None, :], mask=(m[:, None] < M) & (cols[None, :] < K),
-                             other=0.0).to(tl.float32)
-                ss += xv * xv
-            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            xm = (m[:, None] < M) & (cols[None, :] < K)
-            if ACT:
-                g = tl.load(x_ptr + m[:, None] * XK + cols[None, :], mask=xm, other=0.0).to(tl.float32)
-                u = tl.load(x_ptr + m[:, None] * XK + K + cols[None, :], mask=xm, other=0.0).to(tl.float32)
-                s = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
-                xv = (s * u).to(dt)
-            else:
-                xv = tl.load(x_ptr + m[:, None] * XK + cols[None, :], mask=xm, other=0.0)
-                if NORM:
-                    nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-                    xv = (nw[None, :] * (xv.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32)).to(dt)
-            w = tl.load(w_ptr + n[:, None] * K + cols[None, :], mask=(n[:, None] < N) & (cols[None, :] < K),
-                        other=0.0, eviction_policy="evict_first")
-            acc += tl.dot(xv, tl.trans(w))
-        y = acc.to(dt)
-        ym = (m[:, None] < M) & (n[None, :] < N)
-        if RES:
-            r = tl.load(r_ptr + m[:, None] * N + n[None, :], mask=ym, other=0.0).to(tl.float32)
-            y = (r + y.to(tl.float32)).to(dt)
-        tl.store(y_ptr + m[:, None] * N + n[None, :], y, mask=ym)
-
-    # The one-row kernel's best tilings walk K in runs of 1024 (benchmarks/NOTES.md): longer runs
-    # here too, where the several-row kernel read 4-10% slower than the one-row one on an H100.
-    row_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-                   for n, k, w, st in ((16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3),
-                                       (16, 512, 4, 3), (64, 256, 8, 3), (16, 1024, 8, 3), (32, 512, 8, 3),
-                                       (16, 1024, 4, 2), (32, 512, 4, 4))]
-    tuned_rows = triton.autotune(configs=row_configs, key=["N", "K", "NORM", "ACT", "RES"])(_gemv_rows)
-
     def launch(x, w, norm_w=None, eps=0.0, act=False, res=None):
         N, K = w.shape
-        flags = dict(NORM=norm_w is not None, ACT=bool(act), RES=res is not None)
+        flags = dict(NORM=norm_w is not None, ACT=bool(act), RES=res is not None, **pdl.launch_kw(x))
         nw, r = x if norm_w is None else norm_w, x if res is None else res  # unused pointers: any tensor
         if x.dim() == 2:  # several rows: the tensor-core kernel
             M = x.shape[0]
             y = torch.empty(M, N, dtype=x.dtype, device=x.device)
             args = (x, w, y, nw, r, M, N, K, float(eps))
             if tune:
-                tuned_rows[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags, BLOCK_M=ROWS)
+                gk.tuned_rows[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags, BLOCK_M=ROWS)
             else:
-                _gemv_rows[(triton.cdiv(N, 16),)](*args, **flags, BLOCK_M=ROWS, BLOCK_N=16, BLOCK_K=32)
+                gk._gemv_rows[(triton.cdiv(N, 16),)](*args, **flags, BLOCK_M=ROWS, BLOCK_N=16, BLOCK_K=32)
             return y
         y = torch.empty(N, dtype=x.dtype, device=x.device)
         args = (x, w, y, nw, r, N, K, float(eps))
         if tune:
-            tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+            gk.tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
         else:
-            _gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=64)
+            gk._gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=64)
         return y
 
     return launch

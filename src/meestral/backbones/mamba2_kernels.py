@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from meestral.backbones import pdl
+
 TAPS = 4  # the conv window the kernels hold in registers (every Mamba-2 release uses d_conv = 4)
 
 
@@ -44,8 +46,11 @@ def _conv(c1, c2, c3, new, w_ptr, cb_ptr, ch, cm, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _scan(proj_ptr, cs_ptr, ss_ptr, wr_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, d_ptr, y_ptr,
           stride_b, stride_t, xoff, T, I, H, P, N, G, dt_min, dt_max, HAS_BIAS: tl.constexpr,
-          OUTPUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+          OUTPUT: tl.constexpr, PDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     # program (row b, head h, block of the head's channels)
+    if PDL:  # launched while the previous kernel runs (pdl.py): nothing is touched before it is done
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     pb = tl.program_id(2)
@@ -116,8 +121,11 @@ def _shift(proj_ptr, cs_ptr, wr_ptr, b, ch, cm, stride_b, stride_t, xoff, cs_sb,
 
 @triton.jit
 def _gate_norm(proj_ptr, cs_ptr, wr_ptr, y_ptr, gw_ptr, out_ptr, stride_b, stride_t, xoff, T, I, N, G, GS, eps,
-               OUTPUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GS: tl.constexpr):
+               OUTPUT: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GS: tl.constexpr):
     # program (row b, group g)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     g = tl.program_id(1)
     cs_sb = (I + 2 * G * N) * 4
@@ -153,14 +161,15 @@ def launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D
     y = torch.empty(Bsz, T, I, dtype=proj.dtype, device=proj.device) if output else proj
     cb = conv_w if conv_b is None else conv_b
     strides = (proj.stride(0), proj.stride(1))
+    kw = pdl.launch_kw(proj)
     _scan[(Bsz, H, triton.cdiv(P, BLOCK_P))](
         proj, conv_state, ssm_state, write, conv_w, cb, dt_bias, A_log, D, y, *strides, xoff, T, I, H, P, N, G,
         float(dt_min), float(dt_max), HAS_BIAS=conv_b is not None, OUTPUT=output, BLOCK_P=BLOCK_P,
-        BLOCK_N=BLOCK_N, num_warps=4)
+        BLOCK_N=BLOCK_N, num_warps=4, **kw)
     out = torch.empty_like(y) if output else None
     gs = group_size if output else I
     _gate_norm[(Bsz, max(G, I // gs))](
         proj, conv_state, write, y, gnorm_w if output else proj, out if output else proj, *strides, xoff, T, I, N,
         G, gs, float(gnorm_eps), OUTPUT=output, BLOCK_N=BLOCK_N, BLOCK_GS=triton.next_power_of_2(gs),
-        num_warps=4 if gs <= 1024 else 8)
+        num_warps=4 if gs <= 1024 else 8, **kw)
     return out

@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from meestral.backbones import decode_attention, gemv, mamba2_step
+from meestral.backbones import decode_attention, gemv, mamba2_step, pdl
 from meestral.backbones.loading import load_backbone
 from meestral.decoding.decoder import EarlyExitDecoder
 from meestral.decoding.config import ExitConfig
@@ -323,6 +323,13 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             if win is not None and decode_attention.ENABLED and decode_attention.WINDOW:  # and the window's attention
                 decs.append((f"{win[0]}_compiled_window_attention", "catchup", _with_switches(
                     EarlyExitDecoder(bb, config=win[1], engine=engine), decode_attention, WINDOW=False)))
+        if pdl.on(torch.zeros(1, device=bb.device)):  # and our kernels launched one after another (pdl.py)
+            decs.insert(1, ("full_serial_launches", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), pdl,
+                                                                     ENABLED=False)))
+            win = next(((n, d.config) for n, pol, d in decs if pol == "catchup"), None)
+            if win is not None:
+                decs.append((f"{win[0]}_serial_launches", "catchup", _with_switches(
+                    EarlyExitDecoder(bb, config=win[1], engine=engine), pdl, ENABLED=False)))
         if getattr(bb, "v2", False) and mamba2_step.ENABLED:  # and the Mamba-2 step as inductor compiles it
             decs.insert(1, ("full_compiled_ssm_step", "-", _with_switches(EarlyExitDecoder(bb, engine=engine),
                                                                        mamba2_step, ENABLED=False)))
