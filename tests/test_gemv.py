@@ -1,6 +1,6 @@
 """backbones/gemv.py: the Triton GEMV of one-row matmuls, run on the CPU by Triton's interpreter
 (skipped where Triton is not installed): plain, with the RMS norm before it, with the SwiGLU gate
-before it and the residual add after it, and the kernel for windows of up to gemv.ROWS rows with the
+before it and the residual add after it (into a float32 residual stream too, the product kept), and the kernel for windows of up to gemv.ROWS rows with the
 same fusions row by row, each equal to the torch code it replaces within the dtype's rounding;
 where it does not apply (the CPU, more rows, float32, gradients) everything stays F.linear. On CUDA the cuda-marked tests in test_graph_engine.py run it for real."""
 
@@ -38,6 +38,14 @@ for dtype in (torch.bfloat16, torch.float16):
             "gate+residual": (launch(gu, w, act=True, res=res), res + F.linear(F.silu(gate) * up, w)),
             "gate": (launch(gu, w, act=True), F.linear(F.silu(gate) * up, w)),
         }
+        # a float32 residual stream (a Mamba block's, residual_in_fp32), the product kept too
+        res32 = torch.randn(N, generator=g) * 4
+        out, mixed = launch(x, w, res=res32, keep=True)
+        assert out.dtype == torch.float32 and mixed.dtype == dtype
+        cases["kept"] = (mixed, F.linear(x, w))
+        # the sum is the float32 add of the rounded product: exactly torch's, given the same product
+        # (the product itself may differ from F.linear's by its rounding: compared above)
+        assert torch.equal(out, res32 + mixed), f"{dtype} {N}x{K}"
         for name, (a, b) in cases.items():
             torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name} {dtype} {N}x{K}: {m}")
         # A window of rows: the several-row kernel. In float16 only: Triton 3.6's interpreter gets
@@ -54,6 +62,10 @@ for dtype in (torch.bfloat16, torch.float16):
                 "residual": (launch(xm, w, res=rm), rm + F.linear(xm, w)),
                 "gate+residual": (launch(gum, w, act=True, res=rm), rm + F.linear(F.silu(gm) * um, w)),
             }
+            rm32 = torch.randn(M, N, generator=g) * 4
+            out, mixed = launch(xm, w, res=rm32, keep=True)
+            assert out.dtype == torch.float32 and mixed.dtype == dtype and torch.equal(out, rm32 + mixed)
+            rows["kept"] = (mixed, F.linear(xm, w))
             for name, (a, b) in rows.items():
                 torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2,
                                            msg=lambda m: f"{M} rows {name} {dtype} {N}x{K}: {m}")
@@ -89,5 +101,7 @@ def test_where_it_does_not_apply_the_helpers_are_the_torch_code(monkeypatch):
     assert torch.equal(gemv.linear(h, w), F.linear(h, w))
     assert torch.equal(gemv.norm_linear(h, nw, 1e-6, w, rms_norm), F.linear(rms_norm(h, nw, 1e-6), w))
     assert torch.equal(gemv.linear_residual(h, wd, h), h + F.linear(h, wd))
+    out, mixed = gemv.linear_residual_keep(h, wd, h.double())
+    assert torch.equal(mixed, F.linear(h, wd)) and torch.equal(out, h.double() + F.linear(h, wd))
     gate, up = gu.chunk(2, dim=-1)
     assert torch.equal(gemv.gated_linear_residual(gu, wd, h), h + F.linear(F.silu(gate) * up, wd))

@@ -517,10 +517,11 @@ def test_cuda_triton_gemv_equals_cublas_and_captures():
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mistral-fused", "mistral-fused-window"])
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mistral-fused", "mamba2-fused", "mistral-fused-window"])
 def test_cuda_bf16_layers_on_the_triton_gemv_equal_cublas(shape, monkeypatch):
     """A bf16 decode step of every block, compiled as the graph engine runs it, with the Triton GEMV
-    (mistral-fused: with the norms, gate and residual adds inside it, gemv.FUSED; -window: a window of
+    (mistral-fused: with the norms, gate and residual adds inside it, gemv.FUSED; mamba2-fused: the
+    residual add into the float32 residual stream after out_proj, the product kept; -window: a window of
     five positions, as catch-up's deep pass, on the several-row kernel with the same fusions) and
     with cuBLAS: the same hidden states and states within bf16 rounding."""
     from meestral.backbones import gemv

@@ -31,8 +31,9 @@ ENABLED = True  # benchmarks switch it off to time cuBLAS in the same run
 # The norm before a matmul, and the SiLU gate before and the residual add after one, computed inside
 # the GEMV (each one kernel fewer per use, four a Transformer layer). On: full depth on the
 # Mistral-7B shape 2.0% faster on an H100 (benchmarks/NOTES.md 2026-12-06; the bench's
-# `full_unfused_gemv` row times it off in the same run). The Mamba-2 block does not use it: its
-# norm inside in_proj's GEMV measured 0.8% slower (every program recomputes the statistic).
+# `full_unfused_gemv` row times it off in the same run). The Mamba-2 block takes only the residual
+# add after out_proj (into its float32 residual stream: `linear_residual_keep`); its norm inside
+# in_proj's GEMV measured 0.8% slower (every program recomputes the statistic).
 FUSED = True
 # The same fusions in the several-row kernel (catch-up's deep passes, verify windows, speculate
 # cycles). Off: on an H100 (benchmarks/NOTES.md 2026-12-06, third session) catch-up at 1/3 depth
@@ -54,7 +55,8 @@ def kernels(tune: bool = True):
     launch(x, w, norm_w=None, eps=0.0, act=False, res=None) -> y [N] computes, with each rounding
     where the unfused torch code rounds (in x's dtype): y = W @ x, where x is first
     `rms_norm(x, norm_w, eps)` (norm_w given) or `silu(x[:K]) * x[K:]` (act: x holds gate then up),
-    and y becomes `res + y` (res given). x [M, K] (act: [M, 2K]) of up to ROWS rows gives y [M, N]
+    and y becomes `res + y` (res given; a float32 res gives a float32 y, the product rounded to x's
+    dtype first, as torch adds them); keep=True returns (y, the product before the residual add). x [M, K] (act: [M, 2K]) of up to ROWS rows gives y [M, N]
     = x W^T with the same fusions row by row (a separate kernel, on the tensor cores)."""
     try:
         import triton
@@ -63,26 +65,27 @@ def kernels(tune: bool = True):
     except ImportError:
         return None
 
-    def launch(x, w, norm_w=None, eps=0.0, act=False, res=None):
+    def launch(x, w, norm_w=None, eps=0.0, act=False, res=None, keep=False):
         N, K = w.shape
-        flags = dict(NORM=norm_w is not None, ACT=bool(act), RES=res is not None, **pdl.launch_kw(x))
+        flags = dict(NORM=norm_w is not None, ACT=bool(act), RES=res is not None, KEEP=bool(keep), **pdl.launch_kw(x))
         nw, r = x if norm_w is None else norm_w, x if res is None else res  # unused pointers: any tensor
+        # y in the dtype `res + product` has in torch (a float32 residual stream stays float32)
+        out_dt = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
+        y = torch.empty(*x.shape[:-1], N, dtype=out_dt, device=x.device)
+        m = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device) if keep else y
         if x.dim() == 2:  # several rows: the tensor-core kernel
-            M = x.shape[0]
-            y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-            args = (x, w, y, nw, r, M, N, K, float(eps))
+            args = (x, w, y, nw, r, m, x.shape[0], N, K, float(eps))
             if tune:
                 gk.tuned_rows[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags, BLOCK_M=ROWS)
             else:
                 gk._gemv_rows[(triton.cdiv(N, 16),)](*args, **flags, BLOCK_M=ROWS, BLOCK_N=16, BLOCK_K=32)
-            return y
-        y = torch.empty(N, dtype=x.dtype, device=x.device)
-        args = (x, w, y, nw, r, N, K, float(eps))
-        if tune:
-            gk.tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
         else:
-            gk._gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=64)
-        return y
+            args = (x, w, y, nw, r, m, N, K, float(eps))
+            if tune:
+                gk.tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+            else:
+                gk._gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=64)
+        return (y, m) if keep else y
 
     return launch
 
@@ -90,7 +93,7 @@ def kernels(tune: bool = True):
 def _make_op():
     launch = kernels()
     if launch is None:
-        return False
+        return False, False
 
     @torch.library.custom_op("meestral::gemv", mutates_args=())
     def gemv(x: torch.Tensor, w: torch.Tensor, norm_w: Optional[torch.Tensor], eps: float, act: bool,
@@ -101,12 +104,21 @@ def _make_op():
     def _(x, w, norm_w, eps, act, res):
         return x.new_empty(*x.shape[:-1], w.shape[0])
 
-    return gemv
+    @torch.library.custom_op("meestral::gemv_residual_keep", mutates_args=())
+    def gemv_residual_keep(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return launch(x, w, res=res, keep=True)
+
+    @gemv_residual_keep.register_fake
+    def _(x, w, res):
+        shape = (*x.shape[:-1], w.shape[0])
+        return x.new_empty(shape, dtype=torch.promote_types(x.dtype, res.dtype)), x.new_empty(shape)
+
+    return gemv, gemv_residual_keep
 
 
 # Made at import, not at the first call: the first call is usually inside a function torch.compile
 # traces, where registering an op would break the graph. Off CUDA there is nothing to make.
-_OP = _make_op() if torch.cuda.is_available() else False
+_OP, _KEEP_OP = _make_op() if torch.cuda.is_available() else (False, False)
 _HAVE_OP = _OP is not False  # a plain bool: torch.compile cannot take the truth of an op object
 
 
@@ -147,6 +159,19 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> torc
     if _fuses(x, w) and res.dtype == x.dtype and res.shape[:-1] == x.shape[:-1]:
         return _OP(_rows(x), w, None, 0.0, False, _rows(res)).view(res.shape)
     return res + linear(x, w)
+
+
+def linear_residual_keep(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor):
+    """(res + linear(x, w), linear(x, w)) as torch computes them (res may be float32: a residual
+    stream kept in float32 gives a float32 sum of the product rounded to x's dtype): the add in the
+    GEMV where it fuses, one kernel fewer a block. For a Mamba block's out_proj, whose product (the
+    mixer's output) the block returns beside the new residual stream."""
+    if (_fuses(x, w) and res.shape[:-1] == x.shape[:-1] and res.dtype in (x.dtype, torch.float32)
+            and res.shape[-1] == w.shape[0]):
+        out, mixed = _KEEP_OP(_rows(x), w, _rows(res))
+        return out.view(res.shape), mixed.view(*x.shape[:-1], w.shape[0])
+    mixed = linear(x, w)
+    return res + mixed, mixed
 
 
 def gated_linear_residual(gu: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,11 @@ def _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM: tl.constexpr, ACT: tl.constex
 
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
-          RES: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
+          RES: tl.constexpr, KEEP: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Each program owns BLOCK_N rows of w and walks K in runs of BLOCK_K contiguous elements:
     # every weight byte is read once, streamed past the cache (evict-first).
-    dt = y_ptr.dtype.element_ty
+    dt = w_ptr.dtype.element_ty  # the matmul's dtype (x's); y's may be the float32 of a residual stream
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
@@ -63,13 +63,16 @@ def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, N, K, eps, NORM: tl.constexpr, ACT
                     other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM, ACT)[None, :]
     y = tl.sum(acc, axis=1).to(dt)
+    if KEEP:  # the product itself too, before the residual add (a Mamba block returns both)
+        tl.store(m_ptr + rows, y, mask=rows < N)
     if RES:
-        y = (tl.load(r_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
-    tl.store(y_ptr + rows, y, mask=rows < N)
+        y = tl.load(r_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) + y.to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 # Not keyed on PDL: one tiling for either launch, so both sum in the same order (the cuda tests
 # compare them bit for bit).
-tuned = triton.autotune(configs=configs, key=["N", "K", "NORM", "ACT", "RES"])(_gemv)
+tuned = triton.autotune(configs=configs, key=["N", "K", "NORM", "ACT", "RES", "KEEP"])(_gemv)
+
 
 @triton.jit
 def _x_rows(x_ptr, nw_ptr, m, cols, M, K, XK, rstd, dt, NORM: tl.constexpr, ACT: tl.constexpr):
@@ -89,15 +92,15 @@ def _x_rows(x_ptr, nw_ptr, m, cols, M, K, XK, rstd, dt, NORM: tl.constexpr, ACT:
 
 
 @triton.jit
-def _gemv_rows(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, M, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
-               RES: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+def _gemv_rows(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, M, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
+               RES: tl.constexpr, KEEP: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # A few rows (M <= BLOCK_M): each program owns BLOCK_N rows of w, reads each weight byte once
     # (streamed) and multiplies it into every row of x on the tensor cores; x's padding rows are
     # zeros and never stored. The same fusions as the one-row kernel, row by row, each rounding
     # where the torch code rounds (so the operands of the dot are what F.linear would be given).
     # ("gemv" in the name: the kernel profile classes it as a matmul.)
-    dt = y_ptr.dtype.element_ty
+    dt = w_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
@@ -127,10 +130,13 @@ def _gemv_rows(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, M, N, K, eps, NORM: tl.conste
         acc += tl.dot(xv, tl.trans(w))
     y = acc.to(dt)
     ym = (m[:, None] < M) & (n[None, :] < N)
+    if KEEP:
+        tl.store(m_ptr + m[:, None] * N + n[None, :], y, mask=ym)
     if RES:
         r = tl.load(r_ptr + m[:, None] * N + n[None, :], mask=ym, other=0.0).to(tl.float32)
-        y = (r + y.to(tl.float32)).to(dt)
-    tl.store(y_ptr + m[:, None] * N + n[None, :], y, mask=ym)
+        y = r + y.to(tl.float32)
+    tl.store(y_ptr + m[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty), mask=ym)
+
 
 # The one-row kernel's best tilings walk K in runs of 1024 (benchmarks/NOTES.md): longer runs
 # here too, where the several-row kernel read 4-10% slower than the one-row one on an H100.
@@ -138,4 +144,4 @@ row_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stag
                for n, k, w, st in ((16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3),
                                    (16, 512, 4, 3), (64, 256, 8, 3), (16, 1024, 8, 3), (32, 512, 8, 3),
                                    (16, 1024, 4, 2), (32, 512, 4, 4))]
-tuned_rows = triton.autotune(configs=row_configs, key=["N", "K", "NORM", "ACT", "RES"])(_gemv_rows)
+tuned_rows = triton.autotune(configs=row_configs, key=["N", "K", "NORM", "ACT", "RES", "KEEP"])(_gemv_rows)

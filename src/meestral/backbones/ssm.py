@@ -110,9 +110,12 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
 
 
 def _out_proj(h, y, out_w, out_b, residual_in_fp32):
-    """The block's end: out_proj of the normed y, added to the residual stream h."""
-    mixed = gemv.linear(y, out_w, out_b)
+    """The block's end: out_proj of the normed y, added to the residual stream h (the add inside
+    the GEMV where it fuses: gemv.linear_residual_keep)."""
     residual = h.float() if residual_in_fp32 else h
+    if out_b is None:
+        return gemv.linear_residual_keep(y, out_w, residual)
+    mixed = gemv.linear(y, out_w, out_b)
     return residual + mixed, mixed
 
 

@@ -310,10 +310,11 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         # and full depth on cuBLAS's matmuls: what the Triton GEMV gains (backbones/gemv.py)
         decs.insert(1, ("full_cublas_matmuls", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
                                                                     ENABLED=False)))
-        if bb.family == "transformer":  # and the norms, gate and residual adds inside the GEMV or not
-            fused = "unfused" if gemv.FUSED else "fused"
-            decs.insert(1, (f"full_{fused}_gemv", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
-                                                                   FUSED=not gemv.FUSED)))
+        # and the norms, gate and residual adds inside the GEMV or not (a Mamba-2 block: its residual add)
+        fused = "unfused" if gemv.FUSED else "fused"
+        decs.insert(1, (f"full_{fused}_gemv", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
+                                                               FUSED=not gemv.FUSED)))
+        if bb.family == "transformer":
             # and the same for the several-row kernel, where windows run (the first catch-up case)
             win = next(((n, d.config) for n, pol, d in decs if pol == "catchup"), None)
             if win is not None and gemv.FUSED:
