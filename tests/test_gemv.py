@@ -94,6 +94,7 @@ def test_every_variant_equals_the_torch_code_it_replaces():
 def test_where_it_does_not_apply_the_helpers_are_the_torch_code(monkeypatch):
     """Off CUDA (and with FUSED on) each helper is exactly the composition it stands for."""
     monkeypatch.setattr(gemv, "FUSED", True)
+    monkeypatch.setattr(gemv, "FUSED_KEEP", True)
     g = torch.Generator().manual_seed(0)
     h, w, nw = torch.randn(1, 1, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(16, generator=g)
     gu, wd = torch.randn(1, 1, 32, generator=g), torch.randn(16, 16, generator=g)

@@ -536,6 +536,7 @@ def test_cuda_bf16_layers_on_the_triton_gemv_equal_cublas(shape, monkeypatch):
         monkeypatch.setattr(gemv, "ENABLED", on)
         monkeypatch.setattr(gemv, "FUSED", on and "-fused" in shape)
         monkeypatch.setattr(gemv, "FUSED_ROWS", on and "-fused" in shape)
+        monkeypatch.setattr(gemv, "FUSED_KEEP", on and "-fused" in shape)
         state = bb.new_state(1, 16)
         gen = torch.Generator(device="cuda").manual_seed(0)
         h = torch.randn(1, T, bb.hidden_size, device="cuda", generator=gen).to(bb.dtype)
@@ -793,7 +794,7 @@ def test_cuda_dependent_launches_equal_serial_launches(shape, policy, monkeypatc
     activation or wrote anything before its wait would race its predecessor, and differ."""
     from meestral.backbones import pdl
 
-    if not pdl.on(torch.zeros(1, device="cuda")):
+    if not pdl.capable(torch.zeros(1, device="cuda")):
         pytest.skip("programmatic dependent launch needs a Hopper or later GPU and Triton's griddepcontrol calls")
     if shape == "codestral-heads":
         bb = _codestral_heads()

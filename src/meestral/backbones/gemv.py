@@ -35,6 +35,10 @@ ENABLED = True  # benchmarks switch it off to time cuBLAS in the same run
 # add after out_proj (into its float32 residual stream: `linear_residual_keep`); its norm inside
 # in_proj's GEMV measured 0.8% slower (every program recomputes the statistic).
 FUSED = True
+# The residual add after a Mamba block's out_proj inside the GEMV (`linear_residual_keep`), with
+# FUSED. Off until timed and tested on a GPU (benchmarks/NOTES.md 2026-12-06, fourth session): the
+# bench's `full_fused_gemv` row on a Mamba shape times it on.
+FUSED_KEEP = False
 # The same fusions in the several-row kernel (catch-up's deep passes, verify windows, speculate
 # cycles). Off: on an H100 (benchmarks/NOTES.md 2026-12-06, third session) catch-up at 1/3 depth
 # ran 2.90 ms a token without them and 3.58 ms with them: every program of the several-row kernel
@@ -166,7 +170,7 @@ def linear_residual_keep(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor):
     stream kept in float32 gives a float32 sum of the product rounded to x's dtype): the add in the
     GEMV where it fuses, one kernel fewer a block. For a Mamba block's out_proj, whose product (the
     mixer's output) the block returns beside the new residual stream."""
-    if (_fuses(x, w) and res.shape[:-1] == x.shape[:-1] and res.dtype in (x.dtype, torch.float32)
+    if (FUSED_KEEP and _fuses(x, w) and res.shape[:-1] == x.shape[:-1] and res.dtype in (x.dtype, torch.float32)
             and res.shape[-1] == w.shape[0]):
         out, mixed = _KEEP_OP(_rows(x), w, _rows(res))
         return out.view(res.shape), mixed.view(*x.shape[:-1], w.shape[0])

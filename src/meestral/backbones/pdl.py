@@ -27,7 +27,9 @@ import os
 
 import torch
 
-ENABLED = True  # the bench switches it off to time serial launches in the same run
+# Off until tested and timed on a GPU (benchmarks/NOTES.md 2026-12-06, fourth session); the bench
+# times the other setting in the same run (`full_dependent_launches` / `full_serial_launches`).
+ENABLED = False
 
 _CAPABLE: dict = {}  # device index -> whether PDL can run there
 
@@ -44,10 +46,15 @@ def _capable(device: torch.device) -> bool:
     return _CAPABLE[idx]
 
 
+def capable(t: torch.Tensor) -> bool:
+    """Whether kernels working on t can launch dependent: a CUDA tensor on a Hopper or later GPU, a
+    Triton that has the griddepcontrol calls, not Triton's CPU interpreter."""
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1" and _capable(t.device)
+
+
 def on(t: torch.Tensor) -> bool:
-    """Whether kernels working on t launch dependent: the switch, a CUDA tensor on a Hopper or later
-    GPU, a Triton that has the griddepcontrol calls, not Triton's CPU interpreter."""
-    return (ENABLED and t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1" and _capable(t.device))
+    """Whether kernels working on t launch dependent: the switch, and `capable`."""
+    return ENABLED and capable(t)
 
 
 def launch_kw(t: torch.Tensor) -> dict:

@@ -310,10 +310,11 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         # and full depth on cuBLAS's matmuls: what the Triton GEMV gains (backbones/gemv.py)
         decs.insert(1, ("full_cublas_matmuls", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
                                                                     ENABLED=False)))
-        # and the norms, gate and residual adds inside the GEMV or not (a Mamba-2 block: its residual add)
-        fused = "unfused" if gemv.FUSED else "fused"
+        # and the norms, gate and residual adds inside the GEMV or not (a Mamba block: its residual add)
+        switch = "FUSED" if bb.family == "transformer" else "FUSED_KEEP"
+        fused = "unfused" if getattr(gemv, switch) else "fused"
         decs.insert(1, (f"full_{fused}_gemv", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
-                                                               FUSED=not gemv.FUSED)))
+                                                               **{switch: not getattr(gemv, switch)})))
         if bb.family == "transformer":
             # and the same for the several-row kernel, where windows run (the first catch-up case)
             win = next(((n, d.config) for n, pol, d in decs if pol == "catchup"), None)
@@ -324,13 +325,14 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             if win is not None and decode_attention.ENABLED and decode_attention.WINDOW:  # and the window's attention
                 decs.append((f"{win[0]}_compiled_window_attention", "catchup", _with_switches(
                     EarlyExitDecoder(bb, config=win[1], engine=engine), decode_attention, WINDOW=False)))
-        if pdl.on(torch.zeros(1, device=bb.device)):  # and our kernels launched one after another (pdl.py)
-            decs.insert(1, ("full_serial_launches", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), pdl,
-                                                                     ENABLED=False)))
+        if pdl.capable(torch.zeros(1, device=bb.device)):  # and our kernels launched dependent or not (pdl.py)
+            launches = "serial" if pdl.ENABLED else "dependent"
+            decs.insert(1, (f"full_{launches}_launches", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), pdl,
+                                                                          ENABLED=not pdl.ENABLED)))
             win = next(((n, d.config) for n, pol, d in decs if pol == "catchup"), None)
             if win is not None:
-                decs.append((f"{win[0]}_serial_launches", "catchup", _with_switches(
-                    EarlyExitDecoder(bb, config=win[1], engine=engine), pdl, ENABLED=False)))
+                decs.append((f"{win[0]}_{launches}_launches", "catchup", _with_switches(
+                    EarlyExitDecoder(bb, config=win[1], engine=engine), pdl, ENABLED=not pdl.ENABLED)))
         if getattr(bb, "v2", False) and mamba2_step.ENABLED:  # and the Mamba-2 step as inductor compiles it
             decs.insert(1, ("full_compiled_ssm_step", "-", _with_switches(EarlyExitDecoder(bb, engine=engine),
                                                                        mamba2_step, ENABLED=False)))
