@@ -196,6 +196,7 @@ def kernels():
         return o
 
     launch.rows = launch_rows
+    launch.jit = {"_attend": _attend, "_combine": _combine, "_attend_rows": _attend_rows}  # tests compile them
     return launch
 
 
