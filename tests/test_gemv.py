@@ -1,8 +1,10 @@
 """backbones/gemv.py: the Triton GEMV of one-row matmuls, run on the CPU by Triton's interpreter
 (skipped where Triton is not installed): plain, with the RMS norm before it, with the SwiGLU gate
-before it and the residual add after it (into a float32 residual stream too, the product kept), and the kernel for windows of up to gemv.ROWS rows with the
-same fusions row by row, each equal to the torch code it replaces within the dtype's rounding;
-where it does not apply (the CPU, more rows, float32, gradients) everything stays F.linear. On CUDA the cuda-marked tests in test_graph_engine.py run it for real."""
+before it and the residual add after it (into a float32 residual stream too, the product kept),
+and the kernel for windows of up to gemv.ROWS rows with the same fusions row by row, each equal to
+the torch code it replaces within the dtype's rounding; where it does not apply (the CPU, more
+rows, float32, gradients) everything stays F.linear. On CUDA the cuda-marked tests in
+test_graph_engine.py run it for real; test_pdl.py compiles it for Hopper."""
 
 import pytest
 import torch

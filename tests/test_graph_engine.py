@@ -815,7 +815,8 @@ def test_cuda_dependent_launches_equal_serial_launches(shape, policy, monkeypatc
         dec = EarlyExitDecoder(bb, cfg, engine="graph")
         for _ in range(2):  # the second generation replays every graph the first one captured
             seen["logits"].clear()
-            seen["tokens"] = [g.token_ids for g in dec.generate(PROMPTS, SamplingOptions(max_new_tokens=40), inspect=keep)]
+            gens = dec.generate(PROMPTS, SamplingOptions(max_new_tokens=40), inspect=keep)
+            seen["tokens"] = [g.token_ids for g in gens]
         _all_captured(dec)
         runs[on] = seen
     assert runs[True]["tokens"] == runs[False]["tokens"]

@@ -60,8 +60,9 @@ def kernels(tune: bool = True):
     where the unfused torch code rounds (in x's dtype): y = W @ x, where x is first
     `rms_norm(x, norm_w, eps)` (norm_w given) or `silu(x[:K]) * x[K:]` (act: x holds gate then up),
     and y becomes `res + y` (res given; a float32 res gives a float32 y, the product rounded to x's
-    dtype first, as torch adds them); keep=True returns (y, the product before the residual add). x [M, K] (act: [M, 2K]) of up to ROWS rows gives y [M, N]
-    = x W^T with the same fusions row by row (a separate kernel, on the tensor cores)."""
+    dtype first, as torch adds them); keep=True returns (y, the product before the residual add).
+    x [M, K] (act: [M, 2K]) of up to ROWS rows gives y [M, N] = x W^T with the same fusions row by
+    row (a separate kernel, on the tensor cores). Kernels launch dependent where pdl.py says so."""
     try:
         import triton
 

@@ -69,6 +69,7 @@ def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constex
         y = tl.load(r_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) + y.to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
+
 # Not keyed on PDL: one tiling for either launch, so both sum in the same order (the cuda tests
 # compare them bit for bit).
 tuned = triton.autotune(configs=configs, key=["N", "K", "NORM", "ACT", "RES", "KEEP"])(_gemv)
