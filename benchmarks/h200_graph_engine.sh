@@ -7,7 +7,8 @@
 # Env: T_TESTS (s, 0 skips the tests), T_WORKERS (test processes: each compiles its own shapes, so
 # they run side by side on the box's CPUs), T_K (a pytest -k expression: some of the tests), T_GEMV (s, 0 skips benchmarks/gemv_roofline.py; GEMV_ROWS its --rows), T_BENCH
 # (s per shape), PEERS (default: hf-static,hf-compiled; Mamba shapes: mamba-ssm,hf-compiled),
-# REPEATS, POLICIES, PROFILE (0: no kernel profile), ONE_STEP (0: no one-step-at-a-time twin rows), WHEELS (a folder of wheels to install first, e.g. mamba-ssm's and causal-conv1d's
+# REPEATS, POLICIES, PROFILE (0: no kernel profile), ONE_STEP (0: no one-step-at-a-time twin rows), SWITCHES (the
+# bench's --switches: which kernel switches get a row; none for a shorter run), WHEELS (a folder of wheels to install first, e.g. mamba-ssm's and causal-conv1d's
 # from benchmarks/build_mamba_ssm.sh).
 set -u
 OUT=${OUT:-out/h200}; mkdir -p "$OUT"
@@ -40,7 +41,7 @@ for shape in ${SHAPES//,/ }; do
   peers=${PEERS:-$([ $shape = mistral-7b ] && echo hf-static,hf-compiled || echo mamba-ssm,hf-compiled)}
   timeout ${T_BENCH:-400} $PY benchmarks/bench_decode.py --backbone random:$shape --device cuda --dtype bfloat16 \
     --prompt-tokens 128 --tokens 128 --repeats ${REPEATS:-1} --exits $L --policies ${POLICIES:-copy,propagate,catchup} \
-    --peers $peers $([ "${ONE_STEP:-1}" = 0 ] && echo --no-one-step) $([ "${PROFILE:-1}" = 0 ] || echo --profile "$OUT/$D-$GPU-$shape-profile.json") \
+    --peers $peers ${SWITCHES:+--switches $SWITCHES} $([ "${ONE_STEP:-1}" = 0 ] && echo --no-one-step) $([ "${PROFILE:-1}" = 0 ] || echo --profile "$OUT/$D-$GPU-$shape-profile.json") \
     > "$OUT/$D-$GPU-$shape-graph.jsonl" 2> "$OUT/$shape.err"
   echo "$shape rc=$?" >> "$OUT/$shape.err"
   grep -v "^\s*[0-9.]* ms " "$OUT/$shape.err" | tail -40

@@ -238,3 +238,32 @@ def test_bench_stopped_while_timing_a_peer_still_writes_its_rows(tiny, monkeypat
     assert [r["case"] for r in rows] == ["full", "exit@2"]
     assert all(r["speedup_vs_best_peer"] is None and r["tokens_per_s"] > 0 for r in rows)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2"])
+def test_switch_rows_are_the_ones_asked_for(tiny, shape):
+    """`_add_switch_rows` adds a row per kernel switch asked for that applies to the backbone, each
+    named for the setting it times (the opposite of the default), none for (); on the CPU no
+    dependent-launch row (pdl.capable is False)."""
+    from meestral.decoding.config import ExitConfig
+    from meestral.decoding.heads import ExitHeads
+    from meestral.tools import bench
+
+    bb = tiny(shape)
+    cfg = ExitConfig(heads=ExitHeads("static", [1], bb), thresholds=0.0, policy="catchup", max_backlog=4)
+
+    def names(switches):
+        decs = [("full", "-", EarlyExitDecoder(bb)), ("exit@1", "catchup", EarlyExitDecoder(bb, cfg))]
+        bench._add_switch_rows(bb, decs, "eager", switches)
+        return [(n, p) for n, p, _ in decs]
+
+    assert names(()) == [("full", "-"), ("exit@1", "catchup")]
+    got = names(bench.SWITCHES)
+    if shape == "mistral":
+        assert got == [("full", "-"), ("full_compiled_attention", "-"), ("full_unfused_gemv", "-"),
+                       ("full_cublas_matmuls", "-"), ("exit@1", "catchup"), ("exit@1_fused_window_gemv", "catchup"),
+                       ("exit@1_compiled_window_attention", "catchup")]
+    else:
+        assert got == [("full", "-"), ("full_compiled_ssm_step", "-"), ("full_fused_gemv", "-"),
+                       ("full_cublas_matmuls", "-"), ("exit@1", "catchup")]
+    assert names(("cublas",)) == [("full", "-"), ("full_cublas_matmuls", "-"), ("exit@1", "catchup")]

@@ -210,6 +210,8 @@ ERRORS = {
     "bench_exit_out_of_range": (["bench", "--backbone", "random:llama", "--exits", "1,7", "--tokens", "2",
                                  "--repeats", "1"], ["[7]", "out of range"]),
     "info_unknown_backbone": (["info", "--backbone", "random:nosuchshape"], ["nosuchshape"]),
+    "bench_switch_unknown": (["bench", "--backbone", "random:llama", "--tokens", "2", "--switches", "cublas,turbo"],
+                             ["--switches", "turbo", "launches"]),
 }
 
 

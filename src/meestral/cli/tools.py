@@ -27,13 +27,15 @@ def cmd_demo(args):
 
 
 def cmd_bench(args):
-    from meestral.tools.bench import ALL_POLICIES, PEERS, POLICIES, run_bench
+    from meestral.tools.bench import ALL_POLICIES, PEERS, POLICIES, SWITCHES, run_bench
     from meestral.validation import check_output
 
     if args.profile:  # before the run, not after it
         check_output(args.profile, "--profile")
 
-    for option, given, known in (("--policies", args.policies, ALL_POLICIES), ("--peers", args.peers, PEERS)):
+    switches = () if args.switches == ["none"] else tuple(args.switches or SWITCHES)
+    for option, given, known in (("--policies", args.policies, ALL_POLICIES), ("--peers", args.peers, PEERS),
+                                 ("--switches", switches, SWITCHES)):
         bad = [x for x in given or () if x not in known]
         if bad:
             raise MeestralError(f"{option}: unknown {', '.join(bad)}; use some of {', '.join(known)}")
@@ -42,7 +44,7 @@ def cmd_bench(args):
               engine=args.engine, policies=tuple(args.policies or POLICIES), peers=tuple(args.peers or ("hf",)),
               profile=args.profile, draft_tokens=_draft_tokens(args.draft_tokens), inject=args.inject or (),
               draft_vocab=tuple(args.draft_vocabs or (0,)), prompts=args.prompts, chat=args.chat,
-              one_step=not args.no_one_step)
+              one_step=not args.no_one_step, switches=switches)
     return 0
 
 
@@ -110,6 +112,9 @@ def add_tool_parsers(sub):
                    "weights never agree with themselves; default: the drafts' own acceptance)")
     b.add_argument("--draft-vocab", dest="draft_vocabs", type=_draft_vocabs, help="speculate rows: trimmed draft heads, rows of the LM head, "
                    "e.g. 0,8192 (0: the whole head; default 0)")
+    b.add_argument("--switches", type=names, help="GPU rows that time a kernel switch against its default in the same "
+                   "run: some of cublas, fusion, window-gemv, window-attention, launches, ssm-step, attention (default: "
+                   "all), or none: a shorter run")
     b.add_argument("--no-one-step", action="store_true", help="skip the one-step-at-a-time twins of the rows whose "
                    "steps run several to a device run (what chunks gain): a shorter run")
     add_engine_arg(b)

@@ -259,9 +259,48 @@ def _progress(label, ms):
     print(f"measured: {label}: {got}", file=sys.stderr, flush=True)
 
 
+SWITCHES = ("cublas", "fusion", "window-gemv", "window-attention", "launches", "ssm-step", "attention")
+
+
+def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
+    """Rows that time one kernel switch against its default in the same run (a capturing engine on
+    the Triton GEMV): `switches` names which (SWITCHES). Full depth unless said: cublas (every
+    matmul on cuBLAS: what the Triton GEMV gains), fusion (the norms, gate and residual adds inside
+    the GEMV or not; a Mamba block: its residual add), window-gemv / window-attention (the first
+    catch-up case with the several-row fusions switched / with inductor's window attention),
+    launches (dependent or serial launches of our kernels, pdl.py; full depth and the first
+    catch-up case), ssm-step (inductor's Mamba-2 step), attention (inductor's one-token attention)."""
+    def row(name, policy, module, config=None, **flags):
+        return name, policy, _with_switches(EarlyExitDecoder(bb, config=config, engine=engine), module, **flags)
+
+    win = next(((n, d.config) for n, pol, d in decs if pol == "catchup"), None)  # the first catch-up case
+    if "cublas" in switches:
+        decs.insert(1, row("full_cublas_matmuls", "-", gemv, ENABLED=False))
+    if "fusion" in switches:
+        flag = "FUSED" if bb.family == "transformer" else "FUSED_KEEP"
+        decs.insert(1, row(f"full_{'unfused' if getattr(gemv, flag) else 'fused'}_gemv", "-", gemv,
+                           **{flag: not getattr(gemv, flag)}))
+    if bb.family == "transformer" and win is not None:
+        if "window-gemv" in switches and gemv.FUSED:
+            decs.append(row(f"{win[0]}_{'unfused' if gemv.FUSED_ROWS else 'fused'}_window_gemv", "catchup", gemv,
+                            win[1], FUSED_ROWS=not gemv.FUSED_ROWS))
+        if "window-attention" in switches and decode_attention.ENABLED and decode_attention.WINDOW:
+            decs.append(row(f"{win[0]}_compiled_window_attention", "catchup", decode_attention, win[1], WINDOW=False))
+    if "launches" in switches and pdl.capable(torch.zeros(1, device=bb.device)):
+        launches = "serial" if pdl.ENABLED else "dependent"
+        decs.insert(1, row(f"full_{launches}_launches", "-", pdl, ENABLED=not pdl.ENABLED))
+        if win is not None:
+            decs.append(row(f"{win[0]}_{launches}_launches", "catchup", pdl, win[1], ENABLED=not pdl.ENABLED))
+    if "ssm-step" in switches and getattr(bb, "v2", False) and mamba2_step.ENABLED:
+        decs.insert(1, row("full_compiled_ssm_step", "-", mamba2_step, ENABLED=False))
+    if "attention" in switches and bb.family == "transformer" and decode_attention.ENABLED:
+        decs.insert(1, row("full_compiled_attention", "-", decode_attention, ENABLED=False))
+
+
 def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None,
               max_backlog=4, prompt_tokens=None, engine="auto", policies=POLICIES, peers=("hf",), profile=None,
-              draft_tokens=(4,), inject=(), draft_vocab=(0,), prompts=1, chat=False, one_step=True):
+              draft_tokens=(4,), inject=(), draft_vocab=(0,), prompts=1, chat=False, one_step=True,
+              switches=SWITCHES):
     """Rows of JSON per case (see the module's docstring). `profile` (a path): also profile one
     generation of our full depth, of the first exit layer's copy and catchup rows and of the first
     fixed-k speculate row, and write
@@ -271,7 +310,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     `chat`, in the chat template); a row's ms/token is the mean over them of each prompt's median,
     and with several it also gives each prompt's ratio to our full depth. The full-depth peers are
     timed on every prompt too; hf-assisted (10-50x slower) on the first. `one_step` False: no
-    one-step-at-a-time twins of the chunked rows (a shorter run)."""
+    one-step-at-a-time twins of the chunked rows (a shorter run). `switches`: which kernel switches
+    get a row of their own on a GPU (`_add_switch_rows`; () for none: a shorter run)."""
     from meestral.tools.speculate_bench import (add_time_predictions, assisted_peer_ms, speculate_cases,
                                                 speculate_fields)
 
@@ -307,38 +347,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         decs.extend(twins[1:])
     if decs[0][2].engine.capture and gemv.applies(torch.zeros(1, 8, device=bb.device, dtype=bb.dtype),
                                                    torch.zeros(8, 8, device=bb.device, dtype=bb.dtype)):
-        # and full depth on cuBLAS's matmuls: what the Triton GEMV gains (backbones/gemv.py)
-        decs.insert(1, ("full_cublas_matmuls", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
-                                                                    ENABLED=False)))
-        # and the norms, gate and residual adds inside the GEMV or not (a Mamba block: its residual add)
-        switch = "FUSED" if bb.family == "transformer" else "FUSED_KEEP"
-        fused = "unfused" if getattr(gemv, switch) else "fused"
-        decs.insert(1, (f"full_{fused}_gemv", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), gemv,
-                                                               **{switch: not getattr(gemv, switch)})))
-        if bb.family == "transformer":
-            # and the same for the several-row kernel, where windows run (the first catch-up case)
-            win = next(((n, d.config) for n, pol, d in decs if pol == "catchup"), None)
-            if win is not None and gemv.FUSED:
-                fused = "unfused" if gemv.FUSED_ROWS else "fused"
-                decs.append((f"{win[0]}_{fused}_window_gemv", "catchup", _with_switches(
-                    EarlyExitDecoder(bb, config=win[1], engine=engine), gemv, FUSED_ROWS=not gemv.FUSED_ROWS)))
-            if win is not None and decode_attention.ENABLED and decode_attention.WINDOW:  # and the window's attention
-                decs.append((f"{win[0]}_compiled_window_attention", "catchup", _with_switches(
-                    EarlyExitDecoder(bb, config=win[1], engine=engine), decode_attention, WINDOW=False)))
-        if pdl.capable(torch.zeros(1, device=bb.device)):  # and our kernels launched dependent or not (pdl.py)
-            launches = "serial" if pdl.ENABLED else "dependent"
-            decs.insert(1, (f"full_{launches}_launches", "-", _with_switches(EarlyExitDecoder(bb, engine=engine), pdl,
-                                                                          ENABLED=not pdl.ENABLED)))
-            win = next(((n, d.config) for n, pol, d in decs if pol == "catchup"), None)
-            if win is not None:
-                decs.append((f"{win[0]}_{launches}_launches", "catchup", _with_switches(
-                    EarlyExitDecoder(bb, config=win[1], engine=engine), pdl, ENABLED=not pdl.ENABLED)))
-        if getattr(bb, "v2", False) and mamba2_step.ENABLED:  # and the Mamba-2 step as inductor compiles it
-            decs.insert(1, ("full_compiled_ssm_step", "-", _with_switches(EarlyExitDecoder(bb, engine=engine),
-                                                                       mamba2_step, ENABLED=False)))
-        if bb.family == "transformer" and decode_attention.ENABLED:  # and attention as inductor compiles it
-            decs.insert(1, ("full_compiled_attention", "-", _with_switches(EarlyExitDecoder(bb, engine=engine),
-                                                                        decode_attention, ENABLED=False)))
+        _add_switch_rows(bb, decs, engine, switches)
     for name, policy, dec in decs:
         # Warm-up (allocator, compile, capture). A capturing engine meets a new shape at each key
         # range and each cycle length up to the last token: it warms up on the whole length, so the
