@@ -9,34 +9,27 @@ and Llama. A kernel that ignores the mask fails the same check."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from meestral.backbones import decode_attention
 
-# What both interpreter scripts share: the imports, a cache with holes, the comparison.
-PRELUDE = r"""
+# What both interpreter scripts share: the imports, a cache with holes and the comparison
+# (attention_checks.py, which the cuda tests use too), the interpreter's tolerance.
+PRELUDE = f"""
 import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+""" + r"""
 import pytest
 import torch
+from attention_checks import assert_same, random_cache
 from meestral.backbones import decode_attention
 from meestral.backbones.base import Step
 from meestral.backbones.loading import random_backbone
 
-def random_cache(state, upto, g):
-    # random K/V everywhere, validity with holes (80% valid) below `upto`
-    state.k_all.copy_(torch.randn(state.k_all.shape, generator=g))
-    state.v_all.copy_(torch.randn(state.v_all.shape, generator=g))
-    state.valid[:, :, :upto] = torch.rand(state.valid[:, :, :upto].shape, generator=g) < 0.8
-
-def assert_same(a_run, b_run):
-    # every layer's output and the K/V buffers within rounding; validity exactly
-    for a, b in zip(a_run, b_run):
-        if a.dtype == torch.bool:
-            assert torch.equal(a, b)
-        else:
-            torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+TOL = 3e-2
 """
 
 CHECK = PRELUDE + r"""
@@ -67,7 +60,7 @@ for dtype in (torch.bfloat16, torch.float16):
                     res.append(h.float())
                 assert (len(calls) - n == bb.num_layers) == on
                 outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
-            assert_same(outs[True], outs[False])
+            assert_same(outs[True], outs[False], TOL)
 print("ok")
 """
 
@@ -110,7 +103,7 @@ for shape in ("mistral", "mistral-sw", "llama"):
                 res.append(h.float())
             assert (len(calls) - n == bb.num_layers) == on
             outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
-        assert_same(outs[True], outs[False])
+        assert_same(outs[True], outs[False], TOL)
 print("ok")
 """
 

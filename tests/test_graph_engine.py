@@ -10,6 +10,7 @@ tables left over from the first call. The same checks run on CUDA, with real cap
 import pytest
 import torch
 
+from attention_checks import assert_same, random_cache
 from conftest import TINY, median_softmax
 from meestral.backbones.base import Step, compiled, plain
 from meestral.decoding.config import ExitConfig
@@ -569,22 +570,6 @@ def _attention_backbone(shape):
     return bb
 
 
-def _random_cache(state, upto, g):
-    """Random K/V everywhere, validity with holes (80% valid) below slot `upto`."""
-    state.k_all.copy_(torch.randn(state.k_all.shape, device="cuda", generator=g))
-    state.v_all.copy_(torch.randn(state.v_all.shape, device="cuda", generator=g))
-    state.valid[:, :, :upto] = torch.rand(state.valid[:, :, :upto].shape, device="cuda", generator=g) < 0.8
-
-
-def _assert_same(a_run, b_run):
-    """Every layer's output and the K/V buffers within bf16 rounding; validity exactly."""
-    for a, b in zip(a_run, b_run):
-        if a.dtype == torch.bool:
-            assert torch.equal(a, b)
-        else:
-            torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
-
-
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("shape", ["mistral", "mistral-sw", "mistral-7b-heads"])
@@ -604,7 +589,7 @@ def test_cuda_window_attention_kernel_equals_the_compiled_torch_attention(shape,
             monkeypatch.setattr(decode_attention, "WINDOW", on)
             state = bb.new_state(2, 128)
             g = torch.Generator(device="cuda").manual_seed(start)
-            _random_cache(state, start, g)
+            random_cache(state, start, g)
             visible = torch.ones(2, T, dtype=torch.bool, device="cuda")
             visible[1, T - 1] = False
             step = Step(start, (torch.arange(T, device="cuda") + start).repeat(2, 1), visible)
@@ -619,7 +604,7 @@ def test_cuda_window_attention_kernel_equals_the_compiled_torch_attention(shape,
                 h, _ = bb.forward_layer_fixed(i, h, state, step.written(need), keys, kernel=compiled)
                 res.append(h.float())
             outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
-        _assert_same(outs[True], outs[False])
+        assert_same(outs[True], outs[False], 5e-2)  # bf16 rounding
 
 
 def _codestral_heads():
@@ -746,7 +731,7 @@ def test_cuda_decode_attention_kernel_equals_the_compiled_torch_attention(shape,
             monkeypatch.setattr(decode_attention, "ENABLED", on)
             state = bb.new_state(2, 128)
             g = torch.Generator(device="cuda").manual_seed(slot)
-            _random_cache(state, slot, g)
+            random_cache(state, slot, g)
             step = Step(slot, torch.full((2, 1), slot, device="cuda"), write)
             h = torch.randn(2, 1, bb.hidden_size, device="cuda", generator=g).to(bb.dtype)
             keys = bb.state_keys(state)
@@ -756,7 +741,7 @@ def test_cuda_decode_attention_kernel_equals_the_compiled_torch_attention(shape,
                 h, _ = bb.forward_layer_fixed(i, h, state, step, keys, kernel=compiled)
                 res.append(h.float())
             outs[on] = res + [state.k_all.float(), state.v_all.float(), state.valid]
-        _assert_same(outs[True], outs[False])
+        assert_same(outs[True], outs[False], 5e-2)  # bf16 rounding
     monkeypatch.setattr(decode_attention, "ENABLED", True)
     state, ref = bb.new_state(2, 128), bb.new_state(2, 128)
     slot = torch.full((2, 1), 7, device="cuda")

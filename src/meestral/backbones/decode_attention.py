@@ -175,11 +175,11 @@ def kernels():
         acc = torch.empty(B, H, T, S, D, dtype=torch.float32, device=q.device)
         o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
         BQ = max(16, triton.next_power_of_2((H // HKV) * T))
+        kw = pdl.launch_kw(q)
         _attend_rows[(B, HKV, S)](q, kbuf, vbuf, allowed, ml, acc, float(scaling), H, HKV, T, cap, keys, S,
-                                  D=D, CHUNK=chunk, BQ=BQ, num_warps=4, **pdl.launch_kw(q))
+                                  D=D, CHUNK=chunk, BQ=BQ, num_warps=4, **kw)
         # the same combination as one token's, over (row, query head x position)
-        _combine[(B, H * T)](ml, acc, o, H * T, S, D=D, SP=triton.next_power_of_2(S), num_warps=4,
-                             **pdl.launch_kw(q))
+        _combine[(B, H * T)](ml, acc, o, H * T, S, D=D, SP=triton.next_power_of_2(S), num_warps=4, **kw)
         return o
 
     def launch(qkv, cos, sin, kbuf, vbuf, valid, slot, write, scaling, n_heads, window):
@@ -189,10 +189,10 @@ def kernels():
         ml = torch.empty(B, n_heads, S, 2, dtype=torch.float32, device=qkv.device)
         acc = torch.empty(B, n_heads, S, D, dtype=torch.float32, device=qkv.device)
         o = torch.empty(B, n_heads * D, dtype=qkv.dtype, device=qkv.device)
+        kw = pdl.launch_kw(qkv)
         _attend[(B, n_heads, S)](qkv, cos, sin, kbuf, vbuf, valid, slot, write, ml, acc, float(scaling), n_heads, HKV,
-                                 cap, int(window or 0), S, D=D, CHUNK=chunk, num_warps=4, **pdl.launch_kw(qkv))
-        _combine[(B, n_heads)](ml, acc, o, n_heads, S, D=D, SP=triton.next_power_of_2(S), num_warps=4,
-                               **pdl.launch_kw(qkv))
+                                 cap, int(window or 0), S, D=D, CHUNK=chunk, num_warps=4, **kw)
+        _combine[(B, n_heads)](ml, acc, o, n_heads, S, D=D, SP=triton.next_power_of_2(S), num_warps=4, **kw)
         return o
 
     launch.rows = launch_rows
