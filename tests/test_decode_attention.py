@@ -108,6 +108,41 @@ print("ok")
 """
 
 
+# The combination folded into the first kernel (decode_attention.FOLD: each head's last program to
+# finish combines the parts) gives the two-kernel launch's output bit for bit, launch after launch
+# (the counters go back to zero), on a batch of 2 whose rows hold different keys; counters left
+# non-zero fail it. (The interpreter runs programs one after another, so it cannot show a race
+# between them: the cuda test in test_graph_engine.py runs the fold on a GPU.)
+FOLD_CHECK = PRELUDE + r"""
+launch = decode_attention.kernels()
+# every buffer the launcher makes starts as NaN: a combination that read a part no program wrote
+# shows (the memory of an earlier launch would hold the same values)
+_empty = torch.empty
+torch.empty = lambda *a, **k: _empty(*a, **k).fill_(float("nan"))
+g = torch.Generator().manual_seed(0)
+B, H, HKV, cap, D = 2, 8, 2, 256, 64
+for slot in (0, 70, 200):
+    qkv = torch.randn(B, (H + 2 * HKV) * D, generator=g).to(torch.bfloat16)
+    cos, sin = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    kbuf = torch.randn(B, HKV, cap, D, generator=g).to(torch.bfloat16)
+    vbuf = torch.randn(B, HKV, cap, D, generator=g).to(torch.bfloat16)
+    valid = torch.rand(B, cap, generator=g) < 0.8
+    args = (cos, sin)
+    outs = {}
+    for fold in (False, True, True):
+        decode_attention.FOLD = fold
+        kb, vb, va = kbuf.clone(), vbuf.clone(), valid.clone()
+        o = launch(qkv, cos, sin, kb, vb, va, torch.tensor([slot]), torch.tensor([True, False]), 0.125, H, 0)
+        outs.setdefault(fold, []).append((o, kb, vb, va))
+    assert decode_attention._COUNTERS and all(int(c.abs().sum()) == 0 for c in decode_attention._COUNTERS.values())
+    for o, kb, vb, va in outs[True]:
+        ref = outs[False][0]
+        assert torch.equal(o, ref[0]) and torch.equal(kb, ref[1]) and torch.equal(vb, ref[2]) and torch.equal(va, ref[3])
+    assert outs[False][0][0].abs().sum() > 0
+print("ok")
+"""
+
+
 def _run(script):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -116,6 +151,11 @@ def _run(script):
 
 def test_kernel_equals_the_torch_attention():
     out = _run(CHECK)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_folded_combination_equals_the_second_kernel():
+    out = _run(FOLD_CHECK)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 

@@ -788,9 +788,15 @@ def test_cuda_dependent_launches_equal_serial_launches(shape, policy, monkeypatc
         bb = _attention_backbone(shape)
     cfg = ExitConfig() if policy == "full" else ExitConfig(
         heads=ExitHeads("static", [1], bb), thresholds=0.0, policy="catchup", max_backlog=4)
+    _same_runs_either_way(bb, cfg, pdl, "ENABLED", monkeypatch)
+
+
+def _same_runs_either_way(bb, cfg, module, flag, monkeypatch):
+    """The graph engine's tokens, logits at every step and final state, with module.flag on and
+    off (two generations each: the second replays what the first captured): equal bit for bit."""
     runs = {}
     for on in (True, False):
-        monkeypatch.setattr(pdl, "ENABLED", on)
+        monkeypatch.setattr(module, flag, on)
         seen = {"logits": []}
 
         def keep(view, seen=seen):
@@ -811,3 +817,23 @@ def test_cuda_dependent_launches_equal_serial_launches(shape, policy, monkeypatc
     for a, b in zip(runs[True]["state"], runs[False]["state"]):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dependent", [False, True])
+def test_cuda_folded_attention_combination_equals_two_kernels(dependent, monkeypatch):
+    """One token's attention with its parts combined by each head's last program
+    (decode_attention.FOLD: an atomic counter a head, reset by that program) gives the graph
+    engine the two-kernel launch's tokens, logits and state bit for bit, over two generations of
+    captured steps (the counters must be back at zero for every replay), launched serially and
+    dependent. A last program that read the parts before the others' stores were visible, or a
+    counter left non-zero, would differ."""
+    from meestral.backbones import decode_attention, pdl
+
+    if dependent and not pdl.capable(torch.zeros(1, device="cuda")):
+        pytest.skip("programmatic dependent launch needs a Hopper or later GPU and Triton's griddepcontrol calls")
+    monkeypatch.setattr(pdl, "ENABLED", dependent)
+    bb = _attention_backbone("mistral-7b-heads")
+    _same_runs_either_way(bb, ExitConfig(), decode_attention, "FOLD", monkeypatch)
+    assert all(int(c.abs().sum()) == 0 for c in decode_attention._COUNTERS.values())

@@ -29,7 +29,7 @@ def _ptx(fn, consts, pdl, fp32_out=()):
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
             sig[n] = ("*fp32" if n in FP32 or n in fp32_out else "*i1" if n in BOOL else "*i64" if n == "slot_ptr"
-                      else "*bf16")
+                      else "*i32" if n == "cnt_ptr" else "*bf16")
         else:
             sig[n] = "fp32" if n in FLOATS else "i32"
     try:
@@ -53,7 +53,8 @@ def _kernels():
     yield "rows norm", gemv_kernels._gemv_rows, dict(NORM=True, ACT=False, RES=False, KEEP=False, **rows), (), True
     yield "rows gate+residual", gemv_kernels._gemv_rows, dict(NORM=False, ACT=True, RES=True, KEEP=False, **rows), \
         (), True
-    yield "attend", att["_attend"], dict(D=128, CHUNK=64), (), False
+    yield "attend", att["_attend"], dict(D=128, CHUNK=64, SP=4, FOLD=False), (), False
+    yield "attend, combination folded", att["_attend"], dict(D=128, CHUNK=64, SP=4, FOLD=True), (), False
     yield "combine", att["_combine"], dict(D=128, SP=4), (), False
     yield "attend rows", att["_attend_rows"], dict(D=128, CHUNK=64, BQ=32), (), False
     yield "mamba2 scan", mamba2_kernels._scan, dict(HAS_BIAS=True, OUTPUT=True, BLOCK_P=16, BLOCK_N=128), (), False

@@ -36,8 +36,49 @@ import torch
 from meestral.backbones import pdl
 
 ENABLED = True  # the bench switches it off to time the torch code's kernels in the same run
+# The combination of one token's parts done by each head's last program inside the first kernel
+# (an atomic counter a head), not by a second kernel: one kernel a layer fewer. Off until timed on a GPU.
+FOLD = False
 WINDOW = True  # the window kernel (several positions); the bench's `..._compiled_window_attention` row times it off
 MAX_KEYS = 1 << 15  # the parts of one head: [capacity / 64, head_dim] float32 a row and query head
+
+
+try:  # a module-level helper: the jit and Triton's interpreter resolve it from the kernels' globals
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _combine_parts(ml_ptr, acc_ptr, o_ptr, bh, S, D: tl.constexpr, SP: tl.constexpr):
+        # the S chunks' parts of one (row, query head) rescaled to their common maximum
+        c = tl.arange(0, SP)
+        d = tl.arange(0, D)
+        part = bh * S + c
+        m = tl.load(ml_ptr + part * 2, mask=c < S, other=-float("inf"), cache_modifier=".cg")
+        l = tl.load(ml_ptr + part * 2 + 1, mask=c < S, other=0.0, cache_modifier=".cg")
+        top = tl.max(m, axis=0)
+        w = tl.where(m == -float("inf"), 0.0, tl.exp(m - top))
+        acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=(c < S)[:, None], other=0.0, cache_modifier=".cg")
+        o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+        tl.store(o_ptr + bh * D + d, o.to(o_ptr.dtype.element_ty))
+except ImportError:
+    _combine_parts = None
+
+
+_COUNTERS: dict = {}  # device -> int32 zeros, one per (row, query head): the folded combination's
+COUNTERS = 1 << 12  # programs-done counters (each launch leaves them at zero)
+
+
+def _counters(device: torch.device, n: int):
+    """The folded combination's counters for n (row, query head) pairs, or None where it cannot
+    fold: more pairs than COUNTERS, or the first use inside a CUDA graph capture (the counters must
+    outlive every graph, so they are made outside one; the graph engine's first call of a shape
+    runs eagerly, so a capture finds them made)."""
+    key = str(device)
+    if key not in _COUNTERS:
+        if n > COUNTERS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        _COUNTERS[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[key] if n <= COUNTERS else None
 
 
 def kernels():
@@ -54,8 +95,9 @@ def kernels():
         return None
 
     @triton.jit
-    def _attend(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, wr_ptr, ml_ptr, acc_ptr, scaling, H,
-                HKV, cap, window, S, D: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    def _attend(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, wr_ptr, ml_ptr, acc_ptr, cnt_ptr, o_ptr,
+                scaling, H, HKV, cap, window, S, D: tl.constexpr, CHUNK: tl.constexpr, SP: tl.constexpr,
+                FOLD: tl.constexpr, PDL: tl.constexpr):
         # program (row b, query head h, chunk c of CHUNK keys): its part of the softmax
         if PDL:  # launched while the previous kernel runs (pdl.py): nothing is touched before it is done
             tl.extra.cuda.gdc_wait()
@@ -107,6 +149,14 @@ def kernels():
         tl.store(ml_ptr + part * 2, m)
         tl.store(ml_ptr + part * 2 + 1, tl.sum(p, axis=0))
         tl.store(acc_ptr + part * D + d, tl.sum(p[:, None] * vb, axis=0))
+        if FOLD:
+            # The combination by the head's last program to finish (one kernel a layer fewer): the
+            # counter's atomic (acquire-release, GPU scope) orders every program's parts before it;
+            # the last one reads them past L1 and puts the counter back to zero for the next launch.
+            done = tl.atomic_add(cnt_ptr + b * H + h, 1)
+            if done == S - 1:
+                _combine_parts(ml_ptr, acc_ptr, o_ptr, b * H + h, S, D, SP)
+                tl.store(cnt_ptr + b * H + h, 0)
 
     @triton.jit
     def _combine(ml_ptr, acc_ptr, o_ptr, H, S, D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
@@ -114,18 +164,7 @@ def kernels():
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        c = tl.arange(0, SP)
-        d = tl.arange(0, D)
-        part = (b * H + h) * S + c
-        m = tl.load(ml_ptr + part * 2, mask=c < S, other=-float("inf"))
-        l = tl.load(ml_ptr + part * 2 + 1, mask=c < S, other=0.0)
-        top = tl.max(m, axis=0)
-        w = tl.where(m == -float("inf"), 0.0, tl.exp(m - top))
-        acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=(c < S)[:, None], other=0.0)
-        o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
-        tl.store(o_ptr + (b * H + h) * D + d, o.to(o_ptr.dtype.element_ty))
+        _combine_parts(ml_ptr, acc_ptr, o_ptr, tl.program_id(0) * H + tl.program_id(1), S, D, SP)
 
     @triton.jit
     def _attend_rows(q_ptr, k_ptr, v_ptr, al_ptr, ml_ptr, acc_ptr, scaling, H, HKV, T, cap, keys, S,
@@ -190,13 +229,17 @@ def kernels():
         acc = torch.empty(B, n_heads, S, D, dtype=torch.float32, device=qkv.device)
         o = torch.empty(B, n_heads * D, dtype=qkv.dtype, device=qkv.device)
         kw = pdl.launch_kw(qkv)
-        _attend[(B, n_heads, S)](qkv, cos, sin, kbuf, vbuf, valid, slot, write, ml, acc, float(scaling), n_heads, HKV,
-                                 cap, int(window or 0), S, D=D, CHUNK=chunk, num_warps=4, **kw)
-        _combine[(B, n_heads)](ml, acc, o, n_heads, S, D=D, SP=triton.next_power_of_2(S), num_warps=4, **kw)
+        SP = triton.next_power_of_2(S)
+        cnt = _counters(qkv.device, B * n_heads) if FOLD else None
+        _attend[(B, n_heads, S)](qkv, cos, sin, kbuf, vbuf, valid, slot, write, ml, acc, cnt if cnt is not None else ml,
+                                 o, float(scaling), n_heads, HKV, cap, int(window or 0), S, D=D, CHUNK=chunk, SP=SP,
+                                 FOLD=cnt is not None, num_warps=4, **kw)
+        if cnt is None:
+            _combine[(B, n_heads)](ml, acc, o, n_heads, S, D=D, SP=SP, num_warps=4, **kw)
         return o
 
     launch.rows = launch_rows
-    launch.jit = {"_attend": _attend, "_combine": _combine, "_attend_rows": _attend_rows}  # tests compile them
+    launch.jit = {"_attend": _attend, "_combine": _combine, "_attend_rows": _attend_rows, "_combine_parts": _combine_parts}  # tests compile them
     return launch
 
 

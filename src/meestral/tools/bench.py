@@ -259,7 +259,7 @@ def _progress(label, ms):
     print(f"measured: {label}: {got}", file=sys.stderr, flush=True)
 
 
-SWITCHES = ("cublas", "fusion", "window-gemv", "window-attention", "launches", "ssm-step", "attention")
+SWITCHES = ("cublas", "fusion", "window-gemv", "window-attention", "launches", "ssm-step", "attention", "fold")
 
 
 def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
@@ -269,7 +269,8 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
     the GEMV or not; a Mamba block: its residual add), window-gemv / window-attention (the first
     catch-up case with the several-row fusions switched / with inductor's window attention),
     launches (dependent or serial launches of our kernels, pdl.py; full depth and the first
-    catch-up case), ssm-step (inductor's Mamba-2 step), attention (inductor's one-token attention)."""
+    catch-up case), ssm-step (inductor's Mamba-2 step), attention (inductor's one-token attention),
+    fold (one token's attention parts combined inside its first kernel or by a second one)."""
     def row(name, policy, module, config=None, **flags):
         return name, policy, _with_switches(EarlyExitDecoder(bb, config=config, engine=engine), module, **flags)
 
@@ -295,6 +296,9 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
         decs.insert(1, row("full_compiled_ssm_step", "-", mamba2_step, ENABLED=False))
     if "attention" in switches and bb.family == "transformer" and decode_attention.ENABLED:
         decs.insert(1, row("full_compiled_attention", "-", decode_attention, ENABLED=False))
+    if "fold" in switches and bb.family == "transformer" and decode_attention.ENABLED:
+        decs.insert(1, row(f"full_{'unfolded' if decode_attention.FOLD else 'folded'}_attention", "-", decode_attention,
+                           FOLD=not decode_attention.FOLD))
 
 
 def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=None, repeats=3, out=None,
