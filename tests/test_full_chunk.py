@@ -3,6 +3,8 @@ one step at a time, on every architecture, batch 1 and 3, eager and fixed-shape 
 turned on where a CUDA engine would have it), rows that end inside a chunk, and speculate's
 fallback."""
 
+import dataclasses
+
 import pytest
 
 from meestral.decoding.config import ExitConfig
@@ -15,9 +17,10 @@ ARCHS = ["mistral", "llama", "mamba2", "mamba", "mistral-sw"]
 PROMPTS = [[1, 20, 30, 40], [1, 50, 60, 70, 80, 90, 100], [1, 7, 8]]
 
 
-def chunked(bb, engine, config=None):
+def chunked(bb, engine, config=None, device_exits=False):
     dec = EarlyExitDecoder(bb, config, engine=engine)
     dec.engine.chunk_steps = True
+    dec.engine.decides_on_device = device_exits  # as a capturing engine that can branch in its graphs
     sizes = []
     step = dec.policy.step
 
@@ -131,14 +134,14 @@ SUMMARY_KEYS = ("tokens", "mean_layers_run", "weight_bytes_per_token", "flops_pe
                 "mean_exit_layer", "mean_probes", "deep_passes_per_token", "caught_up_per_token")
 
 
-def assert_chunks_equal_one_step(bb, cfg, opts, want_sizes, label):
+def assert_chunks_equal_one_step(bb, cfg, opts, want_sizes, label, device_exits=False):
     """cfg's decoder with chunking on (graph engine) against the same configuration one step at a
     time (eager), batch 1 and 3: chunk sizes, tokens, accounting and every layer's state.
     Returns the two decoders."""
     from test_graph_engine import assert_states_equal, layer_states
 
     ref_dec = EarlyExitDecoder(bb, cfg, engine="eager")
-    dec, sizes = chunked(bb, "graph", cfg)
+    dec, sizes = chunked(bb, "graph", cfg, device_exits)
     for prompts in (PROMPTS[:1], PROMPTS):
         states = {}
         ref = ref_dec.generate(prompts, opts, inspect=lambda v: states.__setitem__("ref", layer_states(bb, v.state)))
@@ -236,3 +239,59 @@ def test_catchup_cycles_of_a_later_generation_on_the_same_state_use_its_backlog(
     want = fresh.generate([PROMPTS[1]], long)[0]
     assert 3 in sizes  # the second generation ran in cycles
     assert got.token_ids == want.token_ids and got.exit_layers == want.exit_layers
+
+
+def _mixed_threshold(bb, heads, policy, output):
+    """A threshold at which some tokens of the prompts leave early and some do not (one step at
+    a time, host decisions; found by bisection: the exit rate falls as the threshold rises), so
+    that the exit decisions differ from step to step inside a chunk."""
+    opts = SamplingOptions(max_new_tokens=14)
+    lo, hi = 0.0, 1.0
+    for _ in range(16):
+        thr = (lo + hi) / 2
+        cfg = ExitConfig(heads=heads, thresholds=thr, policy=policy, exit_output=output)
+        dec = EarlyExitDecoder(bb, cfg, engine="eager")
+        rates = [dec.summary(g)["exit_rate"] for g in dec.generate(PROMPTS, opts)]
+        rate = sum(rates) / len(rates)
+        if 0.15 < rate < 0.85:
+            return cfg
+        lo, hi = (thr, hi) if rate >= 0.85 else (lo, thr)
+    return None
+
+
+DEVICE_CASES = [  # (head kind, exit points as fractions of depth, exit output)
+    ("softmax", (1 / 3,), "hidden"),  # probe logits: rows that leave take them
+    ("saturation", (1 / 4, 1 / 2), "hidden"),  # no probe: the LM head reads the exit state
+    ("softmax", (1 / 4, 1 / 2), "through_last_layer"),
+]
+
+
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "mamba", "llama"])
+def test_data_dependent_exits_decided_on_the_device_equal_one_step_at_a_time(tiny, shape):
+    """Softmax / saturation heads under copy, their exit decisions taken on the device
+    (`engine.when`, slot_policies.forward_device; on a capturing CUDA engine graph branches):
+    steps run in chunks, and tokens, accounting (exit layers, probes, layers run, bytes) and every
+    layer's state equal host decisions one step at a time, batch 1 and 3, at a threshold where
+    some tokens leave and some do not. The uncaptured graph engine runs every branch whatever the
+    decision (as before a capture), so a branch not taken that changed anything fails this too.
+    Without device decisions, and under propagate, the same configuration runs one step at a
+    time."""
+    bb = tiny(shape)
+    L = bb.num_layers
+    opts = SamplingOptions(max_new_tokens=14)
+    tried = 0
+    for kind, fractions, output in DEVICE_CASES:
+        points = sorted({max(0, min(L - 2, int(f * L))) for f in fractions})
+        cfg = _mixed_threshold(bb, ExitHeads(kind, points, bb), "copy", output)
+        if cfg is None:
+            continue
+        tried += 1
+        dec, ref_dec = assert_chunks_equal_one_step(bb, cfg, opts, [8, 4, 1], (kind, points, output), True)
+        got = dec.generate(PROMPTS, opts)  # again: the captured chunks replayed
+        ref = ref_dec.generate(PROMPTS, opts)
+        assert [g.exit_layers for g in got] == [r.exit_layers for r in ref]
+        assert len({e for g in got for e in g.exit_layers}) > 1  # the decisions differ within the chunks
+        for host in (chunked(bb, "graph", cfg), chunked(bb, "graph", dataclasses.replace(cfg, policy="propagate"), True)):
+            host[0].generate(PROMPTS[:1], opts)
+            assert set(host[1]) == {1}
+    assert tried >= 2

@@ -204,6 +204,52 @@ def test_cuda_graphs_verify_equals_full_and_hf_greedy(shape, threshold):
 
 @pytest.mark.cuda
 @cuda
+@pytest.mark.parametrize("shape", ["mistral", "mamba2", "smollm2"])
+def test_cuda_exit_decisions_in_graph_branches_equal_host_decisions(shape, monkeypatch):
+    """Softmax exits under copy decided on the device (graph_engine.DEVICE_EXITS: each segment after an exit
+    point a CUDA graph branch, a chunk of steps one graph): in float32 the tokens, the exit layer
+    of every token and every layer's state equal the eager engine's host decisions one step at a
+    time, batch 1 and 3, at a threshold where some tokens leave and some do not; the steps ran in
+    chunks, every call was captured (none fell back to eager), and a second generation replays
+    the branches with other decisions."""
+    from test_full_chunk import _mixed_threshold
+
+    from meestral.decoding import graph_engine
+
+    if not graph_engine.branches_in_graphs():
+        pytest.skip("this torch cannot capture branches into CUDA graphs (CUDAGraph.begin_capture_to_if_node)")
+    monkeypatch.setattr(graph_engine, "DEVICE_EXITS", True)
+    bb = _cuda_backbone(shape)
+    L = bb.num_layers
+    cfg = _mixed_threshold(bb, ExitHeads("softmax", [L // 3, 2 * L // 3], bb).to("cuda"), "copy", "hidden")
+    assert cfg is not None
+    opts = SamplingOptions(max_new_tokens=14)
+    eager = EarlyExitDecoder(bb, cfg, engine="eager")
+    graph = EarlyExitDecoder(bb, cfg, engine="graph")
+    assert graph.engine.decides_on_device
+    sizes, step = [], graph.policy.step
+
+    def recording(batch, o, gen):
+        out, logits = step(batch, o, gen)
+        first = next(x for x in out if x is not None)
+        sizes.append(len(first) if isinstance(first, list) else 1)
+        return out, logits
+
+    graph.policy.step = recording
+    for prompts in (PROMPTS[:1], PROMPTS, PROMPTS[1:]):
+        states = {}
+        ref = eager.generate(prompts, opts, inspect=lambda v: states.__setitem__("ref", layer_states(bb, v.state)))
+        sizes.clear()
+        got = graph.generate(prompts, opts, inspect=lambda v: states.__setitem__("got", layer_states(bb, v.state)))
+        assert sizes == [8, 4, 1]
+        assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+        assert [g.exit_layers for g in got] == [r.exit_layers for r in ref]
+        assert_states_equal(bb, states["ref"], states["got"], 1e-4)
+    _all_captured(graph)
+
+
+@pytest.mark.cuda
+@cuda
 @pytest.mark.parametrize("shape", ["mistral", "mamba2"])
 def test_cuda_catchup_states_equal_full_model(shape):
     """Every layer's state after catch-up under CUDA graphs equals the eager engine's (which the

@@ -20,6 +20,9 @@ from meestral.backbones.base import Step
 class EagerEngine:
     capture = False  # whether calls are captured as CUDA graphs (the graph engine on CUDA)
     chunk_steps = False  # whether full-depth greedy steps run in chunks (full_chunk.py): where capturing
+    # whether steps with data-dependent exits run in chunks, their exit decisions taken on the device
+    # (`when`; slot_policies.py): where captured graphs can branch
+    decides_on_device = False
     first_calls = 0  # the graph engine counts its first calls of a shape (compile, capture); none here
 
     def __init__(self, backbone, skip=frozenset()):
@@ -76,6 +79,14 @@ class EagerEngine:
         eager engine just runs it; the graph engine captures it whole (graph_engine.py). `start`
         and `length` bound the slots it touches."""
         return fn(inputs)
+
+    def when(self, pred: torch.Tensor, fn) -> None:
+        """fn() where the 0-dim bool `pred` is true. Inside a captured sequence the graph engine
+        makes this a branch of the graph, decided on the device at each replay; here the host
+        reads pred. fn must leave what follows it in buffers made before the branch (a branch
+        that does not run leaves its own tensors unwritten)."""
+        if bool(pred):
+            fn()
 
     def snapshot(self, state):
         return self.bb.snapshot(state)

@@ -49,7 +49,7 @@ def chunkable(engine, opts) -> bool:
 
 
 @torch.no_grad()
-def run_chunk(engine, batch, n: int, forward=None, key=("full",)):
+def run_chunk(engine, batch, n: int, forward=None, key=("full",), with_notes=False):
     """n greedy steps from batch.slot: (tokens [B][n] on the host, the last step's logits [B, V]:
     an output buffer, valid until the same chunk runs again). Advances batch.fed and batch.slot by
     n; inactive rows write nothing.
@@ -57,7 +57,9 @@ def run_chunk(engine, batch, n: int, forward=None, key=("full",)):
     Each step is full depth, or `forward(view, fed, slot, at)` -> logits [B, V]: a policy's step
     with no host read in it, where `view` is the batch whose `pad` and `active_dev` are the chunk's
     inputs (a graph must read them from its own buffers) and `at` [1] the step's slot on the
-    device. `key` names the step for the chunk's captured graph."""
+    device. `key` names the step for the chunk's captured graph. With `with_notes`, forward
+    returns (logits, note [B] long): what the step decided on the device (slot_policies: each
+    row's exit point), returned per row and step as a third value [B][n], read with the tokens."""
     eng, state, s = engine, batch.state, batch.slot
     inputs = {"fed": batch.fed, "at": batch.tensor([s], torch.long), "pad": batch.pad, "active": batch.active_dev}
 
@@ -71,17 +73,22 @@ def run_chunk(engine, batch, n: int, forward=None, key=("full",)):
     def device_part(x):
         view = copy.copy(batch)
         view.pad, view.active_dev = x["pad"], x["active"]
-        fed, toks, logits = x["fed"], [], None
+        fed, toks, notes, logits = x["fed"], [], [], None
         for t in range(n):
-            logits = one(view, fed, s + t, x["at"] + t)
+            out = one(view, fed, s + t, x["at"] + t)
+            logits, note = out if with_notes else (out, None)
             fed = logits.argmax(-1)
             toks.append(fed)
-        return torch.stack(toks, 1), logits
+            notes.append(note)
+        return torch.stack(toks, 1), logits, (torch.stack(notes, 1) if with_notes else None)
 
-    toks_t, logits = eng.sequence(("chunk", n, batch.B, id(state)) + tuple(key), device_part, inputs, start=s, length=n)
+    toks_t, logits, notes_t = eng.sequence(("chunk", n, batch.B, id(state)) + tuple(key), device_part, inputs,
+                                           start=s, length=n)
     toks = toks_t.tolist()  # the chunk's one read
     batch.fed = toks_t[:, -1].clone()  # the graph's output buffer is rewritten by the next replay
     batch.slot = s + n
+    if with_notes:  # read after the tokens: the device has already finished, no second wait
+        return toks, logits, notes_t.tolist()
     return toks, logits
 
 

@@ -55,6 +55,18 @@ from meestral.backbones.base import Step, StepShared, compiled, plain
 from meestral.decoding.engine import EagerEngine
 
 
+# Steps with data-dependent exits (softmax / learned heads under copy) in chunks whose
+# exit decisions are CUDA graph branches (conditional nodes, CUDA 12.4+, torch's
+# CUDAGraph.begin_capture_to_if_node): off until tested and timed on a GPU.
+DEVICE_EXITS = False
+
+
+def branches_in_graphs() -> bool:
+    """Whether this torch can capture a branch into a CUDA graph (conditional IF nodes)."""
+    return hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node") and \
+        hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph")
+
+
 def _pow2(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
@@ -144,6 +156,7 @@ class GraphEngine(EagerEngine):
         super().__init__(backbone, skip)
         self.capture = (backbone.device.type == "cuda") if capture is None else capture
         self.chunk_steps = self.capture  # a captured chunk replaces n launches and n reads by one
+        self.decides_on_device = self.capture and DEVICE_EXITS and branches_in_graphs()
         # Inside a graph the launches are free but each kernel still costs its few microseconds
         # and its own pass over memory: compiling the per-layer functions fuses the ~50 small
         # kernels of a block into a handful (benchmarks/NOTES.md). Compiled on the first call of
@@ -236,6 +249,27 @@ class GraphEngine(EagerEngine):
                 self._inline_keys = outer
 
         return self._call(("sequence", keys) + tuple(key), body, inputs, None)
+
+    def when(self, pred, fn) -> None:
+        """EagerEngine.when; while a sequence is being captured, an IF node of the graph (CUDA
+        12.4's conditional nodes): the device decides at each replay, no host read.
+
+        Before its capture a sequence runs once eagerly, and a branch first met inside the capture
+        would compile its functions and tune its kernels there (not allowed while capturing). So
+        in that run (and whenever a sequence's body runs uncaptured) fn runs whatever pred says.
+        This relies on what `when`'s callers promise: where pred is false, fn changes nothing
+        that is read afterwards (slot_policies.forward_device: its segments run masked to the rows
+        still running, none when pred is false)."""
+        if self._inline_keys is None:
+            return super().when(pred, fn)
+        if not (self.capture and torch.cuda.is_current_stream_capturing()):
+            return fn()
+        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+        graph.begin_capture_to_if_node(pred.reshape(()).to(torch.bool))
+        try:
+            fn()
+        finally:
+            graph.end_capture_to_conditional_node()
 
     def note(self, msg: str) -> None:
         if msg not in self._noted:

@@ -19,7 +19,7 @@ import torch
 
 from meestral.decoding.accounting import StepLog
 from meestral.decoding.exit_rule import exits_here
-from meestral.decoding.full_chunk import chunk_length, chunk_outcomes, chunkable, tokens_wanted
+from meestral.decoding.full_chunk import chunk_length, chunk_outcomes, chunkable, run_chunk, tokens_wanted
 from meestral.decoding.policy import Outcome, Policy
 from meestral.decoding.sampling import sample
 
@@ -56,6 +56,11 @@ class SlotPolicy(Policy):
                     forward=None if not self.points else
                     (lambda view, fed, slot, at: self.forward(view, fed, slot, at=at)[0]),
                     key=(self.name, tuple(self.points), self.known, self.through))
+        if (self.known is None and self.points and not self.propagate and self.engine.decides_on_device
+                and chunkable(self.engine, opts)):
+            n = chunk_length(tokens_wanted(batch, opts))
+            if n > 1:
+                return self._device_chunk(batch, n)
         logits, logs = self.forward(batch, batch.fed, batch.slot)
         tok = sample(logits, opts, gen)
         toks = tok.tolist()  # the step's one read of what it emits
@@ -138,6 +143,81 @@ class SlotPolicy(Policy):
             if probe_logits is not None:
                 logits = torch.where(exited[:, None], probe_logits, logits)
         return logits, self._logs(batch, served, exit_layer, probes, slot)
+
+    def _device_chunk(self, batch, n):
+        """n greedy steps whose exit decisions stay on the device (`forward_device`): one device run
+        and one read for the chunk, the exit points read with the tokens. Outcomes as `step`'s."""
+        s, rows = batch.slot, [b for b in range(batch.B) if batch.active[b]]
+        toks, logits, exits = run_chunk(
+            self.engine, batch, n, forward=self.forward_device, with_notes=True,
+            key=("device-exits", self.name, tuple(self.points), tuple(self.thresholds), self.through))
+        last = len(self.segments) - 1
+        out = [None] * batch.B
+        for b in rows:
+            out[b] = []
+            for t in range(n):
+                e = exits[b][t]  # the exit point's index; `last`: full depth
+                exit_layer = {b: self.points[e]} if e < last else {}
+                log = self._logs(batch, [b], exit_layer, {b: min(e + 1, last)}, s + t)[b]
+                out[b].append(Outcome("emit", log, token=toks[b][t]))
+        return out, logits
+
+    @torch.no_grad()
+    def forward_device(self, batch, fed, slot, at):
+        """`forward`'s step under `copy` with no host read: (logits [B, V], each row's exit point
+        index [B], len(points) for full depth). Each segment after an exit point runs inside a
+        branch taken only while some row still runs (`engine.when`: on a capturing engine a CUDA
+        graph branch, so a chunk of such steps is one device run), masked to the rows still
+        running, as in `forward`. What the branches leave behind is written in place into buffers
+        made before them (a branch that does not run leaves them as they were): the running /
+        exited masks, the exit hidden state and exit point of every row, the probe logits. A
+        branch not taken thus changes nothing (the graph engine runs it anyway before capturing,
+        to compile it). The copy fills of the rows that left come after the branches, masked by
+        where each row left. (`propagate` keeps its host decisions: its skipped layers advance
+        recurrent states, which a branch run for nothing would advance twice.)"""
+        eng, L = self.engine, self.L
+        state, active = batch.state, batch.active_dev
+        step = eng.make_step(slot, 1, batch.pad, write=active[:, None], at=at)
+        last = len(self.segments) - 1
+        running, exited = active.clone(), torch.zeros_like(active)
+        exit_idx = torch.full(active.shape, last, dtype=torch.long, device=active.device)
+        keep = {}  # buffers made by the first segment, which always runs: exit_h, h_last, probe, final
+
+        def segment_layers(j):
+            layers = self.segments[j]
+            return [i for i in layers if i != L - 1] if self.through and j == last else layers
+
+        def level(j, h):
+            h, aux, prev = eng.run(segment_layers(j), h, state, step.rows(running))
+            if j == 0:
+                keep["exit_h"], keep["h_last"] = torch.zeros_like(h), torch.zeros_like(h)
+            if j == last:
+                keep["h_last"].copy_(h)
+                if "probe" in keep and not self.through:
+                    keep["final"].copy_(eng.logits(h[:, -1]))
+                return
+            conf, lg = self.confidence(j, h[:, -1], None if aux is None else aux[:, -1], prev[:, -1])
+            if lg is not None and j == 0:
+                keep["probe"], keep["final"] = torch.zeros_like(lg), torch.zeros_like(lg)
+            newly = exits_here(conf, self.thresholds[j], running)
+            keep["exit_h"].copy_(torch.where(newly[:, None, None], h, keep["exit_h"]))
+            exit_idx.copy_(torch.where(newly, j, exit_idx))
+            if lg is not None:
+                keep["probe"].copy_(torch.where(newly[:, None], lg, keep["probe"]))
+            exited.logical_or_(newly)
+            running.logical_and_(~newly)
+            eng.when(running.any(), lambda: level(j + 1, h))
+
+        level(0, eng.embed(fed[:, None]))
+        for k in range(1, last + 1):  # each skipped segment: the rows that left before it
+            eng.fill_copy(segment_layers(k), state, step.rows(exit_idx < k))
+        exit_h, h = keep["exit_h"], keep["h_last"]
+        if self.through:  # the last block, for every row (its state too)
+            h, _, _ = eng.run([L - 1], h, state, step, exit_h=exit_h, skipped=exited)
+            return eng.logits(h[:, -1]), exit_idx
+        if "probe" in keep:
+            return torch.where(exited[:, None], keep["probe"], keep["final"]), exit_idx
+        return eng.logits(torch.where(exited[:, None, None], exit_h.to(h.dtype), h)[:, -1]), exit_idx
 
     def _logs(self, batch, served, exit_layer, probes, slot):
         L, kept = self.L, self.engine.kept
