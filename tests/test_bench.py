@@ -244,7 +244,8 @@ def test_bench_stopped_while_timing_a_peer_still_writes_its_rows(tiny, monkeypat
 def test_switch_rows_are_the_ones_asked_for(tiny, shape):
     """`_add_switch_rows` adds a row per kernel switch asked for that applies to the backbone, each
     named for the setting it times (the opposite of the default), none for (); on the CPU no
-    dependent-launch row (pdl.capable is False)."""
+    dependent-launch row (pdl.capable is False) and, on an engine that does not capture, only the
+    host-decided softmax row of device-exits (its heads: softmax, data-dependent, never static)."""
     from meestral.decoding.config import ExitConfig
     from meestral.decoding.heads import ExitHeads
     from meestral.tools import bench
@@ -268,3 +269,10 @@ def test_switch_rows_are_the_ones_asked_for(tiny, shape):
         assert got == [("full", "-"), ("full_compiled_ssm_step", "-"), ("full_fused_gemv", "-"),
                        ("full_cublas_matmuls", "-"), ("exit@1", "catchup")]
     assert names(("cublas",)) == [("full", "-"), ("full_cublas_matmuls", "-"), ("exit@1", "catchup")]
+    assert names(("device-exits",)) == [("full", "-"), ("exit@1", "catchup")]  # no copy case: no row
+    copy_cfg = ExitConfig(heads=ExitHeads("static", [1], bb), thresholds=0.0, policy="copy")
+    decs = [("full", "-", EarlyExitDecoder(bb)), ("exit@1", "copy", EarlyExitDecoder(bb, copy_cfg))]
+    bench._add_switch_rows(bb, decs, "eager", ("device-exits",))
+    assert [(n, p) for n, p, _ in decs][2:] == [("exit@1_softmax_host_decisions", "copy")]
+    soft = decs[2][2]
+    assert soft.config.heads.kind == "softmax" and soft.policy.known is None and not soft.engine.decides_on_device

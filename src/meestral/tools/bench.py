@@ -259,7 +259,8 @@ def _progress(label, ms):
     print(f"measured: {label}: {got}", file=sys.stderr, flush=True)
 
 
-SWITCHES = ("cublas", "fusion", "window-gemv", "window-attention", "launches", "ssm-step", "attention", "fold")
+SWITCHES = ("cublas", "fusion", "window-gemv", "window-attention", "launches", "ssm-step", "attention", "fold",
+            "device-exits")
 
 
 def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
@@ -270,7 +271,11 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
     catch-up case with the several-row fusions switched / with inductor's window attention),
     launches (dependent or serial launches of our kernels, pdl.py; full depth and the first
     catch-up case), ssm-step (inductor's Mamba-2 step), attention (inductor's one-token attention),
-    fold (one token's attention parts combined inside its first kernel or by a second one)."""
+    fold (one token's attention parts combined inside its first kernel or by a second one),
+    device-exits (the first copy case's exit point asked by softmax heads, whose decision depends
+    on the data: threshold 0, so every token still leaves there, decided on the host one step at
+    a time, and, where graphs can branch, on the device in chunks; threshold 1, no token leaves,
+    decided on the device: what the branches cost)."""
     def row(name, policy, module, config=None, **flags):
         return name, policy, _with_switches(EarlyExitDecoder(bb, config=config, engine=engine), module, **flags)
 
@@ -296,6 +301,19 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
         decs.insert(1, row("full_compiled_ssm_step", "-", mamba2_step, ENABLED=False))
     if "attention" in switches and bb.family == "transformer" and decode_attention.ENABLED:
         decs.insert(1, row("full_compiled_attention", "-", decode_attention, ENABLED=False))
+    first_copy = next(((n, d.config) for n, pol, d in decs if pol == "copy" and d.config.exit_points), None)
+    if "device-exits" in switches and first_copy is not None:
+        from meestral.decoding.graph_engine import branches_in_graphs
+
+        name, cfg = first_copy
+        heads = ExitHeads("softmax", cfg.exit_points[:1], bb).to(bb.device)
+        branch = branches_in_graphs() and decs[0][2].engine.capture
+        for thr, where in ((0.0, "host"), (0.0, "device"), (1.0, "device")):
+            if where == "device" and not branch:
+                continue
+            dec = EarlyExitDecoder(bb, config=ExitConfig(heads=heads, thresholds=thr, policy="copy"), engine=engine)
+            dec.engine.decides_on_device = where == "device" and dec.engine.capture
+            decs.append((f"{name}_softmax{'_never' if thr else ''}_{where}_decisions", "copy", dec))
     if "fold" in switches and bb.family == "transformer" and decode_attention.ENABLED:
         decs.insert(1, row(f"full_{'unfolded' if decode_attention.FOLD else 'folded'}_attention", "-", decode_attention,
                            FOLD=not decode_attention.FOLD))
