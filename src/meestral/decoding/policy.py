@@ -12,7 +12,8 @@ full model).
 Host reads. The exit decision at an exit point is one small tensor read back (which rows leave:
 the host must know, to stop running them), and each step reads its emitted tokens once; every
 other piece of bookkeeping (layers run, probes, the step log) follows on the host from those two.
-At batch 1 a full-depth token costs one read, and each exit point asked adds one.
+At batch 1 a full-depth token costs one read, and each exit point asked adds one (unless the
+engine decides on the device: slot_policies.forward_device).
 """
 
 from __future__ import annotations

@@ -10,7 +10,10 @@ Where every exit decision is known before the step runs (no exit point: plain fu
 heads: confidence 1 everywhere, so every token leaves at the first exit point whose threshold is
 below 1, the static exit-at-layer baseline), no step needs the host between two others: greedy, on
 a capturing engine, `step` runs several steps as one device run instead (full_chunk.py), each the
-same `forward` with the decision taken on the host in advance instead of read back.
+same `forward` with the decision taken on the host in advance instead of read back. Where the
+decision depends on the data (softmax, learned heads), an engine that can branch inside its graphs
+(`decides_on_device`) runs `copy`'s steps in chunks as well: `forward_device` takes every decision
+on the device and the exit points come back with the tokens.
 """
 
 from __future__ import annotations
