@@ -295,3 +295,29 @@ def test_data_dependent_exits_decided_on_the_device_equal_one_step_at_a_time(tin
             host[0].generate(PROMPTS[:1], opts)
             assert set(host[1]) == {1}
     assert tried >= 2
+
+
+def test_a_failed_branch_capture_hands_the_decisions_back_to_the_host(tiny, capsys):
+    """Where a chunk with device decisions could not be captured (it then ran eagerly, every
+    segment masked: right, but skipping nothing), later steps take host decisions, one step at a
+    time, with one line saying so; the tokens stay those of host decisions throughout."""
+    bb = tiny("mistral")
+    L = bb.num_layers
+    cfg = _mixed_threshold(bb, ExitHeads("softmax", [L // 3], bb), "copy", "hidden")
+    opts = SamplingOptions(max_new_tokens=14)
+    ref = EarlyExitDecoder(bb, cfg, engine="eager").generate(PROMPTS, opts)
+    dec, sizes = chunked(bb, "graph", cfg, device_exits=True)
+    eng, sequence = dec.engine, dec.engine.sequence
+
+    def failing(key, *args, **kwargs):  # as GraphEngine._call counts a capture that failed
+        out = sequence(key, *args, **kwargs)
+        if "device-exits" in key:
+            eng.failed_captures += 1
+        return out
+
+    eng.sequence = failing
+    got = dec.generate(PROMPTS, opts)
+    assert sizes == [8] + [1] * 5 and not eng.decides_on_device
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+    assert [g.exit_layers for g in got] == [r.exit_layers for r in ref]
+    assert "decided on the host from here on" in capsys.readouterr().err

@@ -80,6 +80,9 @@ class EagerEngine:
         and `length` bound the slots it touches."""
         return fn(inputs)
 
+    def note(self, msg: str) -> None:
+        """A one-line message about how calls run (the graph engine's captures); none here."""
+
     def when(self, pred: torch.Tensor, fn) -> None:
         """fn() where the 0-dim bool `pred` is true. Inside a captured sequence the graph engine
         makes this a branch of the graph, decided on the device at each replay; here the host

@@ -151,9 +151,16 @@ class SlotPolicy(Policy):
         """n greedy steps whose exit decisions stay on the device (`forward_device`): one device run
         and one read for the chunk, the exit points read with the tokens. Outcomes as `step`'s."""
         s, rows = batch.slot, [b for b in range(batch.B) if batch.active[b]]
+        failed = getattr(self.engine, "failed_captures", 0)
         toks, logits, exits = run_chunk(
             self.engine, batch, n, forward=self.forward_device, with_notes=True,
             key=("device-exits", self.name, tuple(self.points), tuple(self.thresholds), self.through))
+        if getattr(self.engine, "failed_captures", 0) > failed:
+            # Its graph could not branch here (the chunk ran eagerly, every segment masked: right,
+            # but with nothing skipped): later steps take host decisions, which do skip.
+            self.engine.decides_on_device = False
+            self.engine.note("exit decisions on the device: the chunk's capture failed; exits are decided on "
+                             "the host from here on")
         last = len(self.segments) - 1
         out = [None] * batch.B
         for b in rows:
