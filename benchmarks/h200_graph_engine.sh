@@ -17,6 +17,9 @@ PY=${PY:-python3}
 D=$(date +%F)
 SHAPES=${1:-mistral-7b,codestral-mamba-7b}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$OUT/gpu.txt" 2>&1
+# whether this torch can put branches in CUDA graphs (graph_engine.DEVICE_EXITS needs it)
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "graph branches",
+hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"))' 2>&1 | tee -a "$OUT/gpu.txt"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9][0-9]*' | head -1 | tr A-Z a-z)
 GPU=${GPU:-gpu}
 if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl > /dev/null 2>&1; then
