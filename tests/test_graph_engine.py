@@ -212,7 +212,7 @@ def test_cuda_exit_decisions_in_graph_branches_equal_host_decisions(shape, monke
     time, batch 1 and 3, at a threshold where some tokens leave and some do not; the steps ran in
     chunks, every call was captured (none fell back to eager), and a second generation replays
     the branches with other decisions."""
-    from test_full_chunk import _mixed_threshold
+    from test_full_chunk import _mixed_threshold, chunked
 
     from meestral.decoding import graph_engine
 
@@ -225,17 +225,8 @@ def test_cuda_exit_decisions_in_graph_branches_equal_host_decisions(shape, monke
     assert cfg is not None
     opts = SamplingOptions(max_new_tokens=14)
     eager = EarlyExitDecoder(bb, cfg, engine="eager")
-    graph = EarlyExitDecoder(bb, cfg, engine="graph")
-    assert graph.engine.decides_on_device
-    sizes, step = [], graph.policy.step
-
-    def recording(batch, o, gen):
-        out, logits = step(batch, o, gen)
-        first = next(x for x in out if x is not None)
-        sizes.append(len(first) if isinstance(first, list) else 1)
-        return out, logits
-
-    graph.policy.step = recording
+    assert EarlyExitDecoder(bb, cfg, engine="graph").engine.decides_on_device  # the switch reaches the engine
+    graph, sizes = chunked(bb, "graph", cfg, device_exits=True)
     for prompts in (PROMPTS[:1], PROMPTS, PROMPTS[1:]):
         states = {}
         ref = eager.generate(prompts, opts, inspect=lambda v: states.__setitem__("ref", layer_states(bb, v.state)))

@@ -74,11 +74,13 @@ def _counters(device: torch.device, n: int):
     outlive every graph, so they are made outside one; the graph engine's first call of a shape
     runs eagerly, so a capture finds them made)."""
     key = str(device)
+    if n > COUNTERS:
+        return None
     if key not in _COUNTERS:
-        if n > COUNTERS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         _COUNTERS[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return _COUNTERS[key] if n <= COUNTERS else None
+    return _COUNTERS[key]
 
 
 def kernels():
@@ -239,7 +241,7 @@ def kernels():
         return o
 
     launch.rows = launch_rows
-    launch.jit = {"_attend": _attend, "_combine": _combine, "_attend_rows": _attend_rows, "_combine_parts": _combine_parts}  # tests compile them
+    launch.jit = {"_attend": _attend, "_combine": _combine, "_attend_rows": _attend_rows}  # tests compile them
     return launch
 
 

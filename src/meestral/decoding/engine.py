@@ -24,6 +24,7 @@ class EagerEngine:
     # (`when`; slot_policies.py): where captured graphs can branch
     decides_on_device = False
     first_calls = 0  # the graph engine counts its first calls of a shape (compile, capture); none here
+    failed_captures = 0  # and the captures that failed (those calls run eagerly); none here
 
     def __init__(self, backbone, skip=frozenset()):
         self.bb = backbone

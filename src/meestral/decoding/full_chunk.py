@@ -92,13 +92,18 @@ def run_chunk(engine, batch, n: int, forward=None, key=("full",), with_notes=Fal
     return toks, logits
 
 
-def chunk_outcomes(engine, batch, n: int, logs_at, forward=None, key=("full",)):
+def chunk_outcomes(engine, batch, n: int, logs_at, forward=None, key=("full",), with_notes=False):
     """`run_chunk`, then per active row n emit outcomes, each with the log of its own step:
     `logs_at(slot)` gives every row's StepLog of the step that fed `slot` (the policy's own log of
-    that step). Returns (per row a list of outcomes or None, the last step's logits)."""
+    that step); with `with_notes`, `logs_at(slot, notes)` with that step's note of every row
+    (`run_chunk`). Returns (per row a list of outcomes or None, the last step's logits)."""
     s, rows = batch.slot, [b for b in range(batch.B) if batch.active[b]]
-    toks, logits = run_chunk(engine, batch, n, forward, key)
-    logs = [logs_at(s + t) for t in range(n)]
+    if with_notes:
+        toks, logits, notes = run_chunk(engine, batch, n, forward, key, with_notes=True)
+        logs = [logs_at(s + t, [row[t] for row in notes]) for t in range(n)]
+    else:
+        toks, logits = run_chunk(engine, batch, n, forward, key)
+        logs = [logs_at(s + t) for t in range(n)]
     out = [None] * batch.B
     for b in rows:
         out[b] = [Outcome("emit", logs[t][b], token=toks[b][t]) for t in range(n)]

@@ -22,7 +22,7 @@ import torch
 
 from meestral.decoding.accounting import StepLog
 from meestral.decoding.exit_rule import exits_here
-from meestral.decoding.full_chunk import chunk_length, chunk_outcomes, chunkable, run_chunk, tokens_wanted
+from meestral.decoding.full_chunk import chunk_length, chunk_outcomes, chunkable, tokens_wanted
 from meestral.decoding.policy import Outcome, Policy
 from meestral.decoding.sampling import sample
 
@@ -150,27 +150,22 @@ class SlotPolicy(Policy):
     def _device_chunk(self, batch, n):
         """n greedy steps whose exit decisions stay on the device (`forward_device`): one device run
         and one read for the chunk, the exit points read with the tokens. Outcomes as `step`'s."""
-        s, rows = batch.slot, [b for b in range(batch.B) if batch.active[b]]
-        failed = getattr(self.engine, "failed_captures", 0)
-        toks, logits, exits = run_chunk(
-            self.engine, batch, n, forward=self.forward_device, with_notes=True,
-            key=("device-exits", self.name, tuple(self.points), tuple(self.thresholds), self.through))
-        if getattr(self.engine, "failed_captures", 0) > failed:
+        rows, last = [b for b in range(batch.B) if batch.active[b]], len(self.segments) - 1
+
+        def logs_at(slot, exits):  # exits[b]: row b's exit point index; `last`: full depth
+            exit_layer = {b: self.points[exits[b]] for b in rows if exits[b] < last}
+            return self._logs(batch, rows, exit_layer, {b: min(exits[b] + 1, last) for b in rows}, slot)
+
+        failed = self.engine.failed_captures
+        out = chunk_outcomes(self.engine, batch, n, logs_at, forward=self.forward_device, with_notes=True,
+                             key=("device-exits", self.name, tuple(self.points), tuple(self.thresholds), self.through))
+        if self.engine.failed_captures > failed:
             # Its graph could not branch here (the chunk ran eagerly, every segment masked: right,
             # but with nothing skipped): later steps take host decisions, which do skip.
             self.engine.decides_on_device = False
             self.engine.note("exit decisions on the device: the chunk's capture failed; exits are decided on "
                              "the host from here on")
-        last = len(self.segments) - 1
-        out = [None] * batch.B
-        for b in rows:
-            out[b] = []
-            for t in range(n):
-                e = exits[b][t]  # the exit point's index; `last`: full depth
-                exit_layer = {b: self.points[e]} if e < last else {}
-                log = self._logs(batch, [b], exit_layer, {b: min(e + 1, last)}, s + t)[b]
-                out[b].append(Outcome("emit", log, token=toks[b][t]))
-        return out, logits
+        return out
 
     @torch.no_grad()
     def forward_device(self, batch, fed, slot, at):

@@ -301,8 +301,9 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
         decs.insert(1, row("full_compiled_ssm_step", "-", mamba2_step, ENABLED=False))
     if "attention" in switches and bb.family == "transformer" and decode_attention.ENABLED:
         decs.insert(1, row("full_compiled_attention", "-", decode_attention, ENABLED=False))
-    first_copy = next(((n, d.config) for n, pol, d in decs if pol == "copy" and d.config.exit_points), None)
-    if "device-exits" in switches and first_copy is not None:
+    first_copy = "device-exits" in switches and next(
+        ((n, d.config) for n, pol, d in decs if pol == "copy" and d.config.exit_points), None)
+    if first_copy:
         from meestral.decoding.graph_engine import branches_in_graphs
 
         name, cfg = first_copy
@@ -312,7 +313,7 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
             if where == "device" and not branch:
                 continue
             dec = EarlyExitDecoder(bb, config=ExitConfig(heads=heads, thresholds=thr, policy="copy"), engine=engine)
-            dec.engine.decides_on_device = where == "device" and dec.engine.capture
+            dec.engine.decides_on_device = where == "device"
             decs.append((f"{name}_softmax{'_never' if thr else ''}_{where}_decisions", "copy", dec))
     if "fold" in switches and bb.family == "transformer" and decode_attention.ENABLED:
         decs.insert(1, row(f"full_{'unfolded' if decode_attention.FOLD else 'folded'}_attention", "-", decode_attention,
