@@ -36,9 +36,9 @@ ENABLED = True  # benchmarks switch it off to time cuBLAS in the same run
 # in_proj's GEMV measured 0.8% slower (every program recomputes the statistic).
 FUSED = True
 # The residual add after a Mamba block's out_proj inside the GEMV (`linear_residual_keep`), with
-# FUSED. Off until timed and tested on a GPU (benchmarks/NOTES.md 2026-12-06, fourth session): the
-# bench's `full_fused_gemv` row on a Mamba shape times it on.
-FUSED_KEEP = False
+# FUSED. On since the H100 run of 2026-12-07 (benchmarks/NOTES.md, sixth session: full depth +1.6%
+# on the Codestral-Mamba-7B shape); the bench's `full_unfused_gemv` row times it off.
+FUSED_KEEP = True
 # The same fusions in the several-row kernel (catch-up's deep passes, verify windows, speculate
 # cycles). Off: on an H100 (benchmarks/NOTES.md 2026-12-06, third session) catch-up at 1/3 depth
 # ran 2.90 ms a token without them and 3.58 ms with them: every program of the several-row kernel
