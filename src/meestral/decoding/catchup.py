@@ -129,7 +129,6 @@ class CatchupPolicy(Policy):
             at, active = x["at"], x["active"]
             B, dev = active.shape[0], at.device
             one = active[:, None]
-            minus = torch.full((B, 1), -1, dtype=torch.long, device=dev)  # the newest token: no block yet
             toks, logits = [], None
             for t in range(n):
                 # The newest token through the shallow segments, alone: every backlog token already
@@ -137,20 +136,21 @@ class CatchupPolicy(Policy):
                 s = at + t
                 xw = eng.embed(bl.tokens.index_select(1, s)).to(bl.hidden.dtype)
                 step = eng.make_step(c0 + t, 1, x["pad"], write=one, at=s)
+                # depth None: the newest token has been through no block, so it needs every one
                 for layers in self.segments[: j + 1]:
-                    xw, _, _ = eng.window(layers, xw, state, step, minus, one)
+                    xw, _, _ = eng.window(layers, xw, state, step, None, one)
                 bl.hidden.index_copy_(1, s, torch.where(one[..., None], xw, bl.hidden.index_select(1, s)))
                 if t < n - 1:  # it leaves: it joins the backlog at the exit layer
                     bl.depth.index_copy_(1, s, torch.where(one, self.points[j], bl.depth.index_select(1, s)))
                     logits = eng.logits(xw[:, 0])
                 else:  # the backlog is full: this token goes deep and carries the n - 1 waiting ones
                     idx = at + torch.arange(n, device=dev)
-                    depth = torch.full((B, n), self.points[j], dtype=torch.long, device=dev)
                     live = one.expand(B, n)
                     xw = bl.hidden.index_select(1, idx)  # the n - 1 waiting at the exit layer, the newest too
                     step = eng.make_step(c0, n, x["pad"], write=live, at=at)
+                    # depth None: all n stand at the exit layer, so each needs every deeper block
                     for layers in self.segments[j + 1:]:
-                        xw, _, _ = eng.window(layers, xw, state, step, depth, live)
+                        xw, _, _ = eng.window(layers, xw, state, step, None, live)
                     bl.hidden.index_copy_(1, idx, torch.where(live[..., None], xw, bl.hidden.index_select(1, idx)))
                     bl.depth.index_copy_(1, idx, torch.where(live, L - 1, bl.depth.index_select(1, idx)))
                     logits = eng.logits(xw[:, n - 1])

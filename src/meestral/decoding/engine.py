@@ -150,15 +150,11 @@ class EagerEngine:
     def window(self, layers, x, state, step, depth, live):
         """Catch-up: blocks `layers` over a window of slots x [B, W, d]; block i runs the (row,
         slot) pairs that lack it (depth [B, W] < i, the deepest block each slot has been through
-        before this step) and are `live` [B, W]. Others keep their hidden state. Returns (window
-        hidden states, aux of the last block, window before the last block)."""
-        aux, prev = None, x
-        for i in layers:
-            need = (depth < i) & live
-            prev = x
-            out, aux = self.bb.forward_layer(i, x, state, step.written(need))
-            x = torch.where(need[..., None], out.to(x.dtype), x)
-        return x, aux, prev
+        before this step) and are `live` [B, W]. Others keep their hidden state. depth None: every
+        live pair lacks every block of `layers` (catch-up's cycle, whose slots stand at one depth),
+        and the pairs not live come out with any hidden state (the caller keeps none of them).
+        Returns (window hidden states, aux of the last block, window before the last block)."""
+        return window_layers(lambda i, x, st: self.bb.forward_layer(i, x, state, st), layers, x, step, depth, live)
 
     def fill_copy(self, layers, state, step) -> None:
         for i in layers:
@@ -173,3 +169,31 @@ class EagerEngine:
 
     def draft_logits(self, h, rows: int) -> torch.Tensor:
         return self.bb.draft_logits(h, rows)
+
+
+def window_layers(forward, layers, x, step, depth, live):
+    """The loop of `EagerEngine.window` (the graph engine's too), with forward(i, x, step) ->
+    (block i's output, aux). Every kernel here runs once per block of a catch-up window, between
+    the block's big kernels, so the masks are made once per window: which pairs need each block in
+    one comparison for all of them, and none at all where depth is None (every live pair needs every
+    block: no mask to make, no hidden state to keep, a block's output is the window's)."""
+    aux, prev = None, x
+    if depth is None:
+        st = step.written(live)
+        for i in layers:
+            prev = x
+            out, aux = forward(i, x, st)
+            x = out.to(x.dtype)
+        return x, aux, prev
+    layers = list(layers)
+    if layers and layers == list(range(layers[0], layers[0] + len(layers))):
+        at = torch.arange(layers[0], layers[0] + len(layers), device=depth.device)
+        needs = (depth[None] < at[:, None, None]) & live[None]  # [blocks, B, W]
+    else:
+        needs = [(depth < i) & live for i in layers]
+    for k, i in enumerate(layers):
+        need = needs[k]
+        prev = x
+        out, aux = forward(i, x, step.written(need))
+        x = torch.where(need[..., None], out.to(x.dtype), x)
+    return x, aux, prev

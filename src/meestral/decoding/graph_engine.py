@@ -52,7 +52,7 @@ from collections import OrderedDict
 import torch
 
 from meestral.backbones.base import Step, StepShared, compiled, plain
-from meestral.decoding.engine import EagerEngine
+from meestral.decoding.engine import EagerEngine, window_layers
 
 
 # Steps with data-dependent exits (softmax / learned heads under copy) in chunks whose
@@ -325,18 +325,14 @@ class GraphEngine(EagerEngine):
         bb, keys, layers, kernel = self.bb, self._keys(state, step), tuple(layers), self.kernel
 
         def body(inp, st):
-            x, depth, live = inp["x"], inp["depth"], inp["live"]
+            x = inp["x"]
             ctx = bb.fixed_context(layers, x, state, st, keys)
-            aux, prev = None, x
-            for i in layers:
-                need = (depth < i) & live
-                prev = x
-                out, aux = bb.forward_layer_fixed(i, x, state, st.written(need), keys, ctx, kernel)
-                x = torch.where(need[..., None], out.to(x.dtype), x)
-            return x, aux, prev
+            return window_layers(lambda i, x, st: bb.forward_layer_fixed(i, x, state, st, keys, ctx, kernel),
+                                 layers, x, st, inp.get("depth"), inp["live"])
 
-        key = ("window", layers, id(state), tuple(x.shape), x.dtype, keys)
-        return self._call(key, body, {"x": x, "depth": depth, "live": live}, step)
+        key = ("window", layers, id(state), tuple(x.shape), x.dtype, keys, depth is None)
+        inputs = {"x": x, "live": live} if depth is None else {"x": x, "depth": depth, "live": live}
+        return self._call(key, body, inputs, step)
 
     def fill_copy(self, layers, state, step) -> None:
         if not layers or not self.bb.fills_on_copy:
