@@ -482,9 +482,13 @@ class Backbone(ABC):
                 h.remove()
         return {l: outs[l] for l in layers}, final
 
-    def make_step(self, start: int, length: int, pad: torch.Tensor, write: torch.Tensor | None = None) -> Step:
-        """Step over slots [start, start+length) for rows whose prompts were left-padded by `pad` [B]."""
-        slots = torch.arange(start, start + length, device=pad.device)
+    def make_step(self, start: int, length: int, pad: torch.Tensor, write: torch.Tensor | None = None,
+                  slots: torch.Tensor | None = None) -> Step:
+        """Step over slots [start, start+length) for rows whose prompts were left-padded by `pad` [B];
+        `slots` [length]: the same slots already on the device (work captured once and replayed at
+        other slots computes them from a device tensor)."""
+        if slots is None:
+            slots = torch.arange(start, start + length, device=pad.device)
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)
         if write is None:
             write = slots[None, :] >= pad[:, None]

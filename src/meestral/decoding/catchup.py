@@ -129,37 +129,41 @@ class CatchupPolicy(Policy):
             at, active = x["at"], x["active"]
             B, dev = active.shape[0], at.device
             one = active[:, None]
-            toks, logits = [], None
+            tok = bl.tokens.index_select(1, at)[:, 0]  # the token the cycle starts from (fed)
+            toks, waiting, logits = [], [], None
             for t in range(n):
                 # The newest token through the shallow segments, alone: every backlog token already
                 # holds them (its depth is the exit layer), which is also what the accounting charges.
-                s = at + t
-                xw = eng.embed(bl.tokens.index_select(1, s)).to(bl.hidden.dtype)
-                step = eng.make_step(c0 + t, 1, x["pad"], write=one, at=s)
+                # Each step's token comes from the previous step's argmax, on the device.
+                xw = eng.embed(tok[:, None]).to(bl.hidden.dtype)
+                step = eng.make_step(c0 + t, 1, x["pad"], write=one, at=at + t)
                 # depth None: the newest token has been through no block, so it needs every one
                 for layers in self.segments[: j + 1]:
                     xw, _, _ = eng.window(layers, xw, state, step, None, one)
-                bl.hidden.index_copy_(1, s, torch.where(one[..., None], xw, bl.hidden.index_select(1, s)))
-                if t < n - 1:  # it leaves: it joins the backlog at the exit layer
-                    bl.depth.index_copy_(1, s, torch.where(one, self.points[j], bl.depth.index_select(1, s)))
+                if t < n - 1:  # it leaves: it waits at the exit layer
+                    waiting.append(xw)
                     logits = eng.logits(xw[:, 0])
                 else:  # the backlog is full: this token goes deep and carries the n - 1 waiting ones
-                    idx = at + torch.arange(n, device=dev)
                     live = one.expand(B, n)
-                    xw = bl.hidden.index_select(1, idx)  # the n - 1 waiting at the exit layer, the newest too
+                    xw = torch.cat(waiting + [xw], 1)
                     step = eng.make_step(c0, n, x["pad"], write=live, at=at)
                     # depth None: all n stand at the exit layer, so each needs every deeper block
                     for layers in self.segments[j + 1:]:
                         xw, _, _ = eng.window(layers, xw, state, step, None, live)
-                    bl.hidden.index_copy_(1, idx, torch.where(live[..., None], xw, bl.hidden.index_select(1, idx)))
-                    bl.depth.index_copy_(1, idx, torch.where(live, L - 1, bl.depth.index_select(1, idx)))
                     logits = eng.logits(xw[:, n - 1])
                 tok = logits.argmax(-1)
-                nxt = s + 1  # `push`: the emitted token is the next step's newest slot
-                bl.tokens.index_copy_(1, nxt, torch.where(active, tok, bl.tokens.index_select(1, nxt)[:, 0])[:, None])
-                bl.depth.index_copy_(1, nxt, torch.where(active, -1, bl.depth.index_select(1, nxt)[:, 0])[:, None])
                 toks.append(tok)
-            return torch.stack(toks, 1), logits
+            # The backlog as n `step`s leave it, written once for the cycle (rows not active keep
+            # theirs): the n slots have been through every block, each emitted token fills the slot
+            # after its own (`push`), and the newest slot (the last emitted token) has run no block.
+            slots = at + torch.arange(n + 1, device=dev)  # the cycle's n slots, then the newest
+            emitted = torch.stack(toks, 1)
+            bl.hidden.index_copy_(1, slots[:n], torch.where(one[..., None], xw, bl.hidden.index_select(1, slots[:n])))
+            bl.tokens.index_copy_(1, slots[1:], torch.where(one, emitted, bl.tokens.index_select(1, slots[1:])))
+            depth = torch.full((1, n + 1), L - 1, dtype=torch.long, device=dev)
+            depth[:, n] = -1
+            bl.depth.index_copy_(1, slots, torch.where(one, depth, bl.depth.index_select(1, slots)))
+            return emitted, logits
 
         key = ("catchup-cycle", n, batch.B, id(state), tuple(self.points), j)
         toks_t, logits = eng.sequence(key, device_part, inputs, start=c0, length=n)

@@ -69,11 +69,8 @@ class EagerEngine:
         (default: the slots past each row's padding) says which (row, slot) pairs the call writes.
         `at` [1]: the first slot as a device tensor, for work captured once and replayed at other
         slots (`sequence`): the slots and positions are then computed from it on the device."""
-        step = self.bb.make_step(start, length, pad, write)
-        if at is not None:
-            step.shared.slots = at + torch.arange(length, device=at.device)
-            step.positions = (step.shared.slots[None, :] - pad[:, None]).clamp(min=0)
-        return step
+        slots = None if at is None else at + torch.arange(length, device=at.device)
+        return self.bb.make_step(start, length, pad, write, slots)
 
     def sequence(self, key, fn, inputs: dict, start: int, length: int):
         """fn(inputs): a run of engine calls with no host read in it (speculate's cycle). The
