@@ -147,8 +147,11 @@ def test_the_fused_scan_is_called_as_mamba_ssm_defines_it(monkeypatch):
 @pytest.mark.parametrize("groups,length", [(1, 200), (2, 37)])
 def test_mamba_ssm_kernels_equal_the_torch_scan_on_cuda(groups, length, monkeypatch):
     """With mamba-ssm installed, training under bf16 autocast goes through its fused SSD kernels:
-    logits and every gradient equal the torch scan's (relative error in norm: Triton's float32
-    products round through TF32); a float32 forward keeps the torch scan."""
+    logits and every gradient are as close to float32's as the torch scan's under the same
+    autocast (within twice its relative error in norm, or 1%). A plain 1% bound against the torch
+    scan failed on the H100 (2026-12-07) for one 8-element per-head gradient (1.9% / 4.0%): a sum
+    over every position with cancellations, rounded differently by two bf16 paths; measuring both
+    against float32 tells that from a fault. A float32 forward keeps the torch scan."""
     pytest.importorskip("mamba_ssm")
     from meestral.backbones import ssd
 
@@ -156,15 +159,18 @@ def test_mamba_ssm_kernels_equal_the_torch_scan_on_cuda(groups, length, monkeypa
     m = mamba2(groups, chunk=64).cuda()
     ids = torch.randint(0, 300, (2, length), device="cuda")
     results = {}
-    for fused in (True, False):
+    for run, fused, bf16 in (("fused", True, True), ("torch", False, True), ("float32", False, False)):
         monkeypatch.setattr(ssd, "FUSED_SCAN", fused)
         m.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             logits = forward_logits(m, ids).float()
         logits.pow(2).mean().backward()
-        results[fused] = {"logits": logits.detach(), **{n: p.grad.clone() for n, p in m.named_parameters()}}
+        results[run] = {"logits": logits.detach(), **{n: p.grad.clone() for n, p in m.named_parameters()}}
     assert ssd._fused_scan_for(torch.zeros(1, device="cuda"), torch.float32) is None
-    for name, b in results[False].items():
-        a = results[True][name]
-        err = float((a - b).norm() / b.norm().clamp(min=1e-12))
-        assert err < 1e-2, f"{name}: relative error {err:.3g}"
+
+    def err(a, b):
+        return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+    for name, ref in results["float32"].items():
+        fused, plain = err(results["fused"][name], ref), err(results["torch"][name], ref)
+        assert fused < max(2 * plain, 1e-2), f"{name}: mamba-ssm's kernels {fused:.3g} from float32, the torch scan {plain:.3g}"
