@@ -176,7 +176,7 @@ def window_layers(forward, layers, x, step, depth, live):
     block: no mask to make, no hidden state to keep, a block's output is the window's)."""
     aux, prev = None, x
     if depth is None:
-        st = step.written(live)
+        st = step.written(live.contiguous())  # a row mask expanded over the window (stride 0): the kernels index it densely
         for i in layers:
             prev = x
             out, aux = forward(i, x, st)
