@@ -105,7 +105,7 @@ def test_smollm2_ee_loads_offline_and_exits_earlier_than_its_base(smollm2):
 
     ee = load_backbone("smollm2-ee")
     assert ee.name == "smollm2-ee" and ee.fingerprint() != smollm2.fingerprint()
-    rows = heldout_rows("embedded", smollm2.tokenizer, 1024, 256)
+    rows = heldout_rows("embedded", smollm2.tokenizer, 512, 256)  # 1.13 vs 1.23 at 512 tokens as at 1024
     layers = list(range(smollm2.num_layers - 1))
     bound = {}
     for bb in (smollm2, ee):
