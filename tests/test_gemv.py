@@ -40,6 +40,17 @@ for dtype in (torch.bfloat16, torch.float16):
             "gate+residual": (launch(gu, w, act=True, res=res), res + F.linear(F.silu(gate) * up, w)),
             "gate": (launch(gu, w, act=True), F.linear(F.silu(gate) * up, w)),
         }
+        # a float32 residual stream cast and normed inside (a Mamba block's in_proj): the kernel
+        # rounds x to the weights' dtype first, so it gives exactly what it gives the cast x. The
+        # float32 values sit a random fraction of an ulp above the dtype's (below half of one: any
+        # rounding mode lands on them, the interpreter's casts not being torch's), enough to move
+        # the norm's rounded products where the cast is missing (not a common factor: the norm
+        # would cancel it).
+        ulp = 2.0 ** (-10 if dtype == torch.bfloat16 else -13)
+        x32 = x.float() * (1 + ulp * torch.rand(K, generator=g))
+        y32 = launch(x32, w, norm_w=nw, eps=1e-5)
+        assert y32.dtype == dtype and torch.equal(y32, launch(x, w, norm_w=nw, eps=1e-5)), f"{dtype} {N}x{K}"
+        cases["cast+norm"] = (y32, F.linear(rms_norm(x32.to(dtype), nw, 1e-5), w))
         # a float32 residual stream (a Mamba block's, residual_in_fp32), the product kept too
         res32 = torch.randn(N, generator=g) * 4
         out, mixed = launch(x, w, res=res32, keep=True)
@@ -93,10 +104,67 @@ def test_every_variant_equals_the_torch_code_it_replaces():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
+# A Mamba-2 block's start through the kernel (gemv.FUSED_MAMBA_NORM): its float32 residual stream
+# cast and normed inside in_proj's GEMV, token by token (output and state-only steps), against the
+# per-module path; the kernel stands in for the op on CPU tensors under the interpreter.
+MAMBA = r"""
+import torch
+from meestral.backbones import gemv
+from meestral.backbones.base import Step
+from meestral.backbones.loading import random_backbone
+
+launch = gemv.kernels(tune=False)
+calls = []
+def op(x, w, nw, eps, act, res):
+    calls.append((x.dtype, nw is not None, w.shape[0]))
+    return launch(x, w, nw, eps, act, res)
+# the op stands for the kernel on CPU tensors: the condition without its CUDA test, every other
+# matmul left to torch (gemv._HAVE_OP stays False off CUDA)
+gemv._OP, gemv.FUSED, gemv.FUSED_MAMBA_NORM = op, True, True
+gemv._casts_and_norms = lambda h, nw, w: h.numel() == h.shape[-1] and h.dtype in (w.dtype, torch.float32)
+bb = random_backbone("mamba2", seed=4)
+bb.model.to(torch.bfloat16)
+assert bb.model.config.residual_in_fp32
+ref, got = bb.new_state(1), bb.new_state(1)
+gen = torch.Generator().manual_seed(3)
+for t in range(3):
+    step = Step(t, torch.full((1, 1), t), torch.ones(1, 1, dtype=torch.bool))
+    h = torch.randn(1, 1, bb.hidden_size, generator=gen)  # a float32 residual stream
+    for i in range(bb.num_layers):
+        want, want_mixed = bb.forward_layer(i, h, ref, step)
+        bb.fill_propagate(i, h * 0.5, ref, step)
+        n = len(calls)
+        out, mixed = bb.forward_layer_fixed(i, h, got, step, None)
+        bb.fill_propagate_fixed(i, h * 0.5, got, step, None)
+        # in_proj whole (output) and without its gate rows (state only), each from float32
+        m = bb.model.backbone.layers[i].mixer
+        N = m.in_proj.out_features
+        assert calls[n:] == [(torch.float32, True, N), (torch.float32, True, N - m.intermediate_size)], calls[n:]
+        torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(mixed.float(), want_mixed.float(), atol=3e-2, rtol=3e-2)
+        for x, y in zip(bb.layer_tensors(got, i), bb.layer_tensors(ref, i)):
+            torch.testing.assert_close(x.float(), y.float(), atol=3e-2, rtol=3e-2)
+        h = want
+print("ok")
+"""
+
+
+def test_mamba_block_norm_inside_in_proj_equals_the_module_path():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", MAMBA], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 def test_where_it_does_not_apply_the_helpers_are_the_torch_code(monkeypatch):
     """Off CUDA (and with FUSED on) each helper is exactly the composition it stands for."""
     monkeypatch.setattr(gemv, "FUSED", True)
     monkeypatch.setattr(gemv, "FUSED_KEEP", True)
+    monkeypatch.setattr(gemv, "FUSED_MAMBA_NORM", True)
     g = torch.Generator().manual_seed(0)
     h, w, nw = torch.randn(1, 1, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(16, generator=g)
     gu, wd = torch.randn(1, 1, 32, generator=g), torch.randn(16, 16, generator=g)
@@ -108,3 +176,6 @@ def test_where_it_does_not_apply_the_helpers_are_the_torch_code(monkeypatch):
     assert torch.equal(mixed, F.linear(h, wd)) and torch.equal(out, h.double() + F.linear(h, wd))
     gate, up = gu.chunk(2, dim=-1)
     assert torch.equal(gemv.gated_linear_residual(gu, wd, h), h + F.linear(F.silu(gate) * up, wd))
+    nb, b = nw.bfloat16(), torch.randn(8, generator=g).bfloat16()
+    assert torch.equal(gemv.cast_norm_linear(h, nb, 1e-6, w.bfloat16(), b, rms_norm),
+                       F.linear(rms_norm(h.bfloat16(), nb, 1e-6), w.bfloat16(), b))

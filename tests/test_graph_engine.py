@@ -559,7 +559,8 @@ def test_cuda_triton_gemv_equals_cublas_and_captures():
 def test_cuda_bf16_layers_on_the_triton_gemv_equal_cublas(shape, monkeypatch):
     """A bf16 decode step of every block, compiled as the graph engine runs it, with the Triton GEMV
     (mistral-fused: with the norms, gate and residual adds inside it, gemv.FUSED; mamba2-fused: the
-    residual add into the float32 residual stream after out_proj, the product kept; -window: a window of
+    float32 residual stream cast and normed inside in_proj's GEMV, gemv.FUSED_MAMBA_NORM, and the
+    residual add into it after out_proj, the product kept; -window: a window of
     five positions, as catch-up's deep pass, on the several-row kernel with the same fusions) and
     with cuBLAS: the same hidden states and states within bf16 rounding."""
     from meestral.backbones import gemv
@@ -575,6 +576,7 @@ def test_cuda_bf16_layers_on_the_triton_gemv_equal_cublas(shape, monkeypatch):
         monkeypatch.setattr(gemv, "FUSED", on and "-fused" in shape)
         monkeypatch.setattr(gemv, "FUSED_ROWS", on and "-fused" in shape)
         monkeypatch.setattr(gemv, "FUSED_KEEP", on and "-fused" in shape)
+        monkeypatch.setattr(gemv, "FUSED_MAMBA_NORM", on and "-fused" in shape)
         state = bb.new_state(1, 16)
         gen = torch.Generator(device="cuda").manual_seed(0)
         h = torch.randn(1, T, bb.hidden_size, device="cuda", generator=gen).to(bb.dtype)

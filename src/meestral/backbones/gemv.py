@@ -31,10 +31,17 @@ ENABLED = True  # benchmarks switch it off to time cuBLAS in the same run
 # The norm before a matmul, and the SiLU gate before and the residual add after one, computed inside
 # the GEMV (each one kernel fewer per use, four a Transformer layer). On: full depth on the
 # Mistral-7B shape 2.0% faster on an H100 (benchmarks/NOTES.md 2026-12-06; the bench's
-# `full_unfused_gemv` row times it off in the same run). The Mamba-2 block takes only the residual
-# add after out_proj (into its float32 residual stream: `linear_residual_keep`); its norm inside
-# in_proj's GEMV measured 0.8% slower (every program recomputes the statistic).
+# `full_unfused_gemv` row times it off in the same run). The Mamba-2 block takes the residual add
+# after out_proj (into its float32 residual stream: `linear_residual_keep`) and, with
+# FUSED_MAMBA_NORM, its norm before in_proj.
 FUSED = True
+# A Mamba-2 block's cast of its (float32) residual stream and its norm inside in_proj's one-row GEMV
+# (`cast_norm_linear`), with FUSED. Off: measured 0.8% slower on an H100 on 2026-12-06, before
+# dependent launches (every program recomputes the statistic); since then the norm is the one
+# kernel of the block that inductor makes, launched serially between two dependent launches, and
+# the block spends ~16 us a block outside its two GEMVs (benchmarks/NOTES.md 2026-12-07, seventh
+# session). The bench's `full_norm_in_gemv` row (switch `fusion`) times it on in the same run.
+FUSED_MAMBA_NORM = False
 # The residual add after a Mamba block's out_proj inside the GEMV (`linear_residual_keep`), with
 # FUSED. On since the H100 run of 2026-12-07 (benchmarks/NOTES.md, sixth session: full depth +1.6%
 # on the Codestral-Mamba-7B shape); the bench's `full_unfused_gemv` row times it off.
@@ -57,8 +64,9 @@ def kernels(tune: bool = True):
     of small blocks instead of the autotuner's timed choice).
 
     launch(x, w, norm_w=None, eps=0.0, act=False, res=None) -> y [N] computes, with each rounding
-    where the unfused torch code rounds (in x's dtype): y = W @ x, where x is first
-    `rms_norm(x, norm_w, eps)` (norm_w given) or `silu(x[:K]) * x[K:]` (act: x holds gate then up),
+    where the unfused torch code rounds (in w's dtype, x's): y = W @ x, where x is first
+    `rms_norm(x, norm_w, eps)` (norm_w given; one row of x may then be float32, rounded to w's dtype
+    first: `rms_norm(x.to(w.dtype), ...)`) or `silu(x[:K]) * x[K:]` (act: x holds gate then up),
     and y becomes `res + y` (res given; a float32 res gives a float32 y, the product rounded to x's
     dtype first, as torch adds them); keep=True returns (y, the product before the residual add).
     x [M, K] (act: [M, 2K]) of up to ROWS rows gives y [M, N] = x W^T with the same fusions row by
@@ -74,10 +82,11 @@ def kernels(tune: bool = True):
         N, K = w.shape
         flags = dict(NORM=norm_w is not None, ACT=bool(act), RES=res is not None, KEEP=bool(keep), **pdl.launch_kw(x))
         nw, r = x if norm_w is None else norm_w, x if res is None else res  # unused pointers: any tensor
-        # y in the dtype `res + product` has in torch (a float32 residual stream stays float32)
-        out_dt = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
+        # y in the dtype `res + product` has in torch (a float32 residual stream stays float32); the
+        # product in the weights' dtype (x's but for a float32 x cast before the norm)
+        out_dt = _out_dtype(w, res)
         y = torch.empty(*x.shape[:-1], N, dtype=out_dt, device=x.device)
-        m = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device) if keep else y
+        m = torch.empty(*x.shape[:-1], N, dtype=w.dtype, device=x.device) if keep else y
         if x.dim() == 2:  # several rows: the tensor-core kernel
             args = (x, w, y, nw, r, m, x.shape[0], N, K, float(eps))
             if tune:
@@ -95,6 +104,10 @@ def kernels(tune: bool = True):
     return launch
 
 
+def _out_dtype(w, res):
+    return w.dtype if res is None else torch.promote_types(w.dtype, res.dtype)
+
+
 def _make_op():
     launch = kernels()
     if launch is None:
@@ -107,7 +120,7 @@ def _make_op():
 
     @gemv.register_fake
     def _(x, w, norm_w, eps, act, res):
-        return x.new_empty(*x.shape[:-1], w.shape[0])
+        return x.new_empty(*x.shape[:-1], w.shape[0], dtype=_out_dtype(w, res))
 
     @torch.library.custom_op("meestral::gemv_residual_keep", mutates_args=())
     def gemv_residual_keep(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +170,26 @@ def norm_linear(h: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tens
     if _fuses(h, w) and norm_w.dtype == h.dtype:
         return _OP(_rows(h), w, norm_w, float(eps), False, None).view(*h.shape[:-1], w.shape[0])
     return linear(rms_norm(h, norm_w, eps), w)
+
+
+def _casts_and_norms(h, norm_w, w) -> bool:
+    """Whether the one-row GEMV takes `cast_norm_linear`: h one row (float32 or w's dtype) on CUDA,
+    bf16 / fp16 weights and norm weight, no gradients."""
+    return (_HAVE_OP and ENABLED and FUSED and FUSED_MAMBA_NORM and h.is_cuda and h.numel() == h.shape[-1]
+            and w.dtype in (torch.bfloat16, torch.float16) and norm_w.dtype == w.dtype
+            and h.dtype in (w.dtype, torch.float32) and w.is_contiguous()
+            and not (h.requires_grad or w.requires_grad or norm_w.requires_grad))
+
+
+def cast_norm_linear(h: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, b: torch.Tensor | None,
+                     rms_norm) -> torch.Tensor:
+    """linear(rms_norm(h.to(norm_w.dtype), norm_w, eps), w, b): a Mamba block's start, whose residual
+    stream h may be float32 (residual_in_fp32). With FUSED_MAMBA_NORM the cast and the norm run
+    inside the one-row GEMV (one kernel a block fewer); otherwise, and for windows, the torch code."""
+    if _casts_and_norms(h, norm_w, w):
+        y = _OP(h.reshape(-1).contiguous(), w, norm_w, float(eps), False, None).view(*h.shape[:-1], w.shape[0])
+        return y if b is None else y + b
+    return linear(rms_norm(h.to(norm_w.dtype), norm_w, eps), w, b)
 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,15 @@ def _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM: tl.constexpr, ACT: tl.constex
         s = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
         xv = (s * u).to(dt).to(tl.float32)
     else:
-        xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
         if NORM:
+            # x may be a float32 residual stream (a Mamba block's): rounded to the matmul's dtype
+            # first, as the torch code's cast before the norm (a no-op for x in that dtype)
+            xv = xv.to(dt).to(tl.float32)
             nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
             xv = (nw * (xv * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        else:
+            xv = xv.to(tl.float32)
     return xv
 
 
@@ -53,7 +58,7 @@ def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constex
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             c = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + c, mask=c < K, other=0.0).to(dt).to(tl.float32)
             ss += xv * xv
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
     acc = w.to(tl.float32) * _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM, ACT)[None, :]

@@ -45,8 +45,8 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
     udt = norm_w.dtype  # the block's Mamba2RMSNorm output dtype
     # the gate rows are a third of in_proj and only the output needs them
     w_in, b_in = (in_w, in_b) if output else (in_w[I:], None if in_b is None else in_b[I:])
-    # not gemv.norm_linear: the norm inside in_proj's GEMV was slower here (gemv.FUSED's comment)
-    proj = gemv.linear(rms_norm(h.to(udt), norm_w, eps), w_in, b_in)
+    # the cast and the norm inside in_proj's GEMV where gemv.FUSED_MAMBA_NORM says so (its comment)
+    proj = gemv.cast_norm_linear(h, norm_w, eps, w_in, b_in, rms_norm)
     if output:
         gate, xbc, dt = proj.split([I, conv_dim, H], dim=-1)
     else:

@@ -267,7 +267,7 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
     """Rows that time one kernel switch against its default in the same run (a capturing engine on
     the Triton GEMV): `switches` names which (SWITCHES). Full depth unless said: cublas (every
     matmul on cuBLAS: what the Triton GEMV gains), fusion (the norms, gate and residual adds inside
-    the GEMV or not; a Mamba block: its residual add), window-gemv / window-attention (the first
+    the GEMV or not; a Mamba block: its residual add, and a Mamba-2 block's norm, gemv.FUSED_MAMBA_NORM), window-gemv / window-attention (the first
     catch-up case with the several-row fusions switched / with inductor's window attention),
     launches (dependent or serial launches of our kernels, pdl.py; full depth and the first
     catch-up case), ssm-step (inductor's Mamba-2 step), attention (inductor's one-token attention),
@@ -286,6 +286,9 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
         flag = "FUSED" if bb.family == "transformer" else "FUSED_KEEP"
         decs.insert(1, row(f"full_{'unfused' if getattr(gemv, flag) else 'fused'}_gemv", "-", gemv,
                            **{flag: not getattr(gemv, flag)}))
+        if getattr(bb, "v2", False) and gemv.FUSED:  # a Mamba-2 block's norm: inside in_proj's GEMV or not
+            decs.insert(1, row(f"full_norm_{'outside' if gemv.FUSED_MAMBA_NORM else 'in'}_gemv", "-", gemv,
+                               FUSED_MAMBA_NORM=not gemv.FUSED_MAMBA_NORM))
     if bb.family == "transformer" and win is not None:
         if "window-gemv" in switches and gemv.FUSED:
             decs.append(row(f"{win[0]}_{'unfused' if gemv.FUSED_ROWS else 'fused'}_window_gemv", "catchup", gemv,
@@ -521,7 +524,10 @@ def _write_profiles(path, bb, ids, tokens, opts, decs):
         prof.engine.chunk_steps = dec.engine.chunk_steps
         if policy == "speculate":
             prof.policy.inject = dec.policy.inject  # the same acceptance as the timed row
-        prof.generate([ids], SamplingOptions(max_new_tokens=min(tokens, 8)))  # compile / warm up outside the profile
+        # compile / warm up outside the profile, over the whole length: catch-up meets its window
+        # lengths only as it goes, and a Mamba shape compiled under the profiler took minutes
+        # (benchmarks/NOTES.md 2026-12-07, seventh session)
+        prof.generate([ids], opts)
         tables[f"{name} {policy} ({engine} kernels)"] = kernel_table(lambda: prof.generate([ids], opts), bb.device,
                                                                      per=tokens)
     write_json(path, {"backbone": bb.name, "device": str(bb.device), "dtype": str(bb.dtype), "tokens": tokens,
