@@ -8,6 +8,9 @@ issue's bar) the whole step has 4.0 ms. Whether a GEMV can read faster decides w
 win in the matmuls. Each timing replays a CUDA graph of calls that cycle through enough copies of
 the weight to leave the L2 cache cold (a 4096 x 4096 bf16 weight fits in an H200's L2).
 
+It also times the package's own one-row kernel (backbones/gemv.py, autotuned), with the tilings
+that read one run of weights at a time and with those that read two (gemv.RUNS).
+
 With --rows M,... it also times windows of M rows (catch-up and verify windows, speculate cycles):
 cuBLAS against the package's own kernel for them (backbones/gemv.py, `linear`, autotuned).
 
@@ -126,6 +129,18 @@ def main(argv=None):
                     print(f"  {name} triton {bn}x{bk}: {type(e).__name__}", file=sys.stderr)
             best = min((k for k in results if k != "cublas"), key=results.get, default=None)
             timed = [(1, k, results[k]) for k in ("cublas", best) if k is not None]
+            # the package's one-row kernel as the decoder runs it (autotuned), with and without the
+            # tilings that read two runs of weights at a time (gemv.RUNS)
+            default_runs = package.RUNS
+            for runs in (1, 2):
+                package.RUNS = runs
+                got = package.linear(x[0], ws[0]).float()
+                if not torch.allclose(got, ref, atol=2e-2, rtol=2e-2):
+                    print(f"  {name}: the package's kernel (runs {runs}) is wrong", file=sys.stderr)
+                    continue
+                timed.append((1, f"meestral {runs} run{'s' if runs > 1 else ''}",
+                              graph_time_ms(lambda i: package.linear(x[0], ws[i % copies]), copies)))
+            package.RUNS = default_runs
             for M in (int(m) for m in args.rows.split(",") if m):
                 xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 got, want = package.linear(xm, ws[0]).float(), F.linear(xm, ws[0]).float()

@@ -262,12 +262,13 @@ def test_switch_rows_are_the_ones_asked_for(tiny, shape):
     got = names(bench.SWITCHES)
     if shape == "mistral":
         assert got == [("full", "-"), ("full_folded_attention", "-"), ("full_compiled_attention", "-"),
-                       ("full_unfused_gemv", "-"),
+                       ("full_one_run_gemv", "-"), ("full_unfused_gemv", "-"),
                        ("full_cublas_matmuls", "-"), ("exit@1", "catchup"), ("exit@1_fused_window_gemv", "catchup"),
                        ("exit@1_compiled_window_attention", "catchup")]
     else:
-        assert got == [("full", "-"), ("full_compiled_ssm_step", "-"), ("full_norm_in_gemv", "-"),
-                       ("full_unfused_gemv", "-"), ("full_cublas_matmuls", "-"), ("exit@1", "catchup")]
+        assert got == [("full", "-"), ("full_compiled_ssm_step", "-"), ("full_one_run_gemv", "-"),
+                       ("full_norm_in_gemv", "-"), ("full_unfused_gemv", "-"), ("full_cublas_matmuls", "-"),
+                       ("exit@1", "catchup")]
     assert names(("cublas",)) == [("full", "-"), ("full_cublas_matmuls", "-"), ("exit@1", "catchup")]
     assert names(("device-exits",)) == [("full", "-"), ("exit@1", "catchup")]  # no copy case: no row
     copy_cfg = ExitConfig(heads=ExitHeads("static", [1], bb), thresholds=0.0, policy="copy")

@@ -1,8 +1,9 @@
 """backbones/gemv.py: the Triton GEMV of one-row matmuls, run on the CPU by Triton's interpreter
 (skipped where Triton is not installed): plain, with the RMS norm before it, with the SwiGLU gate
 before it and the residual add after it (into a float32 residual stream too, the product kept),
-and the kernel for windows of up to gemv.ROWS rows with the same fusions row by row, each equal to
-the torch code it replaces within the dtype's rounding; where it does not apply (the CPU, more
+a float32 row cast and normed inside, two runs of weights in flight (bit for bit as one), and the
+kernel for windows of up to gemv.ROWS rows with the same fusions row by row, each equal to the torch
+code it replaces within the dtype's rounding; where it does not apply (the CPU, more
 rows, float32, gradients) everything stays F.linear. On CUDA the cuda-marked tests in
 test_graph_engine.py run it for real; test_pdl.py compiles it for Hopper."""
 
@@ -24,6 +25,7 @@ from meestral.backbones import gemv
 from meestral.backbones.base import rms_norm
 
 launch = gemv.kernels(tune=False)
+launch2 = gemv.kernels(tune=False, runs=2)
 for dtype in (torch.bfloat16, torch.float16):
     for N, K in ((37, 200), (8, 64), (130, 96)):
         g = torch.Generator().manual_seed(N * K)
@@ -61,6 +63,13 @@ for dtype in (torch.bfloat16, torch.float16):
         assert torch.equal(out, res32 + mixed), f"{dtype} {N}x{K}"
         for name, (a, b) in cases.items():
             torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name} {dtype} {N}x{K}: {m}")
+        # two runs of weights in flight (gemv.RUNS): the same sums in the same order, bit for bit
+        # (K 200: two pairs of runs, the last run partial; 64: the second run wholly masked; 96: one pair)
+        two = {"plain": launch2(x, w), "norm": launch2(x, w, norm_w=nw, eps=1e-5), "residual": launch2(x, w, res=res),
+               "gate+residual": launch2(gu, w, act=True, res=res), "gate": launch2(gu, w, act=True),
+               "cast+norm": launch2(x32, w, norm_w=nw, eps=1e-5)}
+        for name, y in two.items():
+            assert torch.equal(y, cases[name][0]), f"two runs: {name} {dtype} {N}x{K}"
         # A window of rows: the several-row kernel. In float16 only: Triton 3.6's interpreter gets
         # tl.dot of bfloat16 operands wrong (garbage on the CPU); the cuda tests check bf16 on a GPU.
         # Each fusion row by row, as the torch code computes it for the whole window.
@@ -89,6 +98,13 @@ for dtype in (torch.bfloat16, torch.float16):
         x2 = x.clone()  # the norm's statistic spans all of x: one far element moves every output
         x2[-1] += 40
         assert not torch.allclose(launch(x2, w, norm_w=nw, eps=1e-5).float(), cases["norm"][0].float())
+# two runs at a time over many pairs of runs (K 1000: 16 runs, the last partial): each run counted
+# once, in its place (the float32 sums round away below the output dtype's ulp: not their order)
+g = torch.Generator().manual_seed(5)
+for dtype in (torch.bfloat16, torch.float16):
+    w, x = torch.randn(24, 1000, generator=g).to(dtype), torch.randn(1000, generator=g).to(dtype)
+    assert torch.equal(launch2(x, w), launch(x, w)), dtype
+    assert torch.equal(launch2(x, w, norm_w=x, eps=1e-5), launch(x, w, norm_w=x, eps=1e-5)), dtype
 print("ok")
 """
 

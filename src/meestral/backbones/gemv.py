@@ -53,15 +53,22 @@ FUSED_KEEP = True
 # traffic a matmul), where the kernels they save cost a few microseconds. The bench's
 # `..._fused_window_gemv` row times them on in the same run.
 FUSED_ROWS = False
+# The one-row kernel's autotuner also tries each tiling reading two runs of weights before it
+# multiplies the first (gemv_kernels.deep_configs: twice the bytes in flight per program, the same
+# sums bit for bit): at 4.2 TB/s an H200 needs ~1.4x the bytes in flight an H100 does to cover the
+# same latency, and reached 81% of its copy bandwidth at full depth where an H100 reached 88%
+# (benchmarks/NOTES.md 2026-12-06). A superset of the one-run tilings, so the tuned choice is never
+# slower alone; the bench's `full_one_run_gemv` row (switch `gemv-runs`) times RUNS=1 in the same run.
+RUNS = 2
 # Up to this many rows (catch-up and verify windows, speculate cycles, small batches) take the
 # several-row kernel; more rows are cuBLAS's (its tiles then share each weight read between rows).
 ROWS = 16
 
 
-def kernels(tune: bool = True):
+def kernels(tune: bool = True, runs: int = 1):
     """The Triton GEMV and its launcher, or None without Triton. Apart from the custom op so that
     tests can run it under Triton's CPU interpreter (TRITON_INTERPRET=1, `tune` False: one tiling
-    of small blocks instead of the autotuner's timed choice).
+    of small blocks instead of the autotuner's timed choice, reading `runs` runs of weights at a time).
 
     launch(x, w, norm_w=None, eps=0.0, act=False, res=None) -> y [N] computes, with each rounding
     where the unfused torch code rounds (in w's dtype, x's): y = W @ x, where x is first
@@ -96,9 +103,10 @@ def kernels(tune: bool = True):
         else:
             args = (x, w, y, nw, r, m, N, K, float(eps))
             if tune:
-                gk.tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+                kernel = gk.tuned_deep if RUNS > 1 else gk.tuned
+                kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
             else:
-                gk._gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=64)
+                gk._gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=64, RUNS=runs)
         return (y, m) if keep else y
 
     return launch

@@ -12,8 +12,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=3)
+configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "RUNS": 1}, num_warps=w, num_stages=3)
            for n, k, w in ((4, 1024, 8), (8, 1024, 8), (16, 1024, 8), (4, 512, 4), (8, 512, 4), (16, 512, 8))]
+# The same tilings reading two runs of weights before multiplying either (twice the bytes in flight
+# per program, the same sums in the same order): for a card whose bandwidth needs more bytes in
+# flight than one run per program gives (gemv.RUNS).
+deep_configs = configs + [triton.Config({**c.kwargs, "RUNS": 2}, num_warps=c.num_warps, num_stages=c.num_stages)
+                          for c in configs]
 
 
 @triton.jit
@@ -39,9 +44,12 @@ def _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM: tl.constexpr, ACT: tl.constex
 
 @triton.jit
 def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
-          RES: tl.constexpr, KEEP: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+          RES: tl.constexpr, KEEP: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          RUNS: tl.constexpr = 1):
     # Each program owns BLOCK_N rows of w and walks K in runs of BLOCK_K contiguous elements:
-    # every weight byte is read once, streamed past the cache (evict-first).
+    # every weight byte is read once, streamed past the cache (evict-first). RUNS=2 loads two runs
+    # before multiplying the first: twice the bytes in flight, each element of acc still summed
+    # over the runs in order (the result is RUNS=1's bit for bit).
     dt = w_ptr.dtype.element_ty  # the matmul's dtype (x's); y's may be the float32 of a residual stream
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,6 +58,10 @@ def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constex
     # they are read while the previous kernel drains.
     w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K),
                 other=0.0, eviction_policy="evict_first")
+    if RUNS == 2:
+        c2 = BLOCK_K + cols
+        w2 = tl.load(w_ptr + rows[:, None] * K + c2[None, :], mask=(rows[:, None] < N) & (c2[None, :] < K),
+                     other=0.0, eviction_policy="evict_first")
     if PDL:  # x, res and y only once the previous kernel is done with them
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -62,11 +74,19 @@ def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constex
             ss += xv * xv
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
     acc = w.to(tl.float32) * _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM, ACT)[None, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    if RUNS == 2:
+        acc += w2.to(tl.float32) * _x_run(x_ptr, nw_ptr, c2, K, rstd, dt, NORM, ACT)[None, :]
+    for k0 in range(RUNS * BLOCK_K, K, RUNS * BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K),
                     other=0.0, eviction_policy="evict_first")
+        if RUNS == 2:
+            c2 = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
+            w2 = tl.load(w_ptr + rows[:, None] * K + c2[None, :], mask=(rows[:, None] < N) & (c2[None, :] < K),
+                         other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM, ACT)[None, :]
+        if RUNS == 2:
+            acc += w2.to(tl.float32) * _x_run(x_ptr, nw_ptr, c2, K, rstd, dt, NORM, ACT)[None, :]
     y = tl.sum(acc, axis=1).to(dt)
     if KEEP:  # the product itself too, before the residual add (a Mamba block returns both)
         tl.store(m_ptr + rows, y, mask=rows < N)
@@ -78,6 +98,7 @@ def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constex
 # Not keyed on PDL: one tiling for either launch, so both sum in the same order (the cuda tests
 # compare them bit for bit).
 tuned = triton.autotune(configs=configs, key=["N", "K", "NORM", "ACT", "RES", "KEEP"])(_gemv)
+tuned_deep = triton.autotune(configs=deep_configs, key=["N", "K", "NORM", "ACT", "RES", "KEEP"])(_gemv)
 
 
 @triton.jit

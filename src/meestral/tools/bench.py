@@ -259,15 +259,17 @@ def _progress(label, ms):
     print(f"measured: {label}: {got}", file=sys.stderr, flush=True)
 
 
-SWITCHES = ("cublas", "fusion", "window-gemv", "window-attention", "launches", "ssm-step", "attention", "fold",
-            "device-exits")
+SWITCHES = ("cublas", "fusion", "gemv-runs", "window-gemv", "window-attention", "launches", "ssm-step", "attention",
+            "fold", "device-exits")
 
 
 def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
     """Rows that time one kernel switch against its default in the same run (a capturing engine on
     the Triton GEMV): `switches` names which (SWITCHES). Full depth unless said: cublas (every
     matmul on cuBLAS: what the Triton GEMV gains), fusion (the norms, gate and residual adds inside
-    the GEMV or not; a Mamba block: its residual add, and a Mamba-2 block's norm, gemv.FUSED_MAMBA_NORM), window-gemv / window-attention (the first
+    the GEMV or not; a Mamba block: its residual add, and a Mamba-2 block's norm, gemv.FUSED_MAMBA_NORM),
+    gemv-runs (the one-row GEMV's autotuner with or without the tilings that read two runs of weights
+    at a time, gemv.RUNS), window-gemv / window-attention (the first
     catch-up case with the several-row fusions switched / with inductor's window attention),
     launches (dependent or serial launches of our kernels, pdl.py; full depth and the first
     catch-up case), ssm-step (inductor's Mamba-2 step), attention (inductor's one-token attention),
@@ -289,6 +291,9 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
         if getattr(bb, "v2", False) and gemv.FUSED:  # a Mamba-2 block's norm: inside in_proj's GEMV or not
             decs.insert(1, row(f"full_norm_{'outside' if gemv.FUSED_MAMBA_NORM else 'in'}_gemv", "-", gemv,
                                FUSED_MAMBA_NORM=not gemv.FUSED_MAMBA_NORM))
+    if "gemv-runs" in switches and gemv.ENABLED:
+        decs.insert(1, row(f"full_{'one_run' if gemv.RUNS > 1 else 'two_run'}_gemv", "-", gemv,
+                           RUNS=1 if gemv.RUNS > 1 else 2))
     if bb.family == "transformer" and win is not None:
         if "window-gemv" in switches and gemv.FUSED:
             decs.append(row(f"{win[0]}_{'unfused' if gemv.FUSED_ROWS else 'fused'}_window_gemv", "catchup", gemv,
