@@ -44,12 +44,18 @@ def _kernels():
     from meestral.backbones import decode_attention, gemv_kernels, mamba2_kernels
 
     att = decode_attention.kernels().jit
-    one, rows = dict(BLOCK_N=8, BLOCK_K=256), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
+    one, rows = dict(BLOCK_N=8, BLOCK_K=256, RUNS=1), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
+    two = dict(one, RUNS=2)
     # (name, kernel, constexprs, float32 pointers, whether it reads weights before its wait)
     yield "gemv norm", gemv_kernels._gemv, dict(NORM=True, ACT=False, RES=False, KEEP=False, **one), (), True
     yield "gemv gate+residual", gemv_kernels._gemv, dict(NORM=False, ACT=True, RES=True, KEEP=False, **one), (), True
     yield "gemv residual32+keep", gemv_kernels._gemv, dict(NORM=False, ACT=False, RES=True, KEEP=True, **one), \
         ("y_ptr", "r_ptr"), True
+    yield "gemv float32 x cast+norm", gemv_kernels._gemv, dict(NORM=True, ACT=False, RES=False, KEEP=False, **one), \
+        ("x_ptr",), True
+    yield "gemv two runs, norm", gemv_kernels._gemv, dict(NORM=True, ACT=False, RES=False, KEEP=False, **two), (), True
+    yield "gemv two runs, gate+residual", gemv_kernels._gemv, dict(NORM=False, ACT=True, RES=True, KEEP=False, **two), \
+        (), True
     yield "rows norm", gemv_kernels._gemv_rows, dict(NORM=True, ACT=False, RES=False, KEEP=False, **rows), (), True
     yield "rows gate+residual", gemv_kernels._gemv_rows, dict(NORM=False, ACT=True, RES=True, KEEP=False, **rows), \
         (), True
