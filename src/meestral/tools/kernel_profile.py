@@ -51,17 +51,27 @@ def kernel_table(fn, device, per: int = 1, top: int = 15) -> dict:
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    if cuda:
-        torch.cuda.synchronize(dev)
-    with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        fn()
+
+    def run(acts):
         if cuda:
             torch.cuda.synchronize(dev)
-        wall_ms = (time.perf_counter() - t0) * 1000
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(dev)
+            wall = (time.perf_counter() - t0) * 1000
+        return prof.events(), wall
+
+    # On CUDA the device's events alone: the host's operators are not read, and a 64-block model
+    # stepped without graphs makes hundreds of thousands of them, whose event list took minutes to
+    # build (a Codestral-shaped profile ran out of its time, benchmarks/NOTES.md 2026-12-07). Where
+    # a profiler records no kernel without its CPU activity, it runs again with both.
+    events, wall_ms = run([ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU])
+    if cuda and not any(e.device_type == torch.autograd.DeviceType.CUDA for e in events):
+        events, wall_ms = run([ProfilerActivity.CPU, ProfilerActivity.CUDA])
     rows, intervals = {}, []
-    for e in prof.events():
+    for e in events:
         on_device = e.device_type == torch.autograd.DeviceType.CUDA
         if cuda != on_device:
             continue
