@@ -267,7 +267,7 @@ def test_switch_rows_are_the_ones_asked_for(tiny, shape):
                        ("exit@1_compiled_window_attention", "catchup")]
     else:
         assert got == [("full", "-"), ("full_compiled_ssm_step", "-"), ("full_one_run_gemv", "-"),
-                       ("full_norm_in_gemv", "-"), ("full_unfused_gemv", "-"), ("full_cublas_matmuls", "-"),
+                       ("full_one_kernel_ssm_step", "-"), ("full_norm_in_gemv", "-"), ("full_unfused_gemv", "-"), ("full_cublas_matmuls", "-"),
                        ("exit@1", "catchup")]
     assert names(("cublas",)) == [("full", "-"), ("full_cublas_matmuls", "-"), ("exit@1", "catchup")]
     assert names(("device-exits",)) == [("full", "-"), ("exit@1", "catchup")]  # no copy case: no row

@@ -105,3 +105,125 @@ from meestral.backbones import mamba2_step
 def test_off_cuda_the_step_takes_the_torch_code():
     proj, cs, ss = torch.zeros(1, 40, dtype=torch.bfloat16), torch.zeros(1, 8, 4), torch.zeros(1, 2, 2, 2)
     assert not mamba2_step.applies(proj, cs, ss)
+
+
+# kernel 2's work in kernel 1 (mamba2_step.ONE_KERNEL): the same outputs and states bit for bit as
+# the two-kernel launch, on a batch of two rows with one (row, token) not written, for a one-token
+# step and a three-token window, with the norm and state-only, on two shapes (G groups of several
+# heads each, several blocks of channels per head); BROKEN, if set, edits the kernel's source first.
+ONE = r"""
+import importlib.util, sys, tempfile
+import torch
+if BROKEN:
+    import meestral.backbones.mamba2_kernels as mk
+    src = open(mk.__file__).read()
+    assert BROKEN[0] in src
+    path = tempfile.mktemp(suffix="_mamba2_kernels.py")
+    open(path, "w").write(src.replace(*BROKEN))
+    spec = importlib.util.spec_from_file_location("meestral.backbones.mamba2_kernels", path)
+    sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[spec.name])
+    mk = sys.modules[spec.name]
+else:
+    from meestral.backbones import mamba2_kernels as mk
+gen = torch.Generator().manual_seed(0)
+def r(*s, dt=torch.bfloat16):
+    return torch.randn(*s, generator=gen).to(dt)
+for H, P, N, G in ((8, 32, 16, 2), (4, 16, 8, 1)):
+    I = H * P
+    conv_dim = I + 2 * G * N
+    w = dict(conv_w=r(conv_dim, 4) * 0.5, conv_b=r(conv_dim), dt_bias=r(H), A_log=r(H, dt=torch.float32),
+             D=r(H), gnorm_w=1 + 0.1 * r(I))
+    dims = dict(n_heads=H, head_dim=P, n_groups=G, state_size=N, intermediate=I, group_size=I // G,
+                gnorm_eps=1e-6, dt_min=0.0, dt_max=float("inf"))
+    for T in (1, 3):
+        for output in (True, False):
+            proj = r(2, T, (I if output else 0) + conv_dim + H)
+            write = torch.ones(2, T, dtype=torch.bool)
+            write[1, T - 1] = False
+            cs0, ss0 = r(2, conv_dim, 4), r(2, H, P, N, dt=torch.float32)
+            got = []
+            for one in (False, True):
+                cs, ss = cs0.clone(), ss0.clone()
+                kw = dict(w, gnorm_w=w["gnorm_w"] if output else None)
+                out = mk.launch(proj, cs, ss, write, **kw, **dims, one_kernel=one)
+                got.append([cs, ss] + ([out] if output else []))
+            for a, b in zip(*got):
+                assert torch.equal(a, b), (H, T, output, (a.float() - b.float()).abs().max().item())
+            assert not torch.equal(got[1][0], cs0) and not torch.equal(got[1][1], ss0)
+            # the one-kernel launch ran, and left its counts at zero for the next launch
+            assert int(mk._counts[torch.device("cpu")].abs().sum()) == 0
+print("ok")
+"""
+
+
+def _run_one(broken=None):
+    return _run(f"BROKEN = {broken!r}\n" + ONE)
+
+
+def test_one_kernel_launch_equals_two_kernels_bit_for_bit():
+    out = _run_one()
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_one_kernel_launch_needs_the_groups_last_program():
+    """The comparison has teeth: a tail run by the group's first program to count itself in (before
+    the other heads have written y or read the old B / C windows) gives other results."""
+    out = _run_one(("if done == (H // G) * tl.num_programs(2) - 1:", "if done == 0:"))
+    assert out.returncode != 0 and "AssertionError" in out.stderr, out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_one_kernel_launch_equals_two_kernels_bit_for_bit():
+    """On the GPU, where the group's last program is found by an atomic count across SMs: Codestral
+    Mamba's per-block shape (128 heads of 64 channels, state 128, 8 groups), batch 2 with one (row,
+    token) not written, 30 steps in a row carrying the state (a race shows as a mismatch somewhere),
+    one token and a five-token window, with the norm and state-only, launched and replayed from a
+    CUDA graph: the same outputs and states as the two-kernel launch, bit for bit."""
+    from meestral.backbones import mamba2_kernels as mk
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*s, dt=torch.bfloat16):
+        return torch.randn(*s, generator=gen, device="cuda").to(dt)
+
+    H, P, N, G = 128, 64, 128, 8
+    I = H * P
+    conv_dim = I + 2 * G * N
+    w = dict(conv_w=r(conv_dim, 4) * 0.5, conv_b=None, dt_bias=r(H), A_log=r(H, dt=torch.float32) - 2, D=r(H))
+    dims = dict(n_heads=H, head_dim=P, n_groups=G, state_size=N, intermediate=I, group_size=I // G,
+                gnorm_eps=1e-5, dt_min=0.0, dt_max=float("inf"))
+    for T in (1, 5):
+        for output in (True, False):
+            projs = [r(2, T, (I if output else 0) + conv_dim + H) for _ in range(30)]
+            write = torch.ones(2, T, dtype=torch.bool, device="cuda")
+            write[1, T - 1] = False
+            cs0, ss0 = r(2, conv_dim, 4), r(2, H, P, N, dt=torch.float32)
+            gw = 1 + 0.1 * r(I) if output else None
+            got = {}
+            for one in (False, True):
+                cs, ss, outs = cs0.clone(), ss0.clone(), []
+                for proj in projs:
+                    outs.append(mk.launch(proj, cs, ss, write, **w, gnorm_w=gw, **dims, one_kernel=one))
+                got[one] = outs + [cs, ss] if output else [cs, ss]
+                # the same steps captured once and replayed on each step's input
+                cs2, ss2, proj = cs0.clone(), ss0.clone(), projs[0].clone()
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    mk.launch(proj, cs0.clone(), ss0.clone(), write, **w, gnorm_w=gw, **dims, one_kernel=one)
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    out = mk.launch(proj, cs2, ss2, write, **w, gnorm_w=gw, **dims, one_kernel=one)
+                cs2.copy_(cs0), ss2.copy_(ss0)
+                for k, p in enumerate(projs):
+                    proj.copy_(p)
+                    g.replay()
+                    if output:
+                        assert torch.equal(out, outs[k]), (one, T, k)
+                assert torch.equal(cs2, cs) and torch.equal(ss2, ss), (one, T, output)
+            for a, b in zip(got[True], got[False]):
+                assert torch.equal(a, b), (T, output, (a.float() - b.float()).abs().max().item())
+            assert int(mk._counts[torch.device("cuda", torch.cuda.current_device())].abs().sum()) == 0

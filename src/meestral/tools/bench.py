@@ -267,7 +267,8 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
     """Rows that time one kernel switch against its default in the same run (a capturing engine on
     the Triton GEMV): `switches` names which (SWITCHES). Full depth unless said: cublas (every
     matmul on cuBLAS: what the Triton GEMV gains), fusion (the norms, gate and residual adds inside
-    the GEMV or not; a Mamba block: its residual add, and a Mamba-2 block's norm, gemv.FUSED_MAMBA_NORM),
+    the GEMV or not; a Mamba block: its residual add, and a Mamba-2 block's norm, gemv.FUSED_MAMBA_NORM,
+    and its step in one kernel or two, mamba2_step.ONE_KERNEL),
     gemv-runs (the one-row GEMV's autotuner with or without the tilings that read two runs of weights
     at a time, gemv.RUNS), window-gemv / window-attention (the first
     catch-up case with the several-row fusions switched / with inductor's window attention),
@@ -291,6 +292,9 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
         if getattr(bb, "v2", False) and gemv.FUSED:  # a Mamba-2 block's norm: inside in_proj's GEMV or not
             decs.insert(1, row(f"full_norm_{'outside' if gemv.FUSED_MAMBA_NORM else 'in'}_gemv", "-", gemv,
                                FUSED_MAMBA_NORM=not gemv.FUSED_MAMBA_NORM))
+        if getattr(bb, "v2", False) and mamba2_step.ENABLED:  # its step in one kernel or two
+            decs.insert(1, row(f"full_{'two' if mamba2_step.ONE_KERNEL else 'one'}_kernel_ssm_step", "-", mamba2_step,
+                               ONE_KERNEL=not mamba2_step.ONE_KERNEL))
     if "gemv-runs" in switches and gemv.ENABLED:
         decs.insert(1, row(f"full_{'one_run' if gemv.RUNS > 1 else 'two_run'}_gemv", "-", gemv,
                            RUNS=1 if gemv.RUNS > 1 else 2))
