@@ -262,7 +262,7 @@ def test_switch_rows_are_the_ones_asked_for(tiny, shape):
     got = names(bench.SWITCHES)
     if shape == "mistral":
         assert got == [("full", "-"), ("full_folded_attention", "-"), ("full_compiled_attention", "-"),
-                       ("full_one_run_gemv", "-"), ("full_unfused_gemv", "-"),
+                       ("full_one_run_gemv", "-"), ("full_norm_statistic_in_runs", "-"), ("full_unfused_gemv", "-"),
                        ("full_cublas_matmuls", "-"), ("exit@1", "catchup"), ("exit@1_fused_window_gemv", "catchup"),
                        ("exit@1_compiled_window_attention", "catchup")]
     else:

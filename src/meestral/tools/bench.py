@@ -268,7 +268,8 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
     the Triton GEMV): `switches` names which (SWITCHES). Full depth unless said: cublas (every
     matmul on cuBLAS: what the Triton GEMV gains), fusion (the norms, gate and residual adds inside
     the GEMV or not; a Mamba block: its residual add, and a Mamba-2 block's norm, gemv.FUSED_MAMBA_NORM,
-    and its step in one kernel or two, mamba2_step.ONE_KERNEL),
+    and its step in one kernel or two, mamba2_step.ONE_KERNEL; and the norm's statistic in one load
+    of x or in runs, gemv.NORM_ONE_LOAD),
     gemv-runs (the one-row GEMV's autotuner with or without the tilings that read two runs of weights
     at a time, gemv.RUNS), window-gemv / window-attention (the first
     catch-up case with the several-row fusions switched / with inductor's window attention),
@@ -292,6 +293,10 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
         if getattr(bb, "v2", False) and gemv.FUSED:  # a Mamba-2 block's norm: inside in_proj's GEMV or not
             decs.insert(1, row(f"full_norm_{'outside' if gemv.FUSED_MAMBA_NORM else 'in'}_gemv", "-", gemv,
                                FUSED_MAMBA_NORM=not gemv.FUSED_MAMBA_NORM))
+        # the norm's statistic from x in one load or in runs (a Mamba block's only with its norm inside)
+        if gemv.FUSED and (bb.family == "transformer" or gemv.FUSED_MAMBA_NORM):
+            decs.insert(1, row(f"full_norm_statistic_{'in_runs' if gemv.NORM_ONE_LOAD else 'in_one_load'}", "-", gemv,
+                               NORM_ONE_LOAD=not gemv.NORM_ONE_LOAD))
         if getattr(bb, "v2", False) and mamba2_step.ENABLED:  # its step in one kernel or two
             decs.insert(1, row(f"full_{'two' if mamba2_step.ONE_KERNEL else 'one'}_kernel_ssm_step", "-", mamba2_step,
                                ONE_KERNEL=not mamba2_step.ONE_KERNEL))
