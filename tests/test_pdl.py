@@ -1,7 +1,8 @@
 """backbones/pdl.py without a GPU: Triton compiles each of our kernels for Hopper (sm_90; its ptxas
 ships with Triton) and the PTX is read in program order. Launched dependent, a kernel runs while its
 predecessor still does, so before `griddepcontrol.wait` it may read weights only (the GEMVs' first
-run of them, streamed evict-first: no other load of ours carries that hint) and write nothing;
+run of them, streamed evict-first: no other load of ours carries that hint), or, for the Mamba-2
+step, its state (written two kernels before at the latest), and write nothing;
 `launch_dependents` comes after the wait. Compiled without PDL there is no griddepcontrol at all.
 (On a GPU, test_graph_engine.py's cuda test checks that dependent launches give the serial
 launches' tokens, logits and states bit for bit.)"""
@@ -46,7 +47,8 @@ def _kernels():
     att = decode_attention.kernels().jit
     one, rows = dict(BLOCK_N=8, BLOCK_K=256, RUNS=1, XS=0), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
     two = dict(one, RUNS=2)
-    # (name, kernel, constexprs, float32 pointers, whether it reads weights before its wait)
+    # (name, kernel, constexprs, float32 pointers, whether it reads weights before its wait, or
+    # "state": reads the recurrent state written two kernels before or earlier)
     yield "gemv norm", gemv_kernels._gemv, dict(NORM=True, ACT=False, RES=False, KEEP=False, **one), (), True
     yield "gemv norm, statistic in one load", gemv_kernels._gemv, dict(NORM=True, ACT=False, RES=False, KEEP=False,
                                                                       **dict(one, XS=4096)), ("x_ptr",), True
@@ -66,9 +68,9 @@ def _kernels():
     yield "combine", att["_combine"], dict(D=128, SP=4), (), False
     yield "attend rows", att["_attend_rows"], dict(D=128, CHUNK=64, BQ=32), (), False
     yield "mamba2 scan", mamba2_kernels._scan, dict(HAS_BIAS=True, OUTPUT=True, BLOCK_P=16, BLOCK_N=128, TAIL=False,
-                                                    BLOCK_GS=1), (), False
+                                                    BLOCK_GS=1), (), "state"
     yield "mamba2 scan, group tail", mamba2_kernels._scan, dict(HAS_BIAS=True, OUTPUT=True, BLOCK_P=16, BLOCK_N=128,
-                                                                TAIL=True, BLOCK_GS=1024), (), False
+                                                                TAIL=True, BLOCK_GS=1024), (), "state"
     yield "mamba2 gate norm", mamba2_kernels._gate_norm, dict(OUTPUT=True, BLOCK_N=128, BLOCK_GS=1024), (), False
 
 
@@ -79,6 +81,9 @@ def test_before_its_wait_a_kernel_reads_weights_only_and_writes_nothing():
         launches = [i for i, line in enumerate(ptx) if "griddepcontrol.launch_dependents" in line]
         assert waits and launches and waits[0] < launches[0], name
         early = [line.strip() for line in ptx[:waits[0]] if MEMORY.match(line)]
-        assert all("ld.global.L1::evict_first" in line for line in early), (name, early[:3])
-        assert bool(early) == prefetch, f"{name}: {len(early)} loads before the wait"
+        assert bool(early) == bool(prefetch), f"{name}: {len(early)} loads before the wait"
+        if prefetch == "state":  # the Mamba-2 step reads its state early (mamba2_kernels._scan says why): loads only
+            assert all(re.search(r"\bld\.global", line) for line in early), (name, early[:3])
+        else:
+            assert all("ld.global.L1::evict_first" in line for line in early), (name, early[:3])
         assert "griddepcontrol" not in "\n".join(_ptx(fn, consts, False, fp32_out)), name

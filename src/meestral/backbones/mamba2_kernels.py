@@ -50,9 +50,6 @@ def _scan(proj_ptr, cs_ptr, ss_ptr, wr_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, d
           TAIL: tl.constexpr = False, BLOCK_GS: tl.constexpr = 1):
     # program (row b, head h, block of the head's channels); TAIL: the last of a group's programs to
     # finish also does kernel 2's work for the group (launch's `one_kernel`)
-    if PDL:  # launched while the previous kernel runs (pdl.py): nothing is touched before it is done
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     pb = tl.program_id(2)
@@ -73,6 +70,14 @@ def _scan(proj_ptr, cs_ptr, ss_ptr, wr_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, d
     A = -tl.exp(tl.load(alog_ptr + h).to(tl.float32))
     Dh = tl.load(d_ptr + h).to(tl.float32)
     dtb = tl.load(dtb_ptr + h).to(tl.float32)
+    # Launched while the previous kernel runs (pdl.py): the state and the conv windows above are read
+    # before the wait, the rest after it. Safe because the kernel before this one is always in_proj's
+    # matmul, which writes neither, and it launches its dependents only after its own wait, that
+    # is once every kernel before it (the last writers of the state: this block's previous step,
+    # a rollback's copies) has completed.
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     for t in range(T):
         write = tl.load(wr_ptr + b * T + t) != 0
         row = proj_ptr + b * stride_b + t * stride_t + xoff

@@ -12,7 +12,10 @@ With PDL (Hopper and later: the launch attribute "programmatic stream serializat
 (`gdc_launch_dependents`); its programs then wait (`gdc_wait`, which returns once the predecessor
 has completed and its writes are visible) before they touch anything a predecessor writes or
 reads. Before the wait a kernel may read only what never changes during a decode: weights (the
-GEMV reads its first run of them there, overlapping the previous kernel's drain).
+GEMV reads its first run of them there, overlapping the previous kernel's drain), or what only
+kernels before its predecessor write, where that predecessor is always one of ours (each launches
+its dependents after its own wait, so all kernels before it have completed): the Mamba-2 step
+reads its recurrent state there, after in_proj's GEMV (mamba2_kernels._scan).
 
 Every kernel of ours that launches this way waits before reading an activation or writing
 anything, so each completes only after its predecessor has: the stream's order holds for the
