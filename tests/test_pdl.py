@@ -45,13 +45,11 @@ def _kernels():
     from meestral.backbones import decode_attention, gemv_kernels, mamba2_kernels
 
     att = decode_attention.kernels().jit
-    one, rows = dict(BLOCK_N=8, BLOCK_K=256, RUNS=1, XS=0), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
+    one, rows = dict(BLOCK_N=8, BLOCK_K=256, RUNS=1), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
     two = dict(one, RUNS=2)
     # (name, kernel, constexprs, float32 pointers, whether it reads weights before its wait, or
     # "state": reads the recurrent state written two kernels before or earlier)
     yield "gemv norm", gemv_kernels._gemv, dict(NORM=True, ACT=False, RES=False, KEEP=False, **one), (), True
-    yield "gemv norm, statistic in one load", gemv_kernels._gemv, dict(NORM=True, ACT=False, RES=False, KEEP=False,
-                                                                      **dict(one, XS=4096)), ("x_ptr",), True
     yield "gemv gate+residual", gemv_kernels._gemv, dict(NORM=False, ACT=True, RES=True, KEEP=False, **one), (), True
     yield "gemv residual32+keep", gemv_kernels._gemv, dict(NORM=False, ACT=False, RES=True, KEEP=True, **one), \
         ("y_ptr", "r_ptr"), True
@@ -67,10 +65,7 @@ def _kernels():
     yield "attend, combination folded", att["_attend"], dict(D=128, CHUNK=64, SP=4, FOLD=True), (), False
     yield "combine", att["_combine"], dict(D=128, SP=4), (), False
     yield "attend rows", att["_attend_rows"], dict(D=128, CHUNK=64, BQ=32), (), False
-    yield "mamba2 scan", mamba2_kernels._scan, dict(HAS_BIAS=True, OUTPUT=True, BLOCK_P=16, BLOCK_N=128, TAIL=False,
-                                                    BLOCK_GS=1), (), "state"
-    yield "mamba2 scan, group tail", mamba2_kernels._scan, dict(HAS_BIAS=True, OUTPUT=True, BLOCK_P=16, BLOCK_N=128,
-                                                                TAIL=True, BLOCK_GS=1024), (), "state"
+    yield "mamba2 scan", mamba2_kernels._scan, dict(HAS_BIAS=True, OUTPUT=True, BLOCK_P=16, BLOCK_N=128), (), "state"
     yield "mamba2 gate norm", mamba2_kernels._gate_norm, dict(OUTPUT=True, BLOCK_N=128, BLOCK_GS=1024), (), False
 
 

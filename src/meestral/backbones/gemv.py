@@ -36,12 +36,13 @@ ENABLED = True  # benchmarks switch it off to time cuBLAS in the same run
 # FUSED_MAMBA_NORM, its norm before in_proj.
 FUSED = True
 # A Mamba-2 block's cast of its (float32) residual stream and its norm inside in_proj's one-row GEMV
-# (`cast_norm_linear`), with FUSED. Off: measured 0.8% slower on an H100 on 2026-12-06, before
-# dependent launches (every program recomputes the statistic); since then the norm is the one
-# kernel of the block that inductor makes, launched serially between two dependent launches, and
-# the block spends ~16 us a block outside its two GEMVs (benchmarks/NOTES.md 2026-12-07, seventh
-# session). The bench's `full_norm_in_gemv` row (switch `fusion`) times it on in the same run.
-FUSED_MAMBA_NORM = False
+# (`cast_norm_linear`), with FUSED. On since the H100 runs of 2026-12-07 (benchmarks/NOTES.md,
+# eighth session): full depth on the Codestral-Mamba-7B shape +2.6% / +2.8% in two runs. It was
+# 0.8% slower before dependent launches (2026-12-06: every program recomputes the statistic); with
+# them the norm was the one kernel of the block that inductor makes, launched serially between two
+# dependent launches, and in_proj could not read its first weights while it ran. The bench's
+# `full_norm_outside_gemv` row (switch `fusion`) times it off in the same run.
+FUSED_MAMBA_NORM = True
 # The residual add after a Mamba block's out_proj inside the GEMV (`linear_residual_keep`), with
 # FUSED. On since the H100 run of 2026-12-07 (benchmarks/NOTES.md, sixth session: full depth +1.6%
 # on the Codestral-Mamba-7B shape); the bench's `full_unfused_gemv` row times it off.
@@ -60,15 +61,6 @@ FUSED_ROWS = False
 # (benchmarks/NOTES.md 2026-12-06). A superset of the one-run tilings, so the tuned choice is never
 # slower alone; the bench's `full_one_run_gemv` row (switch `gemv-runs`) times RUNS=1 in the same run.
 RUNS = 2
-# The one-row kernel's norm statistic from all of x in one load (K up to NORM_ONE_LOAD_MAX: 16-32
-# float32 registers a thread) rather than in runs of BLOCK_K: the statistic is what every program
-# computes after waiting for the previous kernel (dependent launches, pdl.py), so its K / BLOCK_K
-# round trips to L2 (four on the 7B shapes) lie on the critical path twice a Transformer layer and,
-# with FUSED_MAMBA_NORM, once a Mamba-2 block. A different summation order of the statistic (the
-# same value to float32 rounding). The bench's `full_norm_statistic_in_runs` row (switch `fusion`)
-# times it off in the same run.
-NORM_ONE_LOAD = True
-NORM_ONE_LOAD_MAX = 8192
 # Up to this many rows (catch-up and verify windows, speculate cycles, small batches) take the
 # several-row kernel; more rows are cuBLAS's (its tiles then share each weight read between rows).
 ROWS = 16
@@ -97,9 +89,6 @@ def kernels(tune: bool = True, runs: int = 1):
     def launch(x, w, norm_w=None, eps=0.0, act=False, res=None, keep=False):
         N, K = w.shape
         flags = dict(NORM=norm_w is not None, ACT=bool(act), RES=res is not None, KEEP=bool(keep), **pdl.launch_kw(x))
-        K_ = x.shape[-1]
-        one_load = NORM_ONE_LOAD and norm_w is not None and x.dim() == 1 and K_ <= NORM_ONE_LOAD_MAX
-        xs = dict(XS=triton.next_power_of_2(K_)) if one_load else {}
         nw, r = x if norm_w is None else norm_w, x if res is None else res  # unused pointers: any tensor
         # y in the dtype `res + product` has in torch (a float32 residual stream stays float32); the
         # product in the weights' dtype (x's but for a float32 x cast before the norm)
@@ -116,9 +105,9 @@ def kernels(tune: bool = True, runs: int = 1):
             args = (x, w, y, nw, r, m, N, K, float(eps))
             if tune:
                 kernel = gk.tuned_deep if RUNS > 1 else gk.tuned
-                kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags, **xs)
+                kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
             else:
-                gk._gemv[(triton.cdiv(N, 4),)](*args, **flags, **xs, BLOCK_N=4, BLOCK_K=64, RUNS=runs)
+                gk._gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=64, RUNS=runs)
         return (y, m) if keep else y
 
     return launch

@@ -45,7 +45,7 @@ def _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM: tl.constexpr, ACT: tl.constex
 @triton.jit
 def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
           RES: tl.constexpr, KEEP: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          RUNS: tl.constexpr = 1, XS: tl.constexpr = 0):
+          RUNS: tl.constexpr = 1):
     # Each program owns BLOCK_N rows of w and walks K in runs of BLOCK_K contiguous elements:
     # every weight byte is read once, streamed past the cache (evict-first). RUNS=2 loads two runs
     # before multiplying the first: twice the bytes in flight, each element of acc still summed
@@ -67,17 +67,12 @@ def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constex
         tl.extra.cuda.gdc_launch_dependents()
     rstd = 1.0
     if NORM:  # the RMS statistic of x first: every program reads x (a few KB, from L2)
-        if XS > 0:  # all of x (XS >= K) in one load: one L2 round trip after the wait, not K / BLOCK_K
-            c = tl.arange(0, XS)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            c = k0 + tl.arange(0, BLOCK_K)
             xv = tl.load(x_ptr + c, mask=c < K, other=0.0).to(dt).to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=0) / K + eps)
-        else:
-            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                c = k0 + tl.arange(0, BLOCK_K)
-                xv = tl.load(x_ptr + c, mask=c < K, other=0.0).to(dt).to(tl.float32)
-                ss += xv * xv
-            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+            ss += xv * xv
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
     acc = w.to(tl.float32) * _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM, ACT)[None, :]
     if RUNS == 2:
         acc += w2.to(tl.float32) * _x_run(x_ptr, nw_ptr, c2, K, rstd, dt, NORM, ACT)[None, :]

@@ -44,12 +44,10 @@ def _conv(c1, c2, c3, new, w_ptr, cb_ptr, ch, cm, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _scan(proj_ptr, cs_ptr, ss_ptr, wr_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, d_ptr, y_ptr, cnt_ptr, gw_ptr,
-          out_ptr, stride_b, stride_t, xoff, T, I, H, P, N, G, dt_min, dt_max, eps, HAS_BIAS: tl.constexpr,
-          OUTPUT: tl.constexpr, PDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-          TAIL: tl.constexpr = False, BLOCK_GS: tl.constexpr = 1):
-    # program (row b, head h, block of the head's channels); TAIL: the last of a group's programs to
-    # finish also does kernel 2's work for the group (launch's `one_kernel`)
+def _scan(proj_ptr, cs_ptr, ss_ptr, wr_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, d_ptr, y_ptr,
+          stride_b, stride_t, xoff, T, I, H, P, N, G, dt_min, dt_max, HAS_BIAS: tl.constexpr,
+          OUTPUT: tl.constexpr, PDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # program (row b, head h, block of the head's channels)
     b = tl.program_id(0)
     h = tl.program_id(1)
     pb = tl.program_id(2)
@@ -72,9 +70,9 @@ def _scan(proj_ptr, cs_ptr, ss_ptr, wr_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, d
     dtb = tl.load(dtb_ptr + h).to(tl.float32)
     # Launched while the previous kernel runs (pdl.py): the state and the conv windows above are read
     # before the wait, the rest after it. Safe because the kernel before this one is always in_proj's
-    # matmul, which writes neither, and it launches its dependents only after its own wait, that
-    # is once every kernel before it (the last writers of the state: this block's previous step,
-    # a rollback's copies) has completed.
+    # matmul, which writes neither and launches its dependents only after its own wait, that is once
+    # every kernel before it (the last writers of the state: this block's previous step, a
+    # rollback's copies) has completed.
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -109,44 +107,6 @@ def _scan(proj_ptr, cs_ptr, ss_ptr, wr_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, d
     tl.store(base + 1, x1, mask=pm)
     tl.store(base + 2, x2, mask=pm)
     tl.store(base + 3, x3, mask=pm)
-    if TAIL:
-        # Which program of the group finishes last is known only at run time: each counts itself
-        # in (acquire-release at GPU scope, after a barrier so that every thread's stores of y come
-        # before the count); the one that completes the count has every head's y to read and no
-        # head left that reads the group's old B and C windows.
-        tl.debug_barrier()
-        at_cnt = cnt_ptr + b * G + g
-        done = tl.atomic_add(at_cnt, 1, sem="acq_rel", scope="gpu")
-        if done == (H // G) * tl.num_programs(2) - 1:
-            tl.atomic_xchg(at_cnt, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-            _group_tail(proj_ptr, cs_ptr, wr_ptr, y_ptr, gw_ptr, out_ptr, b, g, stride_b, stride_t, xoff, T, I,
-                        N, G, I // G, eps, OUTPUT, BLOCK_N, BLOCK_GS)
-
-
-@triton.jit
-def _group_tail(proj_ptr, cs_ptr, wr_ptr, y_ptr, gw_ptr, out_ptr, b, g, stride_b, stride_t, xoff, T, I, N, G, GS,
-                eps, OUTPUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GS: tl.constexpr):
-    """Kernel 2's work for row b, group g: the group's B and C conv windows shifted (when g < G),
-    then y * silu(gate) RMS-normed over the GS channels of group g (OUTPUT, when g < I // GS)."""
-    cs_sb = (I + 2 * G * N) * 4
-    n = tl.arange(0, BLOCK_N)
-    if g < G:  # the group's B and C channels: their windows, now that kernel 1 has read them
-        _shift(proj_ptr, cs_ptr, wr_ptr, b, I + g * N + n, n < N, stride_b, stride_t, xoff, cs_sb, T)
-        _shift(proj_ptr, cs_ptr, wr_ptr, b, I + G * N + g * N + n, n < N, stride_b, stride_t, xoff, cs_sb, T)
-    if OUTPUT:
-        if g < I // GS:  # MambaRMSNormGated: gate in float32, an RMS norm per group of GS channels
-            dt = out_ptr.dtype.element_ty
-            c = g * GS + tl.arange(0, BLOCK_GS)
-            cm = c < g * GS + GS
-            w = tl.load(gw_ptr + c, mask=cm, other=0.0).to(tl.float32)
-            for t in range(T):
-                # y from L2 (".cg"): in the one-kernel launch other programs wrote it moments ago
-                y = tl.load(y_ptr + (b * T + t) * I + c, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
-                z = tl.load(proj_ptr + b * stride_b + t * stride_t + c, mask=cm, other=0.0).to(tl.float32)
-                yf = y * (z * tl.sigmoid(z))
-                r = 1.0 / tl.sqrt(tl.sum(yf * yf, axis=0) / GS + eps)
-                o = w * (yf * r).to(dt).to(tl.float32)
-                tl.store(out_ptr + (b * T + t) * I + c, o.to(dt), mask=cm)
 
 
 @triton.jit
@@ -171,31 +131,31 @@ def _gate_norm(proj_ptr, cs_ptr, wr_ptr, y_ptr, gw_ptr, out_ptr, stride_b, strid
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    _group_tail(proj_ptr, cs_ptr, wr_ptr, y_ptr, gw_ptr, out_ptr, tl.program_id(0), tl.program_id(1), stride_b,
-                stride_t, xoff, T, I, N, G, GS, eps, OUTPUT, BLOCK_N, BLOCK_GS)
-
-
-# Per (row, group) counts of the one-kernel launch's programs, per device: zeros between launches
-# (the last program of a group puts its count back), so one buffer serves every block and step.
-_counts: dict = {}
-
-
-def _counters(device, n):
-    """A zeroed int32 buffer of at least n counts on `device`, or None where it would have to be made
-    during a CUDA graph capture (a buffer made there would belong to the graph's pool)."""
-    buf = _counts.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _counts[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    cs_sb = (I + 2 * G * N) * 4
+    n = tl.arange(0, BLOCK_N)
+    if g < G:  # the group's B and C channels: their windows, now that kernel 1 has read them
+        _shift(proj_ptr, cs_ptr, wr_ptr, b, I + g * N + n, n < N, stride_b, stride_t, xoff, cs_sb, T)
+        _shift(proj_ptr, cs_ptr, wr_ptr, b, I + G * N + g * N + n, n < N, stride_b, stride_t, xoff, cs_sb, T)
+    if OUTPUT:
+        if g < I // GS:  # MambaRMSNormGated: gate in float32, an RMS norm per group of GS channels
+            dt = out_ptr.dtype.element_ty
+            c = g * GS + tl.arange(0, BLOCK_GS)
+            cm = c < g * GS + GS
+            w = tl.load(gw_ptr + c, mask=cm, other=0.0).to(tl.float32)
+            for t in range(T):
+                y = tl.load(y_ptr + (b * T + t) * I + c, mask=cm, other=0.0).to(tl.float32)
+                z = tl.load(proj_ptr + b * stride_b + t * stride_t + c, mask=cm, other=0.0).to(tl.float32)
+                yf = y * (z * tl.sigmoid(z))
+                r = 1.0 / tl.sqrt(tl.sum(yf * yf, axis=0) / GS + eps)
+                o = w * (yf * r).to(dt).to(tl.float32)
+                tl.store(out_ptr + (b * T + t) * I + c, o.to(dt), mask=cm)
 
 
 def launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, *, n_heads,
-           head_dim, n_groups, state_size, intermediate, group_size, gnorm_eps, dt_min, dt_max, one_kernel=False):
-    """proj [B, T, Dp] (last dim contiguous), write [B, T] bool (contiguous): see mamba2_step.kernels.
-    one_kernel: kernel 2's work done by the last program of each group in kernel 1 (where the norm's
-    groups are the SSM's groups, as in every Mamba-2 release), the same results bit for bit."""
+           head_dim, n_groups, state_size, intermediate, group_size, gnorm_eps, dt_min, dt_max):
+    """proj [B, T, Dp] (last dim contiguous), write [B, T] bool (contiguous): see mamba2_step.kernels."""
     Bsz, T = proj.shape[:2]
     I, H, P, N, G = intermediate, n_heads, head_dim, state_size, n_groups
     assert conv_state.shape[-1] == TAPS and proj.stride(-1) == 1 and write.is_contiguous()
@@ -204,21 +164,17 @@ def launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D
     BLOCK_N = triton.next_power_of_2(N)
     BLOCK_P = min(16, triton.next_power_of_2(P))
     y = torch.empty(Bsz, T, I, dtype=proj.dtype, device=proj.device) if output else proj
-    out = torch.empty_like(y) if output else None
     cb = conv_w if conv_b is None else conv_b
     strides = (proj.stride(0), proj.stride(1))
     kw = pdl.launch_kw(proj)
-    gs = group_size if output else I
-    gw, o = (gnorm_w, out) if output else (proj, proj)  # unused pointers without the norm: any tensor
-    counts = _counters(proj.device, Bsz * G) if one_kernel and (not output or gs * G == I) else None
-    tail = counts is not None
     _scan[(Bsz, H, triton.cdiv(P, BLOCK_P))](
-        proj, conv_state, ssm_state, write, conv_w, cb, dt_bias, A_log, D, y, counts if tail else write, gw, o,
-        *strides, xoff, T, I, H, P, N, G, float(dt_min), float(dt_max), float(gnorm_eps),
-        HAS_BIAS=conv_b is not None, OUTPUT=output, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, TAIL=tail,
-        BLOCK_GS=triton.next_power_of_2(I // G) if tail else 1, num_warps=4, **kw)
-    if not tail:
-        _gate_norm[(Bsz, max(G, I // gs))](
-            proj, conv_state, write, y, gw, o, *strides, xoff, T, I, N, G, gs, float(gnorm_eps), OUTPUT=output,
-            BLOCK_N=BLOCK_N, BLOCK_GS=triton.next_power_of_2(gs), num_warps=4 if gs <= 1024 else 8, **kw)
+        proj, conv_state, ssm_state, write, conv_w, cb, dt_bias, A_log, D, y, *strides, xoff, T, I, H, P, N, G,
+        float(dt_min), float(dt_max), HAS_BIAS=conv_b is not None, OUTPUT=output, BLOCK_P=BLOCK_P,
+        BLOCK_N=BLOCK_N, num_warps=4, **kw)
+    out = torch.empty_like(y) if output else None
+    gs = group_size if output else I
+    _gate_norm[(Bsz, max(G, I // gs))](
+        proj, conv_state, write, y, gnorm_w if output else proj, out if output else proj, *strides, xoff, T, I, N,
+        G, gs, float(gnorm_eps), OUTPUT=output, BLOCK_N=BLOCK_N, BLOCK_GS=triton.next_power_of_2(gs),
+        num_warps=4 if gs <= 1024 else 8, **kw)
     return out

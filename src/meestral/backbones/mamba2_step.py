@@ -14,8 +14,7 @@ block by the morning's estimate; with these two kernels instead full depth is 6%
    weight; and the B / C channels' conv windows of the group, shifted here because every head of the
    group reads their old window in kernel 1 (no program may overwrite it before all have read it).
 
-With ONE_KERNEL, kernel 1's last program of each group does kernel 2's work for the group (one
-launch a block). Both take a window of tokens at once (catch-up's deep pass, verify windows, speculate cycles): the
+Both take a window of tokens at once (catch-up's deep pass, verify windows, speculate cycles): the
 conv taps and the state stay in registers between tokens, so the 4 MB state is read and written
 once per window instead of once per token.
 
@@ -33,20 +32,13 @@ from typing import Optional
 import torch
 
 ENABLED = True  # the bench switches it off to time inductor's kernels for the same step in one run
-# Kernel 2's work done by kernel 1 instead: the last of a group's programs to finish (an atomic count
-# per row and group says which) shifts the group's B / C windows and norms its y, the same code on
-# the same values, so the same results bit for bit. One kernel launch and one drain-and-wait a
-# block fewer, where the block spends ~16 us outside its two GEMVs on the Codestral-Mamba-7B shape
-# (benchmarks/NOTES.md, 2026-12-07, seventh session); the bench's `full_two_kernel_ssm_step` /
-# `full_one_kernel_ssm_step` row (switch `fusion`) times the other choice in the same run.
-ONE_KERNEL = False
 
 
 def kernels():
     """The launcher of the two kernels (mamba2_kernels.py), or None without Triton.
 
-    launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, *, dims...,
-    one_kernel=False) -> y [B, T, I] in proj's dtype, or None when gnorm_w is None (a state-only step: `propagate`).
+    launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, *, dims...)
+    -> y [B, T, I] in proj's dtype, or None when gnorm_w is None (a state-only step: `propagate`).
     proj [B, T, Dp] is in_proj's output for a window of T tokens: [gate I | x B C (conv_dim) | dt H],
     or without the gate when gnorm_w is None; write [B, T] says which (row, token) pairs change the
     state. conv_state [B, conv_dim, 4] and ssm_state [B, H, P, N] (float32) change in place."""
@@ -67,16 +59,16 @@ def _make_op():
                     conv_w: torch.Tensor, conv_b: Optional[torch.Tensor], dt_bias: torch.Tensor,
                     A_log: torch.Tensor, D: torch.Tensor, gnorm_w: Optional[torch.Tensor], n_heads: int,
                     head_dim: int, n_groups: int, state_size: int, intermediate: int, group_size: int,
-                    gnorm_eps: float, dt_min: float, dt_max: float, one_kernel: bool) -> torch.Tensor:
+                    gnorm_eps: float, dt_min: float, dt_max: float) -> torch.Tensor:
         out = launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w,
                      n_heads=n_heads, head_dim=head_dim, n_groups=n_groups, state_size=state_size,
                      intermediate=intermediate, group_size=group_size, gnorm_eps=gnorm_eps, dt_min=dt_min,
-                     dt_max=dt_max, one_kernel=one_kernel)
+                     dt_max=dt_max)
         return proj.new_empty(0) if out is None else out  # an op returns a tensor: an empty one for propagate
 
     @mamba2_step.register_fake
     def _(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, n_heads, head_dim,
-          n_groups, state_size, intermediate, group_size, gnorm_eps, dt_min, dt_max, one_kernel):
+          n_groups, state_size, intermediate, group_size, gnorm_eps, dt_min, dt_max):
         return proj.new_empty(*proj.shape[:2], intermediate) if gnorm_w is not None else proj.new_empty(0)
 
     return mamba2_step
@@ -100,5 +92,5 @@ def step(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, 
     """The kernels over a window of tokens (see `kernels`); only where `applies` says so."""
     proj = proj if proj.stride(-1) == 1 else proj.contiguous()
     out = _OP(proj, conv_state, ssm_state, write.contiguous(), conv_w.contiguous(), conv_b, dt_bias, A_log, D,
-              gnorm_w, **dims, one_kernel=ONE_KERNEL)
+              gnorm_w, **dims)
     return out if gnorm_w is not None else None

@@ -25,6 +25,7 @@ to compile: ask for them where the time is there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import platform
@@ -267,9 +268,7 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
     """Rows that time one kernel switch against its default in the same run (a capturing engine on
     the Triton GEMV): `switches` names which (SWITCHES). Full depth unless said: cublas (every
     matmul on cuBLAS: what the Triton GEMV gains), fusion (the norms, gate and residual adds inside
-    the GEMV or not; a Mamba block: its residual add, and a Mamba-2 block's norm, gemv.FUSED_MAMBA_NORM,
-    and its step in one kernel or two, mamba2_step.ONE_KERNEL; and the norm's statistic in one load
-    of x or in runs, gemv.NORM_ONE_LOAD),
+    the GEMV or not; a Mamba block: its residual add, and a Mamba-2 block's norm, gemv.FUSED_MAMBA_NORM),
     gemv-runs (the one-row GEMV's autotuner with or without the tilings that read two runs of weights
     at a time, gemv.RUNS), window-gemv / window-attention (the first
     catch-up case with the several-row fusions switched / with inductor's window attention),
@@ -293,13 +292,6 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
         if getattr(bb, "v2", False) and gemv.FUSED:  # a Mamba-2 block's norm: inside in_proj's GEMV or not
             decs.insert(1, row(f"full_norm_{'outside' if gemv.FUSED_MAMBA_NORM else 'in'}_gemv", "-", gemv,
                                FUSED_MAMBA_NORM=not gemv.FUSED_MAMBA_NORM))
-        # the norm's statistic from x in one load or in runs (a Mamba block's only with its norm inside)
-        if gemv.FUSED and (bb.family == "transformer" or gemv.FUSED_MAMBA_NORM):
-            decs.insert(1, row(f"full_norm_statistic_{'in_runs' if gemv.NORM_ONE_LOAD else 'in_one_load'}", "-", gemv,
-                               NORM_ONE_LOAD=not gemv.NORM_ONE_LOAD))
-        if getattr(bb, "v2", False) and mamba2_step.ENABLED:  # its step in one kernel or two
-            decs.insert(1, row(f"full_{'two' if mamba2_step.ONE_KERNEL else 'one'}_kernel_ssm_step", "-", mamba2_step,
-                               ONE_KERNEL=not mamba2_step.ONE_KERNEL))
     if "gemv-runs" in switches and gemv.ENABLED:
         decs.insert(1, row(f"full_{'one_run' if gemv.RUNS > 1 else 'two_run'}_gemv", "-", gemv,
                            RUNS=1 if gemv.RUNS > 1 else 2))
@@ -513,7 +505,7 @@ def _mean(summaries, key):
 
 def _write_profiles(path, bb, ids, tokens, opts, decs):
     """Kernel tables of our full depth, the first exit layer's copy / catchup rows and the first
-    fixed-k speculate row.
+    fixed-k speculate row, per decode step (the prompt and first token subtracted).
 
     CUPTI cannot be trusted on CUDA-graph replays (an illegal memory access on the 2026-12-02 run,
     pytorch#75504; kineto#1165: misattributed kernels before CUDA 13.1), so the profiled decoders
@@ -542,8 +534,12 @@ def _write_profiles(path, bb, ids, tokens, opts, decs):
         # lengths only as it goes, and a Mamba shape compiled under the profiler took minutes
         # (benchmarks/NOTES.md 2026-12-07, seventh session)
         prof.generate([ids], opts)
+        # the decode steps alone: the prompt and first token run again apart and are subtracted
+        # (a Mamba-2 prompt through the chunked scan outweighed a hundred decode steps)
+        first = dataclasses.replace(opts, max_new_tokens=1)
         tables[f"{name} {policy} ({engine} kernels)"] = kernel_table(lambda: prof.generate([ids], opts), bb.device,
-                                                                     per=tokens)
+                                                                     per=max(tokens - 1, 1),
+                                                                     minus=lambda: prof.generate([ids], first))
     write_json(path, {"backbone": bb.name, "device": str(bb.device), "dtype": str(bb.dtype), "tokens": tokens,
                       "prompt_tokens": len(ids), "tables": tables}, indent=1)
     for label, t in tables.items():

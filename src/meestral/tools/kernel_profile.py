@@ -43,13 +43,11 @@ def _union_us(intervals) -> float:
     return total
 
 
-def kernel_table(fn, device, per: int = 1, top: int = 15) -> dict:
-    """Run fn() once under the profiler. Figures are per unit of `per` (e.g. decoded tokens):
-    wall_ms, device_busy_ms (union of kernel intervals), kernels, and the `top` kernels by time
-    with their calls, ms and share of kernel time; `classes` sums time per kernel class."""
+def _profile(fn, dev) -> tuple[dict, list, float]:
+    """fn() run once under the profiler: its kernels (or, off CUDA, top-level CPU operators) summed
+    per name {name: {"name", "calls", "us"}}, their intervals (us), and the wall-clock (ms)."""
     from torch.profiler import ProfilerActivity, profile
 
-    dev = torch.device(device)
     cuda = dev.type == "cuda"
 
     def run(acts):
@@ -82,6 +80,31 @@ def kernel_table(fn, device, per: int = 1, top: int = 15) -> dict:
         r["calls"] += 1
         r["us"] += b - a
         intervals.append((a, b))
+    return rows, intervals, wall_ms
+
+
+def kernel_table(fn, device, per: int = 1, top: int = 15, minus=None) -> dict:
+    """Run fn() once under the profiler. Figures are per unit of `per` (e.g. decoded tokens):
+    wall_ms, device_busy_ms (union of kernel intervals), kernels, and the `top` kernels by time
+    with their calls, ms and share of kernel time; `classes` sums time per kernel class.
+
+    minus: a second function whose run is subtracted, name by name (calls, time), busy time and
+    wall-clock: e.g. the prompt and first token alone, so that a generation's table is its decode
+    steps only (a Mamba-2 prompt through the chunked scan costs as much device time as a hundred
+    decode steps, benchmarks/NOTES.md 2026-12-07, eighth session)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    rows, intervals, wall_ms = _profile(fn, dev)
+    busy_us = _union_us(intervals)
+    if minus is not None:
+        base, base_intervals, base_wall = _profile(minus, dev)
+        for name, r0 in base.items():
+            r = rows.setdefault(name, {"name": name, "calls": 0, "us": 0.0})
+            r["calls"] -= r0["calls"]
+            r["us"] -= r0["us"]
+        rows = {n: r for n, r in rows.items() if r["calls"] > 0 and r["us"] > 0}
+        busy_us = max(busy_us - _union_us(base_intervals), 0.0)
+        wall_ms = max(wall_ms - base_wall, 0.0)
     total_us = sum(r["us"] for r in rows.values()) or 1.0
     classes: dict = {}
     for r in rows.values():
@@ -92,7 +115,7 @@ def kernel_table(fn, device, per: int = 1, top: int = 15) -> dict:
         "unit": "per token" if per > 1 else "per run",
         "timeline": "device kernels" if cuda else "CPU operators",
         "wall_ms": wall_ms / per,
-        "device_busy_ms": _union_us(intervals) / 1000 / per,
+        "device_busy_ms": busy_us / 1000 / per,
         "kernels": sum(r["calls"] for r in rows.values()) / per,
         "classes_ms": classes,
         "top": [{"name": r["name"][:120], "class": kernel_class(r["name"]) if cuda else "cpu-op",
