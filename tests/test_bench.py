@@ -175,6 +175,24 @@ def test_bench_gives_full_depth_one_step_at_a_time_beside_chunks(tiny, monkeypat
     assert rows[0]["weight_bytes_per_token"] == rows[1]["weight_bytes_per_token"]
 
 
+def test_rows_take_the_best_copy_bandwidth_probe(tiny, monkeypatch):
+    """The copy bandwidth is probed before the timed runs and after them; each row's "% of copy" is
+    measured against the higher probe (a low probe would inflate it), and both are recorded."""
+    import io
+
+    from meestral.tools import bench
+
+    bb = tiny("mistral")
+    monkeypatch.setattr(bench, "load_backbone", lambda *a, **kw: bb)
+    probes = iter([3000.0, 2600.0])
+    monkeypatch.setattr(bench, "copy_gbps", lambda device: next(probes))
+    rows = bench.run_bench("tiny", exits=[2], tokens=4, repeats=1, out=io.StringIO(), policies=("copy",), peers=())
+    for r in rows:
+        assert r["copy_gbps_probes"] == [3000.0, 2600.0] and r["copy_gbps"] == 3000.0
+        assert r["pct_of_copy_bandwidth"] == pytest.approx(100.0 * r["weight_gbps"] / 3000.0)
+    assert bench.best_copy_gbps([None, 2.0, 5.0]) == 5.0 and bench.best_copy_gbps([None, None]) is None
+
+
 def test_bench_refuses_a_prompt_count_it_does_not_have(capsys):
     from meestral.cli.main import main
     from meestral.tools.bench import PROMPTS
