@@ -68,6 +68,70 @@ print("ok")
 """
 
 
+# A Mamba-2 block's end inside out_proj's GEMV (gemv.FUSED_MAMBA_GATE): the scan alone, then the
+# gated group norm and the B / C windows' shift in the one-row GEMV. Batch 1, one token a step from
+# random states, a step whose write mask is off among them, bf16 and fp16: outputs and every state
+# element equal the per-module path step after step (a missing or wrong shift shows in the conv
+# windows, and in the next step's output), and no step took the two-kernel tail.
+END = r"""
+import sys
+import torch
+from meestral.backbones import gemv, gemv_kernels, mamba2_step
+from meestral.backbones.base import Step
+from meestral.backbones.loading import random_backbone
+
+assert gemv.MAX_GROUP == max(c.kwargs["BLOCK_K"] for c in gemv_kernels.configs)
+step_launch, gemv_launch = mamba2_step.kernels(), gemv.kernels(tune=False)
+calls = []
+def step_op(*a, tail=True, **k):
+    calls.append(("tail" if tail else "scan", a[9] is not None))
+    return step_launch(*a, tail=tail, **k)
+def end_op(y, w, res, z, nw, eps, group, cs, wr, n_bc):
+    calls.append(("end", group))
+    return gemv_launch(y, w, nw, eps, res=res, keep=True, end=(z, group, cs, wr, n_bc))
+# the ops stand for the kernels on CPU tensors under the interpreter: each condition without its
+# CUDA test (gemv._HAVE_OP stays False off CUDA: every other matmul is torch's)
+mamba2_step._OP, gemv._END_OP = step_op, end_op
+mamba2_step.applies = lambda proj, cs, ss: proj.dtype != torch.float32 and ss.dtype == torch.float32
+gemv.ends_mamba_block = lambda proj, w, nw, gs, res: gemv.FUSED_MAMBA_GATE and proj.numel() == proj.shape[-1] and gs & (gs - 1) == 0
+gen = torch.Generator().manual_seed(7)
+for dtype in (torch.bfloat16, torch.float16):
+    bb = random_backbone("mamba2", seed=4)
+    bb.model.to(dtype)
+    m = bb.model.backbone.layers[0].mixer
+    assert m.n_groups > 1 and m.norm.group_size < m.intermediate_size  # several groups, several norms
+    ref, got = bb.new_state(1), bb.new_state(1)
+    for i in range(bb.num_layers):  # the same random state in both
+        for a, b in zip(bb.layer_tensors(ref, i), bb.layer_tensors(got, i)):
+            a.copy_(torch.randn(a.shape, generator=gen).to(a.dtype))
+            b.copy_(a)
+    for t, w in enumerate((True, True, False, True)):
+        step = Step(t, torch.full((1, 1), t), torch.tensor([[w]]))
+        h = torch.randn(1, 1, bb.hidden_size, generator=gen)
+        for i in range(bb.num_layers):
+            n = len(calls)
+            want, want_mixed = bb.forward_layer(i, h, ref, step)
+            out, mixed = bb.forward_layer_fixed(i, h, got, step, None)
+            assert calls[n:] == [("scan", True), ("end", m.norm.group_size)], calls[n:]
+            torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=3e-2)
+            torch.testing.assert_close(mixed.float(), want_mixed.float(), atol=3e-2, rtol=3e-2)
+            for x, y in zip(bb.layer_tensors(got, i), bb.layer_tensors(ref, i)):
+                torch.testing.assert_close(x.float(), y.float(), atol=3e-2, rtol=3e-2)
+            h = want
+# switched off, the same step takes the two kernels
+gemv.FUSED_MAMBA_GATE = False
+n = len(calls)
+bb.forward_layer_fixed(0, h, got, step, None)
+assert calls[n:] == [("tail", True)], calls[n:]
+print("ok")
+"""
+
+
+def test_block_end_inside_out_proj_equals_the_module_path():
+    out = _run(END)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 def _run(script):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

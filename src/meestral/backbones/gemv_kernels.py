@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from meestral.backbones.mamba2_kernels import _shift
+
 configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "RUNS": 1}, num_warps=w, num_stages=3)
            for n, k, w in ((4, 1024, 8), (8, 1024, 8), (16, 1024, 8), (4, 512, 4), (8, 512, 4), (16, 512, 8))]
 # The same tilings reading two runs of weights before multiplying either (twice the bytes in flight
@@ -22,9 +24,24 @@ deep_configs = configs + [triton.Config({**c.kwargs, "RUNS": 2}, num_warps=c.num
 
 
 @triton.jit
-def _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM: tl.constexpr, ACT: tl.constexpr):
-    """x's run `cols` as the one-row kernel multiplies it (float32): normed, or gated."""
-    if ACT:
+def _x_run(x_ptr, nw_ptr, z_ptr, cols, K, rstd, eps, dt, NORM: tl.constexpr, ACT: tl.constexpr, GS: tl.constexpr,
+           BLOCK_K: tl.constexpr):
+    """x's run `cols` as the one-row kernel multiplies it (float32): normed, gated, or (GS) a Mamba-2
+    block's gated group norm of x by z."""
+    if GS > 0:
+        # MambaRMSNormGated, as mamba2_kernels._gate_norm computes it: y * silu(z) in float32, an RMS
+        # norm per group of GS channels, rounded, times the norm weight. A run holds whole groups
+        # (the tilings are pruned to BLOCK_K a multiple of GS), so each group's statistic comes from
+        # the run's own loads: no extra reads.
+        m = cols < K
+        z = tl.load(z_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        yf = tl.load(x_ptr + cols, mask=m, other=0.0).to(tl.float32) * (z * tl.sigmoid(z))
+        yg = tl.reshape(yf, (BLOCK_K // GS, GS))
+        r = 1.0 / tl.sqrt(tl.sum(yg * yg, axis=1) / GS + eps)
+        yn = tl.reshape(yg * r[:, None], (BLOCK_K,))
+        nw = tl.load(nw_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        xv = (nw * yn.to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    elif ACT:
         g = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
         s = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
@@ -43,13 +60,18 @@ def _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM: tl.constexpr, ACT: tl.constex
 
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
-          RES: tl.constexpr, KEEP: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          RUNS: tl.constexpr = 1):
+def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, z_ptr, cs_ptr, wr_ptr, N, K, BC, eps, NORM: tl.constexpr,
+          ACT: tl.constexpr, RES: tl.constexpr, KEEP: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, RUNS: tl.constexpr = 1, GS: tl.constexpr = 0):
     # Each program owns BLOCK_N rows of w and walks K in runs of BLOCK_K contiguous elements:
     # every weight byte is read once, streamed past the cache (evict-first). RUNS=2 loads two runs
     # before multiplying the first: twice the bytes in flight, each element of acc still summed
     # over the runs in order (the result is RUNS=1's bit for bit).
+    # GS > 0: a Mamba-2 block's end after the step's scan (mamba2_kernels._scan alone): x is the
+    # scan's y, gated by z (in_proj's output row: gate, then the conv channels) and group-normed in
+    # each run (_x_run), and the programs also shift the BC conv channels' windows that follow the
+    # K x channels (B and C, read by every head of a group in the scan, so written only once it has
+    # completed: after this kernel's wait), which _gate_norm does otherwise: one kernel a block fewer.
     dt = w_ptr.dtype.element_ty  # the matmul's dtype (x's); y's may be the float32 of a residual stream
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,9 +95,9 @@ def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constex
             xv = tl.load(x_ptr + c, mask=c < K, other=0.0).to(dt).to(tl.float32)
             ss += xv * xv
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-    acc = w.to(tl.float32) * _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM, ACT)[None, :]
+    acc = w.to(tl.float32) * _x_run(x_ptr, nw_ptr, z_ptr, cols, K, rstd, eps, dt, NORM, ACT, GS, BLOCK_K)[None, :]
     if RUNS == 2:
-        acc += w2.to(tl.float32) * _x_run(x_ptr, nw_ptr, c2, K, rstd, dt, NORM, ACT)[None, :]
+        acc += w2.to(tl.float32) * _x_run(x_ptr, nw_ptr, z_ptr, c2, K, rstd, eps, dt, NORM, ACT, GS, BLOCK_K)[None, :]
     for k0 in range(RUNS * BLOCK_K, K, RUNS * BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K),
@@ -84,21 +106,36 @@ def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constex
             c2 = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
             w2 = tl.load(w_ptr + rows[:, None] * K + c2[None, :], mask=(rows[:, None] < N) & (c2[None, :] < K),
                          other=0.0, eviction_policy="evict_first")
-        acc += w.to(tl.float32) * _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM, ACT)[None, :]
+        acc += w.to(tl.float32) * _x_run(x_ptr, nw_ptr, z_ptr, cols, K, rstd, eps, dt, NORM, ACT, GS, BLOCK_K)[None, :]
         if RUNS == 2:
-            acc += w2.to(tl.float32) * _x_run(x_ptr, nw_ptr, c2, K, rstd, dt, NORM, ACT)[None, :]
+            acc += w2.to(tl.float32) * _x_run(x_ptr, nw_ptr, z_ptr, c2, K, rstd, eps, dt, NORM, ACT, GS, BLOCK_K)[None, :]
     y = tl.sum(acc, axis=1).to(dt)
     if KEEP:  # the product itself too, before the residual add (a Mamba block returns both)
         tl.store(m_ptr + rows, y, mask=rows < N)
     if RES:
         y = tl.load(r_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) + y.to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+    if GS > 0:  # the B / C windows, after this program's own work (the first programs end first)
+        for c0 in range(pid * 256, BC, tl.num_programs(0) * 256):
+            ch = K + c0 + tl.arange(0, 256)
+            _shift(z_ptr, cs_ptr, wr_ptr, 0, ch, ch < K + BC, 0, 0, K, 0, 1)
 
 
 # Not keyed on PDL: one tiling for either launch, so both sum in the same order (the cuda tests
 # compare them bit for bit).
 tuned = triton.autotune(configs=configs, key=["N", "K", "NORM", "ACT", "RES", "KEEP"])(_gemv)
 tuned_deep = triton.autotune(configs=deep_configs, key=["N", "K", "NORM", "ACT", "RES", "KEEP"])(_gemv)
+
+
+def _whole_groups(configs, named_args, **kwargs):
+    """The tilings whose runs hold whole norm groups (the Mamba-2 end's statistic per run)."""
+    return [c for c in configs if c.kwargs["BLOCK_K"] % kwargs["GS"] == 0]
+
+
+# A Mamba-2 block's end (GS): the timing runs restore the conv windows it shifts in place.
+tuned_end, tuned_end_deep = (
+    triton.autotune(configs=c, key=["N", "K", "GS", "RES", "KEEP"], prune_configs_by={"early_config_prune": _whole_groups},
+                    restore_value=["cs_ptr"])(_gemv) for c in (configs, deep_configs))
 
 
 @triton.jit
