@@ -80,15 +80,17 @@ from meestral.backbones import gemv, gemv_kernels, mamba2_step
 from meestral.backbones.base import Step
 from meestral.backbones.loading import random_backbone
 
-assert gemv.MAX_GROUP == max(c.kwargs["BLOCK_K"] for c in gemv_kernels.configs)
-step_launch, gemv_launch = mamba2_step.kernels(), gemv.kernels(tune=False)
+assert gemv.END_MIN_GROUP == min(c.kwargs["BLOCK_K"] for c in gemv_kernels.end_configs)
+# bf16 through the one-run kernel, fp16 through the two-run one (gemv.RUNS): runs of half a group
+step_launch = mamba2_step.kernels()
+gemv_launch = {torch.bfloat16: gemv.kernels(tune=False), torch.float16: gemv.kernels(tune=False, runs=2)}
 calls = []
 def step_op(*a, tail=True, **k):
     calls.append(("tail" if tail else "scan", a[9] is not None))
     return step_launch(*a, tail=tail, **k)
 def end_op(y, w, res, z, nw, eps, group, cs, wr, n_bc):
     calls.append(("end", group))
-    return gemv_launch(y, w, nw, eps, res=res, keep=True, end=(z, group, cs, wr, n_bc))
+    return gemv_launch[y.dtype](y, w, nw, eps, res=res, keep=True, end=(z, group, cs, wr, n_bc))
 # the ops stand for the kernels on CPU tensors under the interpreter: each condition without its
 # CUDA test (gemv._HAVE_OP stays False off CUDA: every other matmul is torch's)
 mamba2_step._OP, gemv._END_OP = step_op, end_op

@@ -53,9 +53,10 @@ FUSED_KEEP = True
 # critical path between the scan and out_proj) is then not launched. The bench's
 # `full_gate_norm_outside_gemv` row (switch `fusion`) times it off in the same run.
 FUSED_MAMBA_GATE = True
-# The longest run of the one-row kernel's tilings (gemv_kernels.configs; a test keeps them equal):
-# the largest norm group `mamba_end` takes.
-MAX_GROUP = 1024
+# The norm groups `mamba_end` takes: powers of two from the shortest run of its tilings
+# (gemv_kernels.end_configs; a test keeps them equal), over at most END_MAX_K channels (every
+# program holds all of them once, for the groups' statistics).
+END_MIN_GROUP, END_MAX_K = 64, 8192
 # The same fusions in the several-row kernel (catch-up's deep passes, verify windows, speculate
 # cycles). Off: on an H100 (benchmarks/NOTES.md 2026-12-06, third session) catch-up at 1/3 depth
 # ran 2.90 ms a token without them and 3.58 ms with them: every program of the several-row kernel
@@ -129,12 +130,13 @@ def kernels(tune: bool = True, runs: int = 1):
         y = torch.empty(N, dtype=_out_dtype(w, res), device=x.device)
         m = torch.empty(N, dtype=w.dtype, device=x.device) if keep else y
         args = (x, w, y, norm_w, x if res is None else res, m, z, conv_state, write, N, K, n_bc, float(eps))
-        flags = dict(NORM=False, ACT=False, RES=res is not None, KEEP=bool(keep), GS=group, **pdl.launch_kw(x))
+        flags = dict(NORM=False, ACT=False, RES=res is not None, KEEP=bool(keep), GS=group,
+                     BLOCK_G=triton.next_power_of_2(K // group), **pdl.launch_kw(x))
         if tune:
             kernel = gk.tuned_end_deep if RUNS > 1 else gk.tuned_end
             kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
-        else:  # runs of whole groups: two a run for groups of up to 64 (the tests' shapes), else one
-            gk._gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=max(128, group), RUNS=runs)
+        else:  # two runs a group (the interpreter tests: each run must find its own group's statistic)
+            gk._gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=group // 2, RUNS=runs)
         return (y, m) if keep else y
 
     return launch
@@ -261,13 +263,13 @@ def linear_residual_keep(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor):
 def ends_mamba_block(proj: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor, group_size: int,
                      res: torch.Tensor) -> bool:
     """Whether `mamba_end` takes a Mamba-2 block's end: FUSED_MAMBA_GATE (with FUSED, FUSED_KEEP),
-    one row of one token on CUDA, bf16 / fp16, norm groups of a power of two that a run of the
-    kernel holds (MAX_GROUP) and that tile out_proj's input, no gradients."""
+    one row of one token on CUDA, bf16 / fp16, norm groups of a power of two that tile out_proj's
+    input (END_MIN_GROUP, END_MAX_K), no gradients."""
     return (_HAVE_OP and ENABLED and FUSED and FUSED_KEEP and FUSED_MAMBA_GATE and proj.is_cuda
             and proj.numel() == proj.shape[-1] and w.dtype in (torch.bfloat16, torch.float16)
             and proj.dtype == w.dtype and norm_w.dtype == w.dtype and res.dtype in (w.dtype, torch.float32)
             and res.numel() == w.shape[0] and w.is_contiguous() and group_size & (group_size - 1) == 0
-            and group_size <= MAX_GROUP and w.shape[1] % group_size == 0
+            and END_MIN_GROUP <= group_size and w.shape[1] % group_size == 0 and w.shape[1] <= END_MAX_K
             and not (proj.requires_grad or w.requires_grad or norm_w.requires_grad))
 
 
