@@ -45,7 +45,7 @@ def _kernels():
     from meestral.backbones import decode_attention, gemv_kernels, mamba2_kernels
 
     att = decode_attention.kernels().jit
-    one, rows = dict(BLOCK_N=8, BLOCK_K=256, RUNS=1, GS=0, BLOCK_G=1), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
+    one, rows = dict(BLOCK_N=8, BLOCK_K=256, RUNS=1), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
     two = dict(one, RUNS=2)
     # (name, kernel, constexprs, float32 pointers, whether it reads weights before its wait, or
     # "state": reads the recurrent state written two kernels before or earlier)
@@ -58,8 +58,6 @@ def _kernels():
     yield "gemv two runs, norm", gemv_kernels._gemv, dict(NORM=True, ACT=False, RES=False, KEEP=False, **two), (), True
     yield "gemv two runs, gate+residual", gemv_kernels._gemv, dict(NORM=False, ACT=True, RES=True, KEEP=False, **two), \
         (), True
-    yield "gemv mamba end", gemv_kernels._gemv, dict(NORM=False, ACT=False, RES=True, KEEP=True,
-                                                     **dict(two, BLOCK_K=1024, GS=1024, BLOCK_G=8)), ("y_ptr", "r_ptr"), True
     yield "rows norm", gemv_kernels._gemv_rows, dict(NORM=True, ACT=False, RES=False, KEEP=False, **rows), (), True
     yield "rows gate+residual", gemv_kernels._gemv_rows, dict(NORM=False, ACT=True, RES=True, KEEP=False, **rows), \
         (), True

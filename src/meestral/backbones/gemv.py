@@ -47,16 +47,6 @@ FUSED_MAMBA_NORM = True
 # FUSED. On since the H100 run of 2026-12-07 (benchmarks/NOTES.md, sixth session: full depth +1.6%
 # on the Codestral-Mamba-7B shape); the bench's `full_unfused_gemv` row times it off.
 FUSED_KEEP = True
-# A Mamba-2 block's gated group norm (MambaRMSNormGated) inside out_proj's one-row GEMV, with
-# FUSED_KEEP, and the conv windows of the B / C channels shifted by it (`mamba_end`): the step's
-# second kernel (mamba2_kernels._gate_norm, 2.4 us a block in the H100 profile of 2026-12-07, on the
-# critical path between the scan and out_proj) is then not launched. The bench's
-# `full_gate_norm_outside_gemv` row (switch `fusion`) times it off in the same run.
-FUSED_MAMBA_GATE = True
-# The norm groups `mamba_end` takes: powers of two from the shortest run of its tilings
-# (gemv_kernels.end_configs; a test keeps them equal), over at most END_MAX_K channels (every
-# program holds all of them once, for the groups' statistics).
-END_MIN_GROUP, END_MAX_K = 64, 8192
 # The same fusions in the several-row kernel (catch-up's deep passes, verify windows, speculate
 # cycles). Off: on an H100 (benchmarks/NOTES.md 2026-12-06, third session) catch-up at 1/3 depth
 # ran 2.90 ms a token without them and 3.58 ms with them: every program of the several-row kernel
@@ -88,10 +78,7 @@ def kernels(tune: bool = True, runs: int = 1):
     and y becomes `res + y` (res given; a float32 res gives a float32 y, the product rounded to x's
     dtype first, as torch adds them); keep=True returns (y, the product before the residual add).
     x [M, K] (act: [M, 2K]) of up to ROWS rows gives y [M, N] = x W^T with the same fusions row by
-    row (a separate kernel, on the tensor cores). end=(z, group, conv_state, write, n_bc), one row:
-    a Mamba-2 block's end after its scan (`mamba_end`): x is the scan's y, gated by z and
-    group-normed with norm_w before the product, and conv_state's n_bc B / C windows are shifted.
-    Kernels launch dependent where pdl.py says so."""
+    row (a separate kernel, on the tensor cores). Kernels launch dependent where pdl.py says so."""
     try:
         import triton
 
@@ -99,10 +86,8 @@ def kernels(tune: bool = True, runs: int = 1):
     except ImportError:
         return None
 
-    def launch(x, w, norm_w=None, eps=0.0, act=False, res=None, keep=False, end=None):
+    def launch(x, w, norm_w=None, eps=0.0, act=False, res=None, keep=False):
         N, K = w.shape
-        if end is not None:  # a Mamba-2 block's end: x is the scan's y, norm_w the gated norm's weight
-            return _launch_end(x, w, norm_w, eps, res, keep, *end)
         flags = dict(NORM=norm_w is not None, ACT=bool(act), RES=res is not None, KEEP=bool(keep), **pdl.launch_kw(x))
         nw, r = x if norm_w is None else norm_w, x if res is None else res  # unused pointers: any tensor
         # y in the dtype `res + product` has in torch (a float32 residual stream stays float32); the
@@ -117,26 +102,12 @@ def kernels(tune: bool = True, runs: int = 1):
             else:
                 gk._gemv_rows[(triton.cdiv(N, 16),)](*args, **flags, BLOCK_M=ROWS, BLOCK_N=16, BLOCK_K=32)
         else:
-            args = (x, w, y, nw, r, m, x, x, x, N, K, 0, float(eps))
+            args = (x, w, y, nw, r, m, N, K, float(eps))
             if tune:
                 kernel = gk.tuned_deep if RUNS > 1 else gk.tuned
                 kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
             else:
                 gk._gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=64, RUNS=runs)
-        return (y, m) if keep else y
-
-    def _launch_end(x, w, norm_w, eps, res, keep, z, group, conv_state, write, n_bc):
-        N, K = w.shape
-        y = torch.empty(N, dtype=_out_dtype(w, res), device=x.device)
-        m = torch.empty(N, dtype=w.dtype, device=x.device) if keep else y
-        args = (x, w, y, norm_w, x if res is None else res, m, z, conv_state, write, N, K, n_bc, float(eps))
-        flags = dict(NORM=False, ACT=False, RES=res is not None, KEEP=bool(keep), GS=group,
-                     BLOCK_G=triton.next_power_of_2(K // group), **pdl.launch_kw(x))
-        if tune:
-            kernel = gk.tuned_end_deep if RUNS > 1 else gk.tuned_end
-            kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
-        else:  # two runs a group (the interpreter tests: each run must find its own group's statistic)
-            gk._gemv[(triton.cdiv(N, 4),)](*args, **flags, BLOCK_N=4, BLOCK_K=group // 2, RUNS=runs)
         return (y, m) if keep else y
 
     return launch
@@ -149,7 +120,7 @@ def _out_dtype(w, res):
 def _make_op():
     launch = kernels()
     if launch is None:
-        return False, False, False
+        return False, False
 
     @torch.library.custom_op("meestral::gemv", mutates_args=())
     def gemv(x: torch.Tensor, w: torch.Tensor, norm_w: Optional[torch.Tensor], eps: float, act: bool,
@@ -169,22 +140,12 @@ def _make_op():
         shape = (*x.shape[:-1], w.shape[0])
         return x.new_empty(shape, dtype=torch.promote_types(x.dtype, res.dtype)), x.new_empty(shape)
 
-    @torch.library.custom_op("meestral::gemv_mamba_end", mutates_args=("conv_state",))
-    def gemv_mamba_end(y: torch.Tensor, w: torch.Tensor, res: torch.Tensor, z: torch.Tensor, norm_w: torch.Tensor,
-                       eps: float, group: int, conv_state: torch.Tensor, write: torch.Tensor,
-                       n_bc: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return launch(y, w, norm_w, eps, res=res, keep=True, end=(z, group, conv_state, write, n_bc))
-
-    @gemv_mamba_end.register_fake
-    def _(y, w, res, z, norm_w, eps, group, conv_state, write, n_bc):
-        return y.new_empty(w.shape[0], dtype=torch.promote_types(y.dtype, res.dtype)), y.new_empty(w.shape[0])
-
-    return gemv, gemv_residual_keep, gemv_mamba_end
+    return gemv, gemv_residual_keep
 
 
 # Made at import, not at the first call: the first call is usually inside a function torch.compile
 # traces, where registering an op would break the graph. Off CUDA there is nothing to make.
-_OP, _KEEP_OP, _END_OP = _make_op() if torch.cuda.is_available() else (False, False, False)
+_OP, _KEEP_OP = _make_op() if torch.cuda.is_available() else (False, False)
 _HAVE_OP = _OP is not False  # a plain bool: torch.compile cannot take the truth of an op object
 
 
@@ -258,30 +219,6 @@ def linear_residual_keep(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor):
         return out.view(res.shape), mixed.view(*x.shape[:-1], w.shape[0])
     mixed = linear(x, w)
     return res + mixed, mixed
-
-
-def ends_mamba_block(proj: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor, group_size: int,
-                     res: torch.Tensor) -> bool:
-    """Whether `mamba_end` takes a Mamba-2 block's end: FUSED_MAMBA_GATE (with FUSED, FUSED_KEEP),
-    one row of one token on CUDA, bf16 / fp16, norm groups of a power of two that tile out_proj's
-    input (END_MIN_GROUP, END_MAX_K), no gradients."""
-    return (_HAVE_OP and ENABLED and FUSED and FUSED_KEEP and FUSED_MAMBA_GATE and proj.is_cuda
-            and proj.numel() == proj.shape[-1] and w.dtype in (torch.bfloat16, torch.float16)
-            and proj.dtype == w.dtype and norm_w.dtype == w.dtype and res.dtype in (w.dtype, torch.float32)
-            and res.numel() == w.shape[0] and w.is_contiguous() and group_size & (group_size - 1) == 0
-            and END_MIN_GROUP <= group_size and w.shape[1] % group_size == 0 and w.shape[1] <= END_MAX_K
-            and not (proj.requires_grad or w.requires_grad or norm_w.requires_grad))
-
-
-def mamba_end(y: torch.Tensor, proj: torch.Tensor, norm_w: torch.Tensor, eps: float, group_size: int,
-              w: torch.Tensor, res: torch.Tensor, conv_state: torch.Tensor, write: torch.Tensor, n_bc: int):
-    """A Mamba-2 block's end after a scan that left the gated norm and the B / C windows undone
-    (mamba2_step.step(..., tail=False)), in out_proj's GEMV where `ends_mamba_block` says so:
-    (res + out_proj(gated_norm(y, gate)), the product), gate = proj[..., :I], and conv_state's n_bc
-    B / C channels (after the I x channels) shifted by proj's new values where `write` is set."""
-    out, mixed = _END_OP(y.reshape(-1), w, res.reshape(-1), proj.reshape(-1), norm_w, float(eps), int(group_size),
-                         conv_state, write.reshape(-1), int(n_bc))
-    return out.view(res.shape), mixed.view(*y.shape[:-1], w.shape[0])
 
 
 def gated_linear_residual(gu: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from meestral.backbones.mamba2_kernels import _shift
-
 configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "RUNS": 1}, num_warps=w, num_stages=3)
            for n, k, w in ((4, 1024, 8), (8, 1024, 8), (16, 1024, 8), (4, 512, 4), (8, 512, 4), (16, 512, 8))]
 # The same tilings reading two runs of weights before multiplying either (twice the bytes in flight
@@ -24,24 +22,9 @@ deep_configs = configs + [triton.Config({**c.kwargs, "RUNS": 2}, num_warps=c.num
 
 
 @triton.jit
-def _pick(v, i, BLOCK: tl.constexpr):
-    """v[i] of a short vector held by every thread (a reduction within each thread: no barrier)."""
-    return tl.sum(tl.where(tl.arange(0, BLOCK) == i, v, 0.0), axis=0)
-
-
-@triton.jit
-def _x_run(x_ptr, nw_ptr, z_ptr, cols, K, rstd, dt, NORM: tl.constexpr, ACT: tl.constexpr, GS: tl.constexpr):
-    """x's run `cols` as the one-row kernel multiplies it (float32): normed, gated, or (GS) a Mamba-2
-    block's gated group norm of x by z, rstd then being the statistic of the run's group."""
-    if GS > 0:
-        # MambaRMSNormGated, as mamba2_kernels._gate_norm computes it: y * silu(z) in float32, times
-        # the group's 1 / rms, rounded, times the norm weight, rounded
-        m = cols < K
-        z = tl.load(z_ptr + cols, mask=m, other=0.0).to(tl.float32)
-        yf = tl.load(x_ptr + cols, mask=m, other=0.0).to(tl.float32) * (z * tl.sigmoid(z))
-        nw = tl.load(nw_ptr + cols, mask=m, other=0.0).to(tl.float32)
-        xv = (nw * (yf * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    elif ACT:
+def _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM: tl.constexpr, ACT: tl.constexpr):
+    """x's run `cols` as the one-row kernel multiplies it (float32): normed, or gated."""
+    if ACT:
         g = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
         s = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
@@ -60,20 +43,13 @@ def _x_run(x_ptr, nw_ptr, z_ptr, cols, K, rstd, dt, NORM: tl.constexpr, ACT: tl.
 
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, z_ptr, cs_ptr, wr_ptr, N, K, BC, eps, NORM: tl.constexpr,
-          ACT: tl.constexpr, RES: tl.constexpr, KEEP: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, RUNS: tl.constexpr = 1, GS: tl.constexpr = 0, BLOCK_G: tl.constexpr = 1):
+def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, N, K, eps, NORM: tl.constexpr, ACT: tl.constexpr,
+          RES: tl.constexpr, KEEP: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          RUNS: tl.constexpr = 1):
     # Each program owns BLOCK_N rows of w and walks K in runs of BLOCK_K contiguous elements:
     # every weight byte is read once, streamed past the cache (evict-first). RUNS=2 loads two runs
     # before multiplying the first: twice the bytes in flight, each element of acc still summed
     # over the runs in order (the result is RUNS=1's bit for bit).
-    # GS > 0: a Mamba-2 block's end after the step's scan (mamba2_kernels._scan alone): x is the
-    # scan's y, gated by z (in_proj's output row: gate, then the conv channels) and normed per group
-    # of GS channels (the K // GS <= BLOCK_G groups' statistics first, in one reduction; each run lies
-    # in one group: the tilings are pruned to GS % BLOCK_K == 0), and the programs also shift the BC
-    # conv channels' windows that follow the K x channels (B and C, read by every head of a group in
-    # the scan, so written only once it has completed: after this kernel's wait), which _gate_norm
-    # does otherwise: one kernel a block fewer.
     dt = w_ptr.dtype.element_ty  # the matmul's dtype (x's); y's may be the float32 of a residual stream
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -97,17 +73,9 @@ def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, z_ptr, cs_ptr, wr_ptr, N, K
             xv = tl.load(x_ptr + c, mask=c < K, other=0.0).to(dt).to(tl.float32)
             ss += xv * xv
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-    if GS > 0:  # every group's statistic at once (a statistic per run would put a barrier in the loop)
-        at = tl.arange(0, BLOCK_G)[:, None] * GS + tl.arange(0, GS)[None, :]
-        zg = tl.load(z_ptr + at, mask=at < K, other=0.0).to(tl.float32)
-        yg = tl.load(x_ptr + at, mask=at < K, other=0.0).to(tl.float32) * (zg * tl.sigmoid(zg))
-        rg = 1.0 / tl.sqrt(tl.sum(yg * yg, axis=1) / GS + eps)
-        rstd = _pick(rg, 0, BLOCK_G)
-    acc = w.to(tl.float32) * _x_run(x_ptr, nw_ptr, z_ptr, cols, K, rstd, dt, NORM, ACT, GS)[None, :]
+    acc = w.to(tl.float32) * _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM, ACT)[None, :]
     if RUNS == 2:
-        if GS > 0:
-            rstd = _pick(rg, BLOCK_K // GS, BLOCK_G)
-        acc += w2.to(tl.float32) * _x_run(x_ptr, nw_ptr, z_ptr, c2, K, rstd, dt, NORM, ACT, GS)[None, :]
+        acc += w2.to(tl.float32) * _x_run(x_ptr, nw_ptr, c2, K, rstd, dt, NORM, ACT)[None, :]
     for k0 in range(RUNS * BLOCK_K, K, RUNS * BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K),
@@ -116,45 +84,21 @@ def _gemv(x_ptr, w_ptr, y_ptr, nw_ptr, r_ptr, m_ptr, z_ptr, cs_ptr, wr_ptr, N, K
             c2 = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
             w2 = tl.load(w_ptr + rows[:, None] * K + c2[None, :], mask=(rows[:, None] < N) & (c2[None, :] < K),
                          other=0.0, eviction_policy="evict_first")
-        if GS > 0:
-            rstd = _pick(rg, k0 // GS, BLOCK_G)
-        acc += w.to(tl.float32) * _x_run(x_ptr, nw_ptr, z_ptr, cols, K, rstd, dt, NORM, ACT, GS)[None, :]
+        acc += w.to(tl.float32) * _x_run(x_ptr, nw_ptr, cols, K, rstd, dt, NORM, ACT)[None, :]
         if RUNS == 2:
-            if GS > 0:
-                rstd = _pick(rg, (k0 + BLOCK_K) // GS, BLOCK_G)
-            acc += w2.to(tl.float32) * _x_run(x_ptr, nw_ptr, z_ptr, c2, K, rstd, dt, NORM, ACT, GS)[None, :]
+            acc += w2.to(tl.float32) * _x_run(x_ptr, nw_ptr, c2, K, rstd, dt, NORM, ACT)[None, :]
     y = tl.sum(acc, axis=1).to(dt)
     if KEEP:  # the product itself too, before the residual add (a Mamba block returns both)
         tl.store(m_ptr + rows, y, mask=rows < N)
     if RES:
         y = tl.load(r_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) + y.to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
-    if GS > 0:  # the B / C windows, after this program's own work (the first programs end first)
-        for c0 in range(pid * 256, BC, tl.num_programs(0) * 256):
-            ch = K + c0 + tl.arange(0, 256)
-            _shift(z_ptr, cs_ptr, wr_ptr, 0, ch, ch < K + BC, 0, 0, K, 0, 1)
 
 
 # Not keyed on PDL: one tiling for either launch, so both sum in the same order (the cuda tests
 # compare them bit for bit).
 tuned = triton.autotune(configs=configs, key=["N", "K", "NORM", "ACT", "RES", "KEEP"])(_gemv)
 tuned_deep = triton.autotune(configs=deep_configs, key=["N", "K", "NORM", "ACT", "RES", "KEEP"])(_gemv)
-
-
-def _in_one_group(configs, named_args, **kwargs):
-    """The tilings whose every run lies in one norm group (the Mamba-2 end: one statistic a run)."""
-    return [c for c in configs if kwargs["GS"] % c.kwargs["BLOCK_K"] == 0]
-
-
-# A Mamba-2 block's end (GS): the timing runs restore the conv windows it shifts in place.
-# Shorter runs too, for groups shorter than the one-row tilings' runs (pruned away for longer ones).
-end_configs = configs + [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "RUNS": 1}, num_warps=4, num_stages=3)
-                         for n, k in ((8, 256), (16, 256), (16, 128), (16, 64))]
-end_deep_configs = end_configs + [triton.Config({**c.kwargs, "RUNS": 2}, num_warps=c.num_warps,
-                                                num_stages=c.num_stages) for c in end_configs]
-tuned_end, tuned_end_deep = (
-    triton.autotune(configs=c, key=["N", "K", "GS", "RES", "KEEP"], prune_configs_by={"early_config_prune": _in_one_group},
-                    restore_value=["cs_ptr"])(_gemv) for c in (end_configs, end_deep_configs))
 
 
 @triton.jit

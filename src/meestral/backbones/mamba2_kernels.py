@@ -154,18 +154,15 @@ def _gate_norm(proj_ptr, cs_ptr, wr_ptr, y_ptr, gw_ptr, out_ptr, stride_b, strid
 
 
 def launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, *, n_heads,
-           head_dim, n_groups, state_size, intermediate, group_size, gnorm_eps, dt_min, dt_max, tail=True,
-           block_p=16):
-    """proj [B, T, Dp] (last dim contiguous), write [B, T] bool (contiguous): see mamba2_step.kernels.
-    tail=False: the scan alone, returning its y before the gated norm, the B / C windows not yet
-    shifted (out_proj's GEMV does both: gemv.mamba_end)."""
+           head_dim, n_groups, state_size, intermediate, group_size, gnorm_eps, dt_min, dt_max):
+    """proj [B, T, Dp] (last dim contiguous), write [B, T] bool (contiguous): see mamba2_step.kernels."""
     Bsz, T = proj.shape[:2]
     I, H, P, N, G = intermediate, n_heads, head_dim, state_size, n_groups
     assert conv_state.shape[-1] == TAPS and proj.stride(-1) == 1 and write.is_contiguous()
     output = gnorm_w is not None
     xoff = I if output else 0
     BLOCK_N = triton.next_power_of_2(N)
-    BLOCK_P = min(block_p, triton.next_power_of_2(P))
+    BLOCK_P = min(16, triton.next_power_of_2(P))
     y = torch.empty(Bsz, T, I, dtype=proj.dtype, device=proj.device) if output else proj
     cb = conv_w if conv_b is None else conv_b
     strides = (proj.stride(0), proj.stride(1))
@@ -174,8 +171,6 @@ def launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D
         proj, conv_state, ssm_state, write, conv_w, cb, dt_bias, A_log, D, y, *strides, xoff, T, I, H, P, N, G,
         float(dt_min), float(dt_max), HAS_BIAS=conv_b is not None, OUTPUT=output, BLOCK_P=BLOCK_P,
         BLOCK_N=BLOCK_N, num_warps=4, **kw)
-    if not tail:
-        return y
     out = torch.empty_like(y) if output else None
     gs = group_size if output else I
     _gate_norm[(Bsz, max(G, I // gs))](

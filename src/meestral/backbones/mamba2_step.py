@@ -14,10 +14,9 @@ block by the morning's estimate; with these two kernels instead full depth is 6%
    weight; and the B / C channels' conv windows of the group, shifted here because every head of the
    group reads their old window in kernel 1 (no program may overwrite it before all have read it).
 
-At one token of one row the second kernel's work moves into out_proj's GEMV instead
-(gemv.FUSED_MAMBA_GATE, gemv.mamba_end): the scan runs alone (`tail=False`) and the GEMV, which
-starts after it has completed, gates and normalises y in each run of its input and shifts the B / C
-windows: one kernel a block fewer.
+Kernel 2's work inside out_proj's GEMV instead (its input gated and normed per group as the GEMV
+reads it, the B / C windows shifted after its wait) was built and measured 0.5-1.7% slower at full
+depth on an H100 (benchmarks/NOTES.md, 2026-12-07 ninth session; commits 06c1203 and f9123b0 hold it).
 
 Both take a window of tokens at once (catch-up's deep pass, verify windows, speculate cycles): the
 conv taps and the state stay in registers between tokens, so the 4 MB state is read and written
@@ -37,19 +36,13 @@ from typing import Optional
 import torch
 
 ENABLED = True  # the bench switches it off to time inductor's kernels for the same step in one run
-# Head channels per program of the scan (kernel 1): 16 gives Codestral Mamba's shape 512 programs of
-# 16 x 128 float32 state each. The bench's `full_scan_block_p8` row (switch `scan-tile`) times 8 in
-# the same run (twice the programs, each with half the state in registers).
-BLOCK_P = 16
 
 
 def kernels():
     """The launcher of the two kernels (mamba2_kernels.py), or None without Triton.
 
-    launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, *, dims...,
-    tail=True) -> y [B, T, I] in proj's dtype, or None when gnorm_w is None (a state-only step:
-    `propagate`); tail=False runs kernel 1 alone and returns its y before the gated norm, the group's
-    B / C windows left for the kernel after it to shift (out_proj's GEMV: gemv.mamba_end).
+    launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, *, dims...)
+    -> y [B, T, I] in proj's dtype, or None when gnorm_w is None (a state-only step: `propagate`).
     proj [B, T, Dp] is in_proj's output for a window of T tokens: [gate I | x B C (conv_dim) | dt H],
     or without the gate when gnorm_w is None; write [B, T] says which (row, token) pairs change the
     state. conv_state [B, conv_dim, 4] and ssm_state [B, H, P, N] (float32) change in place."""
@@ -70,16 +63,16 @@ def _make_op():
                     conv_w: torch.Tensor, conv_b: Optional[torch.Tensor], dt_bias: torch.Tensor,
                     A_log: torch.Tensor, D: torch.Tensor, gnorm_w: Optional[torch.Tensor], n_heads: int,
                     head_dim: int, n_groups: int, state_size: int, intermediate: int, group_size: int,
-                    gnorm_eps: float, dt_min: float, dt_max: float, tail: bool) -> torch.Tensor:
+                    gnorm_eps: float, dt_min: float, dt_max: float) -> torch.Tensor:
         out = launch(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w,
                      n_heads=n_heads, head_dim=head_dim, n_groups=n_groups, state_size=state_size,
                      intermediate=intermediate, group_size=group_size, gnorm_eps=gnorm_eps, dt_min=dt_min,
-                     dt_max=dt_max, tail=tail, block_p=BLOCK_P)
+                     dt_max=dt_max)
         return proj.new_empty(0) if out is None else out  # an op returns a tensor: an empty one for propagate
 
     @mamba2_step.register_fake
     def _(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, n_heads, head_dim,
-          n_groups, state_size, intermediate, group_size, gnorm_eps, dt_min, dt_max, tail):
+          n_groups, state_size, intermediate, group_size, gnorm_eps, dt_min, dt_max):
         return proj.new_empty(*proj.shape[:2], intermediate) if gnorm_w is not None else proj.new_empty(0)
 
     return mamba2_step
@@ -99,10 +92,9 @@ def applies(proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tenso
             and ssm_state.is_contiguous() and not proj.requires_grad)
 
 
-def step(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, tail=True, **dims):
-    """The kernels over a window of tokens (see `kernels`; tail=False: the scan alone); only where
-    `applies` says so."""
+def step(proj, conv_state, ssm_state, write, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, **dims):
+    """The kernels over a window of tokens (see `kernels`); only where `applies` says so."""
     proj = proj if proj.stride(-1) == 1 else proj.contiguous()
     out = _OP(proj, conv_state, ssm_state, write.contiguous(), conv_w.contiguous(), conv_b, dt_bias, A_log, D,
-              gnorm_w, **dims, tail=tail)
+              gnorm_w, **dims)
     return out if gnorm_w is not None else None

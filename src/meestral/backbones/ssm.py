@@ -58,15 +58,6 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
         dims = dict(n_heads=H, head_dim=P, n_groups=G, state_size=N, intermediate=I, group_size=group_size,
                     gnorm_eps=gnorm_eps, dt_min=dt_min, dt_max=dt_max)
         gw = gnorm_w if output else None
-        residual = h.float() if residual_in_fp32 else h
-        if (hist_conv is None and output and out_b is None
-                and gemv.ends_mamba_block(proj, out_w, gnorm_w, group_size, residual)):
-            # the scan alone, then the gated norm and the B / C windows' shift inside out_proj's
-            # GEMV (gemv.FUSED_MAMBA_GATE): one kernel a block fewer
-            y = mamba2_step.step(proj, conv_state, ssm_state, write, kernel, conv_b, dt_bias, A_log, D, gw,
-                                 tail=False, **dims)
-            return gemv.mamba_end(y, proj, gnorm_w, gnorm_eps, group_size, out_w, residual, conv_state, write,
-                                  2 * G * N)
         if hist_conv is None:
             y = mamba2_step.step(proj, conv_state, ssm_state, write, kernel, conv_b, dt_bias, A_log, D, gw, **dims)
         else:

@@ -273,22 +273,20 @@ def _progress(label, ms):
     print(f"measured: {label}: {got}", file=sys.stderr, flush=True)
 
 
-SWITCHES = ("cublas", "fusion", "gemv-runs", "window-gemv", "window-attention", "launches", "ssm-step", "scan-tile",
-            "attention", "fold", "device-exits")
+SWITCHES = ("cublas", "fusion", "gemv-runs", "window-gemv", "window-attention", "launches", "ssm-step", "attention",
+            "fold", "device-exits")
 
 
 def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
     """Rows that time one kernel switch against its default in the same run (a capturing engine on
     the Triton GEMV): `switches` names which (SWITCHES). Full depth unless said: cublas (every
     matmul on cuBLAS: what the Triton GEMV gains), fusion (the norms, gate and residual adds inside
-    the GEMV or not; a Mamba block: its residual add, and a Mamba-2 block's norm and gated norm,
-    gemv.FUSED_MAMBA_NORM, gemv.FUSED_MAMBA_GATE),
+    the GEMV or not; a Mamba block: its residual add, and a Mamba-2 block's norm, gemv.FUSED_MAMBA_NORM),
     gemv-runs (the one-row GEMV's autotuner with or without the tilings that read two runs of weights
     at a time, gemv.RUNS), window-gemv / window-attention (the first
     catch-up case with the several-row fusions switched / with inductor's window attention),
     launches (dependent or serial launches of our kernels, pdl.py; full depth and the first
-    catch-up case), ssm-step (inductor's Mamba-2 step), scan-tile (the Mamba-2 scan's head channels a
-    program, mamba2_step.BLOCK_P: 8 where it is 16, else 16), attention (inductor's one-token attention),
+    catch-up case), ssm-step (inductor's Mamba-2 step), attention (inductor's one-token attention),
     fold (one token's attention parts combined inside its first kernel or by a second one),
     device-exits (the first copy case's exit point asked by softmax heads, whose decision depends
     on the data: threshold 0, so every token still leaves there, decided on the host one step at
@@ -307,9 +305,6 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
         if getattr(bb, "v2", False) and gemv.FUSED:  # a Mamba-2 block's norm: inside in_proj's GEMV or not
             decs.insert(1, row(f"full_norm_{'outside' if gemv.FUSED_MAMBA_NORM else 'in'}_gemv", "-", gemv,
                                FUSED_MAMBA_NORM=not gemv.FUSED_MAMBA_NORM))
-            # and its gated norm (with the B / C windows' shift): inside out_proj's GEMV or not
-            decs.insert(1, row(f"full_gate_norm_{'outside' if gemv.FUSED_MAMBA_GATE else 'in'}_gemv", "-", gemv,
-                               FUSED_MAMBA_GATE=not gemv.FUSED_MAMBA_GATE))
     if "gemv-runs" in switches and gemv.ENABLED:
         decs.insert(1, row(f"full_{'one_run' if gemv.RUNS > 1 else 'two_run'}_gemv", "-", gemv,
                            RUNS=1 if gemv.RUNS > 1 else 2))
@@ -326,9 +321,6 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
             decs.append(row(f"{win[0]}_{launches}_launches", "catchup", pdl, win[1], ENABLED=not pdl.ENABLED))
     if "ssm-step" in switches and getattr(bb, "v2", False) and mamba2_step.ENABLED:
         decs.insert(1, row("full_compiled_ssm_step", "-", mamba2_step, ENABLED=False))
-    if "scan-tile" in switches and getattr(bb, "v2", False) and mamba2_step.ENABLED:
-        other = 8 if mamba2_step.BLOCK_P == 16 else 16
-        decs.insert(1, row(f"full_scan_block_p{other}", "-", mamba2_step, BLOCK_P=other))
     if "attention" in switches and bb.family == "transformer" and decode_attention.ENABLED:
         decs.insert(1, row("full_compiled_attention", "-", decode_attention, ENABLED=False))
     first_copy = "device-exits" in switches and next(
