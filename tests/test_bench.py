@@ -51,8 +51,10 @@ def test_kernel_table_accounts_for_its_rows(tiny):
             for n in (1, 4)}
     steps = kernel_table(lambda: dec.generate([[1, 5, 6]], SamplingOptions(max_new_tokens=4)), bb.device, per=3,
                          top=100, minus=lambda: dec.generate([[1, 5, 6]], one))
-    # (within 2%: the CPU profiler's tree now and then counts an operator more or less at top level)
-    assert steps["kernels"] == pytest.approx((runs[4]["kernels"] - runs[1]["kernels"]) / 3, rel=0.02)
+    # Within 10%: the CPU profiler's tree now and then counts operators more or less at top level
+    # (3.7% off in one CI run of 2026-12-07). Without the subtraction the count is ~1.37x a step's
+    # (the prompt's forward and the first token's step divided over the three steps): 37% off.
+    assert steps["kernels"] == pytest.approx((runs[4]["kernels"] - runs[1]["kernels"]) / 3, rel=0.1)
     assert 0 < steps["kernels"] < t["kernels"] * 4 / 3
     assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert kernel_class("triton_per_fused_add_mul_0") == "triton"
