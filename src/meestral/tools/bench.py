@@ -534,6 +534,7 @@ def _write_profiles(path, bb, ids, tokens, opts, decs):
     # The first fixed-k speculate row too: where a cycle's time goes (drafts, deep pass, the state
     # history and its restore on a Mamba) against the bytes it reads.
     first_spec = next((n for n, p, d in decs if p == "speculate" and not d.config.adaptive), None)
+    first = dataclasses.replace(opts, max_new_tokens=1)  # the prompt and first token: what `minus` runs
     tables = {}
     for name, policy, dec in decs:
         if not ((name == "full" and dec is decs[0][2]) or (name == first_exit and policy in ("copy", "catchup"))
@@ -552,7 +553,6 @@ def _write_profiles(path, bb, ids, tokens, opts, decs):
         prof.generate([ids], opts)
         # the decode steps alone: the prompt and first token run again apart and are subtracted
         # (a Mamba-2 prompt through the chunked scan outweighed a hundred decode steps)
-        first = dataclasses.replace(opts, max_new_tokens=1)
         tables[f"{name} {policy} ({engine} kernels)"] = kernel_table(lambda: prof.generate([ids], opts), bb.device,
                                                                      per=max(tokens - 1, 1),
                                                                      minus=lambda: prof.generate([ids], first))
