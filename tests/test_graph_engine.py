@@ -460,6 +460,31 @@ def test_mamba2_fixed_step_equals_forward_layer(tiny, monkeypatch, which):
     _check_fixed_equals_layer(bb, monkeypatch, tol=0.0)
 
 
+@pytest.mark.parametrize("which", ["bf16", "variant-fp16"])
+def test_mamba2_state_in_model_dtype_is_rounded_after_every_token(monkeypatch, which):
+    """ssm.STATE_IN_MODEL_DTYPE: the state is stored in the model's dtype, and the fixed path's
+    window of tokens (catch-up, verify) rounds it after every token exactly as the per-module path
+    stores it token by token: bit for bit, outputs and states; a window that kept the float32 state
+    between its tokens fails this (checked below)."""
+    from meestral.backbones import ssm
+    from meestral.backbones.loading import random_backbone
+
+    monkeypatch.setattr(ssm, "STATE_IN_MODEL_DTYPE", True)
+    if which == "bf16":
+        bb = random_backbone("mamba2", dtype="bfloat16")
+    else:
+        bb = _mamba2_variant()
+        bb.model.to(torch.float16)
+    assert all(t.dtype == bb.dtype for t in bb.new_state(1).ssm)
+    _check_fixed_equals_layer(bb, monkeypatch, tol=0.0)
+    # teeth: the same window carrying the unrounded float32 state from token to token differs
+    real = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: t if a[:1] == (bb.dtype,) and t.dim() == 4
+                        and t.dtype == torch.float32 else real(t, *a, **k))
+    with pytest.raises(AssertionError, match="Tensor-likes are not"):
+        _check_fixed_equals_layer(bb, monkeypatch, tol=0.0)
+
+
 def test_mamba2_fixed_masked_pairs_keep_their_state(tiny):
     """A row whose write mask is all false leaves its conv window and SSM state bit for bit."""
     bb = tiny("mamba2")
@@ -723,6 +748,44 @@ def test_cuda_mamba2_step_kernels_equal_the_compiled_torch_step(shape, monkeypat
     want, _ = bb.forward_layer_fixed(0, h, ref, step, None, kernel=compiled)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(state.ssm[0], ref.ssm[0])
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("in_model_dtype", [False, True])
+def test_cuda_mamba2_window_equals_its_tokens_one_at_a_time(in_model_dtype, monkeypatch):
+    """On the GPU (Codestral's heads and groups, bf16), the step's kernels over a window of 3 tokens
+    in one launch leave bit for bit the outputs and states of the same tokens one launch at a time,
+    with a float32 state and with one in the model's dtype (ssm.STATE_IN_MODEL_DTYPE: rounded after
+    every token inside the window as a one-token launch stores it). (The kernels alone: a window's
+    in_proj is the several-row GEMV, whose sums are ordered otherwise than the one-row GEMV's.)"""
+    from meestral.backbones import mamba2_step, ssm
+
+    monkeypatch.setattr(ssm, "STATE_IN_MODEL_DTYPE", in_model_dtype)
+    bb = _codestral_heads()
+    bb.model.to(device="cuda", dtype=torch.bfloat16)
+    window, steps = _filled_states(bb, 2)
+    window.conv, window.ssm = [t.cuda() for t in window.conv], [t.cuda() for t in window.ssm]
+    steps.conv, steps.ssm = [t.cuda() for t in steps.conv], [t.cuda() for t in steps.ssm]
+    assert window.ssm[0].dtype == (torch.bfloat16 if in_model_dtype else torch.float32)
+    m = bb.blocks[0].mixer
+    proj = torch.randn(2, 3, m.in_proj.weight.shape[0], device="cuda").to(bb.dtype)
+    write = torch.tensor([[True, False, True], [True, True, True]], device="cuda")
+    assert mamba2_step.applies(proj, window.conv[0], window.ssm[0])
+    dims = dict(n_heads=m.num_heads, head_dim=m.head_dim, n_groups=m.n_groups, state_size=m.ssm_state_size,
+                intermediate=m.intermediate_size, group_size=m.norm.group_size, gnorm_eps=m.norm.variance_epsilon,
+                dt_min=float(m.time_step_limit[0]), dt_max=float(m.time_step_limit[1]))
+    args = (m.conv1d.weight[:, 0, :], m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight)
+
+    def run(state, t0, t1):
+        return mamba2_step.step(proj[:, t0:t1], state.conv[0], state.ssm[0], write[:, t0:t1], *args, **dims)
+
+    yw = run(window, 0, 3)
+    ys = torch.cat([run(steps, t, t + 1) for t in range(3)], 1)
+    assert torch.equal(yw, ys)
+    for a, b in zip(bb.layer_tensors(window, 0), bb.layer_tensors(steps, 0)):
+        assert torch.equal(a, b), (a.float() - b.float()).abs().max().item()
+    assert not torch.equal(window.ssm[0], _filled_states(bb, 1)[0].ssm[0].cuda())  # the steps changed it
 
 
 @pytest.mark.parametrize("kernel", [plain, pytest.param(compiled, marks=pytest.mark.slow)])

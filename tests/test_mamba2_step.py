@@ -3,7 +3,8 @@ interpreter (skipped where Triton is not installed). Through ssm.py's fixed path
 batch 2 with one row masked, outputs and every state element equal the per-module path
 (forward_layer / fill_propagate, itself checked against HF) within the dtype's rounding: on the tiny
 shape (two groups) and on a variant with one group, biases and a time-step clamp that bites, in
-bfloat16 and float16. On CUDA the cuda tests in test_graph_engine.py run them for real."""
+bfloat16 and float16, with a float32 state and one in the model's dtype; a window of tokens in one
+launch equals its tokens one launch at a time, bit for bit. On CUDA the cuda tests in test_graph_engine.py run them for real."""
 
 import os
 import subprocess
@@ -45,6 +46,16 @@ for dtype in (torch.bfloat16, torch.float16):
         # every block's steps (one token, then a 3-token window in one call), output and
         # state-only, went through the kernels
         assert calls[n:].count(True) == 2 * bb.num_layers and calls[n:].count(False) == 2 * bb.num_layers
+# the state in the model's dtype (ssm.STATE_IN_MODEL_DTYPE): the kernels take it, and agree too
+from meestral.backbones import ssm
+mp.setattr(ssm, "STATE_IN_MODEL_DTYPE", True)
+mp.setattr(mamba2_step, "applies", lambda proj, cs, ss: proj.dtype != torch.float32 and ss.dtype == proj.dtype)
+bb = random_backbone("mamba2", seed=4)
+bb.model.to(torch.bfloat16)
+n = len(calls)
+_check_fixed_equals_layer(bb, mp, tol=3e-2)
+assert calls[n:].count(True) == 2 * bb.num_layers and calls[n:].count(False) == 2 * bb.num_layers
+mp.setattr(ssm, "STATE_IN_MODEL_DTYPE", False)
 # a window that keeps the state after each token (self-speculation's history): the same history
 bb = random_backbone("mamba2", seed=4)
 bb.model.to(torch.bfloat16)
@@ -67,6 +78,51 @@ assert any(t.abs().sum() > 0 for t in hists[True])
 print("ok")
 """
 
+# A window of tokens in one launch equals the same tokens one launch at a time, bit for bit, with
+# the state in float32 and in the model's dtype (ssm.STATE_IN_MODEL_DTYPE: rounded after every token
+# inside the window as a one-token launch stores it): catch-up's and verify's windows then leave the
+# state full depth leaves.
+WINDOW = r"""
+import sys
+import pytest
+import torch
+sys.path.insert(0, TESTS)
+from meestral.backbones import mamba2_step, ssm
+from meestral.backbones.base import Step
+from meestral.backbones.loading import random_backbone
+from test_graph_engine import _filled_states
+
+launch = mamba2_step.kernels()
+calls = []
+def op(*a, **k):
+    calls.append(a[3].shape[1])
+    return launch(*a, **k)
+mp = pytest.MonkeyPatch()
+mp.setattr(mamba2_step, "_OP", op)
+mp.setattr(mamba2_step, "applies", lambda proj, cs, ss: proj.dtype != torch.float32)
+bb = random_backbone("mamba2", seed=4)
+bb.model.to(torch.bfloat16)
+write = torch.tensor([[True, False, True], [True, True, True]])
+h = torch.randn(2, 3, bb.hidden_size, generator=torch.Generator().manual_seed(2)).to(bb.dtype)
+for in_model_dtype in (False, True):
+    mp.setattr(ssm, "STATE_IN_MODEL_DTYPE", in_model_dtype)
+    window, steps = _filled_states(bb, 2)
+    assert window.ssm[0].dtype == (torch.bfloat16 if in_model_dtype else torch.float32)
+    n = len(calls)
+    for i in range(bb.num_layers):
+        step = Step(5, torch.arange(5, 8).expand(2, 3), write)
+        hw, _ = bb.forward_layer_fixed(i, h, window, step, None)
+        hs = []
+        for t in range(3):
+            one = Step(5 + t, torch.full((2, 1), 5 + t), write[:, t:t + 1])
+            hs.append(bb.forward_layer_fixed(i, h[:, t:t + 1], steps, one, None)[0])
+        assert torch.equal(hw, torch.cat(hs, 1)), (in_model_dtype, i)
+        for a, b in zip(bb.layer_tensors(window, i), bb.layer_tensors(steps, i)):
+            assert torch.equal(a, b), (in_model_dtype, i, (a.float() - b.float()).abs().max().item())
+    assert calls[n:] == [3, 1, 1, 1] * bb.num_layers
+print("ok")
+"""
+
 
 def _run(script):
     pytest.importorskip("triton")
@@ -79,6 +135,31 @@ def _run(script):
 def test_kernels_equal_the_torch_step_outputs_and_states():
     out = _run(CHECK)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_a_window_equals_its_tokens_one_at_a_time():
+    out = _run(WINDOW)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_a_window_that_keeps_the_unrounded_state_is_caught():
+    """WINDOW fails when the kernel carries the float32 state from token to token inside a window
+    where the stored state is bf16 (it rounds only once, at the window's end): its check has teeth."""
+    src = mamba2_step.__file__.replace("mamba2_step.py", "mamba2_kernels.py")
+    with open(src) as f:
+        code = f.read()
+    assert "new.to(sdt).to(tl.float32)" in code
+    broken = WINDOW.replace("from meestral.backbones import mamba2_step, ssm\n", f"""
+import importlib.util, tempfile
+path = tempfile.mktemp(suffix="_mamba2_kernels.py")
+open(path, "w").write(open({src!r}).read().replace("new.to(sdt).to(tl.float32)", "new"))
+spec = importlib.util.spec_from_file_location("meestral.backbones.mamba2_kernels", path)
+sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules[spec.name])
+from meestral.backbones import mamba2_step, ssm
+""", 1)
+    out = _run(broken)
+    assert out.returncode != 0 and "(True, 0" in out.stderr, out.stdout + out.stderr[-2000:]
 
 
 def test_a_wrong_group_is_caught():

@@ -64,7 +64,8 @@ def _scan(proj_ptr, cs_ptr, ss_ptr, wr_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, d
     q0, q1, q2, q3 = _taps(cs_ptr, b, cc, nm, cs_sb)
     at = ss_ptr + ((b * H + h) * P + p[:, None]) * N + n[None, :]
     m2 = pm[:, None] & nm[None, :]
-    s = tl.load(at, mask=m2, other=0.0)
+    s = tl.load(at, mask=m2, other=0.0).to(tl.float32)  # a float32 state, or one in the model's dtype
+    sdt = ss_ptr.dtype.element_ty
     A = -tl.exp(tl.load(alog_ptr + h).to(tl.float32))
     Dh = tl.load(d_ptr + h).to(tl.float32)
     dtb = tl.load(dtb_ptr + h).to(tl.float32)
@@ -94,12 +95,13 @@ def _scan(proj_ptr, cs_ptr, ss_ptr, wr_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, d
         if OUTPUT:
             y = tl.sum(new * Cv[None, :], axis=1) + Dh * x
             tl.store(y_ptr + (b * T + t) * I + xc, y.to(y_ptr.dtype.element_ty), mask=pm)
-        # a (row, token) not written leaves the state and the window as they were
-        s = tl.where(write, new, s)
+        # a (row, token) not written leaves the state and the window as they were; a written one
+        # rounds the state to its stored dtype after every token, as a one-token step stores it
+        s = tl.where(write, new.to(sdt).to(tl.float32), s)
         x0, x1, x2, x3 = tl.where(write, x1, x0), tl.where(write, x2, x1), tl.where(write, x3, x2), tl.where(write, xn, x3)
         b0, b1, b2, b3 = tl.where(write, b1, b0), tl.where(write, b2, b1), tl.where(write, b3, b2), tl.where(write, bn, b3)
         q0, q1, q2, q3 = tl.where(write, q1, q0), tl.where(write, q2, q1), tl.where(write, q3, q2), tl.where(write, qn, q3)
-    tl.store(at, s, mask=m2)
+    tl.store(at, s.to(sdt), mask=m2)
     # this program's x channels belong to it alone: their window can be written now (the group's B
     # and C windows are read by every head of the group: kernel 2 writes them)
     base = cs_ptr + b * cs_sb + xc * 4

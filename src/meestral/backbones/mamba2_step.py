@@ -45,7 +45,8 @@ def kernels():
     -> y [B, T, I] in proj's dtype, or None when gnorm_w is None (a state-only step: `propagate`).
     proj [B, T, Dp] is in_proj's output for a window of T tokens: [gate I | x B C (conv_dim) | dt H],
     or without the gate when gnorm_w is None; write [B, T] says which (row, token) pairs change the
-    state. conv_state [B, conv_dim, 4] and ssm_state [B, H, P, N] (float32) change in place."""
+    state. conv_state [B, conv_dim, 4] and ssm_state [B, H, P, N] (float32, or proj's dtype: rounded
+    to it after every token) change in place."""
     try:
         from meestral.backbones import mamba2_kernels
     except ImportError:
@@ -84,11 +85,12 @@ _HAVE_OP = _OP is not False
 
 
 def applies(proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> bool:
-    """Whether the kernels take this step: CUDA, bf16 / fp16 activations, float32 state, a conv of
-    four taps (the kernels hold them in registers), contiguous buffers, no gradients (training steps
-    the torch code)."""
+    """Whether the kernels take this step: CUDA, bf16 / fp16 activations, a float32 state or one in
+    the activations' dtype (ssm.STATE_IN_MODEL_DTYPE), a conv of four taps (the kernels hold them in
+    registers), contiguous buffers, no gradients (training steps the torch code)."""
     return (_HAVE_OP and ENABLED and proj.is_cuda and proj.dtype in (torch.bfloat16, torch.float16)
-            and ssm_state.dtype == torch.float32 and conv_state.shape[-1] == 4 and conv_state.is_contiguous()
+            and ssm_state.dtype in (torch.float32, proj.dtype) and conv_state.shape[-1] == 4
+            and conv_state.is_contiguous()
             and ssm_state.is_contiguous() and not proj.requires_grad)
 
 

@@ -8,7 +8,8 @@ token), state-only steps for `propagate` and exact snapshots. HF's cache API als
 the 5.x releases we support. Tests check every block against the HF full forward.
 
 State per layer: `conv[i]` holds the last `conv_kernel` inputs of the causal conv (as HF's cache
-does) and `ssm[i]` the recurrent state in float32 (HF's scan accumulates in float32 too).
+does) and `ssm[i]` the recurrent state, in float32 (HF's scan accumulates in float32 too) unless
+STATE_IN_MODEL_DTYPE says otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ from meestral.backbones.base import Backbone, LayerCost, plain, rms_norm
 # its token loop, and a prompt-length unroll would compile for minutes to save nothing (a long
 # window is bound by its matmuls, not by launches). Catch-up windows are max_backlog + 1 tokens.
 FUSED_MAX_TOKENS = 16
+
+# A Mamba-2 model's recurrent state in the model's dtype (bf16 / fp16) instead of float32, rounded
+# after every token as HF's decode cache and mamba-ssm's inference cache store it: half the state
+# traffic of a decode step (Codestral-Mamba-7B: 2 MB a block read and written instead of 4 MB).
+# The update and the read-out still compute in float32 from the stored state; every path (the
+# per-module step, the fixed path, the Triton kernels, a window of tokens or one) rounds the state
+# at the same place, so catch-up, verify and rollbacks stay exact against our own full depth. Off:
+# a float32 state is what the float32 scan computes, the more accurate choice; the bench's
+# `full_model_dtype_state` row (switch `ssm-state`) times it on in the same run. Mamba-1 keeps float32.
+STATE_IN_MODEL_DTYPE = False
 
 
 def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, out_w, out_b,
@@ -87,7 +98,9 @@ def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnor
         d = F.softplus(dt[:, t].float() + dt_bias.float()).clamp(min=dt_min, max=dt_max)
         dA = torch.exp(d * A)  # [B, H]
         new = ss * dA[:, :, None, None] + (d[:, :, None] * xs)[..., None] * Bm[:, :, None, :]
-        ss = torch.where(w[:, None, None, None], new, ss)
+        # rounded to the stored state's dtype after every token, as the kernels and a one-token step
+        # round it (a no-op for a float32 state)
+        ss = torch.where(w[:, None, None, None], new.to(ssm_state.dtype), ss)
         if hist_conv is not None:
             kept_c.append(cs)
             kept_s.append(ss)
@@ -180,7 +193,7 @@ def use_grouped_gated_norm(model) -> None:
 class SSMState:
     def __init__(self, conv, ssm):
         self.conv = conv  # list of [B, conv_dim, K]
-        self.ssm = ssm  # list of [B, ...] float32
+        self.ssm = ssm  # list of [B, ...]: float32, or the model's dtype (ssm.STATE_IN_MODEL_DTYPE)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.conv + self.ssm)
@@ -232,9 +245,11 @@ class SSMBackbone(Backbone):
             conv.append(torch.zeros(batch_size, c.in_channels, c.kernel_size[0], dtype=c.weight.dtype, device=self.device))
             if self.v2:
                 shape = (batch_size, m.num_heads, m.head_dim, m.ssm_state_size)
+                dt = m.in_proj.weight.dtype if STATE_IN_MODEL_DTYPE else torch.float32
             else:
                 shape = (batch_size, m.intermediate_size, m.ssm_state_size)
-            ssm.append(torch.zeros(shape, dtype=torch.float32, device=self.device))
+                dt = torch.float32
+            ssm.append(torch.zeros(shape, dtype=dt, device=self.device))
         return SSMState(conv, ssm)
 
     # ---- the recurrence --------------------------------------------------------------------

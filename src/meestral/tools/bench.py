@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from meestral.backbones import decode_attention, gemv, mamba2_step, pdl
+from meestral.backbones import decode_attention, gemv, mamba2_step, pdl, ssm
 from meestral.backbones.loading import load_backbone
 from meestral.decoding.decoder import EarlyExitDecoder
 from meestral.decoding.config import ExitConfig
@@ -273,8 +273,8 @@ def _progress(label, ms):
     print(f"measured: {label}: {got}", file=sys.stderr, flush=True)
 
 
-SWITCHES = ("cublas", "fusion", "gemv-runs", "window-gemv", "window-attention", "launches", "ssm-step", "attention",
-            "fold", "device-exits")
+SWITCHES = ("cublas", "fusion", "gemv-runs", "window-gemv", "window-attention", "launches", "ssm-step", "ssm-state",
+            "attention", "fold", "device-exits")
 
 
 def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
@@ -286,7 +286,8 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
     at a time, gemv.RUNS), window-gemv / window-attention (the first
     catch-up case with the several-row fusions switched / with inductor's window attention),
     launches (dependent or serial launches of our kernels, pdl.py; full depth and the first
-    catch-up case), ssm-step (inductor's Mamba-2 step), attention (inductor's one-token attention),
+    catch-up case), ssm-step (inductor's Mamba-2 step), ssm-state (a Mamba-2 state in float32 or in
+    the model's dtype, ssm.STATE_IN_MODEL_DTYPE; full depth and the first catch-up case), attention (inductor's one-token attention),
     fold (one token's attention parts combined inside its first kernel or by a second one),
     device-exits (the first copy case's exit point asked by softmax heads, whose decision depends
     on the data: threshold 0, so every token still leaves there, decided on the host one step at
@@ -321,6 +322,12 @@ def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
             decs.append(row(f"{win[0]}_{launches}_launches", "catchup", pdl, win[1], ENABLED=not pdl.ENABLED))
     if "ssm-step" in switches and getattr(bb, "v2", False) and mamba2_step.ENABLED:
         decs.insert(1, row("full_compiled_ssm_step", "-", mamba2_step, ENABLED=False))
+    if "ssm-state" in switches and getattr(bb, "v2", False):
+        kept = "float32" if ssm.STATE_IN_MODEL_DTYPE else "model_dtype"
+        decs.insert(1, row(f"full_{kept}_state", "-", ssm, STATE_IN_MODEL_DTYPE=not ssm.STATE_IN_MODEL_DTYPE))
+        if win is not None:
+            decs.append(row(f"{win[0]}_{kept}_state", "catchup", ssm, win[1],
+                            STATE_IN_MODEL_DTYPE=not ssm.STATE_IN_MODEL_DTYPE))
     if "attention" in switches and bb.family == "transformer" and decode_attention.ENABLED:
         decs.insert(1, row("full_compiled_attention", "-", decode_attention, ENABLED=False))
     first_copy = "device-exits" in switches and next(
