@@ -754,23 +754,26 @@ def test_cuda_mamba2_step_kernels_equal_the_compiled_torch_step(shape, monkeypat
 @cuda
 @pytest.mark.parametrize("in_model_dtype", [False, True])
 def test_cuda_mamba2_window_equals_its_tokens_one_at_a_time(in_model_dtype, monkeypatch):
-    """On the GPU (Codestral's heads and groups, bf16), the step's kernels over a window of 3 tokens
-    in one launch leave bit for bit the outputs and states of the same tokens one launch at a time,
+    """On the GPU (Codestral's heads and groups, bf16), the step's kernels over a window of 4 tokens
+    in one launch leave bit for bit the outputs and states of the same tokens in two launches of 2,
     with a float32 state and with one in the model's dtype (ssm.STATE_IN_MODEL_DTYPE: rounded after
-    every token inside the window as a one-token launch stores it). (The kernels alone: a window's
-    in_proj is the several-row GEMV, whose sums are ordered otherwise than the one-row GEMV's.)"""
+    every token inside a window, as the end of a launch stores it; a kernel that rounded only at the
+    window's end fails this). Windows of 2 and 4, not single tokens: Triton compiles a kernel whose
+    token count is 1 apart (an int argument equal to 1 is a compile-time constant), and the two
+    binaries need not round their float32 arithmetic alike. (The kernels alone: a window's in_proj
+    is the several-row GEMV, whose sums are ordered otherwise than the one-row GEMV's.)"""
     from meestral.backbones import mamba2_step, ssm
 
     monkeypatch.setattr(ssm, "STATE_IN_MODEL_DTYPE", in_model_dtype)
     bb = _codestral_heads()
     bb.model.to(device="cuda", dtype=torch.bfloat16)
-    window, steps = _filled_states(bb, 2)
+    window, halves = _filled_states(bb, 2)
     window.conv, window.ssm = [t.cuda() for t in window.conv], [t.cuda() for t in window.ssm]
-    steps.conv, steps.ssm = [t.cuda() for t in steps.conv], [t.cuda() for t in steps.ssm]
+    halves.conv, halves.ssm = [t.cuda() for t in halves.conv], [t.cuda() for t in halves.ssm]
     assert window.ssm[0].dtype == (torch.bfloat16 if in_model_dtype else torch.float32)
     m = bb.blocks[0].mixer
-    proj = torch.randn(2, 3, m.in_proj.weight.shape[0], device="cuda").to(bb.dtype)
-    write = torch.tensor([[True, False, True], [True, True, True]], device="cuda")
+    proj = torch.randn(2, 4, m.in_proj.weight.shape[0], device="cuda").to(bb.dtype)
+    write = torch.tensor([[True, False, True, True], [True, True, True, True]], device="cuda")
     assert mamba2_step.applies(proj, window.conv[0], window.ssm[0])
     dims = dict(n_heads=m.num_heads, head_dim=m.head_dim, n_groups=m.n_groups, state_size=m.ssm_state_size,
                 intermediate=m.intermediate_size, group_size=m.norm.group_size, gnorm_eps=m.norm.variance_epsilon,
@@ -778,12 +781,13 @@ def test_cuda_mamba2_window_equals_its_tokens_one_at_a_time(in_model_dtype, monk
     args = (m.conv1d.weight[:, 0, :], m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight)
 
     def run(state, t0, t1):
-        return mamba2_step.step(proj[:, t0:t1], state.conv[0], state.ssm[0], write[:, t0:t1], *args, **dims)
+        return mamba2_step.step(proj[:, t0:t1].contiguous(), state.conv[0], state.ssm[0], write[:, t0:t1], *args,
+                                **dims)
 
-    yw = run(window, 0, 3)
-    ys = torch.cat([run(steps, t, t + 1) for t in range(3)], 1)
-    assert torch.equal(yw, ys)
-    for a, b in zip(bb.layer_tensors(window, 0), bb.layer_tensors(steps, 0)):
+    yw = run(window, 0, 4)
+    yh = torch.cat([run(halves, 0, 2), run(halves, 2, 4)], 1)
+    assert torch.equal(yw, yh)
+    for a, b in zip(bb.layer_tensors(window, 0), bb.layer_tensors(halves, 0)):
         assert torch.equal(a, b), (a.float() - b.float()).abs().max().item()
     assert not torch.equal(window.ssm[0], _filled_states(bb, 1)[0].ssm[0].cuda())  # the steps changed it
 

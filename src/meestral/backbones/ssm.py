@@ -29,10 +29,12 @@ FUSED_MAX_TOKENS = 16
 # after every token as HF's decode cache and mamba-ssm's inference cache store it: half the state
 # traffic of a decode step (Codestral-Mamba-7B: 2 MB a block read and written instead of 4 MB).
 # The update and the read-out still compute in float32 from the stored state; every path (the
-# per-module step, the fixed path, the Triton kernels, a window of tokens or one) rounds the state
-# at the same place, so catch-up, verify and rollbacks stay exact against our own full depth. Off:
-# a float32 state is what the float32 scan computes, the more accurate choice; the bench's
-# `full_model_dtype_state` row (switch `ssm-state`) times it on in the same run. Mamba-1 keeps float32.
+# per-module step, the fixed path, the Triton kernels) rounds the state after every token, also
+# inside a window of tokens (catch-up's deep pass, verify), so a window leaves the state its tokens
+# leave one step at a time (tests: bit for bit on the CPU and between window lengths on the GPU).
+# Off: a float32 state is what the float32 scan computes, the more accurate choice. On an H100 it
+# made full depth 2.3% faster on the Codestral-Mamba-7B shape (benchmarks/NOTES.md, 2026-12-07
+# tenth session; the bench's `full_model_dtype_state` row, switch `ssm-state`). Mamba-1 keeps float32.
 STATE_IN_MODEL_DTYPE = False
 
 
