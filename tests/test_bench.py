@@ -306,3 +306,21 @@ def test_switch_rows_are_the_ones_asked_for(tiny, shape):
     assert [(n, p) for n, p, _ in decs][2:] == [("exit@1_softmax_host_decisions", "copy")]
     soft = decs[2][2]
     assert soft.config.heads.kind == "softmax" and soft.policy.known is None and not soft.engine.decides_on_device
+
+
+def test_the_eager_row_comes_with_its_switch(tiny, monkeypatch):
+    """Beside a fixed-shape engine the bench times the eager engine's full depth only where the
+    switches name `eager` (the default: all of them): a GPU call that leaves it out saves its minute."""
+    import io
+
+    from meestral.tools import bench
+
+    bb = tiny("mistral")
+    monkeypatch.setattr(bench, "load_backbone", lambda *a, **kw: bb)
+    got = {}
+    for switches in (bench.SWITCHES, ("ssm-state",)):
+        rows = bench.run_bench("tiny", exits=[2], tokens=3, repeats=1, out=io.StringIO(), policies=("copy",),
+                               peers=(), engine="graph", switches=switches, one_step=False)
+        got[switches] = [(r["case"], r["engine"]) for r in rows]
+    assert got[bench.SWITCHES] == [("full", "GraphEngine"), ("full", "EagerEngine"), ("exit@2", "GraphEngine")]
+    assert got[("ssm-state",)] == [("full", "GraphEngine"), ("exit@2", "GraphEngine")]

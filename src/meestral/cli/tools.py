@@ -113,8 +113,8 @@ def add_tool_parsers(sub):
     b.add_argument("--draft-vocab", dest="draft_vocabs", type=_draft_vocabs, help="speculate rows: trimmed draft heads, rows of the LM head, "
                    "e.g. 0,8192 (0: the whole head; default 0)")
     b.add_argument("--switches", type=names, help="GPU rows that time a kernel switch against its default in the same "
-                   "run: some of cublas, fusion, gemv-runs, window-gemv, window-attention, launches, ssm-step, attention, fold, "
-                   "device-exits (default: all), or none: a shorter run")
+                   "run: some of eager (the eager engine's full depth), cublas, fusion, gemv-runs, window-gemv, window-attention, "
+                   "launches, ssm-step, ssm-state, attention, fold, device-exits (default: all), or none: a shorter run")
     b.add_argument("--no-one-step", action="store_true", help="skip the one-step-at-a-time twins of the rows whose "
                    "steps run several to a device run (what chunks gain): a shorter run")
     add_engine_arg(b)

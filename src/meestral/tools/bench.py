@@ -273,13 +273,14 @@ def _progress(label, ms):
     print(f"measured: {label}: {got}", file=sys.stderr, flush=True)
 
 
-SWITCHES = ("cublas", "fusion", "gemv-runs", "window-gemv", "window-attention", "launches", "ssm-step", "ssm-state",
-            "attention", "fold", "device-exits")
+SWITCHES = ("eager", "cublas", "fusion", "gemv-runs", "window-gemv", "window-attention", "launches", "ssm-step",
+            "ssm-state", "attention", "fold", "device-exits")
 
 
 def _add_switch_rows(bb, decs, engine, switches=SWITCHES):
     """Rows that time one kernel switch against its default in the same run (a capturing engine on
-    the Triton GEMV): `switches` names which (SWITCHES). Full depth unless said: cublas (every
+    the Triton GEMV): `switches` names which (SWITCHES; `eager`, the eager engine's full depth beside
+    a fixed-shape engine's, is run_bench's own: it needs no GPU). Full depth unless said: cublas (every
     matmul on cuBLAS: what the Triton GEMV gains), fusion (the norms, gate and residual adds inside
     the GEMV or not; a Mamba block: its residual add, and a Mamba-2 block's norm, gemv.FUSED_MAMBA_NORM),
     gemv-runs (the one-row GEMV's autotuner with or without the tilings that read two runs of weights
@@ -363,7 +364,8 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     and with several it also gives each prompt's ratio to our full depth. The full-depth peers are
     timed on every prompt too; hf-assisted (10-50x slower) on the first. `one_step` False: no
     one-step-at-a-time twins of the chunked rows (a shorter run). `switches`: which kernel switches
-    get a row of their own on a GPU (`_add_switch_rows`; () for none: a shorter run)."""
+    get a row of their own on a GPU (`_add_switch_rows`; () for none: a shorter run), and with
+    `eager` the eager engine's full depth beside a fixed-shape engine's."""
     from meestral.tools.speculate_bench import (add_time_predictions, assisted_peer_ms, speculate_cases,
                                                 speculate_fields)
 
@@ -386,7 +388,9 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             alpha[dec] = a
             decs.append((name, "speculate", dec))
     kind = type(decs[0][2].engine).__name__
-    if kind != "EagerEngine":  # the eager engine's full depth beside it: what the fixed path gains
+    # the eager engine's full depth beside it: what the fixed path gains (a minute of a GPU call on
+    # a 7B Mamba shape: a run whose switches leave out `eager` skips it)
+    if kind != "EagerEngine" and "eager" in switches:
         decs.insert(1, ("full", "-", EarlyExitDecoder(bb, engine="eager")))
     if one_step and decs[0][2].engine.chunk_steps:  # and one step at a time: what chunks gain (full_chunk.py)
         twins = []
