@@ -142,22 +142,29 @@ def test_a_window_equals_its_tokens_one_at_a_time():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
-def test_a_window_that_keeps_the_unrounded_state_is_caught():
-    """WINDOW fails when the kernel carries the float32 state from token to token inside a window
-    where the stored state is bf16 (it rounds only once, at the window's end): its check has teeth."""
+def _with_broken_kernels(script, import_line, good, bad):
+    """script, its `import_line` preceded by the load of a copy of mamba2_kernels.py whose `good`
+    code reads `bad` (Triton's jit compiles each kernel from its source file: the broken copy gets a
+    file of its own)."""
     src = mamba2_step.__file__.replace("mamba2_step.py", "mamba2_kernels.py")
     with open(src) as f:
-        code = f.read()
-    assert "new.to(sdt).to(tl.float32)" in code
-    broken = WINDOW.replace("from meestral.backbones import mamba2_step, ssm\n", f"""
+        assert good in f.read()
+    assert import_line in script
+    return script.replace(import_line, f"""
 import importlib.util, tempfile
 path = tempfile.mktemp(suffix="_mamba2_kernels.py")
-open(path, "w").write(open({src!r}).read().replace("new.to(sdt).to(tl.float32)", "new"))
+open(path, "w").write(open({src!r}).read().replace({good!r}, {bad!r}))
 spec = importlib.util.spec_from_file_location("meestral.backbones.mamba2_kernels", path)
 sys.modules[spec.name] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sys.modules[spec.name])
-from meestral.backbones import mamba2_step, ssm
-""", 1)
+{import_line}""", 1)
+
+
+def test_a_window_that_keeps_the_unrounded_state_is_caught():
+    """WINDOW fails when the kernel carries the float32 state from token to token inside a window
+    where the stored state is bf16 (it rounds only once, at the window's end): its check has teeth."""
+    broken = _with_broken_kernels(WINDOW, "from meestral.backbones import mamba2_step, ssm\n",
+                                  "new.to(sdt).to(tl.float32)", "new")
     out = _run(broken)
     assert out.returncode != 0 and "(True, 0" in out.stderr, out.stdout + out.stderr[-2000:]
 
@@ -165,20 +172,8 @@ from meestral.backbones import mamba2_step, ssm
 def test_a_wrong_group_is_caught():
     """The check above fails when the kernel reads another group's B and C (a kernel that mixed up
     groups would otherwise pass on one-group shapes): the comparison has teeth."""
-    src = mamba2_step.__file__.replace("mamba2_step.py", "mamba2_kernels.py")
-    with open(src) as f:
-        code = f.read()
-    assert "g = h // (H // G)" in code
-    # Triton's jit compiles each kernel from its source file: the broken copy gets a file of its own
-    broken = CHECK.replace("from meestral.backbones import mamba2_step\n", f"""
-import importlib.util, tempfile
-path = tempfile.mktemp(suffix="_mamba2_kernels.py")
-open(path, "w").write(open({src!r}).read().replace("g = h // (H // G)", "g = (H // G - 1 - h // (H // G)) % G"))
-spec = importlib.util.spec_from_file_location("meestral.backbones.mamba2_kernels", path)
-sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sys.modules[spec.name])
-from meestral.backbones import mamba2_step
-""", 1)
+    broken = _with_broken_kernels(CHECK, "from meestral.backbones import mamba2_step\n", "g = h // (H // G)",
+                                  "g = (H // G - 1 - h // (H // G)) % G")
     out = _run(broken)
     assert out.returncode != 0 and "Mismatched elements" in out.stderr, out.stdout + out.stderr[-2000:]
 
