@@ -149,7 +149,7 @@ def test_profile_covers_full_depth_the_first_exit_and_a_speculate_cycle(tiny, mo
     bench.run_bench("tiny", exits=[2], tokens=4, repeats=1, out=io.StringIO(), policies=("copy", "speculate"),
                     peers=(), draft_tokens=(2, "auto"), inject=(0.5,), profile=str(path))
     tables = json.loads(path.read_text())["tables"]
-    assert sorted(tables) == ["exit@2 copy (eager kernels)", "full copy (eager kernels)",
+    assert sorted(tables) == ["exit@2 copy (eager kernels)", "full - (eager kernels)",
                               "spec@2 k=2 a=0.5 speculate (eager kernels)"]
     assert all(t["kernels"] > 0 for t in tables.values())
 

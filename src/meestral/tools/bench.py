@@ -266,6 +266,12 @@ def _term_stops():
         signal.signal(signal.SIGTERM, old)
 
 
+def _shown(name, policy):
+    """The policy a row names: full depth runs no exit, whatever policy its config carries (the
+    table, the JSON and the stderr lines say the same)."""
+    return "-" if name == "full" else policy
+
+
 def _progress(label, ms):
     """One stderr line per measured case as it comes: a run cut short by a time limit still shows
     what it measured (the JSON rows, with their in-run ratios, are written at the end)."""
@@ -413,7 +419,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         for p_ids in prompt_set:  # each prompt length is its own key range
             dec.generate([p_ids], SamplingOptions(max_new_tokens=warm))
         # One line each: a run cut short by a time limit shows where its warm-up time went.
-        print(f"warmed up: {name} {policy} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        print(f"warmed up: {name} {_shown(name, policy)} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     probes = [copy_gbps(bb.device)]  # before the timed runs, and again after them (best_copy_gbps)
     runs = {i: [[] for _ in prompt_set] for i in range(len(decs))}  # case -> prompt -> one summary per repeat
     counts = {dec: [] for dec in alpha}
@@ -427,7 +433,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
                 if dec in alpha:
                     counts[dec].append(dict(dec.policy.reset_counts(),
                                             ms=runs[i][p][-1]["ms_per_token"] * runs[i][p][-1]["tokens"]))
-                _progress(f"{name} {policy} {type(dec.engine).__name__}" + (f" prompt {p}" if prompts > 1 else ""),
+                _progress(f"{name} {_shown(name, policy)} {type(dec.engine).__name__}" + (f" prompt {p}" if prompts > 1 else ""),
                           runs[i][p][-1]["ms_per_token"])
     peer_ms = {}  # peer -> ms/token per prompt (None: it could not run)
     stopped = False
@@ -458,7 +464,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         first = [s[0] for s in runs[i]]  # the accounting is the same in every repeat
         ms = statistics.mean(by_prompt)
         rows.append({
-            "case": name, "policy": policy if name != "full" else "-", "engine": type(dec.engine).__name__,
+            "case": name, "policy": _shown(name, policy), "engine": type(dec.engine).__name__,
             "backbone": bb.name, "device": str(bb.device), "dtype": str(bb.dtype).removeprefix("torch."), "layers": L,
             "prompt_tokens": len(ids), "prompts": prompts, "chat": chat, "decoded_tokens": first[0]["tokens"],
             "mean_layers_run": _mean(first, "mean_layers_run"), "draft_mean_layers_run": _mean(first, "draft_mean_layers_run"),
@@ -564,7 +570,7 @@ def _write_profiles(path, bb, ids, tokens, opts, decs):
         prof.generate([ids], opts)
         # the decode steps alone: the prompt and first token run again apart and are subtracted
         # (a Mamba-2 prompt through the chunked scan outweighed a hundred decode steps)
-        tables[f"{name} {policy} ({engine} kernels)"] = kernel_table(lambda: prof.generate([ids], opts), bb.device,
+        tables[f"{name} {_shown(name, policy)} ({engine} kernels)"] = kernel_table(lambda: prof.generate([ids], opts), bb.device,
                                                                      per=max(tokens - 1, 1),
                                                                      minus=lambda: prof.generate([ids], first))
     write_json(path, {"backbone": bb.name, "device": str(bb.device), "dtype": str(bb.dtype), "tokens": tokens,
