@@ -28,10 +28,11 @@ if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl > /dev/null 2>&1; then
   $PY -c 'import mamba_ssm, causal_conv1d; print("mamba-ssm", mamba_ssm.__version__, "causal-conv1d", causal_conv1d.__version__)' 2>&1 | tail -1
 fi
 if [ "${T_TESTS:-150}" != 0 ]; then
-  timeout ${T_TESTS:-150} $PY -m pytest -m cuda tests/test_graph_engine.py tests/test_mamba_ssm_peer.py tests/test_gemv.py tests/test_ssd.py -v -rfE -p no:cacheprovider \
+  timeout ${T_TESTS:-150} $PY -m pytest -m cuda tests/test_graph_engine.py tests/test_mamba_ssm_peer.py tests/test_gemv.py tests/test_ssd.py -vv -rfEs -p no:cacheprovider \
     -n ${T_WORKERS:-6} ${T_K:+-k "$T_K"} > "$OUT/cuda-tests.log" 2>&1
   echo "cuda tests rc=$?" | tee -a "$OUT/cuda-tests.log"
-  # -v: one line per test as it ends, so a run its time limit cuts still names what failed
+  # -vv (the project's addopts has -q, which one -v cancels): one line per test as it ends, so a run its
+  # time limit cuts still names what failed; -rs: why each skip
   grep -E "FAILED|ERROR|passed|failed" "$OUT/cuda-tests.log" | tail -12
 fi
 if [ "${T_GEMV:-0}" != 0 ]; then

@@ -295,9 +295,9 @@ def test_switch_rows_are_the_ones_asked_for(tiny, shape):
                        ("full_cublas_matmuls", "-"), ("exit@1", "catchup"), ("exit@1_fused_window_gemv", "catchup"),
                        ("exit@1_compiled_window_attention", "catchup")]
     else:
-        assert got == [("full", "-"), ("full_model_dtype_state", "-"), ("full_compiled_ssm_step", "-"),
+        assert got == [("full", "-"), ("full_float32_state", "-"), ("full_compiled_ssm_step", "-"),
                        ("full_one_run_gemv", "-"), ("full_norm_outside_gemv", "-"), ("full_unfused_gemv", "-"),
-                       ("full_cublas_matmuls", "-"), ("exit@1", "catchup"), ("exit@1_model_dtype_state", "catchup")]
+                       ("full_cublas_matmuls", "-"), ("exit@1", "catchup"), ("exit@1_float32_state", "catchup")]
     assert names(("cublas",)) == [("full", "-"), ("full_cublas_matmuls", "-"), ("exit@1", "catchup")]
     assert names(("device-exits",)) == [("full", "-"), ("exit@1", "catchup")]  # no copy case: no row
     copy_cfg = ExitConfig(heads=ExitHeads("static", [1], bb), thresholds=0.0, policy="copy")

@@ -210,6 +210,7 @@ ERRORS = {
     "bench_exit_out_of_range": (["bench", "--backbone", "random:llama", "--exits", "1,7", "--tokens", "2",
                                  "--repeats", "1"], ["[7]", "out of range"]),
     "info_unknown_backbone": (["info", "--backbone", "random:nosuchshape"], ["nosuchshape"]),
+    "ssm_state_unknown": (G + MISTRAL + ["--ssm-state", "bf16"], ["--ssm-state", "'bf16'", "float32"]),
     "bench_switch_unknown": (["bench", "--backbone", "random:llama", "--tokens", "2", "--switches", "cublas,turbo"],
                              ["--switches", "turbo", "launches"]),
 }
@@ -284,6 +285,29 @@ def test_user_error_end_to_end(argv, words, tmp_path):
 def test_malformed_random_seed(capsys):
     rc, out, err = run_main(G + ["--backbone", "random:mistral:seedX"], capsys)
     assert_one_line_error(rc, out, err, ["seed"])
+
+
+@pytest.mark.parametrize("choice", ["float32", "model"])
+def test_ssm_state_option_chooses_the_mamba2_state_dtype(choice, monkeypatch, capsys):
+    """--ssm-state: the recurrent state a bf16 Mamba-2 model decodes with (ssm.STATE_IN_MODEL_DTYPE)."""
+    import torch
+
+    from meestral.backbones import ssm
+
+    monkeypatch.setattr(ssm, "STATE_IN_MODEL_DTYPE", choice == "float32")  # the other choice first (restored after)
+    seen = []
+    new_state = ssm.SSMBackbone.new_state
+
+    def spy(self, *a, **kw):
+        state = new_state(self, *a, **kw)
+        seen.extend(s.dtype for s in state.ssm)
+        return state
+
+    monkeypatch.setattr(ssm.SSMBackbone, "new_state", spy)
+    rc, out, err = run_main(G + ["--backbone", "random:mamba2", "--dtype", "bfloat16", "--head", "full",
+                                 "--ssm-state", choice, "--no-color"], capsys)
+    assert rc == 0, err
+    assert seen and set(seen) == {torch.float32 if choice == "float32" else torch.bfloat16}
 
 
 # ---- info and bench ---------------------------------------------------------------------------

@@ -35,19 +35,21 @@ mp = pytest.MonkeyPatch()
 # the op stands for the kernels on CUDA; here they run on CPU tensors under the interpreter
 mp.setattr(mamba2_step, "_OP", op)
 mp.setattr(mamba2_step, "applies", lambda proj, cs, ss: proj.dtype != torch.float32 and ss.dtype == torch.float32)
+# a float32 state first (`--ssm-state float32`; the default keeps it in the model's dtype, below)
+from meestral.backbones import ssm
+mp.setattr(ssm, "STATE_IN_MODEL_DTYPE", False)
 for dtype in (torch.bfloat16, torch.float16):
     for make in (lambda: random_backbone("mamba2", seed=4), _mamba2_variant):
         bb = make()
         bb.model.to(dtype)
-        for i in range(bb.num_layers):  # the recurrent state stays float32, as new_state makes it
+        for i in range(bb.num_layers):  # the recurrent state stays float32, as new_state then makes it
             assert bb.new_state(1).ssm[i].dtype == torch.float32
         n = len(calls)
         _check_fixed_equals_layer(bb, mp, tol=3e-2)
         # every block's steps (one token, then a 3-token window in one call), output and
         # state-only, went through the kernels
         assert calls[n:].count(True) == 2 * bb.num_layers and calls[n:].count(False) == 2 * bb.num_layers
-# the state in the model's dtype (ssm.STATE_IN_MODEL_DTYPE): the kernels take it, and agree too
-from meestral.backbones import ssm
+# the state in the model's dtype (ssm.STATE_IN_MODEL_DTYPE, the default): the kernels take it, and agree too
 mp.setattr(ssm, "STATE_IN_MODEL_DTYPE", True)
 mp.setattr(mamba2_step, "applies", lambda proj, cs, ss: proj.dtype != torch.float32 and ss.dtype == proj.dtype)
 bb = random_backbone("mamba2", seed=4)

@@ -26,16 +26,19 @@ from meestral.backbones.base import Backbone, LayerCost, plain, rms_norm
 FUSED_MAX_TOKENS = 16
 
 # A Mamba-2 model's recurrent state in the model's dtype (bf16 / fp16) instead of float32, rounded
-# after every token as HF's decode cache and mamba-ssm's inference cache store it: half the state
+# after every token, as HF's decode cache and mamba-ssm's inference cache store it: half the state
 # traffic of a decode step (Codestral-Mamba-7B: 2 MB a block read and written instead of 4 MB).
 # The update and the read-out still compute in float32 from the stored state; every path (the
 # per-module step, the fixed path, the Triton kernels) rounds the state after every token, also
 # inside a window of tokens (catch-up's deep pass, verify), so a window leaves the state its tokens
 # leave one step at a time (tests: bit for bit on the CPU and between window lengths on the GPU).
-# Off: a float32 state is what the float32 scan computes, the more accurate choice. On an H100 it
-# made full depth 2.3% faster on the Codestral-Mamba-7B shape (benchmarks/NOTES.md, 2026-12-07
-# tenth session; the bench's `full_model_dtype_state` row, switch `ssm-state`). Mamba-1 keeps float32.
-STATE_IN_MODEL_DTYPE = False
+# On by default: on an H100 it made full depth 2.2% faster on the Codestral-Mamba-7B shape (three
+# repeats, 180.3 against 176.5 tok/s; benchmarks/NOTES.md, 2026-12-07 eleventh session; the bench's
+# `full_float32_state` row, switch `ssm-state`, times the other choice) and it is what the peers
+# keep. `meestral ... --ssm-state float32` keeps the float32 state the float32 scan computes, the
+# more accurate choice for long generations in bf16. A float32 model's state is float32 either way;
+# Mamba-1 keeps float32.
+STATE_IN_MODEL_DTYPE = True
 
 
 def _mamba2_fixed(h, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D, gnorm_w, out_w, out_b,
