@@ -8,8 +8,8 @@ token), state-only steps for `propagate` and exact snapshots. HF's cache API als
 the 5.x releases we support. Tests check every block against the HF full forward.
 
 State per layer: `conv[i]` holds the last `conv_kernel` inputs of the causal conv (as HF's cache
-does) and `ssm[i]` the recurrent state, in float32 (HF's scan accumulates in float32 too) unless
-STATE_IN_MODEL_DTYPE says otherwise.
+does) and `ssm[i]` the recurrent state: a Mamba-2 state in the model's dtype, as HF's decode cache
+keeps it (STATE_IN_MODEL_DTYPE; float32 with `--ssm-state float32`), a Mamba-1 state in float32.
 """
 
 from __future__ import annotations
