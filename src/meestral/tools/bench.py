@@ -266,12 +266,6 @@ def _term_stops():
         signal.signal(signal.SIGTERM, old)
 
 
-def _shown(name, policy):
-    """The policy a row names: full depth runs no exit, whatever policy its config carries (the
-    table, the JSON and the stderr lines say the same)."""
-    return "-" if name == "full" else policy
-
-
 def _progress(label, ms):
     """One stderr line per measured case as it comes: a run cut short by a time limit still shows
     what it measured (the JSON rows, with their in-run ratios, are written at the end)."""
@@ -384,7 +378,9 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
     prompt_set = [prompt_ids(bb, prompt_tokens, text, chat) for text in PROMPTS[:prompts]]
     ids = prompt_set[0]
     opts = SamplingOptions(max_new_tokens=tokens)
-    decs = [(name, cfg.policy, EarlyExitDecoder(bb, config=cfg, engine=engine))
+    # full depth runs no exit: its policy reads "-" in the table, the JSON, the stderr lines and the
+    # profile, whatever policy its config carries
+    decs = [(name, "-" if name == "full" else cfg.policy, EarlyExitDecoder(bb, config=cfg, engine=engine))
             for name, cfg in cases(bb, exits, max_backlog, policies)]
     alpha = {}  # speculate row's decoder -> its injected acceptance (None: the drafts' own)
     if "speculate" in policies:
@@ -404,7 +400,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
             if dec.engine.chunk_steps and getattr(dec.policy, "known", None) is not None:
                 one = EarlyExitDecoder(bb, config=dec.config, engine=engine)
                 one.engine.chunk_steps = False
-                twins.append((f"{name}_one_step_at_a_time", "-" if name == "full" else policy, one))
+                twins.append((f"{name}_one_step_at_a_time", policy, one))
         decs[1:1] = twins[:1]
         decs.extend(twins[1:])
     if decs[0][2].engine.capture and gemv.applies(torch.zeros(1, 8, device=bb.device, dtype=bb.dtype),
@@ -419,7 +415,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         for p_ids in prompt_set:  # each prompt length is its own key range
             dec.generate([p_ids], SamplingOptions(max_new_tokens=warm))
         # One line each: a run cut short by a time limit shows where its warm-up time went.
-        print(f"warmed up: {name} {_shown(name, policy)} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        print(f"warmed up: {name} {policy} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     probes = [copy_gbps(bb.device)]  # before the timed runs, and again after them (best_copy_gbps)
     runs = {i: [[] for _ in prompt_set] for i in range(len(decs))}  # case -> prompt -> one summary per repeat
     counts = {dec: [] for dec in alpha}
@@ -433,7 +429,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
                 if dec in alpha:
                     counts[dec].append(dict(dec.policy.reset_counts(),
                                             ms=runs[i][p][-1]["ms_per_token"] * runs[i][p][-1]["tokens"]))
-                _progress(f"{name} {_shown(name, policy)} {type(dec.engine).__name__}" + (f" prompt {p}" if prompts > 1 else ""),
+                _progress(f"{name} {policy} {type(dec.engine).__name__}" + (f" prompt {p}" if prompts > 1 else ""),
                           runs[i][p][-1]["ms_per_token"])
     peer_ms = {}  # peer -> ms/token per prompt (None: it could not run)
     stopped = False
@@ -464,7 +460,7 @@ def run_bench(backbone="smollm2", exits=None, tokens=32, device="cpu", dtype=Non
         first = [s[0] for s in runs[i]]  # the accounting is the same in every repeat
         ms = statistics.mean(by_prompt)
         rows.append({
-            "case": name, "policy": _shown(name, policy), "engine": type(dec.engine).__name__,
+            "case": name, "policy": policy, "engine": type(dec.engine).__name__,
             "backbone": bb.name, "device": str(bb.device), "dtype": str(bb.dtype).removeprefix("torch."), "layers": L,
             "prompt_tokens": len(ids), "prompts": prompts, "chat": chat, "decoded_tokens": first[0]["tokens"],
             "mean_layers_run": _mean(first, "mean_layers_run"), "draft_mean_layers_run": _mean(first, "draft_mean_layers_run"),
@@ -570,7 +566,7 @@ def _write_profiles(path, bb, ids, tokens, opts, decs):
         prof.generate([ids], opts)
         # the decode steps alone: the prompt and first token run again apart and are subtracted
         # (a Mamba-2 prompt through the chunked scan outweighed a hundred decode steps)
-        tables[f"{name} {_shown(name, policy)} ({engine} kernels)"] = kernel_table(lambda: prof.generate([ids], opts), bb.device,
+        tables[f"{name} {policy} ({engine} kernels)"] = kernel_table(lambda: prof.generate([ids], opts), bb.device,
                                                                      per=max(tokens - 1, 1),
                                                                      minus=lambda: prof.generate([ids], first))
     write_json(path, {"backbone": bb.name, "device": str(bb.device), "dtype": str(bb.dtype), "tokens": tokens,
