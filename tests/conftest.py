@@ -29,6 +29,14 @@ def tiny():
 
 def pytest_configure(config):
     torch.set_num_threads(int(THREADS))
+    # pytest started in the background of a non-interactive shell (`nohup pytest ... &`) begins with
+    # SIGINT ignored, and the runs its tests spawn would inherit that and never see the Ctrl-C the
+    # fault tests send them (a run started that way keeps ignoring it, by design: interrupt.py).
+    # `make test` never begins that way (make catches SIGINT, so what it runs gets the default).
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def median_softmax(bb, layer, n=48, seed=0):
