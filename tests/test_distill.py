@@ -87,6 +87,80 @@ def test_sampler_with_a_static_cache_draws_what_the_dynamic_cache_draws(llama):
     assert torch.equal(other, outs[True])
 
 
+def test_packed_attention_gives_sdpa_s_decode_logits_and_samples(llama, monkeypatch):
+    """The teacher's packed attention (training/teacher_attention.py: the query heads sharing a K/V
+    head as query positions of it, no repeated K/V) against HF's sdpa on left-padded prompts: the
+    same logits at every decode step, static and dynamic caches, and the same samples; its
+    one-token branch runs (the spy sees queries of H / Hkv positions per K/V head), and a variant
+    pairing query heads with the wrong K/V heads is caught."""
+    from meestral.training import teacher_attention as ta
+
+    inp = torch.tensor([[0, 0, 5, 6, 7], [9, 8, 7, 6, 5], [0, 0, 0, 0, 4]])
+    att = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    packed = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, *a, **kw):
+        packed.append(q.shape[1:3] == (2, 2) and k.shape[1] == 2)
+        return real(q, k, *a, **kw)
+
+    monkeypatch.setattr(ta.F, "scaled_dot_product_attention", spy)
+
+    def decode_logits():
+        """The logits of 6 greedy decode steps after the prompts, with a static cache."""
+        import inspect
+
+        from transformers import StaticCache
+
+        cache = StaticCache(config=llama.config, max_cache_len=12)
+        kw = "cache" if "cache" in inspect.signature(type(llama).forward).parameters else "past_key_values"
+        full = torch.cat([att, att.new_ones(3, 6)], 1)
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        out = [llama(input_ids=inp, attention_mask=att, position_ids=pos, **{kw: cache},
+                     cache_position=torch.arange(5), use_cache=True).logits[:, -1]]
+        pos = pos[:, -1:]
+        for t in range(5):
+            pos = pos + 1
+            out.append(llama(input_ids=out[-1].argmax(-1, keepdim=True), attention_mask=full[:, :6 + t],
+                             position_ids=pos, **{kw: cache}, cache_position=torch.tensor([5 + t]),
+                             use_cache=True).logits[:, -1])
+        return torch.stack(out, 1)
+
+    results = {}
+    try:
+        for on in (False, True):
+            assert ta.use(llama, on) == on
+            with torch.no_grad():
+                results[on] = decode_logits()
+            for static in (True, False):
+                torch.manual_seed(3)
+                results[on, static] = sample_batch(llama, inp, att, 24, 1.0, 20, [11, 12], 0, static_cache=static)
+        assert any(packed) and llama.config._attn_implementation == ta.NAME
+        torch.testing.assert_close(results[True], results[False], atol=1e-5, rtol=1e-5)
+        for static in (True, False):
+            assert torch.equal(results[True, static], results[False, static])
+
+        def crossed(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+            """query head h on K/V head h % Hkv instead of h // r"""
+            B, H, q, d = query.shape
+            if q != 1:
+                return ta.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                                 scaling=scaling, **kw)
+            qx = query.reshape(B, H // 2, 2, d).transpose(1, 2)
+            out = real(qx, key, value, attn_mask=attention_mask, scale=scaling).transpose(1, 2)
+            return out.reshape(B, 1, H, d), None
+
+        monkeypatch.setattr(ta, "packed_gqa_attention", crossed)
+        ta.register()
+        with torch.no_grad():
+            assert not torch.allclose(decode_logits(), results[False], atol=1e-3)
+    finally:
+        monkeypatch.undo()
+        ta.register()
+        ta.use(llama, False)
+    assert llama.config._attn_implementation == "sdpa"
+
+
 def test_sampler_pads_after_eos(llama):
     inp = torch.tensor([[5, 6, 7], [9, 8, 7]])
     out = sample_batch(llama, inp, torch.ones_like(inp), 40, 1.0, 20, list(range(97)), pad=3)

@@ -144,33 +144,87 @@ def test_the_fused_scan_is_called_as_mamba_ssm_defines_it(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("switch,package", [("FUSED_SCAN", "mamba_ssm"), ("FUSED_CONV", "causal_conv1d")])
 @pytest.mark.parametrize("groups,length", [(1, 200), (2, 37)])
-def test_mamba_ssm_kernels_equal_the_torch_scan_on_cuda(groups, length, monkeypatch):
-    """With mamba-ssm installed, training under bf16 autocast goes through its fused SSD kernels:
-    logits and every gradient are as close to float32's as the torch scan's under the same
+def test_mamba_ssm_kernels_equal_the_torch_scan_on_cuda(groups, length, switch, package, monkeypatch):
+    """With mamba-ssm installed, training under bf16 autocast goes through its fused SSD kernels
+    (FUSED_SCAN), and with causal-conv1d installed through its conv + SiLU kernel (FUSED_CONV): each
+    alone, logits and every gradient are as close to float32's as the torch path's under the same
     autocast (within twice its relative error in norm, or 1%). A plain 1% bound against the torch
     scan failed on the H100 (2026-12-07) for one 8-element per-head gradient (1.9% / 4.0%): a sum
     over every position with cancellations, rounded differently by two bf16 paths; measuring both
-    against float32 tells that from a fault. A float32 forward keeps the torch scan."""
-    pytest.importorskip("mamba_ssm")
+    against float32 tells that from a fault. A float32 forward keeps the torch path."""
+    pytest.importorskip(package)
     from meestral.backbones import ssd
 
-    assert ssd._mamba_ssm_scan() is not None, "mamba_ssm imports but its chunk scan does not"
+    fused_op = ssd._mamba_ssm_scan() if switch == "FUSED_SCAN" else ssd._causal_conv1d()
+    assert fused_op is not None, f"{package} imports but its kernel does not"
     m = mamba2(groups, chunk=64).cuda()
     ids = torch.randint(0, 300, (2, length), device="cuda")
     results = {}
     for run, fused, bf16 in (("fused", True, True), ("torch", False, True), ("float32", False, False)):
-        monkeypatch.setattr(ssd, "FUSED_SCAN", fused)
+        monkeypatch.setattr(ssd, "FUSED_SCAN", fused and switch == "FUSED_SCAN")
+        monkeypatch.setattr(ssd, "FUSED_CONV", fused and switch == "FUSED_CONV")
         m.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             logits = forward_logits(m, ids).float()
         logits.pow(2).mean().backward()
         results[run] = {"logits": logits.detach(), **{n: p.grad.clone() for n, p in m.named_parameters()}}
-    assert ssd._fused_scan_for(torch.zeros(1, device="cuda"), torch.float32) is None
+    monkeypatch.setattr(ssd, switch, True)
+    x = torch.zeros(1, device="cuda")
+    assert ssd._fused_scan_for(x, torch.float32) is None
+    assert ssd._fused_conv_for(m.backbone.layers[0].mixer, x, torch.float32) is None
+    assert ssd._fused_conv_for(m.backbone.layers[0].mixer, x, torch.bfloat16) is ssd._causal_conv1d()
 
     def err(a, b):
         return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
     for name, ref in results["float32"].items():
         fused, plain = err(results["fused"][name], ref), err(results["torch"][name], ref)
-        assert fused < max(2 * plain, 1e-2), f"{name}: mamba-ssm's kernels {fused:.3g} from float32, the torch scan {plain:.3g}"
+        assert fused < max(2 * plain, 1e-2), f"{name}: {package}'s kernels {fused:.3g} from float32, the torch path {plain:.3g}"
+
+
+def _documented_causal_conv1d(x, weight, bias=None, activation=None):
+    """causal-conv1d's `causal_conv1d_fn` as its docstring defines it: x [b, d, l], weight [d, K],
+    out[:, c, t] = act(bias[c] + sum_k weight[c, k] x[:, c, t - (K - 1) + k]) (zeros before t = 0),
+    summed in float32, returned in x's dtype."""
+    K, l = weight.shape[1], x.shape[-1]
+    xp = torch.nn.functional.pad(x.float(), (K - 1, 0))
+    out = sum(xp[..., k:k + l] * weight[:, k, None].float() for k in range(K))
+    if bias is not None:
+        out = out + bias[:, None].float()
+    if activation in ("silu", "swish"):
+        out = torch.nn.functional.silu(out)
+    return out.to(x.dtype)
+
+
+def test_the_fused_conv_is_called_as_causal_conv1d_defines_it(monkeypatch):
+    """Where causal-conv1d's kernel runs (CUDA), mixer_forward hands it the conv input channel-last
+    (the layout mamba-ssm's own Mamba2 uses), the [conv_dim, K] weight, the bias and the SiLU: with a
+    stand-in computing what its docstring says, outputs, the final conv window and state, and every
+    gradient equal HF's Conv1d path; a stand-in that drops the bias is caught."""
+    from meestral.backbones import ssd
+
+    m = mamba2(groups=2, chunk=8)
+    block = m.backbone.layers[1].mixer
+    torch.nn.init.normal_(block.conv1d.bias)  # HF's zeros would hide a dropped bias
+    u = torch.randn(2, 19, 64)
+    calls = []
+
+    def stand_in(x, weight, bias=None, activation=None):
+        calls.append((x.stride(1), tuple(weight.shape), activation))
+        return _documented_causal_conv1d(x, weight, bias, activation)
+
+    def run(conv):
+        monkeypatch.setattr(ssd, "_fused_conv_for", lambda m, x, precision: conv)
+        m.zero_grad()
+        out, window, state = ssd.mixer_forward(block, u, states=True)
+        (out.pow(2).mean() + state.pow(2).mean()).backward()
+        return (out, window, state, *(p.grad for p in block.parameters()))
+
+    plain, fused = run(None), run(stand_in)
+    assert calls == [(1, (block.conv_dim, 4), "silu")]
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    dropped = run(lambda x, weight, bias=None, activation=None: _documented_causal_conv1d(x, weight, None, activation))
+    assert not torch.allclose(dropped[0], plain[0], atol=1e-3)

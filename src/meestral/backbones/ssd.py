@@ -16,6 +16,10 @@ Triton SSD kernels instead (`mamba_chunk_scan_combined`, forward and backward, w
 the same arithmetic without the [chunks, L, L] intermediates in memory, the biggest cost of a
 distillation step on the torch scan. Only for blocks computing in half precision (a float32
 model keeps the float32 torch scan); `FUSED_SCAN = False` keeps the torch scan everywhere.
+Likewise the causal conv and its SiLU are causal-conv1d's kernel (`causal_conv1d_fn`, forward and
+backward) where it imports: torch's depthwise Conv1d took 21 of a distillation step's 206 busy ms
+on an H100 (forward, input gradient and weight gradient: benchmarks/NOTES.md, 2026-12-08);
+`FUSED_CONV = False` keeps HF's Conv1d.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 FUSED_SCAN = True
+FUSED_CONV = True
 
 
 @functools.cache
@@ -45,6 +50,38 @@ def _fused_scan_for(x, precision):
     bf16 model, or training under autocast: `precision` is the in_proj output's dtype), whose inputs
     are coarser than that; a float32 model keeps the float32 torch scan (exactness tests)."""
     return _mamba_ssm_scan() if FUSED_SCAN and x.is_cuda and precision != torch.float32 else None
+
+
+@functools.cache
+def _causal_conv1d():
+    """causal-conv1d's `causal_conv1d_fn`, or None where it does not import."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:  # ImportError, or an extension built against another torch
+        return None
+    return causal_conv1d_fn
+
+
+def _fused_conv_for(m, x, precision):
+    """causal-conv1d's conv + SiLU for mixer m on this input, or None: under the same conditions as
+    the fused scan (CUDA, half precision), for the SiLU mixers and window widths its kernels take."""
+    if not (FUSED_CONV and x.is_cuda and precision != torch.float32 and getattr(m, "activation", None) in ("silu", "swish")
+            and 2 <= m.conv1d.kernel_size[0] <= 4):
+        return None
+    return _causal_conv1d()
+
+
+def conv_silu(m, xbc, precision):
+    """SiLU(causal depthwise conv) of mixer m over xbc [b, l, conv_dim], as HF's torch path: its
+    Conv1d (padding K - 1, the first l outputs) then its activation; or causal-conv1d's one kernel
+    (float32 sums and SiLU of the same inputs, rounded once to xbc's dtype)."""
+    fused = _fused_conv_for(m, xbc, precision)
+    if fused is None:
+        return m.act(m.conv1d(xbc.transpose(1, 2))[..., :xbc.shape[1]].transpose(1, 2))
+    # channel-last (xbc's own layout, made contiguous: it is a slice of in_proj's output), the layout
+    # mamba-ssm's Mamba2 hands the kernel; the weight [conv_dim, 1, K] as [conv_dim, K]
+    out = fused(xbc.contiguous().transpose(1, 2), m.conv1d.weight[:, 0], m.conv1d.bias, activation="silu")
+    return out.transpose(1, 2)
 
 
 def ssd_scan(x, a, B, C, chunk: int, initial_state=None):
@@ -119,7 +156,7 @@ def mixer_forward(m, u, initial_state=None, mask=None, states=False):
         K = m.conv1d.kernel_size[0]
         raw = xbc if mask is None else xbc * mask[:, :, None].to(xbc.dtype)
         window = F.pad(raw.transpose(1, 2), (max(0, K - l), 0))[..., -K:]
-    xbc = m.act(m.conv1d(xbc.transpose(1, 2))[..., :l].transpose(1, 2))
+    xbc = conv_silu(m, xbc, proj.dtype)
     if mask is not None:
         xbc = (xbc * mask[:, :, None]).to(xbc.dtype)
     x, Bm, Cm = xbc.split([I, g * n, g * n], dim=-1)

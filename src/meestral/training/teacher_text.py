@@ -46,6 +46,10 @@ def load_teacher(spec: str, device: str, dtype=torch.bfloat16):
         if bar:
             hf_logging.enable_progress_bar()
     model.eval().requires_grad_(False)
+    # grouped K/V heads: decode steps attend without repeating them (teacher_attention.py)
+    from meestral.training import teacher_attention
+
+    teacher_attention.use(model)
     return model, tok
 
 
