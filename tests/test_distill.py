@@ -325,6 +325,23 @@ def test_compiled_loss_equals_the_eager_loss(k):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # inductor compiles the summary on the CPU
+def test_compiled_teacher_summary_equals_the_eager_one():
+    """--compile also puts the teacher's top-k summary (log-softmax, top-k, tail) through
+    torch.compile: the same log-probabilities, token ids and tail mass, a chunk at a time."""
+    from meestral.training.kd import teacher_topk_chunks
+
+    torch.manual_seed(0)
+    t_head = torch.nn.Linear(6, 50, bias=False)
+    th = torch.randn(5, 4, 6) * 3
+    eager = teacher_topk_chunks(t_head, th, 7, rows=2)
+    compiled = teacher_topk_chunks(t_head, th, 7, rows=2, compiled=True)
+    assert torch.equal(compiled.idx, eager.idx)
+    torch.testing.assert_close(compiled.logp, eager.logp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.tail, eager.tail, rtol=1e-5, atol=1e-7)
+    assert float(eager.tail.min()) > 1e-4  # a tail to get wrong
+
+
 def test_row_ids_name_rows_and_leave_the_draws_unchanged(tmp_path):
     torch.save({"docs": [torch.arange(3, 30, dtype=torch.int32)]}, tmp_path / "shard-000-00000.pt")
     corpus = torch.arange(100, 124, dtype=torch.int32).view(6, 4)

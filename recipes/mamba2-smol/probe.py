@@ -53,7 +53,7 @@ def train_case(teacher, batch, seq, compile_, topk=0, profile=False, cached=Fals
     times, phases = [], []
     if cached:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            hit = teacher_targets(teacher, x, topk)
+            hit = teacher_targets(teacher, x, topk, compiled=compile_)
 
     def step(phased=True):
         marks = [time.time()]
@@ -64,7 +64,7 @@ def train_case(teacher, batch, seq, compile_, topk=0, profile=False, cached=Fals
                 marks.append(time.time())
 
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            tl = hit if cached else teacher_targets(teacher, x, topk)
+            tl = hit if cached else teacher_targets(teacher, x, topk, compiled=compile_)
             mark()
             hidden = fwd(student, x)[:, :-1]
             mark()

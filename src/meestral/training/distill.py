@@ -414,9 +414,10 @@ def _distill(cfg: DistillConfig, out: Path, stack: ExitStack, stop: StopRequests
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             with torch.no_grad():
                 if cache is not None:
-                    t_logits = cache.get(x, ids, lambda rows: teacher_targets(teacher, rows, cfg.kd_topk))
+                    t_logits = cache.get(x, ids, lambda rows: teacher_targets(teacher, rows, cfg.kd_topk,
+                                                                              compiled=cfg.compile))
                 else:
-                    t_logits = teacher_targets(teacher, x, cfg.kd_topk)
+                    t_logits = teacher_targets(teacher, x, cfg.kd_topk, compiled=cfg.compile)
             hidden = fwd(student, x)[:, :-1]
             loss, kl, ce = chunked_kd_loss(student.lm_head, hidden, t_logits, x[:, 1:], cfg.ce_weight,
                                            compiled=cfg.compile)

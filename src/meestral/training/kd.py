@@ -41,22 +41,26 @@ def teacher_topk(teacher_logits, k: int) -> TeacherTopK:
 
 
 @torch.no_grad()
-def teacher_topk_chunks(lm_head, hidden, k: int, rows: int = 8) -> TeacherTopK:
+def teacher_topk_chunks(lm_head, hidden, k: int, rows: int = 8, compiled: bool = False) -> TeacherTopK:
     """`teacher_topk(lm_head(hidden), k)` a few rows at a time: the teacher's full logits exist for
-    one chunk only (a 64 x 512 batch's are 3.2 GB in bf16, 6.4 GB again as a float32 softmax)."""
-    parts = [teacher_topk(lm_head(hidden[i:i + rows]), k) for i in range(0, hidden.shape[0], rows)]
+    one chunk only (a 64 x 512 batch's are 3.2 GB in bf16, 6.4 GB again as a float32 softmax).
+    `compiled`: the summary through torch.compile (`_compiled`). Eager, its log-softmax, top-k and
+    tail sum cost the teacher more than its full logits (103 against 59 ms a 64 x 512 step on an
+    H100, benchmarks/NOTES.md 2026-12-08)."""
+    summary = _compiled(teacher_topk) if compiled else teacher_topk
+    parts = [summary(lm_head(hidden[i:i + rows]), k) for i in range(0, hidden.shape[0], rows)]
     return TeacherTopK(*(torch.cat(f) for f in zip(*parts)))
 
 
 @torch.no_grad()
-def teacher_targets(teacher, ids, k: int):
+def teacher_targets(teacher, ids, k: int, compiled: bool = False):
     """What the KD loss compares the student with on rows `ids`: an HF causal LM teacher's logits
     at every position but the last, or with k > 0 their top-k summary (`teacher_topk_chunks` on
-    its final hidden states: the full logits never exist beyond one chunk)."""
+    its final hidden states: the full logits never exist beyond one chunk; `compiled` as there)."""
     if not k:
         return teacher(ids).logits[:, :-1]
     hidden = teacher.base_model(ids).last_hidden_state[:, :-1]
-    return teacher_topk_chunks(teacher.get_output_embeddings(), hidden, k)
+    return teacher_topk_chunks(teacher.get_output_embeddings(), hidden, k, compiled=compiled)
 
 
 def topk_kd_loss(student_logits, top: TeacherTopK, targets, ce_weight: float):
