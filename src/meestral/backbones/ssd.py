@@ -44,12 +44,17 @@ def _mamba_ssm_scan():
     return mamba_chunk_scan_combined
 
 
+def _fused_applies(switch, x, precision):
+    """Whether a fused kernel serves this input: its switch on, a CUDA tensor (the only kind the
+    kernels take), and a block computing in half precision (a bf16 model, or training under
+    autocast: `precision` is the in_proj output's dtype). The kernels' float32 products round
+    through TF32, coarser than a float32 model's torch path (exactness tests), which keeps its own."""
+    return switch and x.is_cuda and precision != torch.float32
+
+
 def _fused_scan_for(x, precision):
-    """The fused scan for this input, or None. mamba-ssm's kernels run on CUDA tensors only, and
-    their float32 products round through TF32: they serve a block computing in half precision (a
-    bf16 model, or training under autocast: `precision` is the in_proj output's dtype), whose inputs
-    are coarser than that; a float32 model keeps the float32 torch scan (exactness tests)."""
-    return _mamba_ssm_scan() if FUSED_SCAN and x.is_cuda and precision != torch.float32 else None
+    """mamba-ssm's fused scan for this input, or None (`_fused_applies`)."""
+    return _mamba_ssm_scan() if _fused_applies(FUSED_SCAN, x, precision) else None
 
 
 @functools.cache
@@ -63,9 +68,9 @@ def _causal_conv1d():
 
 
 def _fused_conv_for(m, x, precision):
-    """causal-conv1d's conv + SiLU for mixer m on this input, or None: under the same conditions as
-    the fused scan (CUDA, half precision), for the SiLU mixers and window widths its kernels take."""
-    if not (FUSED_CONV and x.is_cuda and precision != torch.float32 and getattr(m, "activation", None) in ("silu", "swish")
+    """causal-conv1d's conv + SiLU for mixer m on this input, or None (`_fused_applies`), for the
+    SiLU mixers and window widths its kernels take."""
+    if not (_fused_applies(FUSED_CONV, x, precision) and getattr(m, "activation", None) in ("silu", "swish")
             and 2 <= m.conv1d.kernel_size[0] <= 4):
         return None
     return _causal_conv1d()
