@@ -170,7 +170,9 @@ def test_mamba_ssm_kernels_equal_the_torch_scan_on_cuda(groups, length, switch, 
             logits = forward_logits(m, ids).float()
         logits.pow(2).mean().backward()
         results[run] = {"logits": logits.detach(), **{n: p.grad.clone() for n, p in m.named_parameters()}}
-    monkeypatch.setattr(ssd, switch, True)
+    # both switches on (the run loop left them off): the other package may be installed too
+    monkeypatch.setattr(ssd, "FUSED_SCAN", True)
+    monkeypatch.setattr(ssd, "FUSED_CONV", True)
     x = torch.zeros(1, device="cuda")
     assert ssd._fused_scan_for(x, torch.float32) is None
     assert ssd._fused_conv_for(m.backbone.layers[0].mixer, x, torch.float32) is None
