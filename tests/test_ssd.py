@@ -142,41 +142,56 @@ def test_the_fused_scan_is_called_as_mamba_ssm_defines_it(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+# what each fused path switches on: the combined mixer is the conv's and the scan's composition
+_FUSED_RUNS = {"FUSED_SCAN": ("FUSED_SCAN",), "FUSED_CONV": ("FUSED_CONV",),
+               "FUSED_MIXER": ("FUSED_MIXER", "FUSED_SCAN", "FUSED_CONV")}
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("switch,package", [("FUSED_SCAN", "mamba_ssm"), ("FUSED_CONV", "causal_conv1d")])
+@pytest.mark.parametrize("switch,packages", [("FUSED_SCAN", ("mamba_ssm",)), ("FUSED_CONV", ("causal_conv1d",)),
+                                             ("FUSED_MIXER", ("mamba_ssm", "causal_conv1d"))])
 @pytest.mark.parametrize("groups,length", [(1, 200), (2, 37)])
-def test_mamba_ssm_kernels_equal_the_torch_scan_on_cuda(groups, length, switch, package, monkeypatch):
+def test_mamba_ssm_kernels_equal_the_torch_scan_on_cuda(groups, length, switch, packages, monkeypatch):
     """With mamba-ssm installed, training under bf16 autocast goes through its fused SSD kernels
-    (FUSED_SCAN), and with causal-conv1d installed through its conv + SiLU kernel (FUSED_CONV): each
-    alone, logits and every gradient are as close to float32's as the torch path's under the same
-    autocast (within twice its relative error in norm, or 1%). A plain 1% bound against the torch
-    scan failed on the H100 (2026-12-07) for one 8-element per-head gradient (1.9% / 4.0%): a sum
-    over every position with cancellations, rounded differently by two bf16 paths; measuring both
-    against float32 tells that from a fault. A float32 forward keeps the torch path."""
-    pytest.importorskip(package)
+    (FUSED_SCAN), with causal-conv1d installed through its conv + SiLU kernel (FUSED_CONV), and with
+    both through mamba-ssm's one call for conv, scan and gated norm (FUSED_MIXER): each alone, logits
+    and every gradient are as close to float32's as the torch path's under the same autocast (within
+    twice its relative error in norm, or 1%). A plain 1% bound against the torch scan failed on the
+    H100 (2026-12-07) for one 8-element per-head gradient (1.9% / 4.0%): a sum over every position
+    with cancellations, rounded differently by two bf16 paths; measuring both against float32 tells
+    that from a fault. A float32 forward keeps the torch path."""
+    for package in packages:
+        pytest.importorskip(package)
     from meestral.backbones import ssd
 
-    fused_op = ssd._mamba_ssm_scan() if switch == "FUSED_SCAN" else ssd._causal_conv1d()
-    assert fused_op is not None, f"{package} imports but its kernel does not"
+    fused_op = {"FUSED_SCAN": ssd._mamba_ssm_scan, "FUSED_CONV": ssd._causal_conv1d,
+                "FUSED_MIXER": ssd._mamba_ssm_split_conv_scan}[switch]()
+    assert fused_op is not None, f"{packages} import but the kernel does not"
     m = mamba2(groups, chunk=64).cuda()
     ids = torch.randint(0, 300, (2, length), device="cuda")
+    combined = []  # the combined mixer's calls: FUSED_MIXER must really take it
+    monkeypatch.setattr(ssd, "_mamba_ssm_split_conv_scan",
+                        lambda: (lambda *a, **k: combined.append(1) or fused_op(*a, **k)))
     results = {}
     for run, fused, bf16 in (("fused", True, True), ("torch", False, True), ("float32", False, False)):
-        monkeypatch.setattr(ssd, "FUSED_SCAN", fused and switch == "FUSED_SCAN")
-        monkeypatch.setattr(ssd, "FUSED_CONV", fused and switch == "FUSED_CONV")
+        for name in _FUSED_RUNS:
+            monkeypatch.setattr(ssd, name, fused and name in _FUSED_RUNS[switch])
         m.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             logits = forward_logits(m, ids).float()
         logits.pow(2).mean().backward()
         results[run] = {"logits": logits.detach(), **{n: p.grad.clone() for n, p in m.named_parameters()}}
-    # both switches on (the run loop left them off): the other package may be installed too
-    monkeypatch.setattr(ssd, "FUSED_SCAN", True)
-    monkeypatch.setattr(ssd, "FUSED_CONV", True)
+    assert len(combined) == (len(m.backbone.layers) if switch == "FUSED_MIXER" else 0)
+    # every switch on (the run loop left some off): the other package may be installed too
+    for name in _FUSED_RUNS:
+        monkeypatch.setattr(ssd, name, True)
     x = torch.zeros(1, device="cuda")
+    mixer = m.backbone.layers[0].mixer
     assert ssd._fused_scan_for(x, torch.float32) is None
-    assert ssd._fused_conv_for(m.backbone.layers[0].mixer, x, torch.float32) is None
-    assert ssd._fused_conv_for(m.backbone.layers[0].mixer, x, torch.bfloat16) is ssd._causal_conv1d()
+    assert ssd._fused_conv_for(mixer, x, torch.float32) is None
+    assert ssd._fused_mixer_for(mixer, x, torch.float32) is None
+    assert ssd._fused_conv_for(mixer, x, torch.bfloat16) is ssd._causal_conv1d()
 
     def err(a, b):
         return float((a - b).norm() / b.norm().clamp(min=1e-12))
@@ -230,3 +245,68 @@ def test_the_fused_conv_is_called_as_causal_conv1d_defines_it(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     dropped = run(lambda x, weight, bias=None, activation=None: _documented_causal_conv1d(x, weight, None, activation))
     assert not torch.allclose(dropped[0], plain[0], atol=1e-3)
+
+
+def _documented_split_conv_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                dt_limit=(0.0, float("inf")), activation="silu", rmsnorm_weight=None,
+                                rmsnorm_eps=1e-6, headdim=None, ngroups=1, norm_before_gate=True):
+    """mamba-ssm's `mamba_split_conv1d_scan_combined` (no out projection) as its docstring defines
+    it: zxbcdt = [z | x B C | dt]; x B C through the causal conv + activation; dt softplus'd after
+    its bias and clamped to dt_limit; the scan with the D skip; an RMS norm over groups of
+    dim / ngroups channels, of y * silu(z) (norm_before_gate=False) or before the gate (True)."""
+    b, l, _ = zxbcdt.shape
+    H = A.shape[0]
+    dim = H * headdim
+    n = (conv1d_weight.shape[0] - dim) // ngroups // 2
+    z, xBC, dt = zxbcdt.split([dim, dim + 2 * ngroups * n, H], -1)
+    xBC = _documented_causal_conv1d(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, activation).transpose(1, 2)
+    x, B, C = xBC.split([dim, ngroups * n, ngroups * n], -1)
+    dt = torch.nn.functional.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit)
+    y = _documented_chunk_scan(x.float().reshape(b, l, H, headdim), dt, A, B.float().reshape(b, l, ngroups, n),
+                               C.float().reshape(b, l, ngroups, n), chunk_size, D=D).reshape(b, l, dim)
+    gate = torch.nn.functional.silu(z.float())
+    y = y if norm_before_gate else y * gate
+    g = y.view(b, l, ngroups, dim // ngroups)
+    y = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + rmsnorm_eps)).view(b, l, dim) * rmsnorm_weight
+    y = y * gate if norm_before_gate else y
+    return y.to(x.dtype)
+
+
+def test_the_combined_mixer_is_called_as_mamba_ssm_defines_it(monkeypatch):
+    """Where mamba-ssm and causal-conv1d both run (CUDA), a training pass (no mask, no initial
+    state, no states kept) hands in_proj's output to mamba-ssm's one conv + scan + gated-norm call:
+    with a stand-in computing what its docstring says, the mixer's output and every gradient equal
+    the torch path's, with two groups (the norm's group size) and a non-zero conv bias. A call that
+    normalises before the gate is caught; a prompt pass keeping states, a padded batch or an initial
+    state keep the separate calls (the combined one takes none of them)."""
+    from meestral.backbones import ssd
+
+    m = mamba2(groups=2, chunk=8)
+    block = m.backbone.layers[1].mixer
+    torch.nn.init.normal_(block.conv1d.bias)
+    torch.nn.init.normal_(block.norm.weight)
+    u = torch.randn(2, 19, 64)
+    calls = []
+
+    def stand_in(*a, **k):
+        calls.append(k)
+        return _documented_split_conv_scan(*a, **k)
+
+    def run(combined, **kw):
+        monkeypatch.setattr(ssd, "_fused_mixer_for", lambda m, x, precision: combined)
+        m.zero_grad()
+        out = ssd.mixer_forward(block, u, **kw)
+        (out[0] if isinstance(out, tuple) else out).pow(2).mean().backward()
+        return (out[0] if isinstance(out, tuple) else out, *(p.grad.clone() for p in block.parameters()))
+
+    plain, fused = run(None), run(stand_in)
+    assert len(calls) == 1 and calls[0]["ngroups"] == 2 and calls[0]["norm_before_gate"] is False
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    flipped = run(lambda *a, **k: _documented_split_conv_scan(*a, **{**k, "norm_before_gate": True}))
+    assert not torch.allclose(flipped[0], plain[0], atol=1e-3)
+    calls.clear()
+    run(stand_in, states=True)
+    run(stand_in, mask=torch.ones(2, 19))
+    run(stand_in, initial_state=torch.zeros(2, 8, 16, 16))
+    assert calls == []

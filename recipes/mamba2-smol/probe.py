@@ -10,7 +10,7 @@ to size the run, and where a step's time goes. One JSON line per case.
       # gen:BATCH:NEW_TOKENS[:STATIC[:PROFILE]] (the sampler with HF's StaticCache, 1, or
       # DynamicCache, 0; PROFILE 1: kernels of 16 token steps)
     PYTHONPATH=src python3 recipes/mamba2-smol/probe.py train:64:512:1:0 set:FUSED_CONV=0 train:64:512:1:0
-      # set:NAME=0|1 switches backbones/ssd.py's FUSED_CONV or FUSED_SCAN for the cases after it, or
+      # set:NAME=0|1 switches backbones/ssd.py's FUSED_CONV, FUSED_SCAN or FUSED_MIXER for the cases after it, or
       # PACKED_GQA (the teacher's attention: training/teacher_attention.py, on by default, or HF's sdpa)
 """
 
@@ -21,6 +21,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Mamba2ForCausalLM
 
+from meestral.backbones.ssm import use_grouped_gated_norm
 from meestral.training.distill import final_hidden, student_config
 from meestral.training.kd import chunked_kd_loss, teacher_targets
 from meestral.training import teacher_attention
@@ -47,6 +48,7 @@ def train_case(teacher, batch, seq, compile_, topk=0, profile=False, cached=Fals
     reused, as every hit of `--teacher-cache-gb` is (the step is then the student's alone)."""
     torch.manual_seed(0)
     student = Mamba2ForCausalLM(student_config(TEACHER)).cuda()
+    use_grouped_gated_norm(student)  # as the trainer: the norm mamba-ssm's combined mixer computes
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
     fwd = torch.compile(final_hidden) if compile_ else final_hidden
     x = torch.randint(0, 49152, (batch, seq), device="cuda")
@@ -160,7 +162,7 @@ def main():
                     teacher_attention.use(teacher, bool(int(value)))
                     print(json.dumps({"case": "set", "attention": teacher.config._attn_implementation}), flush=True)
                     continue
-                assert name in ("FUSED_CONV", "FUSED_SCAN"), name
+                assert name in ("FUSED_CONV", "FUSED_SCAN", "FUSED_MIXER"), name
                 setattr(ssd, name, bool(int(value)))
                 print(json.dumps({"case": "set", name: getattr(ssd, name)}), flush=True)
             elif kind == "train":  # train:BATCH:SEQ:COMPILE[:TOPK[:PROFILE[:CACHED]]]

@@ -20,6 +20,11 @@ Likewise the causal conv and its SiLU are causal-conv1d's kernel (`causal_conv1d
 backward) where it imports: torch's depthwise Conv1d took 21 of a distillation step's 206 busy ms
 on an H100 (forward, input gradient and weight gradient: benchmarks/NOTES.md, 2026-12-08);
 `FUSED_CONV = False` keeps HF's Conv1d.
+Where both import, a training pass (no padding mask, no initial state, no states kept) takes the
+three in one call instead (`FUSED_MIXER`): mamba-ssm's `mamba_split_conv1d_scan_combined`, the path
+its own Mamba2 trains through. It reads the conv input, dt, x, B and C straight from in_proj's
+output in its own dtype (no float32 copies), folds the gated RMS norm into its kernels, and keeps
+no conv output for backward (recomputed there). `FUSED_MIXER = False` keeps the two calls apart.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 
 FUSED_SCAN = True
 FUSED_CONV = True
+FUSED_MIXER = True
 
 
 @functools.cache
@@ -74,6 +80,30 @@ def _fused_conv_for(m, x, precision):
             and 2 <= m.conv1d.kernel_size[0] <= 4):
         return None
     return _causal_conv1d()
+
+
+@functools.cache
+def _mamba_ssm_split_conv_scan():
+    """mamba-ssm's `mamba_split_conv1d_scan_combined`, or None where it does not import (it needs
+    causal-conv1d's kernels too)."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+    except Exception:  # ImportError, or an extension built against another torch
+        return None
+    return mamba_split_conv1d_scan_combined
+
+
+def _fused_mixer_for(m, x, precision):
+    """mamba-ssm's conv + scan + gated norm in one call for mixer m on this input, or None: only
+    where the fused conv and the fused scan would both serve it (it is their composition, so either
+    switch off keeps it off too) and the mixer's gated norm normalises groups of intermediate /
+    n_groups channels, the only grouping the combined kernels take (transformers before 5.24
+    normalised over all channels, the same thing when n_groups is 1: `ssm.use_grouped_gated_norm`)."""
+    if not (FUSED_MIXER and _fused_conv_for(m, x, precision) is not None and _fused_scan_for(x, precision) is not None):
+        return None
+    if getattr(m.norm, "group_size", m.intermediate_size) != m.intermediate_size // m.n_groups:
+        return None
+    return _mamba_ssm_split_conv_scan()
 
 
 def conv_silu(m, xbc, precision):
@@ -156,6 +186,17 @@ def mixer_forward(m, u, initial_state=None, mask=None, states=False):
     I, cd, H, n, g = m.intermediate_size, m.conv_dim, m.num_heads, m.ssm_state_size, m.n_groups
     proj = m.in_proj(u)
     d_mlp = (proj.shape[-1] - 2 * I - 2 * g * n - H) // 2
+    mixer = _fused_mixer_for(m, proj, proj.dtype) if (mask is None and initial_state is None and not states
+                                                      and d_mlp == 0) else None
+    if mixer is not None:
+        # in_proj's output as mamba-ssm splits it ([z | x B C | dt], the layout HF's in_proj shares);
+        # dt's softplus, bias and limits and the D skip happen inside, as below; HF's norm is
+        # y * silu(gate) first, then the norm (norm_before_gate=False). out_proj stays HF's module,
+        # so whatever wraps it (LoRA hooks, autocast) applies as on the other path.
+        y = mixer(proj, m.conv1d.weight[:, 0], m.conv1d.bias, m.dt_bias, -torch.exp(m.A_log.float()), m.D,
+                  m.chunk_size, dt_limit=tuple(m.time_step_limit), activation="silu", rmsnorm_weight=m.norm.weight,
+                  rmsnorm_eps=m.norm.variance_epsilon, headdim=m.head_dim, ngroups=g, norm_before_gate=False)
+        return m.out_proj(y)
     _, _, gate, xbc, dt = proj.split([d_mlp, d_mlp, I, cd, H], dim=-1)
     if states:
         K = m.conv1d.kernel_size[0]
