@@ -206,9 +206,14 @@ def test_short_run_checkpoints_resumes_and_exports(tmp_path):
     assert again["heldout_ppl_float"] == pytest.approx(last["heldout_ppl_float"], rel=1e-5)
 
 
-def test_chunked_loss_equals_the_whole_batch_loss():
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunked_loss_equals_the_whole_batch_loss(fused, monkeypatch):
+    """A few rows at a time, through checkpointed autograd or with the gradient taken in the
+    forward pass (kd.FUSED_GRAD), the loss and its gradients equal the whole batch's."""
+    from meestral.training import kd
     from meestral.training.kd import chunked_kd_loss
 
+    monkeypatch.setattr(kd, "FUSED_GRAD", fused)
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 13, bias=False)
     h = torch.randn(5, 4, 8, requires_grad=True)
@@ -219,11 +224,65 @@ def test_chunked_loss_equals_the_whole_batch_loss():
     gh, gw = h.grad.clone(), head.weight.grad.clone()
     h.grad, head.weight.grad = None, None
     parts = chunked_kd_loss(head, h, t, y, 0.2, rows=2)  # chunks of 2, 2 and 1 rows
+    assert parts[1].requires_grad is not fused  # the fused path ran: it reports kl without a gradient
     for a, b in zip(parts, whole):
         torch.testing.assert_close(a, b)
     parts[0].backward()
     torch.testing.assert_close(h.grad, gh)
     torch.testing.assert_close(head.weight.grad, gw)
+
+
+@pytest.mark.parametrize("k", [0, 5, 13])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_gradient_taken_in_the_forward_pass_equals_autograds(k, bias, monkeypatch):
+    """kd.FUSED_GRAD writes the loss's gradient out (`kd_loss_grad`, `topk_kd_loss_grad`) instead
+    of recomputing the chunk in backward: with the full teacher, its top-5 and tail, and its top-k
+    over the whole vocabulary (no tail), on a head with and without a bias, the loss, kl, ce and
+    every gradient (scaled by the loss's own incoming gradient) equal the checkpointed autograd
+    path's; a peaked teacher makes the tail small and the top-k weights uneven."""
+    from meestral.training import kd
+
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 13, bias=bias)
+    h = torch.randn(5, 4, 8, requires_grad=True)
+    t = torch.randn(5, 4, 13) * 3
+    y = torch.randint(0, 13, (5, 4))
+    teacher = kd.teacher_topk(t, k) if k else t
+    got = {}
+    for fused in (False, True):
+        monkeypatch.setattr(kd, "FUSED_GRAD", fused)
+        h.grad = None
+        head.zero_grad()
+        out = kd.chunked_kd_loss(head, h, teacher, y, 0.3, rows=2)
+        (3 * out[0]).backward()
+        got[fused] = [o.detach() for o in out] + [h.grad] + [p.grad for p in head.parameters()]
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_the_fused_gradient_under_bf16_autocast_matches_autograds(monkeypatch):
+    """Under bf16 autocast (the trainer's GPU setting) the head's products run in bf16 on both
+    paths; the fused one's gradients are as close to autograd's as bf16 rounding allows, and the
+    weight's gradient comes back in the weight's float32."""
+    from meestral.training import kd
+
+    torch.manual_seed(2)
+    head = torch.nn.Linear(16, 50, bias=False)
+    h = torch.randn(6, 7, 16, requires_grad=True)
+    t = torch.randn(6, 7, 50) * 2
+    y = torch.randint(0, 50, (6, 7))
+    got = {}
+    for fused in (False, True):
+        monkeypatch.setattr(kd, "FUSED_GRAD", fused)
+        h.grad = None
+        head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = kd.chunked_kd_loss(head, h, t, y, 0.2, rows=4)
+        out[0].backward()
+        got[fused] = (out[0].detach(), h.grad, head.weight.grad)
+    assert got[True][2].dtype == torch.float32
+    for a, b in zip(got[True], got[False]):
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
 
 
 
@@ -303,12 +362,15 @@ def test_chunked_topk_loss_equals_the_whole_batch_loss():
 
 
 @pytest.mark.slow  # inductor compiles two losses, forward and backward, on the CPU
-@pytest.mark.parametrize("k", [0, 4])
-def test_compiled_loss_equals_the_eager_loss(k):
+@pytest.mark.parametrize("k,fused", [(0, False), (0, True), (4, True)])
+def test_compiled_loss_equals_the_eager_loss(k, fused, monkeypatch):
     """--compile puts the loss after the LM head through torch.compile: same values and gradients
-    as the eager loss, full-vocabulary (k = 0) and top-k, inside the chunks' checkpointing."""
+    as the eager loss, full-vocabulary (k = 0) and top-k, inside the chunks' checkpointing or as
+    the gradient written out in the forward pass (kd.FUSED_GRAD, the default)."""
+    from meestral.training import kd
     from meestral.training.kd import chunked_kd_loss, teacher_topk
 
+    monkeypatch.setattr(kd, "FUSED_GRAD", fused)
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 13, bias=False)
     h = torch.randn(4, 4, 8, requires_grad=True)

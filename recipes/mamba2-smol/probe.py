@@ -10,7 +10,8 @@ to size the run, and where a step's time goes. One JSON line per case.
       # gen:BATCH:NEW_TOKENS[:STATIC[:PROFILE]] (the sampler with HF's StaticCache, 1, or
       # DynamicCache, 0; PROFILE 1: kernels of 16 token steps)
     PYTHONPATH=src python3 recipes/mamba2-smol/probe.py train:64:512:1:0 set:FUSED_CONV=0 train:64:512:1:0
-      # set:NAME=0|1 switches backbones/ssd.py's FUSED_CONV, FUSED_SCAN or FUSED_MIXER for the cases after it, or
+      # set:NAME=0|1 switches backbones/ssd.py's FUSED_CONV, FUSED_SCAN or FUSED_MIXER for the cases after it,
+      # training/kd.py's FUSED_GRAD (the KD loss's gradient written out in its forward pass), or
       # PACKED_GQA (the teacher's attention: training/teacher_attention.py, on by default, or HF's sdpa)
 """
 
@@ -24,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Mamba2ForCausalLM
 from meestral.backbones.ssm import use_grouped_gated_norm
 from meestral.training.distill import final_hidden, student_config
 from meestral.training.kd import chunked_kd_loss, teacher_targets
-from meestral.training import teacher_attention
+from meestral.training import kd, teacher_attention
 from meestral.training.teacher_text import sample_batch
 
 # SmolLM2-135M's shape (config.json of the embedded backbone).
@@ -162,9 +163,10 @@ def main():
                     teacher_attention.use(teacher, bool(int(value)))
                     print(json.dumps({"case": "set", "attention": teacher.config._attn_implementation}), flush=True)
                     continue
-                assert name in ("FUSED_CONV", "FUSED_SCAN", "FUSED_MIXER"), name
-                setattr(ssd, name, bool(int(value)))
-                print(json.dumps({"case": "set", name: getattr(ssd, name)}), flush=True)
+                where = kd if name == "FUSED_GRAD" else ssd
+                assert name in ("FUSED_CONV", "FUSED_SCAN", "FUSED_MIXER", "FUSED_GRAD"), name
+                setattr(where, name, bool(int(value)))
+                print(json.dumps({"case": "set", name: getattr(where, name)}), flush=True)
             elif kind == "train":  # train:BATCH:SEQ:COMPILE[:TOPK[:PROFILE[:CACHED]]]
                 rest += ["0"] * (6 - len(rest))
                 train_case(teacher, int(rest[0]), int(rest[1]), bool(int(rest[2])), int(rest[3]), bool(int(rest[4])),

@@ -11,6 +11,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+# `chunked_kd_loss` through `_FusedKD` (each chunk's loss and its gradient in one pass, nothing
+# recomputed in backward) wherever the head is a plain linear layer and a gradient is wanted;
+# False keeps the activation-checkpointed autograd path.
+FUSED_GRAD = True
+
 
 def kd_loss(student_logits, teacher_logits, targets, ce_weight: float):
     """(loss, kl, ce): mean over tokens of KL(teacher || student) on the full vocabulary, plus
@@ -97,6 +102,97 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
+def kd_loss_grad(z, teacher_logits, targets, ce_weight: float, scale: float):
+    """`kd_loss` over one chunk's logits z [..., V] as sums over its tokens, and the gradient of
+    `scale` x (kl + ce_weight x ce) summed that way with respect to z, written out instead of
+    left to autograd: (kl_sum, ce_sum, dz in z's dtype). With q the student's softmax and p the
+    teacher's, d kl / dz = q sum(p) - p and d ce / dz = q - onehot(target)."""
+    s = z.float()
+    lse = s.logsumexp(-1, keepdim=True)
+    q = (s - lse).exp()
+    t = F.log_softmax(teacher_logits.float(), -1)
+    p = t.exp()
+    kl = (p * (t - (s - lse))).sum()
+    s_y = s.gather(-1, targets[..., None])
+    ce = (lse - s_y).sum()
+    dz = q * (p.sum(-1, keepdim=True) + ce_weight) - p
+    dz = dz.scatter_add(-1, targets[..., None], torch.full_like(s_y, -ce_weight))
+    return kl, ce, (dz * scale).to(z.dtype)
+
+
+def topk_kd_loss_grad(z, top: TeacherTopK, targets, ce_weight: float, scale: float):
+    """`topk_kd_loss` over one chunk as sums, and the gradient of scale x (kl + ce_weight x ce)
+    with respect to z, written out as `kd_loss_grad`. With p_k the teacher's top-k probabilities,
+    T its tail and Q the student's mass outside the top-k: d kl / dz_j = q_j (sum p_k + T) - p_j
+    for j in the top-k, q_j (sum p_k + T) - T q_j / Q outside it (q_j / Q = exp(z_j - logsumexp of
+    the logits outside the top-k), stable where Q is tiny)."""
+    s = z.float()
+    lse = s.logsumexp(-1, keepdim=True)
+    q = (s - lse).exp()
+    pk = top.logp.exp()
+    kl = (pk * (top.logp - (s.gather(-1, top.idx) - lse))).sum(-1)
+    mass = pk.sum(-1, keepdim=True)
+    dz = q * (mass + ce_weight)
+    if top.idx.shape[-1] < s.shape[-1]:  # as topk_kd_loss: the "any other token" outcome
+        outside = s.scatter(-1, top.idx, float("-inf"))
+        lse_out = outside.logsumexp(-1, keepdim=True)
+        tail = top.tail[..., None]
+        t_log = torch.where(tail > 0, tail, torch.ones_like(tail)).log()
+        kl = kl + (tail * (t_log - (lse_out - lse)))[..., 0]
+        dz = dz + tail * (q - (outside - lse_out).exp())
+    dz = dz.scatter_add(-1, top.idx, -pk)
+    s_y = s.gather(-1, targets[..., None])
+    dz = dz.scatter_add(-1, targets[..., None], torch.full_like(s_y, -ce_weight))
+    return kl.sum(), (lse - s_y).sum(), (dz * scale).to(z.dtype)
+
+
+class _FusedKD(torch.autograd.Function):
+    """`chunked_kd_loss` for a linear head with the gradient taken during the forward pass: per
+    chunk, the logits, the loss and its gradient with respect to them in one pass over the
+    vocabulary, then that gradient through the head (into the hidden states and the weight) at
+    once; backward only scales what was kept. The autograd path instead keeps nothing, computes
+    the chunk's logits and loss again in backward (checkpointing) and passes over the logits a
+    third time for the softmax's backward. Memory is the same: one chunk's logits at a time, plus
+    the hidden states' gradient ([rows, seq, d]) and the weight's (float32).
+
+    Only the total loss has a gradient (kl and ce are reported, not differentiated); the head's
+    hooks do not run (it is read as weight and bias)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ce_weight, rows, compiled, top, *teacher):
+        grad = kd_loss_grad if not top else topk_kd_loss_grad
+        grad = _compiled(grad) if compiled else grad
+        n, scale = hidden.shape[0], 1.0 / targets.numel()  # the loss is a mean over every token
+        g_h = torch.empty_like(hidden)
+        g_w = torch.zeros_like(weight, dtype=torch.float32)
+        g_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        kl, ce = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, rows):
+            h = hidden[i:i + rows]
+            z = F.linear(h, weight, bias)  # under autocast as lm_head(h) would be
+            t = TeacherTopK(*(x[i:i + rows] for x in teacher)) if top else teacher[0][i:i + rows]
+            kl_c, ce_c, dz = grad(z, t, targets[i:i + rows], ce_weight, scale)
+            kl, ce = kl + kl_c, ce + ce_c
+            g_h[i:i + rows] = dz @ weight.to(dz.dtype)
+            g_w += (dz.flatten(0, -2).T @ h.flatten(0, -2).to(dz.dtype)).float()
+            if g_b is not None:
+                g_b += dz.flatten(0, -2).float().sum(0)
+        kl, ce = kl * scale, ce * scale
+        ctx.save_for_backward(g_h, g_w, *(() if g_b is None else (g_b,)))
+        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
+        ctx.n_teacher = len(teacher)
+        ctx.mark_non_differentiable(kl, ce)
+        return kl + ce_weight * ce, kl, ce
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_kl, _g_ce):
+        g_h, g_w, *g_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        # one gradient per forward input: hidden, weight, bias, then none for the rest
+        return (g_h * g_loss.to(g_h.dtype), (g_w * g_loss).to(w_dtype),
+                (g_b[0] * g_loss).to(b_dtype) if g_b else None, *([None] * (5 + ctx.n_teacher)))
+
+
 def chunked_kd_loss(lm_head, hidden, teacher_logits, targets, ce_weight: float, rows: int = 8,
                     compiled: bool = False):
     """`kd_loss(lm_head(hidden), ...)` with the same value and gradients, a few rows at a time;
@@ -110,6 +206,11 @@ def chunked_kd_loss(lm_head, hidden, teacher_logits, targets, ce_weight: float, 
     from torch.utils.checkpoint import checkpoint
 
     top = isinstance(teacher_logits, TeacherTopK)
+    if (FUSED_GRAD and torch.is_grad_enabled() and type(lm_head) is torch.nn.Linear
+            and not (lm_head._forward_hooks or lm_head._forward_pre_hooks)
+            and (hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))):
+        teacher = tuple(teacher_logits) if top else (teacher_logits,)
+        return _FusedKD.apply(hidden, lm_head.weight, lm_head.bias, targets, ce_weight, rows, compiled, top, *teacher)
     loss = topk_kd_loss if top else kd_loss
     loss = _compiled(loss) if compiled else loss
 
