@@ -41,6 +41,11 @@ def main():
     if res["limit"] != args.limit:
         sys.exit(f"{out} holds results for --limit {res['limit']}: give another --out")
     bbs = {spec: load_backbone(spec) for spec in args.backbones.split(",")}
+    for spec, bb in bbs.items():  # a resumed file must hold these weights' results, not older ones
+        held = res.get(spec, {}).get("fingerprint")
+        if held is not None and held != bb.fingerprint():
+            sys.exit(f"{out} holds results of {spec} with weights {held}, loaded now {bb.fingerprint()} "
+                     "(new weights): give another --out, so both backbones are measured again in one run")
     for spec, bb in bbs.items():
         r = res.setdefault(spec, {"fingerprint": bb.fingerprint(), "params": sum(p.numel() for p in bb.model.parameters())})
         if "heldout_ppl" not in r:
