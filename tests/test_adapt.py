@@ -192,6 +192,35 @@ def test_the_exit_loss_reaches_the_blocks_up_to_its_exit_and_no_further(shape):
     assert set(parts) == {"final", 2}
 
 
+@pytest.mark.parametrize("shape", FAMILIES)
+def test_the_loss_with_its_gradient_written_out_equals_autograds(shape, monkeypatch):
+    """adapt_loss hands the LM head module to the KD loss, so a plain linear head takes the
+    gradient written out in the forward pass (kd.FUSED_GRAD): the total, the per-exit KLs and every
+    adapter's gradient equal the checkpointed autograd path's, and the frozen head gets none."""
+    from meestral.training import kd
+
+    bb = random_backbone(shape)
+    lora = LoRA(bb, rank=4)
+    randomise(lora, std=0.02)
+    ids = ids_for(bb, rows=3, length=24)
+    calls, apply = [], kd._FusedKD.apply
+    monkeypatch.setattr(kd._FusedKD, "apply", lambda *a: calls.append(1) or apply(*a))
+    got = {}
+    for fused in (False, True):
+        monkeypatch.setattr(kd, "FUSED_GRAD", fused)
+        for b in lora.B:
+            b.grad = None
+        loss, parts = adapt_loss(bb, lora, ids, [1, 2], [True, True], [0.5, 1.5], final_weight=2.0, ce_weight=0.1)
+        loss.backward()
+        got[fused] = (loss.detach(), parts, [b.grad.clone() for b in lora.B])
+    assert len(calls) == 3  # the final layer and both exits took it
+    assert bb.lm_head_module.weight.grad is None
+    torch.testing.assert_close(got[True][0], got[False][0], atol=1e-6, rtol=1e-5)
+    assert got[True][1] == pytest.approx(got[False][1], rel=1e-5, abs=1e-6)
+    for a, b in zip(got[True][2], got[False][2]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_curricula_and_dropout_are_functions_of_the_step():
     assert [active_exits("rotate", 5, s, 100, rotation=2) for s in (0, 1)] == \
         [[True, False, True, False, True], [False, True, False, True, False]]

@@ -173,14 +173,21 @@ def adapt_loss(bb, lora, ids, exits, active, weights, final_weight=1.0, ce_weigh
         teacher = bb.lm_head(t_final[:, :-1])
     layers = [l for l, a in zip(exits, active) if a]
     hidden, final = bb.train_forward(ids, layers, skip)
-    loss, kl, _ = chunked_kd_loss(bb.lm_head, final[:, :-1], teacher, targets, ce_weight)
+    head = bb.lm_head_module
+
+    def kd_at(h):
+        # the head module itself (as bb.lm_head reads it), so that a plain linear head takes the
+        # loss's fused gradient (kd.FUSED_GRAD); the final norm stays outside, under autograd
+        return chunked_kd_loss(head, h.to(head.weight.dtype), teacher, targets, ce_weight)
+
+    loss, kl, _ = kd_at(final[:, :-1])
     parts = {"final": kl.item()}
     total = final_weight * loss
     if layers:
         w = {l: wt for l, wt in zip(exits, weights)}
         exit_loss = 0.0
         for l in layers:
-            le, kl_l, _ = chunked_kd_loss(bb.logits, hidden[l][:, :-1], teacher, targets, ce_weight)
+            le, kl_l, _ = kd_at(bb.final_norm(hidden[l][:, :-1]))
             exit_loss = exit_loss + w[l] * le
             parts[l] = kl_l.item()
         total = total + exit_loss / len(layers)

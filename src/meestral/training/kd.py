@@ -163,9 +163,11 @@ class _FusedKD(torch.autograd.Function):
         grad = kd_loss_grad if not top else topk_kd_loss_grad
         grad = _compiled(grad) if compiled else grad
         n, scale = hidden.shape[0], 1.0 / targets.numel()  # the loss is a mean over every token
-        g_h = torch.empty_like(hidden)
-        g_w = torch.zeros_like(weight, dtype=torch.float32)
-        g_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        # only the gradients autograd will ask for (adaptation's LM head is frozen: no weight's)
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        g_h = torch.empty_like(hidden) if want_h else None  # every chunk writes its rows
+        g_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        g_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
         kl, ce = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, n, rows):
             h = hidden[i:i + rows]
@@ -173,12 +175,14 @@ class _FusedKD(torch.autograd.Function):
             t = TeacherTopK(*(x[i:i + rows] for x in teacher)) if top else teacher[0][i:i + rows]
             kl_c, ce_c, dz = grad(z, t, targets[i:i + rows], ce_weight, scale)
             kl, ce = kl + kl_c, ce + ce_c
-            g_h[i:i + rows] = dz @ weight.to(dz.dtype)
-            g_w += (dz.flatten(0, -2).T @ h.flatten(0, -2).to(dz.dtype)).float()
+            if g_h is not None:
+                g_h[i:i + rows] = dz @ weight.to(dz.dtype)
+            if g_w is not None:
+                g_w += (dz.flatten(0, -2).T @ h.flatten(0, -2).to(dz.dtype)).float()
             if g_b is not None:
                 g_b += dz.flatten(0, -2).float().sum(0)
         kl, ce = kl * scale, ce * scale
-        ctx.save_for_backward(g_h, g_w, *(() if g_b is None else (g_b,)))
+        ctx.grads = g_h, g_w, g_b  # not inputs or outputs: held as they are until backward
         ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
         ctx.n_teacher = len(teacher)
         ctx.mark_non_differentiable(kl, ce)
@@ -186,11 +190,13 @@ class _FusedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_kl, _g_ce):
-        g_h, g_w, *g_b = ctx.saved_tensors
+        g_h, g_w, g_b = ctx.grads
+        ctx.grads = None
         w_dtype, b_dtype = ctx.dtypes
         # one gradient per forward input: hidden, weight, bias, then none for the rest
-        return (g_h * g_loss.to(g_h.dtype), (g_w * g_loss).to(w_dtype),
-                (g_b[0] * g_loss).to(b_dtype) if g_b else None, *([None] * (5 + ctx.n_teacher)))
+        return (None if g_h is None else g_h * g_loss.to(g_h.dtype),
+                None if g_w is None else (g_w * g_loss).to(w_dtype),
+                None if g_b is None else (g_b * g_loss).to(b_dtype), *([None] * (5 + ctx.n_teacher)))
 
 
 def chunked_kd_loss(lm_head, hidden, teacher_logits, targets, ce_weight: float, rows: int = 8,
