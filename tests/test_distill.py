@@ -260,23 +260,27 @@ def test_the_gradient_taken_in_the_forward_pass_equals_autograds(k, bias, monkey
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_the_fused_gradient_under_bf16_autocast_matches_autograds(monkeypatch):
+_CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
+def test_the_fused_gradient_under_bf16_autocast_matches_autograds(device, monkeypatch):
     """Under bf16 autocast (the trainer's GPU setting) the head's products run in bf16 on both
     paths; the fused one's gradients are as close to autograd's as bf16 rounding allows, and the
     weight's gradient comes back in the weight's float32."""
     from meestral.training import kd
 
     torch.manual_seed(2)
-    head = torch.nn.Linear(16, 50, bias=False)
-    h = torch.randn(6, 7, 16, requires_grad=True)
-    t = torch.randn(6, 7, 50) * 2
-    y = torch.randint(0, 50, (6, 7))
+    head = torch.nn.Linear(16, 50, bias=False).to(device)
+    h = torch.randn(6, 7, 16, device=device, requires_grad=True)
+    t = torch.randn(6, 7, 50, device=device) * 2
+    y = torch.randint(0, 50, (6, 7), device=device)
     got = {}
     for fused in (False, True):
         monkeypatch.setattr(kd, "FUSED_GRAD", fused)
         h.grad = None
         head.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             out = kd.chunked_kd_loss(head, h, t, y, 0.2, rows=4)
         out[0].backward()
         got[fused] = (out[0].detach(), h.grad, head.weight.grad)
