@@ -310,3 +310,22 @@ def test_the_combined_mixer_is_called_as_mamba_ssm_defines_it(monkeypatch):
     run(stand_in, mask=torch.ones(2, 19))
     run(stand_in, initial_state=torch.zeros(2, 8, 16, 16))
     assert calls == []
+
+
+def test_the_fused_paths_turn_off_from_the_environment():
+    """MEESTRAL_<SWITCH>=0 turns one fused path off at import (meestral.switches), for a training
+    run on a machine where that kernel fails; the others stay on."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from meestral.backbones import ssd; from meestral.training import kd; "
+            "print(ssd.FUSED_SCAN, ssd.FUSED_CONV, ssd.FUSED_MIXER, kd.FUSED_GRAD)")
+
+    def flags(**env):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MEESTRAL_FUSED")}
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+        return out.stdout.split()
+
+    assert flags() == ["True"] * 4
+    assert flags(MEESTRAL_FUSED_MIXER="0", MEESTRAL_FUSED_GRAD="0") == ["True", "True", "False", "False"]

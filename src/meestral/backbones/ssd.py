@@ -34,9 +34,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
-FUSED_SCAN = True
-FUSED_CONV = True
-FUSED_MIXER = True
+from meestral import switches
+
+# on by default; MEESTRAL_FUSED_SCAN=0 (etc.) in the environment turns one off (meestral.switches)
+FUSED_SCAN = switches.on("FUSED_SCAN")
+FUSED_CONV = switches.on("FUSED_CONV")
+FUSED_MIXER = switches.on("FUSED_MIXER")
 
 
 @functools.cache

@@ -11,10 +11,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from meestral import switches
+
 # `chunked_kd_loss` through `_FusedKD` (each chunk's loss and its gradient in one pass, nothing
 # recomputed in backward) wherever the head is a plain linear layer and a gradient is wanted;
-# False keeps the activation-checkpointed autograd path.
-FUSED_GRAD = True
+# False (or MEESTRAL_FUSED_GRAD=0 in the environment: meestral.switches) keeps the
+# activation-checkpointed autograd path.
+FUSED_GRAD = switches.on("FUSED_GRAD")
 
 
 def kd_loss(student_logits, teacher_logits, targets, ce_weight: float):
