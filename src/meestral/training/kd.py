@@ -211,7 +211,11 @@ def chunked_kd_loss(lm_head, hidden, teacher_logits, targets, ce_weight: float, 
     several for backward: at batch 64 they were 85 GiB of peak memory on an H200, and the trainer
     ran out of memory beside the sampler (2026-12-01). Each chunk's loss is recomputed in backward
     (activation checkpointing), so only one chunk's logits are alive at a time. `compiled`: the
-    loss after the LM head through torch.compile (`_compiled`)."""
+    loss after the LM head through torch.compile (`_compiled`).
+
+    With a plain linear head and a gradient wanted (`FUSED_GRAD`), the gradient is taken in the
+    forward pass instead (`_FusedKD`): the same values and gradients, nothing recomputed; kl and
+    ce are then reported without a gradient of their own."""
     from torch.utils.checkpoint import checkpoint
 
     top = isinstance(teacher_logits, TeacherTopK)
