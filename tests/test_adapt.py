@@ -333,6 +333,76 @@ def test_cli_train_export_compare(corpus, tmp_path, capsys):
     assert res["original"] != res["adapted"] and (tmp_path / "cmp" / "agreement.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("shape", FAMILIES)
+@pytest.mark.parametrize("rank", [4, 7])
+def test_a_run_from_an_adapter_starts_at_that_adapted_model(shape, rank, tmp_path):
+    """--init-adapter at the file's rank and at a higher one (the extra rank, other alpha): the
+    continued run's model at step 0 is the file's adapted model, its teacher still the base."""
+    bb = random_backbone(shape)
+    ids = ids_for(bb)
+    base = bb.model(ids).logits
+    first = LoRA(bb, rank=4, alpha=6.0)
+    randomise(first)
+    first.save(tmp_path / "a.safetensors", dtype=torch.bfloat16)
+
+    from meestral.backbones.lora import read_adapter
+
+    fresh = random_backbone(shape)
+    meta, tensors = read_adapter(tmp_path / "a.safetensors")
+    shipped = random_backbone(shape)
+    load_adapter(shipped, tmp_path / "a.safetensors")
+    want = shipped.model(ids).logits  # the file (bf16) as `--backbone NAME-ee` would load it
+    lora = LoRA(fresh, rank=rank, seed=3)
+    lora.start_from(meta, tensors)
+    torch.testing.assert_close(fresh.model(ids).logits, want, atol=2e-5, rtol=1e-5)
+    assert (want - base).abs().max() > 1e-2
+    with lora.disabled():
+        assert torch.equal(fresh.model(ids).logits, base)
+    if rank > 4:  # the extra rank can learn: fresh A rows, B columns zero
+        assert all(bool(a[4:].abs().sum() > 0) for a in lora.A) and all(bool(b[:, 4:].abs().sum() == 0) for b in lora.B)
+    with pytest.raises(MeestralError, match="rank 4, over this run's --rank 2: give --rank 4 or more"):
+        LoRA(random_backbone(shape), rank=2).start_from(meta, tensors, "a.safetensors")
+
+
+def test_a_run_from_an_adapter_resumes_and_refuses_another_start(corpus, tmp_path):
+    """The run's first validation is the starting adapter's model (not the base); a resume with
+    another starting file, or without one, is refused; an adapter of another base is refused
+    before anything is written."""
+    bb = random_backbone("mistral")
+    lora = LoRA(bb, rank=2)
+    randomise(lora, std=0.2)
+    lora.save(tmp_path / "a.safetensors")
+    randomise(lora, std=0.2, seed=2)
+    lora.save(tmp_path / "b.safetensors")
+
+    Adapter(small(corpus, tmp_path / "plain", steps=1, val_every=1)).run()
+    Adapter(small(corpus, tmp_path / "run", seconds=1e-9, rank=4, init_adapter=str(tmp_path / "a.safetensors"))).run()
+    vals = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if r["split"] == "val"]
+    plain = [r for r in map(json.loads, (tmp_path / "plain" / "log.jsonl").read_text().splitlines()) if r["split"] == "val"]
+    assert vals[0]["step"] == plain[0]["step"] == 0 and vals[0]["heldout_ppl"] != plain[0]["heldout_ppl"]
+    with pytest.raises(MeestralError, match=r"different run \(init_adapter differ\)"):
+        Adapter(small(corpus, tmp_path / "run", resume=True, rank=4, init_adapter=str(tmp_path / "b.safetensors")))
+    with pytest.raises(MeestralError, match="different run"):
+        Adapter(small(corpus, tmp_path / "run", resume=True, rank=4))
+    Adapter(small(corpus, tmp_path / "run", resume=True, rank=4, init_adapter=str(tmp_path / "a.safetensors"))).run()
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()
+
+    other = LoRA(random_backbone("mistral", seed=1), rank=2)
+    other.save(tmp_path / "other.safetensors")
+    with pytest.raises(MeestralError, match="was trained on backbone"):
+        Adapter(small(corpus, tmp_path / "x", init_adapter=str(tmp_path / "other.safetensors")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_init_adapter_names_the_shipped_adapter_of_an_adapted_backbone():
+    from meestral.backbones.loading import adapter_path
+    from meestral.cli.adapt import init_adapter_file
+
+    assert init_adapter_file("smollm2-ee") == str(adapter_path("smollm2-ee"))
+    assert init_adapter_file("runs/x/adapter.safetensors") == "runs/x/adapter.safetensors"
+    assert init_adapter_file(None) is None
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--rank", "0"], "--rank is 0"),
     (["--layer-dropout", "1"], "--layer-dropout is 1.0"),
@@ -341,6 +411,7 @@ def test_cli_train_export_compare(corpus, tmp_path, capsys):
     (["--exits", "9"], "--exits must lie in [0, 4]"),
     (["--exits", "1,2", "--exit-weights", "1"], "1 exit weights for 2 exit points"),
     (["--samples", "/nonexistent"], "--samples /nonexistent is not a folder"),
+    (["--init-adapter", "/nonexistent.safetensors"], "adapter file /nonexistent.safetensors does not exist"),
 ])
 def test_bad_adapt_options_fail_in_one_line(argv, needle, tmp_path, capsys):
     rc = main(["adapt", "train", "--backbone", "random:mistral", "--out", str(tmp_path / "r"), *argv])

@@ -167,6 +167,29 @@ class LoRA(nn.Module):
                 self.A[k].copy_(tensors[f"blocks.{i}.{t}.lora_A"])
                 self.B[k].copy_(tensors[f"blocks.{i}.{t}.lora_B"])
 
+    def start_from(self, meta: dict, tensors: dict[str, torch.Tensor], path="the adapter") -> None:
+        """Continue from an adapter file of rank r0 <= this rank (read_adapter's pair; its base
+        checked by the caller): its A fills the first r0 rows, its B the first r0 columns rescaled
+        by s0 / s, the rest keeps a fresh A and B = 0. The delta s·B·A then equals the file's, so
+        step 0 of a continued run is the adapted model it starts from, and the extra rank gives
+        the run room the file did not have."""
+        r0, a0 = int(meta["rank"]), float(meta["alpha"])
+        if tuple(meta["targets"]) != self.targets:
+            raise MeestralError(f"{path} adapts {', '.join(meta['targets'])}, this run {', '.join(self.targets)}: "
+                                "start from an adapter made for the same targets")
+        if r0 > self.rank:
+            raise MeestralError(f"{path} has rank {r0}, over this run's --rank {self.rank}: give --rank {r0} or more")
+        expected = {f"blocks.{i}.{t}.lora_{m}" for i, t in self.sites for m in "AB"}
+        if set(tensors) != expected:
+            raise MeestralError(f"{path} holds other tensors than its metadata describes: export it again")
+        ratio = (a0 / r0) / self.scale
+        with torch.no_grad():
+            for k, (i, t) in enumerate(self.sites):
+                a, b = tensors[f"blocks.{i}.{t}.lora_A"], tensors[f"blocks.{i}.{t}.lora_B"]
+                self.A[k][:r0].copy_(a.to(self.A[k].dtype))
+                self.B[k].zero_()
+                self.B[k][:, :r0].copy_(b.to(torch.float64) * ratio)
+
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of an adapter file, or one clear line saying why it cannot be read."""

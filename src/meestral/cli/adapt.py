@@ -50,6 +50,8 @@ def add_adapt_parser(sub):
     t.add_argument("--log-every", type=int, default=10, help="steps per log record")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--seed", type=int, default=0, help="seed of the adapters and the data order")
+    t.add_argument("--init-adapter", help="continue from this adapter (a file, or smollm2-ee / mamba2-smol-ee for the "
+                   "shipped one) instead of B = 0; its rank may be lower than --rank")
     t.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
     t.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 | float16")
     t.add_argument("--export-dtype", choices=["float32", "bfloat16"], default="float32",
@@ -91,6 +93,13 @@ def corpus_share(args, samples_option: str) -> dict:
     return {"corpus_share": args.corpus_share}
 
 
+def init_adapter_file(spec: str | None) -> str | None:
+    """--init-adapter: a path, or the name of an early-exit-adapted embedded backbone (its file)."""
+    from meestral.backbones.loading import EE_ADAPTED, adapter_path
+
+    return str(adapter_path(spec)) if spec in EE_ADAPTED else spec
+
+
 def cmd_train(args):
     from meestral.training.adapt import AdaptConfig, adapt
     from meestral.training.run_log import dumps
@@ -102,7 +111,8 @@ def cmd_train(args):
         clip=args.clip, final_weight=args.final_weight, exit_weights=args.exit_weights, ce_weight=args.ce_weight,
         curriculum=args.curriculum, rotation=args.rotation, curriculum_share=args.curriculum_share,
         layer_dropout=args.layer_dropout, val_every=args.val_every, val_tokens=args.val_tokens,
-        ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume, seed=args.seed, device=args.device,
+        ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume, seed=args.seed,
+        init_adapter=init_adapter_file(args.init_adapter), device=args.device,
         dtype=args.dtype, export_dtype=args.export_dtype, progress=not args.no_progress)
     print(dumps(adapt(cfg)))
     return 0

@@ -34,6 +34,9 @@ core: the optimiser (`optim.make_optimizer`, as head training's), the JSONL log 
 checkpoint on resume (`run_log.RunLog`), atomic checkpoints (`checkpoint`). One process; the LoRA
 weights are the only trained parameters. `seconds` stops a call early with a checkpoint (device
 calls are 10 minutes); `resume=True` continues it and equals an uninterrupted run.
+`init_adapter` starts a new run from an adapter file (e.g. the shipped `smollm2-ee`) instead of
+B = 0, at its rank or a higher one (`LoRA.start_from`): a second run builds on the first one's
+tokens with another schedule or loss, its curve starting where the file left off.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class AdaptConfig:
     log_every: int = 10
     resume: bool = False
     seed: int = 0
+    init_adapter: str | None = None  # continue from this adapter file (same base; rank <= rank)
     device: str = "cpu"
     dtype: str | None = None
     export_dtype: str = "float32"  # of the adapter file (bfloat16 halves it: rank 16 on SmolLM2 fits then)
@@ -240,7 +244,7 @@ class Adapter:
     def __init__(self, cfg: AdaptConfig):
         """Every check that can fail runs here, before anything is written to `cfg.out`."""
         from meestral.backbones.loading import load_backbone
-        from meestral.backbones.lora import LoRA
+        from meestral.backbones.lora import LoRA, check_base, read_adapter
         from meestral.data import heldout_rows, open_source, training_rows
         from meestral.validation import check_context, check_output
 
@@ -273,9 +277,18 @@ class Adapter:
         self.held = heldout_rows(cfg.corpus, bb.tokenizer, cfg.val_tokens, cfg.seq_len)
         self.identity = {k: getattr(cfg, k) for k in RUN_DEFINING}
         self.identity.update(backbone=bb.fingerprint(), exits=self.exits, pool_rows=len(self.pool.rows) + len(corpus))
-        check_same_run(state, self.identity, self.out)
 
         self.lora = LoRA(bb, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+        if cfg.init_adapter:
+            # A second run on top of a shipped adapter (its 33 M tokens are not repeated): checked
+            # against this base, and named by content in the run's identity, so a resume with
+            # another starting file is refused. The teacher stays the base (LoRA.disabled).
+            meta, tensors = read_adapter(cfg.init_adapter)
+            check_base(meta, bb, cfg.init_adapter)
+            if state is None:
+                self.lora.start_from(meta, tensors, cfg.init_adapter)
+            self.identity["init_adapter"] = self.lora_digest(tensors)
+        check_same_run(state, self.identity, self.out)
         self.opt, self.sched = make_optimizer(self.lora.parameters(), cfg, cfg.steps)
         self.step, self.elapsed = 0, 0.0
         if state is not None:
@@ -287,6 +300,16 @@ class Adapter:
             self.step, self.elapsed = state["step"], state["elapsed"]
         self.lock = prepare_out(self.out, "adapt")
         self.log = RunLog(self.out, self.step if state is not None else None, scalars=_scalars)
+
+    @staticmethod
+    def lora_digest(tensors: dict) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for name in sorted(tensors):
+            h.update(name.encode())
+            h.update(tensors[name].float().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def _save_checkpoint(self):
         # Saved inside the block: state_dict() holds the weights themselves, not copies, and leaving
