@@ -331,6 +331,10 @@ def test_cli_train_export_compare(corpus, tmp_path, capsys):
     res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert set(res["original"]["agreement"]) == {str(l) for l in range(5)}
     assert res["original"] != res["adapted"] and (tmp_path / "cmp" / "agreement.png").stat().st_size > 1000
+    for k in ("original", "adapted"):  # the confidence bins cover every measured token
+        assert sum(b["tokens"] for b in res[k]["by_confidence"]) == res[k]["tokens"]
+    printed = capsys.readouterr().out
+    assert "final top-1 probability" in printed and "->" in printed
 
 
 @pytest.mark.parametrize("shape", FAMILIES)

@@ -11,6 +11,7 @@ from meestral.errors import MeestralError
 from meestral.evaluation import calibration
 from meestral.evaluation.oracle import (
     agreement_by_layer,
+    by_confidence,
     exit_agreement,
     layer_predictions,
     oracle_exits,
@@ -49,6 +50,26 @@ def test_oracle_from_match_matches_a_plain_loop():
     for row in match:
         want.append(next((LAYERS[j] for j in range(4) if row[j:].all()), L - 1))
     assert oracle_from_match(match, LAYERS, L).tolist() == want
+
+
+def test_the_oracle_by_the_final_layers_confidence():
+    # PRED's oracle exits are 1, 7, 9, 5, 9; confidences put tokens 0 and 3 in the top bin (1.0
+    # belongs to it), 2 in the lowest, 1 and 4 in 0.4-0.6
+    prob = np.array([1.0, 0.5, 0.1, 0.85, 0.4])
+    s = oracle_summary(PRED, FINAL, LAYERS, L, final_prob=prob)
+    bins = {tuple(b["final_prob"]): b for b in s["by_confidence"]}
+    assert [b["tokens"] for b in s["by_confidence"]] == [1, 0, 2, 0, 2]
+    assert bins[(0.8, 1.0)]["mean_layers_run"] == pytest.approx((2 + 6) / 2)
+    assert bins[(0.4, 0.6)]["mean_layers_run"] == pytest.approx((8 + 10) / 2)
+    assert bins[(0.4, 0.6)]["full_depth_share"] == 0.5 and bins[(0.0, 0.2)]["full_depth_share"] == 1.0
+    assert bins[(0.2, 0.4)]["mean_layers_run"] is None and bins[(0.2, 0.4)]["share"] == 0.0
+    # the bins add up to the whole: shares to 1, their weighted mean to the overall mean
+    full = [b for b in s["by_confidence"] if b["tokens"]]
+    assert sum(b["share"] for b in s["by_confidence"]) == pytest.approx(1.0)
+    assert sum(b["share"] * b["mean_layers_run"] for b in full) == pytest.approx(s["mean_layers_run"])
+    assert "by_confidence" not in oracle_summary(PRED, FINAL, LAYERS, L)
+    with pytest.raises(MeestralError, match="one probability per token"):
+        by_confidence(np.array([1, 2]), np.array([0.5]), L)
 
 
 def test_agreement_by_layer_and_exit_agreement():
@@ -166,8 +187,12 @@ def test_report_over_texts(tiny, shape):
     assert np.array_equal(p.layer_argmax[:16], one.layer_argmax)
 
     rep = oracle_report(bb, texts, layers, seq_len=16, batch=2, topk=5, progress=False)
-    want = oracle_summary(p.layer_argmax, p.final_argmax, layers, bb.num_layers, in_topk=p.in_topk, topk=5)
+    want = oracle_summary(p.layer_argmax, p.final_argmax, layers, bb.num_layers, in_topk=p.in_topk, topk=5,
+                          final_prob=p.final_prob)
     assert rep == {"backbone": bb.name, **want}
+    # the confidence is the full model's own top-1 probability, padding left out
+    probs = torch.softmax(bb.model(first).logits.float(), -1).amax(-1)[0].numpy()
+    np.testing.assert_allclose(p.final_prob[:16], probs, rtol=1e-5)
     assert rep["tokens"] == p.tokens and rep["topk"]["k"] == 5
     assert sum(rep["exit_histogram"].values()) == p.tokens
     assert 1 <= rep["bound_speedup_layers"] <= bb.num_layers

@@ -136,4 +136,14 @@ def cmd_compare(args):
         m = res[k]
         print(f"{k}: oracle {m['mean_layers_run']:.2f}/{res['num_layers']} layers (bound "
               f"{m['bound_speedup_layers']:.2f}x), held-out perplexity {m['heldout_ppl']:.2f}")
+    # where the layers go: tokens by the final layer's own top-1 probability
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    print("final top-1 probability | share of tokens | layers run | need every layer   (original -> adapted)")
+    for a, b in zip(res["original"]["by_confidence"], res["adapted"]["by_confidence"]):
+        if a["tokens"] or b["tokens"]:
+            print(f"{a['final_prob'][0]:.1f}-{a['final_prob'][1]:.1f} | {a['share']:.1%} -> {b['share']:.1%} | "
+                  f"{f(a['mean_layers_run'], '.2f')} -> {f(b['mean_layers_run'], '.2f')} | "
+                  f"{f(a['full_depth_share'], '.1%')} -> {f(b['full_depth_share'], '.1%')}")
     return 0

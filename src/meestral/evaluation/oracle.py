@@ -12,6 +12,11 @@ The bound is in layers run, not wall-clock: it ignores probe costs (an LM-head p
 than the blocks it skips: SmolLM2's tied LM head weighs as much as ~8 of its blocks) and state
 upkeep for skipped layers.
 
+Where the bound goes: `by_confidence` splits tokens by the full model's own top-1 probability.
+A token the last layer is unsure of (a near-tie among its candidates) needs nearly every layer,
+since an earlier layer must break the same tie the same way and keep it; on held-out text most
+tokens of a small model are such tokens, so they, not the confident ones, hold the bound down.
+
 Pure functions work on numpy arrays; `layer_predictions` and `oracle_gather` run the backbone.
 """
 
@@ -37,6 +42,7 @@ class LayerPredictions:
     position: np.ndarray  # [n] position within its sequence
     topk: int | None = None
     in_topk: np.ndarray | None = None  # [n, n_layers] final top-1 within the layer's top-k
+    final_prob: np.ndarray | None = None  # [n] the full model's top-1 probability (its confidence)
 
     @property
     def tokens(self) -> int:
@@ -81,6 +87,9 @@ def layer_predictions(bb, ids: torch.Tensor, layers, lengths=None, chunk: int = 
     hidden, _, logits = bb.collect(ids.to(bb.device), layers)
     valid_dev = valid.to(logits.device)
     final = logits.argmax(-1)[valid_dev]  # [n]
+    # row by row: a float32 softmax over [B, T, V] at once would double the largest tensor here
+    final_prob = torch.cat([torch.exp(r.float().amax(-1) - torch.logsumexp(r.float(), -1))[v]
+                            for r, v in zip(logits, valid_dev)]).cpu()
     del logits
     n = final.shape[0]
     argmax = torch.empty(n, len(layers), dtype=torch.long)
@@ -108,6 +117,7 @@ def layer_predictions(bb, ids: torch.Tensor, layers, lengths=None, chunk: int = 
         position=pos.numpy(),
         topk=int(topk) if topk else None,
         in_topk=None if in_topk is None else in_topk.numpy(),
+        final_prob=final_prob.numpy(),
     )
 
 
@@ -170,7 +180,30 @@ def _exit_stats(exits: np.ndarray, layers, num_layers: int) -> dict:
     }
 
 
-def oracle_summary(layer_argmax, final_argmax, layers, num_layers: int, in_topk=None, topk: int | None = None) -> dict:
+CONFIDENCE_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def by_confidence(exits, final_prob, num_layers: int, edges=CONFIDENCE_EDGES) -> list[dict]:
+    """The oracle split by the full model's top-1 probability, one bin per pair of `edges` (the
+    last bin includes its upper edge): the bin's share of tokens, the mean layers its tokens run,
+    the share that needs every layer, and the bound were every token like them."""
+    exits, p = np.asarray(exits), np.asarray(final_prob, dtype=np.float64)
+    if p.shape != exits.shape:
+        raise MeestralError(f"oracle: final_prob must give one probability per token ({exits.shape[0]}), got {p.shape}")
+    out = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        m = (p >= lo) & ((p <= hi) if i == len(edges) - 2 else (p < hi))
+        run = exits[m] + 1.0
+        out.append({"final_prob": [float(lo), float(hi)], "share": float(m.mean()) if m.size else 0.0,
+                    "tokens": int(m.sum()),
+                    "mean_layers_run": float(run.mean()) if m.any() else None,
+                    "full_depth_share": float((exits[m] == num_layers - 1).mean()) if m.any() else None,
+                    "bound_speedup_layers": float(num_layers / run.mean()) if m.any() else None})
+    return out
+
+
+def oracle_summary(layer_argmax, final_argmax, layers, num_layers: int, in_topk=None, topk: int | None = None,
+                   final_prob=None) -> dict:
     """Per-layer agreement, the oracle exit histogram and the bound it implies, in layers run.
 
     `bound_speedup_layers` = L / mean layers run: an upper bound on layer savings for strict
@@ -188,7 +221,10 @@ def oracle_summary(layer_argmax, final_argmax, layers, num_layers: int, in_topk=
         "tokens": int(la.shape[0]),
         "agreement": {l: float(a) for l, a in zip(layers, agree)},
     }
-    out.update(_exit_stats(oracle_exits(la, fa, layers, num_layers), layers, num_layers))
+    exits = oracle_exits(la, fa, layers, num_layers)
+    out.update(_exit_stats(exits, layers, num_layers))
+    if final_prob is not None:
+        out["by_confidence"] = by_confidence(exits, final_prob, num_layers)
     if in_topk is not None:
         it = np.asarray(in_topk, bool)
         if it.shape != la.shape:
@@ -251,7 +287,7 @@ def oracle_gather(bb, texts_or_ids, layers, seq_len: int = 512, batch: int = 8, 
     cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
     return LayerPredictions(layers=layers, layer_argmax=cat("layer_argmax"), final_argmax=cat("final_argmax"),
                             max_prob=cat("max_prob"), row=cat("row"), position=cat("position"), topk=topk,
-                            in_topk=cat("in_topk") if topk else None)
+                            in_topk=cat("in_topk") if topk else None, final_prob=cat("final_prob"))
 
 
 def oracle_report(bb, texts_or_ids, layers, seq_len: int = 512, batch: int = 8, topk: int | None = None,
@@ -260,5 +296,6 @@ def oracle_report(bb, texts_or_ids, layers, seq_len: int = 512, batch: int = 8, 
     p = oracle_gather(bb, texts_or_ids, layers, seq_len=seq_len, batch=batch, topk=topk, chunk=chunk,
                       progress=progress)
     out = {"backbone": bb.name}
-    out.update(oracle_summary(p.layer_argmax, p.final_argmax, p.layers, bb.num_layers, in_topk=p.in_topk, topk=topk))
+    out.update(oracle_summary(p.layer_argmax, p.final_argmax, p.layers, bb.num_layers, in_topk=p.in_topk, topk=topk,
+                              final_prob=p.final_prob))
     return out

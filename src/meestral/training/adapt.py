@@ -208,7 +208,7 @@ def measure(bb, rows: torch.Tensor, layers=None, batch: int = 8) -> dict:
     rep = oracle_report(bb, rows, layers, seq_len=rows.shape[1], batch=batch, progress=False)
     return {"tokens": rep["tokens"], "agreement": {str(l): a for l, a in rep["agreement"].items()},
             "mean_layers_run": rep["mean_layers_run"], "bound_speedup_layers": rep["bound_speedup_layers"],
-            "heldout_ppl": heldout_ppl(bb.model, rows, batch=batch)}
+            "by_confidence": rep["by_confidence"], "heldout_ppl": heldout_ppl(bb.model, rows, batch=batch)}
 
 
 # ---- the log -----------------------------------------------------------------------------------------
