@@ -221,6 +221,34 @@ def test_the_loss_with_its_gradient_written_out_equals_autograds(shape, monkeypa
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shape", FAMILIES)
+def test_the_cross_entropy_on_the_teachers_top1(shape):
+    """--ce-target teacher: the cross-entropy's labels are the original model's top-1 at each
+    position, at full depth and at every active exit, weighted as the KL terms are."""
+    import torch.nn.functional as F
+
+    bb = random_backbone(shape)
+    lora = LoRA(bb, rank=4)
+    randomise(lora, std=0.05)
+    ids = ids_for(bb, rows=2, length=20)
+    kw = dict(exits=[1, 2], active=[True, True], weights=[0.5, 1.5], final_weight=2.0)
+    with torch.no_grad():
+        kl_only, _ = adapt_loss(bb, lora, ids, **kw)
+        with_ce, _ = adapt_loss(bb, lora, ids, ce_weight=0.3, ce_target="teacher", **kw)
+        with_data, _ = adapt_loss(bb, lora, ids, ce_weight=0.3, **kw)
+        with lora.disabled():
+            top1 = bb.lm_head(bb.train_forward(ids)[1][:, :-1]).argmax(-1)
+        hidden, final = bb.train_forward(ids, [1, 2])
+
+        def ce(h, labels):
+            return F.cross_entropy(bb.lm_head_module(h).float().flatten(0, 1), labels.flatten())
+
+        want = 2.0 * ce(final[:, :-1], top1) + (0.5 * ce(bb.final_norm(hidden[1][:, :-1]), top1)
+                                               + 1.5 * ce(bb.final_norm(hidden[2][:, :-1]), top1)) / 2
+        torch.testing.assert_close(with_ce - kl_only, 0.3 * want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(with_ce, with_data)  # other labels than the next tokens
+
+
 def test_curricula_and_dropout_are_functions_of_the_step():
     assert [active_exits("rotate", 5, s, 100, rotation=2) for s in (0, 1)] == \
         [[True, False, True, False, True], [False, True, False, True, False]]
@@ -386,7 +414,7 @@ def test_a_run_from_an_adapter_resumes_and_refuses_another_start(corpus, tmp_pat
     assert vals[0]["step"] == plain[0]["step"] == 0 and vals[0]["heldout_ppl"] != plain[0]["heldout_ppl"]
     with pytest.raises(MeestralError, match=r"different run \(init_adapter differ\)"):
         Adapter(small(corpus, tmp_path / "run", resume=True, rank=4, init_adapter=str(tmp_path / "b.safetensors")))
-    with pytest.raises(MeestralError, match="different run"):
+    with pytest.raises(MeestralError, match=r"different run \(init_adapter differ\)"):  # named though absent now
         Adapter(small(corpus, tmp_path / "run", resume=True, rank=4))
     Adapter(small(corpus, tmp_path / "run", resume=True, rank=4, init_adapter=str(tmp_path / "a.safetensors"))).run()
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
@@ -416,6 +444,7 @@ def test_init_adapter_names_the_shipped_adapter_of_an_adapted_backbone():
     (["--exits", "1,2", "--exit-weights", "1"], "1 exit weights for 2 exit points"),
     (["--samples", "/nonexistent"], "--samples /nonexistent is not a folder"),
     (["--init-adapter", "/nonexistent.safetensors"], "adapter file /nonexistent.safetensors does not exist"),
+    (["--ce-target", "teacher"], "give --ce-weight > 0 too"),
 ])
 def test_bad_adapt_options_fail_in_one_line(argv, needle, tmp_path, capsys):
     rc = main(["adapt", "train", "--backbone", "random:mistral", "--out", str(tmp_path / "r"), *argv])

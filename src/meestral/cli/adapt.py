@@ -39,6 +39,8 @@ def add_adapt_parser(sub):
     t.add_argument("--final-weight", type=float, default=1.0, help="weight of the full-depth distillation term")
     t.add_argument("--exit-weights", type=floats, help="one weight per exit point (default: all 1)")
     t.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy on the tokens, added to each KL")
+    t.add_argument("--ce-target", choices=["data", "teacher"], default="data",
+                   help="labels of --ce-weight's cross-entropy: the next tokens, or the original model's top-1")
     t.add_argument("--curriculum", choices=["all", "rotate", "gradual"], default="rotate",
                    help="which exit points train at each step: all | rotate | gradual")
     t.add_argument("--rotation", type=int, default=4, help="rotate: every Nth exit point trains at each step")
@@ -109,6 +111,7 @@ def cmd_train(args):
         corpus=args.corpus, seq_len=args.seq_len, batch=args.batch, steps=args.steps,
         seconds=args.seconds, lr=args.lr, optimizer=args.optimizer, warmup=args.warmup, weight_decay=args.weight_decay,
         clip=args.clip, final_weight=args.final_weight, exit_weights=args.exit_weights, ce_weight=args.ce_weight,
+        ce_target=args.ce_target,
         curriculum=args.curriculum, rotation=args.rotation, curriculum_share=args.curriculum_share,
         layer_dropout=args.layer_dropout, val_every=args.val_every, val_tokens=args.val_tokens,
         ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume, seed=args.seed,

@@ -14,7 +14,8 @@ The loss of one batch (LayerSkip's early-exit loss, with a distillation target)
     as the original.
   * Each exit point l the curriculum switches on at this step: KL(p_T || LMhead(norm(h_l))), with
     its per-layer weight, averaged over the active exits. Both terms add ce_weight x the
-    cross-entropy on the next tokens themselves (0 by default: the target is the original model).
+    cross-entropy on the next tokens themselves (0 by default: the target is the original model),
+    or with ce_target "teacher" on the original model's own top-1 (what the strict oracle checks).
   * Layer dropout (optional): block i is skipped for a row with probability
     layer_dropout x i/(L-1) (none at the first layer, the most at the last), as LayerSkip does, so
     later blocks learn to refine rather than rewrite.
@@ -61,6 +62,7 @@ from meestral.training.run_log import RunLog, num
 ADAPTER = "adapter.safetensors"
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CURRICULA = ("all", "rotate", "gradual")
+CE_TARGETS = ("data", "teacher")
 RUN_DEFINING = ("backbone", "exits", "rank", "alpha", "samples", "corpus", "corpus_share", "seq_len", "batch",
                 "steps", "lr", "optimizer", "warmup", "weight_decay", "clip", "final_weight", "exit_weights",
                 "ce_weight", "curriculum", "rotation", "curriculum_share", "layer_dropout", "seed", "dtype")
@@ -88,6 +90,7 @@ class AdaptConfig:
     final_weight: float = 1.0
     exit_weights: list[float] | None = None  # one per exit point; None: all 1
     ce_weight: float = 0.0
+    ce_target: str = "data"  # the cross-entropy's labels: the next tokens, or the original's top-1 ("teacher")
     curriculum: str = "rotate"
     rotation: int = 4
     curriculum_share: float = 0.5
@@ -132,6 +135,11 @@ class AdaptConfig:
             if not any(folder.glob("shard-*.pt")):
                 raise MeestralError(f"--samples {self.samples} holds no shard-*.pt: give the --out of `meestral distill "
                                     "sample` once it has written a shard, or leave --samples out")
+        if self.ce_target not in CE_TARGETS:
+            raise MeestralError(f"unknown --ce-target {self.ce_target!r}: use {' or '.join(CE_TARGETS)}")
+        if self.ce_target != "data" and self.ce_weight == 0:
+            raise MeestralError(f"--ce-target {self.ce_target} sets the labels of a cross-entropy weighted 0: "
+                                "give --ce-weight > 0 too")
         if self.curriculum not in CURRICULA:
             raise MeestralError(f"unknown curriculum {self.curriculum!r}: use one of {', '.join(CURRICULA)}")
         adapter_dtype(self.export_dtype)
@@ -169,12 +177,15 @@ def dropout_mask(num_layers: int, rows: int, rate: float, seed: int, step: int) 
 
 
 # ---- the loss ----------------------------------------------------------------------------------------
-def adapt_loss(bb, lora, ids, exits, active, weights, final_weight=1.0, ce_weight=0.0, skip=None):
+def adapt_loss(bb, lora, ids, exits, active, weights, final_weight=1.0, ce_weight=0.0, skip=None, ce_target="data"):
     """(total loss, {"final": kl, layer: kl, ...}) for one batch `ids` [B, T] (module docstring)."""
-    targets = ids[:, 1:]
     with torch.no_grad(), lora.disabled():
         _, t_final = bb.train_forward(ids)
         teacher = bb.lm_head(t_final[:, :-1])
+    # "teacher": the cross-entropy pulls each exit's top-1 toward the original's own top-1, the one
+    # thing the strict oracle (and verify) checks, where the KL spreads its pull over the whole
+    # distribution: on a near-tie the KL hardly cares which candidate ranks first
+    targets = teacher.argmax(-1) if ce_target == "teacher" else ids[:, 1:]
     layers = [l for l, a in zip(exits, active) if a]
     hidden, final = bb.train_forward(ids, layers, skip)
     head = bb.lm_head_module
@@ -288,6 +299,8 @@ class Adapter:
             if state is None:
                 self.lora.start_from(meta, tensors, cfg.init_adapter)
             self.identity["init_adapter"] = self.lora_digest(tensors)
+        if cfg.ce_target != "data":  # (only when set: checkpoints made before the option still resume)
+            self.identity["ce_target"] = cfg.ce_target
         check_same_run(state, self.identity, self.out)
         self.opt, self.sched = make_optimizer(self.lora.parameters(), cfg, cfg.steps)
         self.step, self.elapsed = 0, 0.0
@@ -330,7 +343,7 @@ class Adapter:
         dev = torch.device(bb.device)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             loss, parts = adapt_loss(bb, self.lora, ids, self.exits, active, self.weights, cfg.final_weight,
-                                     cfg.ce_weight, skip)
+                                     cfg.ce_weight, skip, cfg.ce_target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.clip)

@@ -104,7 +104,7 @@ def check_same_run(state: dict | None, identity: dict, out: Path):
     """Refuse to resume a checkpoint whose run-defining fields differ from this run's `identity`:
     it would continue another run."""
     if state is not None and state["config"] != identity:
-        diff = sorted(k for k in identity if state["config"].get(k) != identity[k])
+        diff = sorted(k for k in {*identity, *state["config"]} if state["config"].get(k) != identity.get(k))
         raise MeestralError(f"{out / CHECKPOINT} belongs to a different run ({', '.join(diff)} differ): "
                             "repeat the original arguments or choose another --out")
 
