@@ -359,6 +359,7 @@ def test_cli_train_export_compare(corpus, tmp_path, capsys):
     res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert set(res["original"]["agreement"]) == {str(l) for l in range(5)}
     assert res["original"] != res["adapted"] and (tmp_path / "cmp" / "agreement.png").stat().st_size > 1000
+    assert res["drift"]["tokens"] == res["original"]["tokens"] and res["drift"]["kl_per_token"] > 0
     for k in ("original", "adapted"):  # the confidence bins cover every measured token
         assert sum(b["tokens"] for b in res[k]["by_confidence"]) == res[k]["tokens"]
     printed = capsys.readouterr().out
@@ -433,6 +434,37 @@ def test_init_adapter_names_the_shipped_adapter_of_an_adapted_backbone():
     assert init_adapter_file("smollm2-ee") == str(adapter_path("smollm2-ee"))
     assert init_adapter_file("runs/x/adapter.safetensors") == "runs/x/adapter.safetensors"
     assert init_adapter_file(None) is None
+
+
+@pytest.mark.parametrize("shape", FAMILIES)
+def test_drift_is_the_kl_between_the_original_and_the_adapted_model(shape):
+    """adapt_compare.drift on sequences of several lengths (padded in a batch) equals the KL
+    computed from two separate models one sequence at a time; a zero adapter drifts by nothing."""
+    import torch.nn.functional as F
+
+    from meestral.training.adapt_compare import drift
+
+    bb = random_backbone(shape)
+    lora = LoRA(bb, rank=4)
+    seqs = [ids_for(bb, rows=1, length=n, seed=n)[0].tolist() for n in (9, 17, 13)]
+    zero = drift(bb, lora, seqs, batch=2)
+    assert zero["tokens"] == 39 and zero["kl_per_token"] == pytest.approx(0, abs=1e-7) and zero["top1_agreement"] == 1
+    randomise(lora, std=0.1)
+    got = drift(bb, lora, seqs, batch=2)
+    adapted = random_backbone(shape)
+    for k, (i, t) in enumerate(lora.sites):  # the same delta, merged into a second copy
+        w = adapted.blocks[i].get_submodule(t).weight
+        w.data += lora.scale * lora.B[k].detach() @ lora.A[k].detach()
+    original = random_backbone(shape)
+    kl = agree = 0.0
+    for q in seqs:
+        ids = torch.tensor(q)[None]
+        lp = F.log_softmax(original.model(ids).logits.float(), -1)[0]
+        lq = F.log_softmax(adapted.model(ids).logits.float(), -1)[0]
+        kl += (lp.exp() * (lp - lq)).sum().item()
+        agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
+    assert got["kl_per_token"] == pytest.approx(kl / 39, rel=1e-4) and got["kl_per_token"] > 1e-4
+    assert got["top1_agreement"] == pytest.approx(agree / 39)
 
 
 @pytest.mark.parametrize("argv, needle", [

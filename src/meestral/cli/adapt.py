@@ -139,6 +139,9 @@ def cmd_compare(args):
         m = res[k]
         print(f"{k}: oracle {m['mean_layers_run']:.2f}/{res['num_layers']} layers (bound "
               f"{m['bound_speedup_layers']:.2f}x), held-out perplexity {m['heldout_ppl']:.2f}")
+    d = res["drift"]
+    print(f"drift of the full model: KL(original || adapted) {d['kl_per_token']:.4f} nats a token, "
+          f"same top-1 on {d['top1_agreement']:.1%} of {d['tokens']} tokens")
     # where the layers go: tokens by the final layer's own top-1 probability
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
