@@ -124,7 +124,8 @@ collect)
     mkdir -p "$OUT"
     runs=$(cd "$W" && ls -d smollm2 smollm2-* mamba2-smol mamba2-smol-* 2> /dev/null | grep -v -- '-ee$' || true)
     for r in $runs; do  # each arm's adapter (smollm2-kl.lora.safetensors, ...), from its checkpoint if unfinished
-        [ -f "$W/$r/adapter.safetensors" ] || [ ! -f "$W/$r/checkpoint.pt" ] || $M adapt export --out "$W/$r" | tail -n 1
+        [ -f "$W/$r/adapter.safetensors" ] || [ ! -f "$W/$r/checkpoint.pt" ] || $M adapt export --out "$W/$r" | tail -n 1 \
+            || echo "the export of $r failed: its checkpoint is in $W/$r"
         [ -f "$W/$r/adapter.safetensors" ] && cp "$W/$r/adapter.safetensors" "$OUT/$r.lora.safetensors"
     done
     tar -czf "$OUT/adapt-results.tar.gz" -C "$W" --exclude '*.pt' --exclude 'adapter.safetensors' \
@@ -132,7 +133,7 @@ collect)
     # The first and last teacher shard, for the 13-gram check where the task data is (when the
     # box had no lm-eval)
     [ -f "$W/contamination.json" ] || ls "$W"/samples/shard-*.pt 2> /dev/null | sort | sed -n '1p;$p' | sort -u \
-        | while read -r f; do cp "$f" "$OUT/"; done
+        | while read -r f; do cp "$f" "$OUT/"; done || true
     ls -la "$OUT"
     ;;
 all)
