@@ -282,6 +282,16 @@ class _Lane:
         self.rng.setstate(tuplify(s["rng"]))
 
 
+def right_padded(seqs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences of several lengths as one batch: ids [B, T] right-padded with 0 and the
+    lengths [B]. For causal models, which need no mask for it: no position sees a later one."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return ids.to(device) if device is not None else ids, lengths
+
+
 def tuplify(x):
     """random.setstate wants the tuples getstate gave; a checkpoint round trip may turn them into lists."""
     return tuple(tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x

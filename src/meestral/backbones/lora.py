@@ -134,11 +134,7 @@ class LoRA(nn.Module):
         return out
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        for name, t in sorted(self.tensors().items()):
-            h.update(name.encode())
-            h.update(t.numpy().tobytes())
-        return h.hexdigest()[:16]
+        return tensors_digest(self.tensors())
 
     def meta(self, **extra) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets),
@@ -161,6 +157,11 @@ class LoRA(nn.Module):
         atomic_write(path, lambda t: t.write_bytes(data))
         return {"path": str(path), "bytes": len(data), "params": sum(t.numel() for t in tensors.values())}
 
+    def check_tensors(self, tensors: dict[str, torch.Tensor], path) -> None:
+        """An adapter file's tensors are exactly the ones its metadata (this LoRA) implies."""
+        if set(tensors) != {f"blocks.{i}.{t}.lora_{m}" for i, t in self.sites for m in "AB"}:
+            raise MeestralError(f"{path} holds other tensors than its metadata describes: export it again")
+
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for k, (i, t) in enumerate(self.sites):
@@ -179,9 +180,7 @@ class LoRA(nn.Module):
                                 "start from an adapter made for the same targets")
         if r0 > self.rank:
             raise MeestralError(f"{path} has rank {r0}, over this run's --rank {self.rank}: give --rank {r0} or more")
-        expected = {f"blocks.{i}.{t}.lora_{m}" for i, t in self.sites for m in "AB"}
-        if set(tensors) != expected:
-            raise MeestralError(f"{path} holds other tensors than its metadata describes: export it again")
+        self.check_tensors(tensors, path)
         ratio = (a0 / r0) / self.scale
         with torch.no_grad():
             for k, (i, t) in enumerate(self.sites):
@@ -189,6 +188,15 @@ class LoRA(nn.Module):
                 self.A[k][:r0].copy_(a.to(self.A[k].dtype))
                 self.B[k].zero_()
                 self.B[k][:, :r0].copy_(b.to(torch.float64) * ratio)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """16 hex digits naming a set of adapter tensors by content (names and float32 values)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -225,9 +233,7 @@ def load_adapter(backbone, path) -> LoRA:
     meta, tensors = read_adapter(path)
     check_base(meta, backbone, path)
     lora = LoRA(backbone, rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=meta["targets"])
-    expected = set(lora.tensors())
-    if set(tensors) != expected:
-        raise MeestralError(f"{path} holds other tensors than its metadata describes: export it again")
+    lora.check_tensors(tensors, path)
     lora.load_tensors(tensors)
     return lora
 

@@ -88,8 +88,7 @@ def layer_predictions(bb, ids: torch.Tensor, layers, lengths=None, chunk: int = 
     valid_dev = valid.to(logits.device)
     final = logits.argmax(-1)[valid_dev]  # [n]
     # row by row: a float32 softmax over [B, T, V] at once would double the largest tensor here
-    final_prob = torch.cat([torch.exp(r.float().amax(-1) - torch.logsumexp(r.float(), -1))[v]
-                            for r, v in zip(logits, valid_dev)]).cpu()
+    final_prob = torch.cat([torch.softmax(r.float(), -1).amax(-1)[v] for r, v in zip(logits, valid_dev)]).cpu()
     del logits
     n = final.shape[0]
     argmax = torch.empty(n, len(layers), dtype=torch.long)
@@ -267,6 +266,8 @@ def oracle_gather(bb, texts_or_ids, layers, seq_len: int = 512, batch: int = 8, 
     """
     from tqdm.auto import tqdm
 
+    from meestral.data import right_padded
+
     if seq_len < 1 or batch < 1:
         raise MeestralError(f"oracle: seq_len and batch must be positive, got {seq_len} and {batch}")
     layers = _check_layers(layers, bb.num_layers)
@@ -276,12 +277,8 @@ def oracle_gather(bb, texts_or_ids, layers, seq_len: int = 512, batch: int = 8, 
     parts = []
     starts = range(0, len(seqs), batch)
     for s in tqdm(starts, desc="oracle", unit="batch", disable=not progress):
-        group = seqs[s : s + batch]
-        T = max(len(q) for q in group)
-        ids = torch.zeros(len(group), T, dtype=torch.long)
-        for i, q in enumerate(group):
-            ids[i, : len(q)] = torch.tensor(q, dtype=torch.long)
-        p = layer_predictions(bb, ids, layers, lengths=[len(q) for q in group], chunk=chunk, topk=topk)
+        ids, lengths = right_padded(seqs[s : s + batch])
+        p = layer_predictions(bb, ids, layers, lengths=lengths, chunk=chunk, topk=topk)
         p.row = p.row + s
         parts.append(p)
     cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from meestral.data import right_padded
 from meestral.decoding.accounting import StepLog, TokenStats, account, token_stats
 from meestral.decoding.exit_rule import first_exit
 from meestral.decoding.schedule import BacklogSchedule, probes_asked
@@ -90,11 +91,9 @@ def build_tables(bb, heads, rows, chunk: int = 256) -> list[Table]:
     """
     seqs = [list(s) for s, _ in rows]
     targets = [t for _, t in rows]
-    T = max(len(s) for s in seqs)
     dev = bb.device
-    ids = torch.zeros(len(seqs), T, dtype=torch.long, device=dev)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s, device=dev)
+    ids, _ = right_padded(seqs, dev)
+    T = ids.shape[1]
     points = list(heads.exit_points) if heads is not None else []
     need = set(points)
     if heads is not None and heads.kind == "saturation":

@@ -255,7 +255,7 @@ class Adapter:
     def __init__(self, cfg: AdaptConfig):
         """Every check that can fail runs here, before anything is written to `cfg.out`."""
         from meestral.backbones.loading import load_backbone
-        from meestral.backbones.lora import LoRA, check_base, read_adapter
+        from meestral.backbones.lora import LoRA, check_base, read_adapter, tensors_digest
         from meestral.data import heldout_rows, open_source, training_rows
         from meestral.validation import check_context, check_output
 
@@ -298,7 +298,7 @@ class Adapter:
             check_base(meta, bb, cfg.init_adapter)
             if state is None:
                 self.lora.start_from(meta, tensors, cfg.init_adapter)
-            self.identity["init_adapter"] = self.lora_digest(tensors)
+            self.identity["init_adapter"] = tensors_digest(tensors)
         if cfg.ce_target != "data":  # (only when set: checkpoints made before the option still resume)
             self.identity["ce_target"] = cfg.ce_target
         check_same_run(state, self.identity, self.out)
@@ -313,16 +313,6 @@ class Adapter:
             self.step, self.elapsed = state["step"], state["elapsed"]
         self.lock = prepare_out(self.out, "adapt")
         self.log = RunLog(self.out, self.step if state is not None else None, scalars=_scalars)
-
-    @staticmethod
-    def lora_digest(tensors: dict) -> str:
-        import hashlib
-
-        h = hashlib.sha256()
-        for name in sorted(tensors):
-            h.update(name.encode())
-            h.update(tensors[name].float().numpy().tobytes())
-        return h.hexdigest()[:16]
 
     def _save_checkpoint(self):
         # Saved inside the block: state_dict() holds the weights themselves, not copies, and leaving

@@ -58,16 +58,13 @@ def drift(bb, lora, seqs, batch: int = 8) -> dict:
     weights with the adapter's hooks off (`lora` attached, not merged)."""
     import torch.nn.functional as F
 
-    rows = [torch.as_tensor(s) for s in seqs]
+    from meestral.data import right_padded
+
+    seqs = list(seqs)
     kl = agree = n = 0.0
-    for i in range(0, len(rows), batch):
-        group = rows[i:i + batch]
-        T = max(len(r) for r in group)
-        ids = torch.zeros(len(group), T, dtype=torch.long)
-        valid = torch.zeros(len(group), T, dtype=torch.bool)
-        for j, r in enumerate(group):
-            ids[j, :len(r)], valid[j, :len(r)] = r, True
-        ids, valid = ids.to(bb.device), valid.to(bb.device)  # right padding: causal, no mask needed
+    for i in range(0, len(seqs), batch):
+        ids, lengths = right_padded(seqs[i:i + batch], bb.device)
+        valid = torch.arange(ids.shape[1], device=ids.device) < lengths.to(ids.device)[:, None]
         with lora.disabled():
             lp = F.log_softmax(bb.model(ids).logits.float(), -1)[valid]
         lq = F.log_softmax(bb.model(ids).logits.float(), -1)[valid]
